@@ -1,0 +1,13 @@
+"""fastproxy: a TCP proxy for Python that forwards at native speed.
+
+The data plane (`fastproxy._core`) runs epoll + splice loops on worker
+threads with the GIL released; this package is the control plane.
+"""
+
+from ._core import ENGINES
+from .config import ConfigError
+from .proxy import Proxy
+
+__version__ = "0.1.0"
+
+__all__ = ["Proxy", "ConfigError", "ENGINES", "__version__"]

@@ -1,0 +1,76 @@
+"""The `fastproxy` command: argv -> Config -> Proxy.serve_forever().
+
+A user mistake prints one line naming the flag and the value, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, NoReturn, Optional
+
+from . import __version__
+from .config import ConfigError
+from .proxy import Proxy
+
+EXIT_USAGE = 2
+
+# Config fields -> the flag a CLI user typed.
+_FLAGS = {"upstreams": "--upstream"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block: the value is in the message.
+        self.exit(EXIT_USAGE, f"fastproxy: error: {message} (see fastproxy -h)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="fastproxy",
+        description="A TCP proxy that forwards at native speed (epoll + splice, no GIL).",
+        epilog="Durations (D) accept 5, 5s, 500ms, 2m, 1h.",
+    )
+    p.add_argument("--listen", required=True, metavar="ADDR",
+                   help="where to accept clients: :PORT (every interface), HOST:PORT, [IPV6]:PORT")
+    p.add_argument("--upstream", required=True, action="append", metavar="ADDR",
+                   help="the server to forward to, HOST:PORT (repeat for several: round-robin)")
+    p.add_argument("--workers", metavar="N", help="worker threads (default: one per usable CPU)")
+    p.add_argument("--connect-timeout", default="5s", metavar="D", help="upstream connect timeout (default 5s)")
+    p.add_argument("--drain-timeout", default="10s", metavar="D",
+                   help="on stop, how long live bridges may finish (default 10s)")
+    p.add_argument("--half-close-timeout", default="5m", metavar="D",
+                   help="how long a bridge may stay half-closed (default 5m)")
+    p.add_argument("--engine", default="auto", choices=("auto", "epoll", "poll"),
+                   help="data plane loop (default auto: epoll where available; env FASTPROXY_ENGINE)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--version", action="version", version=f"fastproxy {__version__}")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s fastproxy %(levelname)s %(message)s")
+    try:
+        proxy = Proxy(
+            args.listen,
+            upstreams=args.upstream,
+            workers=args.workers,
+            connect_timeout=args.connect_timeout,
+            drain_timeout=args.drain_timeout,
+            half_close_timeout=args.half_close_timeout,
+            engine=args.engine,
+        )
+        proxy.start()
+    except ConfigError as exc:
+        flag = _FLAGS.get(exc.field, "--" + exc.field.replace("_", "-")) if exc.field.islower() else exc.field
+        print(f"fastproxy: error: {flag}: {exc.value!r}: {exc.problem}", file=sys.stderr)
+        return EXIT_USAGE
+    proxy.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

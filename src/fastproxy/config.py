@@ -1,0 +1,164 @@
+"""Parsing and validation of what users give: addresses, durations, counts.
+
+Every mistake becomes a ConfigError naming the field and the value, in one
+line; the CLI prints it as is and exits 2, the API raises it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Tuple, Union
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "parse_duration",
+    "parse_address",
+    "format_address",
+]
+
+Duration = Union[int, float, str]
+Address = Tuple[str, int]
+
+ENGINE_CHOICES = ("auto", "epoll", "poll")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: `field` names where it is."""
+
+    def __init__(self, field: str, value: object, problem: str) -> None:
+        self.field = field
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{field}: {value!r}: {problem}")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?")
+_UNIT = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Duration, field: str, *, allow_zero: bool = True) -> float:
+    """'5', '5s', '500ms', '2m', '1h' or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(field, value, "is not a duration (use 5, 5s, 500ms, 2m, 1h)")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.fullmatch(str(value).strip())
+        if not match:
+            raise ConfigError(field, value, "is not a duration (use 5, 5s, 500ms, 2m, 1h)")
+        seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if seconds != seconds or seconds < 0 or seconds == float("inf"):
+        raise ConfigError(field, value, "must be a finite duration >= 0")
+    if seconds == 0 and not allow_zero:
+        raise ConfigError(field, value, "must be longer than 0")
+    return seconds
+
+
+def parse_address(value: str, field: str, *, listen: bool = False) -> Address:
+    """'host:port', '[v6]:port' or, to listen, ':port' -> (host, port).
+
+    The host of ':port' is '' (every interface). Port 0 is only for
+    listening (the kernel picks a free one)."""
+    if not isinstance(value, str):
+        raise ConfigError(field, value, "expected a string like HOST:PORT")
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":") or ":" not in host:
+            raise ConfigError(field, value, "expected [IPV6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ConfigError(field, value, "expected HOST:PORT" + (" or :PORT" if listen else ""))
+        if ":" in host:
+            raise ConfigError(field, value, "an IPv6 address needs brackets: [ADDR]:PORT")
+    if not port_text.isdigit():
+        raise ConfigError(field, value, f"port {port_text!r} is not a number")
+    port = int(port_text)
+    low = 0 if listen else 1
+    if not low <= port <= 65535:
+        raise ConfigError(field, value, f"port {port} is out of range ({low}-65535)")
+    if not host and not listen:
+        raise ConfigError(field, value, "needs a host")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _positive_int(value: object, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            value = int(str(value), 10)
+        except ValueError:
+            raise ConfigError(field, value, "must be a whole number") from None
+    if value < 1:
+        raise ConfigError(field, value, "must be at least 1")
+    return value
+
+
+def default_workers() -> int:
+    # The CPUs this process may run on, not the machine's: containers and
+    # taskset restrict them.
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Config:
+    """One listener's validated configuration (immutable)."""
+
+    listen: Address
+    upstreams: Tuple[Address, ...]
+    workers: int
+    connect_timeout: float = 5.0
+    drain_timeout: float = 10.0
+    half_close_timeout: float = 300.0
+    engine: str = "auto"
+
+    @property
+    def upstream_names(self) -> Tuple[str, ...]:
+        return tuple(format_address(h, p) for h, p in self.upstreams)
+
+    @classmethod
+    def build(
+        cls,
+        listen: str,
+        upstream: Optional[str] = None,
+        upstreams: Optional[Sequence[str]] = None,
+        workers: Optional[int] = None,
+        connect_timeout: Duration = 5.0,
+        drain_timeout: Duration = 10.0,
+        half_close_timeout: Duration = 300.0,
+        engine: str = "auto",
+    ) -> "Config":
+        if upstream is not None and upstreams is not None:
+            raise ConfigError("upstreams", upstreams, "give either upstream or upstreams, not both")
+        if upstream is not None:
+            given: Iterable[str] = [upstream]
+        elif upstreams is not None:
+            if isinstance(upstreams, str):
+                raise ConfigError("upstreams", upstreams, "expected a list of HOST:PORT strings")
+            given = list(upstreams)
+            if not given:
+                raise ConfigError("upstreams", upstreams, "needs at least one upstream")
+        else:
+            raise ConfigError("upstream", None, "an upstream HOST:PORT is required")
+        if engine not in ENGINE_CHOICES:
+            raise ConfigError("engine", engine, f"must be one of {', '.join(ENGINE_CHOICES)}")
+        return cls(
+            listen=parse_address(listen, "listen", listen=True),
+            upstreams=tuple(parse_address(u, "upstream") for u in given),
+            workers=default_workers() if workers is None else _positive_int(workers, "workers"),
+            connect_timeout=parse_duration(connect_timeout, "connect_timeout", allow_zero=False),
+            drain_timeout=parse_duration(drain_timeout, "drain_timeout"),
+            half_close_timeout=parse_duration(half_close_timeout, "half_close_timeout", allow_zero=False),
+            engine=engine,
+        )

@@ -1,0 +1,251 @@
+/* Platform guards and tiny syscall wrappers for the fastproxy data plane.
+ *
+ * Every fp_* wrapper retries EINTR itself and returns the result (>= 0) or
+ * -errno, so Cython code running without the GIL never reads errno, which a
+ * later libc call could clobber. Elsewhere than Linux the epoll and splice
+ * entry points exist but return -ENOSYS: one _core source compiles on every
+ * POSIX platform, and the engine picks the poll loop there.
+ */
+#ifndef FASTPROXY_COMPAT_H
+#define FASTPROXY_COMPAT_H
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+
+#ifdef __linux__
+#include <sys/epoll.h>
+#define FP_HAVE_EPOLL 1
+#else
+#define FP_HAVE_EPOLL 0
+/* Same layout and values as Linux, so the Cython declarations compile. */
+typedef union epoll_data { void *ptr; int fd; uint32_t u32; uint64_t u64; } epoll_data_t;
+struct epoll_event { uint32_t events; epoll_data_t data; };
+#define EPOLLIN 0x001u
+#define EPOLLOUT 0x004u
+#define EPOLLERR 0x008u
+#define EPOLLHUP 0x010u
+#define EPOLLRDHUP 0x2000u
+#define EPOLLET (1u << 31)
+#define EPOLL_CTL_ADD 1
+#define EPOLL_CTL_DEL 2
+#define EPOLL_CTL_MOD 3
+#define EPOLL_CLOEXEC 0
+static inline int epoll_create1(int f) { (void)f; errno = ENOSYS; return -1; }
+static inline int epoll_ctl(int e, int o, int fd, struct epoll_event *ev)
+{ (void)e; (void)o; (void)fd; (void)ev; errno = ENOSYS; return -1; }
+static inline int epoll_wait(int e, struct epoll_event *ev, int n, int t)
+{ (void)e; (void)ev; (void)n; (void)t; errno = ENOSYS; return -1; }
+#endif
+
+#ifndef EPOLLEXCLUSIVE
+#define EPOLLEXCLUSIVE (1u << 28)
+#endif
+#ifndef POLLRDHUP
+#define POLLRDHUP 0
+#endif
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0   /* Python ignores SIGPIPE; macOS has SO_NOSIGPIPE */
+#endif
+#ifndef SPLICE_F_MOVE
+#define SPLICE_F_MOVE 1
+#define SPLICE_F_NONBLOCK 2
+#endif
+#ifndef F_SETPIPE_SZ
+#define F_SETPIPE_SZ 1031
+#define F_GETPIPE_SZ 1032
+#endif
+
+#define FP_RETRY(expr) do { r = (expr); } while (r < 0 && errno == EINTR); \
+                        return r < 0 ? -errno : r
+
+static inline int fp_set_nonblock_cloexec(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 ||
+        fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
+        return -errno;
+    return 0;
+}
+
+/* Returns: fd >= 0; -EAGAIN when the backlog is empty; -EMFILE/-ENFILE
+ * when out of fds; other -errno for an aborted client. */
+static inline int fp_accept(int lfd, struct sockaddr *sa, socklen_t *len)
+{
+    int r;
+#ifdef __linux__
+    FP_RETRY(accept4(lfd, sa, len, SOCK_NONBLOCK | SOCK_CLOEXEC));
+#else
+    do { r = accept(lfd, sa, len); } while (r < 0 && errno == EINTR);
+    if (r < 0) return -errno;
+    if (fp_set_nonblock_cloexec(r) < 0) { int e = -errno; close(r); return e; }
+    return r;
+#endif
+}
+
+/* Returns: a non-blocking stream socket fd, or -errno (-EMFILE, -ENFILE). */
+static inline int fp_socket(int family)
+{
+    int r;
+#ifdef __linux__
+    FP_RETRY(socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+#else
+    r = socket(family, SOCK_STREAM, 0);
+    if (r < 0) return -errno;
+    if (fp_set_nonblock_cloexec(r) < 0) { int e = -errno; close(r); return e; }
+#ifdef SO_NOSIGPIPE
+    { int one = 1; setsockopt(r, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one); }
+#endif
+    return r;
+#endif
+}
+
+/* Returns: 0 with fds[0] (read end), fds[1] set, both non-blocking; or -errno. */
+static inline int fp_pipe(int fds[2])
+{
+    int r;
+#ifdef __linux__
+    FP_RETRY(pipe2(fds, O_NONBLOCK | O_CLOEXEC));
+#else
+    if (pipe(fds) < 0) return -errno;
+    if ((r = fp_set_nonblock_cloexec(fds[0])) < 0 ||
+        (r = fp_set_nonblock_cloexec(fds[1])) < 0) {
+        close(fds[0]); close(fds[1]); return r;
+    }
+    return 0;
+#endif
+}
+
+/* Returns: 0 connected, -EINPROGRESS pending, other -errno failed. */
+static inline int fp_connect(int fd, const struct sockaddr *sa, socklen_t len)
+{
+    int r = connect(fd, sa, len);
+    if (r == 0) return 0;
+    if (errno == EINTR) return -EINPROGRESS;   /* it goes on in the background */
+    return -errno;
+}
+
+/* Returns: bytes moved (0 = EOF when reading a socket), or -errno
+ * (-EAGAIN, -ECONNRESET, -EPIPE, -ENOSYS where splice does not exist). */
+static inline ssize_t fp_splice(int in, int out, size_t len)
+{
+#ifdef __linux__
+    ssize_t r;
+    FP_RETRY(splice(in, NULL, out, NULL, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK));
+#else
+    (void)in; (void)out; (void)len;
+    return -ENOSYS;
+#endif
+}
+
+/* Returns: bytes read (0 = EOF) or -errno. */
+static inline ssize_t fp_recv(int fd, char *buf, size_t len)
+{
+    ssize_t r;
+    FP_RETRY(recv(fd, buf, len, 0));
+}
+
+/* Returns: bytes written or -errno (-EAGAIN, -EPIPE, -ECONNRESET). */
+static inline ssize_t fp_send(int fd, const char *buf, size_t len)
+{
+    ssize_t r;
+    FP_RETRY(send(fd, buf, len, MSG_NOSIGNAL));
+}
+
+/* Returns: ready events or -errno. */
+static inline int fp_epoll_wait(int ep, struct epoll_event *ev, int n, int ms)
+{
+    int r = epoll_wait(ep, ev, n, ms);
+    if (r < 0) return errno == EINTR ? 0 : -errno;
+    return r;
+}
+
+/* Returns: 0 or -errno. */
+static inline int fp_epoll_ctl(int ep, int op, int fd, uint32_t events, uint64_t tag)
+{
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = events;
+    ev.data.u64 = tag;
+    return epoll_ctl(ep, op, fd, &ev) < 0 ? -errno : 0;
+}
+
+/* Returns: ready fds or -errno. */
+static inline int fp_poll(struct pollfd *fds, nfds_t n, int ms)
+{
+    int r = poll(fds, n, ms);
+    if (r < 0) return errno == EINTR ? 0 : -errno;
+    return r;
+}
+
+/* Returns: the pending socket error (0 = none). */
+static inline int fp_sock_error(int fd)
+{
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return errno;
+    return err;
+}
+
+static inline void fp_set_nodelay(int fd)
+{
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+/* A close with linger 0 sends RST instead of FIN: how a reset is passed on. */
+static inline void fp_set_reset_on_close(int fd)
+{
+    struct linger lg;
+    lg.l_onoff = 1;
+    lg.l_linger = 0;
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+}
+
+/* Returns: the pipe's capacity in bytes after asking for `want` (the kernel
+ * may refuse: pipe-user-pages-soft), or -errno. */
+static inline int fp_pipe_size(int wfd, int want)
+{
+#ifdef __linux__
+    if (want > 0) fcntl(wfd, F_SETPIPE_SZ, want);
+    int r = fcntl(wfd, F_GETPIPE_SZ);
+    return r < 0 ? -errno : r;
+#else
+    (void)wfd; (void)want;
+    return -ENOSYS;
+#endif
+}
+
+static inline int64_t fp_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Counters: one writer per per-worker counter (plain add, published with a
+ * relaxed store so readers never see a torn value); shared counters use
+ * atomic read-modify-write. */
+static inline uint64_t fp_load(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void fp_bump(uint64_t *p, uint64_t v) { __atomic_store_n(p, *p + v, __ATOMIC_RELAXED); }
+static inline int64_t fp_atomic_add(int64_t *p, int64_t v) { return __atomic_add_fetch(p, v, __ATOMIC_RELAXED); }
+static inline int64_t fp_atomic_get(const int64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void fp_atomic_set(int64_t *p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline void fp_atomic_max(int64_t *p, int64_t v)
+{
+    int64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (v > cur && !__atomic_compare_exchange_n(p, &cur, v, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+}
+
+#endif
+

@@ -1,0 +1,84 @@
+# System calls and platform helpers used by the data plane, all callable
+# without the GIL. The fp_* wrappers live in compat.h: they retry EINTR and
+# return -errno, so nothing on the hot path reads errno.
+
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+cdef extern from "compat.h" nogil:
+    int FP_HAVE_EPOLL
+
+    ctypedef int socklen_t
+    ctypedef int nfds_t
+
+    struct sockaddr:
+        unsigned short sa_family
+    struct sockaddr_storage:
+        unsigned short ss_family
+    struct in_addr:
+        uint32_t s_addr
+    struct sockaddr_in:
+        unsigned short sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    struct in6_addr:
+        unsigned char s6_addr[16]
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        unsigned short sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+
+    int AF_INET, AF_INET6
+    int SHUT_WR
+    int EAGAIN, EINTR, EINPROGRESS, EMFILE, ENFILE, ENOBUFS, ENOMEM
+    int ECONNRESET, EPIPE, ENOSYS, EINVAL, ECONNREFUSED, ETIMEDOUT
+
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    uint32_t EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDHUP, EPOLLET
+    uint32_t EPOLLEXCLUSIVE
+    int EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLL_CLOEXEC
+    int epoll_create1(int flags)
+
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    short POLLIN, POLLOUT, POLLERR, POLLHUP, POLLNVAL, POLLRDHUP
+
+    int close(int fd)
+    ssize_t read(int fd, void *buf, size_t n)
+    ssize_t write(int fd, const void *buf, size_t n)
+    int shutdown(int fd, int how)
+    int inet_pton(int af, const char *src, void *dst)
+    unsigned short htons(unsigned short v)
+
+    int fp_accept(int lfd, sockaddr *sa, socklen_t *length)
+    int fp_socket(int family)
+    int fp_pipe(int fds[2])
+    int fp_connect(int fd, const sockaddr *sa, socklen_t length)
+    ssize_t fp_splice(int fd_in, int fd_out, size_t length)
+    ssize_t fp_recv(int fd, char *buf, size_t length)
+    ssize_t fp_send(int fd, const char *buf, size_t length)
+    int fp_epoll_wait(int ep, epoll_event *ev, int n, int ms)
+    int fp_epoll_ctl(int ep, int op, int fd, uint32_t events, uint64_t tag)
+    int fp_poll(pollfd *fds, nfds_t n, int ms)
+    int fp_sock_error(int fd)
+    void fp_set_nodelay(int fd)
+    void fp_set_reset_on_close(int fd)
+    int fp_pipe_size(int wfd, int want)
+    int64_t fp_now_ns()
+
+    uint64_t fp_load(const uint64_t *p)
+    void fp_bump(uint64_t *p, uint64_t v)
+    int64_t fp_atomic_add(int64_t *p, int64_t v)
+    int64_t fp_atomic_get(const int64_t *p)
+    void fp_atomic_set(int64_t *p, int64_t v)
+    void fp_atomic_max(int64_t *p, int64_t v)

@@ -1,0 +1,231 @@
+"""Proxy: the control plane of one listener (lifecycle, stats, signals).
+
+It validates the config, binds, resolves, and hands everything to the
+data plane (`_core.Engine`), whose workers run on threads of their own
+with the GIL released. Nothing here is on the forwarding path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from . import _core
+from .config import Config, ConfigError, Duration, format_address
+from .sockets import listen_socket, raise_fd_limit, resolve_upstream
+
+__all__ = ["Proxy"]
+
+log = logging.getLogger("fastproxy")
+
+# Each bridge holds two sockets; a flowing one briefly holds up to two pipes.
+FDS_PER_BRIDGE = 2
+STARTUP_TIMEOUT = 10.0
+
+
+def choose_engine(requested: str) -> str:
+    if requested == "auto":
+        requested = os.environ.get("FASTPROXY_ENGINE", "auto") or "auto"
+        if requested == "auto":
+            return "epoll" if "epoll" in _core.ENGINES else "poll"
+        if requested not in ("epoll", "poll"):
+            raise ConfigError("FASTPROXY_ENGINE", requested, "must be auto, epoll or poll")
+    if requested not in _core.ENGINES:
+        raise ConfigError("engine", requested, f"is not available here (available: {', '.join(_core.ENGINES)})")
+    return requested
+
+
+class Proxy:
+    """A TCP proxy: accepts clients on `listen` and bridges each one to an
+    upstream. Use start()/stop(), serve_forever(), or `with Proxy(...) as p:`."""
+
+    def __init__(
+        self,
+        listen: str,
+        upstream: Optional[str] = None,
+        *,
+        upstreams: Optional[Sequence[str]] = None,
+        workers: Optional[int] = None,
+        connect_timeout: Duration = 5.0,
+        drain_timeout: Duration = 10.0,
+        half_close_timeout: Duration = 300.0,
+        engine: str = "auto",
+    ) -> None:
+        self.config = Config.build(
+            listen,
+            upstream=upstream,
+            upstreams=upstreams,
+            workers=workers,
+            connect_timeout=connect_timeout,
+            drain_timeout=drain_timeout,
+            half_close_timeout=half_close_timeout,
+            engine=engine,
+        )
+        self._lock = threading.Lock()
+        self._engine: Optional[_core.Engine] = None
+        self._sock = None
+        self._threads: List[threading.Thread] = []
+        self._address: Optional[Tuple[str, int]] = None
+        self._stopped = threading.Event()
+        self._final_stats: Optional[Dict[str, Any]] = None
+
+    # ---- lifecycle
+
+    def start(self) -> "Proxy":
+        """Bind, resolve and start the workers; return once they accept."""
+        with self._lock:
+            if self._engine is not None or self._final_stats is not None:
+                raise RuntimeError("this Proxy was already started; make a new one")
+            cfg = self.config
+            engine_name = choose_engine(cfg.engine)
+            upstreams = [
+                (name, resolve_upstream(addr))
+                for name, addr in zip(cfg.upstream_names, cfg.upstreams)
+            ]
+            budget = raise_fd_limit()
+            sock = listen_socket(cfg.listen)
+            try:
+                engine = _core.Engine(
+                    sock.fileno(),
+                    upstreams,
+                    workers=cfg.workers,
+                    engine=engine_name,
+                    connect_timeout=cfg.connect_timeout,
+                    half_close_timeout=cfg.half_close_timeout,
+                )
+            except BaseException:
+                sock.close()
+                raise
+            self._sock = sock
+            self._engine = engine
+            self._address = tuple(sock.getsockname()[:2])  # type: ignore[assignment]
+            self._stopped.clear()
+            self._threads = [
+                threading.Thread(target=self._run_worker, args=(i,), name=f"fastproxy-worker-{i}", daemon=True)
+                for i in range(cfg.workers)
+            ]
+            for t in self._threads:
+                t.start()
+            self._wait_accepting(engine, cfg.workers)
+        log.info(
+            "listening on %s, forwarding to %s, engine %s, %d worker%s, fd budget %d (about %d bridges)",
+            format_address(*self._address),
+            ", ".join(cfg.upstream_names),
+            engine_name,
+            cfg.workers,
+            "" if cfg.workers == 1 else "s",
+            budget,
+            budget // FDS_PER_BRIDGE,
+        )
+        return self
+
+    def _wait_accepting(self, engine: "_core.Engine", workers: int) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while engine.accepting() < workers:
+            if not any(t.is_alive() for t in self._threads) or time.monotonic() > deadline:
+                raise RuntimeError("the fastproxy workers did not start")
+            time.sleep(0.001)
+
+    def _run_worker(self, i: int) -> None:
+        engine = self._engine
+        assert engine is not None
+        try:
+            engine.run_worker(i)
+        except Exception:
+            log.exception("worker %d failed; its bridges were closed", i)
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop accepting, let live bridges finish for up to the drain
+        timeout (`timeout` seconds if given), close the rest, and return
+        once every bridge is closed. Safe to call more than once."""
+        with self._lock:
+            engine = self._engine
+            if engine is None:
+                return
+            drain = self.config.drain_timeout if timeout is None else max(0.0, float(timeout))
+            engine.stop(drain)
+            # Close the listening socket as soon as no worker polls it:
+            # new clients are refused at once instead of waiting in its
+            # backlog for a proxy that will never serve them.
+            deadline = time.monotonic() + 5.0
+            while engine.accepting() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            for t in self._threads:
+                t.join()
+            self._final_stats = engine.stats()
+            engine.close()
+            self._engine = None
+            self._threads = []
+            self._stopped.set()
+        log.info("stopped")
+
+    def serve_forever(self) -> None:
+        """start(), then wait until stop() or, from the main thread, SIGINT
+        or SIGTERM (a second signal shortens the drain to nothing)."""
+        if self._engine is None:
+            self.start()
+        restore = self._install_signal_handlers()
+        try:
+            while not self._stopped.wait(0.5):
+                pass
+        finally:
+            for signum, handler in restore:
+                signal.signal(signum, handler)
+
+    def _install_signal_handlers(self) -> List[Tuple[int, Any]]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        signals_seen = []
+
+        def on_signal(signum: int, frame: Any) -> None:
+            signals_seen.append(signum)
+            log.info("%s: %s", signal.Signals(signum).name,
+                     "draining" if len(signals_seen) == 1 else "closing now")
+            timeout = None if len(signals_seen) == 1 else 0.0
+            threading.Thread(target=self.stop, args=(timeout,), daemon=True).start()
+            if len(signals_seen) > 1 and self._engine is not None:
+                self._engine.stop(0.0)
+
+        restore = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            restore.append((signum, signal.signal(signum, on_signal)))
+        return restore
+
+    def __enter__(self) -> "Proxy":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # ---- observation
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        """The bound listening address (host, port); port 0 shows the real one."""
+        if self._address is None:
+            raise RuntimeError("the proxy is not started: no address yet")
+        return self._address
+
+    @property
+    def engine(self) -> str:
+        return self._engine.engine if self._engine is not None else choose_engine(self.config.engine)
+
+    @property
+    def workers(self) -> int:
+        return self.config.workers
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters as a plain dict (see docs/architecture.md for each key)."""
+        engine = self._engine
+        if engine is not None:
+            return engine.stats()
+        if self._final_stats is not None:
+            return dict(self._final_stats)
+        raise RuntimeError("the proxy is not started: no stats yet")

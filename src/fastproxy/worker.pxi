@@ -1,0 +1,324 @@
+# Workers: one native thread each, with its own epoll set (or poll array),
+# its own bridges, timers and pools. The loop runs without the GIL from
+# start to stop.
+
+cdef enum:
+    ACCEPT_BATCH = 32          # accepts per wake-up: other workers get a turn
+    MAX_EVENTS = 256
+    EV_RD = 1
+    EV_WR = 2
+    EV_ERR = 4
+    TAG_WAKE = 2               # epoll tags; a bridge's tag is its (even)
+    TAG_LISTEN = 4             # address, plus 1 for its upstream side
+
+cdef int64_t ACCEPT_BACKOFF_NS = 100 * 1000 * 1000
+# Edge-triggered: a bridge's sockets are registered once and never modified;
+# readiness is remembered in the bridge until a call meets EAGAIN.
+cdef uint32_t EV_BRIDGE = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+
+
+# ---- timers: one list per duration, so appending keeps each list sorted
+
+cdef inline void timer_del(Worker *w, Bridge *b) noexcept nogil:
+    cdef int t = b.timer
+    if t == T_NONE:
+        return
+    if b.tprev != NULL:
+        b.tprev.tnext = b.tnext
+    else:
+        w.thead[t] = b.tnext
+    if b.tnext != NULL:
+        b.tnext.tprev = b.tprev
+    else:
+        w.ttail[t] = b.tprev
+    b.tprev = NULL
+    b.tnext = NULL
+    b.timer = T_NONE
+
+
+cdef inline void timer_add(Worker *w, Bridge *b, int t, int64_t deadline) noexcept nogil:
+    timer_del(w, b)
+    b.timer = <uint8_t>t
+    b.deadline_ns = deadline
+    b.tprev = w.ttail[t]
+    b.tnext = NULL
+    if w.ttail[t] != NULL:
+        w.ttail[t].tnext = b
+    else:
+        w.thead[t] = b
+    w.ttail[t] = b
+
+
+cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
+    cdef Bridge *b = w.thead[T_CONNECT]
+    while b != NULL and b.deadline_ns <= now:
+        bridge_retry(w, b, -ETIMEDOUT, now)
+        b = w.thead[T_CONNECT]
+    b = w.thead[T_HALF_CLOSE]
+    while b != NULL and b.deadline_ns <= now:
+        bridge_close(w, b, TIMEOUT, 0, 0)
+        b = w.thead[T_HALF_CLOSE]
+
+
+cdef int worker_timeout_ms(Worker *w, int64_t now) noexcept nogil:
+    # Returns: how long the loop may sleep, -1 for "until an event".
+    cdef int64_t d = -1
+    cdef int t
+    for t in range(1, T_COUNT):
+        if w.thead[t] != NULL and (d < 0 or w.thead[t].deadline_ns < d):
+            d = w.thead[t].deadline_ns
+    if w.accept_resume_ns != 0 and (d < 0 or w.accept_resume_ns < d):
+        d = w.accept_resume_ns
+    if w.stopping and (d < 0 or w.drain_deadline_ns < d):
+        d = w.drain_deadline_ns
+    if d < 0:
+        return -1
+    if d <= now:
+        return 0
+    return <int>((d - now + 999999) // 1000000)
+
+
+# ---- the bridges a worker owns (closing at drain, and the poll array)
+
+cdef int bridges_add(Worker *w, Bridge *b) noexcept nogil:
+    # Returns: 0, or -ENOMEM.
+    cdef Bridge **grown
+    cdef int cap
+    if w.nbridges == w.cap_bridges:
+        cap = w.cap_bridges * 2 if w.cap_bridges else 64
+        grown = <Bridge **>realloc(w.bridges, cap * sizeof(Bridge *))
+        if grown == NULL:
+            return -ENOMEM
+        w.bridges = grown
+        w.cap_bridges = cap
+    b.slot = w.nbridges
+    w.bridges[w.nbridges] = b
+    w.nbridges += 1
+    return 0
+
+
+cdef inline void bridges_remove(Worker *w, Bridge *b) noexcept nogil:
+    cdef Bridge *last = w.bridges[w.nbridges - 1]
+    w.bridges[b.slot] = last
+    last.slot = b.slot
+    w.nbridges -= 1
+
+
+cdef void grave_free(Worker *w) noexcept nogil:
+    cdef Bridge *b
+    while w.grave != NULL:
+        b = w.grave
+        w.grave = b.grave_next
+        free(b)
+
+
+# ---- accepting
+
+cdef void listener_on(Worker *w) noexcept nogil:
+    if w.listening:
+        return
+    # EPOLLEXCLUSIVE wakes one worker per client instead of all of them;
+    # it refuses EPOLL_CTL_MOD, so pausing is DEL and resuming is ADD.
+    if w.epfd >= 0 and fp_epoll_ctl(w.epfd, EPOLL_CTL_ADD, w.sh.listen_fd,
+                                    EPOLLIN | EPOLLEXCLUSIVE, TAG_LISTEN) < 0:
+        return
+    w.listening = 1
+
+
+cdef void listener_off(Worker *w) noexcept nogil:
+    if not w.listening:
+        return
+    if w.epfd >= 0:
+        fp_epoll_ctl(w.epfd, EPOLL_CTL_DEL, w.sh.listen_fd, 0, 0)
+    w.listening = 0
+
+
+cdef void worker_pause_accept(Worker *w, int64_t now) noexcept nogil:
+    # Out of fds: leave clients in the kernel's backlog rather than spin on
+    # accept; retry after a back-off, or sooner when a bridge frees fds.
+    listener_off(w)
+    if not w.stopping:
+        w.accept_resume_ns = now + ACCEPT_BACKOFF_NS
+
+
+cdef void worker_accept(Worker *w, int64_t now) noexcept nogil:
+    cdef int i, fd
+    for i in range(ACCEPT_BATCH):
+        fd = fp_accept(w.sh.listen_fd, NULL, NULL)
+        if fd >= 0:
+            bridge_open(w, fd, now)
+        elif fd == -EAGAIN:
+            return
+        elif fd == -EMFILE or fd == -ENFILE or fd == -ENOBUFS or fd == -ENOMEM:
+            worker_pause_accept(w, now)
+            return
+        # else: that client was gone before we took it (ECONNABORTED)
+
+
+# ---- stopping
+
+cdef void worker_check_stop(Worker *w, int64_t now) noexcept nogil:
+    cdef int64_t gen = fp_atomic_get(&w.cmd_stop)
+    cdef int64_t deadline
+    if gen == 0 or gen == w.seen_stop:
+        return
+    w.seen_stop = gen
+    deadline = now + fp_atomic_get(&w.drain_ns)
+    if not w.stopping or deadline < w.drain_deadline_ns:
+        w.drain_deadline_ns = deadline
+    w.stopping = 1
+    w.accept_resume_ns = 0
+    listener_off(w)
+    fp_atomic_set(&w.accepting, 0)
+
+
+cdef void worker_close_all(Worker *w, int reason) noexcept nogil:
+    # Closed with FIN, not RST: what was already sent still arrives.
+    while w.nbridges > 0:
+        bridge_close(w, w.bridges[w.nbridges - 1], reason, 0, 0)
+
+
+cdef inline int translate_epoll(uint32_t e) noexcept nogil:
+    cdef int ev = 0
+    if e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        ev |= EV_RD
+    if e & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+        ev |= EV_WR
+    if e & (EPOLLHUP | EPOLLERR):
+        ev |= EV_ERR
+    return ev
+
+
+cdef inline int translate_poll(short e) noexcept nogil:
+    cdef int ev = 0
+    if e & (POLLIN | POLLRDHUP | POLLHUP | POLLERR):
+        ev |= EV_RD
+    if e & (POLLOUT | POLLHUP | POLLERR):
+        ev |= EV_WR
+    if e & (POLLHUP | POLLERR | POLLNVAL):
+        ev |= EV_ERR
+    return ev
+
+
+cdef void drain_wake(Worker *w) noexcept nogil:
+    cdef char buf[64]
+    while read(w.wake_r, buf, sizeof(buf)) > 0:
+        pass
+
+
+cdef int worker_wait_epoll(Worker *w, int timeout, int64_t *now) noexcept nogil:
+    # Returns: 0, or -errno when epoll itself failed.
+    cdef int n = fp_epoll_wait(w.epfd, w.events, MAX_EVENTS, timeout)
+    cdef int i
+    cdef uint64_t tag
+    cdef Bridge *b
+    if n < 0:
+        return n
+    now[0] = fp_now_ns()
+    for i in range(n):
+        tag = w.events[i].data.u64
+        if tag == TAG_LISTEN:
+            if w.listening:
+                worker_accept(w, now[0])
+        elif tag == TAG_WAKE:
+            drain_wake(w)
+        else:
+            b = <Bridge *>(tag & ~(<uint64_t>1))
+            if b.state != B_CLOSED:
+                bridge_event(w, b, <int>(tag & 1),
+                             translate_epoll(w.events[i].events), now[0])
+    return 0
+
+
+cdef inline short poll_interest(Flow *rd_flow, uint8_t rd, Flow *wr_flow,
+                                uint8_t wr) noexcept nogil:
+    # Level-triggered: ask only for what the bridge can act on now, or a
+    # full buffer would wake the loop forever.
+    cdef short e = 0
+    if not rd and not rd_flow.eof and (rd_flow.cap == 0 or rd_flow.len < rd_flow.cap):
+        e |= POLLIN | POLLRDHUP
+    if not wr and wr_flow.len > wr_flow.off:
+        e |= POLLOUT
+    return e
+
+
+cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
+    # Returns: 0, or -errno (-ENOMEM growing the poll array).
+    cdef int need = 2 + 2 * w.nbridges
+    cdef int i, n, r, cap
+    cdef Bridge *b
+    cdef pollfd *p
+    cdef void *grown
+    if need > w.cap_pfds:
+        cap = need * 2
+        grown = realloc(w.pfds, cap * sizeof(pollfd))
+        if grown == NULL:
+            return -ENOMEM
+        w.pfds = <pollfd *>grown
+        grown = realloc(w.pbridges, cap * sizeof(Bridge *))
+        if grown == NULL:
+            return -ENOMEM
+        w.pbridges = <Bridge **>grown
+        w.cap_pfds = cap
+    w.pfds[0].fd = w.wake_r
+    w.pfds[0].events = POLLIN
+    w.pfds[1].fd = w.sh.listen_fd if w.listening else -1
+    w.pfds[1].events = POLLIN
+    for i in range(w.nbridges):
+        b = w.bridges[i]
+        w.pbridges[i] = b
+        p = &w.pfds[2 + 2 * i]
+        p[0].fd = b.cfd
+        p[1].fd = b.ufd
+        if b.state == B_CONNECTING:
+            p[0].events = 0
+            p[1].events = POLLOUT
+        else:
+            p[0].events = poll_interest(&b.up, b.c_rd, &b.down, b.c_wr)
+            p[1].events = poll_interest(&b.down, b.u_rd, &b.up, b.u_wr)
+    n = w.nbridges
+    r = fp_poll(w.pfds, <nfds_t>need, timeout)
+    if r < 0:
+        return r
+    now[0] = fp_now_ns()
+    if w.pfds[0].revents:
+        drain_wake(w)
+    if w.pfds[1].revents and w.listening:
+        worker_accept(w, now[0])
+    for i in range(n):
+        b = w.pbridges[i]
+        p = &w.pfds[2 + 2 * i]
+        if p[0].revents and b.state != B_CLOSED:
+            bridge_event(w, b, 0, translate_poll(p[0].revents), now[0])
+        if p[1].revents and b.state != B_CLOSED:
+            bridge_event(w, b, 1, translate_poll(p[1].revents), now[0])
+    return 0
+
+
+cdef int worker_run(Worker *w) noexcept nogil:
+    # The worker's whole life. Returns: 0 after a stop, or -errno when the
+    # event loop itself failed (its bridges are closed first).
+    cdef int64_t now = fp_now_ns()
+    cdef int r = 0
+    listener_on(w)
+    fp_atomic_set(&w.accepting, 1)
+    while True:
+        worker_check_stop(w, now)
+        if w.stopping and (w.nbridges == 0 or now >= w.drain_deadline_ns):
+            break
+        if w.accept_resume_ns != 0 and now >= w.accept_resume_ns:
+            w.accept_resume_ns = 0
+            listener_on(w)
+        if w.epfd >= 0:
+            r = worker_wait_epoll(w, worker_timeout_ms(w, now), &now)
+        else:
+            r = worker_wait_poll(w, worker_timeout_ms(w, now), &now)
+        if r < 0:
+            break
+        timers_run(w, now)
+        grave_free(w)
+    listener_off(w)
+    fp_atomic_set(&w.accepting, 0)
+    worker_close_all(w, SHUTDOWN)
+    grave_free(w)
+    return r
