@@ -222,14 +222,15 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
 
 
 cdef void bridge_connect_failed(Worker *w, Bridge *b, int err) noexcept nogil:
+    # Closed before counted: whoever sees the count sees the bridge gone.
     if err == -EMFILE or err == -ENFILE:
+        bridge_close(w, b, REFUSED, 0, 0)
         fp_bump(&w.ctr.fd_exhausted, 1)
         worker_pause_accept(w, fp_now_ns())
-        bridge_close(w, b, REFUSED, 0, 0)
         return
+    bridge_close(w, b, CONNECT_FAILED, 0, 0)
     fp_bump(&w.ctr.connect_failures, 1)
     fp_bump(&w.up_ctr[b.upstream].connect_failures, 1)
-    bridge_close(w, b, CONNECT_FAILED, 0, 0)
 
 
 cdef void bridge_retry(Worker *w, Bridge *b, int err, int64_t now) noexcept nogil:

@@ -63,12 +63,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             half_close_timeout=args.half_close_timeout,
             engine=args.engine,
         )
-        proxy.start()
+        proxy.serve_forever()
     except ConfigError as exc:
         flag = _FLAGS.get(exc.field, "--" + exc.field.replace("_", "-")) if exc.field.islower() else exc.field
         print(f"fastproxy: error: {flag}: {exc.value!r}: {exc.problem}", file=sys.stderr)
         return EXIT_USAGE
-    proxy.serve_forever()
     return 0
 
 

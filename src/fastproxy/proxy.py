@@ -169,34 +169,41 @@ class Proxy:
     def serve_forever(self) -> None:
         """start(), then wait until stop() or, from the main thread, SIGINT
         or SIGTERM (a second signal shortens the drain to nothing)."""
-        if self._engine is None:
-            self.start()
-        restore = self._install_signal_handlers()
+        signals_seen: List[int] = []
+        # Handlers go in before start(): a signal that arrives while the
+        # workers start must stop the proxy, not raise KeyboardInterrupt.
+        restore = self._install_signal_handlers(signals_seen)
         try:
+            if self._engine is None:
+                self.start()
+            if signals_seen:
+                self._on_signal(signals_seen)
             while not self._stopped.wait(0.5):
                 pass
         finally:
             for signum, handler in restore:
                 signal.signal(signum, handler)
 
-    def _install_signal_handlers(self) -> List[Tuple[int, Any]]:
+    def _install_signal_handlers(self, signals_seen: List[int]) -> List[Tuple[int, Any]]:
         if threading.current_thread() is not threading.main_thread():
             return []
-        signals_seen = []
 
         def on_signal(signum: int, frame: Any) -> None:
             signals_seen.append(signum)
             log.info("%s: %s", signal.Signals(signum).name,
                      "draining" if len(signals_seen) == 1 else "closing now")
-            timeout = None if len(signals_seen) == 1 else 0.0
-            threading.Thread(target=self.stop, args=(timeout,), daemon=True).start()
-            if len(signals_seen) > 1 and self._engine is not None:
-                self._engine.stop(0.0)
+            if self._engine is not None:
+                self._on_signal(signals_seen)
 
-        restore = []
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            restore.append((signum, signal.signal(signum, on_signal)))
-        return restore
+        return [(signum, signal.signal(signum, on_signal)) for signum in (signal.SIGINT, signal.SIGTERM)]
+
+    def _on_signal(self, signals_seen: List[int]) -> None:
+        # stop() blocks while bridges drain: run it off the signal handler.
+        timeout = None if len(signals_seen) == 1 else 0.0
+        threading.Thread(target=self.stop, args=(timeout,), daemon=True).start()
+        engine = self._engine
+        if len(signals_seen) > 1 and engine is not None:
+            engine.stop(0.0)  # the first stop() holds the lock: shorten its drain
 
     def __enter__(self) -> "Proxy":
         return self.start()

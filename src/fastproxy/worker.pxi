@@ -300,6 +300,7 @@ cdef int worker_run(Worker *w) noexcept nogil:
     # event loop itself failed (its bridges are closed first).
     cdef int64_t now = fp_now_ns()
     cdef int r = 0
+    fp_block_signals()
     listener_on(w)
     fp_atomic_set(&w.accepting, 1)
     while True:

@@ -21,6 +21,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
+#include <pthread.h>
+#include <signal.h>
 
 #ifdef __linux__
 #include <sys/epoll.h>
@@ -223,6 +225,21 @@ static inline int fp_pipe_size(int wfd, int want)
     (void)wfd; (void)want;
     return -ENOSYS;
 #endif
+}
+
+/* Workers block asynchronous signals: SIGINT/SIGTERM then reach the main
+ * thread (where Python runs its handlers) instead of interrupting a worker,
+ * and a SIGPIPE raised by splice() to a closed peer stays pending on the
+ * worker instead of killing a program that restored its default action. */
+static inline void fp_block_signals(void)
+{
+    sigset_t set;
+    sigfillset(&set);
+    sigdelset(&set, SIGSEGV);
+    sigdelset(&set, SIGBUS);
+    sigdelset(&set, SIGFPE);
+    sigdelset(&set, SIGILL);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
 }
 
 static inline int64_t fp_now_ns(void)

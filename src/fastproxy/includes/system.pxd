@@ -75,6 +75,7 @@ cdef extern from "compat.h" nogil:
     void fp_set_reset_on_close(int fd)
     int fp_pipe_size(int wfd, int want)
     int64_t fp_now_ns()
+    void fp_block_signals()
 
     uint64_t fp_load(const uint64_t *p)
     void fp_bump(uint64_t *p, uint64_t v)
