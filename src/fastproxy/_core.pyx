@@ -18,6 +18,14 @@ include "bridge.pxi"
 ENGINES = ("epoll", "poll") if FP_HAVE_EPOLL else ("poll",)
 
 cdef int64_t NS = 1000000000
+# Longer durations mean "never"; clamping keeps deadlines far from overflow.
+cdef double MAX_SECONDS = 1e9
+
+
+cdef int64_t seconds_to_ns(double seconds):
+    if seconds <= 0:
+        return 0
+    return <int64_t>(min(seconds, MAX_SECONDS) * NS)
 
 
 cdef int fill_sockaddr(UpstreamAddr *a, int family, tuple sa) except -1:
@@ -89,8 +97,8 @@ cdef class Engine:
         self.engine = engine
         self.sh.engine = ENGINE_EPOLL if engine == "epoll" else ENGINE_POLL
         self.sh.listen_fd = listen_fd
-        self.sh.connect_timeout_ns = <int64_t>(connect_timeout * NS)
-        self.sh.half_close_timeout_ns = <int64_t>(half_close_timeout * NS)
+        self.sh.connect_timeout_ns = seconds_to_ns(connect_timeout)
+        self.sh.half_close_timeout_ns = seconds_to_ns(half_close_timeout)
         self.sh.pipe_size = pipe_size
         self.sh.buf_size = buf_size
         self.sh.pool_max = pool_max
@@ -111,8 +119,8 @@ cdef class Engine:
         if self.workers == NULL:
             raise MemoryError()
         for i in range(workers):
+            self.nworkers = i + 1   # counted first: _free() undoes a partial init
             self._init_worker(&self.workers[i], i)
-            self.nworkers = i + 1
 
     cdef int _init_worker(self, Worker *w, int i) except -1:
         cdef int fds[2]
@@ -134,9 +142,10 @@ cdef class Engine:
         if not (w.pipe_pool and w.buf_pool and w.up_ctr and w.events):
             raise MemoryError()
         if self.sh.engine == ENGINE_EPOLL:
-            w.epfd = epoll_create1(EPOLL_CLOEXEC)
-            if w.epfd < 0:
-                raise OSError("epoll_create1 failed")
+            r = fp_epoll_create()
+            if r < 0:
+                raise OSError(-r, strerror(-r).decode())
+            w.epfd = r
             r = fp_epoll_ctl(w.epfd, EPOLL_CTL_ADD, w.wake_r, EPOLLIN, TAG_WAKE)
             if r < 0:
                 raise OSError(-r, strerror(-r).decode())
@@ -165,7 +174,7 @@ cdef class Engine:
         cdef int i
         for i in range(self.nworkers):
             w = &self.workers[i]
-            fp_atomic_set(&w.drain_ns, <int64_t>(max(drain, 0.0) * NS))
+            fp_atomic_set(&w.drain_ns, seconds_to_ns(drain))
             fp_atomic_add(&w.cmd_stop, 1)
             write(w.wake_w, b"x", 1)
 
@@ -216,10 +225,9 @@ cdef class Engine:
                     close(w.pipe_pool[3 * j + 1])
                 for j in range(w.nbufs):
                     free(w.buf_pool[j])
-                if w.epfd >= 0:
-                    close(w.epfd)
-                close(w.wake_r)
-                close(w.wake_w)
+                for fd in (w.epfd, w.wake_r, w.wake_w):
+                    if fd >= 0:
+                        close(fd)
                 free(w.pipe_pool)
                 free(w.buf_pool)
                 free(w.up_ctr)

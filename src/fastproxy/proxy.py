@@ -7,6 +7,7 @@ with the GIL released. Nothing here is on the forwarding path.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -24,6 +25,14 @@ log = logging.getLogger("fastproxy")
 
 # Each bridge holds two sockets; a flowing one briefly holds up to two pipes.
 FDS_PER_BRIDGE = 2
+# Idle pipes a worker keeps for reuse: enough to skip pipe2() on busy
+# bridges, few enough that pooled pipes never crowd out client sockets.
+PIPE_POOL_MAX = 64
+
+
+def pipe_pool_size(fd_budget: int, workers: int) -> int:
+    # At most 1/16 of the fd budget sits in idle pipes (two fds each).
+    return max(1, min(PIPE_POOL_MAX, fd_budget // (32 * workers)))
 STARTUP_TIMEOUT = 10.0
 
 
@@ -96,7 +105,15 @@ class Proxy:
                     engine=engine_name,
                     connect_timeout=cfg.connect_timeout,
                     half_close_timeout=cfg.half_close_timeout,
+                    pool_max=pipe_pool_size(budget, cfg.workers),
                 )
+            except OSError as exc:
+                sock.close()
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise ConfigError(
+                        "workers", cfg.workers, f"too many for the fd budget of {budget} ({exc.strerror})"
+                    ) from None
+                raise
             except BaseException:
                 sock.close()
                 raise

@@ -12,6 +12,7 @@ cdef enum:
     TAG_LISTEN = 4             # address, plus 1 for its upstream side
 
 cdef int64_t ACCEPT_BACKOFF_NS = 100 * 1000 * 1000
+cdef int64_t MAX_SLEEP_NS = 3600 * 1000000000LL
 # Edge-triggered: a bridge's sockets are registered once and never modified;
 # readiness is remembered in the bridge until a call meets EAGAIN.
 cdef uint32_t EV_BRIDGE = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
@@ -75,6 +76,8 @@ cdef int worker_timeout_ms(Worker *w, int64_t now) noexcept nogil:
         return -1
     if d <= now:
         return 0
+    if d - now > MAX_SLEEP_NS:
+        return <int>(MAX_SLEEP_NS // 1000000)   # far deadlines: wake, recompute
     return <int>((d - now + 999999) // 1000000)
 
 

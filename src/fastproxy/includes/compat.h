@@ -163,6 +163,13 @@ static inline ssize_t fp_send(int fd, const char *buf, size_t len)
     FP_RETRY(send(fd, buf, len, MSG_NOSIGNAL));
 }
 
+/* Returns: an epoll fd, or -errno (-EMFILE, -ENOSYS off Linux). */
+static inline int fp_epoll_create(void)
+{
+    int r = epoll_create1(EPOLL_CLOEXEC);
+    return r < 0 ? -errno : r;
+}
+
 /* Returns: ready events or -errno. */
 static inline int fp_epoll_wait(int ep, struct epoll_event *ev, int n, int ms)
 {

@@ -45,7 +45,6 @@ cdef extern from "compat.h" nogil:
     uint32_t EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDHUP, EPOLLET
     uint32_t EPOLLEXCLUSIVE
     int EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLL_CLOEXEC
-    int epoll_create1(int flags)
 
     struct pollfd:
         int fd
@@ -67,6 +66,7 @@ cdef extern from "compat.h" nogil:
     ssize_t fp_splice(int fd_in, int fd_out, size_t length)
     ssize_t fp_recv(int fd, char *buf, size_t length)
     ssize_t fp_send(int fd, const char *buf, size_t length)
+    int fp_epoll_create()
     int fp_epoll_wait(int ep, epoll_event *ev, int n, int ms)
     int fp_epoll_ctl(int ep, int op, int fd, uint32_t events, uint64_t tag)
     int fp_poll(pollfd *fds, nfds_t n, int ms)

@@ -1,0 +1,92 @@
+import faulthandler
+import importlib
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from helpers import EchoServer, CliProxy, stop_bounded  # noqa: E402
+
+ALL_ENGINES = ("epoll", "poll")
+# Hard ceiling per test when pytest-timeout is not installed: a hang dumps every
+# thread's traceback and ends the run instead of blocking CI forever. Individual
+# tests use much shorter deadlines.
+TEST_WATCHDOG_S = float(os.environ.get("FASTPROXY_TEST_WATCHDOG", "300"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: heavy test (runs by default; deselect with -m 'not slow')")
+
+
+def compiled_engines():
+    core = importlib.import_module("fastproxy._core")
+    return tuple(core.ENGINES)
+
+
+@pytest.fixture(autouse=True)
+def _watchdog(request):
+    if request.config.pluginmanager.hasplugin("timeout"):
+        yield  # pytest-timeout bounds each test and keeps the run going
+        return
+    faulthandler.dump_traceback_later(TEST_WATCHDOG_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(params=ALL_ENGINES)
+def engine(request, monkeypatch):
+    """The engine under test; the whole suite runs once per engine."""
+    if request.param not in compiled_engines():
+        pytest.skip("engine %r not compiled in" % request.param)
+    monkeypatch.delenv("FASTPROXY_ENGINE", raising=False)
+    return request.param
+
+
+@pytest.fixture
+def make_proxy(engine):
+    """Factory: an in-process Proxy on the engine under test, started, stopped at teardown."""
+    from fastproxy import Proxy
+
+    made = []
+
+    def make(upstream=None, listen="127.0.0.1:0", start=True, **kw):
+        if upstream is not None:
+            kw["upstream"] = upstream
+        p = Proxy(listen=listen, engine=engine, **kw)
+        made.append(p)
+        if start:
+            p.start()
+            assert p.engine == engine
+        return p
+
+    yield make
+    for p in made:
+        try:
+            stop_bounded(p, timeout=2.0, limit=20.0)
+        except Exception as e:  # a stop failure is a test failure, but stop them all first
+            print("teardown: stop() failed: %r" % (e,))
+
+
+@pytest.fixture
+def echo_server():
+    with EchoServer("127.0.0.1") as srv:
+        yield srv
+
+
+@pytest.fixture
+def cli_proxy(engine):
+    """Factory: the CLI in a subprocess on the engine under test; killed at teardown."""
+    procs = []
+
+    def start(*args, **kw):
+        cp = CliProxy(list(args) + ["--engine", engine], **kw)
+        procs.append(cp)
+        assert engine in cp.ready_line, cp.ready_line
+        return cp
+
+    yield start
+    for cp in procs:
+        cp.kill()

@@ -1,0 +1,142 @@
+"""The ``fastproxy`` command: start-up line, forwarding, user errors, --version, -h."""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import fastproxy
+from helpers import echo_roundtrip, ipv6_available, run_cli, subprocess_env
+
+
+def _one_line_error(rc, out, err, *needles):
+    assert rc == 2, "exit code %r (want 2); stderr:\n%s" % (rc, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, "want exactly one line on stderr, got:\n%s" % err
+    for needle in needles:
+        assert needle in lines[0], "error line does not name %r: %r" % (needle, lines[0])
+
+
+def test_cli_forwards_and_logs_one_startup_line(cli_proxy, echo_server, engine):
+    proxy = cli_proxy("--listen", "127.0.0.1:0", "--upstream", echo_server.addr, "--workers", "3")
+    line = proxy.ready_line
+    host, port = proxy.address
+    assert host == "127.0.0.1" and port > 0
+    assert "listening on 127.0.0.1:%d" % port in line
+    assert echo_server.addr in line, "start-up line does not name the upstream: %r" % line
+    assert engine in line
+    assert re.search(r"\b3\b", line) and "worker" in line.lower(), line
+    assert "fd" in line.lower(), "start-up line does not give the fd budget: %r" % line
+    assert len([ln for ln in proxy.stderr.lines if "listening on" in ln]) == 1
+    for i in range(5):
+        msg = b"cli %d" % i
+        assert echo_roundtrip(proxy.address, msg) == msg
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_cli_signal_exits_zero(cli_proxy, echo_server, sig):
+    import signal
+    proxy = cli_proxy("--listen", "127.0.0.1:0", "--upstream", echo_server.addr)
+    assert echo_roundtrip(proxy.address, b"x") == b"x"
+    proxy.signal(getattr(signal, sig))
+    rc = proxy.wait(15)
+    assert rc == 0, "exit code %r after %s; stderr:\n%s" % (rc, sig, proxy.stderr.text())
+    assert "Traceback" not in proxy.stderr.text()
+
+
+@pytest.mark.skipif(not ipv6_available(), reason="no IPv6 on this host")
+def test_cli_listen_ipv6_brackets(cli_proxy, echo_server):
+    proxy = cli_proxy("--listen", "[::1]:0", "--upstream", echo_server.addr)
+    assert proxy.address[0] == "::1" and proxy.address[1] > 0
+    assert "listening on [::1]:%d" % proxy.address[1] in proxy.ready_line
+    assert echo_roundtrip(proxy.address, b"six") == b"six"
+
+
+def test_cli_listen_hostname(cli_proxy, echo_server):
+    proxy = cli_proxy("--listen", "localhost:0", "--upstream", echo_server.addr,
+                      "--connect-timeout", "500ms", "--drain-timeout", "2s",
+                      "--half-close-timeout", "1m", "--log-level", "debug")
+    assert proxy.address[1] > 0
+    assert echo_roundtrip(("127.0.0.1", proxy.address[1]), b"named") == b"named"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--listen", "127.0.0.1:99999"], "99999"),
+    (["--listen", "127.0.0.1:-1"], "-1"),
+    (["--listen", "nocolon"], "nocolon"),
+    (["--listen", "127.0.0.1:http"], "http"),
+    (["--listen", "[::1:0"], "[::1:0"),
+    (["--upstream", "127.0.0.1:70000"], "70000"),
+    (["--upstream", "nonexistent.invalid:80"], "nonexistent.invalid"),
+    (["--connect-timeout", "5x"], "5x"),
+    (["--drain-timeout", "soon"], "soon"),
+    (["--half-close-timeout", "1.5.2s"], "1.5.2s"),
+    (["--engine", "turbo"], "turbo"),
+    (["--workers", "many"], "many"),
+    (["--no-such-flag"], "--no-such-flag"),
+])
+def test_cli_user_errors(engine, args, needle):
+    base = {"--listen": "127.0.0.1:0", "--upstream": "127.0.0.1:9"}
+    argv = []
+    for flag, value in base.items():
+        if flag not in args:
+            argv += [flag, value]
+    argv += args
+    if "--engine" not in args:
+        argv += ["--engine", engine]
+    rc, out, err = run_cli(argv)
+    _one_line_error(rc, out, err, needle)
+
+
+def test_cli_port_in_use(engine):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        rc, out, err = run_cli(["--listen", "127.0.0.1:%d" % port, "--upstream", "127.0.0.1:9",
+                                "--engine", engine])
+    _one_line_error(rc, out, err, str(port))
+
+
+def test_cli_more_workers_than_fds(engine):
+    """Asking for more workers than the fd limit allows is a user mistake, not a crash."""
+    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
+                            "--workers", "200", "--engine", engine], rlimit_nofile=64)
+    _one_line_error(rc, out, err)
+
+
+def test_cli_missing_upstream(engine):
+    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--engine", engine])
+    _one_line_error(rc, out, err, "upstream")
+
+
+def test_cli_version(engine):
+    rc, out, err = run_cli(["--version"])
+    assert rc == 0, err
+    text = out + err
+    assert re.search(r"\d+\.\d+", text), text
+    version = getattr(fastproxy, "__version__", None)
+    if version:
+        assert version in text
+
+
+def test_cli_help(engine):
+    rc, out, err = run_cli(["-h"])
+    assert rc == 0, err
+    for flag in ("--listen", "--upstream", "--workers", "--connect-timeout", "--drain-timeout",
+                 "--half-close-timeout", "--engine", "--log-level", "--version"):
+        assert flag in out, "-h does not mention %s" % flag
+
+
+def test_console_script_installed(engine):
+    exe = shutil.which("fastproxy", path=os.path.dirname(sys.executable) + os.pathsep
+                       + os.environ.get("PATH", ""))
+    if exe is None:
+        pytest.skip("package not installed with its console script (running from a source tree)")
+    cp = subprocess.run([exe, "--version"], capture_output=True, timeout=30, env=subprocess_env())
+    assert cp.returncode == 0
+    assert re.search(rb"\d+\.\d+", cp.stdout + cp.stderr)
