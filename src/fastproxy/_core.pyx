@@ -12,6 +12,8 @@ from libc.string cimport memset, strerror
 
 from .includes.system cimport *
 
+include "access.pxi"
+include "balancer.pxi"
 include "worker.pxi"
 include "bridge.pxi"
 

@@ -1,0 +1,1 @@
+# Access control building blocks (IP rules, rate limits, PROXY protocol).

@@ -1,0 +1,1 @@
+# Balancing building blocks (upstream groups: choice, limits, passive health).
