@@ -6,8 +6,20 @@ threads with the GIL released; this package is the control plane.
 
 from ._core import ENGINES
 from .config import ConfigError
+from .hooks import CLOSE, WAIT, CloseReason, CloseRecord, Connection, Direction
 from .proxy import Proxy
 
 __version__ = "0.1.0"
 
-__all__ = ["Proxy", "ConfigError", "ENGINES", "__version__"]
+__all__ = [
+    "Proxy",
+    "ConfigError",
+    "Connection",
+    "Direction",
+    "CloseReason",
+    "CloseRecord",
+    "WAIT",
+    "CLOSE",
+    "ENGINES",
+    "__version__",
+]

@@ -1,16 +1,17 @@
 # C-level structures of the data plane. Everything here is touched by worker
 # threads without the GIL; the Engine class is the only Python-facing part.
 
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from .includes.system cimport epoll_event, pollfd, sockaddr_storage, socklen_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from .includes.system cimport (epoll_event, pollfd, pthread_cond_t, pthread_mutex_t,
+                               sockaddr_storage, socklen_t)
 
 
 cdef enum:
     ENGINE_EPOLL = 0
     ENGINE_POLL = 1
 
-# Why a bridge ended; the values are CloseReason's in hooks to come.
-cdef enum:  # CloseReason
+# Why a bridge ended; the values are hooks.CloseReason's.
+cdef enum:
     CLOSE_NONE = 0
     CLIENT_CLOSED = 1
     UPSTREAM_CLOSED = 2
@@ -23,16 +24,52 @@ cdef enum:  # CloseReason
     HOOK_ERROR = 9
     SHUTDOWN = 10
 
-cdef enum:  # bridge state
-    B_CONNECTING = 1
-    B_ACTIVE = 2
-    B_CLOSED = 3
+# Bridge states, in the order a bridge goes through them.
+cdef enum:
+    B_HOOK = 1            # waiting for on_connect
+    B_CONNECTING = 2
+    B_ACTIVE = 3
+    B_CLOSED = 4
 
-cdef enum:  # timer lists
+# Timer lists. Each holds one duration, so appending keeps it sorted; a
+# bridge sits on at most one list per slot (SLOT_OF in worker.pxi).
+cdef enum:
     T_NONE = 0
     T_CONNECT = 1
     T_HALF_CLOSE = 2
-    T_COUNT = 3
+    T_LISTS = 3
+    T_SLOTS = 2
+
+# Which hooks the control plane registered (Shared.hooks bits).
+cdef enum:
+    HOOK_CONNECT = 1
+    HOOK_DATA_UP = 2
+    HOOK_DATA_DOWN = 4
+    HOOK_RECORDS = 8      # on_close or the access log
+
+# Hook answers.
+cdef enum:
+    V_PROCEED = 0
+    V_REFUSE = 1
+    V_ERROR = 2
+    V_ROUTE = 3           # to a configured upstream, or to HookResult.route
+    V_PASS = 4            # forward the chunk unchanged
+    V_REPLACE = 5         # forward HookResult.buf instead
+    V_WAIT = 6            # hold the chunk, call again with more
+    V_CLOSE = 7
+
+cdef enum:
+    EVT_CONNECT = 0
+    EVT_DATA = 1
+
+
+cdef struct Bridge
+
+cdef struct TimerLink:
+    Bridge *prev
+    Bridge *next
+    int64_t deadline_ns
+    uint8_t list
 
 
 # One direction of a bridge: bytes read from `src` wait in a pipe (splice
@@ -46,10 +83,21 @@ cdef struct Flow:
     uint32_t len         # bytes held (pipe fill, or end of data in buf)
     uint8_t eof          # src sent FIN
     uint8_t shut         # FIN passed on: shutdown(dst, SHUT_WR) done
+    uint8_t hook         # each chunk goes through on_data first
+    uint8_t waiting      # on_data has the chunk: read nothing until it answers
+    uint8_t held         # on_data said WAIT: buf[0:len] waits for more
+    char *lent           # the buffer on_data is looking at
     uint64_t bytes
 
 
+cdef struct UpstreamAddr:
+    sockaddr_storage sa
+    socklen_t salen
+    int family
+
+
 cdef struct Bridge:
+    uint64_t id
     int cfd
     int ufd
     uint8_t state
@@ -59,24 +107,21 @@ cdef struct Bridge:
     uint8_t c_wr
     uint8_t u_rd
     uint8_t u_wr
-    uint8_t reason       # CloseReason, set once
-    uint8_t timer        # TimerList the bridge is linked on
-    int upstream         # index into Shared.upstreams
-    int addr             # which of the upstream's addresses is being tried
+    uint8_t reason       # CloseReason
+    uint8_t client_v4    # the client came over IPv4 (client_ip is mapped)
+    uint16_t client_port
+    uint8_t client_ip[16]
+    int hook_pending     # hook calls not answered yet: keeps the bridge allocated
+    int upstream         # index into Shared.upstreams, -1 if none (yet)
+    int addr             # which address is being tried
+    UpstreamAddr *route  # on_connect chose an address outside the group
+    int nroute
     int slot             # index in Worker.bridges
     int64_t accepted_ns
-    int64_t deadline_ns
-    Bridge *tprev
-    Bridge *tnext
+    TimerLink tl[2]      # T_SLOTS
     Bridge *grave_next
     Flow up              # client -> upstream
     Flow down            # upstream -> client
-
-
-cdef struct UpstreamAddr:
-    sockaddr_storage sa
-    socklen_t salen
-    int family
 
 
 # Counters a single worker writes (read by stats() with relaxed loads).
@@ -92,6 +137,7 @@ cdef struct Counters:
 cdef struct Gauges:
     int64_t active
     int64_t peak_active
+    int64_t dropped_records
 
 
 cdef struct Upstream:
@@ -100,18 +146,90 @@ cdef struct Upstream:
     Gauges gauges
 
 
-# Read-only after start, except the gauges.
+# A hook call handed from a worker to the hook threads.
+cdef struct HookEvent:
+    uint8_t kind
+    uint8_t dir
+    int worker
+    Bridge *bridge
+    char *buf
+    uint32_t len
+
+
+# A hook's answer, handed back to the bridge's worker.
+cdef struct HookResult:
+    Bridge *bridge
+    uint8_t kind
+    uint8_t dir
+    uint8_t verdict
+    int upstream
+    char *buf
+    uint32_t len
+    uint32_t cap
+    UpstreamAddr *route
+    int nroute
+
+
+# What on_close and the access log learn of a bridge.
+cdef struct CloseRecordC:
+    uint64_t id
+    uint8_t client_ip[16]
+    uint16_t client_port
+    uint8_t client_v4
+    uint8_t reason
+    uint8_t connected
+    int upstream
+    UpstreamAddr route
+    uint64_t bytes_upstream
+    uint64_t bytes_downstream
+    int64_t accepted_ns
+    int64_t closed_ns
+
+
+cdef struct HookQueue:
+    pthread_mutex_t mu
+    pthread_cond_t cv
+    HookEvent *items
+    int head
+    int count
+    int cap
+    int closed
+
+
+cdef struct RecordRing:
+    pthread_mutex_t mu
+    pthread_cond_t cv
+    CloseRecordC *items
+    int head
+    int count
+    int cap
+    int closed
+
+
+cdef struct ResultQueue:
+    pthread_mutex_t mu
+    HookResult *items
+    int count
+    int cap
+
+
+# Read-only after start, except the gauges and the queues.
 cdef struct Shared:
     int engine
     int listen_fd
+    int hooks            # HOOK_* bits
     int64_t connect_timeout_ns
     int64_t half_close_timeout_ns
     int pipe_size
     int buf_size
+    int max_hold
     int pool_max         # idle pipes (or buffers) one worker keeps
     int nupstreams
     Upstream *upstreams
     Gauges gauges
+    int64_t next_id
+    HookQueue events
+    RecordRing records
 
 
 cdef struct Worker:
@@ -124,21 +242,22 @@ cdef struct Worker:
     int64_t cmd_stop      # a generation: each stop() bumps it
     int64_t drain_ns
     int64_t seen_stop
+    ResultQueue results
     # Worker -> control plane.
     int64_t accepting
-    int64_t error
     uint8_t listening
     uint8_t stopping
     int64_t accept_resume_ns
     int64_t drain_deadline_ns
     int rr                # round-robin position
-    Bridge *thead[3]      # timer lists, ordered by deadline (one duration each)
+    Bridge *thead[3]      # T_LISTS: timer lists, ordered by deadline
     Bridge *ttail[3]
     Bridge **bridges
     int nbridges
     int cap_bridges
-    Bridge *grave
-    int *pipe_pool        # idle pipes, read end then write end
+    Bridge *grave         # closed: freed after the event batch
+    Bridge *limbo         # closed, a hook still has them: freed on its answer
+    int *pipe_pool        # idle pipes: read end, write end, capacity
     int npipes
     char **buf_pool
     int nbufs
@@ -147,14 +266,16 @@ cdef struct Worker:
     Bridge **pbridges
     int cap_pfds
     Counters ctr
-    Counters *up_ctr
+    Counters *up_ctr      # per upstream, plus one for routes outside the group
 
 
 cdef class Engine:
     cdef Shared sh
     cdef Worker *workers
     cdef int nworkers
+    cdef int queues_ready
     cdef readonly str engine
     cdef object _upstream_names
     cdef int _init_worker(self, Worker *w, int i) except -1
     cdef void _free(self) noexcept
+    cdef int _answer(self, int worker, HookResult *res) except -1

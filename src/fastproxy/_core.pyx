@@ -6,18 +6,33 @@ Python reaches in only through Engine: it hands over an immutable config
 on a thread of its own, asks for stats and asks workers to stop.
 """
 
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memset, strerror
+from libc.string cimport memcpy, memset, strerror
 
 from .includes.system cimport *
 
 include "access.pxi"
 include "balancer.pxi"
+include "hooks.pxi"
 include "worker.pxi"
 include "bridge.pxi"
 
 ENGINES = ("epoll", "poll") if FP_HAVE_EPOLL else ("poll",)
+# The data plane's numbers, for the control plane to name.
+CLOSE_REASONS = {
+    "CLIENT_CLOSED": CLIENT_CLOSED, "UPSTREAM_CLOSED": UPSTREAM_CLOSED,
+    "CLIENT_RESET": CLIENT_RESET, "UPSTREAM_RESET": UPSTREAM_RESET,
+    "CONNECT_FAILED": CONNECT_FAILED, "REFUSED": REFUSED, "TIMEOUT": TIMEOUT,
+    "HOOK_CLOSED": HOOK_CLOSED, "HOOK_ERROR": HOOK_ERROR, "SHUTDOWN": SHUTDOWN,
+}
+VERDICTS = {
+    "PROCEED": V_PROCEED, "REFUSE": V_REFUSE, "ERROR": V_ERROR, "ROUTE": V_ROUTE,
+    "PASS": V_PASS, "REPLACE": V_REPLACE, "WAIT": V_WAIT, "CLOSE": V_CLOSE,
+}
+HOOK_BITS = {"CONNECT": HOOK_CONNECT, "DATA_UP": HOOK_DATA_UP,
+             "DATA_DOWN": HOOK_DATA_DOWN, "RECORDS": HOOK_RECORDS}
+EVT_KINDS = {"CONNECT": EVT_CONNECT, "DATA": EVT_DATA}
 
 cdef int64_t NS = 1000000000
 # Longer durations mean "never"; clamping keeps deadlines far from overflow.
@@ -58,6 +73,39 @@ cdef int fill_sockaddr(UpstreamAddr *a, int family, tuple sa) except -1:
     return 0
 
 
+cdef tuple format_client(const uint8_t *ip, int port, int v4):
+    cdef char text[64]
+    if v4:
+        inet_ntop(AF_INET, &ip[12], text, sizeof(text))
+    else:
+        inet_ntop(AF_INET6, ip, text, sizeof(text))
+    return (text.decode(), port)
+
+
+cdef object format_addr(UpstreamAddr *a):
+    cdef char text[64]
+    cdef sockaddr_in *s4
+    cdef sockaddr_in6 *s6
+    if a.family == AF_INET:
+        s4 = <sockaddr_in *>&a.sa
+        inet_ntop(AF_INET, &s4.sin_addr, text, sizeof(text))
+        return f"{text.decode()}:{ntohs(s4.sin_port)}"
+    s6 = <sockaddr_in6 *>&a.sa
+    inet_ntop(AF_INET6, &s6.sin6_addr, text, sizeof(text))
+    return f"[{text.decode()}]:{ntohs(s6.sin6_port)}"
+
+
+cdef void free_limbo(Worker *w) noexcept nogil:
+    cdef Bridge *b
+    while w.limbo != NULL:
+        b = w.limbo
+        w.limbo = b.grave_next
+        free(b.up.lent)
+        free(b.down.lent)
+        free(b.route)
+        free(b)
+
+
 cdef dict counters_dict(Counters *c):
     return {
         "accepted": fp_load(&c.accepted),
@@ -89,6 +137,7 @@ cdef class Engine:
 
     def __init__(self, int listen_fd, list upstreams, *, int workers,
                  str engine, double connect_timeout, double half_close_timeout,
+                 int hooks=0, int max_hold=1048576,
                  int pipe_size=262144, int buf_size=65536, int pool_max=64):
         cdef int i, j
         cdef Upstream *up
@@ -104,6 +153,12 @@ cdef class Engine:
         self.sh.pipe_size = pipe_size
         self.sh.buf_size = buf_size
         self.sh.pool_max = pool_max
+        self.sh.hooks = hooks
+        self.sh.max_hold = max(max_hold, 1)
+        if queue_init(&self.sh) < 0:
+            queue_destroy(&self.sh)
+            raise MemoryError()
+        self.queues_ready = 1
         self._upstream_names = [name for name, _ in upstreams]
         self.sh.upstreams = <Upstream *>calloc(len(upstreams), sizeof(Upstream))
         if self.sh.upstreams == NULL:
@@ -139,7 +194,8 @@ cdef class Engine:
         w.wake_w = fds[1]
         w.pipe_pool = <int *>malloc(3 * self.sh.pool_max * sizeof(int))
         w.buf_pool = <char **>malloc(self.sh.pool_max * sizeof(char *))
-        w.up_ctr = <Counters *>calloc(self.sh.nupstreams, sizeof(Counters))
+        w.up_ctr = <Counters *>calloc(self.sh.nupstreams + 1, sizeof(Counters))
+        pthread_mutex_init(&w.results.mu, NULL)
         w.events = <epoll_event *>malloc(MAX_EVENTS * sizeof(epoll_event))
         if not (w.pipe_pool and w.buf_pool and w.up_ctr and w.events):
             raise MemoryError()
@@ -199,6 +255,7 @@ cdef class Engine:
         result["active"] = fp_atomic_get(&self.sh.gauges.active)
         result["peak_active"] = fp_atomic_get(&self.sh.gauges.peak_active)
         result["fd_exhausted"] = total.fd_exhausted
+        result["dropped_records"] = fp_atomic_get(&self.sh.gauges.dropped_records)
         ups = {}
         for j in range(self.sh.nupstreams):
             up = &self.sh.upstreams[j]
@@ -212,6 +269,147 @@ cdef class Engine:
         result["upstreams"] = ups
         return result
 
+    # ---- hooks: called from the control plane's hook threads
+
+    def now_ns(self):
+        """The data plane's clock (CLOCK_MONOTONIC, as time.monotonic_ns)."""
+        return fp_now_ns()
+
+    def next_event(self, int timeout_ms=100):
+        """Wait (GIL released) for the next hook call. Returns None on
+        time-out, False once hooks are closed, else a tuple:
+        (EVT_CONNECT, worker, bridge, id, client, accepted_ns) or
+        (EVT_DATA, worker, bridge, id, client, accepted_ns, direction, data)."""
+        cdef HookEvent ev
+        cdef int r
+        if not self.queues_ready:
+            return False
+        with nogil:
+            r = event_pop(&self.sh, &ev, timeout_ms)
+        if r <= 0:
+            return None if r == 0 else False
+        b = ev.bridge
+        head = (ev.kind, ev.worker, <uintptr_t>b, b.id,
+                format_client(b.client_ip, b.client_port, b.client_v4), b.accepted_ns)
+        if ev.kind == EVT_CONNECT:
+            return head
+        return head + (ev.dir, ev.buf[:ev.len])
+
+    def answer_connect(self, int worker, uintptr_t bridge, int verdict,
+                       int upstream=-1, list route=None):
+        """on_connect's answer: V_PROCEED, V_REFUSE, V_ERROR, or V_ROUTE to
+        a configured upstream index or to `route`, [(family, sockaddr)]."""
+        cdef HookResult res
+        memset(&res, 0, sizeof(HookResult))
+        res.bridge = <Bridge *>bridge
+        res.kind = EVT_CONNECT
+        res.verdict = <uint8_t>verdict
+        res.upstream = upstream
+        if route:
+            res.route = <UpstreamAddr *>calloc(len(route), sizeof(UpstreamAddr))
+            if res.route == NULL:
+                raise MemoryError()
+            res.nroute = len(route)
+            for i, (family, sa) in enumerate(route):
+                try:
+                    fill_sockaddr(&res.route[i], family, tuple(sa))
+                except BaseException:
+                    free(res.route)
+                    raise
+        self._answer(worker, &res)
+
+    def answer_data(self, int worker, uintptr_t bridge, int direction,
+                    int verdict, bytes data=None):
+        """on_data's answer: V_PASS, V_WAIT, V_CLOSE, V_ERROR, or V_REPLACE
+        with `data`."""
+        cdef HookResult res
+        cdef Py_ssize_t n = 0
+        memset(&res, 0, sizeof(HookResult))
+        res.bridge = <Bridge *>bridge
+        res.kind = EVT_DATA
+        res.dir = <uint8_t>direction
+        res.verdict = <uint8_t>verdict
+        if verdict == V_REPLACE:
+            n = len(data)
+            res.cap = <uint32_t>max(n, self.sh.buf_size)
+            res.buf = <char *>malloc(res.cap)
+            if res.buf == NULL:
+                raise MemoryError()
+            if n:
+                memcpy(res.buf, <char *>data, n)
+            res.len = <uint32_t>n
+        self._answer(worker, &res)
+
+    cdef int _answer(self, int worker, HookResult *res) except -1:
+        cdef int r
+        if self.workers == NULL or not 0 <= worker < self.nworkers:
+            hook_result_free(res)
+            return 0   # the engine is gone: nobody waits for this answer
+        r = result_push(&self.workers[worker], res)
+        if r < 0:
+            hook_result_free(res)
+            raise MemoryError()
+        if r == 1:
+            write(self.workers[worker].wake_w, b"x", 1)
+        return 0
+
+    def next_records(self, int max_records=1024, int timeout_ms=100):
+        """Wait (GIL released) for close records; return a list of tuples
+        (id, client, upstream, route, bytes_up, bytes_down, accepted_ns,
+        closed_ns, reason), [] on time-out, None once closed and empty."""
+        cdef RecordRing *q = &self.sh.records
+        cdef CloseRecordC *batch
+        cdef CloseRecordC *rec
+        cdef int n = 0, i, closed = 0
+        if not self.queues_ready:
+            return None
+        batch = <CloseRecordC *>malloc(max_records * sizeof(CloseRecordC))
+        if batch == NULL:
+            raise MemoryError()
+        with nogil:
+            pthread_mutex_lock(&q.mu)
+            if q.count == 0 and not q.closed:
+                fp_cond_wait_ms(&q.cv, &q.mu, timeout_ms)
+            while n < max_records and q.count > 0:
+                batch[n] = q.items[q.head]
+                q.head = (q.head + 1) % q.cap
+                q.count -= 1
+                n += 1
+            closed = q.closed
+            pthread_mutex_unlock(&q.mu)
+        try:
+            if n == 0 and closed:
+                return None
+            out = []
+            for i in range(n):
+                rec = &batch[i]
+                out.append((
+                    rec.id,
+                    format_client(rec.client_ip, rec.client_port, rec.client_v4),
+                    rec.upstream if rec.connected or rec.upstream >= 0 else -1,
+                    format_addr(&rec.route) if rec.route.family else None,
+                    rec.bytes_upstream, rec.bytes_downstream,
+                    rec.accepted_ns, rec.closed_ns, rec.reason,
+                ))
+            return out
+        finally:
+            free(batch)
+
+    def close_hooks(self):
+        """Wake every hook thread: next_event returns False from now on and
+        next_records None once drained."""
+        if not self.queues_ready:
+            return
+        with nogil:
+            pthread_mutex_lock(&self.sh.events.mu)
+            self.sh.events.closed = 1
+            pthread_cond_broadcast(&self.sh.events.cv)
+            pthread_mutex_unlock(&self.sh.events.mu)
+            pthread_mutex_lock(&self.sh.records.mu)
+            self.sh.records.closed = 1
+            pthread_cond_broadcast(&self.sh.records.cv)
+            pthread_mutex_unlock(&self.sh.records.mu)
+
     def close(self):
         """Free what the workers held. Only once every run_worker returned."""
         self._free()
@@ -222,6 +420,11 @@ cdef class Engine:
         if self.workers != NULL:
             for i in range(self.nworkers):
                 w = &self.workers[i]
+                free_limbo(w)
+                for j in range(w.results.count):
+                    hook_result_free(&w.results.items[j])
+                free(w.results.items)
+                pthread_mutex_destroy(&w.results.mu)
                 for j in range(w.npipes):
                     close(w.pipe_pool[3 * j])
                     close(w.pipe_pool[3 * j + 1])
@@ -240,6 +443,9 @@ cdef class Engine:
             free(self.workers)
             self.workers = NULL
             self.nworkers = 0
+        if self.queues_ready:
+            queue_destroy(&self.sh)
+            self.queues_ready = 0
         if self.sh.upstreams != NULL:
             for j in range(self.sh.nupstreams):
                 free(self.sh.upstreams[j].addrs)

@@ -12,6 +12,7 @@ from typing import List, NoReturn, Optional
 
 from . import __version__
 from .config import ConfigError
+from .hooks import load_hooks
 from .proxy import Proxy
 
 EXIT_USAGE = 2
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a bridge may stay half-closed (default 5m)")
     p.add_argument("--engine", default="auto", choices=("auto", "epoll", "poll"),
                    help="data plane loop (default auto: epoll where available; env FASTPROXY_ENGINE)")
+    p.add_argument("--hooks", metavar="SPEC",
+                   help="Python hooks: FILE.py[:OBJECT] or MODULE[:OBJECT] defining on_connect/on_data/on_close")
+    p.add_argument("--access-log", metavar="FILE|-", help="one JSON line per closed bridge (- = stdout)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--version", action="version", version=f"fastproxy {__version__}")
     return p
@@ -54,6 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s fastproxy %(levelname)s %(message)s")
     try:
+        hooks = load_hooks(args.hooks) if args.hooks else None
         proxy = Proxy(
             args.listen,
             upstreams=args.upstream,
@@ -62,7 +67,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             drain_timeout=args.drain_timeout,
             half_close_timeout=args.half_close_timeout,
             engine=args.engine,
+            access_log=args.access_log,
         )
+        for name in ("on_connect", "on_data", "on_close"):
+            fn = getattr(hooks, name, None)
+            if callable(fn):
+                getattr(proxy, name)(fn)
         proxy.serve_forever()
     except ConfigError as exc:
         flag = _FLAGS.get(exc.field, "--" + exc.field.replace("_", "-")) if exc.field.islower() else exc.field

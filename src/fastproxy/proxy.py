@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import asyncio
 import signal
 import threading
 import time
@@ -17,6 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import _core
 from .config import Config, ConfigError, Duration, format_address
+from .dispatch import HookRunner, open_access_log
+from .hooks import Direction, Hook, Hooks
 from .sockets import listen_socket, raise_fd_limit, resolve_upstream
 
 __all__ = ["Proxy"]
@@ -63,6 +66,12 @@ class Proxy:
         drain_timeout: Duration = 10.0,
         half_close_timeout: Duration = 300.0,
         engine: str = "auto",
+        on_connect: Optional[Hook] = None,
+        on_data: Optional[Hook] = None,
+        on_close: Optional[Hook] = None,
+        hook_threads: int = 16,
+        access_log: Optional[str] = None,
+        max_hold: int = 1 << 20,
     ) -> None:
         self.config = Config.build(
             listen,
@@ -81,6 +90,50 @@ class Proxy:
         self._address: Optional[Tuple[str, int]] = None
         self._stopped = threading.Event()
         self._final_stats: Optional[Dict[str, Any]] = None
+        self._hooks = Hooks()
+        self._runner: Optional[HookRunner] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._access_log_target = access_log
+        self._access_log = None
+        self._owns_access_log = False
+        if isinstance(hook_threads, bool) or not isinstance(hook_threads, int) or hook_threads < 1:
+            raise ConfigError("hook_threads", hook_threads, "must be a whole number >= 1")
+        if isinstance(max_hold, bool) or not isinstance(max_hold, int) or not 1 <= max_hold <= 1 << 30:
+            raise ConfigError("max_hold", max_hold, "must be a number of bytes from 1 to 1 GiB")
+        self._hook_threads = hook_threads
+        self._max_hold = max_hold
+        if on_connect is not None:
+            self.on_connect(on_connect)
+        if on_data is not None:
+            self.on_data(on_data)
+        if on_close is not None:
+            self.on_close(on_close)
+
+    # ---- hooks (register before start)
+
+    def on_connect(self, fn: Hook) -> Hook:
+        """Register fn(conn) -> None/True (proceed), False (refuse), or
+        'host:port' (route there). Usable as a decorator."""
+        self._before_start("on_connect")
+        self._hooks.set_connect(fn)
+        return fn
+
+    def on_data(self, fn: Hook, direction: Optional[Direction] = None) -> Hook:
+        """Register fn(conn, direction, data) -> None, bytes, WAIT or CLOSE,
+        for both directions or one. Bridges then copy instead of splicing."""
+        self._before_start("on_data")
+        self._hooks.set_data(fn, direction)
+        return fn
+
+    def on_close(self, fn: Hook) -> Hook:
+        """Register fn(conn, record), called once per bridge after it ended."""
+        self._before_start("on_close")
+        self._hooks.set_close(fn)
+        return fn
+
+    def _before_start(self, what: str) -> None:
+        if self._engine is not None or self._final_stats is not None:
+            raise RuntimeError(f"register {what} before start(): the data plane is running")
 
     # ---- lifecycle
 
@@ -91,6 +144,8 @@ class Proxy:
                 raise RuntimeError("this Proxy was already started; make a new one")
             cfg = self.config
             engine_name = choose_engine(cfg.engine)
+            if self._hooks.is_async() and self._loop is None:
+                raise ConfigError("hooks", "async def", "coroutine hooks need the proxy run by `await proxy.serve()`")
             upstreams = [
                 (name, resolve_upstream(addr))
                 for name, addr in zip(cfg.upstream_names, cfg.upstreams)
@@ -106,6 +161,8 @@ class Proxy:
                     connect_timeout=cfg.connect_timeout,
                     half_close_timeout=cfg.half_close_timeout,
                     pool_max=pipe_pool_size(budget, cfg.workers),
+                    hooks=self._hooks.flags(self._access_log_target is not None),
+                    max_hold=self._max_hold,
                 )
             except OSError as exc:
                 sock.close()
@@ -121,6 +178,15 @@ class Proxy:
             self._engine = engine
             self._address = tuple(sock.getsockname()[:2])  # type: ignore[assignment]
             self._stopped.clear()
+            try:
+                self._access_log, self._owns_access_log = open_access_log(self._access_log_target)
+            except OSError as exc:
+                sock.close()
+                engine.close()
+                raise ConfigError("access_log", self._access_log_target, exc.strerror or str(exc)) from None
+            self._runner = HookRunner(engine, self._hooks, cfg.upstream_names, self._address,
+                                      self._hook_threads, self._access_log, self._loop)
+            self._runner.start()
             self._threads = [
                 threading.Thread(target=self._run_worker, args=(i,), name=f"fastproxy-worker-{i}", daemon=True)
                 for i in range(cfg.workers)
@@ -176,8 +242,16 @@ class Proxy:
                 self._sock = None
             for t in self._threads:
                 t.join()
-            self._final_stats = engine.stats()
-            engine.close()
+            hooks_done = self._runner is None or self._runner.stop()
+            self._final_stats = self._stats(engine)
+            if self._owns_access_log and self._access_log is not None:
+                self._access_log.close()
+            if hooks_done:
+                engine.close()
+            else:
+                # A hook still runs and may answer: the engine is freed when
+                # the last reference to it (that hook thread's) goes.
+                log.warning("a hook is still running; its bridge was closed")
             self._engine = None
             self._threads = []
             self._stopped.set()
@@ -228,6 +302,18 @@ class Proxy:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    async def serve(self) -> None:
+        """Run under asyncio until cancelled, then drain and stop. Coroutine
+        on_connect / on_close hooks are awaited on this loop."""
+        self._loop = asyncio.get_running_loop()
+        self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            # stop() blocks while bridges drain, and async hooks may need
+            # this loop meanwhile: run it on a thread and keep the loop free.
+            await asyncio.shield(self._loop.run_in_executor(None, self.stop))
+
     # ---- observation
 
     @property
@@ -245,11 +331,16 @@ class Proxy:
     def workers(self) -> int:
         return self.config.workers
 
+    def _stats(self, engine: "_core.Engine") -> Dict[str, Any]:
+        stats = engine.stats()
+        stats["hook_errors"] = self._runner.errors.count if self._runner is not None else 0
+        return stats
+
     def stats(self) -> Dict[str, Any]:
         """Counters as a plain dict (see docs/architecture.md for each key)."""
         engine = self._engine
         if engine is not None:
-            return engine.stats()
+            return self._stats(engine)
         if self._final_stats is not None:
             return dict(self._final_stats)
         raise RuntimeError("the proxy is not started: no stats yet")

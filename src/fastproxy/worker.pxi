@@ -20,54 +20,77 @@ cdef uint32_t EV_BRIDGE = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 
 # ---- timers: one list per duration, so appending keeps each list sorted
 
-cdef inline void timer_del(Worker *w, Bridge *b) noexcept nogil:
-    cdef int t = b.timer
+cdef enum:
+    SLOT_PHASE = 0         # connect (later: PROXY header, queue wait)
+    SLOT_HALF_CLOSE = 1
+
+cdef int SLOT_OF[3]        # T_LISTS
+SLOT_OF[T_NONE] = 0
+SLOT_OF[T_CONNECT] = SLOT_PHASE
+SLOT_OF[T_HALF_CLOSE] = SLOT_HALF_CLOSE
+
+
+cdef inline void timer_del(Worker *w, Bridge *b, int slot) noexcept nogil:
+    cdef TimerLink *l = &b.tl[slot]
+    cdef int t = l.list
     if t == T_NONE:
         return
-    if b.tprev != NULL:
-        b.tprev.tnext = b.tnext
+    if l.prev != NULL:
+        l.prev.tl[slot].next = l.next
     else:
-        w.thead[t] = b.tnext
-    if b.tnext != NULL:
-        b.tnext.tprev = b.tprev
+        w.thead[t] = l.next
+    if l.next != NULL:
+        l.next.tl[slot].prev = l.prev
     else:
-        w.ttail[t] = b.tprev
-    b.tprev = NULL
-    b.tnext = NULL
-    b.timer = T_NONE
+        w.ttail[t] = l.prev
+    l.prev = NULL
+    l.next = NULL
+    l.list = T_NONE
+
+
+cdef inline void timer_del_all(Worker *w, Bridge *b) noexcept nogil:
+    cdef int slot
+    for slot in range(T_SLOTS):
+        timer_del(w, b, slot)
 
 
 cdef inline void timer_add(Worker *w, Bridge *b, int t, int64_t deadline) noexcept nogil:
-    timer_del(w, b)
-    b.timer = <uint8_t>t
-    b.deadline_ns = deadline
-    b.tprev = w.ttail[t]
-    b.tnext = NULL
+    cdef int slot = SLOT_OF[t]
+    cdef TimerLink *l = &b.tl[slot]
+    timer_del(w, b, slot)
+    l.list = <uint8_t>t
+    l.deadline_ns = deadline
+    l.prev = w.ttail[t]
+    l.next = NULL
     if w.ttail[t] != NULL:
-        w.ttail[t].tnext = b
+        w.ttail[t].tl[slot].next = b
     else:
         w.thead[t] = b
     w.ttail[t] = b
 
 
+cdef inline bint timer_due(Worker *w, int t, int64_t now) noexcept nogil:
+    cdef Bridge *b = w.thead[t]
+    return b != NULL and b.tl[SLOT_OF[t]].deadline_ns <= now
+
+
 cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
-    cdef Bridge *b = w.thead[T_CONNECT]
-    while b != NULL and b.deadline_ns <= now:
-        bridge_retry(w, b, -ETIMEDOUT, now)
-        b = w.thead[T_CONNECT]
-    b = w.thead[T_HALF_CLOSE]
-    while b != NULL and b.deadline_ns <= now:
-        bridge_close(w, b, TIMEOUT, 0, 0)
-        b = w.thead[T_HALF_CLOSE]
+    while timer_due(w, T_CONNECT, now):
+        bridge_retry(w, w.thead[T_CONNECT], -ETIMEDOUT, now)
+    while timer_due(w, T_HALF_CLOSE, now):
+        bridge_close(w, w.thead[T_HALF_CLOSE], TIMEOUT, 0, 0)
 
 
 cdef int worker_timeout_ms(Worker *w, int64_t now) noexcept nogil:
     # Returns: how long the loop may sleep, -1 for "until an event".
     cdef int64_t d = -1
     cdef int t
-    for t in range(1, T_COUNT):
-        if w.thead[t] != NULL and (d < 0 or w.thead[t].deadline_ns < d):
-            d = w.thead[t].deadline_ns
+    cdef int64_t due
+    for t in range(1, T_LISTS):
+        if w.thead[t] != NULL:
+            due = w.thead[t].tl[SLOT_OF[t]].deadline_ns
+            if d < 0 or due < d:
+                d = due
     if w.accept_resume_ns != 0 and (d < 0 or w.accept_resume_ns < d):
         d = w.accept_resume_ns
     if w.stopping and (d < 0 or w.drain_deadline_ns < d):
@@ -108,6 +131,7 @@ cdef inline void bridges_remove(Worker *w, Bridge *b) noexcept nogil:
 
 
 cdef void grave_free(Worker *w) noexcept nogil:
+    # Bridges with a hook call out are in w.limbo, not here.
     cdef Bridge *b
     while w.grave != NULL:
         b = w.grave
@@ -146,10 +170,13 @@ cdef void worker_pause_accept(Worker *w, int64_t now) noexcept nogil:
 
 cdef void worker_accept(Worker *w, int64_t now) noexcept nogil:
     cdef int i, fd
+    cdef sockaddr_storage peer
+    cdef socklen_t peer_len
     for i in range(ACCEPT_BATCH):
-        fd = fp_accept(w.sh.listen_fd, NULL, NULL)
+        peer_len = sizeof(peer)
+        fd = fp_accept(w.sh.listen_fd, <sockaddr *>&peer, &peer_len)
         if fd >= 0:
-            bridge_open(w, fd, now)
+            bridge_open(w, fd, &peer, now)
         elif fd == -EAGAIN:
             return
         elif fd == -EMFILE or fd == -ENFILE or fd == -ENOBUFS or fd == -ENOMEM:
@@ -225,6 +252,7 @@ cdef int worker_wait_epoll(Worker *w, int timeout, int64_t *now) noexcept nogil:
                 worker_accept(w, now[0])
         elif tag == TAG_WAKE:
             drain_wake(w)
+            worker_take_results(w, now[0])
         else:
             b = <Bridge *>(tag & ~(<uint64_t>1))
             if b.state != B_CLOSED:
@@ -273,9 +301,9 @@ cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
         p = &w.pfds[2 + 2 * i]
         p[0].fd = b.cfd
         p[1].fd = b.ufd
-        if b.state == B_CONNECTING:
+        if b.state != B_ACTIVE:
             p[0].events = 0
-            p[1].events = POLLOUT
+            p[1].events = POLLOUT if b.state == B_CONNECTING else 0
         else:
             p[0].events = poll_interest(&b.up, b.c_rd, &b.down, b.c_wr)
             p[1].events = poll_interest(&b.down, b.u_rd, &b.up, b.u_wr)
@@ -286,6 +314,7 @@ cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
     now[0] = fp_now_ns()
     if w.pfds[0].revents:
         drain_wake(w)
+        worker_take_results(w, now[0])
     if w.pfds[1].revents and w.listening:
         worker_accept(w, now[0])
     for i in range(n):

@@ -256,6 +256,18 @@ static inline int64_t fp_now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* Waits on `c` for at most `ms` milliseconds (spurious wake-ups included).
+ * Returns: 0, or ETIMEDOUT. */
+static inline int fp_cond_wait_ms(pthread_cond_t *c, pthread_mutex_t *m, int ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec += 1; ts.tv_nsec -= 1000000000L; }
+    return pthread_cond_timedwait(c, m, &ts);
+}
+
 /* Counters: one writer per per-worker counter (plain add, published with a
  * relaxed store so readers never see a torn value); shared counters use
  * atomic read-modify-write. */

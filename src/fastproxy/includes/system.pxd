@@ -58,6 +58,9 @@ cdef extern from "compat.h" nogil:
     int shutdown(int fd, int how)
     int inet_pton(int af, const char *src, void *dst)
     unsigned short htons(unsigned short v)
+    unsigned short ntohs(unsigned short v)
+
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
 
     int fp_accept(int lfd, sockaddr *sa, socklen_t *length)
     int fp_socket(int family)
@@ -83,3 +86,20 @@ cdef extern from "compat.h" nogil:
     int64_t fp_atomic_get(const int64_t *p)
     void fp_atomic_set(int64_t *p, int64_t v)
     void fp_atomic_max(int64_t *p, int64_t v)
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+    int pthread_cond_init(pthread_cond_t *c, const void *attr)
+    int pthread_cond_destroy(pthread_cond_t *c)
+    int pthread_cond_signal(pthread_cond_t *c)
+    int pthread_cond_broadcast(pthread_cond_t *c)
+
+cdef extern from "compat.h" nogil:
+    int fp_cond_wait_ms(pthread_cond_t *c, pthread_mutex_t *m, int ms)

@@ -1,0 +1,212 @@
+"""Hook threads: where the data plane's hook calls and close records meet
+Python. Workers never run Python; they queue a call and serve other bridges
+until these threads answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import sys
+import threading
+import time
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple
+
+from . import _core
+from .hooks import (
+    V_CLOSE,
+    V_ERROR,
+    V_PROCEED,
+    V_REFUSE,
+    V_ROUTE,
+    CloseReason,
+    CloseRecord,
+    Connection,
+    Direction,
+    Hooks,
+    data_verdict,
+    route_target,
+)
+
+log = logging.getLogger("fastproxy")
+
+EVT_CONNECT = _core.EVT_KINDS["CONNECT"]
+POLL_MS = 200            # how soon an idle hook thread notices a stop
+RECORD_BATCH = 1024
+
+
+class _ErrorLog:
+    """Logs a hook's traceback at most once per second per hook."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._last: Dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def report(self, hook: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.count += 1
+            due = now - self._last.get(hook, -1e9) >= 1.0
+            if due:
+                self._last[hook] = now
+        if due:
+            log.exception("%s hook failed (its bridge was closed; later failures within 1 s are only counted)", hook)
+
+
+class HookRunner:
+    """Runs one Proxy's hooks on `threads` hook threads plus one thread that
+    delivers close records (on_close, access log) in batches."""
+
+    def __init__(
+        self,
+        engine: "_core.Engine",
+        hooks: Hooks,
+        upstream_names: Tuple[str, ...],
+        listener_address: Tuple[str, int],
+        threads: int,
+        access_log: Optional[IO[str]],
+        loop: Optional[asyncio.AbstractEventLoop],
+    ) -> None:
+        self.engine = engine
+        self.hooks = hooks
+        self.names = list(upstream_names)
+        self.index = {name: i for i, name in enumerate(upstream_names)}
+        self.listener = listener_address
+        self.access_log = access_log
+        self.loop = loop
+        self.errors = _ErrorLog()
+        # Both clocks are CLOCK_MONOTONIC: turns data-plane times into epoch.
+        self._epoch_offset = time.time() - engine.now_ns() / 1e9
+        self._threads: List[threading.Thread] = []
+        wants_calls = hooks.on_connect is not None or bool(hooks.on_data)
+        for i in range(threads if wants_calls else 0):
+            self._threads.append(threading.Thread(target=self._serve_calls, name=f"fastproxy-hook-{i}", daemon=True))
+        if hooks.on_close is not None or access_log is not None:
+            self._threads.append(threading.Thread(target=self._serve_records, name="fastproxy-records", daemon=True))
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop once the workers are gone; True if every thread ended."""
+        self.engine.close_hooks()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    # ---- calls
+
+    def _connection(self, ident: int, client: Tuple[str, int], accepted_ns: int) -> Connection:
+        return Connection(ident, client, self.listener, self._epoch_offset + accepted_ns / 1e9)
+
+    def _serve_calls(self) -> None:
+        engine = self.engine
+        while True:
+            event = engine.next_event(POLL_MS)
+            if event is None:
+                continue
+            if event is False:
+                return
+            if event[0] == EVT_CONNECT:
+                self._on_connect(*event[1:])
+            else:
+                self._on_data(*event[1:])
+
+    def _on_connect(self, worker: int, bridge: int, ident: int, client: Tuple[str, int], accepted_ns: int) -> None:
+        fn = self.hooks.on_connect
+        conn = self._connection(ident, client, accepted_ns)
+        if inspect.iscoroutinefunction(fn) and self.loop is not None:
+            # Awaited on the embedder's loop; no hook thread waits for it.
+            future = asyncio.run_coroutine_threadsafe(fn(conn), self.loop)
+            future.add_done_callback(lambda f: self._answer_connect(worker, bridge, f.result, conn))
+            return
+        self._answer_connect(worker, bridge, lambda: fn(conn), conn)
+
+    def _answer_connect(self, worker: int, bridge: int, call: Callable[[], Any], conn: Connection) -> None:
+        upstream, route = -1, None
+        try:
+            result = call()
+            if result is None or result is True:
+                verdict = V_PROCEED
+            elif result is False:
+                verdict = V_REFUSE
+            elif isinstance(result, str):
+                verdict = V_ROUTE
+                upstream, route = route_target(result, self.index)
+            else:
+                raise TypeError(f"on_connect returned {type(result).__name__}: expected None, bool or 'host:port'")
+        except Exception:
+            self.errors.report("on_connect")
+            verdict = V_ERROR
+        self.engine.answer_connect(worker, bridge, verdict, upstream, route)
+
+    def _on_data(self, worker: int, bridge: int, ident: int, client: Tuple[str, int], accepted_ns: int,
+                 direction: int, data: bytes) -> None:
+        d = Direction(direction)
+        try:
+            result = self.hooks.on_data[d](self._connection(ident, client, accepted_ns), d, data)
+            verdict, replacement = data_verdict(result, data)
+        except Exception:
+            self.errors.report("on_data")
+            verdict, replacement = V_ERROR, None
+        self.engine.answer_data(worker, bridge, direction, verdict, replacement)
+
+    # ---- close records
+
+    def _serve_records(self) -> None:
+        while True:
+            batch = self.engine.next_records(RECORD_BATCH, POLL_MS)
+            if batch is None:
+                break
+            for raw in batch:
+                self._deliver(raw)
+        if self.access_log is not None:
+            self.access_log.flush()
+
+    def _record(self, raw: tuple) -> Tuple[Connection, CloseRecord]:
+        ident, client, upstream, route, up, down, accepted_ns, closed_ns, reason = raw
+        accepted_at = self._epoch_offset + accepted_ns / 1e9
+        name = route if route is not None else (self.names[upstream] if upstream >= 0 else None)
+        conn = Connection(ident, client, self.listener, accepted_at)
+        record = CloseRecord(ident, client, name, up, down, (closed_ns - accepted_ns) / 1e9, accepted_at,
+                             CloseReason(reason))
+        return conn, record
+
+    def _deliver(self, raw: tuple) -> None:
+        conn, record = self._record(raw)
+        if self.access_log is not None:
+            try:
+                self.access_log.write(json.dumps(record.to_json()) + "\n")
+            except (OSError, ValueError):
+                self.errors.report("access_log")
+        fn = self.hooks.on_close
+        if fn is None:
+            return
+        if inspect.iscoroutinefunction(fn) and self.loop is not None:
+            future = asyncio.run_coroutine_threadsafe(fn(conn, record), self.loop)
+            future.add_done_callback(self._async_close_done)
+            return
+        try:
+            fn(conn, record)
+        except Exception:
+            self.errors.report("on_close")
+
+    def _async_close_done(self, future: "asyncio.Future[Any]") -> None:
+        try:
+            future.result()
+        except Exception:
+            self.errors.report("on_close")
+
+
+def open_access_log(target: Optional[str]) -> Tuple[Optional[IO[str]], bool]:
+    """'-' is stdout; a path is appended to. Returns (stream, we_own_it)."""
+    if target is None:
+        return None, False
+    if target == "-":
+        return sys.stdout, False
+    return open(target, "a", buffering=1, encoding="utf-8"), True
