@@ -37,8 +37,10 @@ cdef enum:
     T_NONE = 0
     T_CONNECT = 1
     T_HALF_CLOSE = 2
-    T_LISTS = 3
-    T_SLOTS = 2
+    T_IDLE = 3
+    T_LIFETIME = 4
+    T_LISTS = 5
+    T_SLOTS = 4
 
 # Which hooks the control plane registered (Shared.hooks bits).
 cdef enum:
@@ -118,7 +120,8 @@ cdef struct Bridge:
     int nroute
     int slot             # index in Worker.bridges
     int64_t accepted_ns
-    TimerLink tl[2]      # T_SLOTS
+    TimerLink tl[4]      # T_SLOTS
+    int64_t last_active_ns
     Bridge *grave_next
     Flow up              # client -> upstream
     Flow down            # upstream -> client
@@ -220,6 +223,8 @@ cdef struct Shared:
     int hooks            # HOOK_* bits
     int64_t connect_timeout_ns
     int64_t half_close_timeout_ns
+    int64_t idle_timeout_ns       # 0: none
+    int64_t max_lifetime_ns       # 0: none
     int pipe_size
     int buf_size
     int max_hold
@@ -250,8 +255,8 @@ cdef struct Worker:
     int64_t accept_resume_ns
     int64_t drain_deadline_ns
     int rr                # round-robin position
-    Bridge *thead[3]      # T_LISTS: timer lists, ordered by deadline
-    Bridge *ttail[3]
+    Bridge *thead[5]      # T_LISTS: timer lists, ordered by deadline
+    Bridge *ttail[5]
     Bridge **bridges
     int nbridges
     int cap_bridges

@@ -137,6 +137,7 @@ cdef class Engine:
 
     def __init__(self, int listen_fd, list upstreams, *, int workers,
                  str engine, double connect_timeout, double half_close_timeout,
+                 double idle_timeout=0, double max_lifetime=0,
                  int hooks=0, int max_hold=1048576,
                  int pipe_size=262144, int buf_size=65536, int pool_max=64):
         cdef int i, j
@@ -150,6 +151,8 @@ cdef class Engine:
         self.sh.listen_fd = listen_fd
         self.sh.connect_timeout_ns = seconds_to_ns(connect_timeout)
         self.sh.half_close_timeout_ns = seconds_to_ns(half_close_timeout)
+        self.sh.idle_timeout_ns = seconds_to_ns(idle_timeout)
+        self.sh.max_lifetime_ns = seconds_to_ns(max_lifetime)
         self.sh.pipe_size = pipe_size
         self.sh.buf_size = buf_size
         self.sh.pool_max = pool_max

@@ -230,6 +230,7 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
 cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     cdef int ui = b.upstream if b.upstream >= 0 else w.sh.nupstreams
     cdef Counters *uc = &w.up_ctr[ui]
+    cdef uint64_t moved = b.up.bytes + b.down.bytes
     cdef int r = flow_run(w, b, &b.up, b.cfd, b.ufd, &b.c_rd, &b.u_wr, 0,
                           &w.ctr.bytes_upstream, &uc.bytes_upstream)
     if r != FLOW_OK:
@@ -250,6 +251,8 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         else:
             bridge_close(w, b, HOOK_CLOSED, 0, 0)
         return
+    if b.up.bytes + b.down.bytes != moved:
+        b.last_active_ns = now
     if b.up.shut and b.down.shut:
         bridge_close(w, b, b.reason, 0, 0)
     elif (b.up.eof or b.down.eof) and b.tl[SLOT_HALF_CLOSE].list == T_NONE:
@@ -411,6 +414,11 @@ cdef void bridge_open(Worker *w, int fd, sockaddr_storage *peer, int64_t now) no
     b.state = B_CONNECTING
     b.copy = w.sh.engine == ENGINE_POLL
     b.accepted_ns = now
+    b.last_active_ns = now
+    if w.sh.max_lifetime_ns:
+        timer_add(w, b, T_LIFETIME, now + w.sh.max_lifetime_ns)
+    if w.sh.idle_timeout_ns:
+        timer_add(w, b, T_IDLE, now + w.sh.idle_timeout_ns)
     client_address(peer, b)
     fp_set_nodelay(fd)
     fp_bump(&w.ctr.accepted, 1)

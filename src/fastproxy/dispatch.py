@@ -165,8 +165,17 @@ class HookRunner:
                 break
             for raw in batch:
                 self._deliver(raw)
+            if batch and self.access_log is not None:
+                self._flush()
         if self.access_log is not None:
-            self.access_log.flush()
+            self._flush()
+
+    def _flush(self) -> None:
+        # One flush per batch: lines reach a pipe (stdout) promptly.
+        try:
+            self.access_log.flush()  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            self.errors.report("access_log")
 
     def _record(self, raw: tuple) -> Tuple[Connection, CloseRecord]:
         ident, client, upstream, route, up, down, accepted_ns, closed_ns, reason = raw

@@ -23,11 +23,15 @@ cdef uint32_t EV_BRIDGE = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 cdef enum:
     SLOT_PHASE = 0         # connect (later: PROXY header, queue wait)
     SLOT_HALF_CLOSE = 1
+    SLOT_IDLE = 2
+    SLOT_LIFETIME = 3
 
-cdef int SLOT_OF[3]        # T_LISTS
+cdef int SLOT_OF[5]        # T_LISTS
 SLOT_OF[T_NONE] = 0
 SLOT_OF[T_CONNECT] = SLOT_PHASE
 SLOT_OF[T_HALF_CLOSE] = SLOT_HALF_CLOSE
+SLOT_OF[T_IDLE] = SLOT_IDLE
+SLOT_OF[T_LIFETIME] = SLOT_LIFETIME
 
 
 cdef inline void timer_del(Worker *w, Bridge *b, int slot) noexcept nogil:
@@ -55,18 +59,27 @@ cdef inline void timer_del_all(Worker *w, Bridge *b) noexcept nogil:
 
 
 cdef inline void timer_add(Worker *w, Bridge *b, int t, int64_t deadline) noexcept nogil:
+    # Lists of one duration are appended to (O(1)); an idle timer re-armed
+    # for its exact remaining time walks back from the tail to its place.
     cdef int slot = SLOT_OF[t]
     cdef TimerLink *l = &b.tl[slot]
+    cdef Bridge *after = w.ttail[t]
     timer_del(w, b, slot)
+    while after != NULL and after.tl[slot].deadline_ns > deadline:
+        after = after.tl[slot].prev
     l.list = <uint8_t>t
     l.deadline_ns = deadline
-    l.prev = w.ttail[t]
-    l.next = NULL
-    if w.ttail[t] != NULL:
-        w.ttail[t].tl[slot].next = b
+    l.prev = after
+    if after != NULL:
+        l.next = after.tl[slot].next
+        after.tl[slot].next = b
     else:
+        l.next = w.thead[t]
         w.thead[t] = b
-    w.ttail[t] = b
+    if l.next != NULL:
+        l.next.tl[slot].prev = b
+    else:
+        w.ttail[t] = b
 
 
 cdef inline bint timer_due(Worker *w, int t, int64_t now) noexcept nogil:
@@ -79,6 +92,20 @@ cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
         bridge_retry(w, w.thead[T_CONNECT], -ETIMEDOUT, now)
     while timer_due(w, T_HALF_CLOSE, now):
         bridge_close(w, w.thead[T_HALF_CLOSE], TIMEOUT, 0, 0)
+    while timer_due(w, T_LIFETIME, now):
+        bridge_close(w, w.thead[T_LIFETIME], TIMEOUT, 0, 0)
+    while timer_due(w, T_IDLE, now):
+        idle_expire(w, w.thead[T_IDLE], now)
+
+
+cdef void idle_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
+    # Activity only stamps last_active_ns (no list work per transfer); the
+    # timer checks it when due and re-arms for what is left.
+    cdef int64_t due = b.last_active_ns + w.sh.idle_timeout_ns
+    if due <= now:
+        bridge_close(w, b, TIMEOUT, 0, 0)
+    else:
+        timer_add(w, b, T_IDLE, due)
 
 
 cdef int worker_timeout_ms(Worker *w, int64_t now) noexcept nogil:

@@ -1,0 +1,91 @@
+"""Hooks run on hook threads, never on a worker: with one worker, a hook that blocks
+stalls only its own bridge while other bridges keep flowing."""
+import socket
+import threading
+import time
+
+from helpers import connect, recv_exact, recv_until_eof
+from hookutil import connect_from
+
+BLOCK_S = 5.0  # upper bound on how long a hook blocks; the test releases it much sooner
+
+
+def _echo_rtt(addr, src="127.0.0.1", payload=b"quick"):
+    t0 = time.monotonic()
+    with connect_from(addr, src, timeout=3) as c:
+        c.sendall(payload)
+        assert recv_exact(c, len(payload)) == payload
+        took = time.monotonic() - t0
+        c.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(c) == b""
+    return took
+
+
+def test_blocking_on_data_stalls_only_its_bridge(make_proxy, echo_server):
+    entered, release = threading.Event(), threading.Event()
+
+    def on_data(conn, direction, data):
+        if data.startswith(b"SLOW"):
+            entered.set()
+            release.wait(BLOCK_S)  # a blocking call (like time.sleep(2)) on a hook thread
+        return None
+
+    p = make_proxy(echo_server.addr, on_data=on_data, workers=1)
+    with connect(p.address) as slow:
+        slow.sendall(b"SLOW request")
+        assert entered.wait(3), "on_data never called"
+        try:
+            for _ in range(3):
+                took = _echo_rtt(p.address)
+                assert took < 0.5, "another bridge took %.2f s while a hook blocked" % took
+            assert not release.is_set()
+            slow.settimeout(0.2)
+            try:
+                early = slow.recv(100)
+            except socket.timeout:
+                early = None
+            assert early is None, "the blocked bridge moved on before its hook answered: %r" % early
+        finally:
+            release.set()
+        slow.settimeout(3)
+        assert recv_exact(slow, 12) == b"SLOW request"
+
+
+def test_blocking_on_connect_stalls_only_its_client(make_proxy, echo_server):
+    entered, release = threading.Event(), threading.Event()
+
+    def on_connect(conn):
+        if conn.client_address[0] == "127.0.0.2":
+            entered.set()
+            release.wait(BLOCK_S)
+
+    p = make_proxy(echo_server.addr, on_connect=on_connect, workers=1)
+    slow = connect_from(p.address, "127.0.0.2")
+    with slow:
+        assert entered.wait(3)
+        try:
+            for _ in range(3):
+                took = _echo_rtt(p.address)
+                assert took < 0.5, "another client took %.2f s while on_connect blocked" % took
+            assert echo_server.accepted == 3, "the blocked client reached the upstream early"
+        finally:
+            release.set()
+        slow.sendall(b"late")
+        assert recv_exact(slow, 4) == b"late"
+
+
+def test_blocking_on_close_does_not_stall_workers(make_proxy, echo_server):
+    entered, release = threading.Event(), threading.Event()
+
+    def on_close(conn, record):
+        entered.set()
+        release.wait(BLOCK_S)
+
+    p = make_proxy(echo_server.addr, on_close=on_close, workers=1)
+    try:
+        _echo_rtt(p.address)
+        assert entered.wait(3)
+        for _ in range(5):
+            assert _echo_rtt(p.address) < 0.5
+    finally:
+        release.set()
