@@ -11,6 +11,7 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset, strerror
 
 from .includes.system cimport *
+from .includes.balance cimport *
 
 include "access.pxi"
 include "balancer.pxi"

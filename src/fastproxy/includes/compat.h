@@ -283,5 +283,12 @@ static inline void fp_atomic_max(int64_t *p, int64_t v)
         ;
 }
 
-#endif
 
+/* Returns: 1 when *p held *expected and now holds v; else 0, with *expected
+ * updated to what *p holds (ready for the next try of a CAS loop). */
+static inline int fp_atomic_cas(int64_t *p, int64_t *expected, int64_t v)
+{
+    return __atomic_compare_exchange_n(p, expected, v, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+#endif

@@ -86,6 +86,7 @@ cdef extern from "compat.h" nogil:
     int64_t fp_atomic_get(const int64_t *p)
     void fp_atomic_set(int64_t *p, int64_t v)
     void fp_atomic_max(int64_t *p, int64_t v)
+    bint fp_atomic_cas(int64_t *p, int64_t *expected, int64_t v)
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:

@@ -1,0 +1,62 @@
+# C structures of load balancing over an upstream group. Declarations only:
+# the functions are in balancer.pxi. A group (specs, shared state, ring) is
+# owned by a Balancer object; each worker owns one cursor.
+
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+
+
+cdef enum:  # algorithms, in the order of BALANCE_ALGORITHMS
+    BAL_ROUNDROBIN = 0
+    BAL_LEASTCONN = 1
+    BAL_RANDOM = 2
+    BAL_SOURCE = 3
+    BAL_FIRST = 4
+
+cdef enum:  # what balance_acquire returns when it finds no upstream
+    BALANCE_NONE = -1    # none up (down, drained, or already tried)
+    BALANCE_FULL = -2    # some are up but at their max_connections: waiting helps
+
+
+# What the configuration says about one upstream; never changes.
+cdef struct UpstreamSpec:
+    int weight               # 0-256; 0 = drained: no new clients
+    uint8_t backup           # used only when no regular upstream is
+    int64_t max_connections  # 0 = no limit
+
+
+# What every worker sees of one upstream, read and written with atomics.
+# Padded to a cache line: workers hitting neighbouring upstreams do not
+# contend on each other's counters.
+cdef struct UpstreamState:
+    int64_t active           # slots held: bridges connecting or live
+    int64_t peak_active
+    int64_t total            # slots ever taken
+    int64_t fails            # consecutive connect failures
+    int64_t down_until_ns    # passive health: skipped until then (0 = up)
+    int64_t health           # active checks' verdict: 1 up, 0 down
+    int64_t pad[2]
+
+
+cdef struct BalanceGroup:
+    int algorithm
+    int n
+    UpstreamSpec *spec
+    UpstreamState *state
+    # source: sorted points, (hash << 32) | upstream index; weight points
+    # per upstream, hashed from its address so rebuilding a group without
+    # one upstream keeps every other client where it was.
+    uint64_t *ring
+    int ring_len
+    int64_t max_fails        # 0 = passive health off
+    int64_t fail_timeout_ns
+    int64_t changes          # bumped at each up/down transition (atomic)
+
+
+# One worker's private balancing state: no sharing, no atomics.
+cdef struct BalanceCursor:
+    int n
+    int64_t *current         # smooth weighted round-robin, per upstream
+    int rr                   # leastconn: where the tie-breaking scan starts
+    uint64_t rng             # xorshift64* state, never 0
+    uint8_t *skip            # scratch of one acquire: bitmap of upstreams passed over
+    uint8_t full             # scratch: an upstream was passed over for its limit

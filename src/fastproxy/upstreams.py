@@ -1,0 +1,123 @@
+"""Upstream groups as users give them: each upstream's address, weight,
+connection limit and backup flag, and the balancing algorithm's name.
+
+CLI form: HOST:PORT[@WEIGHT][,max-connections=N][,backup]. Mistakes are
+ConfigErrors naming the field and the value in one line, as in config.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Tuple, Union
+
+from ._core import BALANCE_ALGORITHMS
+from .config import ConfigError, format_address, parse_address
+
+__all__ = [
+    "ALGORITHMS",
+    "MAX_WEIGHT",
+    "Upstream",
+    "parse_balance",
+    "parse_upstream",
+    "parse_upstreams",
+]
+
+ALGORITHMS: Tuple[str, ...] = BALANCE_ALGORITHMS
+MAX_WEIGHT = 256
+SPEC_FORM = "HOST:PORT[@WEIGHT][,max-connections=N][,backup]"
+
+
+def _whole(value: object, low: int, high: Optional[int], what: str, fld: str, shown: object) -> int:
+    # Text from the CLI or an int from the API; bool is an int to Python,
+    # but weight=True is a mistake.
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(fld, shown, f"{what} {value!r} is not a whole number")
+    if value < low or (high is not None and value > high):
+        limits = f"{low}-{high}" if high is not None else f"at least {low}"
+        raise ConfigError(fld, shown, f"{what} {value} is out of range ({limits})")
+    return value
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One upstream server of a group.
+
+    address: "HOST:PORT" or "[IPV6]:PORT". weight: 0-256, 0 drains it (no
+    new clients; live bridges go on). max_connections: None for no limit.
+    backup: receives clients only when no regular upstream is available.
+    """
+
+    address: str
+    weight: int = 1
+    max_connections: Optional[int] = None
+    backup: bool = False
+    host: str = field(init=False, repr=False, compare=False)
+    port: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        host, port = parse_address(self.address, "upstream")
+        shown = self.address
+        fix = object.__setattr__  # frozen: normalise once, here
+        fix(self, "host", host)
+        fix(self, "port", port)
+        fix(self, "address", format_address(host, port))
+        fix(self, "weight", _whole(self.weight, 0, MAX_WEIGHT, "weight", "upstream", shown))
+        if self.max_connections is not None:
+            fix(self, "max_connections",
+                _whole(self.max_connections, 1, None, "max-connections", "upstream", shown))
+        if not isinstance(self.backup, bool):
+            raise ConfigError("upstream", shown, f"backup must be True or False, not {self.backup!r}")
+
+
+def parse_upstream(spec: Union[str, Upstream], fld: str = "upstream") -> Upstream:
+    """An Upstream, or its CLI form HOST:PORT[@WEIGHT][,max-connections=N][,backup]."""
+    if isinstance(spec, Upstream):
+        return spec
+    if not isinstance(spec, str):
+        raise ConfigError(fld, spec, f"expected {SPEC_FORM} or a fastproxy.Upstream")
+    head, *options = [part.strip() for part in spec.split(",")]
+    # '@' is in no host name or IPv6 address: it can only start the weight.
+    address, at, weight = head.partition("@")
+    if at and not weight:
+        raise ConfigError(fld, spec, "'@' needs a weight after it (0-256)")
+    max_connections: Optional[str] = None
+    backup = False
+    seen = set()
+    for option in options:
+        name, eq, value = option.partition("=")
+        if name in seen:
+            raise ConfigError(fld, spec, f"{name} is given twice")
+        seen.add(name)
+        if name == "backup" and not eq:
+            backup = True
+        elif name == "max-connections" and eq:
+            max_connections = value
+        else:
+            raise ConfigError(fld, spec, f"unknown option {option!r} (expected max-connections=N or backup)")
+    try:
+        return Upstream(address, weight if at else 1, max_connections, backup)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ConfigError(fld, spec, exc.problem) from None
+
+
+def parse_upstreams(specs: Iterable[Union[str, Upstream]], fld: str = "upstreams") -> Tuple[Upstream, ...]:
+    """A non-empty group; an address may appear once (stats are keyed by it)."""
+    if isinstance(specs, (str, Upstream)):
+        raise ConfigError(fld, specs, "expected a list of upstreams")
+    group = tuple(parse_upstream(s, fld) for s in specs)
+    if not group:
+        raise ConfigError(fld, list(group), "needs at least one upstream")
+    seen = set()
+    for u in group:
+        if u.address in seen:
+            raise ConfigError(fld, u.address, "is listed twice")
+        seen.add(u.address)
+    return group
+
+
+def parse_balance(value: str, fld: str = "balance") -> str:
+    if value not in ALGORITHMS:
+        raise ConfigError(fld, value, f"must be one of {', '.join(ALGORITHMS)}")
+    return value
