@@ -4,8 +4,10 @@
  *   loadgen echo-server PORT
  *   loadgen connrate HOST PORT SECONDS CONCURRENCY
  *   loadgen pingpong HOST PORT COUNT
+ *   loadgen hold HOST PORT COUNT SECONDS [BATCH]
  *
- * Clients print one JSON object on stdout. Only 127.0.0.1 and ::1 are ever
+ * Clients print one JSON object on stdout (hold prints two, see cmd_hold).
+ * Every command first raises its soft RLIMIT_NOFILE to the hard limit. Only 127.0.0.1 and ::1 are ever
  * contacted (the echo server binds 127.0.0.1), and every loop is bounded both
  * by count and by alarm(), so a wedged proxy cannot leave this running.
  *
@@ -16,6 +18,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -34,6 +37,11 @@
 #define MAX_CONCURRENCY 4096
 #define MAX_SAMPLES (16u * 1024u * 1024u)
 #define MAX_PINGS 10000000L
+#define HOLD_MAX 100000
+#define HOLD_MAX_BATCH 64
+#define HOLD_STEP_TIMEOUT_NS (3LL * 1000000000LL)  /* per batch / check window */
+#define HOLD_MAX_FAILED_BATCHES 3   /* in a row: the proxy takes no more */
+#define HOLD_CHECK_WINDOW 256
 
 static volatile sig_atomic_t stop_requested;
 
@@ -495,6 +503,206 @@ static int cmd_pingpong(char **argv)
     return 0;
 }
 
+/* ------------------------------------------------------------------- hold */
+
+/*
+ * Hold COUNT idle, verified connections, for the RSS-per-idle-bridge test.
+ *
+ * 1. Open them in batches of BATCH (default 1: one at a time); each new
+ *    connection sends one 64-byte message naming it and must get exactly that
+ *    back within 3 s, or it is closed and counted as failed. After 3 batches
+ *    in a row without a success (a proxy at its connection limit leaves new
+ *    connections in its listen backlog) no more are opened.
+ * 2. Print {"phase": "held", ...} and wait for a line on stdin (the runner
+ *    reads the proxy's memory meanwhile). EOF or a signal: close all, exit.
+ * 3. Ping every held connection again (windows of 256, 3 s each) and print
+ *    {"phase": "checked", "alive": ...}; then close everything and exit.
+ *
+ * SECONDS bounds the whole command (alarm()); the default SIGALRM action
+ * ends the process, which closes every connection.
+ */
+enum { H_CONNECTING, H_AWAIT, H_OK, H_FAIL };
+
+struct hold_slot {
+    int fd, state, got;
+    char msg[MSG_SIZE], buf[MSG_SIZE];
+};
+
+static void hold_message(char *msg, const char *what, long i)
+{
+    memset(msg, '.', MSG_SIZE);
+    int n = snprintf(msg, MSG_SIZE, "loadgen %s %ld ", what, i);
+    if (n > 0 && n < MSG_SIZE)
+        msg[n] = '.';  /* overwrite the NUL: the whole 64 B are compared */
+}
+
+static void hold_send(struct hold_slot *s)
+{
+    if (send(s->fd, s->msg, MSG_SIZE, MSG_NOSIGNAL) == MSG_SIZE) {
+        s->state = H_AWAIT;
+        s->got = 0;
+    } else {
+        s->state = H_FAIL;
+    }
+}
+
+/* Drive the slots to H_OK or H_FAIL: connecting ones send their message once
+ * connected, then every slot must read its 64 bytes back. Pending at the
+ * deadline: failed. */
+static void hold_exchange(struct hold_slot *slots, int n, int64_t deadline)
+{
+    struct pollfd pfd[HOLD_CHECK_WINDOW];
+    int idx[HOLD_CHECK_WINDOW];
+
+    for (;;) {
+        int np = 0;
+        for (int i = 0; i < n; i++) {
+            if (slots[i].state != H_CONNECTING && slots[i].state != H_AWAIT)
+                continue;
+            pfd[np].fd = slots[i].fd;
+            pfd[np].events = slots[i].state == H_CONNECTING ? POLLOUT : POLLIN;
+            pfd[np].revents = 0;
+            idx[np++] = i;
+        }
+        int64_t left = deadline - now_ns();
+        if (np == 0 || left <= 0 || stop_requested)
+            break;
+        int r = poll(pfd, (nfds_t)np, (int)(left / 1000000 + 1));
+        if (r < 0 && errno != EINTR)
+            die("poll");
+        for (int k = 0; r > 0 && k < np; k++) {
+            struct hold_slot *s = &slots[idx[k]];
+            if (!pfd[k].revents)
+                continue;
+            if (s->state == H_CONNECTING) {
+                int err = 0;
+                socklen_t el = sizeof(err);
+                getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &el);
+                if (err)
+                    s->state = H_FAIL;
+                else
+                    hold_send(s);
+                continue;
+            }
+            ssize_t got = recv(s->fd, s->buf + s->got, (size_t)(MSG_SIZE - s->got), 0);
+            if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+                continue;
+            if (got <= 0) {
+                s->state = H_FAIL;
+                continue;
+            }
+            s->got += (int)got;
+            if (s->got == MSG_SIZE)
+                s->state = memcmp(s->buf, s->msg, MSG_SIZE) ? H_FAIL : H_OK;
+        }
+    }
+    for (int i = 0; i < n; i++)
+        if (slots[i].state == H_CONNECTING || slots[i].state == H_AWAIT)
+            slots[i].state = H_FAIL;
+}
+
+static int wait_for_go(void)
+{
+    char c;
+    for (;;) {  /* one line; EOF, an error or a signal mean stop */
+        ssize_t n = read(0, &c, 1);
+        if (n == 1 && c == '\n')
+            return 1;
+        if (n <= 0 || stop_requested)
+            return 0;
+    }
+}
+
+static int cmd_hold(char **argv, int argc)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = loopback_addr(argv[0], argv[1], &ss);
+    long count = parse_long(argv[2], 1, HOLD_MAX, "count");
+    long seconds = parse_long(argv[3], 1, 3600, "seconds");
+    int batch = argc > 4 ? (int)parse_long(argv[4], 1, HOLD_MAX_BATCH, "batch") : 1;
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+        die("getrlimit");
+    if ((rlim_t)count + 32 > rl.rlim_cur) {
+        fprintf(stderr, "loadgen: hold %ld needs %ld fds, the limit is %lu\n",
+                count, count + 32, (unsigned long)rl.rlim_cur);
+        return 2;
+    }
+    install_stop_handlers();
+    alarm((unsigned)seconds);
+
+    int *held = malloc((size_t)count * sizeof(*held));
+    struct hold_slot *slots = calloc(HOLD_CHECK_WINDOW, sizeof(*slots));
+    if (!held || !slots)
+        die("malloc");
+    long nheld = 0, failed = 0, opened = 0;
+    int failed_batches = 0;
+    int64_t t0 = now_ns();
+
+    while (opened < count && failed_batches < HOLD_MAX_FAILED_BATCHES && !stop_requested) {
+        int n = (int)(count - opened < batch ? count - opened : batch);
+        for (int i = 0; i < n; i++) {
+            struct hold_slot *s = &slots[i];
+            hold_message(s->msg, "hold", opened + i);
+            s->fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+            s->state = H_FAIL;
+            if (s->fd < 0)
+                continue;
+            int one = 1;
+            setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+            if (connect(s->fd, (struct sockaddr *)&ss, sl) == 0)
+                hold_send(s);
+            else if (errno == EINPROGRESS)
+                s->state = H_CONNECTING;
+        }
+        hold_exchange(slots, n, now_ns() + HOLD_STEP_TIMEOUT_NS);
+        int ok = 0;
+        for (int i = 0; i < n; i++) {
+            if (slots[i].state == H_OK) {
+                held[nheld++] = slots[i].fd;
+                ok++;
+            } else {
+                failed++;
+                if (slots[i].fd >= 0)
+                    close(slots[i].fd);
+            }
+        }
+        failed_batches = ok ? 0 : failed_batches + 1;
+        opened += n;
+    }
+    double open_s = (double)(now_ns() - t0) / 1e9;
+    printf("{\"phase\": \"held\", \"requested\": %ld, \"held\": %ld, \"failed\": %ld, "
+           "\"stopped_early\": %s, \"open_s\": %.3f}\n", count, nheld, failed,
+           opened < count ? "true" : "false", open_s);
+    fflush(stdout);
+
+    if (!wait_for_go())
+        return 0;  /* exit closes every connection */
+
+    long alive = 0;
+    t0 = now_ns();
+    for (long base = 0; base < nheld && !stop_requested; base += HOLD_CHECK_WINDOW) {
+        int n = (int)(nheld - base < HOLD_CHECK_WINDOW ? nheld - base : HOLD_CHECK_WINDOW);
+        for (int i = 0; i < n; i++) {
+            slots[i].fd = held[base + i];
+            hold_message(slots[i].msg, "check", base + i);
+            hold_send(&slots[i]);
+        }
+        hold_exchange(slots, n, now_ns() + HOLD_STEP_TIMEOUT_NS);
+        for (int i = 0; i < n; i++)
+            alive += slots[i].state == H_OK;
+    }
+    printf("{\"phase\": \"checked\", \"requested\": %ld, \"held\": %ld, \"alive\": %ld, "
+           "\"check_s\": %.3f}\n", count, nheld, alive, (double)(now_ns() - t0) / 1e9);
+    fflush(stdout);
+    for (long i = 0; i < nheld; i++)
+        close(held[i]);
+    free(held);
+    free(slots);
+    return 0;
+}
+
 /* ------------------------------------------------------------------- main */
 
 static void usage(void)
@@ -503,14 +711,27 @@ static void usage(void)
             "usage: loadgen echo-server PORT\n"
             "       loadgen connrate HOST PORT SECONDS CONCURRENCY\n"
             "       loadgen pingpong HOST PORT COUNT\n"
+            "       loadgen hold HOST PORT COUNT SECONDS [BATCH]\n"
             "HOST must be 127.0.0.1 or ::1\n");
     exit(2);
+}
+
+/* The echo server and the hold client each need one fd per held
+ * connection: take the whole hard limit (raising it needs privileges). */
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
 }
 
 int main(int argc, char **argv)
 {
     if (argc < 2)
         usage();
+    raise_nofile();
     const char *cmd = argv[1];
     if (!strcmp(cmd, "echo-server") && argc == 3)
         return cmd_echo_server(argv + 2);
@@ -518,6 +739,8 @@ int main(int argc, char **argv)
         return cmd_connrate(argv + 2);
     if (!strcmp(cmd, "pingpong") && argc == 5)
         return cmd_pingpong(argv + 2);
+    if (!strcmp(cmd, "hold") && (argc == 6 || argc == 7))
+        return cmd_hold(argv + 2, argc - 2);
     usage();
     return 2;
 }

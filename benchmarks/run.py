@@ -2,14 +2,17 @@
 """fastproxy benchmark runner.
 
 Measures, side by side in one run, `direct` (no proxy), fastproxy with both
-engines and, when installed, haproxy with and without splicing: bulk
-throughput (iperf3), new connections per second, ping-pong latency, and the
-CPU the proxy spends on each. See docs/benchmarks.md for the method.
+engines and, when installed, haproxy with and without splicing, nginx's stream
+module and small asyncio / uvloop proxies (peers/asyncio_proxy.py): bulk
+throughput (iperf3), new connections per second, ping-pong latency (split
+pinning and all on one CPU), memory per idle bridge, and the CPU the proxy
+spends on each. See docs/benchmarks.md for the method.
 
     python benchmarks/run.py            # full run (3 interleaved reps)
     python benchmarks/run.py --quick    # smoke run, under 2 minutes
 
-Stdlib only, Python 3.9+, Linux only (epoll, /proc, sched_setaffinity).
+Stdlib only (matplotlib, if importable, draws the PNG), Python 3.9+, Linux
+only (epoll, /proc, sched_setaffinity).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import importlib.util
 import json
 import os
 import platform
+import resource
+import select
 import shlex
 import shutil
 import signal
@@ -30,17 +35,20 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Set
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 BENCH_DIR = Path(__file__).resolve().parent
 LOADGEN_SRC = BENCH_DIR / "loadgen.c"
 LOADGEN_BIN = BENCH_DIR / "build" / "loadgen"
 RESULTS_DIR = BENCH_DIR / "results"
+PEERS_DIR = BENCH_DIR / "peers"
 
 HOST = "127.0.0.1"  # loopback only, by design (loadgen refuses anything else)
 READY_TIMEOUT_S = 10.0
 STOP_GRACE_S = 3.0
 IPERF_ATTEMPTS = 3
+FDS_PER_BRIDGE = 2    # a proxy holds the client and the upstream socket
+FD_RESERVE = 200      # listeners, epoll, pipes, logs... below the hard limit
 
 
 class BenchError(Exception):
@@ -58,8 +66,10 @@ class Metric:
     key: str
     header: str
     digits: int
-    cpu: bool = False      # proxy CPU cost: meaningless relative to `direct`
+    cpu: bool = False      # proxy cost: meaningless relative to `direct`
     ratio: bool = True     # shown in the ratio tables
+    table: str = "speed"   # "speed": throughput and latency; "cost": CPU, memory
+    of: str = ""           # shown as "value/of" (e.g. alive/requested)
 
 
 METRICS = [
@@ -69,11 +79,19 @@ METRICS = [
     Metric("conn_errors", "conn err", 0, ratio=False),
     Metric("ping_p50_us", "ping p50 µs", 1),
     Metric("ping_p99_us", "ping p99 µs", 1),
-    Metric("bulk1_cpu_s_per_gb", "CPU-s/GB 1", 3, cpu=True),
-    Metric("bulk8_cpu_s_per_gb", "CPU-s/GB 8", 3, cpu=True),
-    Metric("cpu_us_per_conn", "CPU µs/conn", 1, cpu=True),
-    Metric("cpu_us_per_ping", "CPU µs/ping", 1, cpu=True),
+    Metric("ping1_p50_us", "ping p50 µs 1 CPU", 1),
+    Metric("ping1_p99_us", "ping p99 µs 1 CPU", 1),
+    Metric("bulk1_cpu_s_per_gb", "CPU-s/GB 1", 3, cpu=True, table="cost"),
+    Metric("bulk8_cpu_s_per_gb", "CPU-s/GB 8", 3, cpu=True, table="cost"),
+    Metric("cpu_us_per_conn", "CPU µs/conn", 1, cpu=True, table="cost"),
+    Metric("cpu_us_per_ping", "CPU µs/ping", 1, cpu=True, table="cost"),
+    Metric("ping1_cpu_us_per_ping", "CPU µs/ping 1 CPU", 1, cpu=True, table="cost"),
+    Metric("rss_kib_per_bridge", "RSS KiB/idle bridge", 2, cpu=True, table="cost"),
+    Metric("idle_alive", "idle alive", 0, ratio=False, table="cost", of="idle_requested"),
+    Metric("idle_open_s", "idle open s", 1, ratio=False, table="cost"),
+    Metric("idle_requested", "idle requested", 0, ratio=False, table="hidden"),
 ]
+TABLES = {"speed": "Throughput and latency", "cost": "Proxy cost (CPU, memory)"}
 
 
 # ------------------------------------------------------------- processes
@@ -92,14 +110,12 @@ class Service:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "Service":
-        cpus = self.cpus
         # Pin in the child before exec so no thread ever runs elsewhere.
-        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         with open(self.log_path, "ab") as logf:
             try:
                 self.proc = subprocess.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                    start_new_session=True, preexec_fn=pin)
+                    start_new_session=True, preexec_fn=pin_to(self.cpus))
             except OSError as e:
                 raise BenchError(f"cannot start {self.name} ({self.argv[0]}): {e}")
         _live.add(self)
@@ -182,10 +198,15 @@ def wait_accepting(port: int, svc: Optional[Service]) -> float:
     raise BenchError(f"port {port} not accepting after {READY_TIMEOUT_S:.0f} s {tail}")
 
 
-def run_json(argv: List[str], timeout: float) -> dict:
+def pin_to(cpus: Optional[Set[int]]) -> Optional[Callable[[], None]]:
+    """A preexec_fn that pins the child before exec (None: inherit ours)."""
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
+def run_json(argv: List[str], timeout: float, cpus: Optional[Set[int]] = None) -> dict:
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
+                           stdin=subprocess.DEVNULL, preexec_fn=pin_to(cpus))
     except subprocess.TimeoutExpired:
         raise BenchError(f"{Path(argv[0]).name} timed out after {timeout:.0f} s")
     try:
@@ -243,6 +264,64 @@ def live_group_members(pgid: int) -> int:
 def group_ticks(pgid: int) -> int:
     """utime+stime of a process group; threads count in their process."""
     return sum(int(f[11]) + int(f[12]) for f in group_stats(pgid))
+
+
+def group_pids(pgid: int) -> List[str]:
+    return [e for e in os.listdir("/proc") if e.isdigit() and _pgrp(e) == pgid]
+
+
+def _pgrp(pid: str) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def group_rss_kib(pgid: int) -> int:
+    """Sum of VmRSS over a process group (KiB). For multi-process proxies
+    shared pages count once per process; the test uses the growth only."""
+    total = 0
+    for pid in group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+def group_fds(pgid: int) -> int:
+    total = 0
+    for pid in group_pids(pgid):
+        try:
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            pass
+    return total
+
+
+def group_task_ns(pgid: int) -> int:
+    """On-CPU nanoseconds of every thread of a process group, from
+    /proc/PID/task/TID/schedstat (exact, unlike the 10 ms ticks of
+    /proc/stat). Without CONFIG_IRQ_TIME_ACCOUNTING this includes the softirq
+    work (loopback TCP receive) run in those threads' context."""
+    total = 0
+    for pid in group_pids(pgid):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, IndexError, ValueError):
+                pass
+    return total
 
 
 class CpuMeter:
@@ -312,6 +391,21 @@ class Contender:
     clean_exits: tuple = (0,)        # exit codes that count as a clean stop
 
 
+def placeholders(listen: int, upstream: int, workdir: Path) -> Dict[str, str]:
+    """What a command template may use (see --contender), shell-quoted."""
+    values = {"listen_host": HOST, "listen_port": str(listen), "upstream_host": HOST,
+              "upstream_port": str(upstream), "workdir": str(workdir),
+              "python": sys.executable, "bench": str(BENCH_DIR)}
+    return {k: shlex.quote(v) for k, v in values.items()}
+
+
+def template_command(template: str) -> ProxyCommand:
+    """Any shell command template; it must stay in the foreground."""
+    def command(listen: int, upstream: int, workdir: Path) -> List[str]:
+        return ["sh", "-c", "exec " + template.format(**placeholders(listen, upstream, workdir))]
+    return command
+
+
 HAPROXY_CFG = """\
 global
     nbthread {threads}
@@ -340,12 +434,78 @@ def haproxy_command(threads: int, splice: bool) -> ProxyCommand:
     return command
 
 
-def fastproxy_command(template: str, workers: int, engine: str) -> ProxyCommand:
+# Debian's nginx defaults otherwise (no reuseport, accept_mutex off). Without
+# proxy_half_close (off by default in 1.22) a client's shutdown(SHUT_WR)
+# ends the session and the reply is lost. Every connection counts twice
+# against worker_connections (client + upstream), and one worker may end up
+# with most of the idle bridges, so both limits are the whole fd budget.
+NGINX_CFG = """\
+{load_module}
+daemon off;
+master_process on;
+worker_processes {workers};
+worker_rlimit_nofile {nofile};
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{
+    worker_connections {nofile};
+}}
+stream {{
+    server {{
+        listen {host}:{listen} backlog=4096;
+        proxy_pass {host}:{upstream};
+        proxy_half_close on;
+        proxy_connect_timeout 5s;
+        proxy_timeout 1h;
+    }}
+}}
+"""
+NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+
+
+def nginx_stream() -> Tuple[str, str]:
+    """(load_module line or "", why nginx cannot run here or "")."""
+    if not shutil.which("nginx"):
+        return "", "nginx not on PATH (apt-get install nginx libnginx-mod-stream)"
+    try:
+        p = subprocess.run(["nginx", "-V"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return "", f"nginx -V failed: {e}"
+    flags = (p.stdout + p.stderr).split()
+    if "--with-stream" in flags:
+        return "", ""
+    if "--with-stream=dynamic" in flags and NGINX_STREAM_MODULE.exists():
+        return f"load_module {NGINX_STREAM_MODULE};", ""
+    return "", "nginx has no stream module (apt-get install libnginx-mod-stream)"
+
+
+def nginx_command(workers: int) -> ProxyCommand:
+    def command(listen: int, upstream: int, workdir: Path) -> List[str]:
+        cfg = workdir / "nginx.conf"
+        cfg.write_text(NGINX_CFG.format(
+            load_module=nginx_stream()[0], workers=workers, workdir=workdir, host=HOST,
+            listen=listen, upstream=upstream,
+            nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        # -e: start-up errors to our log rather than /var/log/nginx
+        return ["nginx", "-e", "stderr", "-p", str(workdir), "-c", str(cfg)]
+    return command
+
+
+def peer_command(loop: str) -> ProxyCommand:
+    def command(listen: int, upstream: int, workdir: Path) -> List[str]:
+        return [sys.executable, str(PEERS_DIR / "asyncio_proxy.py"), "--loop", loop,
+                "--listen", f"{HOST}:{listen}", "--upstream", f"{HOST}:{upstream}"]
+    return command
+
+
+def fastproxy_command(template: str, workers: int, engine: str,
+                      extra: str = "") -> ProxyCommand:
     base = shlex.split(template.format(python=sys.executable))
 
     def command(listen: int, upstream: int, workdir: Path) -> List[str]:
+        flags = shlex.split(extra.format(**placeholders(listen, upstream, workdir)))
         return base + ["--listen", f"{HOST}:{listen}", "--upstream", f"{HOST}:{upstream}",
-                       "--workers", str(workers), "--engine", engine]
+                       "--workers", str(workers), "--engine", engine] + flags
     return command
 
 
@@ -358,21 +518,39 @@ def fastproxy_missing(template: str) -> str:
     return ""
 
 
+def name_value(text: str, option: str) -> Tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        sys.exit(f"{option} wants NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
 def all_contenders(args: argparse.Namespace) -> List[Contender]:
+    """Every known contender, in table order. To compare a new variant add a
+    row here, or from the command line: --contender NAME=TEMPLATE for any
+    command, --fastproxy-variant NAME=FLAGS for fastproxy with extra flags."""
     no_haproxy = "" if shutil.which("haproxy") else "haproxy not on PATH"
     fp_missing = fastproxy_missing(args.fastproxy_cmd)
+    no_uvloop = "" if importlib.util.find_spec("uvloop") else "uvloop is not importable (pip install uvloop)"
     w = args.workers
 
-    def fp(engine: str) -> Contender:
+    def fp(name: str, engine: str, extra: str = "") -> Contender:
         desc = (f"{args.fastproxy_cmd} --listen ... --upstream ... "
-                f"--workers {w} --engine {engine}")
-        return Contender(f"fastproxy{'' if engine == 'epoll' else '-' + engine}",
-                         fastproxy_command(args.fastproxy_cmd, w, engine), desc, fp_missing)
+                f"--workers {w} --engine {engine} {extra}").strip()
+        return Contender(name, fastproxy_command(args.fastproxy_cmd, w, engine, extra),
+                         desc, fp_missing)
 
-    return [
+    contenders = [
         Contender("direct", None, "clients connect to the backend itself"),
-        fp("epoll"),
-        fp("poll"),
+        fp("fastproxy", "epoll"),
+        fp("fastproxy-poll", "poll"),
+    ]
+    # Variants take their flags after the defaults, so they may override
+    # them (argparse keeps the last --engine, for instance).
+    for spec in args.fastproxy_variant:
+        name, flags = name_value(spec, "--fastproxy-variant")
+        contenders.append(fp(name, "epoll", flags))
+    contenders += [
         # haproxy -db dies by the SIGTERM itself; that is its normal stop.
         Contender("haproxy", haproxy_command(w, splice=False),
                   f"haproxy -db, mode tcp, nbthread {w}, no splice", no_haproxy,
@@ -380,15 +558,36 @@ def all_contenders(args: argparse.Namespace) -> List[Contender]:
         Contender("haproxy-splice", haproxy_command(w, splice=True),
                   f"haproxy -db, mode tcp, nbthread {w}, option splice-request "
                   "+ splice-response", no_haproxy, (0, -signal.SIGTERM)),
+        Contender("nginx", nginx_command(w),
+                  f"nginx stream module, worker_processes {w}, proxy_half_close on",
+                  nginx_stream()[1]),
+        Contender("uvloop", peer_command("uvloop"),
+                  "peers/asyncio_proxy.py --loop uvloop (streams API, 64 KiB reads)",
+                  no_uvloop),
+        Contender("asyncio", peer_command("asyncio"),
+                  "peers/asyncio_proxy.py --loop asyncio (streams API, 64 KiB reads)"),
     ]
+    for spec in args.contender:
+        name, template = name_value(spec, "--contender")
+        argv0 = shlex.split(template)[0] if shlex.split(template) else ""
+        contenders.append(Contender(
+            name, template_command(template), template,
+            "" if "{" in argv0 or shutil.which(argv0) else f"'{argv0}' not found"))
+    names = [c.name for c in contenders]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        sys.exit(f"contender names must be unique: {', '.join(sorted(dup))}")
+    return contenders
 
 
 def pick_contenders(args: argparse.Namespace) -> List[Contender]:
     known = {c.name: c for c in all_contenders(args)}
     wanted = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else list(known)
-    unknown = [n for n in wanted if n not in known]
+    skip = {n.strip() for n in (args.skip or "").split(",") if n.strip()}
+    unknown = [n for n in wanted + sorted(skip) if n not in known]
     if unknown:
         sys.exit(f"unknown contender(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    wanted = [n for n in wanted if n not in skip or n == "direct"]
     if "direct" not in wanted:
         wanted.insert(0, "direct")  # every ratio is taken against it
     chosen = []
@@ -399,7 +598,6 @@ def pick_contenders(args: argparse.Namespace) -> List[Contender]:
             chosen.append(known[name])
     return chosen
 
-
 # ----------------------------------------------------------------- tests
 
 @dataclass
@@ -407,8 +605,10 @@ class Env:
     args: argparse.Namespace
     proxy_cpus: Optional[Set[int]]  # None: no pinning
     load_cpus: Optional[Set[int]]
+    one_cpu: Set[int]               # the 1-CPU ping test puts everything here
     tmp: Path
     tests: Set[str]
+    idle_count: int
 
 
 def workdir(env: Env, name: str) -> Path:
@@ -427,14 +627,16 @@ def running(svc: Service, port: int, notes: dict) -> Iterator[Service]:
 
 
 @contextlib.contextmanager
-def proxied(env: Env, c: Contender, upstream: int, notes: dict):
-    """Yield (port clients should use, proxy Service or None)."""
+def proxied(env: Env, c: Contender, upstream: int, notes: dict,
+            cpus: Optional[Set[int]] = None):
+    """Yield (port clients should use, proxy Service or None). The proxy runs
+    on `cpus`, by default the proxy CPUs."""
     if c.command is None:
         yield upstream, None
         return
     listen = free_port()
     wd = workdir(env, c.name)
-    proxy = Service("proxy", c.command(listen, upstream, wd), wd, env.proxy_cpus)
+    proxy = Service("proxy", c.command(listen, upstream, wd), wd, cpus or env.proxy_cpus)
     failed = False
     try:
         with running(proxy, listen, notes):
@@ -520,6 +722,129 @@ def echo_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
             log(f"    ping: p50 {r['p50_us']:.1f} µs, p99 {r['p99_us']:.1f} µs  {cpu_note(cpu)}")
 
 
+def ping1_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
+    """Ping-pong with proxy, echo backend and client all on one CPU, so no
+    round trip pays for cross-CPU wake-ups (tens of µs on this VM). Proxy CPU
+    is the on-CPU time of its threads (schedstat): the CPU's own busy time
+    here is mostly client and backend."""
+    a, cpus = env.args, env.one_cpu
+    backend_port = free_port()
+    server = Service("echo-server", [str(LOADGEN_BIN), "echo-server", str(backend_port)],
+                     workdir(env, "echo1"), cpus)
+    with running(server, backend_port, notes), \
+            proxied(env, c, backend_port, notes, cpus) as (port, proxy):
+        ns0, stat0, t0 = proxy and group_task_ns(proxy.proc.pid), proc_stat(), time.monotonic()
+        r = run_json([str(LOADGEN_BIN), "pingpong", HOST, str(port), str(a.pings)],
+                     timeout=120, cpus=cpus)
+        wall = time.monotonic() - t0
+        ns = proxy and group_task_ns(proxy.proc.pid) - ns0
+        stat1 = proc_stat()
+    busy = sum(stat1[cpu][i] - stat0[cpu][i] for cpu in cpus for i in BUSY) / HZ
+    out["ping1_p50_us"] = r["p50_us"]
+    out["ping1_p99_us"] = r["p99_us"]
+    if proxy:
+        out["ping1_cpu_us_per_ping"] = ns / 1e3 / r["round_trips"]
+    notes["ping1"] = {"cpu": sorted(cpus), "wall_s": round(wall, 2),
+                      "proxy_task_s": None if ns is None else round(ns / 1e9, 4),
+                      "cpu_busy_s": round(busy, 2),
+                      "cpu_busy_us_per_ping": round(busy * 1e6 / r["round_trips"], 2),
+                      "loadgen": r}
+    cost = "" if ns is None else f"  (proxy {ns / 1e3 / r['round_trips']:.1f} µs/ping)"
+    log(f"    ping 1 CPU: p50 {r['p50_us']:.1f} µs, p99 {r['p99_us']:.1f} µs{cost}")
+
+
+class LineReader:
+    """Lines from a child's stdout, each awaited with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen, what: str):
+        self.fd, self.proc, self.what, self.buf = proc.stdout.fileno(), proc, what, b""
+
+    def json(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{self.what}: no answer within {timeout:.0f} s")
+            if select.select([self.fd], [], [], min(left, 1.0))[0]:
+                chunk = os.read(self.fd, 4096)
+                if not chunk:
+                    self.proc.wait(5)
+                    raise BenchError(f"{self.what} exited with {self.proc.returncode}")
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise BenchError(f"{self.what}: bad output {line[:200]!r}")
+
+
+def wait_fd_drain(proxy: Service, baseline: int, timeout: float) -> Tuple[float, int]:
+    """After the clients closed: seconds until the proxy's fd count is back
+    near its baseline, and how many above it remain at the timeout."""
+    t0 = time.monotonic()
+    while True:
+        extra = group_fds(proxy.proc.pid) - baseline
+        if extra <= 8 or time.monotonic() - t0 > timeout or not proxy.alive():
+            return round(time.monotonic() - t0, 2), max(extra, 0)
+        time.sleep(0.1)
+
+
+def idle_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
+    """RSS per idle bridge: hold N idle, verified connections through the
+    proxy (loadgen hold: opened one at a time, each pinged once), read the
+    proxy tree's VmRSS growth, then ping every held connection again."""
+    n = env.idle_count
+    backend_port = free_port()
+    # Backend and hold client are separate processes: each holds N fds.
+    server = Service("echo-server", [str(LOADGEN_BIN), "echo-server", str(backend_port)],
+                     workdir(env, "echo-idle"))
+    with running(server, backend_port, notes), \
+            proxied(env, c, backend_port, notes) as (port, proxy):
+        rss0 = proxy and group_rss_kib(proxy.proc.pid)
+        fds0 = proxy and group_fds(proxy.proc.pid)
+        budget = 120 + n // 20
+        wd = workdir(env, "hold")
+        with open(wd / "hold.log", "wb") as err:
+            hold = subprocess.Popen(
+                [str(LOADGEN_BIN), "hold", HOST, str(port), str(n), str(budget)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                start_new_session=True)
+        try:
+            lines = LineReader(hold, "loadgen hold")
+            held = lines.json(budget)
+            time.sleep(0.2)  # let the last bridge's bookkeeping finish
+            rss1 = proxy and group_rss_kib(proxy.proc.pid)
+            fds1 = proxy and group_fds(proxy.proc.pid)
+            try:
+                hold.stdin.write(b"check\n")
+                hold.stdin.flush()
+            except BrokenPipeError:
+                raise BenchError(f"loadgen hold exited early ({hold.poll()})")
+            checked = lines.json(60 + n // 100)
+            hold.wait(30)
+        finally:
+            if hold.poll() is None:
+                os.killpg(hold.pid, signal.SIGKILL)
+                hold.wait()
+            for pipe in (hold.stdin, hold.stdout):
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        drain = wait_fd_drain(proxy, fds0, env.args.fd_drain_wait) if proxy else None
+    out["idle_alive"] = checked["alive"]
+    out["idle_requested"] = n
+    out["idle_open_s"] = held["open_s"]
+    if proxy and held["held"]:
+        out["rss_kib_per_bridge"] = (rss1 - rss0) / held["held"]
+    notes["idle"] = {"hold": held, "check": checked, "rss_kib_before": rss0,
+                     "rss_kib_held": rss1, "fds_before": fds0, "fds_held": fds1,
+                     "fd_drain_s": drain and drain[0], "fds_left_after_drain": drain and drain[1]}
+    rss = f", RSS {out['rss_kib_per_bridge']:.2f} KiB/bridge" if "rss_kib_per_bridge" in out else ""
+    left = (f", {drain[1]} fds still open after {drain[0]} s"
+            if drain and drain[0] >= env.args.fd_drain_wait else "")
+    log(f"    idle: held {held['held']}/{n} in {held['open_s']:.1f} s, "
+        f"alive {checked['alive']}{rss}{left}")
+
+
 def cpu_note(cpu: CpuMeter) -> str:
     if cpu.proxy_pct is None:
         return ""
@@ -537,7 +862,7 @@ def noise_check(c: Contender, cpu: CpuMeter, notes: dict) -> None:
             "other load on the machine")
 
 
-def run_contender(env: Env, c: Contender) -> dict:
+def run_contender(env: Env, c: Contender, rep: int) -> dict:
     """One repetition of every test for one contender. A failing group is
     recorded and skipped so one broken contender cannot sink the run."""
     out: dict = {}
@@ -547,6 +872,10 @@ def run_contender(env: Env, c: Contender) -> dict:
         groups.append(("bulk", bulk_group))
     if env.tests & {"connrate", "ping"}:
         groups.append(("echo", echo_group))
+    if "ping1" in env.tests:
+        groups.append(("ping1", ping1_group))
+    if "idle" in env.tests and rep <= env.args.idle_reps:
+        groups.append(("idle", idle_group))
     for name, group in groups:
         notes[name] = {}
         try:
@@ -565,7 +894,7 @@ def run_all(env: Env, contenders: List[Contender]) -> Dict[str, List[dict]]:
     for rep in range(1, reps + 1):
         for c in contenders:
             log(f"[rep {rep}/{reps}] {c.name}")
-            runs[c.name].append(run_contender(env, c))
+            runs[c.name].append(run_contender(env, c, rep))
     return runs
 
 
@@ -581,7 +910,8 @@ def summarize(runs: Dict[str, List[dict]]) -> Dict[str, Dict[str, dict]]:
                 continue
             med = statistics.median(vals)
             spread = 100 * (max(vals) - min(vals)) / med if med else None
-            summary[name][m.key] = {"median": med, "spread_pct": spread, "n": len(vals)}
+            summary[name][m.key] = {"median": med, "spread_pct": spread, "n": len(vals),
+                                    "min": min(vals), "max": max(vals)}
     return summary
 
 
@@ -596,54 +926,101 @@ def md_table(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
-def absolute_table(summary: dict, names: List[str]) -> str:
-    rows = [[n] + [fmt(summary[n].get(m.key, {}).get("median"), m.digits) for m in METRICS]
-            for n in names]
-    return md_table(["contender"] + [m.header for m in METRICS], rows)
+def median(summary: dict, name: str, key: str) -> Optional[float]:
+    return summary[name].get(key, {}).get("median")
 
 
-def spread_table(summary: dict, names: List[str]) -> str:
+def cell(summary: dict, name: str, m: Metric) -> str:
+    v = median(summary, name, m.key)
+    if m.of and v is not None:
+        return f"{fmt(v, m.digits)}/{fmt(median(summary, name, m.of), m.digits)}"
+    return fmt(v, m.digits)
+
+
+def table_metrics(table: str) -> List[Metric]:
+    return [m for m in METRICS if m.table == table]
+
+
+def absolute_table(summary: dict, names: List[str], metrics: List[Metric]) -> str:
+    rows = [[n] + [cell(summary, n, m) for m in metrics] for n in names]
+    return md_table(["contender"] + [m.header for m in metrics], rows)
+
+
+def spread_table(summary: dict, names: List[str], metrics: List[Metric]) -> str:
     # direct's CPU figures are idle noise; their relative spread means nothing.
+    metrics = [m for m in metrics if not m.of]
     rows = [[n] + [fmt(None if m.cpu and n == "direct" else
-                       summary[n].get(m.key, {}).get("spread_pct"), 0) for m in METRICS]
+                       summary[n].get(m.key, {}).get("spread_pct"), 0) for m in metrics]
             for n in names]
-    return md_table(["spread %"] + [m.header for m in METRICS], rows)
+    return md_table(["spread %"] + [m.header for m in metrics], rows)
 
 
-def ratio_table(summary: dict, names: List[str], ref: str) -> str:
-    metrics = [m for m in METRICS if m.ratio and not (ref == "direct" and m.cpu)]
+def ratio_table(summary: dict, names: List[str], ref: str, metrics: List[Metric]) -> str:
     rows = []
     for n in names:
         row = [n]
         for m in metrics:
-            v = summary[n].get(m.key, {}).get("median")
-            r = summary[ref].get(m.key, {}).get("median")
+            v, r = median(summary, n, m.key), median(summary, ref, m.key)
             meaningless = m.cpu and n == "direct"  # it has no proxy to cost anything
             row.append(f"{v / r:.2f}×" if v is not None and r and not meaningless else "—")
-        rows.append(row)
+        if any(c != "—" for c in row[1:]):
+            rows.append(row)
     return md_table([f"÷ {ref}"] + [m.header for m in metrics], rows)
+
+
+def saturation_table(result: dict, names: List[str]) -> Optional[str]:
+    """Median CPU % of the proxy's and of the load's CPUs during bulk tests:
+    when the load side is at ~100 % and the proxy is not, the figure is a
+    lower bound of what the proxy can do."""
+    rows = []
+    for n in names:
+        row = [n]
+        for test in ("bulk1", "bulk8"):
+            for key in ("proxy_cpu_pct", "load_cpu_pct"):
+                vals = [rep["notes"].get("bulk", {}).get(test, {}).get(key)
+                        for rep in result["runs"][n]]
+                vals = [v for v in vals if v is not None]
+                row.append(fmt(statistics.median(vals), 0) if vals else "—")
+        rows.append(row)
+    if all(c == "—" for r in rows for c in r[1:]):
+        return None
+    return md_table(["bulk CPU %", "1 stream: proxy", "1 stream: load",
+                     "8 streams: proxy", "8 streams: load"], rows)
 
 
 def render(result: dict) -> str:
     summary, names = result["summary"], list(result["summary"])
     cfg = result["config"]
+    idle = (f", {cfg['idle_count']} idle bridges in {cfg.get('idle_reps', cfg['reps'])} rep(s)"
+            if cfg.get("idle_count") else "")
     parts = [
         f"## fastproxy benchmarks — {result['started']}",
         "",
         f"pin={cfg['pin']} (proxy CPUs {cfg['proxy_cpus']}, load CPUs {cfg['load_cpus']}), "
         f"reps={cfg['reps']}, iperf3 -t {cfg['duration']}, connrate {cfg['conn_duration']} s "
-        f"× {cfg['concurrency']}, {cfg['pings']} pings, workers/nbthread {cfg['workers']}. "
-        f"Medians over reps; CPU = proxy CPU ({'busy time of its CPUs' if cfg['pin'] == 'split' else 'process tree utime+stime'}).",
-        "",
-        absolute_table(summary, names),
+        f"× {cfg['concurrency']}, {cfg['pings']} pings{idle}, workers/nbthread "
+        f"{cfg['workers']}. Medians over reps; CPU = proxy CPU "
+        f"({'busy time of its CPUs' if cfg['pin'] == 'split' else 'process tree utime+stime'}; "
+        "1-CPU ping: on-CPU time of the proxy's threads).",
     ]
-    if cfg["reps"] > 1:
-        parts += ["", "Spread over reps, (max−min)/median:", "", spread_table(summary, names)]
-    refs = [r for r in ("direct", "haproxy") if r in summary and len(names) > 1]
-    if refs:
-        parts += ["", "Ratios (throughput, conn/s: >1 is better; latency, CPU: <1 is better):"]
-    for ref in refs:
-        parts += ["", ratio_table(summary, [n for n in names if n != ref], ref)]
+    for table, title in TABLES.items():
+        metrics = [m for m in table_metrics(table)
+                   if any(m.key in summary[n] for n in names)]
+        if not metrics:
+            continue
+        parts += ["", f"### {title}", "", absolute_table(summary, names, metrics)]
+        if cfg["reps"] > 1:
+            parts += ["", "Spread over reps, (max−min)/median:", "",
+                      spread_table(summary, names, metrics)]
+        for ref in ("haproxy", "direct"):
+            ratio = [m for m in metrics if m.ratio and not (ref == "direct" and m.cpu)]
+            if ref in summary and len(names) > 1 and ratio:
+                parts += ["", f"Ratio to {ref} (throughput, conn/s: >1 is better; "
+                              "latency, CPU, memory: <1 is better):", "",
+                          ratio_table(summary, [n for n in names if n != ref], ref, ratio)]
+    sat = saturation_table(result, names)
+    if sat:
+        parts += ["", "### Which side was saturated in the bulk tests", "", sat]
     errors = [f"- {n} rep {i + 1}, {group} tests: {gn['error']}"
               for n, reps in result["runs"].items() for i, rep in enumerate(reps)
               for group, gn in rep["notes"].items() if "error" in gn]
@@ -653,8 +1030,54 @@ def render(result: dict) -> str:
            for gn in rep["notes"].values()):
         parts += ["", "Warning: the proxy CPU was busy during `direct` tests (other "
                       "load on the machine); treat this run as noisy."]
+    if result.get("plot"):
+        parts += ["", f"Plot: {result['plot']}"]
     return "\n".join(parts) + "\n"
 
+
+def plot(result: dict, path: Path) -> Optional[str]:
+    """Bulk throughput and proxy CPU-s per GB by contender, as a PNG.
+    Returns why not, if it cannot."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not importable (pip install matplotlib): no plot"
+    summary = result["summary"]
+    names = [n for n in summary if "bulk1_gbps" in summary[n] or "bulk8_gbps" in summary[n]]
+    if not names:
+        return "no bulk figures to plot"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    panels = [(axes[0], "gbps", "Gbit/s (higher is better)", "Bulk throughput", names),
+              (axes[1], "cpu_s_per_gb", "proxy CPU-s per GB (lower is better)",
+               "Proxy CPU per GB forwarded", [n for n in names if n != "direct"])]
+    width = 0.38
+    for ax, suffix, ylabel, title, shown in panels:
+        xs = range(len(shown))
+        for i, streams in enumerate((1, 8)):
+            key = f"bulk{streams}_{suffix}"
+            meds = [median(summary, n, key) or 0 for n in shown]
+            lo = [m - summary[n].get(key, {}).get("min", m) for n, m in zip(shown, meds)]
+            hi = [summary[n].get(key, {}).get("max", m) - m for n, m in zip(shown, meds)]
+            bars = ax.bar([x + (i - 0.5) * width for x in xs], meds, width,
+                          yerr=[lo, hi], capsize=3,
+                          label=f"{streams} stream{'s' if streams > 1 else ''}")
+            ax.bar_label(bars, fmt="%.2f" if suffix != "gbps" else "%.1f", fontsize=7,
+                         padding=2)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(shown, rotation=30, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+    cfg = result["config"]
+    fig.suptitle(f"fastproxy benchmarks {result['started']} — medians of {cfg['reps']} "
+                 f"rep(s), bars show min–max; pin={cfg['pin']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
 
 # ----------------------------------------------------------------- setup
 
@@ -708,51 +1131,164 @@ def tool_version(argv: List[str]) -> str:
         return ""
 
 
+def one_cpu(args: argparse.Namespace, proxy_cpus: Optional[Set[int]]) -> Set[int]:
+    avail = os.sched_getaffinity(0) | (proxy_cpus or set())
+    cpu = args.one_cpu if args.one_cpu is not None else (
+        min(proxy_cpus) if proxy_cpus else max(avail))
+    if cpu not in avail:
+        sys.exit(f"--one-cpu {cpu} is not one of {sorted(avail)}")
+    return {cpu}
+
+
+def idle_budget(wanted: int) -> int:
+    """How many idle bridges fit: the proxy needs FDS_PER_BRIDGE fds each
+    within the hard RLIMIT_NOFILE, which only privileges could raise."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # children inherit it; loadgen raises its own anyway
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard == resource.RLIM_INFINITY:
+        return wanted
+    fit = max((hard - FD_RESERVE) // FDS_PER_BRIDGE, 1)
+    if wanted > fit:
+        log(f"idle test: {wanted} bridges need {wanted * FDS_PER_BRIDGE} proxy fds, the hard "
+            f"limit is {hard}: holding {fit}")
+    return min(wanted, fit)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def os_release() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return ""
+
+
+def module_version(name: str) -> Optional[str]:
+    if not importlib.util.find_spec(name):
+        return None
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:
+        return "?"
+
+
+def fastproxy_revision() -> Optional[str]:
+    """The commit the benchmarked tree is on, '+dirty' if src/ has changes:
+    the figures belong to that data plane."""
+    root = BENCH_DIR.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     multi_cpu = len(os.sched_getaffinity(0)) >= 2
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 rep, -t 2, connrate 1 s, 2000 pings (under 2 minutes)")
+                   help="smoke run: 1 rep, -t 2, connrate 1 s, 2000 pings, 500 idle "
+                        "bridges (under 2 minutes)")
     p.add_argument("--only", default=None,
-                   help="comma-separated contenders (direct is always added): "
-                        "direct,fastproxy,fastproxy-poll,haproxy,haproxy-splice")
-    p.add_argument("--tests", default="bulk,connrate,ping", help="which measurements")
+                   help="comma-separated contenders (direct is always added); see --list")
+    p.add_argument("--skip", default=None, help="comma-separated contenders to leave out")
+    p.add_argument("--list", action="store_true", help="show the contenders and exit")
+    p.add_argument("--contender", action="append", default=[], metavar="NAME=TEMPLATE",
+                   help="extra contender: a shell command that stays in the foreground, "
+                        "listens on {listen_host}:{listen_port} and forwards to "
+                        "{upstream_host}:{upstream_port}; also {workdir} (fresh temp dir), "
+                        "{python}, {bench} (this folder). Repeatable")
+    p.add_argument("--fastproxy-variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="extra fastproxy contender with FLAGS appended to its command line "
+                        "(e.g. hooks=\'--hooks {bench}/hooks.py\'); same placeholders. "
+                        "Repeatable")
+    p.add_argument("--tests", default="bulk,connrate,ping,ping1,idle",
+                   help="which measurements")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions; medians reported")
     p.add_argument("--duration", type=int, default=5, help="iperf3 -t seconds")
     p.add_argument("--conn-duration", type=int, default=4, help="connrate seconds")
     p.add_argument("--concurrency", type=int, default=64, help="connrate connections in flight")
     p.add_argument("--pings", type=int, default=10000, help="round trips (+10%% warm-up)")
+    p.add_argument("--idle-count", type=int, default=9900,
+                   help="idle bridges to hold (capped by the fd limit)")
+    p.add_argument("--idle-reps", type=int, default=1,
+                   help="run the idle test in the first N reps only (memory barely "
+                        "varies, and holding ~10k bridges takes a while)")
+    p.add_argument("--fd-drain-wait", type=float, default=15,
+                   help="seconds to wait for the proxy to close its fds after the idle test")
     p.add_argument("--workers", type=int, default=2,
-                   help="fastproxy --workers and haproxy nbthread")
+                   help="fastproxy --workers, haproxy nbthread, nginx worker_processes")
     p.add_argument("--fastproxy-cmd", default="{python} -m fastproxy",
                    help="fastproxy command; --listen/--upstream/--workers/--engine are appended")
     p.add_argument("--pin", choices=("split", "none"), default="split" if multi_cpu else "none",
                    help="split: proxy on --proxy-cpus, load and backends on --load-cpus")
     p.add_argument("--proxy-cpus", default="1", help="CPU list for the proxy (--pin split)")
     p.add_argument("--load-cpus", default="0", help="CPU list for clients and backends")
+    p.add_argument("--one-cpu", type=int, default=None,
+                   help="CPU for the 1-CPU ping test (default: the first proxy CPU)")
     p.add_argument("--out", type=Path, help="JSON path instead of results/<timestamp>.json")
-    p.add_argument("--report", type=Path, help="re-print the tables of an earlier JSON and exit")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="PNG path (default: next to the JSON, same name)")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    p.add_argument("--report", type=Path,
+                   help="re-print the tables of an earlier JSON (and draw --plot) and exit")
     args = p.parse_args(argv)
     if args.quick:
         args.reps, args.duration, args.conn_duration, args.pings = 1, 2, 1, 2000
+        args.idle_count, args.fd_drain_wait = min(args.idle_count, 500), 5
     return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.report:
-        print(render(json.loads(args.report.read_text())), end="")
+        result = json.loads(args.report.read_text())
+        if args.plot:
+            why = plot(result, args.plot)
+            log(why or f"plot: {args.plot}")
+        print(render(result), end="")
+        return 0
+    if args.list:
+        for c in all_contenders(args):
+            state = f"  [skipped: {c.missing}]" if c.missing else ""
+            print(f"{c.name:16} {c.desc}{state}")
         return 0
 
     tests = {t.strip() for t in args.tests.split(",") if t.strip()}
+    unknown = tests - {"bulk", "connrate", "ping", "ping1", "idle"}
+    if unknown:
+        sys.exit(f"unknown test(s) {', '.join(sorted(unknown))}")
     if "bulk" in tests and not shutil.which("iperf3"):
         log("iperf3 not found: skipping the bulk tests (apt-get install iperf3)")
         tests.discard("bulk")
     build_loadgen()
     contenders = pick_contenders(args)
     proxy_cpus, load_cpus = pinning(args)
+    single = one_cpu(args, proxy_cpus)
+    idle_count = idle_budget(args.idle_count) if "idle" in tests else 0
     started = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or unused_path(RESULTS_DIR, started)
+    png = None if args.no_plot else (args.plot or out.with_suffix(".png"))
     idle = background_busy()
     if max(idle.values()) > 10:
         log(f"warning: the machine is not idle (busy % per CPU: {idle}); expect noise")
@@ -763,7 +1299,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fastproxy-bench-") as tmp:
         try:
-            runs = run_all(Env(args, proxy_cpus, load_cpus, Path(tmp), tests), contenders)
+            runs = run_all(Env(args, proxy_cpus, load_cpus, single, Path(tmp), tests,
+                               idle_count), contenders)
         except KeyboardInterrupt:
             log("interrupted")
             return 130
@@ -772,32 +1309,45 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     result = {
         "started": started,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "elapsed_s": round(time.monotonic() - t0, 1),
+        "command": " ".join(["python"] + [shlex.quote(a) for a in sys.argv]),
         "config": {
             "pin": args.pin, "proxy_cpus": sorted(proxy_cpus or []),
-            "load_cpus": sorted(load_cpus or []), "reps": args.reps,
-            "duration": args.duration, "conn_duration": args.conn_duration,
-            "concurrency": args.concurrency, "pings": args.pings, "workers": args.workers,
+            "load_cpus": sorted(load_cpus or []), "one_cpu": sorted(single),
+            "reps": args.reps, "duration": args.duration,
+            "conn_duration": args.conn_duration, "concurrency": args.concurrency,
+            "pings": args.pings, "idle_count": idle_count,
+            "idle_reps": min(args.idle_reps, args.reps), "workers": args.workers,
             "tests": sorted(tests), "fastproxy_cmd": args.fastproxy_cmd,
         },
         "background_busy_pct": idle,
         "system": {
-            "kernel": platform.release(), "cpus": os.cpu_count(),
-            "python": platform.python_version(),
+            "kernel": platform.release(), "os": os_release(), "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(), "python": platform.python_version(),
+            "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
             "haproxy": tool_version(["haproxy", "-v"]) if shutil.which("haproxy") else None,
+            "nginx": tool_version(["nginx", "-v"]) if shutil.which("nginx") else None,
             "iperf3": tool_version(["iperf3", "--version"]) if shutil.which("iperf3") else None,
+            "uvloop": module_version("uvloop"),
+            "fastproxy": module_version("fastproxy"), "fastproxy_git": fastproxy_revision(),
         },
         "contenders": {c.name: c.desc for c in contenders},
         "summary": summarize(runs),
         "runs": runs,
     }
-    out = args.out or unused_path(RESULTS_DIR, started)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if png:
+        why = plot(result, png)
+        if why:
+            log(why)
+        else:
+            result["plot"] = png.name if png.parent == out.parent else str(png)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    log(f"done in {result['elapsed_s']:.0f} s; JSON: {out}")
+    log(f"done in {result['elapsed_s']:.0f} s; JSON: {out}" +
+        (f", plot: {png}" if result.get("plot") else ""))
     print(render(result), end="")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,7 @@
 # threads without the GIL; the Engine class is the only Python-facing part.
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from .includes.balance cimport BalanceCursor, BalanceGroup
 from .includes.system cimport (epoll_event, pollfd, pthread_cond_t, pthread_mutex_t,
                                sockaddr_storage, socklen_t)
 
@@ -26,10 +27,11 @@ cdef enum:
 
 # Bridge states, in the order a bridge goes through them.
 cdef enum:
-    B_HOOK = 1            # waiting for on_connect
-    B_CONNECTING = 2
-    B_ACTIVE = 3
-    B_CLOSED = 4
+    B_QUEUED = 1          # waiting for a free slot (global or upstream)
+    B_HOOK = 2            # waiting for on_connect
+    B_CONNECTING = 3
+    B_ACTIVE = 4
+    B_CLOSED = 5
 
 # Timer lists. Each holds one duration, so appending keeps it sorted; a
 # bridge sits on at most one list per slot (SLOT_OF in worker.pxi).
@@ -39,7 +41,8 @@ cdef enum:
     T_HALF_CLOSE = 2
     T_IDLE = 3
     T_LIFETIME = 4
-    T_LISTS = 5
+    T_QUEUE = 5
+    T_LISTS = 6
     T_SLOTS = 4
 
 # Which hooks the control plane registered (Shared.hooks bits).
@@ -63,9 +66,11 @@ cdef enum:
 cdef enum:
     EVT_CONNECT = 0
     EVT_DATA = 1
+    EVT_RETRY = 2         # a slot was freed: a queued bridge tries again
 
 
 cdef struct Bridge
+cdef struct Worker
 
 cdef struct TimerLink:
     Bridge *prev
@@ -113,7 +118,17 @@ cdef struct Bridge:
     uint8_t client_v4    # the client came over IPv4 (client_ip is mapped)
     uint16_t client_port
     uint8_t client_ip[16]
-    int hook_pending     # hook calls not answered yet: keeps the bridge allocated
+    int hook_pending     # answers not received yet: keeps the bridge allocated
+    int worker
+    uint8_t admitted     # holds a slot of the global limit (and counts in `active`)
+    uint8_t ip_counted   # counted in the per-IP table
+    uint8_t up_slot      # holds a slot on `upstream` (balance_release it)
+    uint8_t in_queue     # on the wait queue (guarded by WaitQueue.mu)
+    uint8_t kicked       # a retry is on its way (guarded by WaitQueue.mu)
+    int tries            # upstreams tried so far
+    uint8_t *tried       # bitmap of failed upstreams, allocated on the first failure
+    Bridge *wprev
+    Bridge *wnext
     int upstream         # index into Shared.upstreams, -1 if none (yet)
     int addr             # which address is being tried
     UpstreamAddr *route  # on_connect chose an address outside the group
@@ -134,6 +149,8 @@ cdef struct Counters:
     uint64_t bytes_upstream
     uint64_t bytes_downstream
     uint64_t fd_exhausted
+    uint64_t rejected
+    uint64_t queue_timeouts
 
 
 # Counters every worker updates atomically.
@@ -143,10 +160,34 @@ cdef struct Gauges:
     int64_t dropped_records
 
 
+# Where an upstream is; its slots and health are in Shared.group.
 cdef struct Upstream:
     UpstreamAddr *addrs
     int naddrs
-    Gauges gauges
+
+
+# Clients waiting for a slot, oldest first, across all workers.
+cdef struct WaitQueue:
+    pthread_mutex_t mu
+    Bridge *head
+    Bridge *tail
+    int64_t count
+    int64_t kicked        # retries handed out and not yet run
+
+
+# Live bridges per client address, for the per-IP limit.
+cdef struct IpEntry:
+    uint8_t key[16]
+    int64_t count
+    int next             # hash chain, or free list; -1 ends
+
+
+cdef struct IpTable:
+    pthread_mutex_t mu
+    IpEntry *entries
+    int *chains
+    int nchains
+    int free_head
 
 
 # A hook call handed from a worker to the hook threads.
@@ -231,6 +272,16 @@ cdef struct Shared:
     int pool_max         # idle pipes (or buffers) one worker keeps
     int nupstreams
     Upstream *upstreams
+    BalanceGroup *group
+    int retries
+    int64_t max_connections
+    int64_t max_per_ip    # 0: no per-IP limit
+    uint8_t queue_on_limit
+    int64_t queue_size
+    int64_t queue_timeout_ns
+    WaitQueue wait
+    IpTable ips
+    Worker *workers
     Gauges gauges
     int64_t next_id
     HookQueue events
@@ -254,9 +305,9 @@ cdef struct Worker:
     uint8_t stopping
     int64_t accept_resume_ns
     int64_t drain_deadline_ns
-    int rr                # round-robin position
-    Bridge *thead[5]      # T_LISTS: timer lists, ordered by deadline
-    Bridge *ttail[5]
+    BalanceCursor cursor
+    Bridge *thead[6]      # T_LISTS: timer lists, ordered by deadline
+    Bridge *ttail[6]
     Bridge **bridges
     int nbridges
     int cap_bridges
@@ -281,6 +332,7 @@ cdef class Engine:
     cdef int queues_ready
     cdef readonly str engine
     cdef object _upstream_names
+    cdef object _balancer
     cdef int _init_worker(self, Worker *w, int i) except -1
     cdef void _free(self) noexcept
     cdef int _answer(self, int worker, HookResult *res) except -1

@@ -8,16 +8,19 @@ on a thread of its own, asks for stats and asks workers to stop.
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memset, strerror
+from libc.string cimport memcmp, memcpy, memset, strerror
 
 from .includes.system cimport *
 from .includes.balance cimport *
+from .includes.access cimport *
 
 include "access.pxi"
 include "balancer.pxi"
 include "hooks.pxi"
+include "limits.pxi"
 include "worker.pxi"
 include "bridge.pxi"
+include "connect.pxi"
 
 ENGINES = ("epoll", "poll") if FP_HAVE_EPOLL else ("poll",)
 # The data plane's numbers, for the control plane to name.
@@ -101,18 +104,18 @@ cdef void free_limbo(Worker *w) noexcept nogil:
     while w.limbo != NULL:
         b = w.limbo
         w.limbo = b.grave_next
-        free(b.up.lent)
-        free(b.down.lent)
-        free(b.route)
-        free(b)
+        bridge_free(b)
 
 
 cdef dict counters_dict(Counters *c):
     return {
-        "accepted": fp_load(&c.accepted),
-        "bytes_upstream": fp_load(&c.bytes_upstream),
-        "bytes_downstream": fp_load(&c.bytes_downstream),
-        "connect_failures": fp_load(&c.connect_failures),
+        "accepted": c.accepted,
+        "bytes_upstream": c.bytes_upstream,
+        "bytes_downstream": c.bytes_downstream,
+        "connect_failures": c.connect_failures,
+        "fd_exhausted": c.fd_exhausted,
+        "rejected": c.rejected,
+        "queue_timeouts": c.queue_timeouts,
     }
 
 
@@ -122,6 +125,8 @@ cdef void counters_add(Counters *total, Counters *c) noexcept nogil:
     total.bytes_downstream += fp_load(&c.bytes_downstream)
     total.connect_failures += fp_load(&c.connect_failures)
     total.fd_exhausted += fp_load(&c.fd_exhausted)
+    total.rejected += fp_load(&c.rejected)
+    total.queue_timeouts += fp_load(&c.queue_timeouts)
 
 
 cdef class Engine:
@@ -136,17 +141,34 @@ cdef class Engine:
         self.workers = NULL
         self.nworkers = 0
 
-    def __init__(self, int listen_fd, list upstreams, *, int workers,
-                 str engine, double connect_timeout, double half_close_timeout,
-                 double idle_timeout=0, double max_lifetime=0,
-                 int hooks=0, int max_hold=1048576,
+    def __init__(self, int listen_fd, Balancer balancer, list upstreams, *,
+                 int workers, str engine, double connect_timeout,
+                 double half_close_timeout, double idle_timeout=0,
+                 double max_lifetime=0, int retries=0,
+                 long long max_connections=0, long long max_per_ip=0,
+                 bint queue_on_limit=True, long long queue_size=1024,
+                 double queue_timeout=30.0, int hooks=0, int max_hold=1048576,
                  int pipe_size=262144, int buf_size=65536, int pool_max=64):
         cdef int i, j
         cdef Upstream *up
         if engine not in ENGINES:
             raise ValueError(f"engine {engine!r} is not available here")
-        if not upstreams or workers < 1:
-            raise ValueError("an engine needs upstreams and workers")
+        if not upstreams or workers < 1 or len(upstreams) != len(balancer.names):
+            raise ValueError("an engine needs workers, and upstreams matching its balancer")
+        # The group lives in the Balancer: holding it keeps it alive as long
+        # as the workers that read it.
+        self._balancer = balancer
+        self.sh.group = &balancer.group
+        self.sh.retries = max(retries, 0)
+        self.sh.max_connections = max(max_connections, 0)
+        self.sh.max_per_ip = max(max_per_ip, 0)
+        self.sh.queue_on_limit = queue_on_limit
+        self.sh.queue_size = max(queue_size, 0)
+        self.sh.queue_timeout_ns = seconds_to_ns(queue_timeout)
+        pthread_mutex_init(&self.sh.wait.mu, NULL)
+        if self.sh.max_per_ip and iptable_init(&self.sh.ips, max(self.sh.max_connections, 1024) + 1) < 0:
+            iptable_free(&self.sh.ips)
+            raise MemoryError()
         self.engine = engine
         self.sh.engine = ENGINE_EPOLL if engine == "epoll" else ENGINE_POLL
         self.sh.listen_fd = listen_fd
@@ -179,6 +201,7 @@ cdef class Engine:
         self.workers = <Worker *>calloc(workers, sizeof(Worker))
         if self.workers == NULL:
             raise MemoryError()
+        self.sh.workers = self.workers
         for i in range(workers):
             self.nworkers = i + 1   # counted first: _free() undoes a partial init
             self._init_worker(&self.workers[i], i)
@@ -200,6 +223,8 @@ cdef class Engine:
         w.buf_pool = <char **>malloc(self.sh.pool_max * sizeof(char *))
         w.up_ctr = <Counters *>calloc(self.sh.nupstreams + 1, sizeof(Counters))
         pthread_mutex_init(&w.results.mu, NULL)
+        if balance_cursor_init(self.sh.group, &w.cursor) < 0:
+            raise MemoryError()
         w.events = <epoll_event *>malloc(MAX_EVENTS * sizeof(epoll_event))
         if not (w.pipe_pool and w.buf_pool and w.up_ctr and w.events):
             raise MemoryError()
@@ -251,24 +276,23 @@ cdef class Engine:
         cdef Counters total
         cdef Counters per
         cdef int i, j
-        cdef Upstream *up
+        cdef UpstreamState *st
         memset(&total, 0, sizeof(Counters))
         for i in range(self.nworkers):
             counters_add(&total, &self.workers[i].ctr)
         result = counters_dict(&total)
         result["active"] = fp_atomic_get(&self.sh.gauges.active)
         result["peak_active"] = fp_atomic_get(&self.sh.gauges.peak_active)
-        result["fd_exhausted"] = total.fd_exhausted
+        result["queued"] = fp_atomic_get(&self.sh.wait.count)
         result["dropped_records"] = fp_atomic_get(&self.sh.gauges.dropped_records)
         ups = {}
         for j in range(self.sh.nupstreams):
-            up = &self.sh.upstreams[j]
             memset(&per, 0, sizeof(Counters))
             for i in range(self.nworkers):
                 counters_add(&per, &self.workers[i].up_ctr[j])
             d = counters_dict(&per)
-            d["active"] = fp_atomic_get(&up.gauges.active)
-            d["peak_active"] = fp_atomic_get(&up.gauges.peak_active)
+            del d["rejected"], d["queue_timeouts"], d["fd_exhausted"]
+            d.update(self._balancer.state(j))
             ups[self._upstream_names[j]] = d
         result["upstreams"] = ups
         return result
@@ -425,6 +449,7 @@ cdef class Engine:
             for i in range(self.nworkers):
                 w = &self.workers[i]
                 free_limbo(w)
+                balance_cursor_free(&w.cursor)
                 for j in range(w.results.count):
                     hook_result_free(&w.results.items[j])
                 free(w.results.items)
@@ -449,6 +474,8 @@ cdef class Engine:
             self.nworkers = 0
         if self.queues_ready:
             queue_destroy(&self.sh)
+            pthread_mutex_destroy(&self.sh.wait.mu)
+            iptable_free(&self.sh.ips)
             self.queues_ready = 0
         if self.sh.upstreams != NULL:
             for j in range(self.sh.nupstreams):

@@ -207,9 +207,7 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
     flow_release(w, &b.down)
     timer_del_all(w, b)
     bridges_remove(w, b)
-    fp_atomic_add(&w.sh.gauges.active, -1)
-    if b.upstream >= 0:
-        fp_atomic_add(&w.sh.upstreams[b.upstream].gauges.active, -1)
+    slots_release(w, b)
     b.reason = <uint8_t>reason
     if w.sh.hooks & HOOK_RECORDS:
         now = fp_now_ns()
@@ -217,7 +215,7 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
     b.state = B_CLOSED
     # Freed after the event batch, since later events of this batch may
     # name it; or, while a hook has it, when the hook answers.
-    if b.hook_pending > 0:
+    if b.hook_pending > 0:   # (slots_release may have added one)
         b.grave_next = w.limbo
         w.limbo = b
     else:
@@ -261,121 +259,6 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         timer_add(w, b, T_HALF_CLOSE, now + w.sh.half_close_timeout_ns)
 
 
-cdef inline UpstreamAddr *bridge_addrs(Worker *w, Bridge *b, int *n) noexcept nogil:
-    if b.route != NULL:
-        n[0] = b.nroute
-        return b.route
-    n[0] = w.sh.upstreams[b.upstream].naddrs
-    return w.sh.upstreams[b.upstream].addrs
-
-
-cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nogil:
-    # Starts a non-blocking connect to the next address of the bridge's
-    # upstream (or route). Returns: 0 when one is under way; else the last
-    # -errno (`err` when no address was left to try).
-    cdef int naddrs
-    cdef UpstreamAddr *addrs = bridge_addrs(w, b, &naddrs)
-    cdef UpstreamAddr *a
-    cdef int fd, r
-    while b.addr < naddrs:
-        a = &addrs[b.addr]
-        fd = fp_socket(a.family)
-        if fd < 0:
-            return fd
-        fp_set_nodelay(fd)
-        r = fp_connect(fd, <sockaddr *>&a.sa, a.salen)
-        if r == 0 or r == -EINPROGRESS:
-            # Even an immediate success is finished by the writable event.
-            if w.epfd >= 0:
-                r = fp_epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, EV_BRIDGE,
-                                 <uint64_t>b | 1)
-                if r < 0:
-                    close(fd)
-                    return r
-            b.ufd = fd
-            b.u_rd = 0
-            b.u_wr = 0
-            b.state = B_CONNECTING
-            timer_add(w, b, T_CONNECT, now + w.sh.connect_timeout_ns)
-            return 0
-        close(fd)
-        err = r
-        b.addr += 1
-    return err
-
-
-cdef void bridge_connect_failed(Worker *w, Bridge *b, int err) noexcept nogil:
-    # Closed before counted: whoever sees the count sees the bridge gone.
-    cdef int ui = b.upstream if b.upstream >= 0 else w.sh.nupstreams
-    if err == -EMFILE or err == -ENFILE:
-        bridge_close(w, b, REFUSED, 0, 0)
-        fp_bump(&w.ctr.fd_exhausted, 1)
-        worker_pause_accept(w, fp_now_ns())
-        return
-    bridge_close(w, b, CONNECT_FAILED, 0, 0)
-    fp_bump(&w.ctr.connect_failures, 1)
-    fp_bump(&w.up_ctr[ui].connect_failures, 1)
-
-
-cdef void bridge_retry(Worker *w, Bridge *b, int err, int64_t now) noexcept nogil:
-    # The address being tried failed: go on with the next, or give up.
-    timer_del(w, b, SLOT_PHASE)
-    close(b.ufd)
-    b.ufd = -1
-    b.addr += 1
-    err = bridge_connect(w, b, err, now)
-    if err < 0:
-        bridge_connect_failed(w, b, err)
-
-
-cdef void bridge_start_upstream(Worker *w, Bridge *b, int chosen, int64_t now) noexcept nogil:
-    # Takes an upstream (the one on_connect chose, or the next in turn, or
-    # none when the bridge has a route of its own) and connects to it.
-    cdef int64_t active
-    cdef int r
-    if b.route == NULL:
-        if chosen < 0:
-            chosen = w.rr
-            w.rr = (w.rr + 1) % w.sh.nupstreams
-        b.upstream = chosen
-        fp_bump(&w.up_ctr[chosen].accepted, 1)
-        active = fp_atomic_add(&w.sh.upstreams[chosen].gauges.active, 1)
-        fp_atomic_max(&w.sh.upstreams[chosen].gauges.peak_active, active)
-    r = bridge_connect(w, b, -ECONNREFUSED, now)
-    if r < 0:
-        bridge_connect_failed(w, b, r)
-
-
-cdef void bridge_ask_connect(Worker *w, Bridge *b, int64_t now) noexcept nogil:
-    cdef HookEvent ev
-    ev.kind = EVT_CONNECT
-    ev.dir = 0
-    ev.worker = w.id
-    ev.bridge = b
-    ev.buf = NULL
-    ev.len = 0
-    if event_push(w.sh, &ev) < 0:
-        bridge_close(w, b, HOOK_ERROR, 0, 0)
-        return
-    b.state = B_HOOK
-    b.hook_pending += 1
-
-
-cdef void bridge_connect_answer(Worker *w, Bridge *b, HookResult *res,
-                                int64_t now) noexcept nogil:
-    if res.verdict == V_PROCEED:
-        bridge_start_upstream(w, b, -1, now)
-    elif res.verdict == V_ROUTE:
-        if res.route != NULL:
-            b.route = res.route
-            b.nroute = res.nroute
-            res.route = NULL
-        bridge_start_upstream(w, b, res.upstream, now)
-    else:
-        bridge_close(w, b, HOOK_ERROR if res.verdict == V_ERROR else REFUSED, 0, 0)
-    hook_result_free(res)
-
-
 cdef void bridge_data_answer(Worker *w, Bridge *b, HookResult *res,
                              int64_t now) noexcept nogil:
     cdef Flow *f = &b.up if res.dir == 0 else &b.down
@@ -397,61 +280,6 @@ cdef void bridge_data_answer(Worker *w, Bridge *b, HookResult *res,
     bridge_pump(w, b, now)
 
 
-cdef void bridge_open(Worker *w, int fd, sockaddr_storage *peer, int64_t now) noexcept nogil:
-    cdef Bridge *b = <Bridge *>calloc(1, sizeof(Bridge))
-    cdef int64_t active
-    if b == NULL or bridges_add(w, b) < 0:
-        free(b)
-        close(fd)
-        return
-    b.id = <uint64_t>fp_atomic_add(&w.sh.next_id, 1)
-    b.cfd = fd
-    b.ufd = -1
-    b.upstream = -1
-    b.up.pipe_r = b.up.pipe_w = b.down.pipe_r = b.down.pipe_w = -1
-    b.up.hook = (w.sh.hooks & HOOK_DATA_UP) != 0
-    b.down.hook = (w.sh.hooks & HOOK_DATA_DOWN) != 0
-    b.state = B_CONNECTING
-    b.copy = w.sh.engine == ENGINE_POLL
-    b.accepted_ns = now
-    b.last_active_ns = now
-    if w.sh.max_lifetime_ns:
-        timer_add(w, b, T_LIFETIME, now + w.sh.max_lifetime_ns)
-    if w.sh.idle_timeout_ns:
-        timer_add(w, b, T_IDLE, now + w.sh.idle_timeout_ns)
-    client_address(peer, b)
-    fp_set_nodelay(fd)
-    fp_bump(&w.ctr.accepted, 1)
-    active = fp_atomic_add(&w.sh.gauges.active, 1)
-    fp_atomic_max(&w.sh.gauges.peak_active, active)
-    if w.epfd >= 0 and fp_epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, EV_BRIDGE,
-                                    <uint64_t>b) < 0:
-        bridge_close(w, b, REFUSED, 0, 0)
-        return
-    if w.sh.hooks & HOOK_CONNECT:
-        bridge_ask_connect(w, b, now)
-    else:
-        bridge_start_upstream(w, b, -1, now)
-
-
-cdef void client_address(sockaddr_storage *peer, Bridge *b) noexcept nogil:
-    # Kept as IPv6 (IPv4 mapped) so that rules and tables use one key shape.
-    cdef sockaddr_in *s4
-    cdef sockaddr_in6 *s6
-    if peer.ss_family == AF_INET:
-        s4 = <sockaddr_in *>peer
-        memset(b.client_ip, 0, 10)
-        b.client_ip[10] = 0xff
-        b.client_ip[11] = 0xff
-        memcpy(&b.client_ip[12], &s4.sin_addr, 4)
-        b.client_port = ntohs(s4.sin_port)
-        b.client_v4 = 1
-    elif peer.ss_family == AF_INET6:
-        s6 = <sockaddr_in6 *>peer
-        memcpy(b.client_ip, &s6.sin6_addr, 16)
-        b.client_port = ntohs(s6.sin6_port)
-
-
 cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
                        int64_t now) noexcept nogil:
     # ev: EV_RD / EV_WR / EV_ERR, already translated from epoll or poll.
@@ -464,6 +292,11 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
         if b.state != B_ACTIVE:
             if ev & EV_ERR:
                 bridge_close(w, b, CLIENT_RESET, 0, 1)
+            elif ev & EV_HUP and b.state == B_QUEUED:
+                # A client that hangs up while waiting for a slot has given
+                # up (TCP cannot tell that from a half-close: the queue
+                # treats it as abandoned, as haproxy's abortonclose does).
+                bridge_close(w, b, CLIENT_CLOSED, 0, 0)
             return
     else:
         if ev & EV_RD:
@@ -477,6 +310,5 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
             if err != 0:
                 bridge_retry(w, b, -err, now)
                 return
-            timer_del(w, b, SLOT_PHASE)
-            b.state = B_ACTIVE
+            bridge_connected(w, b)
     bridge_pump(w, b, now)

@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--listen", required=True, metavar="ADDR",
                    help="where to accept clients: :PORT (every interface), HOST:PORT, [IPV6]:PORT")
-    p.add_argument("--upstream", required=True, action="append", metavar="ADDR",
-                   help="the server to forward to, HOST:PORT (repeat for several: round-robin)")
+    p.add_argument("--upstream", required=True, action="append", metavar="SPEC",
+                   help="a server to forward to: HOST:PORT[@WEIGHT][,max-connections=N][,backup]; "
+                        "repeat it for an upstream group")
     p.add_argument("--workers", metavar="N", help="worker threads (default: one per usable CPU)")
     p.add_argument("--connect-timeout", default="5s", metavar="D", help="upstream connect timeout (default 5s)")
     p.add_argument("--drain-timeout", default="10s", metavar="D",
@@ -45,6 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a bridge may stay half-closed (default 5m)")
     p.add_argument("--engine", default="auto", choices=("auto", "epoll", "poll"),
                    help="data plane loop (default auto: epoll where available; env FASTPROXY_ENGINE)")
+    g = p.add_argument_group("balancing and health")
+    g.add_argument("--balance", default="roundrobin",
+                   help="roundrobin (weighted, smooth), leastconn, random (power of two), source "
+                        "(consistent hash of the client IP), first (default roundrobin)")
+    g.add_argument("--retries", metavar="N", help="other upstreams to try after a failed connect "
+                                                  "(default: upstreams - 1)")
+    g.add_argument("--max-fails", default="3", metavar="N",
+                   help="consecutive connect failures that mark an upstream down (default 3; 0 = never)")
+    g.add_argument("--fail-timeout", default="10s", metavar="D",
+                   help="how long an upstream marked down is skipped (default 10s)")
+    g.add_argument("--health-interval", metavar="D", help="active health checks every D (default: off)")
+    g.add_argument("--health-timeout", default="2s", metavar="D", help="health check timeout (default 2s)")
+    g.add_argument("--health-rise", default="2", metavar="N", help="passes to mark an upstream up (default 2)")
+    g.add_argument("--health-fall", default="3", metavar="N", help="fails to mark an upstream down (default 3)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-connections", metavar="N",
+                   help="live bridges at most (default: from the fd budget)")
+    g.add_argument("--max-connections-per-ip", metavar="N", help="live bridges per client IP at most")
+    g.add_argument("--on-limit", default="queue", choices=("queue", "reject"),
+                   help="past a limit: wait in line (default) or close at once")
+    g.add_argument("--queue-size", default="1024", metavar="N", help="clients that may wait (default 1024)")
+    g.add_argument("--queue-timeout", default="30s", metavar="D", help="how long a client may wait (default 30s)")
     p.add_argument("--hooks", metavar="SPEC",
                    help="Python hooks: FILE.py[:OBJECT] or MODULE[:OBJECT] defining on_connect/on_data/on_close")
     p.add_argument("--access-log", metavar="FILE|-", help="one JSON line per closed bridge (- = stdout)")
@@ -67,6 +90,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             drain_timeout=args.drain_timeout,
             half_close_timeout=args.half_close_timeout,
             engine=args.engine,
+            balance=args.balance,
+            retries=args.retries,
+            max_fails=args.max_fails,
+            fail_timeout=args.fail_timeout,
+            health_interval=args.health_interval,
+            health_timeout=args.health_timeout,
+            health_rise=args.health_rise,
+            health_fall=args.health_fall,
+            max_connections=args.max_connections,
+            max_connections_per_ip=args.max_connections_per_ip,
+            on_limit=args.on_limit,
+            queue_size=args.queue_size,
+            queue_timeout=args.queue_timeout,
             access_log=args.access_log,
         )
         for name in ("on_connect", "on_data", "on_close"):

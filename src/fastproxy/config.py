@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "ConfigError",
@@ -91,14 +91,14 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _positive_int(value: object, field: str) -> int:
+def _positive_int(value: object, field: str, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         try:
             value = int(str(value), 10)
         except ValueError:
             raise ConfigError(field, value, "must be a whole number") from None
-    if value < 1:
-        raise ConfigError(field, value, "must be at least 1")
+    if value < low:
+        raise ConfigError(field, value, f"must be at least {low}")
     return value
 
 
@@ -111,54 +111,106 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _count_or_none(value: object, field: str) -> Optional[int]:
+    return None if value is None else _positive_int(value, field)
+
+
+def _choice(value: object, field: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(field, value, f"must be one of {', '.join(choices)}")
+    return str(value)
+
+
 @dataclass(frozen=True)
 class Config:
     """One listener's validated configuration (immutable)."""
 
     listen: Address
-    upstreams: Tuple[Address, ...]
+    upstreams: Tuple[Any, ...]            # fastproxy.Upstream
     workers: int
     connect_timeout: float = 5.0
     drain_timeout: float = 10.0
     half_close_timeout: float = 300.0
     engine: str = "auto"
+    # balancing and upstream health
+    balance: str = "roundrobin"
+    retries: Optional[int] = None         # None: one try per other upstream
+    max_fails: int = 3
+    fail_timeout: float = 10.0
+    health_interval: Optional[float] = None
+    health_timeout: float = 2.0
+    health_rise: int = 2
+    health_fall: int = 3
+    # limits
+    max_connections: Optional[int] = None  # None: derived from the fd budget
+    max_connections_per_ip: Optional[int] = None
+    on_limit: str = "queue"
+    queue_size: int = 1024
+    queue_timeout: float = 30.0
 
     @property
     def upstream_names(self) -> Tuple[str, ...]:
-        return tuple(format_address(h, p) for h, p in self.upstreams)
+        return tuple(u.address for u in self.upstreams)
+
+    @property
+    def retry_count(self) -> int:
+        return len(self.upstreams) - 1 if self.retries is None else self.retries
 
     @classmethod
     def build(
         cls,
         listen: str,
-        upstream: Optional[str] = None,
-        upstreams: Optional[Sequence[str]] = None,
+        upstream: Optional[Any] = None,
+        upstreams: Optional[Sequence[Any]] = None,
         workers: Optional[int] = None,
         connect_timeout: Duration = 5.0,
         drain_timeout: Duration = 10.0,
         half_close_timeout: Duration = 300.0,
         engine: str = "auto",
+        balance: str = "roundrobin",
+        retries: Optional[int] = None,
+        max_fails: int = 3,
+        fail_timeout: Duration = 10.0,
+        health_interval: Optional[Duration] = None,
+        health_timeout: Duration = 2.0,
+        health_rise: int = 2,
+        health_fall: int = 3,
+        max_connections: Optional[int] = None,
+        max_connections_per_ip: Optional[int] = None,
+        on_limit: str = "queue",
+        queue_size: int = 1024,
+        queue_timeout: Duration = 30.0,
     ) -> "Config":
+        from .upstreams import parse_balance, parse_upstreams
+
         if upstream is not None and upstreams is not None:
             raise ConfigError("upstreams", upstreams, "give either upstream or upstreams, not both")
         if upstream is not None:
-            given: Iterable[str] = [upstream]
+            group = parse_upstreams([upstream], "upstream")
         elif upstreams is not None:
-            if isinstance(upstreams, str):
-                raise ConfigError("upstreams", upstreams, "expected a list of HOST:PORT strings")
-            given = list(upstreams)
-            if not given:
-                raise ConfigError("upstreams", upstreams, "needs at least one upstream")
+            group = parse_upstreams(upstreams, "upstreams")
         else:
             raise ConfigError("upstream", None, "an upstream HOST:PORT is required")
-        if engine not in ENGINE_CHOICES:
-            raise ConfigError("engine", engine, f"must be one of {', '.join(ENGINE_CHOICES)}")
         return cls(
             listen=parse_address(listen, "listen", listen=True),
-            upstreams=tuple(parse_address(u, "upstream") for u in given),
+            upstreams=group,
             workers=default_workers() if workers is None else _positive_int(workers, "workers"),
             connect_timeout=parse_duration(connect_timeout, "connect_timeout", allow_zero=False),
             drain_timeout=parse_duration(drain_timeout, "drain_timeout"),
             half_close_timeout=parse_duration(half_close_timeout, "half_close_timeout", allow_zero=False),
-            engine=engine,
+            engine=_choice(engine, "engine", ENGINE_CHOICES),
+            balance=parse_balance(balance, "balance"),
+            retries=None if retries is None else _positive_int(retries, "retries", 0),
+            max_fails=_positive_int(max_fails, "max_fails", 0),
+            fail_timeout=parse_duration(fail_timeout, "fail_timeout", allow_zero=False),
+            health_interval=None if health_interval is None
+            else parse_duration(health_interval, "health_interval", allow_zero=False),
+            health_timeout=parse_duration(health_timeout, "health_timeout", allow_zero=False),
+            health_rise=_positive_int(health_rise, "health_rise"),
+            health_fall=_positive_int(health_fall, "health_fall"),
+            max_connections=_count_or_none(max_connections, "max_connections"),
+            max_connections_per_ip=_count_or_none(max_connections_per_ip, "max_connections_per_ip"),
+            on_limit=_choice(on_limit, "on_limit", ("queue", "reject")),
+            queue_size=_positive_int(queue_size, "queue_size"),
+            queue_timeout=parse_duration(queue_timeout, "queue_timeout", allow_zero=False),
         )

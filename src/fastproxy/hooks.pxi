@@ -145,10 +145,7 @@ cdef void limbo_release(Worker *w, Bridge *b) noexcept nogil:
         p = &p[0].grave_next
     if p[0] == b:
         p[0] = b.grave_next
-    free(b.up.lent)
-    free(b.down.lent)
-    free(b.route)
-    free(b)
+    bridge_free(b)
 
 
 cdef void worker_take_results(Worker *w, int64_t now) noexcept nogil:
@@ -165,6 +162,9 @@ cdef void worker_take_results(Worker *w, int64_t now) noexcept nogil:
     pthread_mutex_unlock(&q.mu)
     for i in range(n):
         b = items[i].bridge
+        if items[i].kind == EVT_RETRY:
+            bridge_queue_retry(w, b, now)
+            continue
         b.hook_pending -= 1
         if b.state == B_CLOSED:
             hook_result_free(&items[i])

@@ -14,11 +14,12 @@ import asyncio
 import signal
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import _core
 from .config import Config, ConfigError, Duration, format_address
 from .dispatch import HookRunner, open_access_log
+from .health import HealthChecker
 from .hooks import Direction, Hook, Hooks
 from .sockets import listen_socket, raise_fd_limit, resolve_upstream
 
@@ -37,6 +38,12 @@ def pipe_pool_size(fd_budget: int, workers: int) -> int:
     # At most 1/16 of the fd budget sits in idle pipes (two fds each).
     return max(1, min(PIPE_POOL_MAX, fd_budget // (32 * workers)))
 STARTUP_TIMEOUT = 10.0
+
+
+def default_max_connections(fd_budget: int) -> int:
+    # Two fds a bridge, less a margin for the listener, Python's own files
+    # and pipes (a bridge short of a pipe copies instead).
+    return max(1, fd_budget // FDS_PER_BRIDGE - min(32, fd_budget // 8))
 
 
 def choose_engine(requested: str) -> str:
@@ -66,6 +73,20 @@ class Proxy:
         drain_timeout: Duration = 10.0,
         half_close_timeout: Duration = 300.0,
         engine: str = "auto",
+        balance: str = "roundrobin",
+        retries: Optional[int] = None,
+        max_fails: int = 3,
+        fail_timeout: Duration = 10.0,
+        health_interval: Optional[Duration] = None,
+        health_timeout: Duration = 2.0,
+        health_rise: int = 2,
+        health_fall: int = 3,
+        health_check: Optional[Callable[[str, int], bool]] = None,
+        max_connections: Optional[int] = None,
+        max_connections_per_ip: Optional[int] = None,
+        on_limit: str = "queue",
+        queue_size: int = 1024,
+        queue_timeout: Duration = 30.0,
         on_connect: Optional[Hook] = None,
         on_data: Optional[Hook] = None,
         on_close: Optional[Hook] = None,
@@ -82,7 +103,26 @@ class Proxy:
             drain_timeout=drain_timeout,
             half_close_timeout=half_close_timeout,
             engine=engine,
+            balance=balance,
+            retries=retries,
+            max_fails=max_fails,
+            fail_timeout=fail_timeout,
+            health_interval=health_interval,
+            health_timeout=health_timeout,
+            health_rise=health_rise,
+            health_fall=health_fall,
+            max_connections=max_connections,
+            max_connections_per_ip=max_connections_per_ip,
+            on_limit=on_limit,
+            queue_size=queue_size,
+            queue_timeout=queue_timeout,
         )
+        if health_check is not None and not callable(health_check):
+            raise ConfigError("health_check", health_check, "must be a callable (host, port) -> bool")
+        self._health_check = health_check
+        self._health: Optional[HealthChecker] = None
+        self._balancer: Optional[_core.Balancer] = None
+        self._watch: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._engine: Optional[_core.Engine] = None
         self._sock = None
@@ -146,21 +186,28 @@ class Proxy:
             engine_name = choose_engine(cfg.engine)
             if self._hooks.is_async() and self._loop is None:
                 raise ConfigError("hooks", "async def", "coroutine hooks need the proxy run by `await proxy.serve()`")
-            upstreams = [
-                (name, resolve_upstream(addr))
-                for name, addr in zip(cfg.upstream_names, cfg.upstreams)
-            ]
+            upstreams = [(u.address, resolve_upstream((u.host, u.port))) for u in cfg.upstreams]
+            balancer = _core.Balancer(cfg.upstreams, cfg.balance, max_fails=cfg.max_fails,
+                                      fail_timeout=cfg.fail_timeout)
             budget = raise_fd_limit()
+            max_connections = cfg.max_connections or default_max_connections(budget)
             sock = listen_socket(cfg.listen)
             try:
                 engine = _core.Engine(
                     sock.fileno(),
+                    balancer,
                     upstreams,
                     workers=cfg.workers,
                     engine=engine_name,
                     connect_timeout=cfg.connect_timeout,
                     half_close_timeout=cfg.half_close_timeout,
                     pool_max=pipe_pool_size(budget, cfg.workers),
+                    retries=cfg.retry_count,
+                    max_connections=max_connections,
+                    max_per_ip=cfg.max_connections_per_ip or 0,
+                    queue_on_limit=cfg.on_limit == "queue",
+                    queue_size=cfg.queue_size,
+                    queue_timeout=cfg.queue_timeout,
                     hooks=self._hooks.flags(self._access_log_target is not None),
                     max_hold=self._max_hold,
                 )
@@ -187,6 +234,8 @@ class Proxy:
             self._runner = HookRunner(engine, self._hooks, cfg.upstream_names, self._address,
                                       self._hook_threads, self._access_log, self._loop)
             self._runner.start()
+            self._balancer = balancer
+            self._start_health(balancer)
             self._threads = [
                 threading.Thread(target=self._run_worker, args=(i,), name=f"fastproxy-worker-{i}", daemon=True)
                 for i in range(cfg.workers)
@@ -195,16 +244,49 @@ class Proxy:
                 t.start()
             self._wait_accepting(engine, cfg.workers)
         log.info(
-            "listening on %s, forwarding to %s, engine %s, %d worker%s, fd budget %d (about %d bridges)",
+            "listening on %s, forwarding to %s (%s), engine %s, %d worker%s, fd budget %d, max %d bridges",
             format_address(*self._address),
             ", ".join(cfg.upstream_names),
+            cfg.balance,
             engine_name,
             cfg.workers,
             "" if cfg.workers == 1 else "s",
             budget,
-            budget // FDS_PER_BRIDGE,
+            max_connections,
         )
         return self
+
+    def _start_health(self, balancer: "_core.Balancer") -> None:
+        cfg = self.config
+        if cfg.health_interval is not None:
+            self._health = HealthChecker(
+                [(u.host, u.port) for u in cfg.upstreams],
+                balancer.set_health,
+                interval=cfg.health_interval,
+                timeout=cfg.health_timeout,
+                rise=cfg.health_rise,
+                fall=cfg.health_fall,
+                check=self._health_check,
+                names=balancer.names,
+            ).start()
+        # Passive health changes state in the data plane; this thread only
+        # notices (a counter) and logs each transition once.
+        self._watch = threading.Thread(target=self._watch_states, args=(balancer,),
+                                       name="fastproxy-states", daemon=True)
+        self._watch.start()
+
+    def _watch_states(self, balancer: "_core.Balancer") -> None:
+        seen = balancer.changes
+        states = [balancer.state(i)["state"] for i in range(len(balancer))]
+        while not self._stopped.wait(0.25):
+            if balancer.changes == seen:
+                continue
+            seen = balancer.changes
+            for i, name in enumerate(balancer.names):
+                now = balancer.state(i)["state"]
+                if now != states[i]:
+                    log.warning("upstream %s is %s", name, now)
+                    states[i] = now
 
     def _wait_accepting(self, engine: "_core.Engine", workers: int) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -242,6 +324,9 @@ class Proxy:
                 self._sock = None
             for t in self._threads:
                 t.join()
+            if self._health is not None:
+                self._health.stop()
+                self._health = None
             hooks_done = self._runner is None or self._runner.stop()
             self._final_stats = self._stats(engine)
             if self._owns_access_log and self._access_log is not None:

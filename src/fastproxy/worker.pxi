@@ -8,6 +8,7 @@ cdef enum:
     EV_RD = 1
     EV_WR = 2
     EV_ERR = 4
+    EV_HUP = 8                 # the peer sent FIN (or is gone)
     TAG_WAKE = 2               # epoll tags; a bridge's tag is its (even)
     TAG_LISTEN = 4             # address, plus 1 for its upstream side
 
@@ -21,17 +22,18 @@ cdef uint32_t EV_BRIDGE = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 # ---- timers: one list per duration, so appending keeps each list sorted
 
 cdef enum:
-    SLOT_PHASE = 0         # connect (later: PROXY header, queue wait)
+    SLOT_PHASE = 0         # queue wait, connect (later: PROXY header)
     SLOT_HALF_CLOSE = 1
     SLOT_IDLE = 2
     SLOT_LIFETIME = 3
 
-cdef int SLOT_OF[5]        # T_LISTS
+cdef int SLOT_OF[6]        # T_LISTS
 SLOT_OF[T_NONE] = 0
 SLOT_OF[T_CONNECT] = SLOT_PHASE
 SLOT_OF[T_HALF_CLOSE] = SLOT_HALF_CLOSE
 SLOT_OF[T_IDLE] = SLOT_IDLE
 SLOT_OF[T_LIFETIME] = SLOT_LIFETIME
+SLOT_OF[T_QUEUE] = SLOT_PHASE
 
 
 cdef inline void timer_del(Worker *w, Bridge *b, int slot) noexcept nogil:
@@ -96,6 +98,8 @@ cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
         bridge_close(w, w.thead[T_LIFETIME], TIMEOUT, 0, 0)
     while timer_due(w, T_IDLE, now):
         idle_expire(w, w.thead[T_IDLE], now)
+    while timer_due(w, T_QUEUE, now):
+        bridge_queue_timeout(w, w.thead[T_QUEUE])
 
 
 cdef void idle_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
@@ -157,13 +161,21 @@ cdef inline void bridges_remove(Worker *w, Bridge *b) noexcept nogil:
     w.nbridges -= 1
 
 
+cdef void bridge_free(Bridge *b) noexcept nogil:
+    free(b.up.lent)
+    free(b.down.lent)
+    free(b.route)
+    free(b.tried)
+    free(b)
+
+
 cdef void grave_free(Worker *w) noexcept nogil:
     # Bridges with a hook call out are in w.limbo, not here.
     cdef Bridge *b
     while w.grave != NULL:
         b = w.grave
         w.grave = b.grave_next
-        free(b)
+        bridge_free(b)
 
 
 # ---- accepting
@@ -243,6 +255,8 @@ cdef inline int translate_epoll(uint32_t e) noexcept nogil:
         ev |= EV_WR
     if e & (EPOLLHUP | EPOLLERR):
         ev |= EV_ERR
+    if e & (EPOLLRDHUP | EPOLLHUP):
+        ev |= EV_HUP
     return ev
 
 
@@ -254,6 +268,8 @@ cdef inline int translate_poll(short e) noexcept nogil:
         ev |= EV_WR
     if e & (POLLHUP | POLLERR | POLLNVAL):
         ev |= EV_ERR
+    if e & (POLLRDHUP | POLLHUP):
+        ev |= EV_HUP
     return ev
 
 
@@ -329,7 +345,7 @@ cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
         p[0].fd = b.cfd
         p[1].fd = b.ufd
         if b.state != B_ACTIVE:
-            p[0].events = 0
+            p[0].events = POLLRDHUP if b.state == B_QUEUED else 0
             p[1].events = POLLOUT if b.state == B_CONNECTING else 0
         else:
             p[0].events = poll_interest(&b.up, b.c_rd, &b.down, b.c_wr)

@@ -1,0 +1,268 @@
+# From accept to a connected upstream: the client's address, admission
+# (limits, the wait queue, on_connect), the balancer's choice, the connect
+# itself, and retries on the next address or the next upstream.
+
+
+cdef void client_address(sockaddr_storage *peer, Bridge *b) noexcept nogil:
+    # Kept as IPv6 (IPv4 mapped) so that rules and tables use one key shape.
+    cdef sockaddr_in *s4
+    cdef sockaddr_in6 *s6
+    if peer.ss_family == AF_INET:
+        s4 = <sockaddr_in *>peer
+        memset(b.client_ip, 0, 10)
+        b.client_ip[10] = 0xff
+        b.client_ip[11] = 0xff
+        memcpy(&b.client_ip[12], &s4.sin_addr, 4)
+        b.client_port = ntohs(s4.sin_port)
+        b.client_v4 = 1
+    elif peer.ss_family == AF_INET6:
+        s6 = <sockaddr_in6 *>peer
+        memcpy(b.client_ip, &s6.sin6_addr, 16)
+        b.client_port = ntohs(s6.sin6_port)
+
+
+cdef void bridge_open(Worker *w, int fd, sockaddr_storage *peer, int64_t now) noexcept nogil:
+    cdef Bridge *b = <Bridge *>calloc(1, sizeof(Bridge))
+    if b == NULL or bridges_add(w, b) < 0:
+        free(b)
+        close(fd)
+        return
+    b.id = <uint64_t>fp_atomic_add(&w.sh.next_id, 1)
+    b.worker = w.id
+    b.cfd = fd
+    b.ufd = -1
+    b.upstream = -1
+    b.up.pipe_r = b.up.pipe_w = b.down.pipe_r = b.down.pipe_w = -1
+    b.up.hook = (w.sh.hooks & HOOK_DATA_UP) != 0
+    b.down.hook = (w.sh.hooks & HOOK_DATA_DOWN) != 0
+    b.state = B_CONNECTING
+    b.copy = w.sh.engine == ENGINE_POLL
+    b.accepted_ns = now
+    b.last_active_ns = now
+    client_address(peer, b)
+    fp_set_nodelay(fd)
+    fp_bump(&w.ctr.accepted, 1)
+    if w.epfd >= 0 and fp_epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, EV_BRIDGE,
+                                    <uint64_t>b) < 0:
+        bridge_close(w, b, REFUSED, 0, 0)
+        return
+    bridge_admit(w, b, now)
+
+
+cdef void bridge_reject(Worker *w, Bridge *b) noexcept nogil:
+    # Past a limit: closed at once, nothing read.
+    fp_bump(&w.ctr.rejected, 1)
+    bridge_close(w, b, REFUSED, 0, 0)
+
+
+cdef void bridge_admit(Worker *w, Bridge *b, int64_t now) noexcept nogil:
+    # The built-in rules run first (no Python), then the global limit,
+    # waiting in line behind earlier clients if there are any.
+    if w.sh.max_per_ip and not b.ip_counted:
+        if not ip_take(&w.sh.ips, b.client_ip, w.sh.max_per_ip):
+            bridge_reject(w, b)
+            return
+        b.ip_counted = 1
+    if queue_busy(w.sh) or not limit_take(w.sh):
+        if not queue_wait(w, b, 0, now):
+            bridge_reject(w, b)
+        return
+    bridge_admitted(w, b, now)
+
+
+cdef void bridge_admitted(Worker *w, Bridge *b, int64_t now) noexcept nogil:
+    b.admitted = 1
+    timer_del(w, b, SLOT_PHASE)
+    b.state = B_CONNECTING
+    if w.sh.max_lifetime_ns:
+        timer_add(w, b, T_LIFETIME, b.accepted_ns + w.sh.max_lifetime_ns)
+    if w.sh.idle_timeout_ns:
+        timer_add(w, b, T_IDLE, now + w.sh.idle_timeout_ns)
+    if w.sh.hooks & HOOK_CONNECT:
+        bridge_ask_connect(w, b)
+    else:
+        bridge_start_upstream(w, b, -1, now)
+
+
+cdef void bridge_queue_retry(Worker *w, Bridge *b, int64_t now) noexcept nogil:
+    # A slot was freed for this waiter: the step it waited at, again.
+    if not queue_retry_arrived(w, b):
+        b.hook_pending -= 1
+        limbo_release(w, b)
+        return
+    if not b.admitted:
+        if not limit_take(w.sh):
+            queue_wait(w, b, 1, now)
+            return
+        bridge_admitted(w, b, now)
+    else:
+        bridge_start_upstream(w, b, -1, now)
+
+
+cdef void bridge_queue_timeout(Worker *w, Bridge *b) noexcept nogil:
+    fp_bump(&w.ctr.queue_timeouts, 1)
+    bridge_close(w, b, TIMEOUT, 0, 0)
+
+
+cdef int balance_take(BalanceGroup *g, BalanceCursor *c, int i, int64_t now) noexcept nogil:
+    # on_connect named upstream i: its health and limits apply as if the
+    # balancer had chosen it. Returns: i, BALANCE_FULL or BALANCE_NONE.
+    memset(c.skip, 0, balance_tried_bytes(g.n))
+    c.full = 0
+    if usable(g, c, i, g.spec[i].backup, now) >= 0 and reserve(g, c, i, now):
+        return i
+    return BALANCE_FULL if c.full else BALANCE_NONE
+
+
+cdef void bridge_start_upstream(Worker *w, Bridge *b, int chosen, int64_t now) noexcept nogil:
+    # Takes an upstream (the one on_connect chose, or the balancer's choice,
+    # or none when on_connect gave an address of its own) and connects.
+    cdef int i, r
+    if b.route == NULL:
+        if chosen >= 0:
+            i = balance_take(w.sh.group, &w.cursor, chosen, now)
+        else:
+            i = balance_acquire(w.sh.group, &w.cursor, b.client_ip, b.tried, now)
+        if i == BALANCE_FULL:
+            if not queue_wait(w, b, 0, now):
+                bridge_reject(w, b)
+            return
+        if i < 0:
+            # Every upstream is down (or was tried): close at once.
+            bridge_close(w, b, CONNECT_FAILED, 0, 0)
+            fp_bump(&w.ctr.connect_failures, 1)
+            return
+        b.upstream = i
+        b.up_slot = 1
+        b.addr = 0
+        b.state = B_CONNECTING
+        timer_del(w, b, SLOT_PHASE)
+        fp_bump(&w.up_ctr[i].accepted, 1)
+    r = bridge_connect(w, b, -ECONNREFUSED, now)
+    if r < 0:
+        bridge_upstream_failed(w, b, r, now)
+
+
+cdef inline UpstreamAddr *bridge_addrs(Worker *w, Bridge *b, int *n) noexcept nogil:
+    if b.route != NULL:
+        n[0] = b.nroute
+        return b.route
+    n[0] = w.sh.upstreams[b.upstream].naddrs
+    return w.sh.upstreams[b.upstream].addrs
+
+
+cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nogil:
+    # Starts a non-blocking connect to the next address of the bridge's
+    # upstream (or route). Returns: 0 when one is under way; else the last
+    # -errno (`err` when no address was left to try).
+    cdef int naddrs
+    cdef UpstreamAddr *addrs = bridge_addrs(w, b, &naddrs)
+    cdef UpstreamAddr *a
+    cdef int fd, r
+    while b.addr < naddrs:
+        a = &addrs[b.addr]
+        fd = fp_socket(a.family)
+        if fd < 0:
+            return fd
+        fp_set_nodelay(fd)
+        r = fp_connect(fd, <sockaddr *>&a.sa, a.salen)
+        if r == 0 or r == -EINPROGRESS:
+            # Even an immediate success is finished by the writable event.
+            if w.epfd >= 0:
+                r = fp_epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, EV_BRIDGE,
+                                 <uint64_t>b | 1)
+                if r < 0:
+                    close(fd)
+                    return r
+            b.ufd = fd
+            b.u_rd = 0
+            b.u_wr = 0
+            b.state = B_CONNECTING
+            timer_add(w, b, T_CONNECT, now + w.sh.connect_timeout_ns)
+            return 0
+        close(fd)
+        err = r
+        b.addr += 1
+    return err
+
+
+cdef void bridge_connected(Worker *w, Bridge *b) noexcept nogil:
+    timer_del(w, b, SLOT_PHASE)
+    b.state = B_ACTIVE
+    if b.up_slot:
+        balance_connect_result(w.sh.group, b.upstream, 1, fp_now_ns())
+
+
+cdef void bridge_retry(Worker *w, Bridge *b, int err, int64_t now) noexcept nogil:
+    # The address being tried failed: go on with the next, or the next
+    # upstream.
+    timer_del(w, b, SLOT_PHASE)
+    close(b.ufd)
+    b.ufd = -1
+    b.addr += 1
+    err = bridge_connect(w, b, err, now)
+    if err < 0:
+        bridge_upstream_failed(w, b, err, now)
+
+
+cdef void bridge_upstream_failed(Worker *w, Bridge *b, int err, int64_t now) noexcept nogil:
+    # No address of the upstream answered. It is counted (passive health),
+    # then another upstream is tried while retries are left: a client sees
+    # a failure only when no healthy upstream could take it.
+    cdef int ui = b.upstream if b.upstream >= 0 else w.sh.nupstreams
+    if err == -EMFILE or err == -ENFILE:
+        # Our fd shortage says nothing of the upstream's health.
+        bridge_close(w, b, REFUSED, 0, 0)
+        fp_bump(&w.ctr.fd_exhausted, 1)
+        worker_pause_accept(w, fp_now_ns())
+        return
+    fp_bump(&w.up_ctr[ui].connect_failures, 1)
+    if b.up_slot and b.route == NULL:
+        balance_connect_result(w.sh.group, b.upstream, 0, now)
+        upstream_release(w, b)
+        if b.tries < w.sh.retries and bridge_mark_tried(w, b) == 0:
+            b.tries += 1
+            bridge_start_upstream(w, b, -1, now)
+            return
+    bridge_close(w, b, CONNECT_FAILED, 0, 0)
+    fp_bump(&w.ctr.connect_failures, 1)
+
+
+cdef int bridge_mark_tried(Worker *w, Bridge *b) noexcept nogil:
+    # Returns: 0, or -ENOMEM (no retry then).
+    if b.tried == NULL:
+        b.tried = <uint8_t *>calloc(1, balance_tried_bytes(w.sh.group.n))
+        if b.tried == NULL:
+            return -ENOMEM
+    bits_set(b.tried, b.upstream)
+    return 0
+
+
+cdef void bridge_ask_connect(Worker *w, Bridge *b) noexcept nogil:
+    cdef HookEvent ev
+    ev.kind = EVT_CONNECT
+    ev.dir = 0
+    ev.worker = w.id
+    ev.bridge = b
+    ev.buf = NULL
+    ev.len = 0
+    if event_push(w.sh, &ev) < 0:
+        bridge_close(w, b, HOOK_ERROR, 0, 0)
+        return
+    b.state = B_HOOK
+    b.hook_pending += 1
+
+
+cdef void bridge_connect_answer(Worker *w, Bridge *b, HookResult *res,
+                                int64_t now) noexcept nogil:
+    if res.verdict == V_PROCEED:
+        bridge_start_upstream(w, b, -1, now)
+    elif res.verdict == V_ROUTE:
+        if res.route != NULL:
+            b.route = res.route
+            b.nroute = res.nroute
+            res.route = NULL
+        bridge_start_upstream(w, b, res.upstream, now)
+    else:
+        bridge_close(w, b, HOOK_ERROR if res.verdict == V_ERROR else REFUSED, 0, 0)
+    hook_result_free(res)
