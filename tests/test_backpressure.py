@@ -56,8 +56,13 @@ def test_slow_reader_blocks_writer_without_spinning(cli_proxy, direction):
             h = hashlib.sha256()
             first = recv_exact(rsock, 1 * MiB)
             h.update(first)
-            # Reader stalls. Give the buffers a second to fill, then watch for STALL_S-1 s.
-            time.sleep(1.0)
+            # Reader stalls. Let the buffers fill (the writer stops for 0.5 s; at most
+            # 5 s on a loaded machine), then watch for STALL_S-1 s.
+            deadline = time.monotonic() + 5.0
+            last = -1
+            while writer.sent != last and time.monotonic() < deadline:
+                last = writer.sent
+                time.sleep(0.5)
             cpu0, sent0 = proxy.cpu(), writer.sent
             time.sleep(STALL_S - 1.0)
             cpu1, sent1 = proxy.cpu(), writer.sent
