@@ -2,6 +2,7 @@
 # threads without the GIL; the Engine class is the only Python-facing part.
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from .includes.access cimport AclTable, RateTable
 from .includes.balance cimport BalanceCursor, BalanceGroup
 from .includes.system cimport (epoll_event, pollfd, pthread_cond_t, pthread_mutex_t,
                                sockaddr_storage, socklen_t)
@@ -27,6 +28,7 @@ cdef enum:
 
 # Bridge states, in the order a bridge goes through them.
 cdef enum:
+    B_HEADER = 0          # waiting for the client's PROXY protocol header
     B_QUEUED = 1          # waiting for a free slot (global or upstream)
     B_HOOK = 2            # waiting for on_connect
     B_CONNECTING = 3
@@ -42,7 +44,8 @@ cdef enum:
     T_IDLE = 3
     T_LIFETIME = 4
     T_QUEUE = 5
-    T_LISTS = 6
+    T_HEADER = 6
+    T_LISTS = 7
     T_SLOTS = 4
 
 # Which hooks the control plane registered (Shared.hooks bits).
@@ -118,6 +121,9 @@ cdef struct Bridge:
     uint8_t client_v4    # the client came over IPv4 (client_ip is mapped)
     uint16_t client_port
     uint8_t client_ip[16]
+    uint8_t has_dst      # dst_* came from a PROXY header
+    uint16_t dst_port
+    uint8_t dst_ip[16]
     int hook_pending     # answers not received yet: keeps the bridge allocated
     int worker
     uint8_t admitted     # holds a slot of the global limit (and counts in `active`)
@@ -151,6 +157,10 @@ cdef struct Counters:
     uint64_t fd_exhausted
     uint64_t rejected
     uint64_t queue_timeouts
+    uint64_t denied
+    uint64_t rate_limited
+    uint64_t outside_window
+    uint64_t proxy_header_errors
 
 
 # Counters every worker updates atomically.
@@ -281,6 +291,16 @@ cdef struct Shared:
     int64_t queue_timeout_ns
     WaitQueue wait
     IpTable ips
+    # access control
+    AclTable *acl             # NULL: every client
+    RateTable *rate           # NULL: no rate limit
+    int64_t admit_open        # time windows: 0 refuses new clients (atomic)
+    uint8_t reject_reset      # refused clients get RST instead of FIN
+    uint8_t send_proxy        # PROXY protocol version to send upstream, 0: none
+    uint8_t accept_proxy
+    AclTable *proxy_from      # who may send a PROXY header; NULL: anyone
+    int proxy_v2_max
+    int64_t header_timeout_ns
     Worker *workers
     Gauges gauges
     int64_t next_id
@@ -298,6 +318,8 @@ cdef struct Worker:
     int64_t cmd_stop      # a generation: each stop() bumps it
     int64_t drain_ns
     int64_t seen_stop
+    int64_t cmd_close_all # a generation: close every live bridge
+    int64_t seen_close_all
     ResultQueue results
     # Worker -> control plane.
     int64_t accepting
@@ -306,8 +328,9 @@ cdef struct Worker:
     int64_t accept_resume_ns
     int64_t drain_deadline_ns
     BalanceCursor cursor
-    Bridge *thead[6]      # T_LISTS: timer lists, ordered by deadline
-    Bridge *ttail[6]
+    Bridge *thead[7]      # T_LISTS: timer lists, ordered by deadline
+    Bridge *ttail[7]
+    uint8_t *scratch      # PROXY headers are peeked into it
     Bridge **bridges
     int nbridges
     int cap_bridges
@@ -333,6 +356,7 @@ cdef class Engine:
     cdef readonly str engine
     cdef object _upstream_names
     cdef object _balancer
+    cdef object _access     # keeps the tables the workers read alive
     cdef int _init_worker(self, Worker *w, int i) except -1
     cdef void _free(self) noexcept
     cdef int _answer(self, int worker, HookResult *res) except -1

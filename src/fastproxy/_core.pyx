@@ -116,6 +116,10 @@ cdef dict counters_dict(Counters *c):
         "fd_exhausted": c.fd_exhausted,
         "rejected": c.rejected,
         "queue_timeouts": c.queue_timeouts,
+        "denied": c.denied,
+        "rate_limited": c.rate_limited,
+        "outside_window": c.outside_window,
+        "proxy_header_errors": c.proxy_header_errors,
     }
 
 
@@ -127,6 +131,10 @@ cdef void counters_add(Counters *total, Counters *c) noexcept nogil:
     total.fd_exhausted += fp_load(&c.fd_exhausted)
     total.rejected += fp_load(&c.rejected)
     total.queue_timeouts += fp_load(&c.queue_timeouts)
+    total.denied += fp_load(&c.denied)
+    total.rate_limited += fp_load(&c.rate_limited)
+    total.outside_window += fp_load(&c.outside_window)
+    total.proxy_header_errors += fp_load(&c.proxy_header_errors)
 
 
 cdef class Engine:
@@ -148,6 +156,9 @@ cdef class Engine:
                  long long max_connections=0, long long max_per_ip=0,
                  bint queue_on_limit=True, long long queue_size=1024,
                  double queue_timeout=30.0, int hooks=0, int max_hold=1048576,
+                 AccessList acl=None, RateLimiter rate=None, bint reject_reset=False,
+                 int send_proxy=0, bint accept_proxy=False, AccessList proxy_from=None,
+                 int proxy_v2_max=1024, double header_timeout=3.0,
                  int pipe_size=262144, int buf_size=65536, int pool_max=64):
         cdef int i, j
         cdef Upstream *up
@@ -166,6 +177,16 @@ cdef class Engine:
         self.sh.queue_size = max(queue_size, 0)
         self.sh.queue_timeout_ns = seconds_to_ns(queue_timeout)
         pthread_mutex_init(&self.sh.wait.mu, NULL)
+        self._access = (acl, rate, proxy_from)
+        self.sh.acl = &acl.table if acl is not None and len(acl) else NULL
+        self.sh.rate = &rate.table if rate is not None else NULL
+        self.sh.proxy_from = &proxy_from.table if proxy_from is not None and len(proxy_from) else NULL
+        self.sh.admit_open = 1
+        self.sh.reject_reset = reject_reset
+        self.sh.send_proxy = <uint8_t>send_proxy
+        self.sh.accept_proxy = accept_proxy
+        self.sh.proxy_v2_max = max(proxy_v2_max, 16)
+        self.sh.header_timeout_ns = seconds_to_ns(header_timeout)
         if self.sh.max_per_ip and iptable_init(&self.sh.ips, max(self.sh.max_connections, 1024) + 1) < 0:
             iptable_free(&self.sh.ips)
             raise MemoryError()
@@ -225,6 +246,10 @@ cdef class Engine:
         pthread_mutex_init(&w.results.mu, NULL)
         if balance_cursor_init(self.sh.group, &w.cursor) < 0:
             raise MemoryError()
+        if self.sh.accept_proxy:
+            w.scratch = <uint8_t *>malloc(16 + self.sh.proxy_v2_max)
+            if w.scratch == NULL:
+                raise MemoryError()
         w.events = <epoll_event *>malloc(MAX_EVENTS * sizeof(epoll_event))
         if not (w.pipe_pool and w.buf_pool and w.up_ctr and w.events):
             raise MemoryError()
@@ -265,6 +290,17 @@ cdef class Engine:
             fp_atomic_add(&w.cmd_stop, 1)
             write(w.wake_w, b"x", 1)
 
+    def set_admit(self, bint open_):
+        """Time windows: False refuses new clients (counted in outside_window)."""
+        fp_atomic_set(&self.sh.admit_open, 1 if open_ else 0)
+
+    def close_all(self):
+        """Close every live bridge (a time window ended)."""
+        cdef int i
+        for i in range(self.nworkers):
+            fp_atomic_add(&self.workers[i].cmd_close_all, 1)
+            write(self.workers[i].wake_w, b"x", 1)
+
     def accepting(self):
         """How many workers are in their loop and accepting."""
         cdef int i, n = 0
@@ -291,7 +327,9 @@ cdef class Engine:
             for i in range(self.nworkers):
                 counters_add(&per, &self.workers[i].up_ctr[j])
             d = counters_dict(&per)
-            del d["rejected"], d["queue_timeouts"], d["fd_exhausted"]
+            for key in ("rejected", "queue_timeouts", "fd_exhausted", "denied",
+                        "rate_limited", "outside_window", "proxy_header_errors"):
+                del d[key]
             d.update(self._balancer.state(j))
             ups[self._upstream_names[j]] = d
         result["upstreams"] = ups
@@ -450,6 +488,7 @@ cdef class Engine:
                 w = &self.workers[i]
                 free_limbo(w)
                 balance_cursor_free(&w.cursor)
+                free(w.scratch)
                 for j in range(w.results.count):
                     hook_result_free(&w.results.items[j])
                 free(w.results.items)

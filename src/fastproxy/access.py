@@ -28,6 +28,8 @@ __all__ = [
     "parse_time_window",
     "load_time_zone",
     "TimeWindows",
+    "AccessConfig",
+    "build_access",
 ]
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -242,3 +244,100 @@ class TimeWindows:
         local = self.local_time(now)
         minute = local.hour * 60 + local.minute
         return any(w.contains(local.weekday(), minute) for w in self.windows)
+
+
+# ---------------------------------------------------------------- one listener's access settings
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """Validated access-control settings of one listener."""
+
+    allow: Tuple[Network, ...] = ()
+    deny: Tuple[Network, ...] = ()
+    reject_with: str = "close"
+    idle_timeout: Optional[float] = None
+    max_lifetime: Optional[float] = None
+    windows: Optional[TimeWindows] = None
+    close_outside_window: bool = False
+    rate: Optional[Tuple[int, float]] = None
+    rate_table: int = 65536
+    send_proxy: int = 0
+    accept_proxy: bool = False
+    accept_proxy_from: Tuple[Network, ...] = ()
+    proxy_header_timeout: float = 3.0
+    proxy_header_max: int = 1024
+
+
+def _rules(values: Optional[Iterable[object]], files: Optional[Iterable[str]], field: str) -> Tuple[Network, ...]:
+    if isinstance(values, (str, bytes)):
+        values = [values]
+    rules = [parse_cidr(v, field) for v in values or ()]
+    for path in files or ():
+        rules.extend(read_rule_file(path, field + "_file"))
+    return tuple(rules)
+
+
+def build_access(
+    allow: Optional[Iterable[object]] = None,
+    deny: Optional[Iterable[object]] = None,
+    allow_file: Optional[Iterable[str]] = None,
+    deny_file: Optional[Iterable[str]] = None,
+    reject_with: str = "close",
+    idle_timeout: Optional[object] = None,
+    max_lifetime: Optional[object] = None,
+    allow_time: Optional[Iterable[str]] = None,
+    time_zone: Optional[str] = None,
+    close_outside_window: bool = False,
+    clock: Optional[Clock] = None,
+    rate_limit_per_ip: Optional[str] = None,
+    rate_limit_table: object = 65536,
+    send_proxy: Optional[object] = None,
+    accept_proxy: bool = False,
+    accept_proxy_from: Optional[Iterable[object]] = None,
+    proxy_header_timeout: object = 3.0,
+    proxy_header_max: object = 1024,
+) -> AccessConfig:
+    if reject_with not in ("close", "reset"):
+        raise ConfigError("reject_with", reject_with, "must be close or reset")
+    if isinstance(allow_time, str):
+        allow_time = [allow_time]
+    windows = TimeWindows(list(allow_time), time_zone, clock) if allow_time else None
+    if windows is None and time_zone is not None:
+        load_time_zone(time_zone)   # still a mistake worth reporting
+    if send_proxy in (None, "", 0):
+        version = 0
+    elif str(send_proxy).lower() in ("v1", "1"):
+        version = 1
+    elif str(send_proxy).lower() in ("v2", "2"):
+        version = 2
+    else:
+        raise ConfigError("send_proxy", send_proxy, "must be v1 or v2")
+    table = _whole_number(rate_limit_table, "rate_limit_table", 1)
+    header_max = _whole_number(proxy_header_max, "proxy_header_max", 16)
+    return AccessConfig(
+        allow=_rules(allow, allow_file, "allow"),
+        deny=_rules(deny, deny_file, "deny"),
+        reject_with=reject_with,
+        idle_timeout=None if idle_timeout is None else parse_duration(idle_timeout, "idle_timeout", allow_zero=False),
+        max_lifetime=None if max_lifetime is None else parse_duration(max_lifetime, "max_lifetime", allow_zero=False),
+        windows=windows,
+        close_outside_window=bool(close_outside_window),
+        rate=None if rate_limit_per_ip is None else parse_rate(rate_limit_per_ip, "rate_limit_per_ip"),
+        rate_table=table,
+        send_proxy=version,
+        accept_proxy=bool(accept_proxy) or bool(accept_proxy_from),
+        accept_proxy_from=_rules(accept_proxy_from, None, "accept_proxy_from"),
+        proxy_header_timeout=parse_duration(proxy_header_timeout, "proxy_header_timeout", allow_zero=False),
+        proxy_header_max=header_max,
+    )
+
+
+def _whole_number(value: object, field: str, low: int) -> int:
+    try:
+        number = int(str(value), 10) if not isinstance(value, int) or isinstance(value, bool) else value
+    except ValueError:
+        raise ConfigError(field, value, "must be a whole number") from None
+    if number < low:
+        raise ConfigError(field, value, f"must be at least {low}")
+    return number

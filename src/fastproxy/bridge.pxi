@@ -289,6 +289,10 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
             b.c_rd = 1
         if ev & EV_WR:
             b.c_wr = 1
+        if b.state == B_HEADER:
+            if ev & EV_RD:
+                bridge_read_header(w, b, now)
+            return
         if b.state != B_ACTIVE:
             if ev & EV_ERR:
                 bridge_close(w, b, CLIENT_RESET, 0, 1)
@@ -310,5 +314,6 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
             if err != 0:
                 bridge_retry(w, b, -err, now)
                 return
-            bridge_connected(w, b)
+            if not bridge_connected(w, b):
+                return
     bridge_pump(w, b, now)

@@ -68,6 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="past a limit: wait in line (default) or close at once")
     g.add_argument("--queue-size", default="1024", metavar="N", help="clients that may wait (default 1024)")
     g.add_argument("--queue-timeout", default="30s", metavar="D", help="how long a client may wait (default 30s)")
+    g = p.add_argument_group("access control")
+    g.add_argument("--allow", action="append", metavar="CIDR",
+                   help="admit only matching clients (repeatable; IPv4 or IPv6; a bare address is /32 or /128)")
+    g.add_argument("--deny", action="append", metavar="CIDR", help="refuse matching clients (repeatable; wins over --allow)")
+    g.add_argument("--allow-file", action="append", metavar="FILE", help="--allow rules, one per line, # comments")
+    g.add_argument("--deny-file", action="append", metavar="FILE", help="--deny rules, one per line, # comments")
+    g.add_argument("--reject-with", default="close", choices=("close", "reset"),
+                   help="how refused clients are closed: FIN (default) or RST")
+    g.add_argument("--idle-timeout", metavar="D", help="close a bridge with no bytes either way for D (default: never)")
+    g.add_argument("--max-lifetime", metavar="D", help="close a bridge D after it was accepted (default: never)")
+    g.add_argument("--allow-time", action="append", metavar="WINDOW",
+                   help='admit new clients only inside these windows, e.g. "Mon-Fri 08:00-18:00" (repeatable)')
+    g.add_argument("--time-zone", metavar="NAME", help="IANA time zone of --allow-time (default: local time)")
+    g.add_argument("--close-outside-window", action="store_true",
+                   help="also close live bridges when a time window ends")
+    g.add_argument("--rate-limit-per-ip", metavar="N/D", help="new clients per address, e.g. 20/1s or 600/1m")
+    g.add_argument("--rate-limit-table", default="65536", metavar="N",
+                   help="addresses the rate limiter remembers (default 65536; least recently seen evicted)")
+    g.add_argument("--send-proxy", choices=("v1", "v2"), help="send a PROXY protocol header to the upstream")
+    g.add_argument("--accept-proxy", action="store_true", help="expect a PROXY protocol header (v1 or v2) from clients")
+    g.add_argument("--accept-proxy-from", action="append", metavar="CIDR",
+                   help="peers that may send a PROXY header (others are refused; implies --accept-proxy)")
+    g.add_argument("--proxy-header-timeout", default="3s", metavar="D",
+                   help="how long a client may take to send its PROXY header (default 3s)")
+    g.add_argument("--proxy-header-max", default="1024", metavar="N",
+                   help="longest v2 PROXY header payload accepted, in bytes (default 1024)")
     p.add_argument("--hooks", metavar="SPEC",
                    help="Python hooks: FILE.py[:OBJECT] or MODULE[:OBJECT] defining on_connect/on_data/on_close")
     p.add_argument("--access-log", metavar="FILE|-", help="one JSON line per closed bridge (- = stdout)")
@@ -103,6 +129,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             on_limit=args.on_limit,
             queue_size=args.queue_size,
             queue_timeout=args.queue_timeout,
+            allow=args.allow,
+            deny=args.deny,
+            allow_file=args.allow_file,
+            deny_file=args.deny_file,
+            reject_with=args.reject_with,
+            idle_timeout=args.idle_timeout,
+            max_lifetime=args.max_lifetime,
+            allow_time=args.allow_time,
+            time_zone=args.time_zone,
+            close_outside_window=args.close_outside_window,
+            rate_limit_per_ip=args.rate_limit_per_ip,
+            rate_limit_table=args.rate_limit_table,
+            send_proxy=args.send_proxy,
+            accept_proxy=args.accept_proxy,
+            accept_proxy_from=args.accept_proxy_from,
+            proxy_header_timeout=args.proxy_header_timeout,
+            proxy_header_max=args.proxy_header_max,
             access_log=args.access_log,
         )
         for name in ("on_connect", "on_data", "on_close"):

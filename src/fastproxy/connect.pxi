@@ -46,18 +46,75 @@ cdef void bridge_open(Worker *w, int fd, sockaddr_storage *peer, int64_t now) no
                                     <uint64_t>b) < 0:
         bridge_close(w, b, REFUSED, 0, 0)
         return
+    if w.sh.accept_proxy:
+        # Only trusted peers may speak for a client: no one can forge an
+        # address past the IP rules.
+        if w.sh.proxy_from != NULL and not acl_admits(w.sh.proxy_from, b.client_ip):
+            bridge_refuse(w, b, &w.ctr.denied)
+            return
+        b.state = B_HEADER
+        timer_add(w, b, T_HEADER, now + w.sh.header_timeout_ns)
+        return   # the header's bytes come with a readable event
     bridge_admit(w, b, now)
+
+
+cdef void bridge_read_header(Worker *w, Bridge *b, int64_t now) noexcept nogil:
+    # Peeks at what the client sent and consumes exactly the PROXY header:
+    # the bytes behind it belong to the client's stream.
+    cdef ProxyInfo info
+    cdef ssize_t n = fp_recv_peek(b.cfd, <char *>w.scratch, 16 + w.sh.proxy_v2_max)
+    cdef int r
+    if n == -EAGAIN:
+        b.c_rd = 0
+        return
+    if n <= 0:
+        fp_bump(&w.ctr.proxy_header_errors, 1)
+        bridge_close(w, b, CLIENT_CLOSED if n == 0 else CLIENT_RESET, 0, 0)
+        return
+    r = proxy_parse(w.scratch, <size_t>n, <size_t>w.sh.proxy_v2_max, &info)
+    if r == 0:
+        b.c_rd = 0   # a prefix: wait for the rest (a new edge comes with it)
+        return
+    if r < 0 or fp_recv(b.cfd, <char *>w.scratch, <size_t>r) != r:
+        fp_bump(&w.ctr.proxy_header_errors, 1)
+        bridge_close(w, b, REFUSED, 0, 0)
+        return
+    if not info.is_local:
+        memcpy(b.client_ip, info.src, 16)
+        b.client_port = info.src_port
+        b.client_v4 = info.family == AF_INET
+        memcpy(b.dst_ip, info.dst, 16)
+        b.dst_port = info.dst_port
+        b.has_dst = 1
+    timer_del(w, b, SLOT_PHASE)
+    b.c_rd = 1   # client bytes may sit behind the header
+    bridge_admit(w, b, now)
+
+
+cdef void bridge_refuse(Worker *w, Bridge *b, uint64_t *counter) noexcept nogil:
+    # A rule refused the client: closed at once, nothing read; RST with
+    # reject_reset.
+    fp_bump(counter, 1)
+    bridge_close(w, b, REFUSED, w.sh.reject_reset, 0)
 
 
 cdef void bridge_reject(Worker *w, Bridge *b) noexcept nogil:
     # Past a limit: closed at once, nothing read.
-    fp_bump(&w.ctr.rejected, 1)
-    bridge_close(w, b, REFUSED, 0, 0)
+    bridge_refuse(w, b, &w.ctr.rejected)
 
 
 cdef void bridge_admit(Worker *w, Bridge *b, int64_t now) noexcept nogil:
-    # The built-in rules run first (no Python), then the global limit,
-    # waiting in line behind earlier clients if there are any.
+    # The built-in rules run first (no Python, nanoseconds each), then the
+    # limits, waiting in line behind earlier clients if there are any.
+    if w.sh.acl != NULL and not acl_admits(w.sh.acl, b.client_ip):
+        bridge_refuse(w, b, &w.ctr.denied)
+        return
+    if not fp_atomic_get(&w.sh.admit_open):
+        bridge_refuse(w, b, &w.ctr.outside_window)
+        return
+    if w.sh.rate != NULL and not rate_take(w.sh.rate, b.client_ip, now):
+        bridge_refuse(w, b, &w.ctr.rate_limited)
+        return
     if w.sh.max_per_ip and not b.ip_counted:
         if not ip_take(&w.sh.ips, b.client_ip, w.sh.max_per_ip):
             bridge_reject(w, b)
@@ -186,11 +243,34 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
     return err
 
 
-cdef void bridge_connected(Worker *w, Bridge *b) noexcept nogil:
+cdef bint bridge_connected(Worker *w, Bridge *b) noexcept nogil:
+    # Returns: 0 when the bridge had to close (the PROXY header failed).
     timer_del(w, b, SLOT_PHASE)
     b.state = B_ACTIVE
     if b.up_slot:
         balance_connect_result(w.sh.group, b.upstream, 1, fp_now_ns())
+    if w.sh.send_proxy and not bridge_send_header(w, b):
+        bridge_close(w, b, UPSTREAM_RESET, 1, 1)
+        return 0
+    return 1
+
+
+cdef bint bridge_send_header(Worker *w, Bridge *b) noexcept nogil:
+    # The PROXY header goes first, before any client byte. The socket has
+    # just connected, so its empty send buffer takes the whole header.
+    cdef uint8_t hdr[232]
+    cdef sockaddr_storage local
+    cdef socklen_t len = sizeof(local)
+    cdef uint16_t port
+    cdef int n
+    if not b.has_dst:
+        if getsockname(b.cfd, <sockaddr *>&local, &len) < 0 or \
+                addr16_from_sockaddr(&local, b.dst_ip, &port) < 0:
+            return 0
+        b.dst_port = port
+    n = proxy_build(w.sh.send_proxy, b.client_ip, b.client_port, b.dst_ip,
+                    b.dst_port, hdr, sizeof(hdr))
+    return n > 0 and fp_send(b.ufd, <char *>hdr, <size_t>n) == n
 
 
 cdef void bridge_retry(Worker *w, Bridge *b, int err, int64_t now) noexcept nogil:

@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import _core
+from .access import build_access
 from .config import Config, ConfigError, Duration, format_address
 from .dispatch import HookRunner, open_access_log
 from .health import HealthChecker
@@ -87,6 +88,24 @@ class Proxy:
         on_limit: str = "queue",
         queue_size: int = 1024,
         queue_timeout: Duration = 30.0,
+        allow: Optional[Sequence[str]] = None,
+        deny: Optional[Sequence[str]] = None,
+        allow_file: Optional[Sequence[str]] = None,
+        deny_file: Optional[Sequence[str]] = None,
+        reject_with: str = "close",
+        idle_timeout: Optional[Duration] = None,
+        max_lifetime: Optional[Duration] = None,
+        allow_time: Optional[Sequence[str]] = None,
+        time_zone: Optional[str] = None,
+        close_outside_window: bool = False,
+        clock: Optional[Callable[[], Any]] = None,
+        rate_limit_per_ip: Optional[str] = None,
+        rate_limit_table: int = 65536,
+        send_proxy: Optional[str] = None,
+        accept_proxy: bool = False,
+        accept_proxy_from: Optional[Sequence[str]] = None,
+        proxy_header_timeout: Duration = 3.0,
+        proxy_header_max: int = 1024,
         on_connect: Optional[Hook] = None,
         on_data: Optional[Hook] = None,
         on_close: Optional[Hook] = None,
@@ -117,6 +136,16 @@ class Proxy:
             queue_size=queue_size,
             queue_timeout=queue_timeout,
         )
+        self.access = build_access(
+            allow=allow, deny=deny, allow_file=allow_file, deny_file=deny_file,
+            reject_with=reject_with, idle_timeout=idle_timeout, max_lifetime=max_lifetime,
+            allow_time=allow_time, time_zone=time_zone, close_outside_window=close_outside_window,
+            clock=clock, rate_limit_per_ip=rate_limit_per_ip, rate_limit_table=rate_limit_table,
+            send_proxy=send_proxy, accept_proxy=accept_proxy, accept_proxy_from=accept_proxy_from,
+            proxy_header_timeout=proxy_header_timeout, proxy_header_max=proxy_header_max,
+        )
+        self._windows_thread: Optional[threading.Thread] = None
+        self._window_open = True
         if health_check is not None and not callable(health_check):
             raise ConfigError("health_check", health_check, "must be a callable (host, port) -> bool")
         self._health_check = health_check
@@ -208,6 +237,7 @@ class Proxy:
                     queue_on_limit=cfg.on_limit == "queue",
                     queue_size=cfg.queue_size,
                     queue_timeout=cfg.queue_timeout,
+                    **self._access_args(),
                     hooks=self._hooks.flags(self._access_log_target is not None),
                     max_hold=self._max_hold,
                 )
@@ -236,6 +266,12 @@ class Proxy:
             self._runner.start()
             self._balancer = balancer
             self._start_health(balancer)
+            if self.access.windows is not None:
+                self._window_open = self.access.windows.is_open()
+                engine.set_admit(self._window_open)
+                self._windows_thread = threading.Thread(target=self._watch_windows, args=(engine,),
+                                                        name="fastproxy-windows", daemon=True)
+                self._windows_thread.start()
             self._threads = [
                 threading.Thread(target=self._run_worker, args=(i,), name=f"fastproxy-worker-{i}", daemon=True)
                 for i in range(cfg.workers)
@@ -255,6 +291,48 @@ class Proxy:
             max_connections,
         )
         return self
+
+    def _access_args(self) -> Dict[str, Any]:
+        a = self.access
+        return dict(
+            idle_timeout=a.idle_timeout or 0.0,
+            max_lifetime=a.max_lifetime or 0.0,
+            acl=_core.AccessList(a.allow, a.deny) if a.allow or a.deny else None,
+            rate=_core.RateLimiter(a.rate[0], a.rate[1], a.rate_table) if a.rate else None,
+            reject_reset=a.reject_with == "reset",
+            send_proxy=a.send_proxy,
+            accept_proxy=a.accept_proxy,
+            proxy_from=_core.AccessList(a.accept_proxy_from) if a.accept_proxy_from else None,
+            proxy_v2_max=a.proxy_header_max,
+            header_timeout=a.proxy_header_timeout,
+        )
+
+    def check_time_windows(self) -> bool:
+        """Evaluate the time windows now (the background thread does this
+        every second); returns whether new clients are admitted."""
+        engine = self._engine
+        windows = self.access.windows
+        if windows is None:
+            return True
+        is_open = windows.is_open()
+        if engine is not None:
+            was_open = self._window_open
+            engine.set_admit(is_open)
+            if was_open and not is_open:
+                log.info("outside the allowed time windows: new clients are refused%s",
+                         "; live bridges closed" if self.access.close_outside_window else "")
+                if self.access.close_outside_window:
+                    engine.close_all()
+            elif is_open and not was_open:
+                log.info("inside an allowed time window: new clients are admitted")
+        self._window_open = is_open
+        return is_open
+
+    def _watch_windows(self, engine: "_core.Engine") -> None:
+        # Windows move at minute boundaries; a one-second tick is cheap and
+        # follows a replaced clock (tests) or a changed system clock.
+        while not self._stopped.wait(1.0):
+            self.check_time_windows()
 
     def _start_health(self, balancer: "_core.Balancer") -> None:
         cfg = self.config

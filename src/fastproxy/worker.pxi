@@ -22,18 +22,19 @@ cdef uint32_t EV_BRIDGE = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 # ---- timers: one list per duration, so appending keeps each list sorted
 
 cdef enum:
-    SLOT_PHASE = 0         # queue wait, connect (later: PROXY header)
+    SLOT_PHASE = 0         # PROXY header, queue wait, connect
     SLOT_HALF_CLOSE = 1
     SLOT_IDLE = 2
     SLOT_LIFETIME = 3
 
-cdef int SLOT_OF[6]        # T_LISTS
+cdef int SLOT_OF[7]        # T_LISTS
 SLOT_OF[T_NONE] = 0
 SLOT_OF[T_CONNECT] = SLOT_PHASE
 SLOT_OF[T_HALF_CLOSE] = SLOT_HALF_CLOSE
 SLOT_OF[T_IDLE] = SLOT_IDLE
 SLOT_OF[T_LIFETIME] = SLOT_LIFETIME
 SLOT_OF[T_QUEUE] = SLOT_PHASE
+SLOT_OF[T_HEADER] = SLOT_PHASE
 
 
 cdef inline void timer_del(Worker *w, Bridge *b, int slot) noexcept nogil:
@@ -100,6 +101,9 @@ cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
         idle_expire(w, w.thead[T_IDLE], now)
     while timer_due(w, T_QUEUE, now):
         bridge_queue_timeout(w, w.thead[T_QUEUE])
+    while timer_due(w, T_HEADER, now):
+        fp_bump(&w.ctr.proxy_header_errors, 1)
+        bridge_close(w, w.thead[T_HEADER], TIMEOUT, 0, 0)
 
 
 cdef void idle_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
@@ -241,6 +245,15 @@ cdef void worker_check_stop(Worker *w, int64_t now) noexcept nogil:
     fp_atomic_set(&w.accepting, 0)
 
 
+cdef void worker_check_close_all(Worker *w) noexcept nogil:
+    # The control plane asked to close every live bridge (a time window
+    # ended with close_outside_window).
+    cdef int64_t gen = fp_atomic_get(&w.cmd_close_all)
+    if gen != w.seen_close_all:
+        w.seen_close_all = gen
+        worker_close_all(w, TIMEOUT)
+
+
 cdef void worker_close_all(Worker *w, int reason) noexcept nogil:
     # Closed with FIN, not RST: what was already sent still arrives.
     while w.nbridges > 0:
@@ -346,6 +359,8 @@ cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
         p[1].fd = b.ufd
         if b.state != B_ACTIVE:
             p[0].events = POLLRDHUP if b.state == B_QUEUED else 0
+            if b.state == B_HEADER and not b.c_rd:
+                p[0].events = POLLIN
             p[1].events = POLLOUT if b.state == B_CONNECTING else 0
         else:
             p[0].events = poll_interest(&b.up, b.c_rd, &b.down, b.c_wr)
@@ -380,6 +395,7 @@ cdef int worker_run(Worker *w) noexcept nogil:
     fp_atomic_set(&w.accepting, 1)
     while True:
         worker_check_stop(w, now)
+        worker_check_close_all(w)
         if w.stopping and (w.nbridges == 0 or now >= w.drain_deadline_ns):
             break
         if w.accept_resume_ns != 0 and now >= w.accept_resume_ns:

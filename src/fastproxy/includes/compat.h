@@ -156,6 +156,13 @@ static inline ssize_t fp_recv(int fd, char *buf, size_t len)
     FP_RETRY(recv(fd, buf, len, 0));
 }
 
+/* Looks without consuming. Returns: bytes available (0 = EOF) or -errno. */
+static inline ssize_t fp_recv_peek(int fd, char *buf, size_t len)
+{
+    ssize_t r;
+    FP_RETRY(recv(fd, buf, len, MSG_PEEK));
+}
+
 /* Returns: bytes written or -errno (-EAGAIN, -EPIPE, -ECONNRESET). */
 static inline ssize_t fp_send(int fd, const char *buf, size_t len)
 {

@@ -68,6 +68,8 @@ cdef extern from "compat.h" nogil:
     int fp_connect(int fd, const sockaddr *sa, socklen_t length)
     ssize_t fp_splice(int fd_in, int fd_out, size_t length)
     ssize_t fp_recv(int fd, char *buf, size_t length)
+    ssize_t fp_recv_peek(int fd, char *buf, size_t length)
+    int getsockname(int fd, sockaddr *sa, socklen_t *length)
     ssize_t fp_send(int fd, const char *buf, size_t length)
     int fp_epoll_create()
     int fp_epoll_wait(int ep, epoll_event *ev, int n, int ms)
