@@ -8,11 +8,13 @@ from ._core import ENGINES
 from .config import ConfigError
 from .hooks import CLOSE, WAIT, CloseReason, CloseRecord, Connection, Direction
 from .proxy import Proxy
+from .upstreams import Upstream
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Proxy",
+    "Upstream",
     "ConfigError",
     "Connection",
     "Direction",
