@@ -354,17 +354,22 @@ class Proxy:
         self._watch.start()
 
     def _watch_states(self, balancer: "_core.Balancer") -> None:
+        # Logs passive transitions once; the health checker logs its own.
         seen = balancer.changes
-        states = [balancer.state(i)["state"] for i in range(len(balancer))]
+        last = [balancer.state(i) for i in range(len(balancer))]
         while not self._stopped.wait(0.25):
             if balancer.changes == seen:
                 continue
             seen = balancer.changes
             for i, name in enumerate(balancer.names):
-                now = balancer.state(i)["state"]
-                if now != states[i]:
-                    log.warning("upstream %s is %s", name, now)
-                    states[i] = now
+                now = balancer.state(i)
+                if now["state"] != last[i]["state"] and now["health"] == last[i]["health"]:
+                    if now["state"] == "down":
+                        log.warning("upstream %s is down: %d connect failures in a row; skipped for %gs",
+                                    name, self.config.max_fails, self.config.fail_timeout)
+                    else:
+                        log.info("upstream %s is up again: a connect succeeded", name)
+                last[i] = now
 
     def _wait_accepting(self, engine: "_core.Engine", workers: int) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
