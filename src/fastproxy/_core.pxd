@@ -96,6 +96,8 @@ cdef struct Flow:
     uint8_t hook         # each chunk goes through on_data first
     uint8_t waiting      # on_data has the chunk: read nothing until it answers
     uint8_t held         # on_data said WAIT: buf[0:len] waits for more
+    uint8_t bulk         # a read filled the buffer: splice from now on
+    uint8_t src_hup      # src sent FIN (an event said so): read until EOF
     char *lent           # the buffer on_data is looking at
     uint64_t bytes
 

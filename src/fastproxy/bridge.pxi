@@ -2,6 +2,10 @@
 # moved by splice through a pooled pipe, or copied through a pooled buffer.
 # Everything here runs on a worker thread without the GIL.
 
+cdef enum:
+    SMALL_READ = 16384      # a splice this small into an empty pipe: not bulk
+
+
 cdef enum FlowResult:
     FLOW_OK = 0
     FLOW_SRC_RESET = 1      # reading src failed: it reset (or broke)
@@ -43,7 +47,9 @@ cdef int flow_acquire(Worker *w, Bridge *b, Flow *f) noexcept nogil:
     # flowing, and a buffer costs memory, not fds.
     cdef int fds[2]
     cdef int r
-    if not b.copy and not f.hook:
+    # Small exchanges are copied (recv + send beat three splices for a
+    # ping); a flow whose reads fill the buffer turns to splice (bulk).
+    if f.bulk and not b.copy and not f.hook:
         if w.npipes > 0:
             w.npipes -= 1
             f.pipe_r = w.pipe_pool[3 * w.npipes]
@@ -143,6 +149,8 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
         # so every byte it forwards went through on_data.
         if f.hook and f.len > f.off and not f.held:
             break
+        if f.bulk and f.buf != NULL and f.len == 0 and not f.hook and not b.copy:
+            flow_release(w, f)   # turning to splice: give the buffer back
         if f.cap == 0 and flow_acquire(w, b, f) < 0:
             break
         if flow_make_room(w, f) < 0:
@@ -160,6 +168,17 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
                 if flow_lend(w, b, f, direction) < 0:
                     return FLOW_HOOK_FAILED
                 return FLOW_OK
+            if f.pipe_r >= 0:
+                if f.len == <uint32_t>r and r < SMALL_READ:
+                    f.bulk = 0   # small again: copy once this pipe is empty
+            else:
+                if f.len == f.cap:
+                    f.bulk = 1
+                elif not f.src_hup and w.epfd >= 0:
+                    # recv returns all that was queued: a short read drained
+                    # the socket, and data arriving later raises a new edge.
+                    # (Not after a FIN was announced: the EOF must be read.)
+                    src_rd[0] = 0
             continue
         if r == 0:
             f.eof = 1
@@ -287,6 +306,8 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
     if side == 0:
         if ev & EV_RD:
             b.c_rd = 1
+        if ev & EV_HUP:
+            b.up.src_hup = 1
         if ev & EV_WR:
             b.c_wr = 1
         if b.state == B_HEADER:
@@ -305,6 +326,8 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
     else:
         if ev & EV_RD:
             b.u_rd = 1
+        if ev & EV_HUP:
+            b.down.src_hup = 1
         if ev & EV_WR:
             b.u_wr = 1
         if b.state == B_CONNECTING:

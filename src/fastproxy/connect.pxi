@@ -299,7 +299,8 @@ cdef void bridge_upstream_failed(Worker *w, Bridge *b, int err, int64_t now) noe
     fp_bump(&w.up_ctr[ui].connect_failures, 1)
     if b.up_slot and b.route == NULL:
         balance_connect_result(w.sh.group, b.upstream, 0, now)
-        upstream_release(w, b)
+        if upstream_release(w, b):
+            queue_kick(w.sh)
         if b.tries < w.sh.retries and bridge_mark_tried(w, b) == 0:
             b.tries += 1
             bridge_start_upstream(w, b, -1, now)

@@ -207,16 +207,20 @@ cdef bint queue_retry_arrived(Worker *w, Bridge *b) noexcept nogil:
 
 # ---- giving slots back
 
-cdef inline void upstream_release(Worker *w, Bridge *b) noexcept nogil:
-    if b.up_slot:
-        balance_release(w.sh.group, b.upstream)
-        b.up_slot = 0
-        queue_kick(w.sh)
+cdef inline bint upstream_release(Worker *w, Bridge *b) noexcept nogil:
+    # Returns: 1 when a slot was given back (the caller kicks the queue).
+    if not b.up_slot:
+        return 0
+    balance_release(w.sh.group, b.upstream)
+    b.up_slot = 0
+    return 1
 
 
 cdef void slots_release(Worker *w, Bridge *b) noexcept nogil:
-    # Everything a closing bridge holds; a freed slot lets a waiter retry.
-    upstream_release(w, b)
+    # Everything a closing bridge holds. One kick however many slots it
+    # freed: two kicks would send two waiters racing (on two workers) for
+    # what may be one slot, and the later could win.
+    cdef bint freed = upstream_release(w, b)
     queue_leave(w, b)
     if b.ip_counted:
         ip_give(&w.sh.ips, b.client_ip)
@@ -224,4 +228,6 @@ cdef void slots_release(Worker *w, Bridge *b) noexcept nogil:
     if b.admitted:
         fp_atomic_add(&w.sh.gauges.active, -1)
         b.admitted = 0
+        freed = 1
+    if freed:
         queue_kick(w.sh)
