@@ -242,8 +242,6 @@ def test_header_timeout_does_not_stall_worker(make_proxy, echo_server, sent):
     assert wait_stat(p, "proxy_header_errors", 1)["proxy_header_errors"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a truncated header followed by FIN waits for "
-                                       "proxy_header_timeout instead of closing at once")
 def test_truncated_header_then_eof_closes_at_once(make_proxy, echo_server):
     p = make_proxy(echo_server.addr, accept_proxy=True, proxy_header_timeout=5)
     try:
@@ -257,10 +255,7 @@ def test_truncated_header_then_eof_closes_at_once(make_proxy, echo_server):
         p.stop(0.1)   # do not drain the pending header for the fixture's 2 s
 
 
-def test_partial_header_does_not_spin(make_proxy, echo_server, engine, request):
-    if engine == "poll":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="bug: poll engine asks POLLIN while a partial header sits unread: busy loop"))
+def test_partial_header_does_not_spin(make_proxy, echo_server, engine):
     p = make_proxy(echo_server.addr, accept_proxy=True, proxy_header_timeout=5, workers=1)
     try:
         with connect(p.address) as c:

@@ -12,11 +12,6 @@ from hookutil import Recorder, read_all
 
 D = 0.3
 
-# worker.pxi timer_add() reads w.ttail[t] before timer_del() unlinks the bridge;
-# re-arming the bridge that is the list's tail (idle_expire after activity) links
-# it to itself and drops it from the list: the idle timer never fires again.
-IDLE_REARM_BUG = pytest.mark.xfail(
-    strict=True, reason="bug: idle timer lost when re-armed after activity (timer_add on the tail)")
 
 
 def ping(sock, payload=b"."):
@@ -55,7 +50,6 @@ def test_active_bridge_outlives_idle_timeout(make_proxy, echo_server):
         ping(c, b"still here")
 
 
-@IDLE_REARM_BUG
 def test_bridge_closes_once_quiet_after_activity(make_proxy, echo_server):
     p = make_proxy(echo_server.addr, idle_timeout=D)
     with connect(p.address) as c:

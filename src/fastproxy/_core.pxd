@@ -123,6 +123,8 @@ cdef struct Bridge:
     uint8_t client_v4    # the client came over IPv4 (client_ip is mapped)
     uint16_t client_port
     uint8_t client_ip[16]
+    uint8_t *hdr         # a PROXY header's first part, taken off the socket
+    uint16_t hdr_len
     uint8_t has_dst      # dst_* came from a PROXY header
     uint16_t dst_port
     uint8_t dst_ip[16]

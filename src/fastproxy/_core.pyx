@@ -15,6 +15,9 @@ from .includes.balance cimport *
 from .includes.access cimport *
 
 include "access.pxi"
+include "acl.pxi"
+include "ratelimit.pxi"
+include "proxyproto.pxi"
 include "balancer.pxi"
 include "hooks.pxi"
 include "limits.pxi"

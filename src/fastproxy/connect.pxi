@@ -59,26 +59,44 @@ cdef void bridge_open(Worker *w, int fd, sockaddr_storage *peer, int64_t now) no
 
 
 cdef void bridge_read_header(Worker *w, Bridge *b, int64_t now) noexcept nogil:
-    # Peeks at what the client sent and consumes exactly the PROXY header:
-    # the bytes behind it belong to the client's stream.
+    # Takes exactly the PROXY header off the socket: the bytes behind it
+    # belong to the client's stream. A header that comes in pieces is
+    # collected in b.hdr: every byte of a valid prefix is header, so each
+    # piece is consumed at once (nothing lingers to wake a poll loop, and a
+    # FIN behind a truncated header is seen).
     cdef ProxyInfo info
-    cdef ssize_t n = fp_recv_peek(b.cfd, <char *>w.scratch, 16 + w.sh.proxy_v2_max)
+    cdef size_t cap = 16 + <size_t>w.sh.proxy_v2_max
+    cdef uint8_t *buf = b.hdr if b.hdr != NULL else w.scratch
+    cdef size_t have = b.hdr_len
+    cdef ssize_t n = fp_recv_peek(b.cfd, <char *>buf + have, cap - have)
     cdef int r
     if n == -EAGAIN:
         b.c_rd = 0
         return
     if n <= 0:
-        fp_bump(&w.ctr.proxy_header_errors, 1)
-        bridge_close(w, b, CLIENT_CLOSED if n == 0 else CLIENT_RESET, 0, 0)
+        bridge_header_failed(w, b, CLIENT_CLOSED if n == 0 else CLIENT_RESET)
         return
-    r = proxy_parse(w.scratch, <size_t>n, <size_t>w.sh.proxy_v2_max, &info)
+    r = proxy_parse(buf, have + <size_t>n, cap - 16, &info)
     if r == 0:
-        b.c_rd = 0   # a prefix: wait for the rest (a new edge comes with it)
+        if b.hdr == NULL:
+            b.hdr = <uint8_t *>malloc(cap)
+            if b.hdr == NULL:
+                bridge_header_failed(w, b, REFUSED)
+                return
+            memcpy(b.hdr, w.scratch, <size_t>n)
+        if fp_recv(b.cfd, <char *>b.hdr + have, <size_t>n) != n:
+            bridge_header_failed(w, b, REFUSED)
+            return
+        b.hdr_len = <uint16_t>(have + <size_t>n)
+        # Look again: a FIN that came with these bytes raises no new edge.
+        bridge_read_header(w, b, now)
         return
-    if r < 0 or fp_recv(b.cfd, <char *>w.scratch, <size_t>r) != r:
-        fp_bump(&w.ctr.proxy_header_errors, 1)
-        bridge_close(w, b, REFUSED, 0, 0)
+    if r < 0 or fp_recv(b.cfd, <char *>buf + have, <size_t>r - have) != <ssize_t>(<size_t>r - have):
+        bridge_header_failed(w, b, REFUSED)
         return
+    free(b.hdr)
+    b.hdr = NULL
+    b.hdr_len = 0
     if not info.is_local:
         memcpy(b.client_ip, info.src, 16)
         b.client_port = info.src_port
@@ -89,6 +107,11 @@ cdef void bridge_read_header(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     timer_del(w, b, SLOT_PHASE)
     b.c_rd = 1   # client bytes may sit behind the header
     bridge_admit(w, b, now)
+
+
+cdef void bridge_header_failed(Worker *w, Bridge *b, int reason) noexcept nogil:
+    fp_bump(&w.ctr.proxy_header_errors, 1)
+    bridge_close(w, b, reason, 0, 0)
 
 
 cdef void bridge_refuse(Worker *w, Bridge *b, uint64_t *counter) noexcept nogil:

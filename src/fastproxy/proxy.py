@@ -20,9 +20,9 @@ from . import _core
 from .access import build_access
 from .config import Config, ConfigError, Duration, format_address
 from .dispatch import HookRunner, open_access_log
-from .health import HealthChecker
 from .hooks import Direction, Hook, Hooks
 from .sockets import listen_socket, raise_fd_limit, resolve_upstream
+from .watch import Watchers
 
 __all__ = ["Proxy"]
 
@@ -144,14 +144,10 @@ class Proxy:
             send_proxy=send_proxy, accept_proxy=accept_proxy, accept_proxy_from=accept_proxy_from,
             proxy_header_timeout=proxy_header_timeout, proxy_header_max=proxy_header_max,
         )
-        self._windows_thread: Optional[threading.Thread] = None
-        self._window_open = True
         if health_check is not None and not callable(health_check):
             raise ConfigError("health_check", health_check, "must be a callable (host, port) -> bool")
         self._health_check = health_check
-        self._health: Optional[HealthChecker] = None
-        self._balancer: Optional[_core.Balancer] = None
-        self._watch: Optional[threading.Thread] = None
+        self._watchers: Optional[Watchers] = None
         self._lock = threading.Lock()
         self._engine: Optional[_core.Engine] = None
         self._sock = None
@@ -264,14 +260,8 @@ class Proxy:
             self._runner = HookRunner(engine, self._hooks, cfg.upstream_names, self._address,
                                       self._hook_threads, self._access_log, self._loop)
             self._runner.start()
-            self._balancer = balancer
-            self._start_health(balancer)
-            if self.access.windows is not None:
-                self._window_open = self.access.windows.is_open()
-                engine.set_admit(self._window_open)
-                self._windows_thread = threading.Thread(target=self._watch_windows, args=(engine,),
-                                                        name="fastproxy-windows", daemon=True)
-                self._windows_thread.start()
+            self._watchers = Watchers(cfg, self.access, engine, balancer, self._health_check)
+            self._watchers.start()
             self._threads = [
                 threading.Thread(target=self._run_worker, args=(i,), name=f"fastproxy-worker-{i}", daemon=True)
                 for i in range(cfg.workers)
@@ -308,68 +298,11 @@ class Proxy:
         )
 
     def check_time_windows(self) -> bool:
-        """Evaluate the time windows now (the background thread does this
+        """Evaluate the time windows now (a background thread does this
         every second); returns whether new clients are admitted."""
-        engine = self._engine
-        windows = self.access.windows
-        if windows is None:
-            return True
-        is_open = windows.is_open()
-        if engine is not None:
-            was_open = self._window_open
-            engine.set_admit(is_open)
-            if was_open and not is_open:
-                log.info("outside the allowed time windows: new clients are refused%s",
-                         "; live bridges closed" if self.access.close_outside_window else "")
-                if self.access.close_outside_window:
-                    engine.close_all()
-            elif is_open and not was_open:
-                log.info("inside an allowed time window: new clients are admitted")
-        self._window_open = is_open
-        return is_open
-
-    def _watch_windows(self, engine: "_core.Engine") -> None:
-        # Windows move at minute boundaries; a one-second tick is cheap and
-        # follows a replaced clock (tests) or a changed system clock.
-        while not self._stopped.wait(1.0):
-            self.check_time_windows()
-
-    def _start_health(self, balancer: "_core.Balancer") -> None:
-        cfg = self.config
-        if cfg.health_interval is not None:
-            self._health = HealthChecker(
-                [(u.host, u.port) for u in cfg.upstreams],
-                balancer.set_health,
-                interval=cfg.health_interval,
-                timeout=cfg.health_timeout,
-                rise=cfg.health_rise,
-                fall=cfg.health_fall,
-                check=self._health_check,
-                names=balancer.names,
-            ).start()
-        # Passive health changes state in the data plane; this thread only
-        # notices (a counter) and logs each transition once.
-        self._watch = threading.Thread(target=self._watch_states, args=(balancer,),
-                                       name="fastproxy-states", daemon=True)
-        self._watch.start()
-
-    def _watch_states(self, balancer: "_core.Balancer") -> None:
-        # Logs passive transitions once; the health checker logs its own.
-        seen = balancer.changes
-        last = [balancer.state(i) for i in range(len(balancer))]
-        while not self._stopped.wait(0.25):
-            if balancer.changes == seen:
-                continue
-            seen = balancer.changes
-            for i, name in enumerate(balancer.names):
-                now = balancer.state(i)
-                if now["state"] != last[i]["state"] and now["health"] == last[i]["health"]:
-                    if now["state"] == "down":
-                        log.warning("upstream %s is down: %d connect failures in a row; skipped for %gs",
-                                    name, self.config.max_fails, self.config.fail_timeout)
-                    else:
-                        log.info("upstream %s is up again: a connect succeeded", name)
-                last[i] = now
+        if self._watchers is not None:
+            return self._watchers.check_time_windows()
+        return self.access.windows is None or self.access.windows.is_open()
 
     def _wait_accepting(self, engine: "_core.Engine", workers: int) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -407,9 +340,9 @@ class Proxy:
                 self._sock = None
             for t in self._threads:
                 t.join()
-            if self._health is not None:
-                self._health.stop()
-                self._health = None
+            if self._watchers is not None:
+                self._watchers.stop()
+                self._watchers = None
             hooks_done = self._runner is None or self._runner.stop()
             self._final_stats = self._stats(engine)
             if self._owns_access_log and self._access_log is not None:

@@ -66,8 +66,9 @@ cdef inline void timer_add(Worker *w, Bridge *b, int t, int64_t deadline) noexce
     # for its exact remaining time walks back from the tail to its place.
     cdef int slot = SLOT_OF[t]
     cdef TimerLink *l = &b.tl[slot]
-    cdef Bridge *after = w.ttail[t]
-    timer_del(w, b, slot)
+    cdef Bridge *after
+    timer_del(w, b, slot)   # first: b may be the tail it would link after
+    after = w.ttail[t]
     while after != NULL and after.tl[slot].deadline_ns > deadline:
         after = after.tl[slot].prev
     l.list = <uint8_t>t
@@ -166,6 +167,7 @@ cdef inline void bridges_remove(Worker *w, Bridge *b) noexcept nogil:
 
 
 cdef void bridge_free(Bridge *b) noexcept nogil:
+    free(b.hdr)
     free(b.up.lent)
     free(b.down.lent)
     free(b.route)

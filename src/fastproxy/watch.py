@@ -1,0 +1,108 @@
+"""The control plane's background watchers of one running proxy: active
+health checks, passive upstream transitions (logged once each) and time
+windows (the data plane's admit flag). None is on the forwarding path."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Optional
+
+from . import _core
+from .access import AccessConfig
+from .config import Config
+from .health import HealthChecker
+
+log = logging.getLogger("fastproxy")
+
+STATE_POLL_S = 0.25
+# Windows move at minute boundaries; a one-second tick is cheap and follows
+# a replaced clock (tests) or a changed system clock.
+WINDOW_POLL_S = 1.0
+
+
+class Watchers:
+    def __init__(self, config: Config, access: AccessConfig, engine: "_core.Engine",
+                 balancer: "_core.Balancer", health_check: Optional[Callable[[str, int], bool]]) -> None:
+        self.config = config
+        self.access = access
+        self.engine = engine
+        self.balancer = balancer
+        self.stopped = threading.Event()
+        self.window_open = True
+        self.health: Optional[HealthChecker] = None
+        if config.health_interval is not None:
+            self.health = HealthChecker(
+                [(u.host, u.port) for u in config.upstreams],
+                balancer.set_health,
+                interval=config.health_interval,
+                timeout=config.health_timeout,
+                rise=config.health_rise,
+                fall=config.health_fall,
+                check=health_check,
+                names=balancer.names,
+            )
+        self._threads = [threading.Thread(target=self._watch_states, name="fastproxy-states", daemon=True)]
+        if access.windows is not None:
+            self.window_open = access.windows.is_open()
+            engine.set_admit(self.window_open)
+            self._threads.append(threading.Thread(target=self._watch_windows, name="fastproxy-windows",
+                                                  daemon=True))
+
+    def start(self) -> None:
+        if self.health is not None:
+            self.health.start()
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.health is not None:
+            self.health.stop()
+        for t in self._threads:
+            t.join(5.0)
+
+    # ---- time windows
+
+    def check_time_windows(self) -> bool:
+        windows = self.access.windows
+        if windows is None:
+            return True
+        is_open = windows.is_open()
+        was_open, self.window_open = self.window_open, is_open
+        self.engine.set_admit(is_open)
+        if was_open and not is_open:
+            log.info("outside the allowed time windows: new clients are refused%s",
+                     "; live bridges closed" if self.access.close_outside_window else "")
+            if self.access.close_outside_window:
+                self.engine.close_all()
+        elif is_open and not was_open:
+            log.info("inside an allowed time window: new clients are admitted")
+        return is_open
+
+    def _watch_windows(self) -> None:
+        while not self.stopped.wait(WINDOW_POLL_S):
+            self.check_time_windows()
+
+    # ---- upstream states
+
+    def _watch_states(self) -> None:
+        # Passive health changes state in the data plane; this only notices
+        # (a counter) and logs each transition once. The health checker
+        # logs its own.
+        balancer = self.balancer
+        seen = balancer.changes
+        last = [balancer.state(i) for i in range(len(balancer))]
+        while not self.stopped.wait(STATE_POLL_S):
+            if balancer.changes == seen:
+                continue
+            seen = balancer.changes
+            for i, name in enumerate(balancer.names):
+                now: Any = balancer.state(i)
+                if now["state"] != last[i]["state"] and now["health"] == last[i]["health"]:
+                    if now["state"] == "down":
+                        log.warning("upstream %s is down: %d connect failures in a row; skipped for %gs",
+                                    name, self.config.max_fails, self.config.fail_timeout)
+                    else:
+                        log.info("upstream %s is up again: a connect succeeded", name)
+                last[i] = now
