@@ -204,3 +204,28 @@ def test_idle_bridges_hold_no_pipes(cli_proxy, echo_server):
     finally:
         for c in clients:
             c.close()
+
+
+def test_more_waiting_clients_than_half_the_fd_limit(cli_proxy, echo_server):
+    """40 clients wait in the queue of a proxy limited to 64 fds: the poll loop
+    must not hand poll() more entries than RLIMIT_NOFILE (EINVAL killed its
+    worker), and every waiter is served once the two slots free up."""
+    proxy = cli_proxy("--listen", "127.0.0.1:0", "--upstream", echo_server.addr,
+                      "--max-connections", "2", "--workers", "1", rlimit_nofile=64)
+    addr = proxy.connect_addr()
+    holders = [connect(addr) for _ in range(2)]
+    for h in holders:
+        h.sendall(b"h")
+        assert recv_exact(h, 1) == b"h"
+    waiters = [connect(addr) for _ in range(40)]
+    for i, c in enumerate(waiters):
+        c.sendall(b"w%02d" % i)
+    time.sleep(0.5)
+    assert proxy.alive()
+    for h in holders:
+        h.close()
+    for i, c in enumerate(waiters):     # one slot each time a waiter leaves
+        assert recv_exact(c, 3) == b"w%02d" % i
+        c.close()
+    assert echo_roundtrip(addr, b"after") == b"after"
+    assert "Traceback" not in proxy.stderr.text()

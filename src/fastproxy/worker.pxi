@@ -331,10 +331,27 @@ cdef inline short poll_interest(Flow *rd_flow, uint8_t rd, Flow *wr_flow,
     return e
 
 
+cdef inline short poll_client_interest(Bridge *b) noexcept nogil:
+    if b.state == B_ACTIVE:
+        return poll_interest(&b.up, b.c_rd, &b.down, b.c_wr)
+    if b.state == B_HEADER and not b.c_rd:
+        return POLLIN
+    # A waiting client is watched for hanging up; others for errors only.
+    return POLLRDHUP if b.state == B_QUEUED else 0
+
+
+cdef inline short poll_upstream_interest(Bridge *b) noexcept nogil:
+    if b.state == B_ACTIVE:
+        return poll_interest(&b.down, b.u_rd, &b.up, b.u_wr)
+    return POLLOUT if b.state == B_CONNECTING else 0
+
+
 cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
     # Returns: 0, or -errno (-ENOMEM growing the poll array).
+    # Only open fds get an entry: poll() refuses (EINVAL) more entries than
+    # RLIMIT_NOFILE, and a bridge not yet connected has no upstream fd.
     cdef int need = 2 + 2 * w.nbridges
-    cdef int i, n, r, cap
+    cdef int i, k, r, cap, first
     cdef Bridge *b
     cdef pollfd *p
     cdef void *grown
@@ -351,39 +368,43 @@ cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
         w.cap_pfds = cap
     w.pfds[0].fd = w.wake_r
     w.pfds[0].events = POLLIN
-    w.pfds[1].fd = w.sh.listen_fd if w.listening else -1
-    w.pfds[1].events = POLLIN
+    k = 1
+    if w.listening:
+        w.pfds[1].fd = w.sh.listen_fd
+        w.pfds[1].events = POLLIN
+        k = 2
+    first = k
     for i in range(w.nbridges):
         b = w.bridges[i]
-        w.pbridges[i] = b
-        p = &w.pfds[2 + 2 * i]
-        p[0].fd = b.cfd
-        p[1].fd = b.ufd
-        if b.state != B_ACTIVE:
-            p[0].events = POLLRDHUP if b.state == B_QUEUED else 0
-            if b.state == B_HEADER and not b.c_rd:
-                p[0].events = POLLIN
-            p[1].events = POLLOUT if b.state == B_CONNECTING else 0
-        else:
-            p[0].events = poll_interest(&b.up, b.c_rd, &b.down, b.c_wr)
-            p[1].events = poll_interest(&b.down, b.u_rd, &b.up, b.u_wr)
-    n = w.nbridges
-    r = fp_poll(w.pfds, <nfds_t>need, timeout)
+        w.pbridges[k] = b
+        w.pfds[k].fd = b.cfd
+        w.pfds[k].events = poll_client_interest(b)
+        k += 1
+        if b.ufd >= 0:
+            w.pbridges[k] = b
+            w.pfds[k].fd = b.ufd
+            w.pfds[k].events = poll_upstream_interest(b)
+            k += 1
+    r = fp_poll(w.pfds, <nfds_t>k, timeout)
     if r < 0:
         return r
     now[0] = fp_now_ns()
     if w.pfds[0].revents:
         drain_wake(w)
         worker_take_results(w, now[0])
-    if w.pfds[1].revents and w.listening:
+    if first == 2 and w.pfds[1].revents and w.listening:
         worker_accept(w, now[0])
-    for i in range(n):
+    for i in range(first, k):
+        p = &w.pfds[i]
         b = w.pbridges[i]
-        p = &w.pfds[2 + 2 * i]
-        if p[0].revents and b.state != B_CLOSED:
-            bridge_event(w, b, 0, translate_poll(p[0].revents), now[0])
-        if p[1].revents and b.state != B_CLOSED:
-            bridge_event(w, b, 1, translate_poll(p[1].revents), now[0])
+        # Closed, or (a retried connect) no longer this fd: skip; the
+        # bridge's state already moved on.
+        if p.revents == 0 or b.state == B_CLOSED:
+            continue
+        if p.fd == b.cfd:
+            bridge_event(w, b, 0, translate_poll(p.revents), now[0])
+        elif p.fd == b.ufd:
+            bridge_event(w, b, 1, translate_poll(p.revents), now[0])
     return 0
 
 
@@ -407,7 +428,13 @@ cdef int worker_run(Worker *w) noexcept nogil:
             r = worker_wait_epoll(w, worker_timeout_ms(w, now), &now)
         else:
             r = worker_wait_poll(w, worker_timeout_ms(w, now), &now)
-        if r < 0:
+        if r == -ENOMEM:
+            # Short of memory for a moment: the bridges we have keep their
+            # state; look again soon rather than end the worker.
+            usleep(10000)
+            now = fp_now_ns()
+            r = 0
+        elif r < 0:
             break
         timers_run(w, now)
         grave_free(w)

@@ -53,6 +53,7 @@ cdef extern from "compat.h" nogil:
     short POLLIN, POLLOUT, POLLERR, POLLHUP, POLLNVAL, POLLRDHUP
 
     int close(int fd)
+    int usleep(unsigned int usec)
     ssize_t read(int fd, void *buf, size_t n)
     ssize_t write(int fd, const void *buf, size_t n)
     int shutdown(int fd, int how)
