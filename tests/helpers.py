@@ -552,3 +552,13 @@ def stop_bounded(proxy, timeout=None, limit=30.0):
     if "error" in result:
         raise result["error"]
     return result["took"]
+
+
+def assert_one_line_error(rc, out, err, *needles):
+    """A user mistake: exit code 2, exactly one line on stderr naming each needle."""
+    assert rc == 2, "exit code %r (want 2); stderr:\n%s" % (rc, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, "want exactly one line on stderr, got:\n%s" % err
+    for needle in needles:
+        assert needle in lines[0], "error line does not name %r: %r" % (needle, lines[0])

@@ -9,16 +9,9 @@ import sys
 import pytest
 
 import fastproxy
-from helpers import echo_roundtrip, ipv6_available, run_cli, subprocess_env
+from helpers import assert_one_line_error, echo_roundtrip, ipv6_available, run_cli, subprocess_env
 
 
-def _one_line_error(rc, out, err, *needles):
-    assert rc == 2, "exit code %r (want 2); stderr:\n%s" % (rc, err)
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, "want exactly one line on stderr, got:\n%s" % err
-    for needle in needles:
-        assert needle in lines[0], "error line does not name %r: %r" % (needle, lines[0])
 
 
 def test_cli_forwards_and_logs_one_startup_line(cli_proxy, echo_server, engine):
@@ -89,7 +82,7 @@ def test_cli_user_errors(engine, args, needle):
     if "--engine" not in args:
         argv += ["--engine", engine]
     rc, out, err = run_cli(argv)
-    _one_line_error(rc, out, err, needle)
+    assert_one_line_error(rc, out, err, needle)
 
 
 def test_cli_port_in_use(engine):
@@ -99,19 +92,19 @@ def test_cli_port_in_use(engine):
         port = busy.getsockname()[1]
         rc, out, err = run_cli(["--listen", "127.0.0.1:%d" % port, "--upstream", "127.0.0.1:9",
                                 "--engine", engine])
-    _one_line_error(rc, out, err, str(port))
+    assert_one_line_error(rc, out, err, str(port))
 
 
 def test_cli_more_workers_than_fds(engine):
     """Asking for more workers than the fd limit allows is a user mistake, not a crash."""
     rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
                             "--workers", "200", "--engine", engine], rlimit_nofile=64)
-    _one_line_error(rc, out, err)
+    assert_one_line_error(rc, out, err)
 
 
 def test_cli_missing_upstream(engine):
     rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--engine", engine])
-    _one_line_error(rc, out, err, "upstream")
+    assert_one_line_error(rc, out, err, "upstream")
 
 
 def test_cli_version(engine):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from helpers import closed_by_peer, echo_roundtrip, run_cli, subprocess_env
+from helpers import assert_one_line_error, closed_by_peer, echo_roundtrip, run_cli, subprocess_env
 from hookutil import connect_from
 
 FILE_HOOKS = '''
@@ -64,13 +64,6 @@ def hooks_pkg(tmp_path):
     return {"PYTHONPATH": env["PYTHONPATH"] + os.pathsep + str(tmp_path)}
 
 
-def _one_line_error(rc, out, err, *needles):
-    assert rc == 2, "exit code %r (want 2); stderr:\n%s" % (rc, err)
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, "want exactly one line on stderr, got:\n%s" % err
-    for needle in needles:
-        assert needle in lines[0], "error line does not name %r: %r" % (needle, lines[0])
 
 
 def test_hooks_file_path(cli_proxy, echo_server, hooks_file):
@@ -117,4 +110,4 @@ def test_bad_hooks_spec_one_line_exit_2(engine, hooks_pkg, hooks_file, spec):
     spec = spec.replace("FILE", str(hooks_file))
     rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
                             "--engine", engine, "--hooks", spec], timeout=15, env=hooks_pkg)
-    _one_line_error(rc, out, err, "--hooks")
+    assert_one_line_error(rc, out, err, "--hooks")
