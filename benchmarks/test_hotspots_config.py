@@ -79,5 +79,5 @@ def test_config_build(benchmark):
                     upstreams=["127.0.0.1:9000", "[::1]:9001"], workers=2,
                     connect_timeout="5s", drain_timeout="10s", half_close_timeout="5m",
                     engine="epoll")
-    assert cfg.upstreams == (("127.0.0.1", 9000), ("::1", 9001))
+    assert cfg.upstream_names == ("127.0.0.1:9000", "[::1]:9001")
     assert cfg.half_close_timeout == 300.0
