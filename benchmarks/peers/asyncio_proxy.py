@@ -11,17 +11,22 @@ both directions are done. TCP_NODELAY is set on both sockets (asyncio and
 uvloop already do so for TCP transports; set again to be explicit). Stops
 cleanly (exit 0) on SIGTERM or SIGINT.
 
-Used by benchmarks/run.py as the `asyncio` and `uvloop` contenders. A later
-variant that calls a Python function per chunk only needs a hook in pump().
+Used by benchmarks/run.py as the `asyncio` and `uvloop` contenders. With
+`--hooks FILE.py`, each chunk goes through the file's on_data(conn, direction,
+data) first, as fastproxy's --hooks does (a None conn: there is no object
+to give): the peers of fastproxy's on_data benchmark.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import signal
 import socket
 import sys
-from typing import Tuple
+from typing import Any, Callable, Optional, Tuple
+
+OnData = Optional[Callable[[Any, int, bytes], Any]]
 
 CHUNK = 64 * 1024
 CONNECT_TIMEOUT_S = 5.0
@@ -43,13 +48,17 @@ def nodelay(writer: asyncio.StreamWriter) -> None:
             pass
 
 
-async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+               on_data: OnData = None, direction: int = 0) -> None:
     """Copy one direction until EOF, then half-close the other side."""
     try:
         while True:
             data = await reader.read(CHUNK)
             if not data:
                 break
+            if on_data is not None:
+                result = on_data(None, direction, data)
+                data = data if result is None else result
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
@@ -58,7 +67,7 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         writer.transport.abort()
 
 
-async def bridge(upstream: Tuple[str, int], creader: asyncio.StreamReader,
+async def bridge(upstream: Tuple[str, int], on_data: OnData, creader: asyncio.StreamReader,
                  cwriter: asyncio.StreamWriter) -> None:
     try:
         ureader, uwriter = await asyncio.wait_for(
@@ -69,22 +78,30 @@ async def bridge(upstream: Tuple[str, int], creader: asyncio.StreamReader,
     nodelay(cwriter)
     nodelay(uwriter)
     try:
-        await asyncio.gather(pump(creader, uwriter), pump(ureader, cwriter))
+        await asyncio.gather(pump(creader, uwriter, on_data, 0), pump(ureader, cwriter, on_data, 1))
     finally:
         for w in (cwriter, uwriter):
             w.close()
 
 
-async def serve(listen: Tuple[str, int], upstream: Tuple[str, int]) -> None:
+async def serve(listen: Tuple[str, int], upstream: Tuple[str, int], on_data: OnData) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = await asyncio.start_server(
-        lambda r, w: bridge(upstream, r, w), *listen, limit=CHUNK,
+        lambda r, w: bridge(upstream, on_data, r, w), *listen, limit=CHUNK,
         backlog=4096, reuse_address=True)
     async with server:
         await stop.wait()
+
+
+def load_on_data(path: str) -> OnData:
+    spec = importlib.util.spec_from_file_location("peer_hooks", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.on_data
 
 
 def main() -> int:
@@ -92,13 +109,15 @@ def main() -> int:
     p.add_argument("--listen", type=address, required=True)
     p.add_argument("--upstream", type=address, required=True)
     p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    p.add_argument("--hooks", metavar="FILE.py", help="call FILE's on_data(conn, direction, data) per chunk")
     args = p.parse_args()
+    on_data = load_on_data(args.hooks) if args.hooks else None
     run = asyncio.run
     if args.loop == "uvloop":
         import uvloop  # only needed for this contender
         run = uvloop.run
     try:
-        run(serve(args.listen, args.upstream))
+        run(serve(args.listen, args.upstream, on_data))
     except KeyboardInterrupt:
         pass
     return 0
