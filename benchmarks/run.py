@@ -239,10 +239,9 @@ def proc_stat() -> Dict[int, List[int]]:
     return cpus
 
 
-def group_stats(pgid: int) -> List[List[str]]:
-    """/proc/PID/stat fields (after the command name) of every process in a
-    process group: [0] state, [2] pgrp, [11] utime, [12] stime."""
-    found = []
+def proc_stats() -> Iterator[Tuple[int, List[str]]]:
+    """(pid, /proc/PID/stat fields after the command name) of every process:
+    [0] state, [1] ppid, [2] pgrp, [11] utime, [12] stime."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -251,9 +250,12 @@ def group_stats(pgid: int) -> List[List[str]]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[2]) == pgid:
-            found.append(fields)
-    return found
+        yield int(entry), fields
+
+
+def group_stats(pgid: int) -> List[List[str]]:
+    """proc_stats fields of every process in a process group."""
+    return [fields for _, fields in proc_stats() if int(fields[2]) == pgid]
 
 
 def live_group_members(pgid: int) -> int:
@@ -329,15 +331,8 @@ def foreign_ticks() -> Dict[int, int]:
     is not this runner or one of its descendants: other work on the machine.
     Kernel threads are left out (some of their work is ours)."""
     procs: Dict[int, Tuple[int, int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        pid, ppid = int(entry), int(fields[1])
+    for pid, fields in proc_stats():
+        ppid = int(fields[1])
         if pid == 2 or ppid == 2:  # kthreadd and kernel threads
             continue
         procs[pid] = (ppid, sum(int(v) for v in fields[11:15]))

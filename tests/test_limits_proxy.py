@@ -155,3 +155,29 @@ def test_on_limit_reject_closes_at_once(make_proxy):
         assert wait_for(lambda: p.stats()["active"] == 0, 3)
         s, name = open_tagged(p.address)  # a free slot serves again
         s.close()
+
+
+def test_half_closed_waiter_keeps_its_place_and_silent_one_is_dropped(make_proxy, echo_server):
+    """TCP cannot tell a close from a half-close: a waiter that sent a request
+    and then shutdown(SHUT_WR) is still served; one that sent nothing and hung
+    up has given up and leaves the queue."""
+    import socket
+    import time
+    from helpers import connect, recv_exact, recv_until_eof, wait_for
+
+    p = make_proxy(echo_server.addr, max_connections=1, workers=1)
+    holder = connect(p.address)
+    holder.sendall(b"h")
+    assert recv_exact(holder, 1) == b"h"
+    asking = connect(p.address)
+    asking.sendall(b"request")
+    asking.shutdown(socket.SHUT_WR)
+    silent = connect(p.address)
+    assert wait_for(lambda: p.stats()["queued"] == 2, 3), p.stats()
+    silent.close()
+    assert wait_for(lambda: p.stats()["queued"] == 1, 3), "a silent waiter that hung up stayed queued"
+    time.sleep(0.3)
+    assert p.stats()["queued"] == 1, "the half-closed waiter was dropped"
+    holder.close()
+    assert recv_until_eof(asking) == b"request"
+    asking.close()

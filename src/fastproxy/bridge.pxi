@@ -299,6 +299,14 @@ cdef void bridge_data_answer(Worker *w, Bridge *b, HookResult *res,
     bridge_pump(w, b, now)
 
 
+cdef bint client_gave_up(Bridge *b) noexcept nogil:
+    # A waiting client sent FIN. TCP cannot tell a close from a half-close;
+    # one that sent a request first may wait for the answer, so it keeps its
+    # place. One that sent nothing has given up: its place goes to others.
+    cdef char byte
+    return fp_recv_peek(b.cfd, &byte, 1) == 0
+
+
 cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
                        int64_t now) noexcept nogil:
     # ev: EV_RD / EV_WR / EV_ERR, already translated from epoll or poll.
@@ -317,10 +325,7 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
         if b.state != B_ACTIVE:
             if ev & EV_ERR:
                 bridge_close(w, b, CLIENT_RESET, 0, 1)
-            elif ev & EV_HUP and b.state == B_QUEUED:
-                # A client that hangs up while waiting for a slot has given
-                # up (TCP cannot tell that from a half-close: the queue
-                # treats it as abandoned, as haproxy's abortonclose does).
+            elif ev & EV_HUP and b.state == B_QUEUED and client_gave_up(b):
                 bridge_close(w, b, CLIENT_CLOSED, 0, 0)
             return
     else:

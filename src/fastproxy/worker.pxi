@@ -336,8 +336,9 @@ cdef inline short poll_client_interest(Bridge *b) noexcept nogil:
         return poll_interest(&b.up, b.c_rd, &b.down, b.c_wr)
     if b.state == B_HEADER and not b.c_rd:
         return POLLIN
-    # A waiting client is watched for hanging up; others for errors only.
-    return POLLRDHUP if b.state == B_QUEUED else 0
+    # A waiting client is watched for hanging up (once: level-triggered, a
+    # FIN seen would wake the loop forever); others for errors only.
+    return POLLRDHUP if b.state == B_QUEUED and not b.up.src_hup else 0
 
 
 cdef inline short poll_upstream_interest(Bridge *b) noexcept nogil:
