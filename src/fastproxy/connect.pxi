@@ -198,13 +198,14 @@ cdef void bridge_start_upstream(Worker *w, Bridge *b, int chosen, int64_t now) n
     # Takes an upstream (the one on_connect chose, or the balancer's choice,
     # or none when on_connect gave an address of its own) and connects.
     cdef int i, r
+    cdef bint retry = b.state == B_QUEUED   # a waiter's retry keeps its place
     if b.route == NULL:
         if chosen >= 0:
             i = balance_take(w.sh.group, &w.cursor, chosen, now)
         else:
             i = balance_acquire(w.sh.group, &w.cursor, b.client_ip, b.tried, now)
         if i == BALANCE_FULL:
-            if not queue_wait(w, b, 0, now):
+            if not queue_wait(w, b, retry, now):
                 bridge_reject(w, b)
             return
         if i < 0:
