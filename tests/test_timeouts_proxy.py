@@ -4,7 +4,6 @@ import socket
 import threading
 import time
 
-import pytest
 
 from fastproxy import CloseReason
 from helpers import Listener, connect, recv_exact

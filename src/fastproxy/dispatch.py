@@ -16,7 +16,6 @@ from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 from . import _core
 from .hooks import (
-    V_CLOSE,
     V_ERROR,
     V_PROCEED,
     V_REFUSE,

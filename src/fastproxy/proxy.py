@@ -7,10 +7,10 @@ with the GIL released. Nothing here is on the forwarding path.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
-import asyncio
 import signal
 import threading
 import time
