@@ -72,18 +72,6 @@ cdef inline void rng_seed(BalanceCursor *c, uint64_t seed) noexcept nogil:
     c.rng = mix64(seed) or 1    # xorshift never leaves 0
 
 
-cdef void balance_client16(const sockaddr *sa, uint8_t *out) noexcept nogil:
-    # The client's address as 16 bytes, IPv4 as ::ffff:a.b.c.d: a client
-    # hashes the same whether it came in over IPv4 or a dual-stack socket.
-    memset(out, 0, 16)
-    if sa.sa_family == AF_INET6:
-        memcpy(out, &(<const sockaddr_in6 *>sa).sin6_addr, 16)
-    elif sa.sa_family == AF_INET:
-        out[10] = 0xff
-        out[11] = 0xff
-        memcpy(out + 12, &(<const sockaddr_in *>sa).sin_addr, 4)
-
-
 # ---- who may take a client now
 
 cdef int64_t usable(BalanceGroup *g, BalanceCursor *c, int i, int backup,
@@ -287,7 +275,7 @@ cdef bint reserve(BalanceGroup *g, BalanceCursor *c, int i, int64_t now) noexcep
 cdef int balance_acquire(BalanceGroup *g, BalanceCursor *c, const uint8_t *client16,
                          const uint8_t *tried, int64_t now_ns) noexcept nogil:
     # Chooses an upstream for a client and holds a slot on it, given back
-    # with balance_release. client16: the client's address (balance_client16);
+    # with balance_release. client16: the client's address as 16 bytes (IPv4 mapped);
     # tried: bitmap of the upstreams this client already failed on, or NULL.
     # Returns: the upstream's index; BALANCE_FULL when every upstream that is
     # up is at its max_connections (waiting may help); BALANCE_NONE when none
@@ -503,14 +491,12 @@ cdef class Balancer:
         indexes in `tried`, and hold a slot on it (give it back with
         release()). Returns its index, -1 when none is up, -2 when those
         that are up are all at their max_connections."""
-        cdef UpstreamAddr a
         cdef uint8_t key[16]
         cdef bytearray tried_bits = bytearray(balance_tried_bytes(self.group.n))
         cdef uint8_t *bits = <uint8_t *><char *>tried_bits
         for i in tried:
             bits_set(bits, self._index(i))
-        fill_sockaddr(&a, AF_INET6 if ":" in client_ip else AF_INET, (client_ip, 0, 0, 0))
-        balance_client16(<sockaddr *>&a.sa, key)
+        addr16_from_py(client_ip, key)
         return balance_acquire(&self.group, &self.cursor, key, bits, self._now(now_ns))
 
     def release(self, int i):

@@ -5,20 +5,7 @@
 
 cdef void client_address(sockaddr_storage *peer, Bridge *b) noexcept nogil:
     # Kept as IPv6 (IPv4 mapped) so that rules and tables use one key shape.
-    cdef sockaddr_in *s4
-    cdef sockaddr_in6 *s6
-    if peer.ss_family == AF_INET:
-        s4 = <sockaddr_in *>peer
-        memset(b.client_ip, 0, 10)
-        b.client_ip[10] = 0xff
-        b.client_ip[11] = 0xff
-        memcpy(&b.client_ip[12], &s4.sin_addr, 4)
-        b.client_port = ntohs(s4.sin_port)
-        b.client_v4 = 1
-    elif peer.ss_family == AF_INET6:
-        s6 = <sockaddr_in6 *>peer
-        memcpy(b.client_ip, &s6.sin6_addr, 16)
-        b.client_port = ntohs(s6.sin6_port)
+    b.client_v4 = addr16_from_sockaddr(peer, b.client_ip, &b.client_port) == AF_INET
 
 
 cdef void bridge_open(Worker *w, int fd, sockaddr_storage *peer, int64_t now) noexcept nogil:
