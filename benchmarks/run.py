@@ -723,11 +723,16 @@ def bulk_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
             log(f"    bulk {streams}: {gbps:.2f} Gbit/s  {cpu_note(cpu)}")
 
 
+def echo_backend(env: Env, name: str) -> Tuple["Service", int]:
+    """A loadgen echo server on a free port (not started yet)."""
+    port = free_port()
+    return Service("echo-server", [str(LOADGEN_BIN), "echo-server", str(port)],
+                   workdir(env, name)), port
+
+
 def echo_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
     a = env.args
-    backend_port = free_port()
-    server = Service("echo-server", [str(LOADGEN_BIN), "echo-server", str(backend_port)],
-                     workdir(env, "echo"))
+    server, backend_port = echo_backend(env, "echo")
     with running(server, backend_port, notes), \
             proxied(env, c, backend_port, notes) as (port, proxy):
         if "connrate" in env.tests:
@@ -831,10 +836,8 @@ def idle_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
     proxy (loadgen hold: opened one at a time, each pinged once), read the
     proxy tree's VmRSS growth, then ping every held connection again."""
     n = env.idle_count
-    backend_port = free_port()
     # Backend and hold client are separate processes: each holds N fds.
-    server = Service("echo-server", [str(LOADGEN_BIN), "echo-server", str(backend_port)],
-                     workdir(env, "echo-idle"))
+    server, backend_port = echo_backend(env, "echo-idle")
     with running(server, backend_port, notes), \
             proxied(env, c, backend_port, notes) as (port, proxy):
         rss0 = proxy and group_rss_kib(proxy.proc.pid)
