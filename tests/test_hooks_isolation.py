@@ -89,3 +89,40 @@ def test_blocking_on_close_does_not_stall_workers(make_proxy, echo_server):
             assert _echo_rtt(p.address) < 0.5
     finally:
         release.set()
+
+
+def test_call_queued_behind_a_hook_that_just_blocked_is_taken(make_proxy, echo_server):
+    # A hook thread that has just taken a call takes the next one itself
+    # rather than wake a sleeper, so a call queued right behind a call whose
+    # hook then blocks would wait for it (or for a sleeper's time-out, up to
+    # a second), but for the workers' watch. Two hook threads: one blocks,
+    # the other must be woken for the quick call.
+    rounds = 5
+    entered = threading.Semaphore(0)
+    release = [threading.Event() for _ in range(rounds)]
+
+    def on_data(conn, direction, data):
+        if data.startswith(b"SLOW"):
+            entered.release()
+            release[int(data[4:])].wait(BLOCK_S)
+        return None
+
+    p = make_proxy(echo_server.addr, on_data=on_data, workers=1, hook_threads=2)
+    try:
+        for i in range(rounds):
+            with connect(p.address) as slow, connect(p.address) as quick:
+                time.sleep(0.05)   # both bridges open: the two sends below are back to back
+                t0 = time.monotonic()
+                slow.sendall(b"SLOW%d" % i)
+                quick.sendall(b"quick")
+                quick.settimeout(3)
+                assert recv_exact(quick, 5) == b"quick"
+                took = time.monotonic() - t0
+                assert took < 0.25, "a call queued behind a blocked hook took %.2f s" % took
+                assert entered.acquire(timeout=3), "on_data never saw SLOW"
+                release[i].set()
+                slow.settimeout(3)
+                assert recv_exact(slow, 5) == b"SLOW%d" % i
+    finally:
+        for r in release:
+            r.set()

@@ -4,7 +4,7 @@
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from .includes.access cimport AclTable, RateTable
 from .includes.balance cimport BalanceCursor, BalanceGroup
-from .includes.system cimport (epoll_event, pollfd, pthread_cond_t, pthread_mutex_t,
+from .includes.system cimport (epoll_event, fp_sem_t, pollfd, pthread_cond_t, pthread_mutex_t,
                                sockaddr_storage, socklen_t)
 
 
@@ -246,12 +246,20 @@ cdef struct CloseRecordC:
 
 cdef struct HookQueue:
     pthread_mutex_t mu
-    pthread_cond_t cv
+    fp_sem_t wake        # one post per sleeper claimed (hook_claim)
     HookEvent *items
     int head
     int count
     int cap
     int closed
+    # Wake-ups cost two context switches a call, so a hook thread that has
+    # just answered takes the next call itself and a sleeping one is woken
+    # only when no thread is on its way (see hooks.pxi).
+    int idle             # hook threads asleep and not yet signalled
+    int signalled        # posts not yet taken by a waking thread
+    int nslots           # hook threads: one busy_ns slot each
+    int64_t *busy_ns     # when each thread took its call; 0 while it sleeps
+    int64_t backlog      # count, published for the workers' lock-free look
 
 
 cdef struct RecordRing:

@@ -162,7 +162,8 @@ cdef class Engine:
                  AccessList acl=None, RateLimiter rate=None, bint reject_reset=False,
                  int send_proxy=0, bint accept_proxy=False, AccessList proxy_from=None,
                  int proxy_v2_max=1024, double header_timeout=3.0,
-                 int pipe_size=262144, int buf_size=65536, int pool_max=64):
+                 int pipe_size=262144, int buf_size=65536, int pool_max=64,
+                 int hook_threads=16):
         cdef int i, j
         cdef Upstream *up
         if engine not in ENGINES:
@@ -205,7 +206,7 @@ cdef class Engine:
         self.sh.pool_max = pool_max
         self.sh.hooks = hooks
         self.sh.max_hold = max(max_hold, 1)
-        if queue_init(&self.sh) < 0:
+        if queue_init(&self.sh, hook_threads) < 0:
             queue_destroy(&self.sh)
             raise MemoryError()
         self.queues_ready = 1
@@ -344,25 +345,37 @@ cdef class Engine:
         """The data plane's clock (CLOCK_MONOTONIC, as time.monotonic_ns)."""
         return fp_now_ns()
 
-    def next_event(self, int timeout_ms=100):
-        """Wait (GIL released) for the next hook call. Returns None on
-        time-out, False once hooks are closed, else a tuple:
+    def next_event(self, int slot, int timeout_ms=100):
+        """Hook thread `slot` (0 <= slot < hook_threads) waits, GIL released,
+        for the next hook call. Returns None on time-out, False once hooks
+        are closed, else a tuple:
         (EVT_CONNECT, worker, bridge, id, client, accepted_ns) or
-        (EVT_DATA, worker, bridge, id, client, accepted_ns, direction, data)."""
+        (EVT_DATA, worker, bridge, id, direction, data);
+        bridge_client(bridge) gives a data call's client and accepted_ns."""
         cdef HookEvent ev
         cdef int r
         if not self.queues_ready:
             return False
-        with nogil:
-            r = event_pop(&self.sh, &ev, timeout_ms)
+        if not 0 <= slot < self.sh.events.nslots:
+            raise ValueError(f"hook thread slot {slot} is not below {self.sh.events.nslots}")
+        # A call already queued is taken without letting go of the GIL.
+        r = event_pop(&self.sh, slot, &ev, 0)
+        if r == 0:
+            with nogil:
+                r = event_pop(&self.sh, slot, &ev, timeout_ms)
         if r <= 0:
             return None if r == 0 else False
         b = ev.bridge
-        head = (ev.kind, ev.worker, <uintptr_t>b, b.id,
-                format_client(b.client_ip, b.client_port, b.client_v4), b.accepted_ns)
         if ev.kind == EVT_CONNECT:
-            return head
-        return head + (ev.dir, ev.buf[:ev.len])
+            return (ev.kind, ev.worker, <uintptr_t>b, b.id,
+                    format_client(b.client_ip, b.client_port, b.client_v4), b.accepted_ns)
+        return (ev.kind, ev.worker, <uintptr_t>b, b.id, ev.dir, ev.buf[:ev.len])
+
+    def bridge_client(self, uintptr_t bridge):
+        """(client, accepted_ns) of a bridge whose call is not answered yet
+        (an unanswered call keeps its bridge allocated)."""
+        cdef Bridge *b = <Bridge *>bridge
+        return format_client(b.client_ip, b.client_port, b.client_v4), b.accepted_ns
 
     def answer_connect(self, int worker, uintptr_t bridge, int verdict,
                        int upstream=-1, list route=None):
@@ -467,13 +480,15 @@ cdef class Engine:
     def close_hooks(self):
         """Wake every hook thread: next_event returns False from now on and
         next_records None once drained."""
+        cdef int i
         if not self.queues_ready:
             return
         with nogil:
             pthread_mutex_lock(&self.sh.events.mu)
             self.sh.events.closed = 1
-            pthread_cond_broadcast(&self.sh.events.cv)
             pthread_mutex_unlock(&self.sh.events.mu)
+            for i in range(self.sh.events.nslots):
+                fp_sem_post(&self.sh.events.wake)
             pthread_mutex_lock(&self.sh.records.mu)
             self.sh.records.closed = 1
             pthread_cond_broadcast(&self.sh.records.cv)

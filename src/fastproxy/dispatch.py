@@ -32,8 +32,10 @@ from .hooks import (
 log = logging.getLogger("fastproxy")
 
 EVT_CONNECT = _core.EVT_KINDS["CONNECT"]
-POLL_MS = 200            # how soon an idle hook thread notices a stop
+POLL_MS = 1000           # a stop wakes idle hook threads; this only bounds a lost wake-up
 RECORD_BATCH = 1024
+CONN_CACHE = 4096        # bridges whose Connection on_data reuses
+DIRECTIONS = (Direction(0), Direction(1))
 
 
 class _ErrorLog:
@@ -82,7 +84,12 @@ class HookRunner:
         self._threads: List[threading.Thread] = []
         wants_calls = hooks.on_connect is not None or bool(hooks.on_data)
         for i in range(threads if wants_calls else 0):
-            self._threads.append(threading.Thread(target=self._serve_calls, name=f"fastproxy-hook-{i}", daemon=True))
+            self._threads.append(threading.Thread(target=self._serve_calls, args=(i,), name=f"fastproxy-hook-{i}",
+                                                  daemon=True))
+        # on_data is called per chunk: a bridge's Connection is built once.
+        # Connections are values, so dropping the cache when it grows only
+        # costs rebuilding the ones still in use.
+        self._conns: Dict[int, Connection] = {}
         if hooks.on_close is not None or access_log is not None:
             self._threads.append(threading.Thread(target=self._serve_records, name="fastproxy-records", daemon=True))
 
@@ -103,10 +110,11 @@ class HookRunner:
     def _connection(self, ident: int, client: Tuple[str, int], accepted_ns: int) -> Connection:
         return Connection(ident, client, self.listener, self._epoch_offset + accepted_ns / 1e9)
 
-    def _serve_calls(self) -> None:
-        engine = self.engine
+    def _serve_calls(self, slot: int) -> None:
+        next_event = self.engine.next_event
+        on_data = self._on_data
         while True:
-            event = engine.next_event(POLL_MS)
+            event = next_event(slot, POLL_MS)
             if event is None:
                 continue
             if event is False:
@@ -114,7 +122,7 @@ class HookRunner:
             if event[0] == EVT_CONNECT:
                 self._on_connect(*event[1:])
             else:
-                self._on_data(*event[1:])
+                on_data(*event[1:])
 
     def _on_connect(self, worker: int, bridge: int, ident: int, client: Tuple[str, int], accepted_ns: int) -> None:
         fn = self.hooks.on_connect
@@ -144,11 +152,15 @@ class HookRunner:
             verdict = V_ERROR
         self.engine.answer_connect(worker, bridge, verdict, upstream, route)
 
-    def _on_data(self, worker: int, bridge: int, ident: int, client: Tuple[str, int], accepted_ns: int,
-                 direction: int, data: bytes) -> None:
-        d = Direction(direction)
+    def _on_data(self, worker: int, bridge: int, ident: int, direction: int, data: bytes) -> None:
+        d = DIRECTIONS[direction]
+        conn = self._conns.get(ident)
+        if conn is None:
+            if len(self._conns) >= CONN_CACHE:
+                self._conns.clear()
+            conn = self._conns[ident] = self._connection(ident, *self.engine.bridge_client(bridge))
         try:
-            result = self.hooks.on_data[d](self._connection(ident, client, accepted_ns), d, data)
+            result = self.hooks.on_data[d](conn, d, data)
             verdict, replacement = data_verdict(result, data)
         except Exception:
             self.errors.report("on_data")

@@ -5,30 +5,70 @@
 # hook thread answers with a HookResult on the worker's ResultQueue and a
 # byte on its wake pipe. A bridge with an unanswered call stays allocated
 # (in limbo if it closed meanwhile) so an answer never meets freed memory.
+#
+# Waking a sleeping hook thread costs a futex call and two context switches,
+# and a second thread awake only fights the first for the GIL. So a thread
+# that has just taken a call ("fresh") keeps taking calls without sleeping,
+# and a push wakes a sleeper only when no thread is fresh. A thread whose
+# call has run longer than HOOK_STALL_NS no longer counts: its hook may be
+# blocked, and the next call must not wait behind it. Workers look at the
+# queue at least that often while it holds calls (hook_nudge), so a call
+# queued just before the fresh thread blocked is taken by another.
 
 cdef int RECORD_RING_CAP = 65536
+cdef int64_t HOOK_STALL_NS = 1000000
+cdef int HOOK_STALL_MS = 1
 
 
-cdef int queue_init(Shared *sh) noexcept nogil:
+cdef int queue_init(Shared *sh, int hook_threads) noexcept nogil:
     # Returns: 0, or -ENOMEM.
     pthread_mutex_init(&sh.events.mu, NULL)
-    pthread_cond_init(&sh.events.cv, NULL)
+    if fp_sem_init(&sh.events.wake) < 0:
+        return -ENOMEM
     pthread_mutex_init(&sh.records.mu, NULL)
     pthread_cond_init(&sh.records.cv, NULL)
     sh.records.cap = RECORD_RING_CAP
     sh.records.items = <CloseRecordC *>malloc(RECORD_RING_CAP * sizeof(CloseRecordC))
-    return 0 if sh.records.items != NULL else -ENOMEM
+    sh.events.nslots = hook_threads if hook_threads > 0 else 1
+    sh.events.busy_ns = <int64_t *>calloc(sh.events.nslots, sizeof(int64_t))
+    return 0 if sh.records.items != NULL and sh.events.busy_ns != NULL else -ENOMEM
 
 
 cdef void queue_destroy(Shared *sh) noexcept nogil:
     pthread_mutex_destroy(&sh.events.mu)
-    pthread_cond_destroy(&sh.events.cv)
+    fp_sem_destroy(&sh.events.wake)
     pthread_mutex_destroy(&sh.records.mu)
     pthread_cond_destroy(&sh.records.cv)
     free(sh.events.items)
     free(sh.records.items)
+    free(sh.events.busy_ns)
     sh.events.items = NULL
     sh.records.items = NULL
+    sh.events.busy_ns = NULL
+
+
+cdef bint hook_fresh(HookQueue *q, int64_t now) noexcept nogil:
+    # Under q.mu. True when some thread will take the next call soon: one
+    # was signalled, or one took a call less than HOOK_STALL_NS ago.
+    cdef int i
+    if q.signalled > 0:
+        return True
+    for i in range(q.nslots):
+        if q.busy_ns[i] != 0 and now - q.busy_ns[i] < HOOK_STALL_NS:
+            return True
+    return False
+
+
+cdef inline bint hook_claim(HookQueue *q, int64_t now) noexcept nogil:
+    # Under q.mu. True when a sleeper must be woken; it is counted out of
+    # idle now, so that the next push does not wake a second one for the
+    # same work. The caller signals after unlocking: a thread woken while
+    # the mutex is held would run (one CPU) only to block on the mutex.
+    if q.idle == 0 or q.count == 0 or q.closed or hook_fresh(q, now):
+        return False
+    q.idle -= 1
+    q.signalled += 1
+    return True
 
 
 cdef int event_push(Shared *sh, HookEvent *ev) noexcept nogil:
@@ -36,6 +76,7 @@ cdef int event_push(Shared *sh, HookEvent *ev) noexcept nogil:
     cdef HookQueue *q = &sh.events
     cdef HookEvent *grown
     cdef int i, cap
+    cdef bint wake
     pthread_mutex_lock(&q.mu)
     if q.count == q.cap:
         cap = q.cap * 2 if q.cap else 256
@@ -51,25 +92,58 @@ cdef int event_push(Shared *sh, HookEvent *ev) noexcept nogil:
         q.cap = cap
     q.items[(q.head + q.count) % q.cap] = ev[0]
     q.count += 1
-    pthread_cond_signal(&q.cv)
+    fp_atomic_set(&q.backlog, q.count)
+    wake = hook_claim(q, fp_now_ns())
     pthread_mutex_unlock(&q.mu)
+    if wake:
+        fp_sem_post(&q.wake)
     return 0
 
 
-cdef int event_pop(Shared *sh, HookEvent *out, int timeout_ms) noexcept nogil:
-    # Blocks up to timeout_ms. Returns: 1 with *out set, 0 on time-out,
-    # -1 once the queue is closed.
+cdef void hook_nudge(Shared *sh, int64_t now) noexcept nogil:
+    # A worker's look at a queue that holds calls: if every thread that
+    # took one is past HOOK_STALL_NS (blocked, or slow), wake a sleeper.
+    cdef HookQueue *q = &sh.events
+    cdef bint wake
+    if fp_atomic_get(&q.backlog) == 0:
+        return
+    pthread_mutex_lock(&q.mu)
+    wake = hook_claim(q, now)
+    pthread_mutex_unlock(&q.mu)
+    if wake:
+        fp_sem_post(&q.wake)
+
+
+cdef int event_pop(Shared *sh, int slot, HookEvent *out, int timeout_ms) noexcept nogil:
+    # Takes the next call for hook thread `slot`, sleeping up to timeout_ms
+    # if there is none (0: do not sleep). Returns: 1 with *out set, 0 on
+    # time-out, -1 once the queue is closed.
     cdef HookQueue *q = &sh.events
     cdef int r = 0
+    cdef int woke
     pthread_mutex_lock(&q.mu)
-    if q.count == 0 and not q.closed:
-        fp_cond_wait_ms(&q.cv, &q.mu, timeout_ms)
+    if q.count == 0 and timeout_ms > 0 and not q.closed:
+        q.busy_ns[slot] = 0
+        q.idle += 1
+        pthread_mutex_unlock(&q.mu)
+        # A post made between the unlock and the wait is not lost: the
+        # semaphore counts it.
+        woke = fp_sem_wait_ms(&q.wake, timeout_ms)
+        pthread_mutex_lock(&q.mu)
+        # A thread that took a post was counted out of idle by its poster;
+        # one that timed out leaves idle itself.
+        if woke == 0:
+            q.signalled -= 1
+        else:
+            q.idle -= 1
     if q.closed:
         r = -1
     elif q.count > 0:
         out[0] = q.items[q.head]
         q.head = (q.head + 1) % q.cap
         q.count -= 1
+        fp_atomic_set(&q.backlog, q.count)
+        q.busy_ns[slot] = fp_now_ns()
         r = 1
     pthread_mutex_unlock(&q.mu)
     return r
@@ -79,6 +153,7 @@ cdef void record_push(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     # Full ring: the record is dropped and counted; a worker never waits.
     cdef RecordRing *q = &w.sh.records
     cdef CloseRecordC *rec
+    cdef bint first
     pthread_mutex_lock(&q.mu)
     if q.count == q.cap or q.closed:
         pthread_mutex_unlock(&q.mu)
@@ -101,9 +176,10 @@ cdef void record_push(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     rec.accepted_ns = b.accepted_ns
     rec.closed_ns = now
     q.count += 1
-    if q.count == 1:
-        pthread_cond_signal(&q.cv)
+    first = q.count == 1
     pthread_mutex_unlock(&q.mu)
+    if first:   # after the unlock: the woken thread need not wait for it
+        pthread_cond_signal(&q.cv)
 
 
 cdef int result_push(Worker *w, HookResult *res) noexcept nogil:

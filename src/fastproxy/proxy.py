@@ -236,6 +236,7 @@ class Proxy:
                     **self._access_args(),
                     hooks=self._hooks.flags(self._access_log_target is not None),
                     max_hold=self._max_hold,
+                    hook_threads=self._hook_threads,
                 )
             except OSError as exc:
                 sock.close()

@@ -131,6 +131,10 @@ cdef int worker_timeout_ms(Worker *w, int64_t now) noexcept nogil:
         d = w.accept_resume_ns
     if w.stopping and (d < 0 or w.drain_deadline_ns < d):
         d = w.drain_deadline_ns
+    if w.sh.hooks and fp_atomic_get(&w.sh.events.backlog) > 0:
+        # Queued hook calls: look again soon in case their thread blocked.
+        if d < 0 or now + HOOK_STALL_NS < d:
+            d = now + HOOK_STALL_NS
     if d < 0:
         return -1
     if d <= now:
@@ -438,6 +442,8 @@ cdef int worker_run(Worker *w) noexcept nogil:
         elif r < 0:
             break
         timers_run(w, now)
+        if w.sh.hooks:
+            hook_nudge(w.sh, now)
         grave_free(w)
     listener_off(w)
     fp_atomic_set(&w.accepting, 0)

@@ -263,17 +263,76 @@ static inline int64_t fp_now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* The CLOCK_REALTIME time `ms` from now, as the timed waits want it. */
+static inline void fp_deadline_ms(struct timespec *ts, int ms)
+{
+    clock_gettime(CLOCK_REALTIME, ts);
+    ts->tv_sec += ms / 1000;
+    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) { ts->tv_sec += 1; ts->tv_nsec -= 1000000000L; }
+}
+
 /* Waits on `c` for at most `ms` milliseconds (spurious wake-ups included).
  * Returns: 0, or ETIMEDOUT. */
 static inline int fp_cond_wait_ms(pthread_cond_t *c, pthread_mutex_t *m, int ms)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += ms / 1000;
-    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec += 1; ts.tv_nsec -= 1000000000L; }
+    fp_deadline_ms(&ts, ms);
     return pthread_cond_timedwait(c, m, &ts);
 }
+
+/* A counting semaphore that wakes hook threads. A condition variable would
+ * do, but glibc re-takes its mutex after a wait as "contended", so each
+ * wake-up costs a second futex call at the unlock that follows; a post
+ * costs one call, and only when a thread sleeps. macOS has no unnamed
+ * POSIX semaphores: there it is a mutex, a condition and a count. */
+#ifdef __linux__
+#include <semaphore.h>
+typedef sem_t fp_sem_t;
+/* Returns: 0, or -errno. */
+static inline int fp_sem_init(fp_sem_t *s) { return sem_init(s, 0, 0) == 0 ? 0 : -errno; }
+static inline void fp_sem_destroy(fp_sem_t *s) { sem_destroy(s); }
+static inline void fp_sem_post(fp_sem_t *s) { sem_post(s); }
+/* Returns: 0 with one post taken, or -ETIMEDOUT. */
+static inline int fp_sem_wait_ms(fp_sem_t *s, int ms)
+{
+    struct timespec ts;
+    fp_deadline_ms(&ts, ms);
+    while (sem_timedwait(s, &ts) != 0) {
+        if (errno != EINTR)
+            return -errno;
+    }
+    return 0;
+}
+#else
+typedef struct { pthread_mutex_t mu; pthread_cond_t cv; unsigned count; } fp_sem_t;
+static inline int fp_sem_init(fp_sem_t *s)
+{
+    s->count = 0;
+    pthread_mutex_init(&s->mu, NULL);
+    return -pthread_cond_init(&s->cv, NULL);
+}
+static inline void fp_sem_destroy(fp_sem_t *s) { pthread_cond_destroy(&s->cv); pthread_mutex_destroy(&s->mu); }
+static inline void fp_sem_post(fp_sem_t *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->count++;
+    pthread_mutex_unlock(&s->mu);
+    pthread_cond_signal(&s->cv);
+}
+static inline int fp_sem_wait_ms(fp_sem_t *s, int ms)
+{
+    struct timespec ts;
+    int r = 0;
+    fp_deadline_ms(&ts, ms);
+    pthread_mutex_lock(&s->mu);
+    while (s->count == 0 && r == 0)
+        r = pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+    if (s->count > 0) { s->count--; r = 0; }
+    pthread_mutex_unlock(&s->mu);
+    return r ? -ETIMEDOUT : 0;
+}
+#endif
 
 /* Counters: one writer per per-worker counter (plain add, published with a
  * relaxed store so readers never see a torn value); shared counters use

@@ -107,3 +107,9 @@ cdef extern from "<pthread.h>" nogil:
 
 cdef extern from "compat.h" nogil:
     int fp_cond_wait_ms(pthread_cond_t *c, pthread_mutex_t *m, int ms)
+    ctypedef struct fp_sem_t:
+        pass
+    int fp_sem_init(fp_sem_t *s)
+    void fp_sem_destroy(fp_sem_t *s)
+    void fp_sem_post(fp_sem_t *s)
+    int fp_sem_wait_ms(fp_sem_t *s, int ms)
