@@ -50,6 +50,8 @@ BAD = [
     ({"half_close_timeout": "1.5.2s"}, "half_close_timeout", "1.5.2s"),
     ({"engine": "turbo"}, "engine", "turbo"),
     ({"workers": -1}, "workers", "-1"),
+    ({"busy_poll": "spin"}, "busy_poll", "spin"),
+    ({"busy_poll": -1}, "busy_poll", "-1"),
 ]
 
 

@@ -70,6 +70,7 @@ def test_cli_listen_hostname(cli_proxy, echo_server):
     (["--half-close-timeout", "1.5.2s"], "1.5.2s"),
     (["--engine", "turbo"], "turbo"),
     (["--workers", "many"], "many"),
+    (["--busy-poll", "forever"], "forever"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
 def test_cli_user_errors(engine, args, needle):

@@ -290,6 +290,7 @@ cdef struct Shared:
     int64_t max_lifetime_ns       # 0: none
     int pipe_size
     int buf_size
+    int64_t busy_poll_ns  # keep polling this long after the last event; 0: sleep
     int max_hold
     int pool_max         # idle pipes (or buffers) one worker keeps
     int nupstreams
@@ -338,6 +339,7 @@ cdef struct Worker:
     uint8_t listening
     uint8_t stopping
     int64_t accept_resume_ns
+    int64_t last_event_ns  # busy polling: when the loop last had events
     int64_t drain_deadline_ns
     BalanceCursor cursor
     Bridge *thead[7]      # T_LISTS: timer lists, ordered by deadline

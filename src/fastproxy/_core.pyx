@@ -163,7 +163,7 @@ cdef class Engine:
                  int send_proxy=0, bint accept_proxy=False, AccessList proxy_from=None,
                  int proxy_v2_max=1024, double header_timeout=3.0,
                  int pipe_size=262144, int buf_size=65536, int pool_max=64,
-                 int hook_threads=16):
+                 int hook_threads=16, double busy_poll=0):
         cdef int i, j
         cdef Upstream *up
         if engine not in ENGINES:
@@ -203,6 +203,7 @@ cdef class Engine:
         self.sh.max_lifetime_ns = seconds_to_ns(max_lifetime)
         self.sh.pipe_size = pipe_size
         self.sh.buf_size = buf_size
+        self.sh.busy_poll_ns = seconds_to_ns(busy_poll)
         self.sh.pool_max = pool_max
         self.sh.hooks = hooks
         self.sh.max_hold = max(max_hold, 1)

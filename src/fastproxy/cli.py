@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a bridge may stay half-closed (default 5m)")
     p.add_argument("--engine", default="auto", choices=("auto", "epoll", "poll"),
                    help="data plane loop (default auto: epoll where available; env FASTPROXY_ENGINE)")
+    p.add_argument("--busy-poll", default="0", metavar="D",
+                   help="workers keep polling without sleeping for D after their last event: more "
+                        "throughput and less latency for a busy CPU (default 0: off)")
     g = p.add_argument_group("balancing and health")
     g.add_argument("--balance", default="roundrobin",
                    help="roundrobin (weighted, smooth), leastconn, random (power of two), source "
@@ -116,6 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             drain_timeout=args.drain_timeout,
             half_close_timeout=args.half_close_timeout,
             engine=args.engine,
+            busy_poll=args.busy_poll,
             balance=args.balance,
             retries=args.retries,
             max_fails=args.max_fails,

@@ -132,6 +132,7 @@ class Config:
     drain_timeout: float = 10.0
     half_close_timeout: float = 300.0
     engine: str = "auto"
+    busy_poll: float = 0.0                # workers poll without sleeping this long after traffic
     # balancing and upstream health
     balance: str = "roundrobin"
     retries: Optional[int] = None         # None: one try per other upstream
@@ -167,6 +168,7 @@ class Config:
         drain_timeout: Duration = 10.0,
         half_close_timeout: Duration = 300.0,
         engine: str = "auto",
+        busy_poll: Duration = 0.0,
         balance: str = "roundrobin",
         retries: Optional[int] = None,
         max_fails: int = 3,
@@ -199,6 +201,7 @@ class Config:
             drain_timeout=parse_duration(drain_timeout, "drain_timeout"),
             half_close_timeout=parse_duration(half_close_timeout, "half_close_timeout", allow_zero=False),
             engine=_choice(engine, "engine", ENGINE_CHOICES),
+            busy_poll=parse_duration(busy_poll, "busy_poll"),
             balance=parse_balance(balance, "balance"),
             retries=None if retries is None else _positive_int(retries, "retries", 0),
             max_fails=_positive_int(max_fails, "max_fails", 0),

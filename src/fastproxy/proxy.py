@@ -74,6 +74,7 @@ class Proxy:
         drain_timeout: Duration = 10.0,
         half_close_timeout: Duration = 300.0,
         engine: str = "auto",
+        busy_poll: Duration = 0.0,
         balance: str = "roundrobin",
         retries: Optional[int] = None,
         max_fails: int = 3,
@@ -122,6 +123,7 @@ class Proxy:
             drain_timeout=drain_timeout,
             half_close_timeout=half_close_timeout,
             engine=engine,
+            busy_poll=busy_poll,
             balance=balance,
             retries=retries,
             max_fails=max_fails,
@@ -237,6 +239,7 @@ class Proxy:
                     hooks=self._hooks.flags(self._access_log_target is not None),
                     max_hold=self._max_hold,
                     hook_threads=self._hook_threads,
+                    busy_poll=cfg.busy_poll,
                 )
             except OSError as exc:
                 sock.close()

@@ -299,7 +299,8 @@ cdef void drain_wake(Worker *w) noexcept nogil:
 
 
 cdef int worker_wait_epoll(Worker *w, int timeout, int64_t *now) noexcept nogil:
-    # Returns: 0, or -errno when epoll itself failed.
+    # Returns: the number of events handled, or -errno when epoll itself
+    # failed.
     cdef int n = fp_epoll_wait(w.epfd, w.events, MAX_EVENTS, timeout)
     cdef int i
     cdef uint64_t tag
@@ -320,7 +321,7 @@ cdef int worker_wait_epoll(Worker *w, int timeout, int64_t *now) noexcept nogil:
             if b.state != B_CLOSED:
                 bridge_event(w, b, <int>(tag & 1),
                              translate_epoll(w.events[i].events), now[0])
-    return 0
+    return n
 
 
 cdef inline short poll_interest(Flow *rd_flow, uint8_t rd, Flow *wr_flow,
@@ -352,7 +353,8 @@ cdef inline short poll_upstream_interest(Bridge *b) noexcept nogil:
 
 
 cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
-    # Returns: 0, or -errno (-ENOMEM growing the poll array).
+    # Returns: the number of ready fds, or -errno (-ENOMEM growing the poll
+    # array).
     # Only open fds get an entry: poll() refuses (EINVAL) more entries than
     # RLIMIT_NOFILE, and a bridge not yet connected has no upstream fd.
     cdef int need = 2 + 2 * w.nbridges
@@ -410,7 +412,7 @@ cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
             bridge_event(w, b, 0, translate_poll(p.revents), now[0])
         elif p.fd == b.ufd:
             bridge_event(w, b, 1, translate_poll(p.revents), now[0])
-    return 0
+    return r
 
 
 cdef int worker_run(Worker *w) noexcept nogil:
@@ -418,6 +420,7 @@ cdef int worker_run(Worker *w) noexcept nogil:
     # event loop itself failed (its bridges are closed first).
     cdef int64_t now = fp_now_ns()
     cdef int r = 0
+    cdef int timeout
     fp_block_signals()
     listener_on(w)
     fp_atomic_set(&w.accepting, 1)
@@ -429,10 +432,19 @@ cdef int worker_run(Worker *w) noexcept nogil:
         if w.accept_resume_ns != 0 and now >= w.accept_resume_ns:
             w.accept_resume_ns = 0
             listener_on(w)
+        timeout = worker_timeout_ms(w, now)
+        if w.sh.busy_poll_ns and now - w.last_event_ns < w.sh.busy_poll_ns:
+            # Busy polling (an option): a running thread is woken by its
+            # peers without an inter-processor interrupt, which on a VM
+            # costs the sending CPU a VM exit. Only while traffic flows.
+            timeout = 0
         if w.epfd >= 0:
-            r = worker_wait_epoll(w, worker_timeout_ms(w, now), &now)
+            r = worker_wait_epoll(w, timeout, &now)
         else:
-            r = worker_wait_poll(w, worker_timeout_ms(w, now), &now)
+            r = worker_wait_poll(w, timeout, &now)
+        if r > 0:
+            w.last_event_ns = now
+            r = 0
         if r == -ENOMEM:
             # Short of memory for a moment: the bridges we have keep their
             # state; look again soon rather than end the worker.

@@ -113,3 +113,6 @@ cdef extern from "compat.h" nogil:
     void fp_sem_destroy(fp_sem_t *s)
     void fp_sem_post(fp_sem_t *s)
     int fp_sem_wait_ms(fp_sem_t *s, int ms)
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
