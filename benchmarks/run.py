@@ -438,10 +438,14 @@ def template_command(template: str) -> ProxyCommand:
     return command
 
 
+# fastproxy-busypoll's window: longer than the load CPU's scheduler slices,
+# so that a worker spins through the gaps while the load side takes turns.
+BUSY_POLL = "100ms"
+
 HAPROXY_CFG = """\
 global
     nbthread {threads}
-defaults
+{busy}defaults
     mode tcp
     timeout connect 5s
     timeout client 1h
@@ -455,12 +459,13 @@ backend upstream
 """
 
 
-def haproxy_command(threads: int, splice: bool) -> ProxyCommand:
+def haproxy_command(threads: int, splice: bool, busy: bool = False) -> ProxyCommand:
     options = "    option splice-request\n    option splice-response\n" if splice else ""
+    busy_polling = "    busy-polling\n" if busy else ""
 
     def command(listen: int, upstream: int, workdir: Path) -> List[str]:
         cfg = workdir / "haproxy.cfg"
-        cfg.write_text(HAPROXY_CFG.format(threads=threads, splice=options, host=HOST,
+        cfg.write_text(HAPROXY_CFG.format(threads=threads, splice=options, busy=busy_polling, host=HOST,
                                           listen=listen, upstream=upstream))
         return ["haproxy", "-db", "-f", str(cfg)]  # -db: stay in the foreground
     return command
@@ -576,6 +581,7 @@ def all_contenders(args: argparse.Namespace) -> List[Contender]:
         Contender("direct", None, "clients connect to the backend itself"),
         fp("fastproxy", "epoll"),
         fp("fastproxy-poll", "poll"),
+        fp("fastproxy-busypoll", "epoll", f"--busy-poll {BUSY_POLL}"),
     ]
     # Variants take their flags after the defaults, so they may override
     # them (argparse keeps the last --engine, for instance).
@@ -590,6 +596,8 @@ def all_contenders(args: argparse.Namespace) -> List[Contender]:
         Contender("haproxy-splice", haproxy_command(w, splice=True),
                   f"haproxy -db, mode tcp, nbthread {w}, option splice-request "
                   "+ splice-response", no_haproxy, (0, -signal.SIGTERM)),
+        Contender("haproxy-busypoll", haproxy_command(w, splice=True, busy=True),
+                  f"haproxy-splice plus global busy-polling", no_haproxy, (0, -signal.SIGTERM)),
         Contender("nginx", nginx_command(w),
                   f"nginx stream module, worker_processes {w}, proxy_half_close on",
                   nginx_stream()[1]),
@@ -1117,7 +1125,7 @@ def render(result: dict) -> str:
         if cfg["reps"] > 1:
             parts += ["", "Spread over reps, (max−min)/median:", "",
                       spread_table(summary, names, metrics)]
-        for ref in ("haproxy", "direct"):
+        for ref in ("haproxy-splice", "haproxy", "direct"):
             ratio = [m for m in metrics if m.ratio and not (ref == "direct" and m.cpu)]
             if ref in summary and len(names) > 1 and ratio:
                 parts += ["", f"Ratio to {ref} (throughput, conn/s: >1 is better; "

@@ -445,6 +445,10 @@ cdef int worker_run(Worker *w) noexcept nogil:
         if r > 0:
             w.last_event_ns = now
             r = 0
+        elif r == 0 and timeout == 0 and w.sh.busy_poll_ns:
+            # Nothing yet: let another thread on this CPU (a worker with
+            # events, a hook thread) run before polling again.
+            sched_yield()
         if r == -ENOMEM:
             # Short of memory for a moment: the bridges we have keep their
             # state; look again soon rather than end the worker.
