@@ -282,6 +282,7 @@ cdef struct ResultQueue:
 # Read-only after start, except the gauges and the queues.
 cdef struct Shared:
     int engine
+    bint nodelay_inherited   # accepted sockets got TCP_NODELAY from the listener
     int listen_fd
     int hooks            # HOOK_* bits
     int64_t connect_timeout_ns

@@ -197,6 +197,8 @@ cdef class Engine:
         self.engine = engine
         self.sh.engine = ENGINE_EPOLL if engine == "epoll" else ENGINE_POLL
         self.sh.listen_fd = listen_fd
+        fp_set_nodelay(listen_fd)
+        self.sh.nodelay_inherited = FP_NODELAY_INHERITED
         self.sh.connect_timeout_ns = seconds_to_ns(connect_timeout)
         self.sh.half_close_timeout_ns = seconds_to_ns(half_close_timeout)
         self.sh.idle_timeout_ns = seconds_to_ns(idle_timeout)

@@ -205,7 +205,11 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
     if f.len == 0 and f.cap != 0:
         flow_release(w, f)   # an idle bridge holds no pipe
     if f.eof and f.len == 0 and not f.shut:
-        shutdown(dst, SHUT_WR)
+        # With the other direction already done the bridge closes next, and
+        # close() sends the FIN itself (nothing is left unread on either
+        # socket, so it is a FIN, not a reset).
+        if not (b.up.shut if f == &b.down else b.down.shut):
+            shutdown(dst, SHUT_WR)
         f.shut = 1
     return FLOW_OK
 
@@ -338,10 +342,13 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
         if b.state == B_CONNECTING:
             if not (ev & (EV_WR | EV_ERR)):
                 return
-            err = fp_sock_error(b.ufd)
-            if err != 0:
-                bridge_retry(w, b, -err, now)
-                return
+            # A failed connect always reports an error or hang-up with its
+            # writability, so a plain EV_WR needs no getsockopt.
+            if ev & EV_ERR:
+                err = fp_sock_error(b.ufd)
+                if err != 0:
+                    bridge_retry(w, b, -err, now)
+                    return
             if not bridge_connected(w, b):
                 return
     bridge_pump(w, b, now)

@@ -27,7 +27,8 @@ cdef void bridge_open(Worker *w, int fd, sockaddr_storage *peer, int64_t now) no
     b.accepted_ns = now
     b.last_active_ns = now
     client_address(peer, b)
-    fp_set_nodelay(fd)
+    if not w.sh.nodelay_inherited:
+        fp_set_nodelay(fd)
     fp_bump(&w.ctr.accepted, 1)
     if w.epfd >= 0 and fp_epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, EV_BRIDGE,
                                     <uint64_t>b) < 0:

@@ -212,6 +212,14 @@ static inline int fp_sock_error(int fd)
     return err;
 }
 
+/* Linux copies TCP_NODELAY from a listening socket to the sockets it
+ * accepts: set on the listener once, it saves a setsockopt per client. */
+#ifdef __linux__
+#define FP_NODELAY_INHERITED 1
+#else
+#define FP_NODELAY_INHERITED 0
+#endif
+
 static inline void fp_set_nodelay(int fd)
 {
     int one = 1;

@@ -77,6 +77,7 @@ cdef extern from "compat.h" nogil:
     int fp_epoll_ctl(int ep, int op, int fd, uint32_t events, uint64_t tag)
     int fp_poll(pollfd *fds, nfds_t n, int ms)
     int fp_sock_error(int fd)
+    int FP_NODELAY_INHERITED
     void fp_set_nodelay(int fd)
     void fp_set_reset_on_close(int fd)
     int fp_pipe_size(int wfd, int want)
