@@ -17,7 +17,6 @@
 
 cdef int RECORD_RING_CAP = 65536
 cdef int64_t HOOK_STALL_NS = 1000000
-cdef int HOOK_STALL_MS = 1
 
 
 cdef int queue_init(Shared *sh, int hook_threads) noexcept nogil:
