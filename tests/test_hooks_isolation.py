@@ -1,5 +1,6 @@
 """Hooks run on hook threads, never on a worker: with one worker, a hook that blocks
 stalls only its own bridge while other bridges keep flowing."""
+import os
 import socket
 import threading
 import time
@@ -126,3 +127,45 @@ def test_call_queued_behind_a_hook_that_just_blocked_is_taken(make_proxy, echo_s
     finally:
         for r in release:
             r.set()
+
+
+def _context_switches():
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open("/proc/self/task/%s/status" % tid) as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass   # a thread that ended meanwhile
+    return total
+
+
+def test_workers_do_not_poll_for_calls_no_thread_can_take(make_proxy, echo_server):
+    # Workers look at a queue holding calls every millisecond, for a sleeping
+    # hook thread to wake. With every hook thread inside a blocked hook there
+    # is none: the workers must sleep, not wake a thousand times a second.
+    entered, release = threading.Event(), threading.Event()
+
+    def on_data(conn, direction, data):
+        if data.startswith(b"SLOW"):
+            entered.set()
+            release.wait(BLOCK_S)
+        return None
+
+    p = make_proxy(echo_server.addr, on_data=on_data, workers=1, hook_threads=1)
+    with connect(p.address) as slow, connect(p.address) as queued:
+        try:
+            slow.sendall(b"SLOW")
+            assert entered.wait(3), "on_data never saw SLOW"
+            queued.sendall(b"waits")   # queued: the only hook thread is blocked
+            time.sleep(0.1)
+            before = _context_switches()
+            time.sleep(0.5)
+            switches = _context_switches() - before
+            assert switches < 100, "%d context switches in 0.5 s with nothing to do" % switches
+        finally:
+            release.set()
+        queued.settimeout(3)
+        assert recv_exact(queued, 5) == b"waits"

@@ -259,7 +259,7 @@ cdef struct HookQueue:
     int signalled        # posts not yet taken by a waking thread
     int nslots           # hook threads: one busy_ns slot each
     int64_t *busy_ns     # when each thread took its call; 0 while it sleeps
-    int64_t backlog      # count, published for the workers' lock-free look
+    int64_t backlog      # count while a thread sleeps, else 0 (hook_publish)
 
 
 cdef struct RecordRing:

@@ -12,8 +12,9 @@
 # and a push wakes a sleeper only when no thread is fresh. A thread whose
 # call has run longer than HOOK_STALL_NS no longer counts: its hook may be
 # blocked, and the next call must not wait behind it. Workers look at the
-# queue at least that often while it holds calls (hook_nudge), so a call
-# queued just before the fresh thread blocked is taken by another.
+# queue at least that often while it holds calls and a thread sleeps
+# (hook_nudge), so a call queued just before the fresh thread blocked is
+# taken by another.
 
 cdef int RECORD_RING_CAP = 65536
 cdef int64_t HOOK_STALL_NS = 1000000
@@ -58,6 +59,13 @@ cdef bint hook_fresh(HookQueue *q, int64_t now) noexcept nogil:
     return False
 
 
+cdef inline void hook_publish(HookQueue *q) noexcept nogil:
+    # Under q.mu, before each unlock: what workers read without the lock,
+    # the calls a sleeping thread could be woken for. With every thread
+    # inside a hook there are none to watch for, and workers sleep.
+    fp_atomic_set(&q.backlog, q.count if q.idle > 0 else 0)
+
+
 cdef inline bint hook_claim(HookQueue *q, int64_t now) noexcept nogil:
     # Under q.mu. True when a sleeper must be woken; it is counted out of
     # idle now, so that the next push does not wake a second one for the
@@ -91,8 +99,8 @@ cdef int event_push(Shared *sh, HookEvent *ev) noexcept nogil:
         q.cap = cap
     q.items[(q.head + q.count) % q.cap] = ev[0]
     q.count += 1
-    fp_atomic_set(&q.backlog, q.count)
     wake = hook_claim(q, fp_now_ns())
+    hook_publish(q)
     pthread_mutex_unlock(&q.mu)
     if wake:
         fp_sem_post(&q.wake)
@@ -108,6 +116,7 @@ cdef void hook_nudge(Shared *sh, int64_t now) noexcept nogil:
         return
     pthread_mutex_lock(&q.mu)
     wake = hook_claim(q, now)
+    hook_publish(q)
     pthread_mutex_unlock(&q.mu)
     if wake:
         fp_sem_post(&q.wake)
@@ -124,6 +133,7 @@ cdef int event_pop(Shared *sh, int slot, HookEvent *out, int timeout_ms) noexcep
     if q.count == 0 and timeout_ms > 0 and not q.closed:
         q.busy_ns[slot] = 0
         q.idle += 1
+        hook_publish(q)
         pthread_mutex_unlock(&q.mu)
         # A post made between the unlock and the wait is not lost: the
         # semaphore counts it.
@@ -141,9 +151,9 @@ cdef int event_pop(Shared *sh, int slot, HookEvent *out, int timeout_ms) noexcep
         out[0] = q.items[q.head]
         q.head = (q.head + 1) % q.cap
         q.count -= 1
-        fp_atomic_set(&q.backlog, q.count)
         q.busy_ns[slot] = fp_now_ns()
         r = 1
+    hook_publish(q)
     pthread_mutex_unlock(&q.mu)
     return r
 

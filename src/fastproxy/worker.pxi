@@ -132,7 +132,8 @@ cdef int worker_timeout_ms(Worker *w, int64_t now) noexcept nogil:
     if w.stopping and (d < 0 or w.drain_deadline_ns < d):
         d = w.drain_deadline_ns
     if w.sh.hooks and fp_atomic_get(&w.sh.events.backlog) > 0:
-        # Queued hook calls: look again soon in case their thread blocked.
+        # Queued hook calls and a sleeping thread: look again soon in case
+        # the thread that would take them blocked.
         if d < 0 or now + HOOK_STALL_NS < d:
             d = now + HOOK_STALL_NS
     if d < 0:
