@@ -597,7 +597,7 @@ def all_contenders(args: argparse.Namespace) -> List[Contender]:
                   f"haproxy -db, mode tcp, nbthread {w}, option splice-request "
                   "+ splice-response", no_haproxy, (0, -signal.SIGTERM)),
         Contender("haproxy-busypoll", haproxy_command(w, splice=True, busy=True),
-                  f"haproxy-splice plus global busy-polling", no_haproxy, (0, -signal.SIGTERM)),
+                  "haproxy-splice plus global busy-polling", no_haproxy, (0, -signal.SIGTERM)),
         Contender("nginx", nginx_command(w),
                   f"nginx stream module, worker_processes {w}, proxy_half_close on",
                   nginx_stream()[1]),

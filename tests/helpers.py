@@ -353,6 +353,21 @@ def proc_fds(pid):
     return out
 
 
+def proc_context_switches(pid):
+    """Voluntary context switches of all of a process's threads."""
+    total = 0
+    base = "/proc/%d/task" % pid
+    for tid in os.listdir(base):
+        try:
+            with open(os.path.join(base, tid, "status")) as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass   # a thread that ended meanwhile
+    return total
+
+
 def proc_nofile_limits(pid):
     """(soft, hard) RLIMIT_NOFILE of a running process."""
     with open("/proc/%d/limits" % pid) as f:

@@ -5,7 +5,7 @@ import socket
 import threading
 import time
 
-from helpers import connect, recv_exact, recv_until_eof
+from helpers import connect, proc_context_switches, recv_exact, recv_until_eof
 from hookutil import connect_from
 
 BLOCK_S = 5.0  # upper bound on how long a hook blocks; the test releases it much sooner
@@ -22,14 +22,19 @@ def _echo_rtt(addr, src="127.0.0.1", payload=b"quick"):
     return took
 
 
-def test_blocking_on_data_stalls_only_its_bridge(make_proxy, echo_server):
-    entered, release = threading.Event(), threading.Event()
-
+def _blocking_on_data(entered, release):
+    """An on_data that blocks (like time.sleep(2)) on a chunk starting SLOW."""
     def on_data(conn, direction, data):
         if data.startswith(b"SLOW"):
             entered.set()
-            release.wait(BLOCK_S)  # a blocking call (like time.sleep(2)) on a hook thread
+            release.wait(BLOCK_S)
         return None
+    return on_data
+
+
+def test_blocking_on_data_stalls_only_its_bridge(make_proxy, echo_server):
+    entered, release = threading.Event(), threading.Event()
+    on_data = _blocking_on_data(entered, release)
 
     p = make_proxy(echo_server.addr, on_data=on_data, workers=1)
     with connect(p.address) as slow:
@@ -129,30 +134,12 @@ def test_call_queued_behind_a_hook_that_just_blocked_is_taken(make_proxy, echo_s
             r.set()
 
 
-def _context_switches():
-    total = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open("/proc/self/task/%s/status" % tid) as f:
-                for line in f:
-                    if line.startswith("voluntary_ctxt_switches"):
-                        total += int(line.split()[1])
-        except OSError:
-            pass   # a thread that ended meanwhile
-    return total
-
-
 def test_workers_do_not_poll_for_calls_no_thread_can_take(make_proxy, echo_server):
     # Workers look at a queue holding calls every millisecond, for a sleeping
     # hook thread to wake. With every hook thread inside a blocked hook there
     # is none: the workers must sleep, not wake a thousand times a second.
     entered, release = threading.Event(), threading.Event()
-
-    def on_data(conn, direction, data):
-        if data.startswith(b"SLOW"):
-            entered.set()
-            release.wait(BLOCK_S)
-        return None
+    on_data = _blocking_on_data(entered, release)
 
     p = make_proxy(echo_server.addr, on_data=on_data, workers=1, hook_threads=1)
     with connect(p.address) as slow, connect(p.address) as queued:
@@ -161,9 +148,9 @@ def test_workers_do_not_poll_for_calls_no_thread_can_take(make_proxy, echo_serve
             assert entered.wait(3), "on_data never saw SLOW"
             queued.sendall(b"waits")   # queued: the only hook thread is blocked
             time.sleep(0.1)
-            before = _context_switches()
+            before = proc_context_switches(os.getpid())
             time.sleep(0.5)
-            switches = _context_switches() - before
+            switches = proc_context_switches(os.getpid()) - before
             assert switches < 100, "%d context switches in 0.5 s with nothing to do" % switches
         finally:
             release.set()

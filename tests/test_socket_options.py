@@ -5,15 +5,15 @@ the options of the proxy's own sockets, found by address in /proc/self/fd."""
 import os
 import socket
 
-from helpers import connect, recv_exact
+from helpers import connect, proc_fds, recv_exact
 
 
 def _own_sockets():
-    for name in os.listdir("/proc/self/fd"):
+    for fd, target in proc_fds(os.getpid()).items():
+        if not target.startswith("socket:"):
+            continue
         try:
-            if not os.readlink("/proc/self/fd/" + name).startswith("socket:"):
-                continue
-            s = socket.socket(fileno=os.dup(int(name)))
+            s = socket.socket(fileno=os.dup(fd))
         except OSError:
             continue
         if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET, socket.AF_INET6):
