@@ -96,6 +96,8 @@ cdef struct Flow:
     uint8_t hook         # each chunk goes through on_data first
     uint8_t waiting      # on_data has the chunk: read nothing until it answers
     uint8_t held         # on_data said WAIT: buf[0:len] waits for more
+    uint8_t then         # V_CLOSE or V_ERROR: close once buf is sent
+    uint32_t hold_at     # buf[hold_at:len] waits for more once buf[off:hold_at] is sent
     uint8_t bulk         # a read filled the buffer: splice from now on
     uint8_t src_hup      # src sent FIN (an event said so): read until EOF
     char *lent           # the buffer on_data is looking at
@@ -212,6 +214,7 @@ cdef struct HookEvent:
     Bridge *bridge
     char *buf
     uint32_t len
+    uint32_t held        # buf[0:held] was held by WAIT: joined to the first chunk
 
 
 # A hook's answer, handed back to the bridge's worker.
@@ -220,10 +223,12 @@ cdef struct HookResult:
     uint8_t kind
     uint8_t dir
     uint8_t verdict
+    uint8_t then          # V_CLOSE or V_ERROR: close once the answer is sent
     int upstream
-    char *buf
-    uint32_t len
+    char *buf             # V_REPLACE: what to send
+    uint32_t len          # V_REPLACE: of buf; V_PASS: of the lent buffer, kept from its front
     uint32_t cap
+    uint32_t hold         # the last `hold` bytes kept wait for more (WAIT)
     UpstreamAddr *route
     int nroute
 
@@ -291,6 +296,7 @@ cdef struct Shared:
     int64_t max_lifetime_ns       # 0: none
     int pipe_size
     int buf_size
+    int hook_read        # a hooked flow reads up to this; on_data sees buf_size slices
     int64_t busy_poll_ns  # keep polling this long after the last event; 0: sleep
     int max_hold
     int pool_max         # idle pipes (or buffers) one worker keeps
@@ -355,6 +361,8 @@ cdef struct Worker:
     int npipes
     char **buf_pool
     int nbufs
+    char **hook_pool      # idle buffers of hook_read bytes
+    int nhooks
     epoll_event *events
     pollfd *pfds
     Bridge **pbridges

@@ -8,7 +8,7 @@ on a thread of its own, asks for stats and asks workers to stop.
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memset, strerror
+from libc.string cimport memcmp, memcpy, memmove, memset, strerror
 
 from .includes.system cimport *
 from .includes.balance cimport *
@@ -162,7 +162,8 @@ cdef class Engine:
                  AccessList acl=None, RateLimiter rate=None, bint reject_reset=False,
                  int send_proxy=0, bint accept_proxy=False, AccessList proxy_from=None,
                  int proxy_v2_max=1024, double header_timeout=3.0,
-                 int pipe_size=262144, int buf_size=65536, int pool_max=64,
+                 int pipe_size=262144, int buf_size=65536, int hook_read=262144,
+                 int pool_max=64,
                  int hook_threads=16, double busy_poll=0):
         cdef int i, j
         cdef Upstream *up
@@ -205,6 +206,7 @@ cdef class Engine:
         self.sh.max_lifetime_ns = seconds_to_ns(max_lifetime)
         self.sh.pipe_size = pipe_size
         self.sh.buf_size = buf_size
+        self.sh.hook_read = max(hook_read, buf_size)
         self.sh.busy_poll_ns = seconds_to_ns(busy_poll)
         self.sh.pool_max = pool_max
         self.sh.hooks = hooks
@@ -249,6 +251,7 @@ cdef class Engine:
         w.wake_w = fds[1]
         w.pipe_pool = <int *>malloc(3 * self.sh.pool_max * sizeof(int))
         w.buf_pool = <char **>malloc(self.sh.pool_max * sizeof(char *))
+        w.hook_pool = <char **>malloc(self.sh.pool_max * sizeof(char *))
         w.up_ctr = <Counters *>calloc(self.sh.nupstreams + 1, sizeof(Counters))
         pthread_mutex_init(&w.results.mu, NULL)
         if balance_cursor_init(self.sh.group, &w.cursor) < 0:
@@ -258,7 +261,7 @@ cdef class Engine:
             if w.scratch == NULL:
                 raise MemoryError()
         w.events = <epoll_event *>malloc(MAX_EVENTS * sizeof(epoll_event))
-        if not (w.pipe_pool and w.buf_pool and w.up_ctr and w.events):
+        if not (w.pipe_pool and w.buf_pool and w.hook_pool and w.up_ctr and w.events):
             raise MemoryError()
         if self.sh.engine == ENGINE_EPOLL:
             r = fp_epoll_create()
@@ -353,10 +356,13 @@ cdef class Engine:
         for the next hook call. Returns None on time-out, False once hooks
         are closed, else a tuple:
         (EVT_CONNECT, worker, bridge, id, client, accepted_ns) or
-        (EVT_DATA, worker, bridge, id, direction, data);
+        (EVT_DATA, worker, bridge, id, direction, chunks): on_data's calls
+        for one read, in order, each up to buf_size bytes (the first is
+        joined to what WAIT held, so it may be longer);
         bridge_client(bridge) gives a data call's client and accepted_ns."""
         cdef HookEvent ev
         cdef int r
+        cdef uint32_t at, cut, step
         if not self.queues_ready:
             return False
         if not 0 <= slot < self.sh.events.nslots:
@@ -372,7 +378,15 @@ cdef class Engine:
         if ev.kind == EVT_CONNECT:
             return (ev.kind, ev.worker, <uintptr_t>b, b.id,
                     format_client(b.client_ip, b.client_port, b.client_v4), b.accepted_ns)
-        return (ev.kind, ev.worker, <uintptr_t>b, b.id, ev.dir, ev.buf[:ev.len])
+        step = <uint32_t>self.sh.buf_size
+        cut = min(ev.held + step, ev.len)
+        chunks = [ev.buf[:cut]]
+        at = cut
+        while at < ev.len:
+            cut = min(at + step, ev.len)
+            chunks.append(ev.buf[at:cut])
+            at = cut
+        return (ev.kind, ev.worker, <uintptr_t>b, b.id, ev.dir, chunks)
 
     def bridge_client(self, uintptr_t bridge):
         """(client, accepted_ns) of a bridge whose call is not answered yet
@@ -404,25 +418,37 @@ cdef class Engine:
         self._answer(worker, &res)
 
     def answer_data(self, int worker, uintptr_t bridge, int direction,
-                    int verdict, bytes data=None):
-        """on_data's answer: V_PASS, V_WAIT, V_CLOSE, V_ERROR, or V_REPLACE
-        with `data`."""
+                    int verdict, bytes data=None, *, long long keep=-1,
+                    bytes tail=None, long long hold=0, int then=0):
+        """on_data's answer for one read's chunks: V_WAIT, V_CLOSE, V_ERROR;
+        V_PASS, sending the first `keep` bytes of the read (-1: all); or
+        V_REPLACE, sending `data` instead. Of what V_PASS keeps, the last
+        `hold` bytes are held, as WAIT holds; V_REPLACE holds `tail`, kept
+        after `data`. `then` (V_CLOSE or V_ERROR) closes the bridge once the
+        rest is sent."""
         cdef HookResult res
-        cdef Py_ssize_t n = 0
+        cdef Py_ssize_t n = 0, t = 0
         memset(&res, 0, sizeof(HookResult))
         res.bridge = <Bridge *>bridge
         res.kind = EVT_DATA
         res.dir = <uint8_t>direction
         res.verdict = <uint8_t>verdict
+        res.then = <uint8_t>then
+        res.len = <uint32_t>keep if keep >= 0 else <uint32_t>0xFFFFFFFF
+        res.hold = <uint32_t>hold
         if verdict == V_REPLACE:
             n = len(data)
-            res.cap = <uint32_t>max(n, self.sh.buf_size)
+            t = len(tail) if tail is not None else 0
+            res.cap = <uint32_t>max(n + t, self.sh.buf_size)
             res.buf = <char *>malloc(res.cap)
             if res.buf == NULL:
                 raise MemoryError()
             if n:
                 memcpy(res.buf, <char *>data, n)
-            res.len = <uint32_t>n
+            if t:
+                memcpy(res.buf + n, <char *>tail, t)
+            res.len = <uint32_t>(n + t)
+            res.hold = <uint32_t>t
         self._answer(worker, &res)
 
     cdef int _answer(self, int worker, HookResult *res) except -1:
@@ -519,11 +545,14 @@ cdef class Engine:
                     close(w.pipe_pool[3 * j + 1])
                 for j in range(w.nbufs):
                     free(w.buf_pool[j])
+                for j in range(w.nhooks):
+                    free(w.hook_pool[j])
                 for fd in (w.epfd, w.wake_r, w.wake_w):
                     if fd >= 0:
                         close(fd)
                 free(w.pipe_pool)
                 free(w.buf_pool)
+                free(w.hook_pool)
                 free(w.up_ctr)
                 free(w.events)
                 free(w.bridges)

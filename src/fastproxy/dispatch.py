@@ -16,10 +16,14 @@ from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 from . import _core
 from .hooks import (
+    V_CLOSE,
     V_ERROR,
+    V_PASS,
     V_PROCEED,
     V_REFUSE,
+    V_REPLACE,
     V_ROUTE,
+    V_WAIT,
     CloseReason,
     CloseRecord,
     Connection,
@@ -70,8 +74,10 @@ class HookRunner:
         threads: int,
         access_log: Optional[IO[str]],
         loop: Optional[asyncio.AbstractEventLoop],
+        max_hold: int,
     ) -> None:
         self.engine = engine
+        self.max_hold = max_hold
         self.hooks = hooks
         self.names = list(upstream_names)
         self.index = {name: i for i, name in enumerate(upstream_names)}
@@ -152,20 +158,54 @@ class HookRunner:
             verdict = V_ERROR
         self.engine.answer_connect(worker, bridge, verdict, upstream, route)
 
-    def _on_data(self, worker: int, bridge: int, ident: int, direction: int, data: bytes) -> None:
+    def _on_data(self, worker: int, bridge: int, ident: int, direction: int, chunks: List[bytes]) -> None:
+        """Calls on_data once per chunk of one read, in order, and answers
+        for them all: the worker sends the answers in one go."""
         d = DIRECTIONS[direction]
         conn = self._conns.get(ident)
         if conn is None:
             if len(self._conns) >= CONN_CACHE:
                 self._conns.clear()
             conn = self._conns[ident] = self._connection(ident, *self.engine.bridge_client(bridge))
-        try:
-            result = self.hooks.on_data[d](conn, d, data)
-            verdict, replacement = data_verdict(result, data)
-        except Exception:
-            self.errors.report("on_data")
-            verdict, replacement = V_ERROR, None
-        self.engine.answer_data(worker, bridge, direction, verdict, replacement)
+        fn = self.hooks.on_data[d]
+        out: Optional[List[bytes]] = None   # the answers, once one is not its chunk
+        done = 0                            # bytes of the read answered so far
+        held: Optional[bytes] = None        # what WAIT holds: joined to the next chunk
+        then = 0
+        for chunk in chunks:
+            data = chunk if held is None else held + chunk
+            try:
+                verdict, replacement = data_verdict(fn(conn, d, data), data)
+            except Exception:
+                self.errors.report("on_data")
+                verdict, replacement = V_ERROR, None
+            if verdict == V_WAIT:
+                if len(data) >= self.max_hold:   # as the worker's check on its next read
+                    verdict = V_CLOSE
+                else:
+                    held = data
+                    continue
+            held = None
+            if verdict == V_CLOSE or verdict == V_ERROR:
+                then = verdict   # what was answered before still goes out
+                break
+            if verdict == V_REPLACE:
+                if out is None:
+                    out = [b"".join(chunks)[:done]]
+                out.append(replacement)  # type: ignore[arg-type]
+            elif out is not None:
+                out.append(data)
+            done += len(data)
+        answer = self.engine.answer_data
+        if out is not None:
+            answer(worker, bridge, direction, V_REPLACE, b"".join(out), tail=held, then=then)
+        elif then and done == 0:
+            answer(worker, bridge, direction, then)
+        elif held is not None and done == 0:
+            answer(worker, bridge, direction, V_WAIT)
+        else:
+            answer(worker, bridge, direction, V_PASS, keep=done if then else -1,
+                   hold=len(held) if held is not None else 0, then=then)
 
     # ---- close records
 

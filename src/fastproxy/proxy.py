@@ -262,7 +262,7 @@ class Proxy:
                 engine.close()
                 raise ConfigError("access_log", self._access_log_target, exc.strerror or str(exc)) from None
             self._runner = HookRunner(engine, self._hooks, cfg.upstream_names, self._address,
-                                      self._hook_threads, self._access_log, self._loop)
+                                      self._hook_threads, self._access_log, self._loop, self._max_hold)
             self._runner.start()
             self._watchers = Watchers(cfg, self.access, engine, balancer, self._health_check)
             self._watchers.start()
