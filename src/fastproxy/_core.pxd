@@ -300,6 +300,7 @@ cdef struct Shared:
     int64_t busy_poll_ns  # keep polling this long after the last event; 0: sleep
     int max_hold
     int pool_max         # idle pipes (or buffers) one worker keeps
+    int hook_pool_max    # idle hook_read buffers: as many bytes as pool_max buffers
     int nupstreams
     Upstream *upstreams
     BalanceGroup *group

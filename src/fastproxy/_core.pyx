@@ -209,6 +209,7 @@ cdef class Engine:
         self.sh.hook_read = max(hook_read, buf_size)
         self.sh.busy_poll_ns = seconds_to_ns(busy_poll)
         self.sh.pool_max = pool_max
+        self.sh.hook_pool_max = max(1, pool_max * self.sh.buf_size // self.sh.hook_read)
         self.sh.hooks = hooks
         self.sh.max_hold = max(max_hold, 1)
         if queue_init(&self.sh, hook_threads) < 0:

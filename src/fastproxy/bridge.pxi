@@ -33,7 +33,7 @@ cdef inline void flow_release(Worker *w, Flow *f) noexcept nogil:
         if w.nbufs < w.sh.pool_max and f.cap == <uint32_t>w.sh.buf_size and not f.hook:
             w.buf_pool[w.nbufs] = f.buf
             w.nbufs += 1
-        elif w.nhooks < w.sh.pool_max and f.cap == <uint32_t>w.sh.hook_read and f.hook:
+        elif w.nhooks < w.sh.hook_pool_max and f.cap == <uint32_t>w.sh.hook_read and f.hook:
             w.hook_pool[w.nhooks] = f.buf
             w.nhooks += 1
         else:
