@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-poll", default="0", metavar="D",
                    help="workers keep polling without sleeping for D after their last event: more "
                         "throughput and less latency for a busy CPU (default 0: off)")
+    p.add_argument("--worker-cpus", metavar="LIST",
+                   help="pin worker i to the i-th CPU of LIST, e.g. 0,2-3 (round robin when there "
+                        "are more workers; default: not pinned)")
     g = p.add_argument_group("balancing and health")
     g.add_argument("--balance", default="roundrobin",
                    help="roundrobin (weighted, smooth), leastconn, random (power of two), source "
@@ -120,6 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             half_close_timeout=args.half_close_timeout,
             engine=args.engine,
             busy_poll=args.busy_poll,
+            worker_cpus=args.worker_cpus,
             balance=args.balance,
             retries=args.retries,
             max_fails=args.max_fails,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Set, Tuple, Union
 
 __all__ = [
     "ConfigError",
@@ -111,6 +111,42 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def usable_cpus() -> Optional[Set[int]]:
+    """The CPUs this process may run on; None where threads cannot be pinned."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return None
+
+
+def parse_cpus(value: object, field: str) -> Optional[Tuple[int, ...]]:
+    """'0,2-3' or a sequence of CPU numbers -> (0, 2, 3), in the order given;
+    each must be one this process may run on."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        cpus = []
+        for part in value.split(","):
+            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+                raise ConfigError(field, value, "must be CPU numbers and ranges, e.g. 0,2-3")
+            cpus.extend(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    elif isinstance(value, (list, tuple)) and all(isinstance(c, int) and not isinstance(c, bool) for c in value):
+        cpus = list(value)
+    else:
+        raise ConfigError(field, value, "must be CPU numbers and ranges, e.g. 0,2-3")
+    if not cpus:
+        raise ConfigError(field, value, "must name at least one CPU")
+    usable = usable_cpus()
+    if usable is None:
+        raise ConfigError(field, value, "cannot be used here: this platform cannot pin threads to CPUs")
+    outside = sorted(set(cpus) - usable)
+    if outside:
+        raise ConfigError(field, value, f"CPU {outside[0]} is not one this process may use "
+                                        f"({','.join(map(str, sorted(usable)))})")
+    return tuple(cpus)
+
+
 def _count_or_none(value: object, field: str) -> Optional[int]:
     return None if value is None else _positive_int(value, field)
 
@@ -133,6 +169,7 @@ class Config:
     half_close_timeout: float = 300.0
     engine: str = "auto"
     busy_poll: float = 0.0                # workers poll without sleeping this long after traffic
+    worker_cpus: Optional[Tuple[int, ...]] = None  # worker i runs on worker_cpus[i % len]; None: unpinned
     # balancing and upstream health
     balance: str = "roundrobin"
     retries: Optional[int] = None         # None: one try per other upstream
@@ -169,6 +206,7 @@ class Config:
         half_close_timeout: Duration = 300.0,
         engine: str = "auto",
         busy_poll: Duration = 0.0,
+        worker_cpus: Optional[Union[str, Sequence[int]]] = None,
         balance: str = "roundrobin",
         retries: Optional[int] = None,
         max_fails: int = 3,
@@ -202,6 +240,7 @@ class Config:
             half_close_timeout=parse_duration(half_close_timeout, "half_close_timeout", allow_zero=False),
             engine=_choice(engine, "engine", ENGINE_CHOICES),
             busy_poll=parse_duration(busy_poll, "busy_poll"),
+            worker_cpus=parse_cpus(worker_cpus, "worker_cpus"),
             balance=parse_balance(balance, "balance"),
             retries=None if retries is None else _positive_int(retries, "retries", 0),
             max_fails=_positive_int(max_fails, "max_fails", 0),

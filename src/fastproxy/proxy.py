@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core
 from .access import build_access
@@ -75,6 +75,7 @@ class Proxy:
         half_close_timeout: Duration = 300.0,
         engine: str = "auto",
         busy_poll: Duration = 0.0,
+        worker_cpus: Optional[Union[str, Sequence[int]]] = None,
         balance: str = "roundrobin",
         retries: Optional[int] = None,
         max_fails: int = 3,
@@ -124,6 +125,7 @@ class Proxy:
             half_close_timeout=half_close_timeout,
             engine=engine,
             busy_poll=busy_poll,
+            worker_cpus=worker_cpus,
             balance=balance,
             retries=retries,
             max_fails=max_fails,
@@ -318,7 +320,10 @@ class Proxy:
     def _run_worker(self, i: int) -> None:
         engine = self._engine
         assert engine is not None
+        cpus = self.config.worker_cpus
         try:
+            if cpus:
+                os.sched_setaffinity(0, {cpus[i % len(cpus)]})  # 0: this thread
             engine.run_worker(i)
         except Exception:
             log.exception("worker %d failed; its bridges were closed", i)
