@@ -102,21 +102,19 @@ def _positive_int(value: object, field: str, low: int = 1) -> int:
     return value
 
 
-def default_workers() -> int:
-    # The CPUs this process may run on, not the machine's: containers and
-    # taskset restrict them.
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def usable_cpus() -> Optional[Set[int]]:
-    """The CPUs this process may run on; None where threads cannot be pinned."""
+    """The CPUs this process may run on (containers and taskset restrict
+    them); None where the platform cannot tell or pin threads to them."""
     try:
         return set(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return None
+
+
+def default_workers() -> int:
+    # One per CPU this process may run on, not per CPU of the machine.
+    usable = usable_cpus()
+    return len(usable) if usable is not None else os.cpu_count() or 1
 
 
 def parse_cpus(value: object, field: str) -> Optional[Tuple[int, ...]]:
