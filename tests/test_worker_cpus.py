@@ -59,3 +59,16 @@ def test_cli_bad_worker_cpus_exits_2():
     bad = str(max(USABLE) + 1)
     rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--worker-cpus", bad])
     assert_one_line_error(rc, out, err, "--worker-cpus", bad)
+
+
+def test_a_cpu_gone_at_start_is_named(make_proxy, echo_server, monkeypatch, caplog):
+    # The CPU passed the configuration check, then could not be used when the
+    # worker started (taken offline, or the process's mask shrank meanwhile).
+    def refuse(pid, cpus):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    p = make_proxy(echo_server.addr, workers=1, worker_cpus=str(USABLE[0]), start=False)
+    with pytest.raises(RuntimeError, match="did not start"):
+        p.start()
+    assert f"worker 0 cannot run on CPU {USABLE[0]} (worker_cpus): Invalid argument" in caplog.text

@@ -321,9 +321,16 @@ class Proxy:
         engine = self._engine
         assert engine is not None
         cpus = self.config.worker_cpus
+        if cpus:
+            cpu = cpus[i % len(cpus)]
+            try:
+                os.sched_setaffinity(0, {cpu})  # 0: this thread
+            except OSError as exc:
+                # The CPU went away since the configuration was checked: this
+                # worker does not start, and start() says the workers did not.
+                log.error("worker %d cannot run on CPU %d (worker_cpus): %s", i, cpu, exc.strerror or exc)
+                return
         try:
-            if cpus:
-                os.sched_setaffinity(0, {cpus[i % len(cpus)]})  # 0: this thread
             engine.run_worker(i)
         except Exception:
             log.exception("worker %d failed; its bridges were closed", i)
