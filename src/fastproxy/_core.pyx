@@ -252,7 +252,7 @@ cdef class Engine:
         w.wake_w = fds[1]
         w.pipe_pool = <int *>malloc(3 * self.sh.pool_max * sizeof(int))
         w.buf_pool = <char **>malloc(self.sh.pool_max * sizeof(char *))
-        w.hook_pool = <char **>malloc(self.sh.pool_max * sizeof(char *))
+        w.hook_pool = <char **>malloc(self.sh.hook_pool_max * sizeof(char *))
         w.up_ctr = <Counters *>calloc(self.sh.nupstreams + 1, sizeof(Counters))
         pthread_mutex_init(&w.results.mu, NULL)
         if balance_cursor_init(self.sh.group, &w.cursor) < 0:
