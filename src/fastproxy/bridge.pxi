@@ -259,6 +259,9 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
     cdef int64_t now
     if b.state == B_CLOSED:
         return
+    # Off the wait queue before the client can see the close, so a stats()
+    # read after it never counts this bridge as queued.
+    queue_leave(w, b)
     if reset_client:
         fp_set_reset_on_close(b.cfd)
     close(b.cfd)
@@ -278,7 +281,7 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
     b.state = B_CLOSED
     # Freed after the event batch, since later events of this batch may
     # name it; or, while a hook has it, when the hook answers.
-    if b.hook_pending > 0:   # (slots_release may have added one)
+    if b.hook_pending > 0:   # (queue_leave may have added one)
         b.grave_next = w.limbo
         w.limbo = b
     else:

@@ -221,7 +221,6 @@ cdef void slots_release(Worker *w, Bridge *b) noexcept nogil:
     # freed: two kicks would send two waiters racing (on two workers) for
     # what may be one slot, and the later could win.
     cdef bint freed = upstream_release(w, b)
-    queue_leave(w, b)
     if b.ip_counted:
         ip_give(&w.sh.ips, b.client_ip)
         b.ip_counted = 0
