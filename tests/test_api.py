@@ -52,6 +52,11 @@ BAD = [
     ({"workers": -1}, "workers", "-1"),
     ({"busy_poll": "spin"}, "busy_poll", "spin"),
     ({"busy_poll": -1}, "busy_poll", "-1"),
+    ({"notsent_lowat": "lots"}, "notsent_lowat", "lots"),
+    ({"notsent_lowat": "16q"}, "notsent_lowat", "16q"),
+    ({"notsent_lowat": -1}, "notsent_lowat", "-1"),
+    ({"notsent_lowat": "2048m"}, "notsent_lowat", "2048m"),
+    ({"notsent_lowat": True}, "notsent_lowat", "True"),
 ]
 
 

@@ -34,12 +34,15 @@ class _Writer(threading.Thread):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("direction", ["downstream", "upstream"])
-def test_slow_reader_blocks_writer_without_spinning(cli_proxy, direction):
-    """downstream: the upstream writes, the client stalls; upstream: the reverse."""
+@pytest.mark.parametrize("direction,flags", [("downstream", ()), ("upstream", ()),
+                                             ("upstream", ("--notsent-lowat", "16k"))])
+def test_slow_reader_blocks_writer_without_spinning(cli_proxy, direction, flags):
+    """downstream: the upstream writes, the client stalls; upstream: the
+    reverse. With --notsent-lowat the proxy's socket refuses bytes sooner:
+    what it cannot send must wait in the proxy, without spinning."""
     data = random.Random(1234).randbytes(TOTAL)
     with Listener() as srv:
-        proxy = cli_proxy("--listen", "127.0.0.1:0", "--upstream", srv.addr)
+        proxy = cli_proxy("--listen", "127.0.0.1:0", "--upstream", srv.addr, *flags)
         # Small buffers on the test's own sockets, so what piles up is the proxy's.
         srv.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * 1024)
         c = socket.socket()

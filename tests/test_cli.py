@@ -71,6 +71,7 @@ def test_cli_listen_hostname(cli_proxy, echo_server):
     (["--engine", "turbo"], "turbo"),
     (["--workers", "many"], "many"),
     (["--busy-poll", "forever"], "forever"),
+    (["--notsent-lowat", "lots"], "lots"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
 def test_cli_user_errors(engine, args, needle):

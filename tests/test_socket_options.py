@@ -1,11 +1,17 @@
 """Both sockets of a bridge have TCP_NODELAY: small writes (a ping, a
-request) leave at once instead of waiting for an ACK. On Linux the client
-side inherits it from the listener (no setsockopt per client), so this reads
-the options of the proxy's own sockets, found by address in /proc/self/fd."""
+request) leave at once instead of waiting for an ACK; and TCP_NOTSENT_LOWAT
+when notsent_lowat is given. On Linux the client side inherits both from the
+listener (no setsockopt per client), so this reads the options of the
+proxy's own sockets, found by address in /proc/self/fd."""
 import os
 import socket
 
+import pytest
+
+from fastproxy.config import parse_size
 from helpers import connect, proc_fds, recv_exact
+
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 
 
 def _own_sockets():
@@ -36,18 +42,41 @@ def _find(peer, local=None):
     return found
 
 
+def _bridge_sockets(p, echo_server, c):
+    """The proxy's two sockets of the bridge client c goes through."""
+    c.sendall(b"ping")
+    assert recv_exact(c, 4) == b"ping"   # the bridge is up on both sides
+    # Only the proxy has a socket whose peer is this client, bound to its
+    # listener's address; and only the proxy connects to the echo server
+    # (the server's own sockets are bound to its address).
+    client_side = _find(c.getsockname()[:2], p.address)
+    upstream_side = _find((echo_server.host, echo_server.port))
+    assert client_side is not None, "the proxy's socket for this client was not found"
+    assert upstream_side is not None, "the proxy's upstream socket was not found"
+    return client_side, upstream_side
+
+
 def test_bridge_sockets_have_nodelay(make_proxy, echo_server):
     p = make_proxy(echo_server.addr, workers=1)
     with connect(p.address) as c:
-        c.sendall(b"ping")
-        assert recv_exact(c, 4) == b"ping"   # the bridge is up on both sides
-        # Only the proxy has a socket whose peer is this client, bound to
-        # its listener's address; and only the proxy connects to the echo
-        # server (the server's own sockets are bound to its address).
-        client_side = _find(c.getsockname()[:2], p.address)
-        upstream_side = _find((echo_server.host, echo_server.port))
-        assert client_side is not None, "the proxy's socket for this client was not found"
-        assert upstream_side is not None, "the proxy's upstream socket was not found"
-        for side in (client_side, upstream_side):
+        for side in _bridge_sockets(p, echo_server, c):
             with side:
                 assert side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+                if TCP_NOTSENT_LOWAT is not None:   # off unless asked for
+                    assert side.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT) == 0
+
+
+@pytest.mark.skipif(TCP_NOTSENT_LOWAT is None, reason="no TCP_NOTSENT_LOWAT here")
+@pytest.mark.parametrize("value,expect", [("16k", 16384), (262144, 262144)])
+def test_notsent_lowat_is_set_on_both_bridge_sockets(make_proxy, echo_server, value, expect):
+    p = make_proxy(echo_server.addr, workers=1, notsent_lowat=value)
+    with connect(p.address) as c:
+        for side in _bridge_sockets(p, echo_server, c):
+            with side:
+                assert side.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT) == expect
+
+
+@pytest.mark.parametrize("text,size", [("0", 0), (65536, 65536), ("64k", 65536), ("64KiB", 65536),
+                                       (" 1m ", 1 << 20), ("1MiB", 1 << 20), ("1024M", 1 << 30)])
+def test_sizes_accepted(text, size):
+    assert parse_size(text, "notsent_lowat") == size

@@ -287,7 +287,8 @@ cdef struct ResultQueue:
 # Read-only after start, except the gauges and the queues.
 cdef struct Shared:
     int engine
-    bint nodelay_inherited   # accepted sockets got TCP_NODELAY from the listener
+    bint nodelay_inherited   # accepted sockets got TCP_NODELAY (and TCP_NOTSENT_LOWAT) from the listener
+    int notsent_lowat        # TCP_NOTSENT_LOWAT for both sockets of a bridge; 0: off
     int listen_fd
     int hooks            # HOOK_* bits
     int64_t connect_timeout_ns

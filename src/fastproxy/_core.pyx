@@ -164,8 +164,8 @@ cdef class Engine:
                  int proxy_v2_max=1024, double header_timeout=3.0,
                  int pipe_size=262144, int buf_size=65536, int hook_read=262144,
                  int pool_max=64,
-                 int hook_threads=16, double busy_poll=0):
-        cdef int i, j
+                 int hook_threads=16, double busy_poll=0, int notsent_lowat=0):
+        cdef int i, j, err
         cdef Upstream *up
         if engine not in ENGINES:
             raise ValueError(f"engine {engine!r} is not available here")
@@ -200,6 +200,11 @@ cdef class Engine:
         self.sh.listen_fd = listen_fd
         fp_set_nodelay(listen_fd)
         self.sh.nodelay_inherited = FP_NODELAY_INHERITED
+        self.sh.notsent_lowat = max(notsent_lowat, 0)
+        if self.sh.notsent_lowat:
+            err = fp_set_notsent_lowat(listen_fd, self.sh.notsent_lowat)
+            if err < 0:
+                raise OSError(-err, f"notsent_lowat {notsent_lowat}: " + strerror(-err).decode())
         self.sh.connect_timeout_ns = seconds_to_ns(connect_timeout)
         self.sh.half_close_timeout_ns = seconds_to_ns(half_close_timeout)
         self.sh.idle_timeout_ns = seconds_to_ns(idle_timeout)

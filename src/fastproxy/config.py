@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Set, Tuple, Union
 
@@ -16,6 +17,7 @@ __all__ = [
     "Config",
     "parse_duration",
     "parse_address",
+    "parse_size",
     "format_address",
 ]
 
@@ -55,6 +57,26 @@ def parse_duration(value: Duration, field: str, *, allow_zero: bool = True) -> f
     if seconds == 0 and not allow_zero:
         raise ConfigError(field, value, "must be longer than 0")
     return seconds
+
+
+_SIZE = re.compile(r"(\d+)\s*(k|kib|m|mib)?", re.IGNORECASE)
+_SIZE_UNIT = {None: 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
+
+
+def parse_size(value: object, field: str, *, low: int = 0, high: int = 1 << 30) -> int:
+    """'256k', '1m', '65536' or a number of bytes -> bytes (k and m are 1024-based)."""
+    if isinstance(value, bool):
+        raise ConfigError(field, value, "is not a size (use 65536, 256k, 1m)")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.fullmatch(str(value).strip())
+        if not match:
+            raise ConfigError(field, value, "is not a size (use 65536, 256k, 1m)")
+        size = int(match.group(1)) * _SIZE_UNIT[(match.group(2) or "").lower() or None]
+    if not low <= size <= high:
+        raise ConfigError(field, value, f"must be from {low} to {high} bytes")
+    return size
 
 
 def parse_address(value: str, field: str, *, listen: bool = False) -> Address:
@@ -145,6 +167,13 @@ def parse_cpus(value: object, field: str) -> Optional[Tuple[int, ...]]:
     return tuple(cpus)
 
 
+def parse_notsent_lowat(value: object, field: str) -> int:
+    size = parse_size(value, field)
+    if size and not hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        raise ConfigError(field, value, "cannot be used here: this platform has no TCP_NOTSENT_LOWAT")
+    return size
+
+
 def _count_or_none(value: object, field: str) -> Optional[int]:
     return None if value is None else _positive_int(value, field)
 
@@ -168,6 +197,7 @@ class Config:
     engine: str = "auto"
     busy_poll: float = 0.0                # workers poll without sleeping this long after traffic
     worker_cpus: Optional[Tuple[int, ...]] = None  # worker i runs on worker_cpus[i % len]; None: unpinned
+    notsent_lowat: int = 0                # TCP_NOTSENT_LOWAT on both sockets of a bridge; 0: off
     # balancing and upstream health
     balance: str = "roundrobin"
     retries: Optional[int] = None         # None: one try per other upstream
@@ -205,6 +235,7 @@ class Config:
         engine: str = "auto",
         busy_poll: Duration = 0.0,
         worker_cpus: Optional[Union[str, Sequence[int]]] = None,
+        notsent_lowat: Union[int, str] = 0,
         balance: str = "roundrobin",
         retries: Optional[int] = None,
         max_fails: int = 3,
@@ -239,6 +270,7 @@ class Config:
             engine=_choice(engine, "engine", ENGINE_CHOICES),
             busy_poll=parse_duration(busy_poll, "busy_poll"),
             worker_cpus=parse_cpus(worker_cpus, "worker_cpus"),
+            notsent_lowat=parse_notsent_lowat(notsent_lowat, "notsent_lowat"),
             balance=parse_balance(balance, "balance"),
             retries=None if retries is None else _positive_int(retries, "retries", 0),
             max_fails=_positive_int(max_fails, "max_fails", 0),

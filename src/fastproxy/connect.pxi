@@ -29,6 +29,8 @@ cdef void bridge_open(Worker *w, int fd, sockaddr_storage *peer, int64_t now) no
     client_address(peer, b)
     if not w.sh.nodelay_inherited:
         fp_set_nodelay(fd)
+        if w.sh.notsent_lowat:
+            fp_set_notsent_lowat(fd, w.sh.notsent_lowat)
     fp_bump(&w.ctr.accepted, 1)
     if w.epfd >= 0 and fp_epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, EV_BRIDGE,
                                     <uint64_t>b) < 0:
@@ -234,6 +236,8 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
         if fd < 0:
             return fd
         fp_set_nodelay(fd)
+        if w.sh.notsent_lowat:
+            fp_set_notsent_lowat(fd, w.sh.notsent_lowat)
         r = fp_connect(fd, <sockaddr *>&a.sa, a.salen)
         if r == 0 or r == -EINPROGRESS:
             # Even an immediate success is finished by the writable event.

@@ -76,6 +76,7 @@ class Proxy:
         engine: str = "auto",
         busy_poll: Duration = 0.0,
         worker_cpus: Optional[Union[str, Sequence[int]]] = None,
+        notsent_lowat: Union[int, str] = 0,
         balance: str = "roundrobin",
         retries: Optional[int] = None,
         max_fails: int = 3,
@@ -126,6 +127,7 @@ class Proxy:
             engine=engine,
             busy_poll=busy_poll,
             worker_cpus=worker_cpus,
+            notsent_lowat=notsent_lowat,
             balance=balance,
             retries=retries,
             max_fails=max_fails,
@@ -242,6 +244,7 @@ class Proxy:
                     max_hold=self._max_hold,
                     hook_threads=self._hook_threads,
                     busy_poll=cfg.busy_poll,
+                    notsent_lowat=cfg.notsent_lowat,
                 )
             except OSError as exc:
                 sock.close()

@@ -226,6 +226,23 @@ static inline void fp_set_nodelay(int fd)
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
+/* TCP_NOTSENT_LOWAT: a socket with more unsent bytes than this is not
+ * writable, so data waits in the proxy's pipe instead of the socket, and is
+ * sent when the proxy writes it, on the proxy's CPU, rather than by the ACK
+ * that opens the window, on whichever CPU took that ACK. Linux copies it from
+ * a listening socket to the sockets it accepts, like TCP_NODELAY.
+ * Returns: 0, or -errno (-ENOPROTOOPT where the platform has no such option). */
+static inline int fp_set_notsent_lowat(int fd, int nbytes)
+{
+#ifdef TCP_NOTSENT_LOWAT
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &nbytes, sizeof nbytes) < 0) return -errno;
+    return 0;
+#else
+    (void)fd; (void)nbytes;
+    return -ENOPROTOOPT;
+#endif
+}
+
 /* A close with linger 0 sends RST instead of FIN: how a reset is passed on. */
 static inline void fp_set_reset_on_close(int fd)
 {
