@@ -47,6 +47,7 @@ def template_command(template: str) -> ProxyCommand:
 # fastproxy-busypoll's window: longer than the load CPU's scheduler slices,
 # so that a worker spins through the gaps while the load side takes turns.
 BUSY_POLL = "100ms"
+NOTSENT_LOWAT = "256k"
 
 HAPROXY_CFG = """\
 global
@@ -188,6 +189,7 @@ def all_contenders(args: argparse.Namespace) -> List[Contender]:
         fp("fastproxy", "epoll"),
         fp("fastproxy-poll", "poll"),
         fp("fastproxy-busypoll", "epoll", f"--busy-poll {BUSY_POLL}"),
+        fp("fastproxy-lowat", "epoll", f"--notsent-lowat {NOTSENT_LOWAT}"),
     ]
     # Variants take their flags after the defaults, so they may override
     # them (argparse keeps the last --engine, for instance).

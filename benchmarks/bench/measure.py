@@ -118,6 +118,7 @@ def bulk_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
             gbps = received["bits_per_second"] / 1e9
             out[f"bulk{streams}_gbps"] = gbps
             out[f"bulk{streams}_cpu_s_per_gb"] = cpu.per(received["bytes"], 1e9)
+            out[f"bulk{streams}_all_cpu_s_per_gb"] = cpu.per_all(received["bytes"], 1e9)
             notes[f"bulk{streams}"] = dict(cpu.summary(), attempts=attempt)
             noise_check(c, cpu, notes)
             log(f"    bulk {streams}: {gbps:.2f} Gbit/s  {cpu_note(cpu)}")

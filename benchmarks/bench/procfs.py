@@ -164,8 +164,10 @@ class CpuMeter:
         # Other work during the test, in % of one CPU.
         self.foreign_pct = 100 * foreign_delta(self.foreign0, foreign_ticks()) / HZ / self.wall
         d = {c: [b - a for a, b in zip(self.stat0[c], stat1[c])] for c in stat1}
+        self.all_s = None
         if self.env.proxy_cpus:
             self.proxy_s = self._busy(d, self.env.proxy_cpus)
+            self.all_s = self._busy(d, self.env.proxy_cpus | self.env.load_cpus)
             self.proxy_pct = 100 * self.proxy_s / self.wall / len(self.env.proxy_cpus)
             self.load_pct = (100 * self._busy(d, self.env.load_cpus)
                              / self.wall / len(self.env.load_cpus))
@@ -189,6 +191,13 @@ class CpuMeter:
         if self.proxy_s is None or not units:
             return None
         return self.proxy_s * scale / units
+
+    def per_all(self, units: float, scale: float) -> Optional[float]:
+        """Busy time of the proxy's and the load's CPUs together, per unit
+        (pinned runs only)."""
+        if self.all_s is None or not units:
+            return None
+        return self.all_s * scale / units
 
     def summary(self) -> dict:
         r = lambda v: None if v is None else round(v, 2)
