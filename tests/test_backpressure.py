@@ -35,11 +35,12 @@ class _Writer(threading.Thread):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("direction,flags", [("downstream", ()), ("upstream", ()),
-                                             ("upstream", ("--notsent-lowat", "16k"))])
+                                             ("upstream", ("--notsent-lowat", "0"))])
 def test_slow_reader_blocks_writer_without_spinning(cli_proxy, direction, flags):
     """downstream: the upstream writes, the client stalls; upstream: the
-    reverse. With --notsent-lowat the proxy's socket refuses bytes sooner:
-    what it cannot send must wait in the proxy, without spinning."""
+    reverse. By default (--notsent-lowat 1m) the proxy's sockets refuse
+    unsent bytes past 1 MiB, so what they cannot take waits in the proxy;
+    with 0 it piles up in the socket instead. Neither may spin."""
     data = random.Random(1234).randbytes(TOTAL)
     with Listener() as srv:
         proxy = cli_proxy("--listen", "127.0.0.1:0", "--upstream", srv.addr, *flags)

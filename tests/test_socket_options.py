@@ -1,8 +1,8 @@
 """Both sockets of a bridge have TCP_NODELAY: small writes (a ping, a
-request) leave at once instead of waiting for an ACK; and TCP_NOTSENT_LOWAT
-when notsent_lowat is given. On Linux the client side inherits both from the
-listener (no setsockopt per client), so this reads the options of the
-proxy's own sockets, found by address in /proc/self/fd."""
+request) leave at once instead of waiting for an ACK; and TCP_NOTSENT_LOWAT,
+1 MiB unless notsent_lowat says otherwise. On Linux the client side inherits
+both from the listener (no setsockopt per client), so this reads the options
+of the proxy's own sockets, found by address in /proc/self/fd."""
 import os
 import socket
 
@@ -62,12 +62,12 @@ def test_bridge_sockets_have_nodelay(make_proxy, echo_server):
         for side in _bridge_sockets(p, echo_server, c):
             with side:
                 assert side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
-                if TCP_NOTSENT_LOWAT is not None:   # off unless asked for
-                    assert side.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT) == 0
+                if TCP_NOTSENT_LOWAT is not None:   # on by default
+                    assert side.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT) == 1 << 20
 
 
 @pytest.mark.skipif(TCP_NOTSENT_LOWAT is None, reason="no TCP_NOTSENT_LOWAT here")
-@pytest.mark.parametrize("value,expect", [("16k", 16384), (262144, 262144)])
+@pytest.mark.parametrize("value,expect", [("16k", 16384), (262144, 262144), ("0", 0)])
 def test_notsent_lowat_is_set_on_both_bridge_sockets(make_proxy, echo_server, value, expect):
     p = make_proxy(echo_server.addr, workers=1, notsent_lowat=value)
     with connect(p.address) as c:

@@ -47,7 +47,6 @@ def template_command(template: str) -> ProxyCommand:
 # fastproxy-busypoll's window: longer than the load CPU's scheduler slices,
 # so that a worker spins through the gaps while the load side takes turns.
 BUSY_POLL = "100ms"
-NOTSENT_LOWAT = "256k"
 
 HAPROXY_CFG = """\
 global
@@ -189,7 +188,7 @@ def all_contenders(args: argparse.Namespace) -> List[Contender]:
         fp("fastproxy", "epoll"),
         fp("fastproxy-poll", "poll"),
         fp("fastproxy-busypoll", "epoll", f"--busy-poll {BUSY_POLL}"),
-        fp("fastproxy-lowat", "epoll", f"--notsent-lowat {NOTSENT_LOWAT}"),
+        fp("fastproxy-nolowat", "epoll", "--notsent-lowat 0"),
     ]
     # Variants take their flags after the defaults, so they may override
     # them (argparse keeps the last --engine, for instance).

@@ -52,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-cpus", metavar="LIST",
                    help="pin worker i to the i-th CPU of LIST, e.g. 0,2-3 (round robin when there "
                         "are more workers; default: not pinned)")
-    p.add_argument("--notsent-lowat", default="0", metavar="SIZE",
+    p.add_argument("--notsent-lowat", metavar="SIZE",
                    help="TCP_NOTSENT_LOWAT on both sockets of each bridge: keep at most about SIZE "
                         "unsent bytes in a socket, the rest in the proxy, so the proxy's CPU sends "
-                        "them (e.g. 256k; default 0: off)")
+                        "them (default 1m where the platform has it; 0: off)")
     g = p.add_argument_group("balancing and health")
     g.add_argument("--balance", default="roundrobin",
                    help="roundrobin (weighted, smooth), leastconn, random (power of two), source "

@@ -76,7 +76,7 @@ class Proxy:
         engine: str = "auto",
         busy_poll: Duration = 0.0,
         worker_cpus: Optional[Union[str, Sequence[int]]] = None,
-        notsent_lowat: Union[int, str] = 0,
+        notsent_lowat: Optional[Union[int, str]] = None,
         balance: str = "roundrobin",
         retries: Optional[int] = None,
         max_fails: int = 3,
