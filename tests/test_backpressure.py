@@ -35,12 +35,14 @@ class _Writer(threading.Thread):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("direction,flags", [("downstream", ()), ("upstream", ()),
-                                             ("upstream", ("--notsent-lowat", "0"))])
+                                             ("upstream", ("--notsent-lowat", "0")),
+                                             ("upstream", ("--notsent-lowat", "64k"))])
 def test_slow_reader_blocks_writer_without_spinning(cli_proxy, direction, flags):
     """downstream: the upstream writes, the client stalls; upstream: the
-    reverse. By default (--notsent-lowat 1m) the proxy's sockets refuse
-    unsent bytes past 1 MiB, so what they cannot take waits in the proxy;
-    with 0 it piles up in the socket instead. Neither may spin."""
+    reverse. With --notsent-lowat (by default 1m on epoll, off on poll) the
+    proxy's sockets refuse unsent bytes past the limit, so what they cannot
+    take waits in the proxy; with 0 it piles up in the socket instead.
+    Neither may spin."""
     data = random.Random(1234).randbytes(TOTAL)
     with Listener() as srv:
         proxy = cli_proxy("--listen", "127.0.0.1:0", "--upstream", srv.addr, *flags)

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notsent-lowat", metavar="SIZE",
                    help="TCP_NOTSENT_LOWAT on both sockets of each bridge: keep at most about SIZE "
                         "unsent bytes in a socket, the rest in the proxy, so the proxy's CPU sends "
-                        "them (default 1m where the platform has it; 0: off)")
+                        "them (default: 1m with the epoll engine, off with poll; 0: off)")
     g = p.add_argument_group("balancing and health")
     g.add_argument("--balance", default="roundrobin",
                    help="roundrobin (weighted, smooth), leastconn, random (power of two), source "

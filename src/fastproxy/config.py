@@ -167,15 +167,24 @@ def parse_cpus(value: object, field: str) -> Optional[Tuple[int, ...]]:
     return tuple(cpus)
 
 
-# Measured on loopback (docs/benchmarks.md): 8 streams gain about a fifth
-# and one stream loses nothing, at the same proxy CPU per GB. Smaller values
-# move more of the sending onto the proxy's CPU, which one stream pays for.
+# Measured on loopback with the epoll engine (docs/benchmarks.md): 8 streams
+# gain about a fifth and one stream loses nothing, for a little more proxy
+# CPU per GB. Smaller values move more of the sending onto the proxy's CPU,
+# which one stream pays for. The poll engine copies and is bound by its own
+# CPU, so sending more from it only slows it: off there unless asked for.
 DEFAULT_NOTSENT_LOWAT = 1 << 20
 
 
-def parse_notsent_lowat(value: object, field: str) -> int:
-    if value is None:   # the default: on where the platform has the option
-        return DEFAULT_NOTSENT_LOWAT if hasattr(socket, "TCP_NOTSENT_LOWAT") else 0
+def default_notsent_lowat(engine: str) -> int:
+    """What notsent_lowat=None means for this engine on this platform."""
+    if engine == "epoll" and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        return DEFAULT_NOTSENT_LOWAT
+    return 0
+
+
+def parse_notsent_lowat(value: object, field: str) -> Optional[int]:
+    if value is None:   # the engine's default, resolved at start
+        return None
     size = parse_size(value, field)
     if size and not hasattr(socket, "TCP_NOTSENT_LOWAT"):
         raise ConfigError(field, value, "cannot be used here: this platform has no TCP_NOTSENT_LOWAT")
@@ -205,7 +214,7 @@ class Config:
     engine: str = "auto"
     busy_poll: float = 0.0                # workers poll without sleeping this long after traffic
     worker_cpus: Optional[Tuple[int, ...]] = None  # worker i runs on worker_cpus[i % len]; None: unpinned
-    notsent_lowat: int = DEFAULT_NOTSENT_LOWAT  # TCP_NOTSENT_LOWAT on both sockets of a bridge; 0: off
+    notsent_lowat: Optional[int] = None   # TCP_NOTSENT_LOWAT on a bridge's sockets; 0: off; None: the engine's default
     # balancing and upstream health
     balance: str = "roundrobin"
     retries: Optional[int] = None         # None: one try per other upstream

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core
 from .access import build_access
-from .config import Config, ConfigError, Duration, format_address
+from .config import Config, ConfigError, Duration, default_notsent_lowat, format_address
 from .dispatch import HookRunner, open_access_log
 from .hooks import Direction, Hook, Hooks
 from .sockets import listen_socket, raise_fd_limit, resolve_upstream
@@ -244,7 +244,8 @@ class Proxy:
                     max_hold=self._max_hold,
                     hook_threads=self._hook_threads,
                     busy_poll=cfg.busy_poll,
-                    notsent_lowat=cfg.notsent_lowat,
+                    notsent_lowat=(default_notsent_lowat(engine_name) if cfg.notsent_lowat is None
+                                   else cfg.notsent_lowat),
                 )
             except OSError as exc:
                 sock.close()
