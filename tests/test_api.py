@@ -57,6 +57,9 @@ BAD = [
     ({"notsent_lowat": -1}, "notsent_lowat", "-1"),
     ({"notsent_lowat": "2048m"}, "notsent_lowat", "2048m"),
     ({"notsent_lowat": True}, "notsent_lowat", "True"),
+    ({"max_hold": 0}, "max_hold", "0"),
+    ({"max_hold": "lots"}, "max_hold", "lots"),
+    ({"max_hold": 1.5}, "max_hold", "1.5"),
 ]
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core
 from .access import build_access
-from .config import Config, ConfigError, Duration, default_notsent_lowat, format_address
+from .config import Config, ConfigError, Duration, default_notsent_lowat, format_address, parse_size
 from .dispatch import HookRunner, open_access_log
 from .hooks import Direction, Hook, Hooks
 from .sockets import listen_socket, raise_fd_limit, resolve_upstream
@@ -114,7 +114,7 @@ class Proxy:
         on_close: Optional[Hook] = None,
         hook_threads: int = 16,
         access_log: Optional[str] = None,
-        max_hold: int = 1 << 20,
+        max_hold: Union[int, str] = 1 << 20,
     ) -> None:
         self.config = Config.build(
             listen,
@@ -169,10 +169,8 @@ class Proxy:
         self._owns_access_log = False
         if isinstance(hook_threads, bool) or not isinstance(hook_threads, int) or hook_threads < 1:
             raise ConfigError("hook_threads", hook_threads, "must be a whole number >= 1")
-        if isinstance(max_hold, bool) or not isinstance(max_hold, int) or not 1 <= max_hold <= 1 << 30:
-            raise ConfigError("max_hold", max_hold, "must be a number of bytes from 1 to 1 GiB")
         self._hook_threads = hook_threads
-        self._max_hold = max_hold
+        self._max_hold = parse_size(max_hold, "max_hold", low=1)
         if on_connect is not None:
             self.on_connect(on_connect)
         if on_data is not None:
