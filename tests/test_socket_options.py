@@ -1,8 +1,9 @@
 """Both sockets of a bridge have TCP_NODELAY: small writes (a ping, a
 request) leave at once instead of waiting for an ACK; and TCP_NOTSENT_LOWAT,
-by default 1 MiB with the epoll engine and off with poll. On Linux the client side inherits
-both from the listener (no setsockopt per client), so this reads the options
-of the proxy's own sockets, found by address in /proc/self/fd."""
+by default 1 MiB with the epoll engine and off with poll. On Linux the
+client side inherits both from the listener (no setsockopt per client), so
+this reads the options of the proxy's own sockets, found by address in
+/proc/self/fd."""
 import os
 import socket
 
