@@ -169,9 +169,10 @@ def parse_cpus(value: object, field: str) -> Optional[Tuple[int, ...]]:
 
 # Measured on loopback with the epoll engine (docs/benchmarks.md): 8 streams
 # gain about a fifth, one stream loses at most about a tenth, and the proxy
-# pays for the sending it now does itself in CPU per GB. Smaller values move more of the sending onto the proxy's CPU,
-# which one stream pays for. The poll engine copies and is bound by its own
-# CPU, so sending more from it only slows it: off there unless asked for.
+# pays in CPU per GB for the sending it now does itself. Smaller values move
+# more of the sending onto the proxy's CPU, which costs one stream more. The
+# poll engine copies and is bound by its own CPU, so sending more from it
+# only slows it: off there unless asked for.
 DEFAULT_NOTSENT_LOWAT = 1 << 20
 
 
