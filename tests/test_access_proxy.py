@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from fastproxy import Proxy
-from fastproxy.config import ConfigError
+from fastproxy.values import ConfigError
 from helpers import ipv6_available, recv_exact, run_cli
 from hookutil import read_all, wait_stat
 

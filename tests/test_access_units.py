@@ -15,16 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastproxy import _core
-from fastproxy.access import (
-    TimeWindow,
-    TimeWindows,
-    load_time_zone,
-    parse_cidr,
-    parse_rate,
-    parse_time_window,
-    read_rule_file,
-)
-from fastproxy.config import ConfigError
+from fastproxy.acl import parse_cidr, read_rule_file
+from fastproxy.ratelimit import parse_rate
+from fastproxy.timewindows import TimeWindow, TimeWindows, load_time_zone, parse_time_window
+from fastproxy.values import ConfigError
 
 AccessList = _core.AccessList
 RateLimiter = _core.RateLimiter

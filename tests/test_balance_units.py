@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from fastproxy._core import BALANCE_ALGORITHMS, Balancer
-from fastproxy.config import ConfigError
+from fastproxy.values import ConfigError
 from fastproxy.health import HealthChecker
 from fastproxy.upstreams import Upstream, parse_balance, parse_upstream, parse_upstreams
 

@@ -22,7 +22,7 @@ def test_busy_poll_spins_only_right_after_traffic(make_proxy, echo_server, busy_
     # In-process proxy: this test's thread sleeps and the echo server waits
     # in accept, so the process's CPU time over a sleep is the workers'.
     p = make_proxy(echo_server.addr, workers=1, busy_poll=busy_poll)
-    assert p.config.busy_poll == (WINDOW_S if busy_poll else 0.0)
+    assert p.config.process.busy_poll == (WINDOW_S if busy_poll else 0.0)
     assert echo_roundtrip(p.address, b"wake up") == b"wake up"
     spinning = _cpu_over(0.15)
     time.sleep(WINDOW_S)          # past the window: the worker sleeps again

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from fastproxy.config import parse_size
+from fastproxy.values import parse_size
 from helpers import connect, proc_fds, recv_exact
 
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", None)

@@ -27,7 +27,7 @@ def _worker_cpus(proxy):
 def test_each_worker_runs_on_its_cpu_round_robin(make_proxy, echo_server):
     cpus = USABLE[:2]
     p = make_proxy(echo_server.addr, workers=3, worker_cpus=",".join(map(str, cpus)))
-    assert p.config.worker_cpus == tuple(cpus)
+    assert p.config.process.worker_cpus == tuple(cpus)
     want = [str(cpus[i % len(cpus)]) for i in range(3)]
     assert _worker_cpus(p) == want
     assert echo_roundtrip(p.address, b"pinned") == b"pinned"
@@ -35,7 +35,7 @@ def test_each_worker_runs_on_its_cpu_round_robin(make_proxy, echo_server):
 
 def test_unpinned_by_default(make_proxy, echo_server):
     p = make_proxy(echo_server.addr, workers=2)
-    assert p.config.worker_cpus is None
+    assert p.config.process.worker_cpus is None
     everything = _allowed(os.getpid())
     assert _worker_cpus(p) == [everything, everything]
 

@@ -5,7 +5,7 @@ threads with the GIL released; this package is the control plane.
 """
 
 from ._core import ENGINES
-from .config import ConfigError
+from .values import ConfigError
 from .hooks import CLOSE, WAIT, CloseReason, CloseRecord, Connection, Direction
 from .proxy import Proxy
 from .upstreams import Upstream

@@ -152,21 +152,19 @@ cdef class Engine:
         self.workers = NULL
         self.nworkers = 0
 
-    def __init__(self, int listen_fd, Balancer balancer, list upstreams, *,
-                 int workers, str engine, double connect_timeout,
-                 double half_close_timeout, double idle_timeout=0,
-                 double max_lifetime=0, int retries=0,
-                 long long max_connections=0, long long max_per_ip=0,
-                 bint queue_on_limit=True, long long queue_size=1024,
-                 double queue_timeout=30.0, int hooks=0, int max_hold=1048576,
-                 AccessList acl=None, RateLimiter rate=None, bint reject_reset=False,
-                 int send_proxy=0, bint accept_proxy=False, AccessList proxy_from=None,
-                 int proxy_v2_max=1024, double header_timeout=3.0,
-                 int pipe_size=262144, int buf_size=65536, int hook_read=262144,
-                 int pool_max=64,
-                 int hook_threads=16, double busy_poll=0, int notsent_lowat=0):
+    def __init__(self, int listen_fd, Balancer balancer, list upstreams, config, *,
+                 int hooks=0, int pool_max=64, int pipe_size=262144, int buf_size=65536,
+                 int hook_read=262144):
+        """config: a resolved fastproxy.config.Config, read by option name.
+        hooks: the HOOK_* bits; the rest are sizes of the data plane's own."""
         cdef int i, j, err
         cdef Upstream *up
+        cdef AccessList acl = None, proxy_from = None
+        cdef RateLimiter rate = None
+        process, limits, access = config.process, config.limits, config.access
+        timeouts, proxy_protocol = config.timeouts, config.proxy_protocol
+        engine = process.engine
+        workers = process.workers
         if engine not in ENGINES:
             raise ValueError(f"engine {engine!r} is not available here")
         if not upstreams or workers < 1 or len(upstreams) != len(balancer.names):
@@ -175,23 +173,30 @@ cdef class Engine:
         # as the workers that read it.
         self._balancer = balancer
         self.sh.group = &balancer.group
-        self.sh.retries = max(retries, 0)
-        self.sh.max_connections = max(max_connections, 0)
-        self.sh.max_per_ip = max(max_per_ip, 0)
-        self.sh.queue_on_limit = queue_on_limit
-        self.sh.queue_size = max(queue_size, 0)
-        self.sh.queue_timeout_ns = seconds_to_ns(queue_timeout)
+        self.sh.retries = config.retry_count
+        self.sh.max_connections = limits.max_connections
+        self.sh.max_per_ip = limits.max_connections_per_ip or 0
+        self.sh.queue_on_limit = limits.on_limit == "queue"
+        self.sh.queue_size = limits.queue_size
+        self.sh.queue_timeout_ns = seconds_to_ns(limits.queue_timeout)
         pthread_mutex_init(&self.sh.wait.mu, NULL)
+        rules = (access.allow + access.allow_file, access.deny + access.deny_file)
+        if rules[0] or rules[1]:
+            acl = AccessList(*rules)
+        if access.rate_limit_per_ip is not None:
+            rate = RateLimiter(*access.rate_limit_per_ip, access.rate_limit_table)
+        if proxy_protocol.accept_proxy_from:
+            proxy_from = AccessList(proxy_protocol.accept_proxy_from)
         self._access = (acl, rate, proxy_from)
         self.sh.acl = &acl.table if acl is not None and len(acl) else NULL
         self.sh.rate = &rate.table if rate is not None else NULL
         self.sh.proxy_from = &proxy_from.table if proxy_from is not None and len(proxy_from) else NULL
         self.sh.admit_open = 1
-        self.sh.reject_reset = reject_reset
-        self.sh.send_proxy = <uint8_t>send_proxy
-        self.sh.accept_proxy = accept_proxy
-        self.sh.proxy_v2_max = max(proxy_v2_max, 16)
-        self.sh.header_timeout_ns = seconds_to_ns(header_timeout)
+        self.sh.reject_reset = access.reject_with == "reset"
+        self.sh.send_proxy = <uint8_t>(int(proxy_protocol.send_proxy[1]) if proxy_protocol.send_proxy else 0)
+        self.sh.accept_proxy = proxy_protocol.accept_proxy
+        self.sh.proxy_v2_max = proxy_protocol.proxy_header_max
+        self.sh.header_timeout_ns = seconds_to_ns(proxy_protocol.proxy_header_timeout)
         if self.sh.max_per_ip and iptable_init(&self.sh.ips, max(self.sh.max_connections, 1024) + 1) < 0:
             iptable_free(&self.sh.ips)
             raise MemoryError()
@@ -200,24 +205,24 @@ cdef class Engine:
         self.sh.listen_fd = listen_fd
         fp_set_nodelay(listen_fd)
         self.sh.nodelay_inherited = FP_NODELAY_INHERITED
-        self.sh.notsent_lowat = max(notsent_lowat, 0)
+        self.sh.notsent_lowat = config.listener.notsent_lowat
         if self.sh.notsent_lowat:
             err = fp_set_notsent_lowat(listen_fd, self.sh.notsent_lowat)
             if err < 0:
-                raise OSError(-err, f"notsent_lowat {notsent_lowat}: " + strerror(-err).decode())
-        self.sh.connect_timeout_ns = seconds_to_ns(connect_timeout)
-        self.sh.half_close_timeout_ns = seconds_to_ns(half_close_timeout)
-        self.sh.idle_timeout_ns = seconds_to_ns(idle_timeout)
-        self.sh.max_lifetime_ns = seconds_to_ns(max_lifetime)
+                raise OSError(-err, f"notsent_lowat {self.sh.notsent_lowat}: " + strerror(-err).decode())
+        self.sh.connect_timeout_ns = seconds_to_ns(timeouts.connect_timeout)
+        self.sh.half_close_timeout_ns = seconds_to_ns(timeouts.half_close_timeout)
+        self.sh.idle_timeout_ns = seconds_to_ns(timeouts.idle_timeout or 0)
+        self.sh.max_lifetime_ns = seconds_to_ns(timeouts.max_lifetime or 0)
         self.sh.pipe_size = pipe_size
         self.sh.buf_size = buf_size
         self.sh.hook_read = max(hook_read, buf_size)
-        self.sh.busy_poll_ns = seconds_to_ns(busy_poll)
+        self.sh.busy_poll_ns = seconds_to_ns(process.busy_poll)
         self.sh.pool_max = pool_max
         self.sh.hook_pool_max = max(1, pool_max * self.sh.buf_size // self.sh.hook_read)
         self.sh.hooks = hooks
-        self.sh.max_hold = max(max_hold, 1)
-        if queue_init(&self.sh, hook_threads) < 0:
+        self.sh.max_hold = config.hooks.max_hold
+        if queue_init(&self.sh, config.hooks.hook_threads) < 0:
             queue_destroy(&self.sh)
             raise MemoryError()
         self.queues_ready = 1

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
-from .config import format_address
+from .values import format_address
 
 __all__ = ["HealthChecker", "tcp_check"]
 

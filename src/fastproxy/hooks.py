@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import _core
-from .config import ConfigError, format_address
+from .values import ConfigError, format_address
 
 __all__ = [
     "Connection",
@@ -120,6 +120,14 @@ class Hooks:
     def set_close(self, fn: Hook) -> None:
         self.on_close = _callable(fn, "on_close")
 
+    def load(self, obj: object) -> None:
+        """Register the hooks an object (a module, from load_hooks) defines."""
+        for name, register in (("on_connect", self.set_connect), ("on_data", self.set_data),
+                               ("on_close", self.set_close)):
+            fn = getattr(obj, name, None)
+            if callable(fn):
+                register(fn)
+
     def is_async(self) -> bool:
         return any(inspect.iscoroutinefunction(f) for f in (self.on_connect, self.on_close) if f)
 
@@ -210,7 +218,7 @@ def load_hooks(spec: str) -> object:
 def route_target(result: str, names: Dict[str, int], field: str = "on_connect") -> Tuple[int, Optional[list]]:
     """An address on_connect returned -> (configured upstream index, or -1
     with its resolved addresses)."""
-    from .config import parse_address
+    from .values import parse_address
     from .sockets import resolve_upstream
 
     host, port = parse_address(result, field)

@@ -12,15 +12,19 @@ import errno
 import logging
 import os
 import signal
+import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core
-from .access import build_access
-from .config import Config, ConfigError, Duration, default_notsent_lowat, format_address, parse_size
+from .config import Config, ConfigError
 from .dispatch import HookRunner, open_access_log
-from .hooks import Direction, Hook, Hooks
+from .hooks import Direction, Hook, Hooks, load_hooks
+from .options import OPTIONS, option
+from .timewindows import Clock, TimeWindows
+from .upstreams import Upstream
+from .values import Duration, format_address
 from .sockets import listen_socket, raise_fd_limit, resolve_upstream
 from .watch import Watchers
 
@@ -48,12 +52,11 @@ def default_max_connections(fd_budget: int) -> int:
 
 
 def choose_engine(requested: str) -> str:
+    """The engine option (already a valid name) -> an engine compiled in."""
     if requested == "auto":
-        requested = os.environ.get("FASTPROXY_ENGINE", "auto") or "auto"
+        requested = option("engine").parse(os.environ.get("FASTPROXY_ENGINE") or "auto", "FASTPROXY_ENGINE")
         if requested == "auto":
             return "epoll" if "epoll" in _core.ENGINES else "poll"
-        if requested not in ("epoll", "poll"):
-            raise ConfigError("FASTPROXY_ENGINE", requested, "must be auto, epoll or poll")
     if requested not in _core.ENGINES:
         raise ConfigError("engine", requested, f"is not available here (available: {', '.join(_core.ENGINES)})")
     return requested
@@ -66,16 +69,11 @@ class Proxy:
     def __init__(
         self,
         listen: str,
-        upstream: Optional[str] = None,
+        upstream: Optional[Union[str, Upstream]] = None,
         *,
-        upstreams: Optional[Sequence[str]] = None,
-        workers: Optional[int] = None,
-        connect_timeout: Duration = 5.0,
-        drain_timeout: Duration = 10.0,
-        half_close_timeout: Duration = 300.0,
-        engine: str = "auto",
-        busy_poll: Duration = 0.0,
-        worker_cpus: Optional[Union[str, Sequence[int]]] = None,
+        # Options: one keyword per row of options.OPTIONS, with its default
+        # (a test holds the two together); docs/reference.md says what each does.
+        upstreams: Optional[Sequence[Union[str, Upstream]]] = None,
         notsent_lowat: Optional[Union[int, str]] = None,
         balance: str = "roundrobin",
         retries: Optional[int] = None,
@@ -85,78 +83,58 @@ class Proxy:
         health_timeout: Duration = 2.0,
         health_rise: int = 2,
         health_fall: int = 3,
-        health_check: Optional[Callable[[str, int], bool]] = None,
         max_connections: Optional[int] = None,
         max_connections_per_ip: Optional[int] = None,
         on_limit: str = "queue",
         queue_size: int = 1024,
         queue_timeout: Duration = 30.0,
-        allow: Optional[Sequence[str]] = None,
-        deny: Optional[Sequence[str]] = None,
-        allow_file: Optional[Sequence[str]] = None,
-        deny_file: Optional[Sequence[str]] = None,
+        allow: Sequence[str] = (),
+        deny: Sequence[str] = (),
+        allow_file: Sequence[str] = (),
+        deny_file: Sequence[str] = (),
         reject_with: str = "close",
-        idle_timeout: Optional[Duration] = None,
-        max_lifetime: Optional[Duration] = None,
         allow_time: Optional[Sequence[str]] = None,
         time_zone: Optional[str] = None,
         close_outside_window: bool = False,
-        clock: Optional[Callable[[], Any]] = None,
         rate_limit_per_ip: Optional[str] = None,
         rate_limit_table: int = 65536,
+        connect_timeout: Duration = 5.0,
+        idle_timeout: Optional[Duration] = None,
+        max_lifetime: Optional[Duration] = None,
+        half_close_timeout: Duration = 300.0,
+        drain_timeout: Duration = 10.0,
         send_proxy: Optional[str] = None,
         accept_proxy: bool = False,
-        accept_proxy_from: Optional[Sequence[str]] = None,
+        accept_proxy_from: Sequence[str] = (),
         proxy_header_timeout: Duration = 3.0,
         proxy_header_max: int = 1024,
+        hooks: Optional[str] = None,
+        hook_threads: int = 16,
+        max_hold: Union[int, str] = 1 << 20,
+        access_log: Optional[str] = None,
+        workers: Optional[int] = None,
+        engine: str = "auto",
+        busy_poll: Duration = 0.0,
+        worker_cpus: Optional[Union[str, Sequence[int]]] = None,
+        # Python only: callables have no flag.
+        health_check: Optional[Callable[[str, int], bool]] = None,
+        clock: Optional[Clock] = None,
         on_connect: Optional[Hook] = None,
         on_data: Optional[Hook] = None,
         on_close: Optional[Hook] = None,
-        hook_threads: int = 16,
-        access_log: Optional[str] = None,
-        max_hold: Union[int, str] = 1 << 20,
     ) -> None:
-        self.config = Config.build(
-            listen,
-            upstream=upstream,
-            upstreams=upstreams,
-            workers=workers,
-            connect_timeout=connect_timeout,
-            drain_timeout=drain_timeout,
-            half_close_timeout=half_close_timeout,
-            engine=engine,
-            busy_poll=busy_poll,
-            worker_cpus=worker_cpus,
-            notsent_lowat=notsent_lowat,
-            balance=balance,
-            retries=retries,
-            max_fails=max_fails,
-            fail_timeout=fail_timeout,
-            health_interval=health_interval,
-            health_timeout=health_timeout,
-            health_rise=health_rise,
-            health_fall=health_fall,
-            max_connections=max_connections,
-            max_connections_per_ip=max_connections_per_ip,
-            on_limit=on_limit,
-            queue_size=queue_size,
-            queue_timeout=queue_timeout,
-        )
-        self.access = build_access(
-            allow=allow, deny=deny, allow_file=allow_file, deny_file=deny_file,
-            reject_with=reject_with, idle_timeout=idle_timeout, max_lifetime=max_lifetime,
-            allow_time=allow_time, time_zone=time_zone, close_outside_window=close_outside_window,
-            clock=clock, rate_limit_per_ip=rate_limit_per_ip, rate_limit_table=rate_limit_table,
-            send_proxy=send_proxy, accept_proxy=accept_proxy, accept_proxy_from=accept_proxy_from,
-            proxy_header_timeout=proxy_header_timeout, proxy_header_max=proxy_header_max,
-        )
+        given = locals()
+        self.config = Config.build(upstream=upstream, **{o.name: given[o.name] for o in OPTIONS})
+        access = self.config.access
+        self._windows = (TimeWindows(access.allow_time, access.time_zone, clock)
+                         if access.allow_time is not None else None)
         if health_check is not None and not callable(health_check):
             raise ConfigError("health_check", health_check, "must be a callable (host, port) -> bool")
         self._health_check = health_check
         self._watchers: Optional[Watchers] = None
         self._lock = threading.Lock()
         self._engine: Optional[_core.Engine] = None
-        self._sock = None
+        self._sock: Optional[socket.socket] = None
         self._threads: List[threading.Thread] = []
         self._address: Optional[Tuple[str, int]] = None
         self._stopped = threading.Event()
@@ -164,13 +142,10 @@ class Proxy:
         self._hooks = Hooks()
         self._runner: Optional[HookRunner] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._access_log_target = access_log
-        self._access_log = None
+        self._access_log: Optional[IO[str]] = None
         self._owns_access_log = False
-        if isinstance(hook_threads, bool) or not isinstance(hook_threads, int) or hook_threads < 1:
-            raise ConfigError("hook_threads", hook_threads, "must be a whole number >= 1")
-        self._hook_threads = hook_threads
-        self._max_hold = parse_size(max_hold, "max_hold", low=1)
+        if self.config.hooks.hooks is not None:
+            self._hooks.load(load_hooks(self.config.hooks.hooks))
         if on_connect is not None:
             self.on_connect(on_connect)
         if on_data is not None:
@@ -211,45 +186,29 @@ class Proxy:
         with self._lock:
             if self._engine is not None or self._final_stats is not None:
                 raise RuntimeError("this Proxy was already started; make a new one")
-            cfg = self.config
-            engine_name = choose_engine(cfg.engine)
             if self._hooks.is_async() and self._loop is None:
                 raise ConfigError("hooks", "async def", "coroutine hooks need the proxy run by `await proxy.serve()`")
-            upstreams = [(u.address, resolve_upstream((u.host, u.port))) for u in cfg.upstreams]
-            balancer = _core.Balancer(cfg.upstreams, cfg.balance, max_fails=cfg.max_fails,
-                                      fail_timeout=cfg.fail_timeout)
             budget = raise_fd_limit()
-            max_connections = cfg.max_connections or default_max_connections(budget)
-            sock = listen_socket(cfg.listen)
+            cfg = self.config = self.config.resolve(
+                engine=choose_engine(self.config.process.engine),
+                max_connections=default_max_connections(budget))
+            group = cfg.upstream_group.upstreams
+            upstreams = [(u.address, resolve_upstream((u.host, u.port))) for u in group]
+            balancer = _core.Balancer(group, cfg.balancing.balance, max_fails=cfg.balancing.max_fails,
+                                      fail_timeout=cfg.balancing.fail_timeout)
+            workers = cfg.process.workers
+            sock = listen_socket(cfg.listener.listen)
             try:
                 engine = _core.Engine(
-                    sock.fileno(),
-                    balancer,
-                    upstreams,
-                    workers=cfg.workers,
-                    engine=engine_name,
-                    connect_timeout=cfg.connect_timeout,
-                    half_close_timeout=cfg.half_close_timeout,
-                    pool_max=pipe_pool_size(budget, cfg.workers),
-                    retries=cfg.retry_count,
-                    max_connections=max_connections,
-                    max_per_ip=cfg.max_connections_per_ip or 0,
-                    queue_on_limit=cfg.on_limit == "queue",
-                    queue_size=cfg.queue_size,
-                    queue_timeout=cfg.queue_timeout,
-                    **self._access_args(),
-                    hooks=self._hooks.flags(self._access_log_target is not None),
-                    max_hold=self._max_hold,
-                    hook_threads=self._hook_threads,
-                    busy_poll=cfg.busy_poll,
-                    notsent_lowat=(default_notsent_lowat(engine_name) if cfg.notsent_lowat is None
-                                   else cfg.notsent_lowat),
+                    sock.fileno(), balancer, upstreams, cfg,
+                    hooks=self._hooks.flags(cfg.hooks.access_log is not None),
+                    pool_max=pipe_pool_size(budget, workers),
                 )
             except OSError as exc:
                 sock.close()
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise ConfigError(
-                        "workers", cfg.workers, f"too many for the fd budget of {budget} ({exc.strerror})"
+                        "workers", workers, f"too many for the fd budget of {budget} ({exc.strerror})"
                     ) from None
                 raise
             except BaseException:
@@ -260,57 +219,42 @@ class Proxy:
             self._address = tuple(sock.getsockname()[:2])  # type: ignore[assignment]
             self._stopped.clear()
             try:
-                self._access_log, self._owns_access_log = open_access_log(self._access_log_target)
+                self._access_log, self._owns_access_log = open_access_log(cfg.hooks.access_log)
             except OSError as exc:
                 sock.close()
                 engine.close()
-                raise ConfigError("access_log", self._access_log_target, exc.strerror or str(exc)) from None
-            self._runner = HookRunner(engine, self._hooks, cfg.upstream_names, self._address,
-                                      self._hook_threads, self._access_log, self._loop, self._max_hold)
+                raise ConfigError("access_log", cfg.hooks.access_log, exc.strerror or str(exc)) from None
+            self._runner = HookRunner(engine, self._hooks, cfg.upstream_names, self.address,
+                                      cfg.hooks.hook_threads, self._access_log, self._loop, cfg.hooks.max_hold)
             self._runner.start()
-            self._watchers = Watchers(cfg, self.access, engine, balancer, self._health_check)
+            self._watchers = Watchers(cfg, self._windows, engine, balancer, self._health_check)
             self._watchers.start()
             self._threads = [
                 threading.Thread(target=self._run_worker, args=(i,), name=f"fastproxy-worker-{i}", daemon=True)
-                for i in range(cfg.workers)
+                for i in range(workers)
             ]
             for t in self._threads:
                 t.start()
-            self._wait_accepting(engine, cfg.workers)
+            self._wait_accepting(engine, workers)
         log.info(
             "listening on %s, forwarding to %s (%s), engine %s, %d worker%s, fd budget %d, max %d bridges",
-            format_address(*self._address),
+            format_address(*self.address),
             ", ".join(cfg.upstream_names),
-            cfg.balance,
-            engine_name,
-            cfg.workers,
-            "" if cfg.workers == 1 else "s",
+            cfg.balancing.balance,
+            cfg.process.engine,
+            workers,
+            "" if workers == 1 else "s",
             budget,
-            max_connections,
+            cfg.limits.max_connections,
         )
         return self
-
-    def _access_args(self) -> Dict[str, Any]:
-        a = self.access
-        return dict(
-            idle_timeout=a.idle_timeout or 0.0,
-            max_lifetime=a.max_lifetime or 0.0,
-            acl=_core.AccessList(a.allow, a.deny) if a.allow or a.deny else None,
-            rate=_core.RateLimiter(a.rate[0], a.rate[1], a.rate_table) if a.rate else None,
-            reject_reset=a.reject_with == "reset",
-            send_proxy=a.send_proxy,
-            accept_proxy=a.accept_proxy,
-            proxy_from=_core.AccessList(a.accept_proxy_from) if a.accept_proxy_from else None,
-            proxy_v2_max=a.proxy_header_max,
-            header_timeout=a.proxy_header_timeout,
-        )
 
     def check_time_windows(self) -> bool:
         """Evaluate the time windows now (a background thread does this
         every second); returns whether new clients are admitted."""
         if self._watchers is not None:
             return self._watchers.check_time_windows()
-        return self.access.windows is None or self.access.windows.is_open()
+        return self._windows is None or self._windows.is_open()
 
     def _wait_accepting(self, engine: "_core.Engine", workers: int) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -322,7 +266,7 @@ class Proxy:
     def _run_worker(self, i: int) -> None:
         engine = self._engine
         assert engine is not None
-        cpus = self.config.worker_cpus
+        cpus = self.config.process.worker_cpus
         if cpus:
             cpu = cpus[i % len(cpus)]
             try:
@@ -345,7 +289,7 @@ class Proxy:
             engine = self._engine
             if engine is None:
                 return
-            drain = self.config.drain_timeout if timeout is None else max(0.0, float(timeout))
+            drain = self.config.timeouts.drain_timeout if timeout is None else max(0.0, float(timeout))
             engine.stop(drain)
             # Close the listening socket as soon as no worker polls it:
             # new clients are refused at once instead of waiting in its
@@ -444,11 +388,11 @@ class Proxy:
 
     @property
     def engine(self) -> str:
-        return self._engine.engine if self._engine is not None else choose_engine(self.config.engine)
+        return self._engine.engine if self._engine is not None else choose_engine(self.config.process.engine)
 
     @property
     def workers(self) -> int:
-        return self.config.workers
+        return int(self.config.process.workers)
 
     def _stats(self, engine: "_core.Engine") -> Dict[str, Any]:
         stats = engine.stats()

@@ -7,7 +7,7 @@ import errno
 import socket
 from typing import List, Tuple
 
-from .config import Address, ConfigError, format_address
+from .values import Address, ConfigError, format_address
 
 try:
     import resource

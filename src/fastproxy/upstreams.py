@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Tuple, Union
 
 from ._core import BALANCE_ALGORITHMS
-from .config import ConfigError, format_address, parse_address
+from .values import ConfigError, format_address, parse_address, parse_count
 
 __all__ = [
     "ALGORITHMS",
@@ -28,16 +28,15 @@ SPEC_FORM = "HOST:PORT[@WEIGHT][,max-connections=N][,backup]"
 
 
 def _whole(value: object, low: int, high: Optional[int], what: str, fld: str, shown: object) -> int:
-    # Text from the CLI or an int from the API; bool is an int to Python,
-    # but weight=True is a mistake.
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    # One number inside a spec: the error names the whole spec. Text is
+    # digits only here, as a sign cannot be part of a spec's number.
+    text = value.strip() if isinstance(value, str) else None
+    if text is not None and not text.isdigit():
         raise ConfigError(fld, shown, f"{what} {value!r} is not a whole number")
-    if value < low or (high is not None and value > high):
-        limits = f"{low}-{high}" if high is not None else f"at least {low}"
-        raise ConfigError(fld, shown, f"{what} {value} is out of range ({limits})")
-    return value
+    try:
+        return parse_count(int(text) if text is not None else value, fld, low=low, high=high)
+    except ConfigError as exc:
+        raise ConfigError(fld, shown, f"{what} {exc.value!r} {exc.problem}") from None
 
 
 @dataclass(frozen=True)

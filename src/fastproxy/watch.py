@@ -9,9 +9,9 @@ import threading
 from typing import Any, Callable, Optional
 
 from . import _core
-from .access import AccessConfig
 from .config import Config
 from .health import HealthChecker
+from .timewindows import TimeWindows
 
 log = logging.getLogger("fastproxy")
 
@@ -22,29 +22,30 @@ WINDOW_POLL_S = 1.0
 
 
 class Watchers:
-    def __init__(self, config: Config, access: AccessConfig, engine: "_core.Engine",
+    def __init__(self, config: Config, windows: Optional[TimeWindows], engine: "_core.Engine",
                  balancer: "_core.Balancer", health_check: Optional[Callable[[str, int], bool]]) -> None:
         self.config = config
-        self.access = access
+        self.windows = windows
         self.engine = engine
         self.balancer = balancer
         self.stopped = threading.Event()
         self.window_open = True
         self.health: Optional[HealthChecker] = None
-        if config.health_interval is not None:
+        balancing = config.balancing
+        if balancing.health_interval is not None:
             self.health = HealthChecker(
-                [(u.host, u.port) for u in config.upstreams],
+                [(u.host, u.port) for u in config.upstream_group.upstreams],
                 balancer.set_health,
-                interval=config.health_interval,
-                timeout=config.health_timeout,
-                rise=config.health_rise,
-                fall=config.health_fall,
+                interval=balancing.health_interval,
+                timeout=balancing.health_timeout,
+                rise=balancing.health_rise,
+                fall=balancing.health_fall,
                 check=health_check,
                 names=balancer.names,
             )
         self._threads = [threading.Thread(target=self._watch_states, name="fastproxy-states", daemon=True)]
-        if access.windows is not None:
-            self.window_open = access.windows.is_open()
+        if windows is not None:
+            self.window_open = windows.is_open()
             engine.set_admit(self.window_open)
             self._threads.append(threading.Thread(target=self._watch_windows, name="fastproxy-windows",
                                                   daemon=True))
@@ -65,7 +66,7 @@ class Watchers:
     # ---- time windows
 
     def check_time_windows(self) -> bool:
-        windows = self.access.windows
+        windows = self.windows
         if windows is None:
             return True
         is_open = windows.is_open()
@@ -73,8 +74,8 @@ class Watchers:
         self.engine.set_admit(is_open)
         if was_open and not is_open:
             log.info("outside the allowed time windows: new clients are refused%s",
-                     "; live bridges closed" if self.access.close_outside_window else "")
-            if self.access.close_outside_window:
+                     "; live bridges closed" if self.config.access.close_outside_window else "")
+            if self.config.access.close_outside_window:
                 self.engine.close_all()
         elif is_open and not was_open:
             log.info("inside an allowed time window: new clients are admitted")
@@ -102,7 +103,7 @@ class Watchers:
                 if now["state"] != last[i]["state"] and now["health"] == last[i]["health"]:
                     if now["state"] == "down":
                         log.warning("upstream %s is down: %d connect failures in a row; skipped for %gs",
-                                    name, self.config.max_fails, self.config.fail_timeout)
+                                    name, self.config.balancing.max_fails, self.config.balancing.fail_timeout)
                     else:
                         log.info("upstream %s is up again: a connect succeeded", name)
                 last[i] = now

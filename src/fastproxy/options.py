@@ -1,0 +1,314 @@
+"""The option table: every option fastproxy has, declared once.
+
+Each row gives the name (the `Proxy` keyword, the config key, the field of
+the frozen Config, the name the data plane reads; the flag is the name with
+dashes), its parser, default, help, section and scope. From the table come
+the command line (cli.py), the validation of `Proxy(**options)` (config.py),
+`fastproxy -h` and docs/reference.md (`python -m fastproxy.options`). A new
+option is one row here, one keyword in `Proxy.__init__`'s signature (which
+a test holds to this table) and the code that acts on it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from ._core import BALANCE_ALGORITHMS
+from .acl import parse_cidrs, parse_rule_files
+from .ratelimit import parse_rate
+from .timewindows import parse_time_windows, parse_time_zone
+from .upstreams import parse_upstreams
+from .values import (
+    ConfigError,
+    parse_address,
+    parse_choice,
+    parse_count,
+    parse_cpus,
+    parse_duration,
+    parse_notsent_lowat,
+    parse_size,
+)
+
+__all__ = ["Option", "OPTIONS", "SECTIONS", "COMMAND_FLAGS", "option", "reference_markdown"]
+
+Parser = Callable[[Any, str], Any]
+
+# Sections of the frozen Config, in the order docs and -h show them.
+SECTIONS: Dict[str, str] = {
+    "listener": "Listener",
+    "upstream_group": "Upstream group",
+    "balancing": "Balancing and health",
+    "limits": "Limits",
+    "access": "Access control",
+    "timeouts": "Timeouts",
+    "proxy_protocol": "PROXY protocol",
+    "hooks": "Hooks",
+    "process": "Process",
+}
+# Per process: shared by every listener of a process (workers, engine, ...).
+# Per listener: each listener may have its own.
+SCOPES = ("process", "listener")
+
+# Flags of the command itself, not options of a proxy.
+COMMAND_FLAGS = ("--log-level", "--version", "--help")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Parser
+    default: Any
+    help: str
+    section: str
+    scope: str = "listener"
+    metavar: Optional[str] = None
+    flag: Optional[str] = None        # when not --name-with-dashes
+    repeat: bool = False              # a list: the flag may be given again
+    switch: bool = False              # a flag without a value
+    choices: Optional[Tuple[str, ...]] = None
+    required: bool = False
+    shown_default: Optional[str] = None   # a default decided at start, in words
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def default_text(self) -> str:
+        if self.shown_default is not None:
+            return self.shown_default
+        if self.required:
+            return "required"
+        return format_value(self.default, self.parse)
+
+
+def format_value(value: Any, parse: Parser) -> str:
+    """A value as a user would write it (durations in their largest unit)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if parse in (_duration, _positive_duration) and isinstance(value, (int, float)):
+        for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+            if value and value % size == 0:
+                return f"{int(value // size)}{unit}"
+        return f"{int(round(value * 1000))}ms" if value else "0"
+    if parse is _size and isinstance(value, int):
+        for unit, size in (("m", 1 << 20), ("k", 1 << 10)):
+            if value and value % size == 0:
+                return f"{value // size}{unit}"
+    return str(value)
+
+
+# ---- parsers with the arguments each option needs
+
+def _duration(value: Any, field: str) -> float:
+    return parse_duration(value, field)
+
+
+def _positive_duration(value: Any, field: str) -> float:
+    return parse_duration(value, field, allow_zero=False)
+
+
+def _optional(parse: Parser) -> Parser:
+    def parse_or_none(value: Any, field: str) -> Any:
+        return None if value is None else parse(value, field)
+    parse_or_none.__name__ = parse.__name__
+    return parse_or_none
+
+
+def _count(low: int = 1, high: Optional[int] = None) -> Parser:
+    def count(value: Any, field: str) -> int:
+        return parse_count(value, field, low=low, high=high)
+    return count
+
+
+def _size(value: Any, field: str) -> int:
+    return parse_size(value, field, low=1)
+
+
+def _choice(*choices: str) -> Parser:
+    def choice(value: Any, field: str) -> str:
+        return parse_choice(value, field, choices)
+    return choice
+
+
+def _switch(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(field, value, "must be True or False")
+    return value
+
+
+def _listen(value: Any, field: str) -> Tuple[str, int]:
+    return parse_address(value, field, listen=True)
+
+
+def _send_proxy(value: Any, field: str) -> Optional[str]:
+    if value is None:
+        return None
+    text = str(value).lower()
+    if text in ("v1", "1", "v2", "2"):
+        return "v" + text[-1]
+    raise ConfigError(field, value, "must be v1 or v2")
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(field, value, "expected a non-empty string")
+    return value
+
+
+ENGINE_CHOICES = ("auto", "epoll", "poll")
+
+D = "D"  # metavar of a duration: 5, 5s, 500ms, 2m, 1h
+
+OPTIONS: Tuple[Option, ...] = (
+    # ---- listener
+    Option("listen", _listen, None, "where to accept clients: :PORT (every interface, IPv4 and IPv6), "
+           "HOST:PORT, [IPV6]:PORT", "listener", metavar="ADDR", required=True),
+    Option("notsent_lowat", parse_notsent_lowat, None,
+           "TCP_NOTSENT_LOWAT on both sockets of each bridge: keep at most about SIZE unsent bytes in a "
+           "socket, the rest in the proxy, so the proxy's CPU sends them; 0 turns it off",
+           "listener", metavar="SIZE", shown_default="1m with the epoll engine, off with poll"),
+    # ---- upstream group
+    Option("upstreams", parse_upstreams, None,
+           "a server to forward to: HOST:PORT[@WEIGHT][,max-connections=N][,backup]; repeat it for an "
+           "upstream group", "upstream_group", metavar="SPEC", flag="--upstream", repeat=True, required=True),
+    # ---- balancing and health
+    Option("balance", _choice(*BALANCE_ALGORITHMS), "roundrobin",
+           "roundrobin (weighted, smooth), leastconn, random (power of two choices), source (consistent "
+           "hash of the client IP), first", "balancing", choices=BALANCE_ALGORITHMS),
+    Option("retries", _optional(_count(0)), None, "other upstreams to try after a failed connect",
+           "balancing", metavar="N", shown_default="upstreams - 1"),
+    Option("max_fails", _count(0), 3, "connect failures in a row that mark an upstream down (0: never)",
+           "balancing", metavar="N"),
+    Option("fail_timeout", _positive_duration, 10.0, "how long an upstream marked down is skipped",
+           "balancing", metavar=D),
+    Option("health_interval", _optional(_positive_duration), None, "active TCP health checks every D",
+           "balancing", metavar=D, shown_default="off"),
+    Option("health_timeout", _positive_duration, 2.0, "health check timeout", "balancing", metavar=D),
+    Option("health_rise", _count(), 2, "passed checks in a row that mark an upstream up", "balancing",
+           metavar="N"),
+    Option("health_fall", _count(), 3, "failed checks in a row that mark an upstream down", "balancing",
+           metavar="N"),
+    # ---- limits
+    Option("max_connections", _optional(_count()), None, "live bridges at most", "limits", metavar="N",
+           shown_default="from the fd budget"),
+    Option("max_connections_per_ip", _optional(_count()), None, "live bridges per client address at most",
+           "limits", metavar="N"),
+    Option("on_limit", _choice("queue", "reject"), "queue", "past a limit: wait in line, or close at once",
+           "limits", choices=("queue", "reject")),
+    Option("queue_size", _count(), 1024, "clients that may wait in line", "limits", metavar="N"),
+    Option("queue_timeout", _positive_duration, 30.0, "how long a client may wait in line", "limits",
+           metavar=D),
+    # ---- access control
+    Option("allow", parse_cidrs, (), "admit only matching clients (IPv4 or IPv6; a bare address is /32 "
+           "or /128); repeatable", "access", metavar="CIDR", repeat=True),
+    Option("deny", parse_cidrs, (), "refuse matching clients (wins over allow); repeatable", "access",
+           metavar="CIDR", repeat=True),
+    Option("allow_file", parse_rule_files, (), "allow rules read from a file, one per line, # comments; "
+           "repeatable", "access", metavar="FILE", repeat=True),
+    Option("deny_file", parse_rule_files, (), "deny rules read from a file, one per line, # comments; "
+           "repeatable", "access", metavar="FILE", repeat=True),
+    Option("reject_with", _choice("close", "reset"), "close", "how refused clients are closed: FIN or RST",
+           "access", choices=("close", "reset")),
+    Option("allow_time", parse_time_windows, None, "admit new clients only inside these windows, e.g. "
+           "'Mon-Fri 08:00-18:00'; repeatable", "access", metavar="WINDOW", repeat=True,
+           shown_default="always"),
+    Option("time_zone", parse_time_zone, None, "IANA time zone of allow_time", "access", metavar="NAME",
+           shown_default="local time"),
+    Option("close_outside_window", _switch, False, "also close live bridges when a time window ends",
+           "access", switch=True),
+    Option("rate_limit_per_ip", _optional(parse_rate), None, "new clients per address, e.g. 20/1s or 600/1m",
+           "access", metavar="N/D"),
+    Option("rate_limit_table", _count(), 65536, "addresses the rate limiter remembers (the least recently "
+           "seen is evicted)", "access", metavar="N"),
+    # ---- timeouts
+    Option("connect_timeout", _positive_duration, 5.0, "upstream connect timeout", "timeouts", metavar=D),
+    Option("idle_timeout", _optional(_positive_duration), None, "close a bridge with no bytes either way "
+           "for D", "timeouts", metavar=D, shown_default="never"),
+    Option("max_lifetime", _optional(_positive_duration), None, "close a bridge D after it was accepted",
+           "timeouts", metavar=D, shown_default="never"),
+    Option("half_close_timeout", _positive_duration, 300.0, "how long a bridge may stay half-closed",
+           "timeouts", metavar=D),
+    Option("drain_timeout", _duration, 10.0, "on stop, how long live bridges may finish", "timeouts",
+           scope="process", metavar=D),
+    # ---- PROXY protocol
+    Option("send_proxy", _send_proxy, None, "send a PROXY protocol header (v1 or v2) to the upstream",
+           "proxy_protocol", choices=("v1", "v2"), shown_default="off"),
+    Option("accept_proxy", _switch, False, "expect a PROXY protocol header (v1 or v2) from clients",
+           "proxy_protocol", switch=True),
+    Option("accept_proxy_from", parse_cidrs, (), "peers that may send a PROXY header (others are "
+           "refused); implies accept_proxy; repeatable", "proxy_protocol", metavar="CIDR", repeat=True),
+    Option("proxy_header_timeout", _positive_duration, 3.0, "how long a client may take to send its PROXY "
+           "header", "proxy_protocol", metavar=D),
+    Option("proxy_header_max", _count(16, 65535), 1024, "longest v2 PROXY header payload accepted, in bytes",
+           "proxy_protocol", metavar="N"),
+    # ---- hooks
+    Option("hooks", _optional(_text), None, "Python hooks: FILE.py[:OBJECT] or MODULE[:OBJECT] defining "
+           "on_connect, on_data, on_close", "hooks", metavar="SPEC"),
+    Option("hook_threads", _count(), 16, "threads that run on_connect and on_data hooks", "hooks",
+           scope="process", metavar="N"),
+    Option("max_hold", _size, 1 << 20, "most bytes on_data may hold with WAIT before the bridge is closed",
+           "hooks", metavar="SIZE"),
+    Option("access_log", _optional(_text), None, "one JSON line per closed bridge, appended to FILE "
+           "(- is standard output)", "hooks", metavar="FILE"),
+    # ---- process
+    Option("workers", _optional(_count()), None, "worker threads", "process", scope="process", metavar="N",
+           shown_default="one per CPU this process may use"),
+    Option("engine", _choice(*ENGINE_CHOICES), "auto", "data plane event loop: auto takes epoll where the "
+           "platform has it (env FASTPROXY_ENGINE overrides auto)", "process", scope="process",
+           choices=ENGINE_CHOICES),
+    Option("busy_poll", _duration, 0.0, "workers keep polling without sleeping for D after their last "
+           "event: more throughput and less latency for a CPU spent spinning (0: off)", "process",
+           scope="process", metavar=D),
+    Option("worker_cpus", parse_cpus, None, "pin worker i to the i-th CPU of LIST, e.g. 0,2-3 (round robin "
+           "past its end)", "process", scope="process", metavar="LIST", shown_default="not pinned"),
+)
+
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def option(name: str) -> Option:
+    return _BY_NAME[name]
+
+
+def reference_markdown() -> str:
+    """docs/reference.md: every option, by section, from this table."""
+    out = [
+        "# Option reference",
+        "",
+        "Generated from `src/fastproxy/options.py` by `python -m fastproxy.options > docs/reference.md`;",
+        "a test fails when this page and the table differ. Each option has one name: the `Proxy`",
+        "keyword and config key as written here, the flag with dashes. Durations (D) accept `5`, `5s`,",
+        "`500ms`, `2m`, `1h`; sizes accept `65536`, `256k`, `1m`. Repeatable flags are lists in Python.",
+        "Scope `process`: one value for the whole process; `listener`: per listener.",
+        "",
+    ]
+    for section, title in SECTIONS.items():
+        rows = [o for o in OPTIONS if o.section == section]
+        out += [f"## {title}", "", "| option | flag | default | scope | meaning |", "|---|---|---|---|---|"]
+        for o in rows:
+            value = o.metavar or ("{" + ",".join(o.choices) + "}" if o.choices else "")
+            flag = f"`{o.cli_flag}{' ' + value if value and not o.switch else ''}`"
+            meaning = o.help.replace("|", "\\|")
+            out.append(f"| `{o.name}` | {flag} | {o.default_text()} | {o.scope} | {meaning} |")
+        out.append("")
+    out += [
+        "## Python only",
+        "",
+        "`Proxy` also takes `upstream` (one upstream, the same as `upstreams=[...]` of one),",
+        "`on_connect`, `on_data`, `on_close` (hooks), `health_check` (a callable `(host, port) -> bool`",
+        "used by active health checks) and `clock` (what time windows read): callables have no flag.",
+        "",
+        "## Command only",
+        "",
+        "`--log-level {debug,info,warning,error}` (default info), `--version`, `--help`.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.stdout.write(reference_markdown())

@@ -1,0 +1,38 @@
+"""Per-client-address rate limits: '20/1s' -> (count, seconds), enforced
+in the data plane (fastproxy._core.RateLimiter, a bounded GCRA table)."""
+
+from __future__ import annotations
+
+import re
+from typing import Tuple
+
+from .values import ConfigError, parse_duration
+
+__all__ = ["parse_rate"]
+
+_RATE = re.compile(r"(\d+)\s*/\s*(\S+)")
+RATE_HINT = "use COUNT/DURATION: 20/1s, 600/1m"
+MAX_RATE_COUNT = 2**31 - 1
+MAX_RATE_PERIOD = 366 * 86400.0
+
+
+def parse_rate(value: object, field: str) -> Tuple[int, float]:
+    """'20/1s', '600/1m', '5/s' or (count, seconds) -> (count, seconds):
+    `count` new connections per client per period."""
+    if isinstance(value, tuple) and len(value) == 2:
+        count, period = value
+    elif isinstance(value, str) and _RATE.fullmatch(value.strip()):
+        count, period = _RATE.fullmatch(value.strip()).groups()
+        if period in ("ms", "s", "m", "h"):
+            period = "1" + period
+    else:
+        raise ConfigError(field, value, f"is not a rate ({RATE_HINT})")
+    if isinstance(count, bool) or not str(count).isdigit() or not 1 <= int(count) <= MAX_RATE_COUNT:
+        raise ConfigError(field, value, f"the count must be a whole number from 1 to {MAX_RATE_COUNT}")
+    try:
+        seconds = parse_duration(period, field, allow_zero=False)
+    except ConfigError as e:
+        raise ConfigError(field, value, f"the period {e.problem}") from None
+    if seconds > MAX_RATE_PERIOD:
+        raise ConfigError(field, value, "the period must be at most a year")
+    return int(count), seconds

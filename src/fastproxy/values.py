@@ -1,0 +1,204 @@
+"""Parsing and validation of the values users give: durations, sizes,
+addresses, counts, choices, CPU lists.
+
+Every mistake becomes a ConfigError naming the field and the value, in one
+line; the CLI prints it as is and exits 2, the API raises it. Options are
+declared in options.py, each with one of these parsers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Optional, Sequence, Set, Tuple, Union
+
+__all__ = [
+    "ConfigError",
+    "parse_count",
+    "parse_choice",
+    "parse_cpus",
+    "parse_duration",
+    "parse_address",
+    "parse_size",
+    "format_address",
+]
+
+Duration = Union[int, float, str]
+Address = Tuple[str, int]
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: `field` names where it is."""
+
+    def __init__(self, field: str, value: object, problem: str) -> None:
+        self.field = field
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{field}: {value!r}: {problem}")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?")
+_UNIT = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Duration, field: str, *, allow_zero: bool = True) -> float:
+    """'5', '5s', '500ms', '2m', '1h' or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(field, value, "is not a duration (use 5, 5s, 500ms, 2m, 1h)")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.fullmatch(str(value).strip())
+        if not match:
+            raise ConfigError(field, value, "is not a duration (use 5, 5s, 500ms, 2m, 1h)")
+        seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if seconds != seconds or seconds < 0 or seconds == float("inf"):
+        raise ConfigError(field, value, "must be a finite duration >= 0")
+    if seconds == 0 and not allow_zero:
+        raise ConfigError(field, value, "must be longer than 0")
+    return seconds
+
+
+_SIZE = re.compile(r"(\d+)\s*(k|kib|m|mib)?", re.IGNORECASE)
+_SIZE_UNIT = {None: 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
+
+
+def parse_size(value: object, field: str, *, low: int = 0, high: int = 1 << 30) -> int:
+    """'256k', '1m', '65536' or a number of bytes -> bytes (k and m are 1024-based)."""
+    if isinstance(value, bool):
+        raise ConfigError(field, value, "is not a size (use 65536, 256k, 1m)")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.fullmatch(str(value).strip())
+        if not match:
+            raise ConfigError(field, value, "is not a size (use 65536, 256k, 1m)")
+        size = int(match.group(1)) * _SIZE_UNIT[(match.group(2) or "").lower() or None]
+    if not low <= size <= high:
+        raise ConfigError(field, value, f"must be from {low} to {high} bytes")
+    return size
+
+
+def parse_address(value: str, field: str, *, listen: bool = False) -> Address:
+    """'host:port', '[v6]:port' or, to listen, ':port' -> (host, port).
+
+    The host of ':port' is '' (every interface). Port 0 is only for
+    listening (the kernel picks a free one)."""
+    if not isinstance(value, str):
+        raise ConfigError(field, value, "expected a string like HOST:PORT")
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":") or ":" not in host:
+            raise ConfigError(field, value, "expected [IPV6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ConfigError(field, value, "expected HOST:PORT" + (" or :PORT" if listen else ""))
+        if ":" in host:
+            raise ConfigError(field, value, "an IPv6 address needs brackets: [ADDR]:PORT")
+    if not port_text.isdigit():
+        raise ConfigError(field, value, f"port {port_text!r} is not a number")
+    port = int(port_text)
+    low = 0 if listen else 1
+    if not low <= port <= 65535:
+        raise ConfigError(field, value, f"port {port} is out of range ({low}-65535)")
+    if not host and not listen:
+        raise ConfigError(field, value, "needs a host")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_count(value: object, field: str, *, low: int = 1, high: Optional[int] = None) -> int:
+    """A whole number from low to high: an int, or its decimal text (from
+    the CLI or a file). bool is an int to Python, but True is a mistake."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        text = value.strip() if isinstance(value, str) else None
+        if text is None or not re.fullmatch(r"[+-]?\d+", text):
+            raise ConfigError(field, value, "is not a whole number")
+        number = int(text, 10)
+    else:
+        number = value
+    if number < low or (high is not None and number > high):
+        bounds = f"{low}-{high}" if high is not None else f"at least {low}"
+        raise ConfigError(field, value, f"is out of range ({bounds})")
+    return number
+
+
+def parse_choice(value: object, field: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(field, value, f"must be one of {', '.join(choices)}")
+    return value
+
+
+def usable_cpus() -> Optional[Set[int]]:
+    """The CPUs this process may run on (containers and taskset restrict
+    them); None where the platform cannot tell or pin threads to them."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return None
+
+
+def default_workers() -> int:
+    # One per CPU this process may run on, not per CPU of the machine.
+    usable = usable_cpus()
+    return len(usable) if usable is not None else os.cpu_count() or 1
+
+
+def parse_cpus(value: object, field: str) -> Optional[Tuple[int, ...]]:
+    """'0,2-3' or a sequence of CPU numbers -> (0, 2, 3), in the order given;
+    each must be one this process may run on."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        cpus = []
+        for part in value.split(","):
+            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+                raise ConfigError(field, value, "must be CPU numbers and ranges, e.g. 0,2-3")
+            cpus.extend(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    elif isinstance(value, (list, tuple)) and all(isinstance(c, int) and not isinstance(c, bool) for c in value):
+        cpus = list(value)
+    else:
+        raise ConfigError(field, value, "must be CPU numbers and ranges, e.g. 0,2-3")
+    if not cpus:
+        raise ConfigError(field, value, "must name at least one CPU")
+    usable = usable_cpus()
+    if usable is None:
+        raise ConfigError(field, value, "cannot be used here: this platform cannot pin threads to CPUs")
+    outside = sorted(set(cpus) - usable)
+    if outside:
+        raise ConfigError(field, value, f"CPU {outside[0]} is not one this process may use "
+                                        f"({','.join(map(str, sorted(usable)))})")
+    return tuple(cpus)
+
+
+# Measured on loopback with the epoll engine (docs/benchmarks.md): 8 streams
+# gain about a fifth, one stream loses at most about a tenth, and the proxy
+# pays in CPU per GB for the sending it now does itself. Smaller values move
+# more of the sending onto the proxy's CPU, which costs one stream more. The
+# poll engine copies and is bound by its own CPU, so sending more from it
+# only slows it: off there unless asked for.
+DEFAULT_NOTSENT_LOWAT = 1 << 20
+
+
+def default_notsent_lowat(engine: str) -> int:
+    """What notsent_lowat=None means for this engine on this platform."""
+    if engine == "epoll" and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        return DEFAULT_NOTSENT_LOWAT
+    return 0
+
+
+def parse_notsent_lowat(value: object, field: str) -> Optional[int]:
+    if value is None:   # the engine's default, resolved at start
+        return None
+    size = parse_size(value, field)
+    if size and not hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        raise ConfigError(field, value, "cannot be used here: this platform has no TCP_NOTSENT_LOWAT")
+    return size
