@@ -66,6 +66,15 @@ cdef enum:
     V_WAIT = 6            # hold the chunk, call again with more
     V_CLOSE = 7
 
+# The choices of the on_limit and reject_with options.
+cdef enum:
+    ON_LIMIT_QUEUE = 0
+    ON_LIMIT_REJECT = 1
+
+cdef enum:
+    REJECT_CLOSE = 0      # FIN
+    REJECT_RESET = 1      # RST
+
 cdef enum:
     EVT_CONNECT = 0
     EVT_DATA = 1
@@ -307,8 +316,8 @@ cdef struct Shared:
     BalanceGroup *group
     int retries
     int64_t max_connections
-    int64_t max_per_ip    # 0: no per-IP limit
-    uint8_t queue_on_limit
+    int64_t max_connections_per_ip    # 0: no per-IP limit
+    uint8_t on_limit      # ON_LIMIT_*
     int64_t queue_size
     int64_t queue_timeout_ns
     WaitQueue wait
@@ -317,12 +326,12 @@ cdef struct Shared:
     AclTable *acl             # NULL: every client
     RateTable *rate           # NULL: no rate limit
     int64_t admit_open        # time windows: 0 refuses new clients (atomic)
-    uint8_t reject_reset      # refused clients get RST instead of FIN
+    uint8_t reject_with       # REJECT_*: how refused clients are closed
     uint8_t send_proxy        # PROXY protocol version to send upstream, 0: none
     uint8_t accept_proxy
-    AclTable *proxy_from      # who may send a PROXY header; NULL: anyone
-    int proxy_v2_max
-    int64_t header_timeout_ns
+    AclTable *accept_proxy_from      # who may send a PROXY header; NULL: anyone
+    int proxy_header_max
+    int64_t proxy_header_timeout_ns
     Worker *workers
     Gauges gauges
     int64_t next_id

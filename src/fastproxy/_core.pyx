@@ -159,7 +159,7 @@ cdef class Engine:
         hooks: the HOOK_* bits; the rest are sizes of the data plane's own."""
         cdef int i, j, err
         cdef Upstream *up
-        cdef AccessList acl = None, proxy_from = None
+        cdef AccessList acl = None, accept_proxy_from = None
         cdef RateLimiter rate = None
         process, limits, access = config.process, config.limits, config.access
         timeouts, proxy_protocol = config.timeouts, config.proxy_protocol
@@ -175,8 +175,8 @@ cdef class Engine:
         self.sh.group = &balancer.group
         self.sh.retries = config.retry_count
         self.sh.max_connections = limits.max_connections
-        self.sh.max_per_ip = limits.max_connections_per_ip or 0
-        self.sh.queue_on_limit = limits.on_limit == "queue"
+        self.sh.max_connections_per_ip = limits.max_connections_per_ip or 0
+        self.sh.on_limit = ON_LIMIT_QUEUE if limits.on_limit == "queue" else ON_LIMIT_REJECT
         self.sh.queue_size = limits.queue_size
         self.sh.queue_timeout_ns = seconds_to_ns(limits.queue_timeout)
         pthread_mutex_init(&self.sh.wait.mu, NULL)
@@ -186,18 +186,18 @@ cdef class Engine:
         if access.rate_limit_per_ip is not None:
             rate = RateLimiter(*access.rate_limit_per_ip, access.rate_limit_table)
         if proxy_protocol.accept_proxy_from:
-            proxy_from = AccessList(proxy_protocol.accept_proxy_from)
-        self._access = (acl, rate, proxy_from)
+            accept_proxy_from = AccessList(proxy_protocol.accept_proxy_from)
+        self._access = (acl, rate, accept_proxy_from)
         self.sh.acl = &acl.table if acl is not None and len(acl) else NULL
         self.sh.rate = &rate.table if rate is not None else NULL
-        self.sh.proxy_from = &proxy_from.table if proxy_from is not None and len(proxy_from) else NULL
+        self.sh.accept_proxy_from = &accept_proxy_from.table if accept_proxy_from is not None and len(accept_proxy_from) else NULL
         self.sh.admit_open = 1
-        self.sh.reject_reset = access.reject_with == "reset"
+        self.sh.reject_with = REJECT_RESET if access.reject_with == "reset" else REJECT_CLOSE
         self.sh.send_proxy = <uint8_t>(int(proxy_protocol.send_proxy[1]) if proxy_protocol.send_proxy else 0)
         self.sh.accept_proxy = proxy_protocol.accept_proxy
-        self.sh.proxy_v2_max = proxy_protocol.proxy_header_max
-        self.sh.header_timeout_ns = seconds_to_ns(proxy_protocol.proxy_header_timeout)
-        if self.sh.max_per_ip and iptable_init(&self.sh.ips, max(self.sh.max_connections, 1024) + 1) < 0:
+        self.sh.proxy_header_max = proxy_protocol.proxy_header_max
+        self.sh.proxy_header_timeout_ns = seconds_to_ns(proxy_protocol.proxy_header_timeout)
+        if self.sh.max_connections_per_ip and iptable_init(&self.sh.ips, max(self.sh.max_connections, 1024) + 1) < 0:
             iptable_free(&self.sh.ips)
             raise MemoryError()
         self.engine = engine
@@ -268,7 +268,7 @@ cdef class Engine:
         if balance_cursor_init(self.sh.group, &w.cursor) < 0:
             raise MemoryError()
         if self.sh.accept_proxy:
-            w.scratch = <uint8_t *>malloc(16 + self.sh.proxy_v2_max)
+            w.scratch = <uint8_t *>malloc(16 + self.sh.proxy_header_max)
             if w.scratch == NULL:
                 raise MemoryError()
         w.events = <epoll_event *>malloc(MAX_EVENTS * sizeof(epoll_event))

@@ -39,11 +39,11 @@ cdef void bridge_open(Worker *w, int fd, sockaddr_storage *peer, int64_t now) no
     if w.sh.accept_proxy:
         # Only trusted peers may speak for a client: no one can forge an
         # address past the IP rules.
-        if w.sh.proxy_from != NULL and not acl_admits(w.sh.proxy_from, b.client_ip):
+        if w.sh.accept_proxy_from != NULL and not acl_admits(w.sh.accept_proxy_from, b.client_ip):
             bridge_refuse(w, b, &w.ctr.denied)
             return
         b.state = B_HEADER
-        timer_add(w, b, T_HEADER, now + w.sh.header_timeout_ns)
+        timer_add(w, b, T_HEADER, now + w.sh.proxy_header_timeout_ns)
         return   # the header's bytes come with a readable event
     bridge_admit(w, b, now)
 
@@ -55,7 +55,7 @@ cdef void bridge_read_header(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     # piece is consumed at once (nothing lingers to wake a poll loop, and a
     # FIN behind a truncated header is seen).
     cdef ProxyInfo info
-    cdef size_t cap = 16 + <size_t>w.sh.proxy_v2_max
+    cdef size_t cap = 16 + <size_t>w.sh.proxy_header_max
     cdef uint8_t *buf = b.hdr if b.hdr != NULL else w.scratch
     cdef size_t have = b.hdr_len
     cdef ssize_t n = fp_recv_peek(b.cfd, <char *>buf + have, cap - have)
@@ -106,9 +106,9 @@ cdef void bridge_header_failed(Worker *w, Bridge *b, int reason) noexcept nogil:
 
 cdef void bridge_refuse(Worker *w, Bridge *b, uint64_t *counter) noexcept nogil:
     # A rule refused the client: closed at once, nothing read; RST with
-    # reject_reset.
+    # reject_with reset.
     fp_bump(counter, 1)
-    bridge_close(w, b, REFUSED, w.sh.reject_reset, 0)
+    bridge_close(w, b, REFUSED, w.sh.reject_with == REJECT_RESET, 0)
 
 
 cdef void bridge_reject(Worker *w, Bridge *b) noexcept nogil:
@@ -128,8 +128,8 @@ cdef void bridge_admit(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     if w.sh.rate != NULL and not rate_take(w.sh.rate, b.client_ip, now):
         bridge_refuse(w, b, &w.ctr.rate_limited)
         return
-    if w.sh.max_per_ip and not b.ip_counted:
-        if not ip_take(&w.sh.ips, b.client_ip, w.sh.max_per_ip):
+    if w.sh.max_connections_per_ip and not b.ip_counted:
+        if not ip_take(&w.sh.ips, b.client_ip, w.sh.max_connections_per_ip):
             bridge_reject(w, b)
             return
         b.ip_counted = 1

@@ -109,7 +109,7 @@ cdef bint queue_wait(Worker *w, Bridge *b, bint front, int64_t now) noexcept nog
     # Parks b until a slot frees (front: a retry that lost keeps its place).
     # Returns: 0 when the queue is full (or queueing is off): reject b.
     cdef WaitQueue *q = &w.sh.wait
-    if not w.sh.queue_on_limit:
+    if w.sh.on_limit != ON_LIMIT_QUEUE:
         return 0
     pthread_mutex_lock(&q.mu)
     if not front and q.count >= w.sh.queue_size:

@@ -103,7 +103,7 @@ cdef uint32_t pow2_at_least(uint32_t n) noexcept nogil:
 
 cdef class RateLimiter:
     """Per-client token buckets: `count` tokens, refilled `count` per
-    `period_seconds`, for at most `table_size` clients (the least recently
+    `period_seconds`, for at most `rate_limit_table` clients (the least recently
     seen is forgotten: it comes back with a full bucket). The engine calls
     rate_take(&limiter.table, ...) from any worker; the table locks itself."""
 
@@ -116,13 +116,13 @@ cdef class RateLimiter:
         memset(&self.table, 0, sizeof(RateTable))
         self.ready = False
 
-    def __init__(self, long count, double period_seconds, long table_size=65536):
+    def __init__(self, long count, double period_seconds, long rate_limit_table=65536):
         cdef int64_t period_ns
         cdef uint32_t nchains, i
         if self.ready:
             raise RuntimeError("a RateLimiter is initialised once")
-        if count < 1 or table_size < 1 or table_size > (1 << 30):
-            raise ValueError("count >= 1 and 1 <= table_size <= 2**30 required")
+        if count < 1 or rate_limit_table < 1 or rate_limit_table > (1 << 30):
+            raise ValueError("count >= 1 and 1 <= rate_limit_table <= 2**30 required")
         if not 1e-9 <= period_seconds < RATE_MAX_PERIOD_NS / 1e9:
             raise ValueError(f"period {period_seconds!r}s is out of range")
         period_ns = <int64_t>(period_seconds * 1e9)
@@ -133,15 +133,15 @@ cdef class RateLimiter:
         seeds = _os.urandom(16)
         self.table.seed0 = int.from_bytes(seeds[:8], "little")
         self.table.seed1 = int.from_bytes(seeds[8:], "little")
-        nchains = pow2_at_least(<uint32_t>table_size)
-        self.table.entries = <RateEntry *>calloc(table_size, sizeof(RateEntry))
+        nchains = pow2_at_least(<uint32_t>rate_limit_table)
+        self.table.entries = <RateEntry *>calloc(rate_limit_table, sizeof(RateEntry))
         self.table.chains = <uint32_t *>malloc(nchains * sizeof(uint32_t))
         if self.table.entries == NULL or self.table.chains == NULL:
             raise MemoryError()
         for i in range(nchains):
             self.table.chains[i] = RATE_NIL
         self.table.mask = nchains - 1
-        self.table.capacity = <uint32_t>table_size
+        self.table.capacity = <uint32_t>rate_limit_table
         self.table.newest = RATE_NIL
         self.table.oldest = RATE_NIL
         if pthread_mutex_init(&self.table.lock, NULL) != 0:
@@ -160,7 +160,7 @@ cdef class RateLimiter:
         return r == 1
 
     def entries(self):
-        """How many clients the table remembers (at most table_size)."""
+        """How many clients the table remembers (at most rate_limit_table)."""
         cdef uint32_t n
         if not self.ready:
             return 0
@@ -171,7 +171,7 @@ cdef class RateLimiter:
         return n
 
     @property
-    def table_size(self):
+    def rate_limit_table(self):
         return self.table.capacity
 
     def __dealloc__(self):
