@@ -84,6 +84,13 @@ def test_reference_page_is_generated_from_the_table():
         assert cells[3] == o.scope
 
 
+def test_readme_names_every_flag():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    missing = [o.cli_flag for o in OPTIONS if o.cli_flag not in readme]
+    assert not missing, missing
+
+
 # One value per option, as a CLI user and as a Python user would give it:
 # both must end in the same Config.
 SAMPLES = {
