@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Tuple
 
-from .values import ConfigError, parse_duration
+from .values import ConfigError, parse_count, parse_duration
 
 __all__ = ["parse_rate"]
 
@@ -27,8 +27,10 @@ def parse_rate(value: object, field: str) -> Tuple[int, float]:
             period = "1" + period
     else:
         raise ConfigError(field, value, f"is not a rate ({RATE_HINT})")
-    if isinstance(count, bool) or not str(count).isdigit() or not 1 <= int(count) <= MAX_RATE_COUNT:
-        raise ConfigError(field, value, f"the count must be a whole number from 1 to {MAX_RATE_COUNT}")
+    try:
+        count = parse_count(count, field, high=MAX_RATE_COUNT)
+    except ConfigError as e:
+        raise ConfigError(field, value, f"the count {e.problem}") from None
     try:
         seconds = parse_duration(period, field, allow_zero=False)
     except ConfigError as e:
