@@ -79,7 +79,9 @@ def parse_rule_files(paths: object, field: str) -> Tuple[Network, ...]:
         return ()
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    if not isinstance(paths, Iterable):
+        raise ConfigError(field, paths, "expected a file path or a list of them")
     rules: List[Network] = []
-    for path in paths:  # type: ignore[union-attr]
+    for path in paths:
         rules.extend(read_rule_file(path, field))
     return tuple(rules)

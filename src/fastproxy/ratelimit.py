@@ -19,10 +19,13 @@ MAX_RATE_PERIOD = 366 * 86400.0
 def parse_rate(value: object, field: str) -> Tuple[int, float]:
     """'20/1s', '600/1m', '5/s' or (count, seconds) -> (count, seconds):
     `count` new connections per client per period."""
+    match = _RATE.fullmatch(value.strip()) if isinstance(value, str) else None
+    count: object
+    period: object
     if isinstance(value, tuple) and len(value) == 2:
         count, period = value
-    elif isinstance(value, str) and _RATE.fullmatch(value.strip()):
-        count, period = _RATE.fullmatch(value.strip()).groups()
+    elif match is not None:
+        count, period = match.groups()
         if period in ("ms", "s", "m", "h"):
             period = "1" + period
     else:

@@ -8,7 +8,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
-from typing import Callable, FrozenSet, Iterable, Optional, Tuple, Union
+from typing import Callable, FrozenSet, Iterable, Optional, Set, Tuple, Union
 
 from .values import ConfigError
 
@@ -50,7 +50,7 @@ def _day(name: str, field: str, value: object) -> int:
 
 
 def _days(text: str, field: str, value: object) -> FrozenSet[int]:
-    days = set()
+    days: Set[int] = set()
     for part in text.split(","):
         first, dash, last = part.partition("-")
         a = _day(first, field, value)
@@ -145,7 +145,9 @@ def parse_time_windows(values: object, field: str) -> Optional[Tuple[TimeWindow,
         return None
     if isinstance(values, (str, TimeWindow)):
         values = [values]
-    windows = tuple(parse_time_window(w, field) for w in values)  # type: ignore[union-attr]
+    if not isinstance(values, Iterable):
+        raise ConfigError(field, values, f"is not a time window ({WINDOW_HINT})")
+    windows = tuple(parse_time_window(w, field) for w in values)
     if not windows:
         raise ConfigError(field, [], "needs at least one window")
     return windows

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from typing import Optional, Sequence, Set, Tuple, Union
+from typing import List, Optional, Sequence, Set, Tuple, Union
 
 __all__ = [
     "ConfigError",
@@ -42,7 +42,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?")
 _UNIT = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def parse_duration(value: Duration, field: str, *, allow_zero: bool = True) -> float:
+def parse_duration(value: object, field: str, *, allow_zero: bool = True) -> float:
     """'5', '5s', '500ms', '2m', '1h' or a number of seconds -> seconds."""
     if isinstance(value, bool):
         raise ConfigError(field, value, "is not a duration (use 5, 5s, 500ms, 2m, 1h)")
@@ -157,7 +157,7 @@ def parse_cpus(value: object, field: str) -> Optional[Tuple[int, ...]]:
     if value is None:
         return None
     if isinstance(value, str):
-        cpus = []
+        cpus: List[int] = []
         for part in value.split(","):
             m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
             if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
