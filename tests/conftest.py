@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import EchoServer, CliProxy, stop_bounded  # noqa: E402
+from support.sockets import EchoServer, CliProxy, stop_bounded  # noqa: E402
 
 ALL_ENGINES = ("epoll", "poll")
 # Hard ceiling per test when pytest-timeout is not installed: a hang dumps every

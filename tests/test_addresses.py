@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from helpers import (EchoServer, blackhole_listener, closed_by_peer, connect, echo_roundtrip,
+from support.sockets import (EchoServer, blackhole_listener, closed_by_peer, connect, echo_roundtrip,
                      ipv6_available, reserve_refusing_port, wait_for)
 
 needs_v6 = pytest.mark.skipif(not ipv6_available(), reason="no IPv6 on this host")

@@ -7,7 +7,7 @@ import pytest
 
 import fastproxy
 from fastproxy import ConfigError, Proxy
-from helpers import echo_roundtrip, stop_bounded, subprocess_env
+from support.sockets import echo_roundtrip, stop_bounded, subprocess_env
 
 
 def test_compiled_core_loaded(engine):

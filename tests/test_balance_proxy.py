@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from balanceutil import Servers, ask_many, open_tagged, ustats, wait_idle, which
-from helpers import closed_by_peer, connect, ipv6_available, run_cli, wait_for
+from support.balance import Servers, ask_many, open_tagged, ustats, wait_idle, which
+from support.sockets import closed_by_peer, connect, ipv6_available, run_cli, wait_for
 
 # ---------------------------------------------------------------- distribution
 

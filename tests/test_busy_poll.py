@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from helpers import echo_roundtrip, proc_cpu_seconds
+from support.sockets import echo_roundtrip, proc_cpu_seconds
 
 WINDOW_S = 0.4
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import fastproxy
-from helpers import assert_one_line_error, echo_roundtrip, ipv6_available, run_cli, subprocess_env
+from support.sockets import assert_one_line_error, echo_roundtrip, ipv6_available, run_cli, subprocess_env
 
 
 

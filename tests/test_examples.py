@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from helpers import (LISTEN_RX, LineReader, closed_by_peer, connect, echo_roundtrip, parse_addr,
+from support.sockets import (LISTEN_RX, LineReader, closed_by_peer, connect, echo_roundtrip, parse_addr,
                      recv_exact, subprocess_env)
-from hookutil import TagServer, connect_from, read_all, tag_of
+from support.hooks import TagServer, connect_from, read_all, tag_of
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from helpers import (Listener, blackhole_listener, closed_by_peer, connect, fmt_addr,
+from support.sockets import (Listener, blackhole_listener, closed_by_peer, connect, fmt_addr,
                      recv_exact, reserve_refusing_port, set_linger0, wait_for)
 
 

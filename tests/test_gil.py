@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import MiB, LineReader, subprocess_env
+from support.sockets import MiB, LineReader, subprocess_env
 
 SIZE = 64 * MiB
 BUSY_S = 12.0

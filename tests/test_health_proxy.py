@@ -5,8 +5,8 @@ import logging
 import threading
 import time
 
-from balanceutil import Servers, ask_many, ping_pong, ustats, which
-from helpers import wait_for
+from support.balance import Servers, ask_many, ping_pong, ustats, which
+from support.sockets import wait_for
 
 
 def served(addr, count):

@@ -2,8 +2,8 @@
 import json
 import socket
 
-from helpers import closed_by_peer, connect, recv_exact, recv_until_eof, wait_for
-from hookutil import Recorder, connect_from
+from support.sockets import closed_by_peer, connect, recv_exact, recv_until_eof, wait_for
+from support.hooks import Recorder, connect_from
 
 FIELDS = {"id", "client_address", "upstream", "bytes_upstream", "bytes_downstream", "duration",
           "accepted_at", "reason"}

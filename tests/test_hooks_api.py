@@ -10,8 +10,8 @@ import pytest
 
 import fastproxy
 from fastproxy import CLOSE, WAIT, CloseReason, CloseRecord, Connection, Direction
-from helpers import MiB, connect, echo_roundtrip, recv_exact, recv_until_eof, wait_for
-from hookutil import Recorder
+from support.sockets import MiB, connect, echo_roundtrip, recv_exact, recv_until_eof, wait_for
+from support.hooks import Recorder
 
 REASONS = ("CLIENT_CLOSED", "UPSTREAM_CLOSED", "CLIENT_RESET", "UPSTREAM_RESET",
            "CONNECT_FAILED", "REFUSED", "TIMEOUT", "HOOK_CLOSED", "HOOK_ERROR", "SHUTDOWN")

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from fastproxy import CLOSE, WAIT, CloseReason, Direction
-from helpers import MiB, Listener, connect, recv_exact
-from hookutil import Recorder, read_all
+from support.sockets import MiB, Listener, connect, recv_exact
+from support.hooks import Recorder, read_all
 
 CHUNK = 64 * 1024
 STALL_S = 0.3

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from helpers import assert_one_line_error, closed_by_peer, echo_roundtrip, run_cli, subprocess_env
-from hookutil import connect_from
+from support.sockets import assert_one_line_error, closed_by_peer, echo_roundtrip, run_cli, subprocess_env
+from support.hooks import connect_from
 
 FILE_HOOKS = '''
 import sys

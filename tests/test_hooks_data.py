@@ -11,8 +11,8 @@ import time
 import pytest
 
 from fastproxy import CLOSE, WAIT, CloseReason, Direction
-from helpers import MiB, Listener, connect, echo_roundtrip, recv_exact, recv_until_eof, wait_for
-from hookutil import Recorder, read_all, wait_stat
+from support.sockets import MiB, Listener, connect, echo_roundtrip, recv_exact, recv_until_eof, wait_for
+from support.hooks import Recorder, read_all, wait_stat
 
 GREETING = b"HELLO fastproxy/1\r\n"
 

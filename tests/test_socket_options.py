@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from fastproxy.config import parse_size
-from helpers import connect, proc_fds, recv_exact
+from support.sockets import connect, proc_fds, recv_exact
 
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 

@@ -2,7 +2,7 @@
 import os
 import socket
 
-from helpers import (EchoServer, Listener, connect, echo_roundtrip, recv_exact, recv_until_eof,
+from support.sockets import (EchoServer, Listener, connect, echo_roundtrip, recv_exact, recv_until_eof,
                      wait_for)
 
 KEYS = ("active", "peak_active", "accepted", "bytes_upstream", "bytes_downstream",

@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 
-from helpers import (MiB, LineReader, Listener, closed_by_peer, connect, echo_roundtrip,
+from support.sockets import (MiB, LineReader, Listener, closed_by_peer, connect, echo_roundtrip,
                      recv_exact, recv_until_eof, stop_bounded, subprocess_env, wait_for)
 
 

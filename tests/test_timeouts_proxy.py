@@ -6,8 +6,8 @@ import time
 
 
 from fastproxy import CloseReason
-from helpers import Listener, connect, recv_exact
-from hookutil import Recorder, read_all
+from support.sockets import Listener, connect, recv_exact
+from support.hooks import Recorder, read_all
 
 D = 0.3
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import MiB, Listener, connect, open_many, wait_for
+from support.sockets import MiB, Listener, connect, open_many, wait_for
 
 
 def _sender(sock, data, errors):

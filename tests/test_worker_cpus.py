@@ -7,7 +7,7 @@ import os
 import pytest
 
 from fastproxy import ConfigError, Proxy
-from helpers import assert_one_line_error, echo_roundtrip, run_cli
+from support.sockets import assert_one_line_error, echo_roundtrip, run_cli
 
 USABLE = sorted(os.sched_getaffinity(0))
 

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from helpers import connect, fmt_addr, recv_exact
+from .sockets import connect, fmt_addr, recv_exact
 
 # on_close records arrive in batches shortly after a bridge ends.
 RECORD_WAIT_S = 3.0

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 
-from helpers import family_of, fmt_addr, wait_for
+from .sockets import family_of, fmt_addr, wait_for
 
 
 class Gauge:
