@@ -7,7 +7,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from support.sockets import EchoServer, CliProxy, stop_bounded  # noqa: E402
+from support.cli import CliProxy  # noqa: E402
+from support.servers import EchoServer  # noqa: E402
+from support.waits import stop_bounded  # noqa: E402
 
 ALL_ENGINES = ("epoll", "poll")
 # Hard ceiling per test when pytest-timeout is not installed: a hang dumps every

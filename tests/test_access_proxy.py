@@ -9,8 +9,9 @@ import pytest
 
 from fastproxy import Proxy
 from fastproxy.config import ConfigError
-from support.sockets import ipv6_available, recv_exact, run_cli
-from support.hooks import read_all, wait_stat
+from support.cli import run_cli
+from support.sockets import ipv6_available, read_all, recv_exact
+from support.waits import wait_stat
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="no IPv6 on this host")
 

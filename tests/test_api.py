@@ -7,7 +7,9 @@ import pytest
 
 import fastproxy
 from fastproxy import ConfigError, Proxy
-from support.sockets import echo_roundtrip, stop_bounded, subprocess_env
+from support.cli import subprocess_env
+from support.sockets import echo_roundtrip
+from support.waits import stop_bounded
 
 
 def test_compiled_core_loaded(engine):

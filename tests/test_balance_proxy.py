@@ -1,12 +1,15 @@
 """Balancing end to end: real proxies, real loopback upstreams that say who they
-are (balanceutil.TagServer), both engines. Distribution, smooth order,
+are (support.servers.TagServer), both engines. Distribution, smooth order,
 leastconn, consistent source hashing, backup and weight 0, and the CLI flags."""
 from collections import Counter
 
 import pytest
 
-from support.balance import Servers, ask_many, open_tagged, ustats, wait_idle, which
-from support.sockets import closed_by_peer, connect, ipv6_available, run_cli, wait_for
+from support.balance import ask_many, ustats
+from support.cli import run_cli
+from support.servers import Servers, open_tagged, which
+from support.sockets import closed_by_peer, connect, ipv6_available
+from support.waits import wait_for, wait_idle
 
 # ---------------------------------------------------------------- distribution
 

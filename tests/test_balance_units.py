@@ -15,7 +15,7 @@ from fastproxy.config import ConfigError
 from fastproxy.health import HealthChecker
 from fastproxy.upstreams import Upstream, parse_balance, parse_upstream, parse_upstreams
 
-from support.sockets import wait_for
+from support.waits import wait_for
 
 T0 = 10**12          # a fake monotonic clock, in ns
 S = 10**9

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 import fastproxy
-from support.sockets import assert_one_line_error, echo_roundtrip, ipv6_available, run_cli, subprocess_env
+from support.cli import assert_one_line_error, run_cli, subprocess_env
+from support.sockets import echo_roundtrip, ipv6_available
 
 
 

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from support.sockets import MiB, LineReader, subprocess_env
+from support.cli import LineReader, subprocess_env
+from support.sockets import MiB
 
 SIZE = 64 * MiB
 BUSY_S = 12.0

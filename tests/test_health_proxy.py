@@ -5,8 +5,9 @@ import logging
 import threading
 import time
 
-from support.balance import Servers, ask_many, ping_pong, ustats, which
-from support.sockets import wait_for
+from support.balance import ask_many, ping_pong, ustats
+from support.servers import Servers, which
+from support.waits import wait_for
 
 
 def served(addr, count):

@@ -10,8 +10,9 @@ import pytest
 
 import fastproxy
 from fastproxy import CLOSE, WAIT, CloseReason, CloseRecord, Connection, Direction
-from support.sockets import MiB, connect, echo_roundtrip, recv_exact, recv_until_eof, wait_for
 from support.hooks import Recorder
+from support.sockets import MiB, connect, echo_roundtrip, recv_exact, recv_until_eof
+from support.waits import wait_for
 
 REASONS = ("CLIENT_CLOSED", "UPSTREAM_CLOSED", "CLIENT_RESET", "UPSTREAM_RESET",
            "CONNECT_FAILED", "REFUSED", "TIMEOUT", "HOOK_CLOSED", "HOOK_ERROR", "SHUTDOWN")

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from support.sockets import assert_one_line_error, closed_by_peer, echo_roundtrip, run_cli, subprocess_env
-from support.hooks import connect_from
+from support.cli import assert_one_line_error, run_cli, subprocess_env
+from support.sockets import closed_by_peer, connect_from, echo_roundtrip
 
 FILE_HOOKS = '''
 import sys

@@ -5,9 +5,10 @@ import time
 
 import pytest
 
-from support.sockets import (TCP_CLOSE_WAIT, connect, echo_roundtrip, open_many, proc_fds,
-                     proc_nofile_limits, proc_socket_inodes, recv_exact, set_linger0,
-                     tcp_sockets, wait_for)
+from support.procfs import (TCP_CLOSE_WAIT, proc_fds, proc_nofile_limits, proc_socket_inodes,
+                            tcp_sockets)
+from support.sockets import connect, echo_roundtrip, open_many, recv_exact, set_linger0
+from support.waits import wait_for
 
 CONCURRENCY = 4
 

@@ -10,7 +10,8 @@ import socket
 import pytest
 
 from fastproxy.config import parse_size
-from support.sockets import connect, proc_fds, recv_exact
+from support.procfs import proc_fds
+from support.sockets import connect, recv_exact
 
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 

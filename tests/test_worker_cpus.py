@@ -7,7 +7,8 @@ import os
 import pytest
 
 from fastproxy import ConfigError, Proxy
-from support.sockets import assert_one_line_error, echo_roundtrip, run_cli
+from support.cli import assert_one_line_error, run_cli
+from support.sockets import echo_roundtrip
 
 USABLE = sorted(os.sched_getaffinity(0))
 
