@@ -141,15 +141,15 @@ def test_rule_files_with_comments_and_blank_lines(make_proxy, echo_server, tmp_p
     assert wait_stat(p, "denied", 2)["denied"] == 2
 
 
-def test_bad_rule_file_line(engine, tmp_path, echo_server):
+def test_bad_rule_file_line(any_engine, tmp_path, echo_server):
     bad = tmp_path / "deny.txt"
     bad.write_text("127.0.0.2\n# fine\n\n10.0.0.300\n")
     with pytest.raises(ConfigError) as e:
-        Proxy("127.0.0.1:0", echo_server.addr, deny_file=[str(bad)], engine=engine)
+        Proxy("127.0.0.1:0", echo_server.addr, deny_file=[str(bad)], engine=any_engine)
     assert e.value.field == "deny_file"
     assert "%s:4" % bad in str(e.value) and "\n" not in str(e.value)
     rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", echo_server.addr,
-                            "--deny-file", str(bad), "--engine", engine], timeout=20)
+                            "--deny-file", str(bad), "--engine", any_engine], timeout=20)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1, (rc, err)
     assert "--deny-file" in lines[0] and "%s:4" % bad in lines[0] and "Traceback" not in err

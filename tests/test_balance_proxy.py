@@ -189,8 +189,8 @@ def test_cli_group_flags_parse_and_balance(cli_proxy):
     (["--upstream", "127.0.0.1:1", "--on-limit", "drop"], "--on-limit"),
     (["--upstream", "127.0.0.1:1", "--max-connections", "-1"], "--max-connections"),
 ])
-def test_cli_bad_group_flags_exit_2_with_one_line(engine, args, needle):
-    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--engine", engine] + args, timeout=20)
+def test_cli_bad_group_flags_exit_2_with_one_line(any_engine, args, needle):
+    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--engine", any_engine] + args, timeout=20)
     assert rc == 2, (rc, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], err

@@ -18,7 +18,7 @@ REASONS = ("CLIENT_CLOSED", "UPSTREAM_CLOSED", "CLIENT_RESET", "UPSTREAM_RESET",
            "CONNECT_FAILED", "REFUSED", "TIMEOUT", "HOOK_CLOSED", "HOOK_ERROR", "SHUTDOWN")
 
 
-def test_exports(engine):
+def test_exports():
     for name in ("Proxy", "Connection", "Direction", "CloseReason", "CloseRecord", "WAIT", "CLOSE"):
         assert hasattr(fastproxy, name), name
     assert {"UPSTREAM", "DOWNSTREAM"} <= set(Direction.__members__)

@@ -106,8 +106,8 @@ def test_hooks_module_object(cli_proxy, echo_server, hooks_pkg):
     "hookpkg_for_tests.mod:missing_object",
     "FILE:missing_object",
 ])
-def test_bad_hooks_spec_one_line_exit_2(engine, hooks_pkg, hooks_file, spec):
+def test_bad_hooks_spec_one_line_exit_2(any_engine, hooks_pkg, hooks_file, spec):
     spec = spec.replace("FILE", str(hooks_file))
     rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
-                            "--engine", engine, "--hooks", spec], timeout=15, env=hooks_pkg)
+                            "--engine", any_engine, "--hooks", spec], timeout=15, env=hooks_pkg)
     assert_one_line_error(rc, out, err, "--hooks")
