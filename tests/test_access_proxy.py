@@ -26,10 +26,14 @@ def open_from(addr, src, timeout=5.0):
     fam = socket.AF_INET6 if ":" in src else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.settimeout(timeout)
-    if fam == socket.AF_INET6 and src.startswith("::ffff:"):
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind((src, 0))
-    s.connect(addr)
+    try:
+        if fam == socket.AF_INET6 and src.startswith("::ffff:"):
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind((src, 0))
+        s.connect(addr)
+    except BaseException:
+        s.close()
+        raise
     return s
 
 

@@ -123,3 +123,4 @@ def test_forwarding_while_main_thread_holds_gil(engine, tmp_path):
             if pr.poll() is None:
                 pr.kill()
             pr.wait(10)
+            pr.stdin.close()   # stdout is its LineReader's to close
