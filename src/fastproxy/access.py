@@ -15,9 +15,9 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
-from typing import Callable, FrozenSet, Iterable, List, Optional, Tuple, Union
+from typing import Callable, FrozenSet, Iterable, List, Optional, Set, Tuple, Union
 
-from .config import ConfigError, parse_duration
+from .config import ConfigError, Duration, parse_duration
 
 __all__ = [
     "Network",
@@ -100,8 +100,8 @@ def parse_rate(value: object, field: str) -> Tuple[int, float]:
     `count` new connections per client per period."""
     if isinstance(value, tuple) and len(value) == 2:
         count, period = value
-    elif isinstance(value, str) and _RATE.fullmatch(value.strip()):
-        count, period = _RATE.fullmatch(value.strip()).groups()
+    elif isinstance(value, str) and (m := _RATE.fullmatch(value.strip())):
+        count, period = m.groups()
         if period in ("ms", "s", "m", "h"):
             period = "1" + period
     else:
@@ -153,7 +153,7 @@ def _day(name: str, field: str, value: object) -> int:
 
 
 def _days(text: str, field: str, value: object) -> FrozenSet[int]:
-    days = set()
+    days: Set[int] = set()
     for part in text.split(","):
         first, dash, last = part.partition("-")
         a = _day(first, field, value)
@@ -284,8 +284,8 @@ def build_access(
     allow_file: Optional[Iterable[str]] = None,
     deny_file: Optional[Iterable[str]] = None,
     reject_with: str = "close",
-    idle_timeout: Optional[object] = None,
-    max_lifetime: Optional[object] = None,
+    idle_timeout: Optional[Duration] = None,
+    max_lifetime: Optional[Duration] = None,
     allow_time: Optional[Iterable[str]] = None,
     time_zone: Optional[str] = None,
     close_outside_window: bool = False,
@@ -295,7 +295,7 @@ def build_access(
     send_proxy: Optional[object] = None,
     accept_proxy: bool = False,
     accept_proxy_from: Optional[Iterable[object]] = None,
-    proxy_header_timeout: object = 3.0,
+    proxy_header_timeout: Duration = 3.0,
     proxy_header_max: object = 1024,
 ) -> AccessConfig:
     if reject_with not in ("close", "reset"):

@@ -10,7 +10,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Set, Tuple, Union
+from typing import Any, List, Optional, Sequence, Set, Tuple, Union
 
 __all__ = [
     "ConfigError",
@@ -145,7 +145,7 @@ def parse_cpus(value: object, field: str) -> Optional[Tuple[int, ...]]:
     if value is None:
         return None
     if isinstance(value, str):
-        cpus = []
+        cpus: List[int] = []
         for part in value.split(","):
             m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
             if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):

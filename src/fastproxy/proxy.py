@@ -12,9 +12,10 @@ import errno
 import logging
 import os
 import signal
+import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core
 from .access import build_access
@@ -156,7 +157,7 @@ class Proxy:
         self._watchers: Optional[Watchers] = None
         self._lock = threading.Lock()
         self._engine: Optional[_core.Engine] = None
-        self._sock = None
+        self._sock: Optional[socket.socket] = None
         self._threads: List[threading.Thread] = []
         self._address: Optional[Tuple[str, int]] = None
         self._stopped = threading.Event()
@@ -165,7 +166,7 @@ class Proxy:
         self._runner: Optional[HookRunner] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._access_log_target = access_log
-        self._access_log = None
+        self._access_log: Optional[IO[str]] = None
         self._owns_access_log = False
         if isinstance(hook_threads, bool) or not isinstance(hook_threads, int) or hook_threads < 1:
             raise ConfigError("hook_threads", hook_threads, "must be a whole number >= 1")
@@ -257,7 +258,7 @@ class Proxy:
                 raise
             self._sock = sock
             self._engine = engine
-            self._address = tuple(sock.getsockname()[:2])  # type: ignore[assignment]
+            self._address = tuple(sock.getsockname()[:2])
             self._stopped.clear()
             try:
                 self._access_log, self._owns_access_log = open_access_log(self._access_log_target)
