@@ -7,7 +7,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import EchoServer, CliProxy, stop_bounded  # noqa: E402
+from support.cli import CliProxy  # noqa: E402
+from support.servers import EchoServer  # noqa: E402
+from support.waits import stop_bounded  # noqa: E402
 
 ALL_ENGINES = ("epoll", "poll")
 # Hard ceiling per test when pytest-timeout is not installed: a hang dumps every
@@ -46,8 +48,15 @@ def engine(request, monkeypatch):
 
 
 @pytest.fixture
-def make_proxy(engine):
-    """Factory: an in-process Proxy on the engine under test, started, stopped at teardown."""
+def any_engine(monkeypatch):
+    """One compiled engine, for tests that must name an engine but check what no
+    engine takes part in (configuration and argument errors): they run once,
+    not once per engine."""
+    monkeypatch.delenv("FASTPROXY_ENGINE", raising=False)
+    return compiled_engines()[0]
+
+
+def _proxies(engine):
     from fastproxy import Proxy
 
     made = []
@@ -68,6 +77,18 @@ def make_proxy(engine):
             stop_bounded(p, timeout=2.0, limit=20.0)
         except Exception as e:  # a stop failure is a test failure, but stop them all first
             print("teardown: stop() failed: %r" % (e,))
+
+
+@pytest.fixture
+def make_proxy(engine):
+    """Factory: an in-process Proxy on the engine under test, started, stopped at teardown."""
+    yield from _proxies(engine)
+
+
+@pytest.fixture
+def make_proxy_any(any_engine):
+    """make_proxy on one engine, for tests the engine takes no part in."""
+    yield from _proxies(any_engine)
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ import pytest
 
 from fastproxy import Proxy
 from fastproxy.values import ConfigError
-from helpers import ipv6_available, recv_exact, run_cli
-from hookutil import read_all, wait_stat
+from support.cli import run_cli
+from support.sockets import ipv6_available, read_all, recv_exact
+from support.waits import wait_stat
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="no IPv6 on this host")
 
@@ -25,10 +26,14 @@ def open_from(addr, src, timeout=5.0):
     fam = socket.AF_INET6 if ":" in src else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.settimeout(timeout)
-    if fam == socket.AF_INET6 and src.startswith("::ffff:"):
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind((src, 0))
-    s.connect(addr)
+    try:
+        if fam == socket.AF_INET6 and src.startswith("::ffff:"):
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind((src, 0))
+        s.connect(addr)
+    except BaseException:
+        s.close()
+        raise
     return s
 
 
@@ -140,15 +145,15 @@ def test_rule_files_with_comments_and_blank_lines(make_proxy, echo_server, tmp_p
     assert wait_stat(p, "denied", 2)["denied"] == 2
 
 
-def test_bad_rule_file_line(engine, tmp_path, echo_server):
+def test_bad_rule_file_line(any_engine, tmp_path, echo_server):
     bad = tmp_path / "deny.txt"
     bad.write_text("127.0.0.2\n# fine\n\n10.0.0.300\n")
     with pytest.raises(ConfigError) as e:
-        Proxy("127.0.0.1:0", echo_server.addr, deny_file=[str(bad)], engine=engine)
+        Proxy("127.0.0.1:0", echo_server.addr, deny_file=[str(bad)], engine=any_engine)
     assert e.value.field == "deny_file"
     assert "%s:4" % bad in str(e.value) and "\n" not in str(e.value)
     rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", echo_server.addr,
-                            "--deny-file", str(bad), "--engine", engine], timeout=20)
+                            "--deny-file", str(bad), "--engine", any_engine], timeout=20)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1, (rc, err)
     assert "--deny-file" in lines[0] and "%s:4" % bad in lines[0] and "Traceback" not in err

@@ -4,8 +4,10 @@ import time
 
 import pytest
 
-from helpers import (EchoServer, blackhole_listener, closed_by_peer, connect, echo_roundtrip,
-                     ipv6_available, reserve_refusing_port, wait_for)
+from support.servers import EchoServer
+from support.sockets import (blackhole_listener, closed_by_peer, connect, echo_roundtrip,
+                             ipv6_available, reserve_refusing_port)
+from support.waits import wait_for
 
 needs_v6 = pytest.mark.skipif(not ipv6_available(), reason="no IPv6 on this host")
 

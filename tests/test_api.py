@@ -7,17 +7,19 @@ import pytest
 
 import fastproxy
 from fastproxy import ConfigError, Proxy
-from helpers import echo_roundtrip, stop_bounded, subprocess_env
+from support.cli import subprocess_env
+from support.sockets import echo_roundtrip
+from support.waits import stop_bounded
 
 
-def test_compiled_core_loaded(engine):
+def test_compiled_core_loaded():
     core = fastproxy._core
     assert core.__file__.endswith(".so"), "fastproxy._core is not the compiled extension: %s" % core.__file__
     if sys.platform.startswith("linux"):
         assert "epoll" in core.ENGINES and "poll" in core.ENGINES, core.ENGINES
 
 
-def test_configerror_is_valueerror(engine):
+def test_configerror_is_valueerror():
     assert issubclass(ConfigError, ValueError)
 
 
@@ -64,8 +66,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("kw,field,value", BAD, ids=[b[1] + ":" + b[2] for b in BAD])
-def test_bad_config_raises_configerror(engine, kw, field, value):
-    args = {"listen": "127.0.0.1:0", "upstream": "127.0.0.1:9", "engine": engine}
+def test_bad_config_raises_configerror(any_engine, kw, field, value):
+    args = {"listen": "127.0.0.1:0", "upstream": "127.0.0.1:9", "engine": any_engine}
     if "upstreams" in kw:
         del args["upstream"]
     args.update(kw)
@@ -74,20 +76,20 @@ def test_bad_config_raises_configerror(engine, kw, field, value):
     _names(str(exc.value), field, value)
 
 
-def test_upstream_and_upstreams_together(engine):
+def test_upstream_and_upstreams_together(any_engine):
     with pytest.raises(ConfigError) as exc:
         _build_and_start(listen="127.0.0.1:0", upstream="127.0.0.1:9",
-                         upstreams=["127.0.0.1:10"], engine=engine)
+                         upstreams=["127.0.0.1:10"], engine=any_engine)
     assert "upstream" in str(exc.value)
 
 
-def test_port_in_use_raises_configerror(engine):
+def test_port_in_use_raises_configerror(any_engine):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
         with pytest.raises(ConfigError) as exc:
-            _build_and_start(listen="127.0.0.1:%d" % port, upstream="127.0.0.1:9", engine=engine)
+            _build_and_start(listen="127.0.0.1:%d" % port, upstream="127.0.0.1:9", engine=any_engine)
     assert str(port) in str(exc.value)
 
 
@@ -117,11 +119,11 @@ def test_explicit_workers(make_proxy, echo_server):
         assert echo_roundtrip(p.address, b"w%d" % i) == b"w%d" % i
 
 
-def test_default_workers_follow_cpu_affinity(engine):
+def test_default_workers_follow_cpu_affinity(any_engine):
     code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]});"
             "from fastproxy import Proxy;"
             "p = Proxy(listen='127.0.0.1:0', upstream='127.0.0.1:9', engine=%r);"
-            "p.start(); print(p.workers); p.stop(1)" % engine)
+            "p.start(); print(p.workers); p.stop(1)" % any_engine)
     cp = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30,
                         env=subprocess_env())
     assert cp.returncode == 0, cp.stderr.decode()
@@ -139,7 +141,7 @@ def test_engine_auto_and_env_override(engine, monkeypatch, echo_server):
         stop_bounded(p, timeout=1, limit=10)
 
 
-def test_engine_auto_prefers_epoll_on_linux(engine, monkeypatch, echo_server):
+def test_engine_auto_prefers_epoll_on_linux(monkeypatch, echo_server):
     if not sys.platform.startswith("linux"):
         pytest.skip("Linux only")
     monkeypatch.delenv("FASTPROXY_ENGINE", raising=False)

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from helpers import MiB, Listener, recv_exact
+from support.servers import Listener
+from support.sockets import MiB, recv_exact
 
 TOTAL = 96 * MiB
 STALL_S = 3.0

@@ -1,12 +1,15 @@
 """Balancing end to end: real proxies, real loopback upstreams that say who they
-are (balanceutil.TagServer), both engines. Distribution, smooth order,
+are (support.servers.TagServer), both engines. Distribution, smooth order,
 leastconn, consistent source hashing, backup and weight 0, and the CLI flags."""
 from collections import Counter
 
 import pytest
 
-from balanceutil import Servers, ask_many, open_tagged, ustats, wait_idle, which
-from helpers import closed_by_peer, connect, ipv6_available, run_cli, wait_for
+from support.balance import ask_many, ustats
+from support.cli import run_cli
+from support.servers import Servers, open_tagged, which
+from support.sockets import closed_by_peer, connect, ipv6_available
+from support.waits import wait_for, wait_idle
 
 # ---------------------------------------------------------------- distribution
 
@@ -186,8 +189,8 @@ def test_cli_group_flags_parse_and_balance(cli_proxy):
     (["--upstream", "127.0.0.1:1", "--on-limit", "drop"], "--on-limit"),
     (["--upstream", "127.0.0.1:1", "--max-connections", "-1"], "--max-connections"),
 ])
-def test_cli_bad_group_flags_exit_2_with_one_line(engine, args, needle):
-    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--engine", engine] + args, timeout=20)
+def test_cli_bad_group_flags_exit_2_with_one_line(any_engine, args, needle):
+    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--engine", any_engine] + args, timeout=20)
     assert rc == 2, (rc, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], err

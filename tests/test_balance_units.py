@@ -15,7 +15,7 @@ from fastproxy.values import ConfigError
 from fastproxy.health import HealthChecker
 from fastproxy.upstreams import Upstream, parse_balance, parse_upstream, parse_upstreams
 
-from helpers import wait_for
+from support.waits import wait_for
 
 T0 = 10**12          # a fake monotonic clock, in ns
 S = 10**9

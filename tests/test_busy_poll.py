@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from helpers import echo_roundtrip, proc_cpu_seconds
+from support.procfs import proc_cpu_seconds
+from support.sockets import echo_roundtrip
 
 WINDOW_S = 0.4
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 import fastproxy
-from helpers import assert_one_line_error, echo_roundtrip, ipv6_available, run_cli, subprocess_env
+from support.cli import assert_one_line_error, run_cli, subprocess_env
+from support.sockets import echo_roundtrip, ipv6_available
 
 
 
@@ -74,7 +75,7 @@ def test_cli_listen_hostname(cli_proxy, echo_server):
     (["--notsent-lowat", "lots"], "lots"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
-def test_cli_user_errors(engine, args, needle):
+def test_cli_user_errors(any_engine, args, needle):
     base = {"--listen": "127.0.0.1:0", "--upstream": "127.0.0.1:9"}
     argv = []
     for flag, value in base.items():
@@ -82,18 +83,18 @@ def test_cli_user_errors(engine, args, needle):
             argv += [flag, value]
     argv += args
     if "--engine" not in args:
-        argv += ["--engine", engine]
+        argv += ["--engine", any_engine]
     rc, out, err = run_cli(argv)
     assert_one_line_error(rc, out, err, needle)
 
 
-def test_cli_port_in_use(engine):
+def test_cli_port_in_use(any_engine):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
         rc, out, err = run_cli(["--listen", "127.0.0.1:%d" % port, "--upstream", "127.0.0.1:9",
-                                "--engine", engine])
+                                "--engine", any_engine])
     assert_one_line_error(rc, out, err, str(port))
 
 
@@ -104,12 +105,12 @@ def test_cli_more_workers_than_fds(engine):
     assert_one_line_error(rc, out, err)
 
 
-def test_cli_missing_upstream(engine):
-    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--engine", engine])
+def test_cli_missing_upstream(any_engine):
+    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--engine", any_engine])
     assert_one_line_error(rc, out, err, "upstream")
 
 
-def test_cli_version(engine):
+def test_cli_version():
     rc, out, err = run_cli(["--version"])
     assert rc == 0, err
     text = out + err
@@ -119,7 +120,7 @@ def test_cli_version(engine):
         assert version in text
 
 
-def test_cli_help(engine):
+def test_cli_help():
     rc, out, err = run_cli(["-h"])
     assert rc == 0, err
     for flag in ("--listen", "--upstream", "--workers", "--connect-timeout", "--drain-timeout",
@@ -127,7 +128,7 @@ def test_cli_help(engine):
         assert flag in out, "-h does not mention %s" % flag
 
 
-def test_console_script_installed(engine):
+def test_console_script_installed():
     exe = shutil.which("fastproxy", path=os.path.dirname(sys.executable) + os.pathsep
                        + os.environ.get("PATH", ""))
     if exe is None:

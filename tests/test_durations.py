@@ -7,8 +7,9 @@ import time
 import pytest
 
 from fastproxy import ConfigError
-from helpers import (Listener, blackhole_listener, closed_by_peer, connect, fmt_addr, recv_exact,
-                     recv_until_eof)
+from support.servers import Listener
+from support.sockets import (blackhole_listener, closed_by_peer, connect, fmt_addr, recv_exact,
+                             recv_until_eof)
 
 HUGE = ["3000000h", 1e10]  # ~342 and ~317 years: past 2**63 nanoseconds
 

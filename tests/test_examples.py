@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from helpers import (LISTEN_RX, LineReader, closed_by_peer, connect, echo_roundtrip, parse_addr,
-                     recv_exact, subprocess_env)
-from hookutil import TagServer, connect_from, read_all, tag_of
+from support.cli import LISTEN_RX, LineReader, subprocess_env
+from support.servers import TagServer, tag_of
+from support.sockets import (closed_by_peer, connect, connect_from, echo_roundtrip, parse_addr,
+                             read_all, recv_exact)
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 

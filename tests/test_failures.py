@@ -4,8 +4,10 @@ import time
 
 import pytest
 
-from helpers import (Listener, blackhole_listener, closed_by_peer, connect, fmt_addr,
-                     recv_exact, reserve_refusing_port, set_linger0, wait_for)
+from support.servers import Listener
+from support.sockets import (blackhole_listener, closed_by_peer, connect, fmt_addr, recv_exact,
+                             reserve_refusing_port, set_linger0)
+from support.waits import wait_for
 
 
 def _expect_reset(sock, timeout=5.0):

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from helpers import MiB, LineReader, subprocess_env
+from support.cli import LineReader, subprocess_env
+from support.sockets import MiB
 
 SIZE = 64 * MiB
 BUSY_S = 12.0
@@ -122,3 +123,4 @@ def test_forwarding_while_main_thread_holds_gil(engine, tmp_path):
             if pr.poll() is None:
                 pr.kill()
             pr.wait(10)
+            pr.stdin.close()   # stdout is its LineReader's to close

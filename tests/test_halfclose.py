@@ -4,7 +4,8 @@ import os
 import socket
 import time
 
-from helpers import MiB, Listener, closed_by_peer, connect, recv_exact, recv_until_eof
+from support.servers import Listener
+from support.sockets import MiB, closed_by_peer, connect, recv_exact, recv_until_eof
 
 
 def test_client_shuts_first_reply_still_arrives(make_proxy):

@@ -5,8 +5,9 @@ import logging
 import threading
 import time
 
-from balanceutil import Servers, ask_many, ping_pong, ustats, which
-from helpers import wait_for
+from support.balance import ask_many, ping_pong, ustats
+from support.servers import Servers, which
+from support.waits import wait_for
 
 
 def served(addr, count):

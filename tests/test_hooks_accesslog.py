@@ -2,8 +2,9 @@
 import json
 import socket
 
-from helpers import closed_by_peer, connect, recv_exact, recv_until_eof, wait_for
-from hookutil import Recorder, connect_from
+from support.hooks import Recorder
+from support.sockets import closed_by_peer, connect, connect_from, recv_exact, recv_until_eof
+from support.waits import wait_for
 
 FIELDS = {"id", "client_address", "upstream", "bytes_upstream", "bytes_downstream", "duration",
           "accepted_at", "reason"}

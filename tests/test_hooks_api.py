@@ -10,14 +10,15 @@ import pytest
 
 import fastproxy
 from fastproxy import CLOSE, WAIT, CloseReason, CloseRecord, Connection, Direction
-from helpers import MiB, connect, echo_roundtrip, recv_exact, recv_until_eof, wait_for
-from hookutil import Recorder
+from support.hooks import Recorder
+from support.sockets import MiB, connect, echo_roundtrip, recv_exact, recv_until_eof
+from support.waits import wait_for
 
 REASONS = ("CLIENT_CLOSED", "UPSTREAM_CLOSED", "CLIENT_RESET", "UPSTREAM_RESET",
            "CONNECT_FAILED", "REFUSED", "TIMEOUT", "HOOK_CLOSED", "HOOK_ERROR", "SHUTDOWN")
 
 
-def test_exports(engine):
+def test_exports():
     for name in ("Proxy", "Connection", "Direction", "CloseReason", "CloseRecord", "WAIT", "CLOSE"):
         assert hasattr(fastproxy, name), name
     assert {"UPSTREAM", "DOWNSTREAM"} <= set(Direction.__members__)

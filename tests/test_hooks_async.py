@@ -5,8 +5,8 @@ import socket
 import threading
 
 from fastproxy import CloseReason, Proxy
-from helpers import closed_by_peer, connect, echo_roundtrip, stop_bounded
-from hookutil import connect_from, read_all
+from support.sockets import closed_by_peer, connect, connect_from, echo_roundtrip, read_all
+from support.waits import stop_bounded
 
 
 async def _started(proxy, timeout=10.0):

@@ -12,8 +12,9 @@ import time
 import pytest
 
 from fastproxy import CLOSE, WAIT, CloseReason, Direction
-from helpers import MiB, Listener, connect, recv_exact
-from hookutil import Recorder, read_all
+from support.hooks import Recorder
+from support.servers import Listener
+from support.sockets import MiB, connect, read_all, recv_exact
 
 CHUNK = 64 * 1024
 STALL_S = 0.3

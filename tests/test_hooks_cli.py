@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from helpers import assert_one_line_error, closed_by_peer, echo_roundtrip, run_cli, subprocess_env
-from hookutil import connect_from
+from support.cli import assert_one_line_error, run_cli, subprocess_env
+from support.sockets import closed_by_peer, connect_from, echo_roundtrip
 
 FILE_HOOKS = '''
 import sys
@@ -106,8 +106,8 @@ def test_hooks_module_object(cli_proxy, echo_server, hooks_pkg):
     "hookpkg_for_tests.mod:missing_object",
     "FILE:missing_object",
 ])
-def test_bad_hooks_spec_one_line_exit_2(engine, hooks_pkg, hooks_file, spec):
+def test_bad_hooks_spec_one_line_exit_2(any_engine, hooks_pkg, hooks_file, spec):
     spec = spec.replace("FILE", str(hooks_file))
     rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
-                            "--engine", engine, "--hooks", spec], timeout=15, env=hooks_pkg)
+                            "--engine", any_engine, "--hooks", spec], timeout=15, env=hooks_pkg)
     assert_one_line_error(rc, out, err, "--hooks")

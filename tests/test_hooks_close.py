@@ -5,9 +5,11 @@ import threading
 import time
 
 from fastproxy import CLOSE, CloseReason, CloseRecord
-from helpers import (Listener, closed_by_peer, connect, echo_roundtrip, fmt_addr, recv_exact,
-                     recv_until_eof, reserve_refusing_port, set_linger0, stop_bounded, wait_for)
-from hookutil import Recorder, read_all, wait_stat
+from support.hooks import Recorder
+from support.servers import Listener
+from support.sockets import (closed_by_peer, connect, echo_roundtrip, fmt_addr, read_all,
+                             recv_exact, recv_until_eof, reserve_refusing_port, set_linger0)
+from support.waits import stop_bounded, wait_for, wait_stat
 
 
 def _bridge(make_proxy, srv, rec, **kw):

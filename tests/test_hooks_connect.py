@@ -4,9 +4,11 @@ import logging
 import time
 
 from fastproxy import CloseReason
-from helpers import (closed_by_peer, connect, echo_roundtrip, fmt_addr, reserve_refusing_port,
-                     wait_for)
-from hookutil import Recorder, TagServer, connect_from, read_all, tag_of, wait_stat
+from support.hooks import Recorder
+from support.servers import TagServer, tag_of
+from support.sockets import (closed_by_peer, connect, connect_from, echo_roundtrip, fmt_addr,
+                             read_all, reserve_refusing_port)
+from support.waits import wait_for, wait_stat
 
 
 def test_none_and_true_proceed(make_proxy, echo_server):

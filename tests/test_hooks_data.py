@@ -11,8 +11,10 @@ import time
 import pytest
 
 from fastproxy import CLOSE, WAIT, CloseReason, Direction
-from helpers import MiB, Listener, connect, echo_roundtrip, recv_exact, recv_until_eof, wait_for
-from hookutil import Recorder, read_all, wait_stat
+from support.hooks import Recorder
+from support.servers import Listener
+from support.sockets import MiB, connect, echo_roundtrip, read_all, recv_exact, recv_until_eof
+from support.waits import wait_for, wait_stat
 
 GREETING = b"HELLO fastproxy/1\r\n"
 

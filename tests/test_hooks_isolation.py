@@ -5,8 +5,8 @@ import socket
 import threading
 import time
 
-from helpers import connect, proc_context_switches, recv_exact, recv_until_eof
-from hookutil import connect_from
+from support.procfs import proc_context_switches
+from support.sockets import connect, connect_from, recv_exact, recv_until_eof
 
 BLOCK_S = 5.0  # upper bound on how long a hook blocks; the test releases it much sooner
 

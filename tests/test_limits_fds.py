@@ -5,9 +5,10 @@ import time
 
 import pytest
 
-from helpers import (TCP_CLOSE_WAIT, connect, echo_roundtrip, open_many, proc_fds,
-                     proc_nofile_limits, proc_socket_inodes, recv_exact, set_linger0,
-                     tcp_sockets, wait_for)
+from support.procfs import (TCP_CLOSE_WAIT, proc_fds, proc_nofile_limits, proc_socket_inodes,
+                            tcp_sockets)
+from support.sockets import connect, echo_roundtrip, open_many, recv_exact, set_linger0
+from support.waits import wait_for
 
 CONCURRENCY = 4
 
@@ -152,7 +153,7 @@ def test_emfile_survived_and_recovered(cli_proxy, echo_server):
 
 
 def test_no_fd_leak_on_failed_upstream_connects(cli_proxy):
-    from helpers import closed_by_peer, reserve_refusing_port
+    from support.sockets import closed_by_peer, reserve_refusing_port
     hole = reserve_refusing_port()
     try:
         proxy = cli_proxy("--listen", "127.0.0.1:0", "--upstream",

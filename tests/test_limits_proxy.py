@@ -5,8 +5,10 @@ import socket
 import time
 from collections import Counter
 
-from balanceutil import Gauge, Servers, all_at_once, open_tagged, readable, read_line, ustats
-from helpers import closed_by_peer, connect, wait_for
+from support.balance import all_at_once, ustats
+from support.servers import Gauge, Servers, open_tagged
+from support.sockets import closed_by_peer, connect, read_line, readable
+from support.waits import wait_for
 
 HOLD = 0.05
 
@@ -163,7 +165,8 @@ def test_half_closed_waiter_keeps_its_place_and_silent_one_is_dropped(make_proxy
     up has given up and leaves the queue."""
     import socket
     import time
-    from helpers import connect, recv_exact, recv_until_eof, wait_for
+    from support.sockets import connect, recv_exact, recv_until_eof
+    from support.waits import wait_for
 
     p = make_proxy(echo_server.addr, max_connections=1, workers=1)
     holder = connect(p.address)

@@ -14,7 +14,8 @@ from fastproxy import ConfigError, Proxy
 from fastproxy.cli import build_parser
 from fastproxy.config import SECTION_TYPES, Config
 from fastproxy.options import COMMAND_FLAGS, OPTIONS, SECTIONS, option, reference_markdown
-from helpers import CliProxy, EchoServer, assert_one_line_error, run_cli
+from support.cli import CliProxy, assert_one_line_error, run_cli
+from support.servers import EchoServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(ROOT, "docs", "reference.md")

@@ -11,8 +11,11 @@ import time
 
 import pytest
 
-from helpers import Listener, connect, fmt_addr, ipv6_available, recv_exact, recv_until_eof
-from hookutil import Recorder, connect_from, read_all, wait_stat
+from support.hooks import Recorder
+from support.servers import Listener
+from support.sockets import (connect, connect_from, fmt_addr, ipv6_available, read_all, recv_exact,
+                             recv_until_eof)
+from support.waits import wait_stat
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="no IPv6 on this host")
 

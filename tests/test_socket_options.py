@@ -10,7 +10,8 @@ import socket
 import pytest
 
 from fastproxy.values import parse_size
-from helpers import connect, proc_fds, recv_exact
+from support.procfs import proc_fds
+from support.sockets import connect, recv_exact
 
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 

@@ -2,8 +2,9 @@
 import os
 import socket
 
-from helpers import (EchoServer, Listener, connect, echo_roundtrip, recv_exact, recv_until_eof,
-                     wait_for)
+from support.servers import EchoServer, Listener
+from support.sockets import connect, echo_roundtrip, recv_exact, recv_until_eof
+from support.waits import wait_for
 
 KEYS = ("active", "peak_active", "accepted", "bytes_upstream", "bytes_downstream",
         "connect_failures")

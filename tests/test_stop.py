@@ -7,8 +7,10 @@ import sys
 import threading
 import time
 
-from helpers import (MiB, LineReader, Listener, closed_by_peer, connect, echo_roundtrip,
-                     recv_exact, recv_until_eof, stop_bounded, subprocess_env, wait_for)
+from support.cli import LineReader, subprocess_env
+from support.servers import Listener
+from support.sockets import MiB, closed_by_peer, connect, echo_roundtrip, recv_exact, recv_until_eof
+from support.waits import stop_bounded, wait_for
 
 
 def _new_connection_refused(addr):

@@ -6,8 +6,9 @@ import time
 
 
 from fastproxy import CloseReason
-from helpers import Listener, connect, recv_exact
-from hookutil import Recorder, read_all
+from support.hooks import Recorder
+from support.servers import Listener
+from support.sockets import connect, read_all, recv_exact
 
 D = 0.3
 

@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from helpers import MiB, Listener, connect, open_many, wait_for
+from support.servers import Listener
+from support.sockets import MiB, connect, open_many
+from support.waits import wait_for
 
 
 def _sender(sock, data, errors):

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from fastproxy import ConfigError, Proxy
-from helpers import assert_one_line_error, echo_roundtrip, run_cli
+from support.cli import assert_one_line_error, run_cli
+from support.sockets import echo_roundtrip
 
 USABLE = sorted(os.sched_getaffinity(0))
 
@@ -61,14 +62,14 @@ def test_cli_bad_worker_cpus_exits_2():
     assert_one_line_error(rc, out, err, "--worker-cpus", bad)
 
 
-def test_a_cpu_gone_at_start_is_named(make_proxy, echo_server, monkeypatch, caplog):
+def test_a_cpu_gone_at_start_is_named(make_proxy_any, echo_server, monkeypatch, caplog):
     # The CPU passed the configuration check, then could not be used when the
     # worker started (taken offline, or the process's mask shrank meanwhile).
     def refuse(pid, cpus):
         raise OSError(22, "Invalid argument")
 
     monkeypatch.setattr(os, "sched_setaffinity", refuse)
-    p = make_proxy(echo_server.addr, workers=1, worker_cpus=str(USABLE[0]), start=False)
+    p = make_proxy_any(echo_server.addr, workers=1, worker_cpus=str(USABLE[0]), start=False)
     with pytest.raises(RuntimeError, match="did not start"):
         p.start()
     assert f"worker 0 cannot run on CPU {USABLE[0]} (worker_cpus): Invalid argument" in caplog.text

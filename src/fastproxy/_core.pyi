@@ -1,4 +1,6 @@
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+from typing_extensions import disjoint_base
 
 ENGINES: Tuple[str, ...]
 BALANCE_ALGORITHMS: Tuple[str, ...]
@@ -7,8 +9,9 @@ VERDICTS: Dict[str, int]
 HOOK_BITS: Dict[str, int]
 EVT_KINDS: Dict[str, int]
 
-Sockaddrs = List[Tuple[int, tuple]]
+_Sockaddrs = List[Tuple[int, tuple]]
 
+@disjoint_base
 class Balancer:
     algorithm: str
     names: Tuple[str, ...]
@@ -22,22 +25,29 @@ class Balancer:
     def set_health(self, i: int, up: bool) -> bool: ...
     def state(self, i: int, now_ns: Optional[int] = ...) -> Dict[str, Any]: ...
 
+@disjoint_base
 class AccessList:
     allow: Tuple[Any, ...]
     deny: Tuple[Any, ...]
+    @property
+    def ranges(self) -> Tuple[int, int]: ...
     def __init__(self, allow: Sequence[Any] = ..., deny: Sequence[Any] = ...) -> None: ...
     def __len__(self) -> int: ...
     def admits(self, ip: str) -> bool: ...
 
+@disjoint_base
 class RateLimiter:
-    table_size: int
-    def __init__(self, count: int, period_seconds: float, table_size: int = ...) -> None: ...
+    count: int
+    period: float
+    rate_limit_table: int
+    def __init__(self, count: int, period_seconds: float, rate_limit_table: int = ...) -> None: ...
     def take(self, ip: str, now_ns: int) -> bool: ...
     def entries(self) -> int: ...
 
 def parse_proxy_header(data: bytes, max_v2: int = ...) -> Optional[Tuple[int, bool, Tuple[str, int], Tuple[str, int]]]: ...
 def build_proxy_header(version: int, src: Tuple[str, int], dst: Tuple[str, int]) -> bytes: ...
 
+@disjoint_base
 class Engine:
     engine: str
     @property
@@ -46,37 +56,14 @@ class Engine:
         self,
         listen_fd: int,
         balancer: Balancer,
-        upstreams: List[Tuple[str, Sockaddrs]],
+        upstreams: List[Tuple[str, _Sockaddrs]],
+        config: Any,
         *,
-        workers: int,
-        engine: str,
-        connect_timeout: float,
-        half_close_timeout: float,
-        idle_timeout: float = ...,
-        max_lifetime: float = ...,
-        retries: int = ...,
-        max_connections: int = ...,
-        max_per_ip: int = ...,
-        queue_on_limit: bool = ...,
-        queue_size: int = ...,
-        queue_timeout: float = ...,
         hooks: int = ...,
-        max_hold: int = ...,
-        acl: Optional[AccessList] = ...,
-        rate: Optional[RateLimiter] = ...,
-        reject_reset: bool = ...,
-        send_proxy: int = ...,
-        accept_proxy: bool = ...,
-        proxy_from: Optional[AccessList] = ...,
-        proxy_v2_max: int = ...,
-        header_timeout: float = ...,
+        pool_max: int = ...,
         pipe_size: int = ...,
         buf_size: int = ...,
         hook_read: int = ...,
-        pool_max: int = ...,
-        hook_threads: int = ...,
-        busy_poll: float = ...,
-        notsent_lowat: int = ...,
     ) -> None: ...
     def run_worker(self, i: int) -> None: ...
     def stop(self, drain: float) -> None: ...
@@ -85,10 +72,10 @@ class Engine:
     def accepting(self) -> int: ...
     def stats(self) -> Dict[str, Any]: ...
     def now_ns(self) -> int: ...
-    def next_event(self, slot: int, timeout_ms: int = ...) -> Union[None, bool, tuple]: ...
+    def next_event(self, slot: int, timeout_ms: int = ...) -> Union[None, Literal[False], tuple]: ...
     def bridge_client(self, bridge: int) -> Tuple[Tuple[str, int], int]: ...
     def answer_connect(self, worker: int, bridge: int, verdict: int, upstream: int = ...,
-                       route: Optional[Sockaddrs] = ...) -> None: ...
+                       route: Optional[_Sockaddrs] = ...) -> None: ...
     def answer_data(self, worker: int, bridge: int, direction: int, verdict: int,
                     data: Optional[bytes] = ..., *, keep: int = ..., tail: Optional[bytes] = ...,
                     hold: int = ..., then: int = ...) -> None: ...

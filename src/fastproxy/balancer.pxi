@@ -14,14 +14,10 @@ BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "random", "source", "first")
 cdef enum:
     RING_POINTS = 64       # source: ring points per unit of weight
 
-cdef uint64_t FNV_OFFSET = 0xcbf29ce484222325
-cdef uint64_t FNV_PRIME = 0x100000001b3
-cdef uint64_t MIX_1 = 0xff51afd7ed558ccd
-cdef uint64_t MIX_2 = 0xc4ceb9fe1a85ec53
 cdef uint64_t XORSHIFT_STAR = 0x2545f4914f6cdd1d
 
 
-# ---- small helpers: bitmaps, hashing, random numbers
+# ---- small helpers: bitmaps, random numbers (hashing is hashing.pxi's)
 
 cdef inline int balance_tried_bytes(int n) noexcept nogil:
     # Size of a `tried` bitmap for a group of n upstreams.
@@ -34,28 +30,6 @@ cdef inline bint bits_has(const uint8_t *bits, int i) noexcept nogil:
 
 cdef inline void bits_set(uint8_t *bits, int i) noexcept nogil:
     bits[i >> 3] |= <uint8_t>(1 << (i & 7))
-
-
-cdef inline uint64_t fnv1a(uint64_t h, const uint8_t *p, size_t n) noexcept nogil:
-    cdef size_t k
-    for k in range(n):
-        h = (h ^ p[k]) * FNV_PRIME
-    return h
-
-
-cdef inline uint64_t mix64(uint64_t h) noexcept nogil:
-    # murmur3's finaliser: FNV alone leaves neighbouring keys (127.0.0.1,
-    # 127.0.0.2) close together on the ring.
-    h ^= h >> 33
-    h *= MIX_1
-    h ^= h >> 33
-    h *= MIX_2
-    h ^= h >> 33
-    return h
-
-
-cdef inline uint32_t hash_bytes(uint64_t h, const uint8_t *p, size_t n) noexcept nogil:
-    return <uint32_t>(mix64(fnv1a(h, p, n)) >> 32)
 
 
 cdef inline uint64_t rng_next(BalanceCursor *c) noexcept nogil:

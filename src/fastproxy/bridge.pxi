@@ -95,19 +95,20 @@ cdef int flow_acquire(Worker *w, Bridge *b, Flow *f) noexcept nogil:
 
 cdef int flow_make_room(Worker *w, Flow *f) noexcept nogil:
     # Held data (on_data said WAIT) stays at the front of the buffer and the
-    # next read goes after it. Returns: 0, or -1 past max_hold.
+    # next read goes after it.
+    # Returns: 0, -EMSGSIZE (max_hold reached), or -ENOMEM.
     cdef char *grown
     cdef uint32_t cap
     if not f.held:
         return 0
     if f.len >= <uint32_t>w.sh.max_hold:
-        return -1
+        return -EMSGSIZE
     if f.len < f.cap:
         return 0
     cap = f.len + <uint32_t>w.sh.buf_size
     grown = <char *>realloc(f.buf, cap)
     if grown == NULL:
-        return -1
+        return -ENOMEM
     f.buf = grown
     f.cap = cap
     return 0
@@ -193,6 +194,8 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
             flow_release(w, f)   # turning to splice: give the buffer back
         if f.cap == 0 and flow_acquire(w, b, f) < 0:
             break
+        # Past max_hold and out of memory both end the bridge as HOOK_CLOSED:
+        # on_data cannot be given more, as when flow_lend cannot ask it.
         if flow_make_room(w, f) < 0:
             return FLOW_HOOK_FAILED
         if f.len >= f.cap:
@@ -400,7 +403,7 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
             if ev & EV_ERR:
                 err = fp_sock_error(b.ufd)
                 if err != 0:
-                    bridge_retry(w, b, -err, now)
+                    bridge_retry(w, b, err, now)
                     return
             if not bridge_connected(w, b):
                 return

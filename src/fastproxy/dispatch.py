@@ -6,6 +6,7 @@ until these threads answer.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import json
 import logging
@@ -132,6 +133,7 @@ class HookRunner:
 
     def _on_connect(self, worker: int, bridge: int, ident: int, client: Tuple[str, int], accepted_ns: int) -> None:
         fn = self.hooks.on_connect
+        assert fn is not None   # the engine asks only when on_connect is set
         conn = self._connection(ident, client, accepted_ns)
         if inspect.iscoroutinefunction(fn) and self.loop is not None:
             # Awaited on the embedder's loop; no hook thread waits for it.
@@ -256,7 +258,7 @@ class HookRunner:
         except Exception:
             self.errors.report("on_close")
 
-    def _async_close_done(self, future: "asyncio.Future[Any]") -> None:
+    def _async_close_done(self, future: "concurrent.futures.Future[Any]") -> None:
         try:
             future.result()
         except Exception:

@@ -148,7 +148,7 @@ class Hooks:
 def _callable(fn: object, field: str) -> Hook:
     if not callable(fn):
         raise ConfigError(field, fn, "must be callable")
-    return fn  # type: ignore[return-value]
+    return fn
 
 
 # ---- verdicts, as the data plane numbers them

@@ -216,7 +216,7 @@ class Proxy:
                 raise
             self._sock = sock
             self._engine = engine
-            self._address = tuple(sock.getsockname()[:2])  # type: ignore[assignment]
+            self._address = tuple(sock.getsockname()[:2])
             self._stopped.clear()
             try:
                 self._access_log, self._owns_access_log = open_access_log(cfg.hooks.access_log)

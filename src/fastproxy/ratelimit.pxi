@@ -2,7 +2,7 @@
 
 # ---- rate limits
 
-# mix64 (murmur3's finaliser) is balancer.pxi's: both spread similar keys apart.
+# mix64 (murmur3's finaliser) is hashing.pxi's: both spread similar keys apart.
 
 
 cdef inline uint32_t rate_chain(const RateTable *t, const uint8_t *key) noexcept nogil:

@@ -38,7 +38,7 @@ def resolve_upstream(addr: Address, field: str = "upstream") -> List[Tuple[int, 
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:
         raise ConfigError(field, format_address(host, port), f"does not resolve ({exc})") from None
-    seen = []
+    seen: List[Tuple[int, tuple]] = []
     for family, _, _, _, sockaddr in infos:
         if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in seen:
             seen.append((family, sockaddr))

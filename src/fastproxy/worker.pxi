@@ -19,77 +19,7 @@ cdef int64_t MAX_SLEEP_NS = 3600 * 1000000000LL
 cdef uint32_t EV_BRIDGE = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 
 
-# ---- timers: one list per duration, so appending keeps each list sorted
-
-cdef enum:
-    SLOT_PHASE = 0         # PROXY header, queue wait, connect
-    SLOT_HALF_CLOSE = 1
-    SLOT_IDLE = 2
-    SLOT_LIFETIME = 3
-
-cdef int SLOT_OF[7]        # T_LISTS
-SLOT_OF[T_NONE] = 0
-SLOT_OF[T_CONNECT] = SLOT_PHASE
-SLOT_OF[T_HALF_CLOSE] = SLOT_HALF_CLOSE
-SLOT_OF[T_IDLE] = SLOT_IDLE
-SLOT_OF[T_LIFETIME] = SLOT_LIFETIME
-SLOT_OF[T_QUEUE] = SLOT_PHASE
-SLOT_OF[T_HEADER] = SLOT_PHASE
-
-
-cdef inline void timer_del(Worker *w, Bridge *b, int slot) noexcept nogil:
-    cdef TimerLink *l = &b.tl[slot]
-    cdef int t = l.list
-    if t == T_NONE:
-        return
-    if l.prev != NULL:
-        l.prev.tl[slot].next = l.next
-    else:
-        w.thead[t] = l.next
-    if l.next != NULL:
-        l.next.tl[slot].prev = l.prev
-    else:
-        w.ttail[t] = l.prev
-    l.prev = NULL
-    l.next = NULL
-    l.list = T_NONE
-
-
-cdef inline void timer_del_all(Worker *w, Bridge *b) noexcept nogil:
-    cdef int slot
-    for slot in range(T_SLOTS):
-        timer_del(w, b, slot)
-
-
-cdef inline void timer_add(Worker *w, Bridge *b, int t, int64_t deadline) noexcept nogil:
-    # Lists of one duration are appended to (O(1)); an idle timer re-armed
-    # for its exact remaining time walks back from the tail to its place.
-    cdef int slot = SLOT_OF[t]
-    cdef TimerLink *l = &b.tl[slot]
-    cdef Bridge *after
-    timer_del(w, b, slot)   # first: b may be the tail it would link after
-    after = w.ttail[t]
-    while after != NULL and after.tl[slot].deadline_ns > deadline:
-        after = after.tl[slot].prev
-    l.list = <uint8_t>t
-    l.deadline_ns = deadline
-    l.prev = after
-    if after != NULL:
-        l.next = after.tl[slot].next
-        after.tl[slot].next = b
-    else:
-        l.next = w.thead[t]
-        w.thead[t] = b
-    if l.next != NULL:
-        l.next.tl[slot].prev = b
-    else:
-        w.ttail[t] = b
-
-
-cdef inline bint timer_due(Worker *w, int t, int64_t now) noexcept nogil:
-    cdef Bridge *b = w.thead[t]
-    return b != NULL and b.tl[SLOT_OF[t]].deadline_ns <= now
-
+# ---- timers that came due (the lists are timers.pxi's)
 
 cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
     while timer_due(w, T_CONNECT, now):

@@ -203,13 +203,13 @@ static inline int fp_poll(struct pollfd *fds, nfds_t n, int ms)
     return r;
 }
 
-/* Returns: the pending socket error (0 = none). */
+/* Returns: 0 (no pending error), or the pending socket error as -errno. */
 static inline int fp_sock_error(int fd)
 {
     int err = 0;
     socklen_t len = sizeof err;
-    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return errno;
-    return err;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return -errno;
+    return -err;
 }
 
 /* Linux copies TCP_NODELAY from a listening socket to the sockets it
@@ -298,12 +298,12 @@ static inline void fp_deadline_ms(struct timespec *ts, int ms)
 }
 
 /* Waits on `c` for at most `ms` milliseconds (spurious wake-ups included).
- * Returns: 0, or ETIMEDOUT. */
+ * Returns: 0, or -ETIMEDOUT. */
 static inline int fp_cond_wait_ms(pthread_cond_t *c, pthread_mutex_t *m, int ms)
 {
     struct timespec ts;
     fp_deadline_ms(&ts, ms);
-    return pthread_cond_timedwait(c, m, &ts);
+    return -pthread_cond_timedwait(c, m, &ts);
 }
 
 /* A counting semaphore that wakes hook threads. A condition variable would

@@ -32,7 +32,7 @@ cdef extern from "compat.h" nogil:
     int AF_INET, AF_INET6
     int SHUT_WR
     int EAGAIN, EINTR, EINPROGRESS, EMFILE, ENFILE, ENOBUFS, ENOMEM
-    int ECONNRESET, EPIPE, ENOSYS, EINVAL, ECONNREFUSED, ETIMEDOUT
+    int ECONNRESET, EPIPE, ENOSYS, EINVAL, ECONNREFUSED, ETIMEDOUT, EMSGSIZE
 
     ctypedef union epoll_data_t:
         void *ptr

@@ -1,0 +1,10 @@
+"""Helpers for the fastproxy tests, one module per job:
+
+sockets  client sockets: addresses, connecting, bounded reads
+servers  Listener, EchoServer, TagServer (an upstream that names itself)
+procfs   /proc readers (CPU time, fds, limits, TCP sockets)
+cli      the CLI in a subprocess, and its one-line errors
+waits    bounded waits (conditions, proxy stats, Proxy.stop())
+hooks    Recorder, an on_close collector
+balance  which upstream clients reach, health checks, per-upstream stats
+"""

@@ -1,0 +1,236 @@
+"""Client-side socket helpers: addresses, connecting, reading with bounds.
+
+Everything here is bounded in time: sockets carry timeouts, reads take limits.
+A socket that fails to connect is closed here, not left to the collector.
+"""
+import errno
+import os
+import select
+import selectors
+import socket
+import struct
+import time
+
+MiB = 1024 * 1024
+
+
+def fmt_addr(host, port):
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def parse_addr(text):
+    """'127.0.0.1:80' / '[::1]:80' / ':80' -> (host, port)."""
+    host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def ipv6_available():
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def family_of(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def connect(addr, timeout=5.0):
+    host, port = addr[0], addr[1]
+    s = socket.socket(family_of(host), socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def connect_from(addr, src_host, timeout=5.0):
+    """Connect to addr from a chosen loopback source address (bind before connect)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.bind((src_host, 0))
+        s.connect(addr)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def recv_exact(sock, n):
+    chunks, got = [], 0
+    while got < n:
+        data = sock.recv(min(n - got, 1 << 20))
+        if not data:
+            raise EOFError("EOF after %d of %d bytes" % (got, n))
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
+def recv_until_eof(sock, limit=256 * MiB):
+    chunks, got = [], 0
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+        got += len(data)
+        if got > limit:
+            raise AssertionError("more than %d bytes before EOF" % limit)
+
+
+def read_line(sock, limit=64):
+    buf = b""
+    while not buf.endswith(b"\n"):
+        data = sock.recv(1)
+        if not data:
+            raise EOFError("EOF after %r" % buf)
+        buf += data
+        if len(buf) > limit:
+            raise AssertionError("no line: %r" % buf)
+    return buf[:-1].decode()
+
+
+def read_all(sock, timeout=5.0):
+    """Read until EOF or reset (bounded): (data, 'eof' | 'reset' | None for still open)."""
+    deadline = time.monotonic() + timeout
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b"".join(chunks), None
+        sock.settimeout(left)
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            return b"".join(chunks), None
+        except (ConnectionResetError, ConnectionAbortedError):
+            return b"".join(chunks), "reset"
+        if not data:
+            return b"".join(chunks), "eof"
+        chunks.append(data)
+
+
+def closed_by_peer(sock, timeout):
+    """Wait up to timeout for the peer to close: returns 'eof', 'reset' or None (still open).
+    Data that arrives meanwhile is discarded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        sock.settimeout(left)
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            return None
+        except (ConnectionResetError, ConnectionAbortedError):
+            return "reset"
+        if not data:
+            return "eof"
+
+
+def readable(sock):
+    """True when the socket has data or EOF (or an error) waiting; consumes nothing."""
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def set_linger0(sock):
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def reserve_refusing_port(host="127.0.0.1", port=0):
+    """A socket bound to a port but not listening: connects to it are refused, and
+    nobody else can take the port while the socket lives."""
+    s = socket.socket(family_of(host), socket.SOCK_STREAM)
+    try:
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def blackhole_listener():
+    """A listener with backlog 0 that never accepts, its queue filled first, so the
+    kernel drops further SYNs: a connect to it neither succeeds nor is refused."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    addr = lst.getsockname()
+    fillers = []
+    sel = selectors.DefaultSelector()
+    try:
+        for _ in range(16):
+            s = socket.socket()
+            s.setblocking(False)
+            err = s.connect_ex(addr)
+            fillers.append(s)
+            if err == 0:
+                continue
+            assert err in (errno.EINPROGRESS, errno.EAGAIN), err
+            sel.register(s, selectors.EVENT_WRITE)
+            ready = sel.select(0.3)
+            sel.unregister(s)
+            if not ready:
+                return lst, fillers  # this SYN was dropped: the queue is full
+        raise AssertionError("could not fill the listen queue")
+    finally:
+        sel.close()
+
+
+def open_many(addr, n, timeout=10.0):
+    """Open n TCP connections to addr concurrently (non-blocking connects).
+    Returns the list of connected sockets (blocking, with a 5 s timeout)."""
+    host, port = addr
+    sel = selectors.DefaultSelector()
+    pending, done = {}, []
+    try:
+        for _ in range(n):
+            s = socket.socket(family_of(host), socket.SOCK_STREAM)
+            s.setblocking(False)
+            err = s.connect_ex((host, port))
+            if err in (0, errno.EISCONN):
+                done.append(s)
+            elif err in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+                pending[s.fileno()] = s
+                sel.register(s, selectors.EVENT_WRITE)
+            else:
+                s.close()
+                raise OSError(err, os.strerror(err))
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.1):
+                s = pending.pop(key.fd)
+                sel.unregister(s)
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    s.close()
+                else:
+                    done.append(s)
+        for s in pending.values():
+            s.close()
+    finally:
+        sel.close()
+    for s in done:
+        s.setblocking(True)
+        s.settimeout(5.0)
+    return done
+
+
+def echo_roundtrip(addr, payload, timeout=5.0):
+    """Connect, send payload, half-close, read the echo until EOF."""
+    with connect(addr, timeout) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        return recv_until_eof(s)
