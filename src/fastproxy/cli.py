@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest v2 PROXY header payload accepted, in bytes (default 1024)")
     p.add_argument("--hooks", metavar="SPEC",
                    help="Python hooks: FILE.py[:OBJECT] or MODULE[:OBJECT] defining on_connect/on_data/on_close")
+    p.add_argument("--hook-timeout", metavar="D",
+                   help="close a bridge whose hook call is not answered within D (HOOK_TIMEOUT; default: never)")
     p.add_argument("--access-log", metavar="FILE|-", help="one JSON line per closed bridge (- = stdout)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--version", action="version", version=f"fastproxy {__version__}")
@@ -160,6 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             proxy_header_timeout=args.proxy_header_timeout,
             proxy_header_max=args.proxy_header_max,
             access_log=args.access_log,
+            hook_timeout=args.hook_timeout,
         )
         for name in ("on_connect", "on_data", "on_close"):
             fn = getattr(hooks, name, None)

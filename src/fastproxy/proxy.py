@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core
 from .access import build_access
-from .config import Config, ConfigError, Duration, default_notsent_lowat, format_address, parse_size
+from .config import Config, ConfigError, Duration, default_notsent_lowat, format_address, parse_duration, parse_size
 from .dispatch import HookRunner, open_access_log
 from .hooks import Direction, Hook, Hooks
 from .sockets import listen_socket, raise_fd_limit, resolve_upstream
@@ -113,6 +113,7 @@ class Proxy:
         on_data: Optional[Hook] = None,
         on_close: Optional[Hook] = None,
         hook_threads: int = 16,
+        hook_timeout: Optional[Duration] = None,
         access_log: Optional[str] = None,
         max_hold: Union[int, str] = 1 << 20,
     ) -> None:
@@ -164,12 +165,15 @@ class Proxy:
         self._hooks = Hooks()
         self._runner: Optional[HookRunner] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._serve_waiter: Optional[Tuple[asyncio.AbstractEventLoop, asyncio.Event]] = None
         self._access_log_target = access_log
         self._access_log = None
         self._owns_access_log = False
         if isinstance(hook_threads, bool) or not isinstance(hook_threads, int) or hook_threads < 1:
             raise ConfigError("hook_threads", hook_threads, "must be a whole number >= 1")
         self._hook_threads = hook_threads
+        # None or 0: a hook call may take as long as it likes.
+        self._hook_timeout = 0.0 if hook_timeout is None else parse_duration(hook_timeout, "hook_timeout")
         self._max_hold = parse_size(max_hold, "max_hold", low=1)
         if on_connect is not None:
             self.on_connect(on_connect)
@@ -241,6 +245,7 @@ class Proxy:
                     hooks=self._hooks.flags(self._access_log_target is not None),
                     max_hold=self._max_hold,
                     hook_threads=self._hook_threads,
+                    hook_timeout=self._hook_timeout,
                     busy_poll=cfg.busy_poll,
                     notsent_lowat=(default_notsent_lowat(engine_name) if cfg.notsent_lowat is None
                                    else cfg.notsent_lowat),
@@ -266,7 +271,8 @@ class Proxy:
                 engine.close()
                 raise ConfigError("access_log", self._access_log_target, exc.strerror or str(exc)) from None
             self._runner = HookRunner(engine, self._hooks, cfg.upstream_names, self._address,
-                                      self._hook_threads, self._access_log, self._loop, self._max_hold)
+                                      self._hook_threads, self._access_log, self._loop, self._max_hold,
+                                      self._hook_timeout)
             self._runner.start()
             self._watchers = Watchers(cfg, self.access, engine, balancer, self._health_check)
             self._watchers.start()
@@ -340,41 +346,77 @@ class Proxy:
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, let live bridges finish for up to the drain
         timeout (`timeout` seconds if given), close the rest, and return
-        once every bridge is closed. Safe to call more than once."""
+        once every bridge is closed. Safe to call more than once.
+
+        From inside a hook (a hook thread, the close-record thread, or the
+        event loop that runs async hooks) the stop runs on a new thread and
+        this returns at once: the hook must return for its bridge to drain,
+        and the stop waits for the threads the hook runs on. serve_forever()
+        (and serve()) return once that stop completed."""
+        if self._in_hook():
+            threading.Thread(target=self.stop, args=(timeout,), name="fastproxy-stop").start()
+            return
         with self._lock:
             engine = self._engine
             if engine is None:
                 return
-            drain = self.config.drain_timeout if timeout is None else max(0.0, float(timeout))
-            engine.stop(drain)
-            # Close the listening socket as soon as no worker polls it:
-            # new clients are refused at once instead of waiting in its
-            # backlog for a proxy that will never serve them.
-            deadline = time.monotonic() + 5.0
-            while engine.accepting() and time.monotonic() < deadline:
-                time.sleep(0.001)
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
-            for t in self._threads:
-                t.join()
-            if self._watchers is not None:
-                self._watchers.stop()
-                self._watchers = None
-            hooks_done = self._runner is None or self._runner.stop()
-            self._final_stats = self._stats(engine)
-            if self._owns_access_log and self._access_log is not None:
-                self._access_log.close()
-            if hooks_done:
-                engine.close()
-            else:
-                # A hook still runs and may answer: the engine is freed when
-                # the last reference to it (that hook thread's) goes.
-                log.warning("a hook is still running; its bridge was closed")
-            self._engine = None
-            self._threads = []
-            self._stopped.set()
+            try:
+                self._stop_engine(engine, timeout)
+            finally:
+                self._engine = None
+                self._threads = []
+                self._stopped.set()
+                self._wake_serve()
         log.info("stopped")
+
+    def _in_hook(self) -> bool:
+        runner = self._runner
+        if runner is not None and runner.owns_current_thread():
+            return True
+        if self._loop is None:
+            return False
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _stop_engine(self, engine: "_core.Engine", timeout: Optional[float]) -> None:
+        drain = self.config.drain_timeout if timeout is None else max(0.0, float(timeout))
+        engine.stop(drain)
+        # Close the listening socket as soon as no worker polls it:
+        # new clients are refused at once instead of waiting in its
+        # backlog for a proxy that will never serve them.
+        deadline = time.monotonic() + 5.0
+        while engine.accepting() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        for t in self._threads:
+            t.join()
+        if self._watchers is not None:
+            self._watchers.stop()
+            self._watchers = None
+        hooks_done = self._runner is None or self._runner.stop()
+        self._final_stats = self._stats(engine)
+        if self._owns_access_log and self._access_log is not None:
+            self._access_log.close()
+        if hooks_done:
+            engine.close()
+        else:
+            # A hook still runs and may answer: the engine is freed when
+            # the last reference to it (that hook thread's) goes.
+            log.warning("a hook is still running; its bridge was closed")
+
+    def _wake_serve(self) -> None:
+        # serve() waits on its loop: tell it the stop is done.
+        waiter, self._serve_waiter = self._serve_waiter, None
+        if waiter is not None:
+            loop, event = waiter
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass   # the loop is closed: nobody waits
 
     def serve_forever(self) -> None:
         """start(), then wait until stop() or, from the main thread, SIGINT
@@ -422,12 +464,14 @@ class Proxy:
         self.stop()
 
     async def serve(self) -> None:
-        """Run under asyncio until cancelled, then drain and stop. Coroutine
+        """Run under asyncio until cancelled or stopped, then drain and stop. Coroutine
         on_connect / on_close hooks are awaited on this loop."""
         self._loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        self._serve_waiter = (self._loop, stopped)
         self.start()
         try:
-            await asyncio.Event().wait()
+            await stopped.wait()   # set by a stop() (from a hook, say)
         finally:
             # stop() blocks while bridges drain, and async hooks may need
             # this loop meanwhile: run it on a thread and keep the loop free.

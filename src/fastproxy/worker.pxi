@@ -26,8 +26,9 @@ cdef enum:
     SLOT_HALF_CLOSE = 1
     SLOT_IDLE = 2
     SLOT_LIFETIME = 3
+    SLOT_HOOK = 4
 
-cdef int SLOT_OF[7]        # T_LISTS
+cdef int SLOT_OF[8]        # T_LISTS
 SLOT_OF[T_NONE] = 0
 SLOT_OF[T_CONNECT] = SLOT_PHASE
 SLOT_OF[T_HALF_CLOSE] = SLOT_HALF_CLOSE
@@ -35,6 +36,7 @@ SLOT_OF[T_IDLE] = SLOT_IDLE
 SLOT_OF[T_LIFETIME] = SLOT_LIFETIME
 SLOT_OF[T_QUEUE] = SLOT_PHASE
 SLOT_OF[T_HEADER] = SLOT_PHASE
+SLOT_OF[T_HOOK] = SLOT_HOOK
 
 
 cdef inline void timer_del(Worker *w, Bridge *b, int slot) noexcept nogil:
@@ -105,6 +107,8 @@ cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
     while timer_due(w, T_HEADER, now):
         fp_bump(&w.ctr.proxy_header_errors, 1)
         bridge_close(w, w.thead[T_HEADER], TIMEOUT, 0, 0)
+    while timer_due(w, T_HOOK, now):
+        hook_expire(w, w.thead[T_HOOK], now)
 
 
 cdef void idle_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
@@ -186,6 +190,7 @@ cdef void grave_free(Worker *w) noexcept nogil:
     while w.grave != NULL:
         b = w.grave
         w.grave = b.grave_next
+        calls_remove(w, b)
         bridge_free(b)
 
 
