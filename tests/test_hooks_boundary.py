@@ -15,8 +15,9 @@ from fastproxy import CloseReason, Proxy
 from fastproxy import _core
 from fastproxy.dispatch import HookRunner
 from fastproxy.hooks import V_CLOSE, V_ERROR, V_REFUSE, V_REPLACE
-from helpers import MiB, connect, echo_roundtrip, recv_exact, recv_until_eof, stop_bounded, wait_for
-from hookutil import Recorder, read_all, wait_stat
+from helpers import (MiB, assert_one_line_error, connect, echo_roundtrip, recv_exact, recv_until_eof, run_cli,
+                     stop_bounded, wait_for)
+from hookutil import Recorder, connect_from, read_all, wait_stat
 
 BLOCK_S = 10.0        # a blocked hook waits at most this long; tests release it sooner
 CLOSE_BOUND_S = 3.0   # a bridge past hook_timeout=0.3 is closed well within this
@@ -393,3 +394,33 @@ def test_hook_timeout_is_checked(engine, echo_server):
             Proxy("127.0.0.1:0", upstream=echo_server.addr, engine=engine, hook_timeout=bad)
     Proxy("127.0.0.1:0", upstream=echo_server.addr, engine=engine, hook_timeout=0)
     Proxy("127.0.0.1:0", upstream=echo_server.addr, engine=engine, hook_timeout="500ms")
+
+
+SLOW_CONNECT = '''
+import time
+
+def on_connect(conn):
+    if conn.client_address[0] == "127.0.0.2":
+        time.sleep(30)
+
+def on_close(conn, record):
+    print("closed %s" % record.reason.name, flush=True)
+'''
+
+
+def test_cli_hook_timeout(cli_proxy, echo_server, tmp_path):
+    hooks_file = tmp_path / "slow_hooks.py"
+    hooks_file.write_text(SLOW_CONNECT)
+    proxy = cli_proxy("--listen", "127.0.0.1:0", "--upstream", echo_server.addr,
+                      "--hooks", str(hooks_file), "--hook-timeout", "300ms")
+    with connect_from(proxy.address, "127.0.0.2") as c:
+        data, how = read_all(c, timeout=CLOSE_BOUND_S)
+        assert how is not None and data == b"", "not closed past --hook-timeout"
+    assert proxy.stdout.wait_line(r"^closed HOOK_TIMEOUT$", 3), proxy.stdout.text()
+    assert echo_roundtrip(proxy.address, b"next") == b"next"
+
+
+def test_cli_bad_hook_timeout_one_line_exit_2(engine):
+    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
+                            "--engine", engine, "--hook-timeout", "soon"], timeout=15)
+    assert_one_line_error(rc, out, err, "--hook-timeout")
