@@ -160,6 +160,8 @@ cdef class Engine:
             raise ValueError(f"engine {engine!r} is not available here")
         if not upstreams or workers < 1 or len(upstreams) != len(balancer.names):
             raise ValueError("an engine needs workers, and upstreams matching its balancer")
+        if workers > 0xFFFF:
+            raise ValueError("a hook call's handle names its worker in 16 bits")
         # The group lives in the Balancer: holding it keeps it alive as long
         # as the workers that read it.
         self._balancer = balancer
