@@ -229,6 +229,8 @@ cdef int calls_add(Worker *w, Bridge *b) noexcept nogil:
 
 
 cdef Bridge *calls_find(Worker *w, uint64_t id) noexcept nogil:
+    # Returns: the bridge with that id that made a call and is not freed
+    # yet, or NULL.
     cdef Bridge *b
     if w.cap_calls == 0:
         return NULL
