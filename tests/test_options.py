@@ -13,7 +13,8 @@ import pytest
 from fastproxy import ConfigError, Proxy
 from fastproxy.cli import build_parser
 from fastproxy.config import SECTION_TYPES, Config
-from fastproxy.options import COMMAND_FLAGS, OPTIONS, SECTIONS, option, reference_markdown
+from fastproxy.options import COMMAND_FLAGS, OPTIONS, SECTIONS, option
+from fastproxy.reference import reference_markdown
 from support.cli import CliProxy, assert_one_line_error, run_cli
 from support.servers import EchoServer
 
@@ -75,7 +76,7 @@ def test_cli_defaults_come_from_the_table():
 def test_reference_page_is_generated_from_the_table():
     with open(REFERENCE, encoding="utf-8") as f:
         page = f.read()
-    assert page == reference_markdown(), "docs/reference.md is stale: python -m fastproxy.options > docs/reference.md"
+    assert page == reference_markdown(), "docs/reference.md is stale: python -m fastproxy.reference > docs/reference.md"
     for o in OPTIONS:
         row = [line for line in page.splitlines() if line.startswith(f"| `{o.name}` |")]
         assert len(row) == 1, o.name
@@ -133,6 +134,7 @@ SAMPLES = {
     "proxy_header_max": ("512", 512),
     "hooks": None,        # loads code: covered by tests/test_hooks_cli.py and below
     "hook_threads": ("3", 3),
+    "hook_timeout": ("2s", 2),
     "max_hold": ("256k", 262144),
     "access_log": ("-", "-"),
     "workers": ("2", 2),

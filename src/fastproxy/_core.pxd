@@ -12,9 +12,10 @@ cdef enum:
     ENGINE_EPOLL = 0
     ENGINE_POLL = 1
 
-# Why a bridge ended; the values are hooks.CloseReason's.
-cdef enum:
-    CLOSE_NONE = 0
+# Why a bridge ended. Cython exposes the named enums below to Python as
+# IntEnum classes (_core.CloseReason is fastproxy.CloseReason): the one
+# definition of these numbers.
+cpdef enum CloseReason:
     CLIENT_CLOSED = 1
     UPSTREAM_CLOSED = 2
     CLIENT_RESET = 3
@@ -25,6 +26,10 @@ cdef enum:
     HOOK_CLOSED = 8
     HOOK_ERROR = 9
     SHUTDOWN = 10
+    HOOK_TIMEOUT = 11     # a hook call was not answered within hook_timeout
+
+cdef enum:
+    CLOSE_NONE = 0        # not a reason a bridge ends with: not in CloseReason
 
 # Bridge states, in the order a bridge goes through them.
 cdef enum:
@@ -45,18 +50,19 @@ cdef enum:
     T_LIFETIME = 4
     T_QUEUE = 5
     T_HEADER = 6
-    T_LISTS = 7
-    T_SLOTS = 4
+    T_HOOK = 7            # the earliest unanswered hook call's deadline
+    T_LISTS = 8
+    T_SLOTS = 5
 
 # Which hooks the control plane registered (Shared.hooks bits).
-cdef enum:
+cpdef enum HookBit:
     HOOK_CONNECT = 1
     HOOK_DATA_UP = 2
     HOOK_DATA_DOWN = 4
     HOOK_RECORDS = 8      # on_close or the access log
 
 # Hook answers.
-cdef enum:
+cpdef enum Verdict:
     V_PROCEED = 0
     V_REFUSE = 1
     V_ERROR = 2
@@ -75,10 +81,20 @@ cdef enum:
     REJECT_CLOSE = 0      # FIN
     REJECT_RESET = 1      # RST
 
-cdef enum:
+cpdef enum EventKind:
     EVT_CONNECT = 0
     EVT_DATA = 1
-    EVT_RETRY = 2         # a slot was freed: a queued bridge tries again
+
+cdef enum:
+    EVT_RETRY = 2         # worker to worker: a slot was freed, a queued bridge tries again
+
+# The calls a bridge can have out at once, one of each: on_connect, then
+# on_data per direction. Bridge.calls is indexed by these.
+cdef enum:
+    CALL_CONNECT = 0
+    CALL_UP = 1
+    CALL_DOWN = 2
+    CALLS = 3
 
 
 cdef struct Bridge
@@ -113,6 +129,15 @@ cdef struct Flow:
     uint64_t bytes
 
 
+# A hook call a bridge has out. (Bridge.id, seq) names it for its answer:
+# ids are never reused and seq grows per call, so an answer whose pair does
+# not match a call out is stale (or forged) and is ignored.
+cdef struct HookCall:
+    uint32_t seq         # 0: no call out
+    uint8_t expired      # past hook_timeout: its answer is stale, but frees the bridge
+    int64_t due_ns
+
+
 cdef struct UpstreamAddr:
     sockaddr_storage sa
     socklen_t salen
@@ -140,6 +165,10 @@ cdef struct Bridge:
     uint16_t dst_port
     uint8_t dst_ip[16]
     int hook_pending     # answers not received yet: keeps the bridge allocated
+    uint32_t call_seq    # the last call's seq
+    HookCall calls[3]    # CALLS
+    uint8_t in_calls     # in Worker.calls (from its first call until it is freed)
+    Bridge *cnext        # Worker.calls hash chain
     int worker
     uint8_t admitted     # holds a slot of the global limit (and counts in `active`)
     uint8_t ip_counted   # counted in the per-IP table
@@ -156,7 +185,7 @@ cdef struct Bridge:
     int nroute
     int slot             # index in Worker.bridges
     int64_t accepted_ns
-    TimerLink tl[4]      # T_SLOTS
+    TimerLink tl[5]      # T_SLOTS
     int64_t last_active_ns
     Bridge *grave_next
     Flow up              # client -> upstream
@@ -183,6 +212,8 @@ cdef struct Gauges:
     int64_t active
     int64_t peak_active
     int64_t dropped_records
+    int64_t hook_timeouts
+    int64_t stale_answers
 
 
 # Where an upstream is; its slots and health are in Shared.group.
@@ -215,20 +246,30 @@ cdef struct IpTable:
     int free_head
 
 
-# A hook call handed from a worker to the hook threads.
+# A hook call handed from a worker to the hook threads: all they need, so
+# that they never read a Bridge.
 cdef struct HookEvent:
     uint8_t kind
-    uint8_t dir
+    uint8_t call         # CALL_*
     int worker
-    Bridge *bridge
-    char *buf
+    uint64_t id
+    uint32_t seq
+    char *buf            # the lent buffer: valid until the call is answered
     uint32_t len
     uint32_t held        # buf[0:held] was held by WAIT: joined to the first chunk
+    uint8_t client_v4
+    uint16_t client_port
+    uint8_t client_ip[16]
+    int64_t accepted_ns
 
 
-# A hook's answer, handed back to the bridge's worker.
+# A hook's answer, handed back to the bridge's worker, which looks the call
+# up by (id, seq). Only EVT_RETRY, made by workers, carries a Bridge.
 cdef struct HookResult:
-    Bridge *bridge
+    Bridge *bridge        # EVT_RETRY only
+    uint64_t id
+    uint32_t seq
+    uint8_t call          # CALL_*
     uint8_t kind
     uint8_t dir
     uint8_t verdict
@@ -332,6 +373,7 @@ cdef struct Shared:
     AclTable *accept_proxy_from      # who may send a PROXY header; NULL: anyone
     int proxy_header_max
     int64_t proxy_header_timeout_ns
+    int64_t hook_timeout_ns   # 0: hook calls have no deadline
     Worker *workers
     Gauges gauges
     int64_t next_id
@@ -360,14 +402,17 @@ cdef struct Worker:
     int64_t last_event_ns  # busy polling: when the loop last had events
     int64_t drain_deadline_ns
     BalanceCursor cursor
-    Bridge *thead[7]      # T_LISTS: timer lists, ordered by deadline
-    Bridge *ttail[7]
+    Bridge *thead[8]      # T_LISTS: timer lists, ordered by deadline
+    Bridge *ttail[8]
     uint8_t *scratch      # PROXY headers are peeked into it
     Bridge **bridges
     int nbridges
     int cap_bridges
     Bridge *grave         # closed: freed after the event batch
     Bridge *limbo         # closed, a hook still has them: freed on its answer
+    Bridge **calls        # bridges that made a hook call, hashed by id (chained on cnext)
+    int ncalls
+    int cap_calls         # a power of two, or 0
     int *pipe_pool        # idle pipes: read end, write end, capacity
     int npipes
     char **buf_pool
@@ -393,4 +438,4 @@ cdef class Engine:
     cdef object _access     # keeps the tables the workers read alive
     cdef int _init_worker(self, Worker *w, int i) except -1
     cdef void _free(self) noexcept
-    cdef int _answer(self, int worker, HookResult *res) except -1
+    cdef int _answer(self, object handle, HookResult *res) except -1

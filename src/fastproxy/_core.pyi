@@ -1,13 +1,44 @@
+import enum
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 from typing_extensions import disjoint_base
 
 ENGINES: Tuple[str, ...]
 BALANCE_ALGORITHMS: Tuple[str, ...]
-CLOSE_REASONS: Dict[str, int]
-VERDICTS: Dict[str, int]
-HOOK_BITS: Dict[str, int]
-EVT_KINDS: Dict[str, int]
+
+# cpdef enums of _core.pxd: the one definition of these numbers.
+class CloseReason(enum.IntEnum):
+    CLIENT_CLOSED = 1
+    UPSTREAM_CLOSED = 2
+    CLIENT_RESET = 3
+    UPSTREAM_RESET = 4
+    CONNECT_FAILED = 5
+    REFUSED = 6
+    TIMEOUT = 7
+    HOOK_CLOSED = 8
+    HOOK_ERROR = 9
+    SHUTDOWN = 10
+    HOOK_TIMEOUT = 11
+
+class HookBit(enum.IntEnum):
+    HOOK_CONNECT = 1
+    HOOK_DATA_UP = 2
+    HOOK_DATA_DOWN = 4
+    HOOK_RECORDS = 8
+
+class Verdict(enum.IntEnum):
+    V_PROCEED = 0
+    V_REFUSE = 1
+    V_ERROR = 2
+    V_ROUTE = 3
+    V_PASS = 4
+    V_REPLACE = 5
+    V_WAIT = 6
+    V_CLOSE = 7
+
+class EventKind(enum.IntEnum):
+    EVT_CONNECT = 0
+    EVT_DATA = 1
 
 _Sockaddrs = List[Tuple[int, tuple]]
 
@@ -72,13 +103,15 @@ class Engine:
     def accepting(self) -> int: ...
     def stats(self) -> Dict[str, Any]: ...
     def now_ns(self) -> int: ...
+    @property
+    def hook_slots(self) -> int: ...
+    # (EVT_CONNECT, handle, id, client, accepted_ns) or
+    # (EVT_DATA, handle, id, direction, chunks, client, accepted_ns)
     def next_event(self, slot: int, timeout_ms: int = ...) -> Union[None, Literal[False], tuple]: ...
-    def bridge_client(self, bridge: int) -> Tuple[Tuple[str, int], int]: ...
-    def answer_connect(self, worker: int, bridge: int, verdict: int, upstream: int = ...,
+    def answer_connect(self, handle: int, verdict: int, upstream: int = ...,
                        route: Optional[_Sockaddrs] = ...) -> None: ...
-    def answer_data(self, worker: int, bridge: int, direction: int, verdict: int,
-                    data: Optional[bytes] = ..., *, keep: int = ..., tail: Optional[bytes] = ...,
-                    hold: int = ..., then: int = ...) -> None: ...
+    def answer_data(self, handle: int, verdict: int, data: Optional[bytes] = ..., *, keep: int = ...,
+                    tail: Optional[bytes] = ..., hold: int = ..., then: int = ...) -> None: ...
     def next_records(self, max_records: int = ..., timeout_ms: int = ...) -> Optional[List[tuple]]: ...
     def close_hooks(self) -> None: ...
     def close(self) -> None: ...

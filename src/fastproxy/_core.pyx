@@ -29,20 +29,8 @@ include "bridge.pxi"
 include "connect.pxi"
 
 ENGINES = ("epoll", "poll") if FP_HAVE_EPOLL else ("poll",)
-# The data plane's numbers, for the control plane to name.
-CLOSE_REASONS = {
-    "CLIENT_CLOSED": CLIENT_CLOSED, "UPSTREAM_CLOSED": UPSTREAM_CLOSED,
-    "CLIENT_RESET": CLIENT_RESET, "UPSTREAM_RESET": UPSTREAM_RESET,
-    "CONNECT_FAILED": CONNECT_FAILED, "REFUSED": REFUSED, "TIMEOUT": TIMEOUT,
-    "HOOK_CLOSED": HOOK_CLOSED, "HOOK_ERROR": HOOK_ERROR, "SHUTDOWN": SHUTDOWN,
-}
-VERDICTS = {
-    "PROCEED": V_PROCEED, "REFUSE": V_REFUSE, "ERROR": V_ERROR, "ROUTE": V_ROUTE,
-    "PASS": V_PASS, "REPLACE": V_REPLACE, "WAIT": V_WAIT, "CLOSE": V_CLOSE,
-}
-HOOK_BITS = {"CONNECT": HOOK_CONNECT, "DATA_UP": HOOK_DATA_UP,
-             "DATA_DOWN": HOOK_DATA_DOWN, "RECORDS": HOOK_RECORDS}
-EVT_KINDS = {"CONNECT": EVT_CONNECT, "DATA": EVT_DATA}
+# CloseReason, Verdict, HookBit and EventKind (cpdef enums in _core.pxd)
+# are the control plane's names for the data plane's numbers.
 
 cdef int64_t NS = 1000000000
 # Longer durations mean "never"; clamping keeps deadlines far from overflow.
@@ -122,6 +110,8 @@ cdef class Engine:
             raise ValueError(f"engine {engine!r} is not available here")
         if not upstreams or workers < 1 or len(upstreams) != len(balancer.names):
             raise ValueError("an engine needs workers, and upstreams matching its balancer")
+        if workers > 0xFFFF:
+            raise ValueError("a hook call's handle names its worker in 16 bits")
         # The group lives in the Balancer: holding it keeps it alive as long
         # as the workers that read it.
         self._balancer = balancer
@@ -175,7 +165,13 @@ cdef class Engine:
         self.sh.hook_pool_max = max(1, pool_max * self.sh.buf_size // self.sh.hook_read)
         self.sh.hooks = hooks
         self.sh.max_hold = config.hooks.max_hold
-        if queue_init(&self.sh, config.hooks.hook_threads) < 0:
+        self.sh.hook_timeout_ns = seconds_to_ns(config.hooks.hook_timeout or 0)
+        hook_threads = config.hooks.hook_threads
+        # With a deadline, each hook thread may be written off and replaced
+        # once at a time: twice the slots.
+        if self.sh.hook_timeout_ns and hook_threads > 0:
+            hook_threads *= 2
+        if queue_init(&self.sh, hook_threads) < 0:
             queue_destroy(&self.sh)
             raise MemoryError()
         self.queues_ready = 1
@@ -295,6 +291,8 @@ cdef class Engine:
         result["peak_active"] = fp_atomic_get(&self.sh.gauges.peak_active)
         result["queued"] = fp_atomic_get(&self.sh.wait.count)
         result["dropped_records"] = fp_atomic_get(&self.sh.gauges.dropped_records)
+        result["hook_timeouts"] = fp_atomic_get(&self.sh.gauges.hook_timeouts)
+        result["stale_answers"] = fp_atomic_get(&self.sh.gauges.stale_answers)
         ups = {}
         for j in range(self.sh.nupstreams):
             memset(&per, 0, sizeof(Counters))
@@ -315,15 +313,22 @@ cdef class Engine:
         """The data plane's clock (CLOCK_MONOTONIC, as time.monotonic_ns)."""
         return fp_now_ns()
 
+    @property
+    def hook_slots(self):
+        """How many hook threads may call next_event at once (slots
+        0 .. hook_slots-1): hook_threads, twice that with a hook_timeout."""
+        return self.sh.events.nslots
+
     def next_event(self, int slot, int timeout_ms=100):
-        """Hook thread `slot` (0 <= slot < hook_threads) waits, GIL released,
+        """Hook thread `slot` (0 <= slot < hook_slots) waits, GIL released,
         for the next hook call. Returns None on time-out, False once hooks
         are closed, else a tuple:
-        (EVT_CONNECT, worker, bridge, id, client, accepted_ns) or
-        (EVT_DATA, worker, bridge, id, direction, chunks): on_data's calls
-        for one read, in order, each up to buf_size bytes (the first is
-        joined to what WAIT held, so it may be longer);
-        bridge_client(bridge) gives a data call's client and accepted_ns."""
+        (EVT_CONNECT, handle, id, client, accepted_ns) or
+        (EVT_DATA, handle, id, direction, chunks, client, accepted_ns):
+        on_data's calls for one read, in order, each up to buf_size bytes
+        (the first is joined to what WAIT held, so it may be longer).
+        `handle` names the call for answer_connect / answer_data; it is an
+        opaque int, good for one answer."""
         cdef HookEvent ev
         cdef int r
         cdef uint32_t at, cut, step
@@ -338,10 +343,12 @@ cdef class Engine:
                 r = event_pop(&self.sh, slot, &ev, timeout_ms)
         if r <= 0:
             return None if r == 0 else False
-        b = ev.bridge
+        handle = (<object>ev.id << 64) | (<object>ev.seq << 32) | (ev.call << 16) | ev.worker
+        client = format_client(ev.client_ip, ev.client_port, ev.client_v4)
         if ev.kind == EVT_CONNECT:
-            return (ev.kind, ev.worker, <uintptr_t>b, b.id,
-                    format_client(b.client_ip, b.client_port, b.client_v4), b.accepted_ns)
+            return (ev.kind, handle, ev.id, client, ev.accepted_ns)
+        # The buffer stays lent (valid) until this call is answered, even
+        # if its bridge closes or the call times out meanwhile.
         step = <uint32_t>self.sh.buf_size
         cut = min(ev.held + step, ev.len)
         chunks = [ev.buf[:cut]]
@@ -350,21 +357,15 @@ cdef class Engine:
             cut = min(at + step, ev.len)
             chunks.append(ev.buf[at:cut])
             at = cut
-        return (ev.kind, ev.worker, <uintptr_t>b, b.id, ev.dir, chunks)
+        return (ev.kind, handle, ev.id, ev.call - CALL_UP, chunks, client, ev.accepted_ns)
 
-    def bridge_client(self, uintptr_t bridge):
-        """(client, accepted_ns) of a bridge whose call is not answered yet
-        (an unanswered call keeps its bridge allocated)."""
-        cdef Bridge *b = <Bridge *>bridge
-        return format_client(b.client_ip, b.client_port, b.client_v4), b.accepted_ns
-
-    def answer_connect(self, int worker, uintptr_t bridge, int verdict,
-                       int upstream=-1, list route=None):
+    def answer_connect(self, handle, int verdict, int upstream=-1, list route=None):
         """on_connect's answer: V_PROCEED, V_REFUSE, V_ERROR, or V_ROUTE to
-        a configured upstream index or to `route`, [(family, sockaddr)]."""
+        a configured upstream index or to `route`, [(family, sockaddr)].
+        An answer to no call out (repeated, late, forged) is counted in
+        stale_answers and dropped."""
         cdef HookResult res
         memset(&res, 0, sizeof(HookResult))
-        res.bridge = <Bridge *>bridge
         res.kind = EVT_CONNECT
         res.verdict = <uint8_t>verdict
         res.upstream = upstream
@@ -379,23 +380,20 @@ cdef class Engine:
                 except BaseException:
                     free(res.route)
                     raise
-        self._answer(worker, &res)
+        self._answer(handle, &res)
 
-    def answer_data(self, int worker, uintptr_t bridge, int direction,
-                    int verdict, bytes data=None, *, long long keep=-1,
-                    bytes tail=None, long long hold=0, int then=0):
+    def answer_data(self, handle, int verdict, bytes data=None, *,
+                    long long keep=-1, bytes tail=None, long long hold=0, int then=0):
         """on_data's answer for one read's chunks: V_WAIT, V_CLOSE, V_ERROR;
         V_PASS, sending the first `keep` bytes of the read (-1: all); or
         V_REPLACE, sending `data` instead. Of what V_PASS keeps, the last
         `hold` bytes are held, as WAIT holds; V_REPLACE holds `tail`, kept
         after `data`. `then` (V_CLOSE or V_ERROR) closes the bridge once the
-        rest is sent."""
+        rest is sent. Stale answers are dropped as answer_connect's."""
         cdef HookResult res
         cdef Py_ssize_t n = 0, t = 0
         memset(&res, 0, sizeof(HookResult))
-        res.bridge = <Bridge *>bridge
         res.kind = EVT_DATA
-        res.dir = <uint8_t>direction
         res.verdict = <uint8_t>verdict
         res.then = <uint8_t>then
         res.len = <uint32_t>keep if keep >= 0 else <uint32_t>0xFFFFFFFF
@@ -413,13 +411,30 @@ cdef class Engine:
                 memcpy(res.buf + n, <char *>tail, t)
             res.len = <uint32_t>(n + t)
             res.hold = <uint32_t>t
-        self._answer(worker, &res)
+        self._answer(handle, &res)
 
-    cdef int _answer(self, int worker, HookResult *res) except -1:
-        cdef int r
-        if self.workers == NULL or not 0 <= worker < self.nworkers:
+    cdef int _answer(self, object handle, HookResult *res) except -1:
+        # The handle is only trusted as far as the worker's table confirms
+        # it; here it just has to name a worker.
+        cdef int r, worker
+        if type(handle) is not int:
+            hook_result_free(res)
+            raise TypeError(f"a hook call's handle is an int, not {type(handle).__name__}")
+        if handle < 0 or handle >> 128:
+            worker = -1
+        else:
+            worker = <int>(handle & 0xFFFF)
+            res.call = <uint8_t>min((handle >> 16) & 0xFFFF, 255)
+            res.seq = <uint32_t>((handle >> 32) & 0xFFFFFFFF)
+            res.id = <uint64_t>(handle >> 64)
+            res.dir = <uint8_t>(res.call - CALL_UP) if res.call >= CALL_UP else 0
+        if self.workers == NULL:
             hook_result_free(res)
             return 0   # the engine is gone: nobody waits for this answer
+        if not 0 <= worker < self.nworkers:
+            fp_atomic_add(&self.sh.gauges.stale_answers, 1)
+            hook_result_free(res)
+            return 0
         r = result_push(&self.workers[worker], res)
         if r < 0:
             hook_result_free(res)
@@ -520,6 +535,7 @@ cdef class Engine:
                 free(w.up_ctr)
                 free(w.events)
                 free(w.bridges)
+                free(w.calls)
                 free(w.pfds)
                 free(w.pbridges)
             free(self.workers)

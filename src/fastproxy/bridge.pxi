@@ -120,18 +120,14 @@ cdef int flow_lend(Worker *w, Bridge *b, Flow *f, int direction,
     # and parks the flow until it answers. Returns: 0, or -ENOMEM.
     cdef HookEvent ev
     ev.kind = EVT_DATA
-    ev.dir = <uint8_t>direction
-    ev.worker = w.id
-    ev.bridge = b
     ev.buf = f.buf
     ev.len = f.len
     ev.held = held
-    if event_push(w.sh, &ev) < 0:
+    if hook_call(w, b, CALL_UP + direction, &ev) < 0:
         return -ENOMEM
     f.lent = f.buf
     f.buf = NULL
     f.waiting = 1
-    b.hook_pending += 1
     return 0
 
 

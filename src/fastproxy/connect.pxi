@@ -338,16 +338,13 @@ cdef int bridge_mark_tried(Worker *w, Bridge *b) noexcept nogil:
 cdef void bridge_ask_connect(Worker *w, Bridge *b) noexcept nogil:
     cdef HookEvent ev
     ev.kind = EVT_CONNECT
-    ev.dir = 0
-    ev.worker = w.id
-    ev.bridge = b
     ev.buf = NULL
     ev.len = 0
-    if event_push(w.sh, &ev) < 0:
+    ev.held = 0
+    if hook_call(w, b, CALL_CONNECT, &ev) < 0:
         bridge_close(w, b, HOOK_ERROR, 0, 0)
         return
     b.state = B_HOOK
-    b.hook_pending += 1
 
 
 cdef void bridge_connect_answer(Worker *w, Bridge *b, HookResult *res,

@@ -4,7 +4,14 @@
 # for a few instructions), parks the bridge, and serves other bridges. A
 # hook thread answers with a HookResult on the worker's ResultQueue and a
 # byte on its wake pipe. A bridge with an unanswered call stays allocated
-# (in limbo if it closed meanwhile) so an answer never meets freed memory.
+# (in limbo if it closed meanwhile) so the buffer it lent stays valid.
+#
+# No pointer crosses into Python: an event carries the bridge's id, the
+# call's seq and what on_connect/on_data show (client, accepted_ns), and an
+# answer names its call by (worker, id, seq). The worker finds the bridge
+# in its own table (Worker.calls, by id) and applies the answer only if that
+# call is still out; any other answer (repeated, late, forged) is counted
+# in stale_answers and dropped.
 #
 # Waking a sleeping hook thread costs a futex call and two context switches,
 # and a second thread awake only fights the first for the GIL. So a thread
@@ -122,6 +129,29 @@ cdef void hook_nudge(Shared *sh, int64_t now) noexcept nogil:
         fp_sem_post(&q.wake)
 
 
+cdef bint event_cancel(Shared *sh, uint64_t id, uint32_t seq) noexcept nogil:
+    # Takes call (id, seq) back out of the queue if no hook thread took it
+    # yet (it timed out: running it later would be wasted). Returns: 1 if
+    # it was taken back. Rare (a time-out), so a scan is fine.
+    cdef HookQueue *q = &sh.events
+    cdef int i, j
+    cdef bint found = False
+    pthread_mutex_lock(&q.mu)
+    for i in range(q.count):
+        j = (q.head + i) % q.cap
+        if q.items[j].id == id and q.items[j].seq == seq:
+            found = True
+            break
+    if found:
+        while i + 1 < q.count:
+            q.items[(q.head + i) % q.cap] = q.items[(q.head + i + 1) % q.cap]
+            i += 1
+        q.count -= 1
+    hook_publish(q)
+    pthread_mutex_unlock(&q.mu)
+    return found
+
+
 cdef int event_pop(Shared *sh, int slot, HookEvent *out, int timeout_ms) noexcept nogil:
     # Takes the next call for hook thread `slot`, sleeping up to timeout_ms
     # if there is none (0: do not sleep). Returns: 1 with *out set, 0 on
@@ -156,6 +186,141 @@ cdef int event_pop(Shared *sh, int slot, HookEvent *out, int timeout_ms) noexcep
     hook_publish(q)
     pthread_mutex_unlock(&q.mu)
     return r
+
+
+# ---- the bridges a worker's answers may name, by id
+
+cdef inline uint32_t calls_bucket(Worker *w, uint64_t id) noexcept nogil:
+    return <uint32_t>((id * <uint64_t>0x9E3779B97F4A7C15) >> 32) & <uint32_t>(w.cap_calls - 1)
+
+
+cdef int calls_add(Worker *w, Bridge *b) noexcept nogil:
+    # Returns: 0, or -ENOMEM.
+    cdef Bridge **grown
+    cdef Bridge *e
+    cdef Bridge *next_
+    cdef int cap, i, old
+    cdef uint32_t h
+    if b.in_calls:
+        return 0
+    if w.ncalls >= w.cap_calls:
+        cap = w.cap_calls * 2 if w.cap_calls else 64
+        grown = <Bridge **>calloc(cap, sizeof(Bridge *))
+        if grown == NULL:
+            return -ENOMEM
+        old = w.cap_calls
+        w.cap_calls = cap
+        for i in range(old):
+            e = w.calls[i]
+            while e != NULL:
+                next_ = e.cnext
+                h = calls_bucket(w, e.id)
+                e.cnext = grown[h]
+                grown[h] = e
+                e = next_
+        free(w.calls)
+        w.calls = grown
+    h = calls_bucket(w, b.id)
+    b.cnext = w.calls[h]
+    w.calls[h] = b
+    b.in_calls = 1
+    w.ncalls += 1
+    return 0
+
+
+cdef Bridge *calls_find(Worker *w, uint64_t id) noexcept nogil:
+    # Returns: the bridge with that id that made a call and is not freed
+    # yet, or NULL.
+    cdef Bridge *b
+    if w.cap_calls == 0:
+        return NULL
+    b = w.calls[calls_bucket(w, id)]
+    while b != NULL and b.id != id:
+        b = b.cnext
+    return b
+
+
+cdef void calls_remove(Worker *w, Bridge *b) noexcept nogil:
+    # Before b is freed: no answer may find it after.
+    cdef Bridge **p
+    if not b.in_calls:
+        return
+    p = &w.calls[calls_bucket(w, b.id)]
+    while p[0] != NULL and p[0] != b:
+        p = &p[0].cnext
+    if p[0] == b:
+        p[0] = b.cnext
+    b.in_calls = 0
+    w.ncalls -= 1
+
+
+cdef int hook_call(Worker *w, Bridge *b, int call, HookEvent *ev) noexcept nogil:
+    # Queues ev (kind, buf, len, held set) as b's call `call`: names it,
+    # copies what the hook shows of b, and arms the deadline if there is
+    # one. Returns: 0, or -ENOMEM (nothing was queued).
+    cdef HookCall *c = &b.calls[call]
+    if calls_add(w, b) < 0:
+        return -ENOMEM
+    b.call_seq += 1
+    if b.call_seq == 0:
+        b.call_seq = 1
+    ev.call = <uint8_t>call
+    ev.worker = w.id
+    ev.id = b.id
+    ev.seq = b.call_seq
+    ev.client_v4 = b.client_v4
+    ev.client_port = b.client_port
+    memcpy(ev.client_ip, b.client_ip, 16)
+    ev.accepted_ns = b.accepted_ns
+    if event_push(w.sh, ev) < 0:
+        return -ENOMEM
+    # The answer comes through this worker's result queue: setting these
+    # after the push races with nothing.
+    c.seq = b.call_seq
+    c.expired = 0
+    b.hook_pending += 1
+    if w.sh.hook_timeout_ns:
+        c.due_ns = fp_now_ns() + w.sh.hook_timeout_ns
+        if b.tl[SLOT_HOOK].list == T_NONE:
+            timer_add(w, b, T_HOOK, c.due_ns)
+    return 0
+
+
+cdef int64_t hook_next_due(Bridge *b) noexcept nogil:
+    # Returns: the earliest deadline of b's calls still waited for, or 0.
+    cdef int i
+    cdef int64_t due = 0
+    for i in range(CALLS):
+        if b.calls[i].seq != 0 and not b.calls[i].expired and (due == 0 or b.calls[i].due_ns < due):
+            due = b.calls[i].due_ns
+    return due
+
+
+cdef void hook_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
+    # b's earliest call is due: past hook_timeout, b closes (HOOK_TIMEOUT).
+    # A call no thread took yet is taken back; one a thread has stays out
+    # (marked expired): the buffer it was lent stays valid until its late
+    # answer, which is then stale.
+    cdef int i
+    cdef HookCall *c
+    cdef int64_t due = hook_next_due(b)
+    if due == 0:
+        timer_del(w, b, SLOT_HOOK)
+        return
+    if due > now:
+        timer_add(w, b, T_HOOK, due)
+        return
+    for i in range(CALLS):
+        c = &b.calls[i]
+        if c.seq == 0 or c.expired:
+            continue
+        if event_cancel(w.sh, b.id, c.seq):
+            c.seq = 0
+            b.hook_pending -= 1
+        else:
+            c.expired = 1
+    fp_atomic_add(&w.sh.gauges.hook_timeouts, 1)
+    bridge_close(w, b, HOOK_TIMEOUT, 0, 0)
 
 
 cdef void record_push(Worker *w, Bridge *b, int64_t now) noexcept nogil:
@@ -230,7 +395,40 @@ cdef void limbo_release(Worker *w, Bridge *b) noexcept nogil:
         p = &p[0].grave_next
     if p[0] == b:
         p[0] = b.grave_next
+    calls_remove(w, b)
     bridge_free(b)
+
+
+cdef Bridge *answer_claim(Worker *w, HookResult *res) noexcept nogil:
+    # Returns: the bridge whose call out `res` answers (the call is then no
+    # longer out), or NULL for an answer to no call out (counted).
+    cdef Bridge *b
+    cdef HookCall *c
+    cdef int64_t due
+    if res.call >= CALLS or (res.kind == EVT_CONNECT) != (res.call == CALL_CONNECT) or res.seq == 0:
+        b = NULL
+    else:
+        b = calls_find(w, res.id)
+    if b == NULL or b.calls[res.call].seq != res.seq:
+        fp_atomic_add(&w.sh.gauges.stale_answers, 1)
+        hook_result_free(res)
+        return NULL
+    c = &b.calls[res.call]
+    c.seq = 0
+    b.hook_pending -= 1
+    if c.expired:
+        # Late: b closed at the deadline and waited only to be freed.
+        fp_atomic_add(&w.sh.gauges.stale_answers, 1)
+        hook_result_free(res)
+        limbo_release(w, b)
+        return NULL
+    if b.tl[SLOT_HOOK].list != T_NONE:
+        due = hook_next_due(b)
+        if due == 0:
+            timer_del(w, b, SLOT_HOOK)
+        elif due != b.tl[SLOT_HOOK].deadline_ns:
+            timer_add(w, b, T_HOOK, due)
+    return b
 
 
 cdef void worker_take_results(Worker *w, int64_t now) noexcept nogil:
@@ -246,11 +444,12 @@ cdef void worker_take_results(Worker *w, int64_t now) noexcept nogil:
     q.cap = 0
     pthread_mutex_unlock(&q.mu)
     for i in range(n):
-        b = items[i].bridge
         if items[i].kind == EVT_RETRY:
-            bridge_queue_retry(w, b, now)
+            bridge_queue_retry(w, items[i].bridge, now)
             continue
-        b.hook_pending -= 1
+        b = answer_claim(w, &items[i])
+        if b == NULL:
+            continue
         if b.state == B_CLOSED:
             hook_result_free(&items[i])
             limbo_release(w, b)

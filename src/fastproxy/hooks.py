@@ -35,7 +35,9 @@ class Direction(enum.IntEnum):
     DOWNSTREAM = 1
 
 
-CloseReason = enum.IntEnum("CloseReason", _core.CLOSE_REASONS, module=__name__)  # type: ignore[misc]
+# Defined once, as a cpdef enum in _core.pxd; Cython makes it an IntEnum.
+CloseReason = _core.CloseReason
+CloseReason.__module__ = __name__
 CloseReason.__doc__ = "Why a bridge ended (the values are the data plane's)."
 
 
@@ -135,14 +137,14 @@ class Hooks:
         """The HOOK_* bits the data plane acts on."""
         bits = 0
         if self.on_connect is not None:
-            bits |= _core.HOOK_BITS["CONNECT"]
+            bits |= HookBit.HOOK_CONNECT
         if Direction.UPSTREAM in self.on_data:
-            bits |= _core.HOOK_BITS["DATA_UP"]
+            bits |= HookBit.HOOK_DATA_UP
         if Direction.DOWNSTREAM in self.on_data:
-            bits |= _core.HOOK_BITS["DATA_DOWN"]
+            bits |= HookBit.HOOK_DATA_DOWN
         if self.on_close is not None or access_log:
-            bits |= _core.HOOK_BITS["RECORDS"]
-        return bits
+            bits |= HookBit.HOOK_RECORDS
+        return int(bits)
 
 
 def _callable(fn: object, field: str) -> Hook:
@@ -151,16 +153,19 @@ def _callable(fn: object, field: str) -> Hook:
     return fn
 
 
-# ---- verdicts, as the data plane numbers them
+# ---- verdicts, as the data plane numbers them (plain ints: they go back
+# into the data plane on every answer)
 
-V_PROCEED = _core.VERDICTS["PROCEED"]
-V_REFUSE = _core.VERDICTS["REFUSE"]
-V_ERROR = _core.VERDICTS["ERROR"]
-V_ROUTE = _core.VERDICTS["ROUTE"]
-V_PASS = _core.VERDICTS["PASS"]
-V_REPLACE = _core.VERDICTS["REPLACE"]
-V_WAIT = _core.VERDICTS["WAIT"]
-V_CLOSE = _core.VERDICTS["CLOSE"]
+HookBit = _core.HookBit
+Verdict = _core.Verdict
+V_PROCEED = int(Verdict.V_PROCEED)
+V_REFUSE = int(Verdict.V_REFUSE)
+V_ERROR = int(Verdict.V_ERROR)
+V_ROUTE = int(Verdict.V_ROUTE)
+V_PASS = int(Verdict.V_PASS)
+V_REPLACE = int(Verdict.V_REPLACE)
+V_WAIT = int(Verdict.V_WAIT)
+V_CLOSE = int(Verdict.V_CLOSE)
 
 
 def data_verdict(result: object, data: bytes) -> Tuple[int, Optional[bytes]]:

@@ -4,14 +4,13 @@ Each row gives the name (the `Proxy` keyword, the config key, the field of
 the frozen Config, the name the data plane reads; the flag is the name with
 dashes), its parser, default, help, section and scope. From the table come
 the command line (cli.py), the validation of `Proxy(**options)` (config.py),
-`fastproxy -h` and docs/reference.md (`python -m fastproxy.options`). A new
+`fastproxy -h` and docs/reference.md (`python -m fastproxy.reference`). A new
 option is one row here, one keyword in `Proxy.__init__`'s signature (which
 a test holds to this table) and the code that acts on it.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -31,7 +30,7 @@ from .values import (
     parse_size,
 )
 
-__all__ = ["Option", "OPTIONS", "SECTIONS", "COMMAND_FLAGS", "option", "reference_markdown"]
+__all__ = ["Option", "OPTIONS", "SECTIONS", "COMMAND_FLAGS", "option"]
 
 Parser = Callable[[Any, str], Any]
 
@@ -250,6 +249,9 @@ OPTIONS: Tuple[Option, ...] = (
            "on_connect, on_data, on_close", "hooks", metavar="SPEC"),
     Option("hook_threads", _count(), 16, "threads that run on_connect and on_data hooks", "hooks",
            scope="process", metavar="N"),
+    Option("hook_timeout", _optional(_duration), None, "close a bridge whose hook call is not answered "
+           "within D (close reason HOOK_TIMEOUT) and replace the hook thread stuck in it; 0: never",
+           "hooks", metavar=D, shown_default="never"),
     Option("max_hold", _size, 1 << 20, "most bytes on_data may hold with WAIT before the bridge is closed",
            "hooks", metavar="SIZE"),
     Option("access_log", _optional(_text), None, "one JSON line per closed bridge, appended to FILE "
@@ -272,43 +274,3 @@ _BY_NAME = {o.name: o for o in OPTIONS}
 
 def option(name: str) -> Option:
     return _BY_NAME[name]
-
-
-def reference_markdown() -> str:
-    """docs/reference.md: every option, by section, from this table."""
-    out = [
-        "# Option reference",
-        "",
-        "Generated from `src/fastproxy/options.py` by `python -m fastproxy.options > docs/reference.md`;",
-        "a test fails when this page and the table differ. Each option has one name: the `Proxy`",
-        "keyword and config key as written here, the flag with dashes. Durations (D) accept `5`, `5s`,",
-        "`500ms`, `2m`, `1h`; sizes accept `65536`, `256k`, `1m`. Repeatable flags are lists in Python.",
-        "Scope `process`: one value for the whole process; `listener`: per listener.",
-        "",
-    ]
-    for section, title in SECTIONS.items():
-        rows = [o for o in OPTIONS if o.section == section]
-        out += [f"## {title}", "", "| option | flag | default | scope | meaning |", "|---|---|---|---|---|"]
-        for o in rows:
-            value = o.metavar or ("{" + ",".join(o.choices) + "}" if o.choices else "")
-            flag = f"`{o.cli_flag}{' ' + value if value and not o.switch else ''}`"
-            meaning = o.help.replace("|", "\\|")
-            out.append(f"| `{o.name}` | {flag} | {o.default_text()} | {o.scope} | {meaning} |")
-        out.append("")
-    out += [
-        "## Python only",
-        "",
-        "`Proxy` also takes `upstream` (one upstream, the same as `upstreams=[...]` of one),",
-        "`on_connect`, `on_data`, `on_close` (hooks), `health_check` (a callable `(host, port) -> bool`",
-        "used by active health checks) and `clock` (what time windows read): callables have no flag.",
-        "",
-        "## Command only",
-        "",
-        "`--log-level {debug,info,warning,error}` (default info), `--version`, `--help`.",
-        "",
-    ]
-    return "\n".join(out)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.stdout.write(reference_markdown())

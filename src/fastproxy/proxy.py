@@ -110,6 +110,7 @@ class Proxy:
         proxy_header_max: int = 1024,
         hooks: Optional[str] = None,
         hook_threads: int = 16,
+        hook_timeout: Optional[Duration] = None,
         max_hold: Union[int, str] = 1 << 20,
         access_log: Optional[str] = None,
         workers: Optional[int] = None,
@@ -142,6 +143,7 @@ class Proxy:
         self._hooks = Hooks()
         self._runner: Optional[HookRunner] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._serve_waiter: Optional[Tuple[asyncio.AbstractEventLoop, asyncio.Event]] = None
         self._access_log: Optional[IO[str]] = None
         self._owns_access_log = False
         if self.config.hooks.hooks is not None:
@@ -225,7 +227,8 @@ class Proxy:
                 engine.close()
                 raise ConfigError("access_log", cfg.hooks.access_log, exc.strerror or str(exc)) from None
             self._runner = HookRunner(engine, self._hooks, cfg.upstream_names, self.address,
-                                      cfg.hooks.hook_threads, self._access_log, self._loop, cfg.hooks.max_hold)
+                                      cfg.hooks.hook_threads, self._access_log, self._loop, cfg.hooks.max_hold,
+                                      cfg.hooks.hook_timeout or 0.0)
             self._runner.start()
             self._watchers = Watchers(cfg, self._windows, engine, balancer, self._health_check)
             self._watchers.start()
@@ -284,41 +287,77 @@ class Proxy:
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, let live bridges finish for up to the drain
         timeout (`timeout` seconds if given), close the rest, and return
-        once every bridge is closed. Safe to call more than once."""
+        once every bridge is closed. Safe to call more than once.
+
+        From inside a hook (a hook thread, the close-record thread, or the
+        event loop that runs async hooks) the stop runs on a new thread and
+        this returns at once: the hook must return for its bridge to drain,
+        and the stop waits for the threads the hook runs on. serve_forever()
+        (and serve()) return once that stop completed."""
+        if self._in_hook():
+            threading.Thread(target=self.stop, args=(timeout,), name="fastproxy-stop").start()
+            return
         with self._lock:
             engine = self._engine
             if engine is None:
                 return
-            drain = self.config.timeouts.drain_timeout if timeout is None else max(0.0, float(timeout))
-            engine.stop(drain)
-            # Close the listening socket as soon as no worker polls it:
-            # new clients are refused at once instead of waiting in its
-            # backlog for a proxy that will never serve them.
-            deadline = time.monotonic() + 5.0
-            while engine.accepting() and time.monotonic() < deadline:
-                time.sleep(0.001)
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
-            for t in self._threads:
-                t.join()
-            if self._watchers is not None:
-                self._watchers.stop()
-                self._watchers = None
-            hooks_done = self._runner is None or self._runner.stop()
-            self._final_stats = self._stats(engine)
-            if self._owns_access_log and self._access_log is not None:
-                self._access_log.close()
-            if hooks_done:
-                engine.close()
-            else:
-                # A hook still runs and may answer: the engine is freed when
-                # the last reference to it (that hook thread's) goes.
-                log.warning("a hook is still running; its bridge was closed")
-            self._engine = None
-            self._threads = []
-            self._stopped.set()
+            try:
+                self._stop_engine(engine, timeout)
+            finally:
+                self._engine = None
+                self._threads = []
+                self._stopped.set()
+                self._wake_serve()
         log.info("stopped")
+
+    def _in_hook(self) -> bool:
+        runner = self._runner
+        if runner is not None and runner.owns_current_thread():
+            return True
+        if self._loop is None:
+            return False
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _stop_engine(self, engine: "_core.Engine", timeout: Optional[float]) -> None:
+        drain = self.config.timeouts.drain_timeout if timeout is None else max(0.0, float(timeout))
+        engine.stop(drain)
+        # Close the listening socket as soon as no worker polls it:
+        # new clients are refused at once instead of waiting in its
+        # backlog for a proxy that will never serve them.
+        deadline = time.monotonic() + 5.0
+        while engine.accepting() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        for t in self._threads:
+            t.join()
+        if self._watchers is not None:
+            self._watchers.stop()
+            self._watchers = None
+        hooks_done = self._runner is None or self._runner.stop()
+        self._final_stats = self._stats(engine)
+        if self._owns_access_log and self._access_log is not None:
+            self._access_log.close()
+        if hooks_done:
+            engine.close()
+        else:
+            # A hook still runs and may answer: the engine is freed when
+            # the last reference to it (that hook thread's) goes.
+            log.warning("a hook is still running; its bridge was closed")
+
+    def _wake_serve(self) -> None:
+        # serve() waits on its loop: tell it the stop is done.
+        waiter, self._serve_waiter = self._serve_waiter, None
+        if waiter is not None:
+            loop, event = waiter
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass   # the loop is closed: nobody waits
 
     def serve_forever(self) -> None:
         """start(), then wait until stop() or, from the main thread, SIGINT
@@ -366,12 +405,14 @@ class Proxy:
         self.stop()
 
     async def serve(self) -> None:
-        """Run under asyncio until cancelled, then drain and stop. Coroutine
+        """Run under asyncio until cancelled or stopped, then drain and stop. Coroutine
         on_connect / on_close hooks are awaited on this loop."""
         self._loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        self._serve_waiter = (self._loop, stopped)
         self.start()
         try:
-            await asyncio.Event().wait()
+            await stopped.wait()   # set by a stop() (from a hook, say)
         finally:
             # stop() blocks while bridges drain, and async hooks may need
             # this loop meanwhile: run it on a thread and keep the loop free.

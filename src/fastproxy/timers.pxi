@@ -6,8 +6,9 @@ cdef enum:
     SLOT_HALF_CLOSE = 1
     SLOT_IDLE = 2
     SLOT_LIFETIME = 3
+    SLOT_HOOK = 4
 
-cdef int SLOT_OF[7]        # T_LISTS
+cdef int SLOT_OF[8]        # T_LISTS
 SLOT_OF[T_NONE] = 0
 SLOT_OF[T_CONNECT] = SLOT_PHASE
 SLOT_OF[T_HALF_CLOSE] = SLOT_HALF_CLOSE
@@ -15,6 +16,7 @@ SLOT_OF[T_IDLE] = SLOT_IDLE
 SLOT_OF[T_LIFETIME] = SLOT_LIFETIME
 SLOT_OF[T_QUEUE] = SLOT_PHASE
 SLOT_OF[T_HEADER] = SLOT_PHASE
+SLOT_OF[T_HOOK] = SLOT_HOOK
 
 
 cdef inline void timer_del(Worker *w, Bridge *b, int slot) noexcept nogil:

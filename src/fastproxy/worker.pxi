@@ -35,6 +35,8 @@ cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
     while timer_due(w, T_HEADER, now):
         fp_bump(&w.ctr.proxy_header_errors, 1)
         bridge_close(w, w.thead[T_HEADER], TIMEOUT, 0, 0)
+    while timer_due(w, T_HOOK, now):
+        hook_expire(w, w.thead[T_HOOK], now)
 
 
 cdef void idle_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
@@ -116,6 +118,7 @@ cdef void grave_free(Worker *w) noexcept nogil:
     while w.grave != NULL:
         b = w.grave
         w.grave = b.grave_next
+        calls_remove(w, b)
         bridge_free(b)
 
 
