@@ -233,10 +233,6 @@ class Config:
     queue_timeout: float = 30.0
 
     @property
-    def upstream_names(self) -> Tuple[str, ...]:
-        return tuple(u.address for u in self.upstreams)
-
-    @property
     def retry_count(self) -> int:
         return len(self.upstreams) - 1 if self.retries is None else self.retries
 

@@ -215,17 +215,16 @@ class Proxy:
             engine_name = choose_engine(cfg.engine)
             if self._hooks.is_async() and self._loop is None:
                 raise ConfigError("hooks", "async def", "coroutine hooks need the proxy run by `await proxy.serve()`")
-            upstreams = [(u.address, resolve_upstream((u.host, u.port))) for u in cfg.upstreams]
-            balancer = _core.Balancer(cfg.upstreams, cfg.balance, max_fails=cfg.max_fails,
-                                      fail_timeout=cfg.fail_timeout)
+            group = _core.UpstreamGroup(cfg.upstreams, [resolve_upstream((u.host, u.port)) for u in cfg.upstreams],
+                                        balance=cfg.balance, max_fails=cfg.max_fails,
+                                        fail_timeout=cfg.fail_timeout)
             budget = raise_fd_limit()
             max_connections = cfg.max_connections or default_max_connections(budget)
             sock = listen_socket(cfg.listen)
             try:
                 engine = _core.Engine(
                     sock.fileno(),
-                    balancer,
-                    upstreams,
+                    group,
                     workers=cfg.workers,
                     engine=engine_name,
                     connect_timeout=cfg.connect_timeout,
@@ -265,10 +264,10 @@ class Proxy:
                 sock.close()
                 engine.close()
                 raise ConfigError("access_log", self._access_log_target, exc.strerror or str(exc)) from None
-            self._runner = HookRunner(engine, self._hooks, cfg.upstream_names, self._address,
+            self._runner = HookRunner(engine, self._hooks, self._address,
                                       self._hook_threads, self._access_log, self._loop, self._max_hold)
             self._runner.start()
-            self._watchers = Watchers(cfg, self.access, engine, balancer, self._health_check)
+            self._watchers = Watchers(cfg, self.access, engine, self._health_check)
             self._watchers.start()
             self._threads = [
                 threading.Thread(target=self._run_worker, args=(i,), name=f"fastproxy-worker-{i}", daemon=True)
@@ -280,7 +279,7 @@ class Proxy:
         log.info(
             "listening on %s, forwarding to %s (%s), engine %s, %d worker%s, fd budget %d, max %d bridges",
             format_address(*self._address),
-            ", ".join(cfg.upstream_names),
+            ", ".join(group.names),
             cfg.balance,
             engine_name,
             cfg.workers,
