@@ -348,6 +348,11 @@ cdef class Engine:
                         usleep(200)
             self._group = group
             group_unref(old.g)
+            # Waiters get a retry each: the new group may have room where
+            # the old one was full (those still without one wait again).
+            with nogil:
+                for i in range(<int>fp_atomic_get(&self.sh.wait.count)):
+                    queue_kick(&self.sh)
 
     def stats(self):
         cdef Counters total
