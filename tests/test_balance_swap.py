@@ -220,3 +220,36 @@ def test_routed_bridges_have_counters(engine):
             assert st["upstreams"][srv["S1"].addr]["accepted"] == 0
         finally:
             stop_bounded(p, timeout=2.0, limit=20.0)
+
+
+def test_on_connect_answer_meets_a_swap_on_its_way_to_the_worker(engine, monkeypatch):
+    # The hook thread looked the name up in the old group; the group is
+    # swapped before the worker takes the answer. The worker follows the
+    # name: to its index in the new group, or, when the new group lacks it,
+    # to its addresses as a route (counted in `routed`).
+    import fastproxy.dispatch as dispatch
+
+    with Servers(names=["S1", "S2"]) as srv:
+        p = Proxy(listen="127.0.0.1:0", engine=engine, workers=2, upstream=srv["S1"].addr)
+        p.on_connect(lambda conn: srv["S1"].addr)
+        next_groups = [group_of(srv["S2"], srv["S1"]), group_of(srv["S2"])]
+        looked_up = dispatch.route_target
+
+        def then_swap(result, names, *a):
+            answer = looked_up(result, names, *a)
+            p._engine.swap_group(next_groups.pop(0))
+            return answer
+
+        monkeypatch.setattr(dispatch, "route_target", then_swap)
+        p.start()
+        try:
+            for expect_routed in (0, 1):
+                c, name = open_tagged(p.address)
+                assert name == "S1"
+                leave(c)
+                wait_idle(p)
+                assert p.stats()["routed"]["accepted"] == expect_routed
+            assert not next_groups
+            assert p.stats()["upstreams"][srv["S2"].addr]["accepted"] == 0
+        finally:
+            stop_bounded(p, timeout=2.0, limit=20.0)

@@ -570,6 +570,8 @@ cdef class UpstreamGroup:
         # group: the per-worker counters get their size here.
         cdef GroupC *g = self.g
         cdef int i
+        if g == NULL:
+            raise ValueError("this upstream group was never built")
         if g.nworkers:
             raise ValueError("this upstream group already serves an engine; build a new one")
         for i in range(g.n):

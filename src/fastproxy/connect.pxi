@@ -1,5 +1,5 @@
 # From accept to a connected upstream: the client's address, admission
-# (limits, the wait queue, on_connect), the balancer's choice, the connect
+# (limits, the wait queue, on_connect), the group's choice, the connect
 # itself, and retries on the next address or the next upstream.
 
 
@@ -194,6 +194,7 @@ cdef void bridge_set_group(Bridge *b, GroupC *g) noexcept nogil:
     free(b.tried)
     b.tried = NULL
     b.upstream = -1
+    b.uc = NULL
     if g != NULL:
         group_ref(g)
         fp_atomic_add(&g.bridges, 1)
@@ -213,7 +214,7 @@ cdef void bridge_drop_group(Bridge *b) noexcept nogil:
 
 cdef void bridge_start_upstream(Worker *w, Bridge *b, int chosen, int64_t now) noexcept nogil:
     # Takes an upstream of the current group (the one on_connect chose, or
-    # the balancer's choice), or none when on_connect gave an address of its
+    # the algorithm's choice), or none when on_connect gave an address of its
     # own, and connects.
     cdef int i, r
     cdef bint retry = b.state == B_QUEUED   # a waiter's retry keeps its place

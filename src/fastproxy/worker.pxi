@@ -243,19 +243,20 @@ cdef void worker_check_group(Worker *w) noexcept nogil:
     # and says so, after which swap_group lets the old group's current
     # reference go (this worker no longer reads it but through bridges,
     # which hold their own). Short of memory it keeps the old group and
-    # cursor, and says nothing, until a later round succeeds.
+    # cursor, and says nothing, until a later round succeeds. Generations,
+    # not pointers, are compared: swaps made before the worker ran may have
+    # freed its first group and put a new one at the same address.
     cdef int64_t gen = fp_atomic_get(&w.sh.group_gen)
     cdef GroupC *g
     cdef BalanceCursor c
     if gen == w.group_gen:
         return
     g = <GroupC *>fp_ptr_get(<void **>&w.sh.group)
-    if g != w.group:
-        if balance_cursor_init(g, &c) < 0:
-            return
-        balance_cursor_free(&w.cursor)
-        w.cursor = c
-        w.group = g
+    if balance_cursor_init(g, &c) < 0:
+        return
+    balance_cursor_free(&w.cursor)
+    w.cursor = c
+    w.group = g
     fp_atomic_set(&w.group_gen, gen)
 
 
