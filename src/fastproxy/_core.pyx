@@ -565,7 +565,11 @@ cdef class Engine:
 
     def close(self):
         """Free what the workers held. Only once every run_worker returned."""
-        self._free()
+        if self._swap_lock is None:
+            self._free()
+            return
+        with self._swap_lock:   # a swap in progress still reads the workers
+            self._free()
 
     cdef void _free(self) noexcept:
         cdef int i, j, fd
