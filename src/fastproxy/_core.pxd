@@ -393,7 +393,7 @@ cdef class Engine:
     cdef int nworkers
     cdef int queues_ready
     cdef readonly str engine
-    cdef UpstreamGroup _group   # current; its C block also holds a reference of sh.group
+    cdef UpstreamGroup _group   # the current group (sh.group holds its own reference to the block)
     cdef object _swap_lock
     cdef object _access     # keeps the tables the workers read alive
     cdef int _init_worker(self, Worker *w, int i) except -1
