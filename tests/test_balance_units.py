@@ -1,4 +1,4 @@
-"""Balancing building blocks on their own: the Balancer (the C choice,
+"""Balancing building blocks on their own: the UpstreamGroup (the C choice,
 limits and passive health, driven through its Python methods), upstream
 specs, and the active health checker. No proxy runs here."""
 import logging
@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from fastproxy._core import BALANCE_ALGORITHMS, Balancer
+from fastproxy._core import BALANCE_ALGORITHMS, UpstreamGroup
 from fastproxy.values import ConfigError
 from fastproxy.health import HealthChecker
 from fastproxy.upstreams import Upstream, parse_balance, parse_upstream, parse_upstreams
@@ -44,10 +44,15 @@ def group(n):
     return ["10.0.0.%d:80" % (k + 1) for k in range(n)]
 
 
+def make_group(specs, balance="roundrobin", **kw):
+    """A group of parsed specs without addresses: it chooses, no engine runs it."""
+    return UpstreamGroup([parse_upstream(s) for s in specs], balance=balance, **kw)
+
+
 # ---------------------------------------------------------------- distribution
 
 def test_roundrobin_weights_1_2_3_exact():
-    b = Balancer(["a:1@1", "b:1@2", "c:1@3"], "roundrobin")
+    b = make_group(["a:1@1", "b:1@2", "c:1@3"], "roundrobin")
     assert Counter(picks(b, 600)) == {0: 100, 1: 200, 2: 300}
 
 
@@ -55,14 +60,14 @@ def test_roundrobin_weights_1_2_3_exact():
 def test_random_weights_1_2_3_within_tolerance(seed):
     # Tolerance: each upstream's share within 25% of weight/6 of 600
     # picks (about 2.7 standard deviations for the smallest share).
-    b = Balancer(["a:1@1", "b:1@2", "c:1@3"], "random", seed=seed)
+    b = make_group(["a:1@1", "b:1@2", "c:1@3"], "random", seed=seed)
     got = Counter(picks(b, 600))
     for i, expected in enumerate((100, 200, 300)):
         assert abs(got[i] - expected) <= 0.25 * expected, got
 
 
 def test_random_prefers_the_lighter_of_two():
-    b = Balancer(group(3), "random", seed=7)
+    b = make_group(group(3), "random", seed=7)
     pin(b, 0, 50)
     got = Counter(picks(b, 900))
     # Upstream 0 wins only when both draws are 0: about 1/9 of the picks.
@@ -71,13 +76,13 @@ def test_random_prefers_the_lighter_of_two():
 
 
 def test_smooth_roundrobin_interleaves_5_1_1():
-    b = Balancer(["a:1@5", "b:1@1", "c:1@1"])
+    b = make_group(["a:1@5", "b:1@1", "c:1@1"])
     order = "".join("abc"[i] for i in picks(b, 14))
     assert order == "aabacaa" * 2
 
 
 def test_roundrobin_skips_unavailable_and_keeps_weights():
-    b = Balancer(["a:1@2", "b:1@1", "c:1@1"])
+    b = make_group(["a:1@2", "b:1@1", "c:1@1"])
     b.set_health(1, False)
     assert Counter(picks(b, 300)) == {0: 200, 2: 100}
 
@@ -85,7 +90,7 @@ def test_roundrobin_skips_unavailable_and_keeps_weights():
 # ---------------------------------------------------------------- leastconn
 
 def test_leastconn_sends_new_clients_to_the_least_loaded():
-    b = Balancer(group(3), "leastconn")
+    b = make_group(group(3), "leastconn")
     pin(b, 0, 3)
     pin(b, 1, 1)
     # Active 3/1/0: c; then b and c tie at 1 and the scan, which starts
@@ -97,12 +102,12 @@ def test_leastconn_sends_new_clients_to_the_least_loaded():
 
 
 def test_leastconn_ties_go_round_robin():
-    b = Balancer(group(3), "leastconn")
+    b = make_group(group(3), "leastconn")
     assert picks(b, 6) == [0, 1, 2, 0, 1, 2]
 
 
 def test_leastconn_is_relative_to_weight():
-    b = Balancer(["a:1@1", "b:1@3"], "leastconn")
+    b = make_group(["a:1@1", "b:1@3"], "leastconn")
     assert Counter(picks(b, 8, hold=True)) == {0: 2, 1: 6}
 
 
@@ -120,7 +125,7 @@ def mapping(b, clients, **kw):
 
 
 def test_source_is_sticky_and_spread():
-    b = Balancer(group(5), "source")
+    b = make_group(group(5), "source")
     clients = client_addresses()
     first = mapping(b, clients)
     assert mapping(b, clients) == first
@@ -132,7 +137,7 @@ def test_source_is_sticky_and_spread():
 
 @pytest.mark.parametrize("gone", range(5))
 def test_source_unavailable_upstream_moves_only_its_clients(gone):
-    b = Balancer(group(5), "source")
+    b = make_group(group(5), "source")
     clients = client_addresses()
     before = mapping(b, clients)
     b.set_health(gone, False)
@@ -149,10 +154,10 @@ def test_source_unavailable_upstream_moves_only_its_clients(gone):
 def test_source_group_rebuilt_without_one_moves_only_its_clients():
     names = group(5)
     clients = client_addresses()
-    full = Balancer(names, "source")
+    full = make_group(names, "source")
     before = {c: names[i] for c, i in mapping(full, clients).items()}
     rest = names[:2] + names[3:]
-    after = {c: rest[i] for c, i in mapping(Balancer(rest, "source"), clients).items()}
+    after = {c: rest[i] for c, i in mapping(make_group(rest, "source"), clients).items()}
     moved = {c for c in clients if after[c] != before[c]}
     assert moved == {c for c in clients if before[c] == names[2]}
 
@@ -160,7 +165,7 @@ def test_source_group_rebuilt_without_one_moves_only_its_clients():
 # ---------------------------------------------------------------- first, backup, weight 0
 
 def test_first_takes_the_first_available_in_order():
-    b = Balancer(["a:1,max-connections=2", "b:1", "c:1"], "first")
+    b = make_group(["a:1,max-connections=2", "b:1", "c:1"], "first")
     assert picks(b, 5) == [0] * 5
     assert picks(b, 3, hold=True) == [0, 0, 1]
     b.set_health(1, False)
@@ -169,7 +174,7 @@ def test_first_takes_the_first_available_in_order():
 
 @pytest.mark.parametrize("algorithm", BALANCE_ALGORITHMS)
 def test_backup_only_when_no_regular_is_available(algorithm):
-    b = Balancer(["a:1", "b:1,max-connections=1", "c:1,backup"], algorithm)
+    b = make_group(["a:1", "b:1,max-connections=1", "c:1,backup"], algorithm)
     assert 2 not in picks(b, 100)
     b.set_health(0, False)
     assert picks(b, 1, hold=True) == [1]    # b now full, a down
@@ -186,15 +191,15 @@ def test_backup_only_when_no_regular_is_available(algorithm):
 
 @pytest.mark.parametrize("algorithm", BALANCE_ALGORITHMS)
 def test_weight_zero_is_drained(algorithm):
-    b = Balancer(["a:1@0", "b:1", "c:1@0"], algorithm)
+    b = make_group(["a:1@0", "b:1", "c:1@0"], algorithm)
     assert set(picks(b, 50, hold=True)) == {1}
     assert b.state(0)["state"] == "drained" and b.state(1)["state"] == "up"
-    assert Balancer(["a:1@0"], algorithm).acquire() == NONE
+    assert make_group(["a:1@0"], algorithm).acquire() == NONE
 
 
 @pytest.mark.parametrize("algorithm", BALANCE_ALGORITHMS)
 def test_tried_upstreams_are_avoided(algorithm):
-    b = Balancer(group(3), algorithm)
+    b = make_group(group(3), algorithm)
     for _ in range(20):
         assert picks(b, 1, tried=(0, 2)) == [1]
     assert b.acquire(tried=(0, 1, 2)) == NONE
@@ -203,17 +208,17 @@ def test_tried_upstreams_are_avoided(algorithm):
 # ---------------------------------------------------------------- limits
 
 def test_max_connections_is_exact():
-    b = Balancer(["a:1,max-connections=3", "b:1,max-connections=2"], "leastconn")
+    b = make_group(["a:1,max-connections=3", "b:1,max-connections=2"], "leastconn")
     assert sorted(picks(b, 5, hold=True)) == [0, 0, 0, 1, 1]
     assert b.acquire() == FULL
     b.release(1)
     assert b.acquire() == 1
     st = b.state(0)
-    assert (st["active"], st["peak_active"], st["total"]) == (3, 3, 3)
+    assert (st["active"], st["peak_active"], st["accepted"]) == (3, 3, 3)
 
 
 def test_max_connections_under_python_threads():
-    b = Balancer(["a:1,max-connections=3", "b:1,max-connections=2"], "random", seed=1)
+    b = make_group(["a:1,max-connections=3", "b:1,max-connections=2"], "random", seed=1)
     start = threading.Barrier(8)
     got = []
 
@@ -234,7 +239,7 @@ def test_max_connections_under_python_threads():
 def test_max_connections_under_native_threads(algorithm):
     # _stress runs without the GIL: these threads race in C, on the CAS.
     # (With a check-then-add instead of the CAS, most runs of these fail.)
-    b = Balancer(["a:1,max-connections=3", "b:1,max-connections=2", "c:1,max-connections=1"], algorithm)
+    b = make_group(["a:1,max-connections=3", "b:1,max-connections=2", "c:1,max-connections=1"], algorithm)
     start = threading.Barrier(4)
     taken = []
 
@@ -250,13 +255,13 @@ def test_max_connections_under_native_threads(algorithm):
     states = [b.state(i) for i in range(3)]
     assert all(s["peak_active"] <= limit for s, limit in zip(states, (3, 2, 1))), states
     assert [s["active"] for s in states] == [0, 0, 0]
-    assert sum(s["total"] for s in states) == sum(taken) > 0
+    assert sum(s["accepted"] for s in states) == sum(taken) > 0
 
 
 # ---------------------------------------------------------------- passive health
 
 def test_passive_health_max_fails_and_fail_timeout():
-    b = Balancer(["a:1", "b:1"], max_fails=3, fail_timeout=10)
+    b = make_group(["a:1", "b:1"], max_fails=3, fail_timeout=10)
     changes = b.changes
     assert not b.connect_result(0, False, T0)
     assert not b.connect_result(0, False, T0)
@@ -284,31 +289,39 @@ def test_passive_health_max_fails_and_fail_timeout():
 
 
 def test_passive_health_off_with_max_fails_zero():
-    b = Balancer(["a:1"], max_fails=0)
+    b = make_group(["a:1"], max_fails=0)
     assert not any(b.connect_result(0, False, T0) for _ in range(100))
     assert b.acquire(now_ns=T0) == 0
 
 
 def test_set_health_transitions_and_state():
-    b = Balancer(["a:1", "b:1,max-connections=7,backup"])
+    b = make_group(["a:1", "b:1,max-connections=7,backup"])
     changes = b.changes
     assert not b.set_health(0, True)
     assert b.set_health(0, False)
     assert not b.set_health(0, False)
     assert b.changes == changes + 1
     assert b.state(0) == {"state": "down", "health": "down", "active": 0, "peak_active": 0,
-                          "total": 0, "consecutive_failures": 0}
+                          "accepted": 0, "consecutive_failures": 0, "bytes_upstream": 0,
+                          "bytes_downstream": 0, "connect_failures": 0}
     assert b.names == ("a:1", "b:1") and len(b) == 2 and b.algorithm == "roundrobin"
 
 
-def test_balancer_argument_errors():
+def test_group_argument_errors():
     with pytest.raises(ValueError):
-        Balancer([])
+        make_group([])
     with pytest.raises(ValueError):
-        Balancer(["a:1"], "fastest")
+        make_group(["a:1"], "fastest")
     with pytest.raises(ConfigError):
-        Balancer(["a:1@999"])
-    b = Balancer(["a:1"])
+        make_group(["a:1@999"])
+    with pytest.raises(ValueError, match="out of range"):    # read by attribute: checked again
+        UpstreamGroup([type("U", (), {"address": "a:1", "weight": 999, "max_connections": None,
+                                      "backup": False})()])
+    with pytest.raises(ValueError, match="listed twice"):
+        make_group(["a:1", "a:1"])
+    with pytest.raises(ValueError, match="address lists"):
+        UpstreamGroup([parse_upstream("a:1")], [])
+    b = make_group(["a:1"])
     with pytest.raises(IndexError):
         b.release(1)
     with pytest.raises(IndexError):
@@ -468,10 +481,10 @@ def listener(port=0):
     return s
 
 
-def test_health_tcp_checks_on_loopback_drive_a_balancer():
+def test_health_tcp_checks_on_loopback_drive_a_group():
     a, b_sock = listener(), listener()
     targets = [s.getsockname() for s in (a, b_sock)]
-    bal = Balancer(["127.0.0.1:%d" % p for _, p in targets])
+    bal = make_group(["127.0.0.1:%d" % p for _, p in targets])
     hc = HealthChecker(targets, bal.set_health, interval=0.05, timeout=1, rise=2, fall=2).start()
     try:
         time.sleep(0.3)

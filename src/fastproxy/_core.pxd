@@ -3,7 +3,7 @@
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from .includes.access cimport AclTable, RateTable
-from .includes.balance cimport BalanceCursor, BalanceGroup
+from .includes.balance cimport BalanceCursor, GroupC, UpstreamAddr, UpstreamCounters, UpstreamState
 from .includes.system cimport (epoll_event, fp_sem_t, pollfd, pthread_cond_t, pthread_mutex_t,
                                sockaddr_storage, socklen_t)
 
@@ -138,12 +138,6 @@ cdef struct HookCall:
     int64_t due_ns
 
 
-cdef struct UpstreamAddr:
-    sockaddr_storage sa
-    socklen_t salen
-    int family
-
-
 cdef struct Bridge:
     uint64_t id
     int cfd
@@ -173,13 +167,19 @@ cdef struct Bridge:
     uint8_t admitted     # holds a slot of the global limit (and counts in `active`)
     uint8_t ip_counted   # counted in the per-IP table
     uint8_t up_slot      # holds a slot on `upstream` (balance_release it)
+    uint8_t routed       # counts in Shared.routed.active (a route outside the group)
     uint8_t in_queue     # on the wait queue (guarded by WaitQueue.mu)
     uint8_t kicked       # a retry is on its way (guarded by WaitQueue.mu)
     int tries            # upstreams tried so far
     uint8_t *tried       # bitmap of failed upstreams, allocated on the first failure
     Bridge *wprev
     Bridge *wnext
-    int upstream         # index into Shared.upstreams, -1 if none (yet)
+    # The group the bridge was bridged with (a reference, taken when it
+    # first picks and moved when a retry picks from a newer group) and its
+    # upstream there; a swap leaves both alone.
+    GroupC *group
+    int upstream         # index into group, -1 if none (yet)
+    UpstreamCounters *uc # the upstream's (or routed) counters of this worker
     int addr             # which address is being tried
     UpstreamAddr *route  # on_connect chose an address outside the group
     int nroute
@@ -214,12 +214,6 @@ cdef struct Gauges:
     int64_t dropped_records
     int64_t hook_timeouts
     int64_t stale_answers
-
-
-# Where an upstream is; its slots and health are in Shared.group.
-cdef struct Upstream:
-    UpstreamAddr *addrs
-    int naddrs
 
 
 # Clients waiting for a slot, oldest first, across all workers.
@@ -281,6 +275,7 @@ cdef struct HookResult:
     uint32_t hold         # the last `hold` bytes kept wait for more (WAIT)
     UpstreamAddr *route
     int nroute
+    GroupC *group         # V_ROUTE to an upstream: the group `upstream` indexes (a reference)
 
 
 # What on_close and the access log learn of a bridge.
@@ -291,6 +286,7 @@ cdef struct CloseRecordC:
     uint8_t client_v4
     uint8_t reason
     uint8_t connected
+    GroupC *group         # a reference while the record waits, or NULL
     int upstream
     UpstreamAddr route
     uint64_t bytes_upstream
@@ -352,9 +348,11 @@ cdef struct Shared:
     int max_hold
     int pool_max         # idle pipes (or buffers) one worker keeps
     int hook_pool_max    # idle hook_read buffers: as many bytes as pool_max buffers
-    int nupstreams
-    Upstream *upstreams
-    BalanceGroup *group
+    # The current upstream group (one reference), swapped by the control
+    # plane; a worker rereads it when group_gen moves (worker_check_group).
+    GroupC *group
+    int64_t group_gen
+    UpstreamState routed          # on_connect routes outside the group (atomic gauges)
     int retries
     int64_t max_connections
     int64_t max_connections_per_ip    # 0: no per-IP limit
@@ -402,6 +400,9 @@ cdef struct Worker:
     int64_t last_event_ns  # busy polling: when the loop last had events
     int64_t drain_deadline_ns
     BalanceCursor cursor
+    GroupC *group         # the group `cursor` is built for; read by this worker only
+    int64_t group_gen     # the generation it saw (atomic: swap_group waits for it)
+    int64_t in_loop       # atomic: 1 while in worker_run's loop
     Bridge *thead[8]      # T_LISTS: timer lists, ordered by deadline
     Bridge *ttail[8]
     uint8_t *scratch      # PROXY headers are peeked into it
@@ -424,7 +425,20 @@ cdef struct Worker:
     Bridge **pbridges
     int cap_pfds
     Counters ctr
-    Counters *up_ctr      # per upstream, plus one for routes outside the group
+    UpstreamCounters routed   # on_connect routes outside the group
+
+
+cdef class UpstreamGroup:
+    cdef GroupC *g
+    cdef BalanceCursor cursor
+    cdef readonly str algorithm
+    cdef readonly tuple names
+    cdef readonly tuple upstreams
+    cdef readonly dict index
+    cdef GroupC *_alloc(self, int n) except NULL
+    cdef int _build_ring(self) except -1
+    cdef int _attach(self, int nworkers, int64_t generation) except -1
+    cdef int _index(self, int i) except -1
 
 
 cdef class Engine:
@@ -433,8 +447,8 @@ cdef class Engine:
     cdef int nworkers
     cdef int queues_ready
     cdef readonly str engine
-    cdef object _upstream_names
-    cdef object _balancer
+    cdef UpstreamGroup _group   # the current group (sh.group holds its own reference to the block)
+    cdef object _swap_lock
     cdef object _access     # keeps the tables the workers read alive
     cdef int _init_worker(self, Worker *w, int i) except -1
     cdef void _free(self) noexcept

@@ -8,7 +8,9 @@ on a thread of its own, asks for stats and asks workers to stop.
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memmove, memset, strerror
+from libc.string cimport memcmp, memcpy, memmove, memset, strcmp, strerror
+
+import threading
 
 from .includes.system cimport *
 from .includes.balance cimport *
@@ -84,8 +86,8 @@ cdef void counters_add(Counters *total, Counters *c) noexcept nogil:
 cdef class Engine:
     """The data plane of one listener: its workers, bridges and counters.
 
-    upstreams: [(name, [(family, sockaddr), ...]), ...] with numeric
-    addresses, already resolved. Durations are in seconds.
+    group: the UpstreamGroup to balance over (with resolved addresses);
+    swap_group() replaces it while workers serve. Durations are in seconds.
     """
 
     def __cinit__(self):
@@ -93,13 +95,12 @@ cdef class Engine:
         self.workers = NULL
         self.nworkers = 0
 
-    def __init__(self, int listen_fd, Balancer balancer, list upstreams, config, *,
+    def __init__(self, int listen_fd, UpstreamGroup group not None, config, *,
                  int hooks=0, int pool_max=64, int pipe_size=262144, int buf_size=65536,
                  int hook_read=262144):
         """config: a resolved fastproxy.config.Config, read by option name.
         hooks: the HOOK_* bits; the rest are sizes of the data plane's own."""
-        cdef int i, j, err
-        cdef Upstream *up
+        cdef int i, err
         cdef AccessList acl = None, accept_proxy_from = None
         cdef RateLimiter rate = None
         process, limits, access = config.process, config.limits, config.access
@@ -108,14 +109,15 @@ cdef class Engine:
         workers = process.workers
         if engine not in ENGINES:
             raise ValueError(f"engine {engine!r} is not available here")
-        if not upstreams or workers < 1 or len(upstreams) != len(balancer.names):
-            raise ValueError("an engine needs workers, and upstreams matching its balancer")
+        if workers < 1:
+            raise ValueError("an engine needs workers")
         if workers > 0xFFFF:
             raise ValueError("a hook call's handle names its worker in 16 bits")
-        # The group lives in the Balancer: holding it keeps it alive as long
-        # as the workers that read it.
-        self._balancer = balancer
-        self.sh.group = &balancer.group
+        group._attach(workers, 0)
+        self._group = group
+        self._swap_lock = threading.Lock()
+        group_ref(group.g)      # the current pointer's
+        self.sh.group = group.g
         self.sh.retries = config.retry_count
         self.sh.max_connections = limits.max_connections
         self.sh.max_connections_per_ip = limits.max_connections_per_ip or 0
@@ -175,19 +177,6 @@ cdef class Engine:
             queue_destroy(&self.sh)
             raise MemoryError()
         self.queues_ready = 1
-        self._upstream_names = [name for name, _ in upstreams]
-        self.sh.upstreams = <Upstream *>calloc(len(upstreams), sizeof(Upstream))
-        if self.sh.upstreams == NULL:
-            raise MemoryError()
-        for i, (name, addrs) in enumerate(upstreams):
-            up = &self.sh.upstreams[i]
-            up.addrs = <UpstreamAddr *>calloc(len(addrs), sizeof(UpstreamAddr))
-            if up.addrs == NULL:
-                raise MemoryError()
-            self.sh.nupstreams = i + 1
-            for j, (family, sa) in enumerate(addrs):
-                fill_sockaddr(&up.addrs[j], family, tuple(sa))
-                up.naddrs = j + 1
         self.workers = <Worker *>calloc(workers, sizeof(Worker))
         if self.workers == NULL:
             raise MemoryError()
@@ -212,16 +201,16 @@ cdef class Engine:
         w.pipe_pool = <int *>malloc(3 * self.sh.pool_max * sizeof(int))
         w.buf_pool = <char **>malloc(self.sh.pool_max * sizeof(char *))
         w.hook_pool = <char **>malloc(self.sh.hook_pool_max * sizeof(char *))
-        w.up_ctr = <Counters *>calloc(self.sh.nupstreams + 1, sizeof(Counters))
         pthread_mutex_init(&w.results.mu, NULL)
         if balance_cursor_init(self.sh.group, &w.cursor) < 0:
             raise MemoryError()
+        w.group = self.sh.group
         if self.sh.accept_proxy:
             w.scratch = <uint8_t *>malloc(16 + self.sh.proxy_header_max)
             if w.scratch == NULL:
                 raise MemoryError()
         w.events = <epoll_event *>malloc(MAX_EVENTS * sizeof(epoll_event))
-        if not (w.pipe_pool and w.buf_pool and w.hook_pool and w.up_ctr and w.events):
+        if not (w.pipe_pool and w.buf_pool and w.hook_pool and w.events):
             raise MemoryError()
         if self.sh.engine == ENGINE_EPOLL:
             r = fp_epoll_create()
@@ -278,14 +267,56 @@ cdef class Engine:
             n += <int>fp_atomic_get(&self.workers[i].accepting)
         return n
 
+    @property
+    def group(self):
+        """The current UpstreamGroup: new clients pick from it."""
+        return self._group
+
+    def swap_group(self, UpstreamGroup group not None):
+        """Make `group` (built for this engine, never attached before) the
+        one new clients pick from. Live bridges keep the group they were
+        bridged with, which is freed when the last of them ends (and its
+        object is gone). Returns once every running worker has moved to it."""
+        cdef UpstreamGroup old
+        cdef int64_t gen
+        cdef int i
+        cdef Worker *w
+        with self._swap_lock:
+            if self.workers == NULL:
+                raise RuntimeError("the engine is closed")
+            old = self._group
+            gen = fp_atomic_get(&self.sh.group_gen) + 1
+            group._attach(self.nworkers, gen)
+            group_ref(group.g)
+            fp_ptr_set(<void **>&self.sh.group, group.g)
+            fp_atomic_set(&self.sh.group_gen, gen)
+            fp_fence()
+            for i in range(self.nworkers):
+                write(self.workers[i].wake_w, b"x", 1)
+            # Until each worker has looked, one may be about to read the old
+            # pointer: its current reference is dropped only after.
+            with nogil:
+                for i in range(self.nworkers):
+                    w = &self.workers[i]
+                    while fp_atomic_get(&w.in_loop) and fp_atomic_get(&w.group_gen) < gen:
+                        usleep(200)
+            self._group = group
+            group_unref(old.g)
+            # Waiters get a retry each: the new group may have room where
+            # the old one was full (those still without one wait again).
+            with nogil:
+                for i in range(<int>fp_atomic_get(&self.sh.wait.count)):
+                    queue_kick(&self.sh)
+
     def stats(self):
         cdef Counters total
-        cdef Counters per
-        cdef int i, j
-        cdef UpstreamState *st
+        cdef UpstreamCounters routed
+        cdef int i
         memset(&total, 0, sizeof(Counters))
+        memset(&routed, 0, sizeof(UpstreamCounters))
         for i in range(self.nworkers):
             counters_add(&total, &self.workers[i].ctr)
+            upstream_counters_add(&routed, &self.workers[i].routed)
         result = counters_dict(&total)
         result["active"] = fp_atomic_get(&self.sh.gauges.active)
         result["peak_active"] = fp_atomic_get(&self.sh.gauges.peak_active)
@@ -293,18 +324,9 @@ cdef class Engine:
         result["dropped_records"] = fp_atomic_get(&self.sh.gauges.dropped_records)
         result["hook_timeouts"] = fp_atomic_get(&self.sh.gauges.hook_timeouts)
         result["stale_answers"] = fp_atomic_get(&self.sh.gauges.stale_answers)
-        ups = {}
-        for j in range(self.sh.nupstreams):
-            memset(&per, 0, sizeof(Counters))
-            for i in range(self.nworkers):
-                counters_add(&per, &self.workers[i].up_ctr[j])
-            d = counters_dict(&per)
-            for key in ("rejected", "queue_timeouts", "fd_exhausted", "denied",
-                        "rate_limited", "outside_window", "proxy_header_errors"):
-                del d[key]
-            d.update(self._balancer.state(j))
-            ups[self._upstream_names[j]] = d
-        result["upstreams"] = ups
+        result["upstreams"] = self._group.stats()
+        # Routes have no passive health: always "up".
+        result["routed"] = upstream_entry(&self.sh.routed, &routed, "up", True)
         return result
 
     # ---- hooks: called from the control plane's hook threads
@@ -359,9 +381,12 @@ cdef class Engine:
             at = cut
         return (ev.kind, handle, ev.id, ev.call - CALL_UP, chunks, client, ev.accepted_ns)
 
-    def answer_connect(self, handle, int verdict, int upstream=-1, list route=None):
+    def answer_connect(self, handle, int verdict, int upstream=-1, list route=None,
+                       UpstreamGroup group=None):
         """on_connect's answer: V_PROCEED, V_REFUSE, V_ERROR, or V_ROUTE to
-        a configured upstream index or to `route`, [(family, sockaddr)].
+        upstream index `upstream` of `group` (the name was looked up there;
+        None: the current group) or to `route`, [(family, sockaddr)]. After
+        a swap the worker takes the same name in the group then current.
         An answer to no call out (repeated, late, forged) is counted in
         stale_answers and dropped."""
         cdef HookResult res
@@ -369,6 +394,12 @@ cdef class Engine:
         res.kind = EVT_CONNECT
         res.verdict = <uint8_t>verdict
         res.upstream = upstream
+        if upstream >= 0 and not route:
+            if group is None:
+                group = self._group
+            group._index(upstream)
+            res.group = group.g
+            group_ref(res.group)
         if route:
             res.route = <UpstreamAddr *>calloc(len(route), sizeof(UpstreamAddr))
             if res.route == NULL:
@@ -445,12 +476,13 @@ cdef class Engine:
 
     def next_records(self, int max_records=1024, int timeout_ms=100):
         """Wait (GIL released) for close records; return a list of tuples
-        (id, client, upstream, route, bytes_up, bytes_down, accepted_ns,
+        (id, client, upstream name or None, route, bytes_up, bytes_down, accepted_ns,
         closed_ns, reason), [] on time-out, None once closed and empty."""
         cdef RecordRing *q = &self.sh.records
         cdef CloseRecordC *batch
         cdef CloseRecordC *rec
         cdef int n = 0, i, closed = 0
+        cdef GroupC *g
         if not self.queues_ready:
             return None
         batch = <CloseRecordC *>malloc(max_records * sizeof(CloseRecordC))
@@ -473,16 +505,19 @@ cdef class Engine:
             out = []
             for i in range(n):
                 rec = &batch[i]
+                g = rec.group
                 out.append((
                     rec.id,
                     format_client(rec.client_ip, rec.client_port, rec.client_v4),
-                    rec.upstream if rec.connected or rec.upstream >= 0 else -1,
+                    g.names[rec.upstream].decode() if g != NULL else None,
                     format_addr(&rec.route) if rec.route.family else None,
                     rec.bytes_upstream, rec.bytes_downstream,
                     rec.accepted_ns, rec.closed_ns, rec.reason,
                 ))
             return out
         finally:
+            for i in range(n):
+                group_unref(batch[i].group)
             free(batch)
 
     def close_hooks(self):
@@ -504,7 +539,11 @@ cdef class Engine:
 
     def close(self):
         """Free what the workers held. Only once every run_worker returned."""
-        self._free()
+        if self._swap_lock is None:
+            self._free()
+            return
+        with self._swap_lock:   # a swap in progress still reads the workers
+            self._free()
 
     cdef void _free(self) noexcept:
         cdef int i, j, fd
@@ -532,7 +571,6 @@ cdef class Engine:
                 free(w.pipe_pool)
                 free(w.buf_pool)
                 free(w.hook_pool)
-                free(w.up_ctr)
                 free(w.events)
                 free(w.bridges)
                 free(w.calls)
@@ -546,12 +584,9 @@ cdef class Engine:
             pthread_mutex_destroy(&self.sh.wait.mu)
             iptable_free(&self.sh.ips)
             self.queues_ready = 0
-        if self.sh.upstreams != NULL:
-            for j in range(self.sh.nupstreams):
-                free(self.sh.upstreams[j].addrs)
-            free(self.sh.upstreams)
-            self.sh.upstreams = NULL
-            self.sh.nupstreams = 0
+        if self.sh.group != NULL:
+            group_unref(self.sh.group)
+            self.sh.group = NULL
 
     def __dealloc__(self):
         self._free()

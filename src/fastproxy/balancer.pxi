@@ -1,8 +1,9 @@
-# Balancing: choosing an upstream of a group for each client and holding a
-# slot on it, and passive health. The C functions run on worker threads
-# without the GIL. Workers share the group, so what they change in it is
-# atomic; what only steers one worker's choices lives in its own cursor.
-# Balancer (at the end) owns a group, for the control plane and the tests.
+# Upstream groups: choosing an upstream of a group for each client and
+# holding a slot on it, passive health, and the group's lifetime. The C
+# functions run on worker threads without the GIL. Workers share the group,
+# so what they change in it is atomic; what only steers one worker's
+# choices lives in its own cursor. UpstreamGroup (at the end) builds a
+# group from parsed values, for the engine, the control plane and tests.
 
 from libc.stdlib cimport qsort
 from libc.string cimport memcpy
@@ -48,7 +49,7 @@ cdef inline void rng_seed(BalanceCursor *c, uint64_t seed) noexcept nogil:
 
 # ---- who may take a client now
 
-cdef int64_t usable(BalanceGroup *g, BalanceCursor *c, int i, int backup,
+cdef int64_t usable(GroupC *g, BalanceCursor *c, int i, int backup,
                     int64_t now) noexcept nogil:
     # Returns: the upstream's active count when it may take a client now,
     # else -1 (setting c.full when its limit is all that stands in the way).
@@ -74,7 +75,7 @@ cdef inline bint lighter(int64_t a_active, int a_weight, int64_t b_active,
 
 # ---- the algorithms: each returns an index or -1, reserving nothing
 
-cdef int pick_roundrobin(BalanceGroup *g, BalanceCursor *c, int backup,
+cdef int pick_roundrobin(GroupC *g, BalanceCursor *c, int backup,
                          int64_t now) noexcept nogil:
     # Smooth weighted round-robin (nginx's): every usable upstream gains its
     # weight, the richest is chosen and pays the total back, so 5/1/1 gives
@@ -93,7 +94,7 @@ cdef int pick_roundrobin(BalanceGroup *g, BalanceCursor *c, int backup,
     return best
 
 
-cdef int pick_leastconn(BalanceGroup *g, BalanceCursor *c, int backup,
+cdef int pick_leastconn(GroupC *g, BalanceCursor *c, int backup,
                         int64_t now) noexcept nogil:
     # The scan starts after the last choice, so ties go round-robin.
     cdef int k, i, best = -1
@@ -110,7 +111,7 @@ cdef int pick_leastconn(BalanceGroup *g, BalanceCursor *c, int backup,
     return best
 
 
-cdef int pick_weighted(BalanceGroup *g, BalanceCursor *c, int backup,
+cdef int pick_weighted(GroupC *g, BalanceCursor *c, int backup,
                        int64_t now, int64_t *active) noexcept nogil:
     # One weighted random draw in one pass: each usable upstream replaces
     # the draw with probability weight / (weights seen so far).
@@ -127,7 +128,7 @@ cdef int pick_weighted(BalanceGroup *g, BalanceCursor *c, int backup,
     return best
 
 
-cdef int pick_random(BalanceGroup *g, BalanceCursor *c, int backup,
+cdef int pick_random(GroupC *g, BalanceCursor *c, int backup,
                      int64_t now) noexcept nogil:
     # Power of two choices: of two weighted draws the lighter wins, the
     # first on a tie, so an idle group follows the weights.
@@ -142,7 +143,7 @@ cdef int pick_random(BalanceGroup *g, BalanceCursor *c, int backup,
     return i1
 
 
-cdef int ring_find(BalanceGroup *g, uint32_t h) noexcept nogil:
+cdef int ring_find(GroupC *g, uint32_t h) noexcept nogil:
     # Returns: the first point at or after hash h, wrapping round to 0.
     cdef uint64_t key = (<uint64_t>h) << 32
     cdef int lo = 0, hi = g.ring_len, mid
@@ -155,7 +156,7 @@ cdef int ring_find(BalanceGroup *g, uint32_t h) noexcept nogil:
     return lo if lo < g.ring_len else 0
 
 
-cdef int pick_source(BalanceGroup *g, BalanceCursor *c, uint32_t h, int backup,
+cdef int pick_source(GroupC *g, BalanceCursor *c, uint32_t h, int backup,
                      int64_t now) noexcept nogil:
     # The owner of the first ring point after the client's hash or, when it
     # cannot take the client, the next owner along the ring: an upstream
@@ -181,7 +182,7 @@ cdef int pick_source(BalanceGroup *g, BalanceCursor *c, uint32_t h, int backup,
     return -1
 
 
-cdef int pick_first(BalanceGroup *g, BalanceCursor *c, int backup,
+cdef int pick_first(GroupC *g, BalanceCursor *c, int backup,
                     int64_t now) noexcept nogil:
     cdef int i
     for i in range(g.n):
@@ -190,7 +191,7 @@ cdef int pick_first(BalanceGroup *g, BalanceCursor *c, int backup,
     return -1
 
 
-cdef int pick(BalanceGroup *g, BalanceCursor *c, uint32_t h, int backup,
+cdef int pick(GroupC *g, BalanceCursor *c, uint32_t h, int backup,
               int64_t now) noexcept nogil:
     if g.algorithm == BAL_LEASTCONN:
         return pick_leastconn(g, c, backup, now)
@@ -222,7 +223,7 @@ cdef bint slot_take(UpstreamSpec *s, UpstreamState *st) noexcept nogil:
     return 1
 
 
-cdef bint probe_claim(BalanceGroup *g, UpstreamState *st, int64_t now) noexcept nogil:
+cdef bint probe_claim(GroupC *g, UpstreamState *st, int64_t now) noexcept nogil:
     # An upstream whose fail_timeout ran out gets one client to probe it;
     # the others keep skipping it until that client's connect succeeds.
     cdef int64_t until = fp_atomic_get(&st.down_until_ns)
@@ -232,7 +233,7 @@ cdef bint probe_claim(BalanceGroup *g, UpstreamState *st, int64_t now) noexcept 
                                           now + g.fail_timeout_ns)
 
 
-cdef bint reserve(BalanceGroup *g, BalanceCursor *c, int i, int64_t now) noexcept nogil:
+cdef bint reserve(GroupC *g, BalanceCursor *c, int i, int64_t now) noexcept nogil:
     # Returns: 1 with a slot held on upstream i; 0 when another worker took
     # its last slot (c.full set) or its probe first.
     cdef UpstreamState *st = &g.state[i]
@@ -242,11 +243,11 @@ cdef bint reserve(BalanceGroup *g, BalanceCursor *c, int i, int64_t now) noexcep
     if not probe_claim(g, st, now):
         fp_atomic_add(&st.active, -1)
         return 0
-    fp_atomic_add(&st.total, 1)
+    fp_atomic_add(&st.accepted, 1)
     return 1
 
 
-cdef int balance_acquire(BalanceGroup *g, BalanceCursor *c, const uint8_t *client16,
+cdef int balance_acquire(GroupC *g, BalanceCursor *c, const uint8_t *client16,
                          const uint8_t *tried, int64_t now_ns) noexcept nogil:
     # Chooses an upstream for a client and holds a slot on it, given back
     # with balance_release. client16: the client's address as 16 bytes (IPv4 mapped);
@@ -274,19 +275,19 @@ cdef int balance_acquire(BalanceGroup *g, BalanceCursor *c, const uint8_t *clien
     return BALANCE_FULL if c.full else BALANCE_NONE
 
 
-cdef void balance_release(BalanceGroup *g, int i) noexcept nogil:
+cdef void balance_release(GroupC *g, int i) noexcept nogil:
     fp_atomic_add(&g.state[i].active, -1)
 
 
 # ---- health
 
-cdef inline bint note_change(BalanceGroup *g, bint changed) noexcept nogil:
+cdef inline bint note_change(GroupC *g, bint changed) noexcept nogil:
     if changed:
         fp_atomic_add(&g.changes, 1)
     return changed
 
 
-cdef int balance_connect_result(BalanceGroup *g, int i, bint ok,
+cdef int balance_connect_result(GroupC *g, int i, bint ok,
                                 int64_t now_ns) noexcept nogil:
     # Passive health: max_fails connect failures in a row mark upstream i
     # down for fail_timeout; a success brings it back.
@@ -310,7 +311,7 @@ cdef int balance_connect_result(BalanceGroup *g, int i, bint ok,
     return 0
 
 
-cdef int balance_set_health(BalanceGroup *g, int i, bint up) noexcept nogil:
+cdef int balance_set_health(GroupC *g, int i, bint up) noexcept nogil:
     # The active health checks' verdict on upstream i.
     # Returns: 1 when it changed (g.changes bumped), else 0.
     cdef int64_t was = fp_atomic_get(&g.state[i].health)
@@ -328,7 +329,7 @@ cdef void balance_cursor_free(BalanceCursor *c) noexcept nogil:
     c.skip = NULL
 
 
-cdef int balance_cursor_init(BalanceGroup *g, BalanceCursor *c) noexcept nogil:
+cdef int balance_cursor_init(GroupC *g, BalanceCursor *c) noexcept nogil:
     # Returns: 0, or -ENOMEM with nothing held.
     memset(c, 0, sizeof(BalanceCursor))
     c.n = g.n
@@ -348,50 +349,142 @@ cdef int cmp_u64(const void *a, const void *b) noexcept nogil:
     return (x > y) - (x < y)
 
 
-cdef class Balancer:
-    """An upstream group and how clients are spread over it.
+# ---- a group's lifetime: reference counted, freed without the GIL
 
-    upstreams: fastproxy.Upstream objects or their strings
-    ("HOST:PORT[@WEIGHT][,max-connections=N][,backup]"); algorithm: one of
+# Group blocks allocated and not yet freed, in this process (atomic): what
+# tests watch to see a retired group go, and nothing leak.
+cdef int64_t group_blocks = 0
+
+
+cdef void group_free(GroupC *g) noexcept nogil:
+    cdef int i
+    if g.addrs != NULL:
+        for i in range(g.n):
+            free(g.addrs[i].addrs)
+    if g.names != NULL:
+        for i in range(g.n):
+            free(g.names[i])
+    free(g.addrs)
+    free(g.names)
+    free(g.spec)
+    free(g.state)
+    free(g.ring)
+    free(g.ctr)
+    free(g)
+    fp_atomic_add(&group_blocks, -1)
+
+
+cdef inline void group_ref(GroupC *g) noexcept nogil:
+    fp_ref_add(&g.refs, 1)
+
+
+cdef inline void group_unref(GroupC *g) noexcept nogil:
+    # Whichever holder drops the last reference frees the block: a worker
+    # ending the last bridge of a retired group, or the control plane.
+    if g != NULL and fp_ref_add(&g.refs, -1) == 0:
+        group_free(g)
+
+
+cdef int group_find(GroupC *g, const char *name) noexcept nogil:
+    # Returns: the index of the upstream called `name` in g, or -1.
+    cdef int i
+    for i in range(g.n):
+        if strcmp(g.names[i], name) == 0:
+            return i
+    return -1
+
+
+cdef dict upstream_entry(UpstreamState *st, UpstreamCounters *sum, str state,
+                         bint health):
+    return {
+        "state": state,
+        "health": "up" if health else "down",
+        "active": fp_atomic_get(&st.active),
+        "peak_active": fp_atomic_get(&st.peak_active),
+        "accepted": fp_atomic_get(&st.accepted),
+        "consecutive_failures": fp_atomic_get(&st.fails),
+        "bytes_upstream": sum.bytes_upstream,
+        "bytes_downstream": sum.bytes_downstream,
+        "connect_failures": sum.connect_failures,
+    }
+
+
+cdef void upstream_counters_add(UpstreamCounters *total, UpstreamCounters *c) noexcept nogil:
+    total.bytes_upstream += fp_load(&c.bytes_upstream)
+    total.bytes_downstream += fp_load(&c.bytes_downstream)
+    total.connect_failures += fp_load(&c.connect_failures)
+
+
+cdef class UpstreamGroup:
+    """The upstreams a listener balances over, and how clients are spread.
+
+    upstreams: parsed upstreams (fastproxy.Upstream, read by attribute:
+    address, weight, max_connections, backup); addresses: per upstream, its
+    resolved [(family, sockaddr), ...] with numeric hosts, or None for a
+    group that only chooses (tests; an engine refuses it). balance: one of
     BALANCE_ALGORITHMS; max_fails consecutive connect failures (0: never)
     mark an upstream down for fail_timeout seconds.
 
-    The data plane shares `self.group` (kept alive by holding this object)
-    and gives each worker a cursor (balance_cursor_init). The methods here
-    serve the control plane and tests, with a cursor of their own.
+    The data plane shares the C block (reference counted: this object, the
+    engine while the group is current, and each bridge bridged with it hold
+    one). The methods serve the control plane and tests, with a cursor of
+    their own.
     """
 
-    cdef BalanceGroup group
-    cdef BalanceCursor cursor
-    cdef readonly str algorithm
-    cdef readonly tuple names
-
     def __cinit__(self):
-        memset(&self.group, 0, sizeof(BalanceGroup))
+        self.g = NULL
         memset(&self.cursor, 0, sizeof(BalanceCursor))
 
-    def __init__(self, upstreams, str algorithm="roundrobin", *, int max_fails=3,
-                 double fail_timeout=10.0, seed=None):
-        from .upstreams import parse_upstream
-        specs = [parse_upstream(u, "upstreams") for u in upstreams]
-        if not specs:
-            raise ValueError("a balancer needs upstreams")
-        if algorithm not in BALANCE_ALGORITHMS:
-            raise ValueError(f"unknown balancing algorithm {algorithm!r}")
-        if self.group.n:
-            raise RuntimeError("a Balancer is built once: workers may share its group")
-        self._alloc(len(specs))
-        g = &self.group
-        g.algorithm = BALANCE_ALGORITHMS.index(algorithm)
+    def __init__(self, upstreams, addresses=None, *, str balance="roundrobin",
+                 int max_fails=3, double fail_timeout=10.0, seed=None):
+        cdef GroupC *g
+        cdef int i, j
+        ups = tuple(upstreams)
+        if not ups:
+            raise ValueError("an upstream group needs upstreams")
+        if balance not in BALANCE_ALGORITHMS:
+            raise ValueError(f"unknown balancing algorithm {balance!r}")
+        if addresses is not None:
+            addresses = list(addresses)
+            if len(addresses) != len(ups):
+                raise ValueError(f"{len(addresses)} address lists for {len(ups)} upstreams")
+        if self.g != NULL:
+            raise RuntimeError("an UpstreamGroup is built once: workers may share it")
+        names = tuple(str(u.address) for u in ups)
+        if len(set(names)) != len(names):
+            raise ValueError("an upstream is listed twice")
+        for u in ups:
+            if not 0 <= u.weight <= 256:
+                raise ValueError(f"upstream {u.address}: weight {u.weight} is out of range (0-256)")
+        self.g = g = self._alloc(len(ups))
+        g.algorithm = BALANCE_ALGORITHMS.index(balance)
         g.max_fails = max(0, max_fails)
         g.fail_timeout_ns = seconds_to_ns(fail_timeout)
-        for i, u in enumerate(specs):
+        for i, u in enumerate(ups):
             g.spec[i].weight = u.weight
-            g.spec[i].backup = u.backup
+            g.spec[i].backup = bool(u.backup)
             g.spec[i].max_connections = u.max_connections or 0
             g.state[i].health = 1
-        self.names = tuple(u.address for u in specs)
-        self.algorithm = algorithm
+            key = names[i].encode()
+            g.names[i] = <char *>malloc(len(key) + 1)
+            if g.names[i] == NULL:
+                raise MemoryError()
+            memcpy(g.names[i], <char *>key, len(key) + 1)
+            if addresses is None:
+                continue
+            addrs = list(addresses[i])
+            if not addrs:
+                raise ValueError(f"upstream {names[i]}: no address")
+            g.addrs[i].addrs = <UpstreamAddr *>calloc(len(addrs), sizeof(UpstreamAddr))
+            if g.addrs[i].addrs == NULL:
+                raise MemoryError()
+            for j, (family, sa) in enumerate(addrs):
+                fill_sockaddr(&g.addrs[i].addrs[j], family, tuple(sa))
+                g.addrs[i].naddrs = j + 1
+        self.names = names
+        self.upstreams = ups
+        self.index = {name: i for i, name in enumerate(names)}
+        self.algorithm = balance
         if g.algorithm == BAL_SOURCE:
             self._build_ring()
         if balance_cursor_init(g, &self.cursor) < 0:
@@ -399,22 +492,30 @@ cdef class Balancer:
         if seed is not None:
             rng_seed(&self.cursor, <uint64_t>(hash(seed) & 0xffffffffffffffff))
 
-    cdef int _alloc(self, int n) except -1:
+    cdef GroupC *_alloc(self, int n) except NULL:
         cdef void *state = NULL
-        self.group.spec = <UpstreamSpec *>calloc(n, sizeof(UpstreamSpec))
+        cdef GroupC *g = <GroupC *>calloc(1, sizeof(GroupC))
+        if g == NULL:
+            raise MemoryError()
+        fp_atomic_add(&group_blocks, 1)
+        g.refs = 1    # this object's
+        g.n = n
+        g.spec = <UpstreamSpec *>calloc(n, sizeof(UpstreamSpec))
+        g.addrs = <UpstreamAddrs *>calloc(n, sizeof(UpstreamAddrs))
+        g.names = <char **>calloc(n, sizeof(char *))
         # Aligned to a cache line, so the padding of UpstreamState works.
         if posix_memalign(&state, 64, n * sizeof(UpstreamState)) == 0:
-            self.group.state = <UpstreamState *>state
-        if self.group.spec == NULL or self.group.state == NULL:
+            g.state = <UpstreamState *>state
+            memset(state, 0, n * sizeof(UpstreamState))
+        if g.spec == NULL or g.state == NULL or g.addrs == NULL or g.names == NULL:
+            group_free(g)
             raise MemoryError()
-        memset(state, 0, n * sizeof(UpstreamState))
-        self.group.n = n
-        return 0
+        return g
 
     cdef int _build_ring(self) except -1:
         # Points hash the address, not the index: a group rebuilt without
         # one upstream keeps every other upstream's points where they were.
-        cdef BalanceGroup *g = &self.group
+        cdef GroupC *g = self.g
         cdef int i, v, k = 0
         cdef bytes key
         cdef uint64_t base
@@ -438,27 +539,53 @@ cdef class Balancer:
         qsort(g.ring, k, sizeof(uint64_t), cmp_u64)
         return 0
 
-    cdef void _free(self) noexcept:
-        balance_cursor_free(&self.cursor)
-        free(self.group.spec)
-        free(self.group.state)
-        free(self.group.ring)
-        memset(&self.group, 0, sizeof(BalanceGroup))
+    cdef int _attach(self, int nworkers, int64_t generation) except -1:
+        # Called by the engine (with the GIL) before its workers may see the
+        # group: the per-worker counters get their size here.
+        cdef GroupC *g = self.g
+        cdef int i
+        if g == NULL:
+            raise ValueError("this upstream group was never built")
+        if g.nworkers:
+            raise ValueError("this upstream group already serves an engine; build a new one")
+        for i in range(g.n):
+            if g.addrs[i].naddrs == 0:
+                raise ValueError(f"upstream {self.names[i]} has no resolved address")
+        g.ctr = <UpstreamCounters *>calloc(<size_t>nworkers * g.n, sizeof(UpstreamCounters))
+        if g.ctr == NULL:
+            raise MemoryError()
+        g.nworkers = nworkers
+        g.generation = generation
+        return 0
 
     def __dealloc__(self):
-        self._free()
+        balance_cursor_free(&self.cursor)
+        group_unref(self.g)
+        self.g = NULL
 
     def __len__(self):
-        return self.group.n
+        return self.g.n
 
     cdef int _index(self, int i) except -1:
-        if not 0 <= i < self.group.n:
-            raise IndexError(f"no upstream {i} in a group of {self.group.n}")
+        if not 0 <= i < self.g.n:
+            raise IndexError(f"no upstream {i} in a group of {self.g.n}")
         return i
 
     @staticmethod
     def _now(now_ns):
         return fp_now_ns() if now_ns is None else now_ns
+
+    @property
+    def refs(self):
+        """References held on the C block: this object's, the engine's while
+        the group is current, one per live bridge (and close record in
+        flight)."""
+        return fp_atomic_get(&self.g.refs)
+
+    @property
+    def live_bridges(self):
+        """Bridges bridged with this group that have not closed yet."""
+        return fp_atomic_get(&self.g.bridges)
 
     def acquire(self, str client_ip="127.0.0.1", tried=(), now_ns=None):
         """Choose an upstream for a client from `client_ip`, avoiding the
@@ -466,48 +593,53 @@ cdef class Balancer:
         release()). Returns its index, -1 when none is up, -2 when those
         that are up are all at their max_connections."""
         cdef uint8_t key[16]
-        cdef bytearray tried_bits = bytearray(balance_tried_bytes(self.group.n))
+        cdef bytearray tried_bits = bytearray(balance_tried_bytes(self.g.n))
         cdef uint8_t *bits = <uint8_t *><char *>tried_bits
         for i in tried:
             bits_set(bits, self._index(i))
         addr16_from_py(client_ip, key)
-        return balance_acquire(&self.group, &self.cursor, key, bits, self._now(now_ns))
+        return balance_acquire(self.g, &self.cursor, key, bits, self._now(now_ns))
 
     def release(self, int i):
-        balance_release(&self.group, self._index(i))
+        balance_release(self.g, self._index(i))
 
     def connect_result(self, int i, bint ok, now_ns=None):
         """Passive health. Returns True when this marked upstream i down or
         back up."""
-        return bool(balance_connect_result(&self.group, self._index(i), ok,
+        return bool(balance_connect_result(self.g, self._index(i), ok,
                                            self._now(now_ns)))
 
     def set_health(self, int i, bint up):
         """The active health checks' verdict. Returns True when it changed."""
-        return bool(balance_set_health(&self.group, self._index(i), up))
+        return bool(balance_set_health(self.g, self._index(i), up))
 
     @property
     def changes(self):
         """Bumped at each up/down transition (passive or active): poll it to
         learn when to look at state() again."""
-        return fp_atomic_get(&self.group.changes)
+        return fp_atomic_get(&self.g.changes)
 
     def state(self, int i, now_ns=None):
-        cdef UpstreamState *st = &self.group.state[self._index(i)]
+        """Upstream i's state and counters (the counters are 0 until the
+        group serves an engine)."""
+        cdef UpstreamState *st = &self.g.state[self._index(i)]
         cdef bint health = fp_atomic_get(&st.health) != 0
         cdef bint failed = fp_atomic_get(&st.down_until_ns) > self._now(now_ns)
-        if self.group.spec[i].weight == 0:
+        cdef UpstreamCounters sum
+        cdef int k
+        memset(&sum, 0, sizeof(UpstreamCounters))
+        for k in range(self.g.nworkers):
+            upstream_counters_add(&sum, &self.g.ctr[k * self.g.n + i])
+        if self.g.spec[i].weight == 0:
             state = "drained"
         else:
             state = "up" if health and not failed else "down"
-        return {
-            "state": state,
-            "health": "up" if health else "down",
-            "active": fp_atomic_get(&st.active),
-            "peak_active": fp_atomic_get(&st.peak_active),
-            "total": fp_atomic_get(&st.total),
-            "consecutive_failures": fp_atomic_get(&st.fails),
-        }
+        return upstream_entry(st, &sum, state, health)
+
+    def stats(self):
+        """{name: state(i)} for every upstream, in order."""
+        cdef int64_t now = fp_now_ns()
+        return {name: self.state(i, now) for i, name in enumerate(self.names)}
 
     def _stress(self, int rounds, int hold):
         """Test and benchmark support: `rounds` times, take up to `hold`
@@ -518,7 +650,8 @@ cdef class Balancer:
         cdef int *held = <int *>malloc(max(hold, 1) * sizeof(int))
         cdef int r, k, got, i
         cdef int64_t taken = 0, now
-        if held == NULL or balance_cursor_init(&self.group, &c) < 0:
+        cdef GroupC *g = self.g
+        if held == NULL or balance_cursor_init(g, &c) < 0:
             free(held)
             raise MemoryError()
         memset(key, 0, 16)
@@ -527,14 +660,19 @@ cdef class Balancer:
                 now = fp_now_ns()
                 got = 0
                 for k in range(hold):
-                    i = balance_acquire(&self.group, &c, key, NULL, now)
+                    i = balance_acquire(g, &c, key, NULL, now)
                     if i < 0:
                         break
                     held[got] = i
                     got += 1
                 taken += got
                 for k in range(got):
-                    balance_release(&self.group, held[k])
+                    balance_release(g, held[k])
         balance_cursor_free(&c)
         free(held)
         return taken
+
+
+def live_group_blocks():
+    """Upstream group C blocks allocated and not yet freed in this process."""
+    return fp_atomic_get(&group_blocks)

@@ -277,6 +277,7 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
     if w.sh.hooks & HOOK_RECORDS:
         now = fp_now_ns()
         record_push(w, b, now)
+    bridge_drop_group(b)
     b.state = B_CLOSED
     # Freed after the event batch, since later events of this batch may
     # name it; or, while a hook has it, when the hook answers.
@@ -291,8 +292,7 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
 
 
 cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
-    cdef int ui = b.upstream if b.upstream >= 0 else w.sh.nupstreams
-    cdef Counters *uc = &w.up_ctr[ui]
+    cdef UpstreamCounters *uc = b.uc if b.uc != NULL else &w.routed
     cdef uint64_t moved = b.up.bytes + b.down.bytes
     cdef int r = flow_run(w, b, &b.up, b.cfd, b.ufd, &b.c_rd, &b.u_wr, 0,
                           &w.ctr.bytes_upstream, &uc.bytes_upstream)

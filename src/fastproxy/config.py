@@ -85,10 +85,6 @@ class Config:
         return dataclasses.replace(self, process=process, limits=limits, listener=listener)
 
     @property
-    def upstream_names(self) -> Tuple[str, ...]:
-        return tuple(u.address for u in self.upstream_group.upstreams)
-
-    @property
     def retry_count(self) -> int:
         retries: Optional[int] = self.balancing.retries
         return len(self.upstream_group.upstreams) - 1 if retries is None else retries

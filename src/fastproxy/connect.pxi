@@ -1,5 +1,5 @@
 # From accept to a connected upstream: the client's address, admission
-# (limits, the wait queue, on_connect), the balancer's choice, the connect
+# (limits, the wait queue, on_connect), the group's choice, the connect
 # itself, and retries on the next address or the next upstream.
 
 
@@ -174,9 +174,9 @@ cdef void bridge_queue_timeout(Worker *w, Bridge *b) noexcept nogil:
     bridge_close(w, b, TIMEOUT, 0, 0)
 
 
-cdef int balance_take(BalanceGroup *g, BalanceCursor *c, int i, int64_t now) noexcept nogil:
+cdef int balance_take(GroupC *g, BalanceCursor *c, int i, int64_t now) noexcept nogil:
     # on_connect named upstream i: its health and limits apply as if the
-    # balancer had chosen it. Returns: i, BALANCE_FULL or BALANCE_NONE.
+    # algorithm had chosen it. Returns: i, BALANCE_FULL or BALANCE_NONE.
     memset(c.skip, 0, balance_tried_bytes(g.n))
     c.full = 0
     if usable(g, c, i, g.spec[i].backup, now) >= 0 and reserve(g, c, i, now):
@@ -184,16 +184,47 @@ cdef int balance_take(BalanceGroup *g, BalanceCursor *c, int i, int64_t now) noe
     return BALANCE_FULL if c.full else BALANCE_NONE
 
 
+cdef void bridge_set_group(Bridge *b, GroupC *g) noexcept nogil:
+    # The bridge picks from g from now on: it holds a reference to g, and
+    # gives back the one on the group it picked from before (holding no
+    # slot there), whose indexes its `tried` bitmap no longer means.
+    if b.group == g:
+        return
+    bridge_drop_group(b)
+    free(b.tried)
+    b.tried = NULL
+    b.upstream = -1
+    b.uc = NULL
+    if g != NULL:
+        group_ref(g)
+        fp_atomic_add(&g.bridges, 1)
+    b.group = g
+
+
+cdef void bridge_drop_group(Bridge *b) noexcept nogil:
+    # Of a closing bridge, or one moving to a newer group; the last bridge
+    # of a retired group frees it here.
+    cdef GroupC *g = b.group
+    if g == NULL:
+        return
+    b.group = NULL
+    fp_atomic_add(&g.bridges, -1)
+    group_unref(g)
+
+
 cdef void bridge_start_upstream(Worker *w, Bridge *b, int chosen, int64_t now) noexcept nogil:
-    # Takes an upstream (the one on_connect chose, or the balancer's choice,
-    # or none when on_connect gave an address of its own) and connects.
+    # Takes an upstream of the current group (the one on_connect chose, or
+    # the algorithm's choice), or none when on_connect gave an address of its
+    # own, and connects.
     cdef int i, r
     cdef bint retry = b.state == B_QUEUED   # a waiter's retry keeps its place
+    cdef GroupC *g = w.group
     if b.route == NULL:
+        bridge_set_group(b, g)
         if chosen >= 0:
-            i = balance_take(w.sh.group, &w.cursor, chosen, now)
+            i = balance_take(g, &w.cursor, chosen, now)
         else:
-            i = balance_acquire(w.sh.group, &w.cursor, b.client_ip, b.tried, now)
+            i = balance_acquire(g, &w.cursor, b.client_ip, b.tried, now)
         if i == BALANCE_FULL:
             if not queue_wait(w, b, retry, now):
                 bridge_reject(w, b)
@@ -205,10 +236,15 @@ cdef void bridge_start_upstream(Worker *w, Bridge *b, int chosen, int64_t now) n
             return
         b.upstream = i
         b.up_slot = 1
+        b.uc = &g.ctr[w.id * g.n + i]
         b.addr = 0
         b.state = B_CONNECTING
         timer_del(w, b, SLOT_PHASE)
-        fp_bump(&w.up_ctr[i].accepted, 1)
+    elif not b.routed:
+        b.uc = &w.routed
+        b.routed = 1
+        fp_atomic_add(&w.sh.routed.accepted, 1)
+        fp_atomic_max(&w.sh.routed.peak_active, fp_atomic_add(&w.sh.routed.active, 1))
     r = bridge_connect(w, b, -ECONNREFUSED, now)
     if r < 0:
         bridge_upstream_failed(w, b, r, now)
@@ -218,8 +254,8 @@ cdef inline UpstreamAddr *bridge_addrs(Worker *w, Bridge *b, int *n) noexcept no
     if b.route != NULL:
         n[0] = b.nroute
         return b.route
-    n[0] = w.sh.upstreams[b.upstream].naddrs
-    return w.sh.upstreams[b.upstream].addrs
+    n[0] = b.group.addrs[b.upstream].naddrs
+    return b.group.addrs[b.upstream].addrs
 
 
 cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nogil:
@@ -264,7 +300,7 @@ cdef bint bridge_connected(Worker *w, Bridge *b) noexcept nogil:
     timer_del(w, b, SLOT_PHASE)
     b.state = B_ACTIVE
     if b.up_slot:
-        balance_connect_result(w.sh.group, b.upstream, 1, fp_now_ns())
+        balance_connect_result(b.group, b.upstream, 1, fp_now_ns())
     if w.sh.send_proxy and not bridge_send_header(w, b):
         bridge_close(w, b, UPSTREAM_RESET, 1, 1)
         return 0
@@ -305,16 +341,16 @@ cdef void bridge_upstream_failed(Worker *w, Bridge *b, int err, int64_t now) noe
     # No address of the upstream answered. It is counted (passive health),
     # then another upstream is tried while retries are left: a client sees
     # a failure only when no healthy upstream could take it.
-    cdef int ui = b.upstream if b.upstream >= 0 else w.sh.nupstreams
     if err == -EMFILE or err == -ENFILE:
         # Our fd shortage says nothing of the upstream's health.
         bridge_close(w, b, REFUSED, 0, 0)
         fp_bump(&w.ctr.fd_exhausted, 1)
         worker_pause_accept(w, fp_now_ns())
         return
-    fp_bump(&w.up_ctr[ui].connect_failures, 1)
+    if b.uc != NULL:
+        fp_bump(&b.uc.connect_failures, 1)
     if b.up_slot and b.route == NULL:
-        balance_connect_result(w.sh.group, b.upstream, 0, now)
+        balance_connect_result(b.group, b.upstream, 0, now)
         if upstream_release(w, b):
             queue_kick(w.sh)
         if b.tries < w.sh.retries and bridge_mark_tried(w, b) == 0:
@@ -328,7 +364,7 @@ cdef void bridge_upstream_failed(Worker *w, Bridge *b, int err, int64_t now) noe
 cdef int bridge_mark_tried(Worker *w, Bridge *b) noexcept nogil:
     # Returns: 0, or -ENOMEM (no retry then).
     if b.tried == NULL:
-        b.tried = <uint8_t *>calloc(1, balance_tried_bytes(w.sh.group.n))
+        b.tried = <uint8_t *>calloc(1, balance_tried_bytes(b.group.n))
         if b.tried == NULL:
             return -ENOMEM
     bits_set(b.tried, b.upstream)
@@ -347,8 +383,34 @@ cdef void bridge_ask_connect(Worker *w, Bridge *b) noexcept nogil:
     b.state = B_HOOK
 
 
+cdef int route_to_current(Worker *w, Bridge *b, HookResult *res) noexcept nogil:
+    # on_connect named an upstream of res.group; the bridge picks from the
+    # group current now. Returns: its index there (the same upstream by
+    # name after a swap); -1 with b.route set to its addresses when the
+    # current group no longer has it (it is then a route, counted as one);
+    # -ENOMEM.
+    cdef GroupC *g = w.group
+    cdef GroupC *named = res.group
+    cdef int i
+    if named == NULL or res.upstream < 0:
+        return -1
+    if named == g:
+        return res.upstream
+    i = group_find(g, named.names[res.upstream])
+    if i >= 0:
+        return i
+    i = named.addrs[res.upstream].naddrs
+    b.route = <UpstreamAddr *>malloc(i * sizeof(UpstreamAddr))
+    if b.route == NULL:
+        return -ENOMEM
+    memcpy(b.route, named.addrs[res.upstream].addrs, i * sizeof(UpstreamAddr))
+    b.nroute = i
+    return -1
+
+
 cdef void bridge_connect_answer(Worker *w, Bridge *b, HookResult *res,
                                 int64_t now) noexcept nogil:
+    cdef int i
     if res.verdict == V_PROCEED:
         bridge_start_upstream(w, b, -1, now)
     elif res.verdict == V_ROUTE:
@@ -356,7 +418,13 @@ cdef void bridge_connect_answer(Worker *w, Bridge *b, HookResult *res,
             b.route = res.route
             b.nroute = res.nroute
             res.route = NULL
-        bridge_start_upstream(w, b, res.upstream, now)
+            bridge_start_upstream(w, b, -1, now)
+        else:
+            i = route_to_current(w, b, res)
+            if i == -ENOMEM:
+                bridge_close(w, b, HOOK_ERROR, 0, 0)
+            else:
+                bridge_start_upstream(w, b, i, now)
     else:
         bridge_close(w, b, HOOK_ERROR if res.verdict == V_ERROR else REFUSED, 0, 0)
     hook_result_free(res)

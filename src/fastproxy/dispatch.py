@@ -78,7 +78,6 @@ class HookRunner:
         self,
         engine: "_core.Engine",
         hooks: Hooks,
-        upstream_names: Tuple[str, ...],
         listener_address: Tuple[str, int],
         threads: int,
         access_log: Optional[IO[str]],
@@ -89,8 +88,6 @@ class HookRunner:
         self.engine = engine
         self.max_hold = max_hold
         self.hooks = hooks
-        self.names = list(upstream_names)
-        self.index = {name: i for i, name in enumerate(upstream_names)}
         self.listener = listener_address
         self.access_log = access_log
         self.loop = loop
@@ -236,7 +233,7 @@ class HookRunner:
         self._answer_connect(handle, lambda: fn(conn), conn)
 
     def _answer_connect(self, handle: int, call: Callable[[], Any], conn: Connection) -> None:
-        upstream, route = -1, None
+        upstream, route, group = -1, None, None
         try:
             result = call()
             if result is None or result is True:
@@ -245,15 +242,18 @@ class HookRunner:
                 verdict = V_REFUSE
             elif isinstance(result, str):
                 verdict = V_ROUTE
-                upstream, route = route_target(result, self.index)
+                # Looked up in the group current now; the worker maps the
+                # name again if the group is swapped before it picks.
+                group = self.engine.group
+                upstream, route = route_target(result, group.index)
             else:
                 raise TypeError(f"on_connect returned {type(result).__name__}: expected None, bool or 'host:port'")
         except BaseException:
             # SystemExit, KeyboardInterrupt and CancelledError too: an
             # unanswered call would park its bridge and end this thread.
             self.errors.report("on_connect")
-            verdict, upstream, route = V_ERROR, -1, None
-        self.engine.answer_connect(handle, verdict, upstream, route)
+            verdict, upstream, route, group = V_ERROR, -1, None, None
+        self.engine.answer_connect(handle, verdict, upstream, route, group)
 
     def _on_data(self, handle: int, ident: int, direction: int, chunks: List[bytes], client: Tuple[str, int],
                  accepted_ns: int) -> None:
@@ -332,7 +332,7 @@ class HookRunner:
     def _record(self, raw: tuple) -> Tuple[Connection, CloseRecord]:
         ident, client, upstream, route, up, down, accepted_ns, closed_ns, reason = raw
         accepted_at = self._epoch_offset + accepted_ns / 1e9
-        name = route if route is not None else (self.names[upstream] if upstream >= 0 else None)
+        name = route if route is not None else upstream
         conn = Connection(ident, client, self.listener, accepted_at)
         record = CloseRecord(ident, client, name, up, down, (closed_ns - accepted_ns) / 1e9, accepted_at,
                              CloseReason(reason))

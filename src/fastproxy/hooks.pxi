@@ -42,6 +42,9 @@ cdef int queue_init(Shared *sh, int hook_threads) noexcept nogil:
 
 
 cdef void queue_destroy(Shared *sh) noexcept nogil:
+    cdef int i
+    for i in range(sh.records.count):
+        group_unref(sh.records.items[(sh.records.head + i) % sh.records.cap].group)
     pthread_mutex_destroy(&sh.events.mu)
     fp_sem_destroy(&sh.events.wake)
     pthread_mutex_destroy(&sh.records.mu)
@@ -340,6 +343,10 @@ cdef void record_push(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     rec.client_v4 = b.client_v4
     rec.reason = b.reason
     rec.upstream = b.upstream
+    # The record names the upstream after a swap too: it keeps the group.
+    rec.group = b.group if b.upstream >= 0 else NULL
+    if rec.group != NULL:
+        group_ref(rec.group)
     rec.connected = b.state == B_ACTIVE or b.up.bytes != 0 or b.down.bytes != 0
     if b.route != NULL and b.addr < b.nroute:
         rec.route = b.route[b.addr]
@@ -384,6 +391,8 @@ cdef void hook_result_free(HookResult *res) noexcept nogil:
         free(res.buf)
     free(res.route)
     res.route = NULL
+    group_unref(res.group)
+    res.group = NULL
 
 
 cdef void limbo_release(Worker *w, Bridge *b) noexcept nogil:

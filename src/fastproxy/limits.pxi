@@ -211,7 +211,7 @@ cdef inline bint upstream_release(Worker *w, Bridge *b) noexcept nogil:
     # Returns: 1 when a slot was given back (the caller kicks the queue).
     if not b.up_slot:
         return 0
-    balance_release(w.sh.group, b.upstream)
+    balance_release(b.group, b.upstream)
     b.up_slot = 0
     return 1
 
@@ -221,6 +221,9 @@ cdef void slots_release(Worker *w, Bridge *b) noexcept nogil:
     # freed: two kicks would send two waiters racing (on two workers) for
     # what may be one slot, and the later could win.
     cdef bint freed = upstream_release(w, b)
+    if b.routed:
+        fp_atomic_add(&w.sh.routed.active, -1)
+        b.routed = 0
     if b.ip_counted:
         ip_give(&w.sh.ips, b.client_ip)
         b.ip_counted = 0

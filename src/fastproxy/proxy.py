@@ -194,15 +194,16 @@ class Proxy:
             cfg = self.config = self.config.resolve(
                 engine=choose_engine(self.config.process.engine),
                 max_connections=default_max_connections(budget))
-            group = cfg.upstream_group.upstreams
-            upstreams = [(u.address, resolve_upstream((u.host, u.port))) for u in group]
-            balancer = _core.Balancer(group, cfg.balancing.balance, max_fails=cfg.balancing.max_fails,
-                                      fail_timeout=cfg.balancing.fail_timeout)
+            upstreams = cfg.upstream_group.upstreams
+            group = _core.UpstreamGroup(
+                upstreams, [resolve_upstream((u.host, u.port)) for u in upstreams],
+                balance=cfg.balancing.balance, max_fails=cfg.balancing.max_fails,
+                fail_timeout=cfg.balancing.fail_timeout)
             workers = cfg.process.workers
             sock = listen_socket(cfg.listener.listen)
             try:
                 engine = _core.Engine(
-                    sock.fileno(), balancer, upstreams, cfg,
+                    sock.fileno(), group, cfg,
                     hooks=self._hooks.flags(cfg.hooks.access_log is not None),
                     pool_max=pipe_pool_size(budget, workers),
                 )
@@ -226,11 +227,11 @@ class Proxy:
                 sock.close()
                 engine.close()
                 raise ConfigError("access_log", cfg.hooks.access_log, exc.strerror or str(exc)) from None
-            self._runner = HookRunner(engine, self._hooks, cfg.upstream_names, self.address,
+            self._runner = HookRunner(engine, self._hooks, self.address,
                                       cfg.hooks.hook_threads, self._access_log, self._loop, cfg.hooks.max_hold,
                                       cfg.hooks.hook_timeout or 0.0)
             self._runner.start()
-            self._watchers = Watchers(cfg, self._windows, engine, balancer, self._health_check)
+            self._watchers = Watchers(cfg, self._windows, engine, self._health_check)
             self._watchers.start()
             self._threads = [
                 threading.Thread(target=self._run_worker, args=(i,), name=f"fastproxy-worker-{i}", daemon=True)
@@ -242,7 +243,7 @@ class Proxy:
         log.info(
             "listening on %s, forwarding to %s (%s), engine %s, %d worker%s, fd budget %d, max %d bridges",
             format_address(*self.address),
-            ", ".join(cfg.upstream_names),
+            ", ".join(group.names),
             cfg.balancing.balance,
             cfg.process.engine,
             workers,

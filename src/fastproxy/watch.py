@@ -23,25 +23,25 @@ WINDOW_POLL_S = 1.0
 
 class Watchers:
     def __init__(self, config: Config, windows: Optional[TimeWindows], engine: "_core.Engine",
-                 balancer: "_core.Balancer", health_check: Optional[Callable[[str, int], bool]]) -> None:
+                 health_check: Optional[Callable[[str, int], bool]]) -> None:
         self.config = config
         self.windows = windows
         self.engine = engine
-        self.balancer = balancer
+        group = engine.group
         self.stopped = threading.Event()
         self.window_open = True
         self.health: Optional[HealthChecker] = None
         balancing = config.balancing
         if balancing.health_interval is not None:
             self.health = HealthChecker(
-                [(u.host, u.port) for u in config.upstream_group.upstreams],
-                balancer.set_health,
+                [(u.host, u.port) for u in group.upstreams],
+                group.set_health,
                 interval=balancing.health_interval,
                 timeout=balancing.health_timeout,
                 rise=balancing.health_rise,
                 fall=balancing.health_fall,
                 check=health_check,
-                names=balancer.names,
+                names=group.names,
             )
         self._threads = [threading.Thread(target=self._watch_states, name="fastproxy-states", daemon=True)]
         if windows is not None:
@@ -91,15 +91,21 @@ class Watchers:
         # Passive health changes state in the data plane; this only notices
         # (a counter) and logs each transition once. The health checker
         # logs its own.
-        balancer = self.balancer
-        seen = balancer.changes
-        last = [balancer.state(i) for i in range(len(balancer))]
+        # A swapped group starts afresh: its upstreams are all up.
+        group = self.engine.group
+        seen = group.changes
+        last = [group.state(i) for i in range(len(group))]
         while not self.stopped.wait(STATE_POLL_S):
-            if balancer.changes == seen:
+            if self.engine.group is not group:
+                group = self.engine.group
+                seen = group.changes
+                last = [group.state(i) for i in range(len(group))]
                 continue
-            seen = balancer.changes
-            for i, name in enumerate(balancer.names):
-                now: Any = balancer.state(i)
+            if group.changes == seen:
+                continue
+            seen = group.changes
+            for i, name in enumerate(group.names):
+                now: Any = group.state(i)
                 if now["state"] != last[i]["state"] and now["health"] == last[i]["health"]:
                     if now["state"] == "down":
                         log.warning("upstream %s is down: %d connect failures in a row; skipped for %gs",

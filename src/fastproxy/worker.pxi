@@ -168,6 +168,31 @@ cdef void worker_accept(Worker *w, int64_t now) noexcept nogil:
         # else: that client was gone before we took it (ECONNABORTED)
 
 
+# ---- the upstream group
+
+cdef void worker_check_group(Worker *w) noexcept nogil:
+    # swap_group installs a group, then moves the generation: a worker that
+    # sees a new generation rebuilds its cursor for the group current now
+    # and says so, after which swap_group lets the old group's current
+    # reference go (this worker no longer reads it but through bridges,
+    # which hold their own). Short of memory it keeps the old group and
+    # cursor, and says nothing, until a later round succeeds. Generations,
+    # not pointers, are compared: swaps made before the worker ran may have
+    # freed its first group and put a new one at the same address.
+    cdef int64_t gen = fp_atomic_get(&w.sh.group_gen)
+    cdef GroupC *g
+    cdef BalanceCursor c
+    if gen == w.group_gen:
+        return
+    g = <GroupC *>fp_ptr_get(<void **>&w.sh.group)
+    if balance_cursor_init(g, &c) < 0:
+        return
+    balance_cursor_free(&w.cursor)
+    w.cursor = c
+    w.group = g
+    fp_atomic_set(&w.group_gen, gen)
+
+
 # ---- stopping
 
 cdef void worker_check_stop(Worker *w, int64_t now) noexcept nogil:
@@ -356,9 +381,15 @@ cdef int worker_run(Worker *w) noexcept nogil:
     cdef int r = 0
     cdef int timeout
     fp_block_signals()
+    # Against swap_group's store of the generation then load of in_loop:
+    # either it waits for this worker or this worker sees its group.
+    fp_atomic_set(&w.in_loop, 1)
+    fp_fence()
+    worker_check_group(w)
     listener_on(w)
     fp_atomic_set(&w.accepting, 1)
     while True:
+        worker_check_group(w)
         worker_check_stop(w, now)
         worker_check_close_all(w)
         if w.stopping and (w.nbridges == 0 or now >= w.drain_deadline_ns):
@@ -399,4 +430,5 @@ cdef int worker_run(Worker *w) noexcept nogil:
     fp_atomic_set(&w.accepting, 0)
     worker_close_all(w, SHUTDOWN)
     grave_free(w)
+    fp_atomic_set(&w.in_loop, 0)
     return r

@@ -1,8 +1,11 @@
-# C structures of load balancing over an upstream group. Declarations only:
-# the functions are in balancer.pxi. A group (specs, shared state, ring) is
-# owned by a Balancer object; each worker owns one cursor.
+# C structures of an upstream group and of balancing over it. Declarations
+# only: the functions are in balancer.pxi. A group's block (GroupC) is
+# reference counted: the UpstreamGroup object, the engine's current pointer
+# and each bridge bridged with it hold one; each worker owns one cursor,
+# built for the group it last saw.
 
 from libc.stdint cimport int64_t, uint8_t, uint64_t
+from .system cimport sockaddr_storage, socklen_t
 
 
 cdef enum:  # algorithms, in the order of BALANCE_ALGORITHMS
@@ -30,18 +33,43 @@ cdef struct UpstreamSpec:
 cdef struct UpstreamState:
     int64_t active           # slots held: bridges connecting or live
     int64_t peak_active
-    int64_t total            # slots ever taken
+    int64_t accepted         # slots ever taken: clients sent to it
     int64_t fails            # consecutive connect failures
     int64_t down_until_ns    # passive health: skipped until then (0 = up)
     int64_t health           # active checks' verdict: 1 up, 0 down
     int64_t pad[2]
 
 
-cdef struct BalanceGroup:
+cdef struct UpstreamAddr:
+    sockaddr_storage sa
+    socklen_t salen
+    int family
+
+
+# Where an upstream is: its resolved addresses, tried in order.
+cdef struct UpstreamAddrs:
+    UpstreamAddr *addrs
+    int naddrs
+
+
+# Counters of one upstream that one worker writes (read with relaxed loads).
+cdef struct UpstreamCounters:
+    uint64_t bytes_upstream
+    uint64_t bytes_downstream
+    uint64_t connect_failures
+
+
+cdef struct GroupC:
+    int64_t refs             # atomic; freed by whoever drops the last
+    int64_t bridges          # atomic: live bridges bridged with this group
     int algorithm
     int n
     UpstreamSpec *spec
     UpstreamState *state
+    UpstreamAddrs *addrs     # per upstream
+    char **names             # per upstream, "host:port" as configured
+    UpstreamCounters *ctr    # [worker * n + upstream], sized when attached
+    int nworkers             # 0 until attached to an engine
     # source: sorted points, (hash << 32) | upstream index; weight points
     # per upstream, hashed from its address so rebuilding a group without
     # one upstream keeps every other client where it was.
@@ -50,6 +78,7 @@ cdef struct BalanceGroup:
     int64_t max_fails        # 0 = passive health off
     int64_t fail_timeout_ns
     int64_t changes          # bumped at each up/down transition (atomic)
+    int64_t generation       # the engine's group generation it was attached at
 
 
 # One worker's private balancing state: no sharing, no atomics.

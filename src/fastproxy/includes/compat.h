@@ -375,6 +375,17 @@ static inline void fp_atomic_max(int64_t *p, int64_t v)
 }
 
 
+/* Reference counts: the drop that reaches 0 must see every write made by
+ * the other holders before their drops (acq_rel), since it frees. */
+static inline int64_t fp_ref_add(int64_t *p, int64_t v) { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
+/* A pointer swapped while other threads read it. */
+static inline void *fp_ptr_get(void *const *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void fp_ptr_set(void **p, void *v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+/* Store-then-load handshakes between two threads (each stores, then loads
+ * what the other stored) need a full fence between the two. */
+static inline void fp_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+
 /* Returns: 1 when *p held *expected and now holds v; else 0, with *expected
  * updated to what *p holds (ready for the next try of a CAS loop). */
 static inline int fp_atomic_cas(int64_t *p, int64_t *expected, int64_t v)

@@ -92,6 +92,10 @@ cdef extern from "compat.h" nogil:
     void fp_atomic_set(int64_t *p, int64_t v)
     void fp_atomic_max(int64_t *p, int64_t v)
     bint fp_atomic_cas(int64_t *p, int64_t *expected, int64_t v)
+    int64_t fp_ref_add(int64_t *p, int64_t v)
+    void *fp_ptr_get(void **p)
+    void fp_ptr_set(void **p, void *v)
+    void fp_fence()
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
