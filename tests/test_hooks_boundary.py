@@ -68,7 +68,7 @@ def test_stale_repeated_and_forged_answers_are_counted_and_dropped(make_proxy, e
     _record_handles(monkeypatch, seen)
     p = make_proxy(echo_server.addr, on_connect=lambda conn: None, on_data=lambda conn, d, data: None,
                    workers=2, hook_threads=2)
-    eng = p._engine
+    eng = p._plane
     payload = os.urandom(6 * MiB)
     want = hashlib.sha256(payload).hexdigest()
     results = [{} for _ in range(2)]
@@ -122,9 +122,9 @@ def test_stale_repeated_and_forged_answers_are_counted_and_dropped(make_proxy, e
 def test_handle_of_wrong_type_raises(make_proxy, echo_server):
     p = make_proxy(echo_server.addr, on_connect=lambda conn: None)
     with pytest.raises(TypeError):
-        p._engine.answer_connect("1", V_ERROR)
+        p._plane.answer_connect("1", V_ERROR)
     with pytest.raises(TypeError):
-        p._engine.answer_data(1.0, V_ERROR)
+        p._plane.answer_data(1.0, V_ERROR)
     assert echo_roundtrip(p.address, b"x") == b"x"
 
 
@@ -207,7 +207,7 @@ def _serve_on_thread(p):
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    assert wait_for(lambda: p._engine is not None and p._engine.accepting(), 10)
+    assert wait_for(lambda: p._plane is not None and p._plane.accepting(), 10)
     return t, done
 
 
@@ -265,7 +265,7 @@ def test_stop_from_inside_an_async_hook(engine, echo_server, hook):
     t = threading.Thread(target=run, daemon=True)
     t.start()
     try:
-        assert wait_for(lambda: p._engine is not None and p._engine.accepting(), 10)
+        assert wait_for(lambda: p._plane is not None and p._plane.accepting(), 10)
         with connect(p.address) as c:
             c.sendall(b"bye")
             c.shutdown(socket.SHUT_WR)

@@ -1,5 +1,5 @@
 # C-level structures of the data plane. Everything here is touched by worker
-# threads without the GIL; the Engine class is the only Python-facing part.
+# threads without the GIL; the DataPlane class is the only Python-facing part.
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from .includes.access cimport AclTable, RateTable
@@ -441,7 +441,7 @@ cdef class UpstreamGroup:
     cdef int _index(self, int i) except -1
 
 
-cdef class Engine:
+cdef class DataPlane:
     cdef Shared sh
     cdef Worker *workers
     cdef int nworkers

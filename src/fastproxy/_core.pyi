@@ -87,7 +87,7 @@ def parse_proxy_header(data: bytes, max_v2: int = ...) -> Optional[Tuple[int, bo
 def build_proxy_header(version: int, src: Tuple[str, int], dst: Tuple[str, int]) -> bytes: ...
 
 @disjoint_base
-class Engine:
+class DataPlane:
     engine: str
     @property
     def workers(self) -> int: ...

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The data plane: workers that accept, connect and bridge without the GIL.
 
-Python reaches in only through Engine: it hands over an immutable config
+Python reaches in only through DataPlane: it hands over an immutable config
 (the listening fd, resolved upstream addresses, timeouts), runs each worker
 on a thread of its own, asks for stats and asks workers to stop.
 """
@@ -83,7 +83,7 @@ cdef void counters_add(Counters *total, Counters *c) noexcept nogil:
     total.proxy_header_errors += fp_load(&c.proxy_header_errors)
 
 
-cdef class Engine:
+cdef class DataPlane:
     """The data plane of one listener: its workers, bridges and counters.
 
     group: the UpstreamGroup to balance over (with resolved addresses);

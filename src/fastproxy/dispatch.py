@@ -71,12 +71,12 @@ class HookRunner:
     writes off the hook thread stuck in that call: a replacement takes its
     place, and the stuck one, if its hook ever returns, answers (stale by
     then) and ends. At most `threads` written-off threads are replaced at
-    once (the engine has that many spare slots); past that, stuck threads
+    once (the data plane has that many spare slots); past that, stuck threads
     are left to return."""
 
     def __init__(
         self,
-        engine: "_core.Engine",
+        plane: "_core.DataPlane",
         hooks: Hooks,
         listener_address: Tuple[str, int],
         threads: int,
@@ -85,7 +85,7 @@ class HookRunner:
         max_hold: int,
         timeout: Optional[float] = None,
     ) -> None:
-        self.engine = engine
+        self.plane = plane
         self.max_hold = max_hold
         self.hooks = hooks
         self.listener = listener_address
@@ -94,7 +94,7 @@ class HookRunner:
         self.errors = _ErrorLog()
         self.timeout = float(timeout) if timeout else 0.0
         # Both clocks are CLOCK_MONOTONIC: turns data-plane times into epoch.
-        self._epoch_offset = time.time() - engine.now_ns() / 1e9
+        self._epoch_offset = time.time() - plane.now_ns() / 1e9
         self._lock = threading.Lock()
         self._threads: List[threading.Thread] = []
         self._closing = threading.Event()
@@ -110,7 +110,7 @@ class HookRunner:
         for i in range(threads if wants_calls else 0):
             self._threads.append(self._call_thread(i))
         if wants_calls and self.timeout:
-            self._spare = list(range(engine.hook_slots - 1, threads - 1, -1))
+            self._spare = list(range(plane.hook_slots - 1, threads - 1, -1))
             self._threads.append(threading.Thread(target=self._watch, name="fastproxy-hook-watch", daemon=True))
         # on_data is called per chunk: a bridge's Connection is built once.
         # Connections are values, so dropping the cache when it grows only
@@ -138,7 +138,7 @@ class HookRunner:
         for written-off ones (stuck in a hook past hook_timeout), which
         nothing waits for. Never joins the calling thread."""
         self._closing.set()
-        self.engine.close_hooks()
+        self.plane.close_hooks()
         deadline = time.monotonic() + timeout
         me = threading.current_thread()
         with self._lock:
@@ -153,7 +153,7 @@ class HookRunner:
         return Connection(ident, client, self.listener, self._epoch_offset + accepted_ns / 1e9)
 
     def _serve_calls(self, slot: int) -> None:
-        next_event = self.engine.next_event
+        next_event = self.plane.next_event
         on_data = self._on_data
         timed = self.timeout > 0
         while True:
@@ -181,9 +181,9 @@ class HookRunner:
     def _answer_error(self, event: tuple) -> None:
         try:
             if event[0] == EVT_CONNECT:
-                self.engine.answer_connect(event[1], V_ERROR)
+                self.plane.answer_connect(event[1], V_ERROR)
             else:
-                self.engine.answer_data(event[1], V_ERROR)
+                self.plane.answer_data(event[1], V_ERROR)
         except BaseException:
             self.errors.report("hook dispatch")
 
@@ -223,7 +223,7 @@ class HookRunner:
 
     def _on_connect(self, handle: int, ident: int, client: Tuple[str, int], accepted_ns: int) -> None:
         fn = self.hooks.on_connect
-        assert fn is not None   # the engine asks only when on_connect is set
+        assert fn is not None   # the data plane asks only when on_connect is set
         conn = self._connection(ident, client, accepted_ns)
         if inspect.iscoroutinefunction(fn) and self.loop is not None:
             # Awaited on the embedder's loop; no hook thread waits for it.
@@ -244,7 +244,7 @@ class HookRunner:
                 verdict = V_ROUTE
                 # Looked up in the group current now; the worker maps the
                 # name again if the group is swapped before it picks.
-                group = self.engine.group
+                group = self.plane.group
                 upstream, route = route_target(result, group.index)
             else:
                 raise TypeError(f"on_connect returned {type(result).__name__}: expected None, bool or 'host:port'")
@@ -253,7 +253,7 @@ class HookRunner:
             # unanswered call would park its bridge and end this thread.
             self.errors.report("on_connect")
             verdict, upstream, route, group = V_ERROR, -1, None, None
-        self.engine.answer_connect(handle, verdict, upstream, route, group)
+        self.plane.answer_connect(handle, verdict, upstream, route, group)
 
     def _on_data(self, handle: int, ident: int, direction: int, chunks: List[bytes], client: Tuple[str, int],
                  accepted_ns: int) -> None:
@@ -294,7 +294,7 @@ class HookRunner:
             elif out is not None:
                 out.append(data)
             done += len(data)
-        answer = self.engine.answer_data
+        answer = self.plane.answer_data
         if out is not None:
             answer(handle, V_REPLACE, b"".join(out), tail=held, then=then)
         elif then and done == 0:
@@ -309,7 +309,7 @@ class HookRunner:
 
     def _serve_records(self) -> None:
         while True:
-            batch = self.engine.next_records(RECORD_BATCH, POLL_MS)
+            batch = self.plane.next_records(RECORD_BATCH, POLL_MS)
             if batch is None:
                 break
             for raw in batch:

@@ -1,7 +1,7 @@
 """Proxy: the control plane of one listener (lifecycle, stats, signals).
 
 It validates the config, binds, resolves, and hands everything to the
-data plane (`_core.Engine`), whose workers run on threads of their own
+data plane (`_core.DataPlane`), whose workers run on threads of their own
 with the GIL released. Nothing here is on the forwarding path.
 """
 
@@ -134,7 +134,7 @@ class Proxy:
         self._health_check = health_check
         self._watchers: Optional[Watchers] = None
         self._lock = threading.Lock()
-        self._engine: Optional[_core.Engine] = None
+        self._plane: Optional[_core.DataPlane] = None
         self._sock: Optional[socket.socket] = None
         self._threads: List[threading.Thread] = []
         self._address: Optional[Tuple[str, int]] = None
@@ -178,7 +178,7 @@ class Proxy:
         return fn
 
     def _before_start(self, what: str) -> None:
-        if self._engine is not None or self._final_stats is not None:
+        if self._plane is not None or self._final_stats is not None:
             raise RuntimeError(f"register {what} before start(): the data plane is running")
 
     # ---- lifecycle
@@ -186,7 +186,7 @@ class Proxy:
     def start(self) -> "Proxy":
         """Bind, resolve and start the workers; return once they accept."""
         with self._lock:
-            if self._engine is not None or self._final_stats is not None:
+            if self._plane is not None or self._final_stats is not None:
                 raise RuntimeError("this Proxy was already started; make a new one")
             if self._hooks.is_async() and self._loop is None:
                 raise ConfigError("hooks", "async def", "coroutine hooks need the proxy run by `await proxy.serve()`")
@@ -202,7 +202,7 @@ class Proxy:
             workers = cfg.process.workers
             sock = listen_socket(cfg.listener.listen)
             try:
-                engine = _core.Engine(
+                plane = _core.DataPlane(
                     sock.fileno(), group, cfg,
                     hooks=self._hooks.flags(cfg.hooks.access_log is not None),
                     pool_max=pipe_pool_size(budget, workers),
@@ -218,20 +218,20 @@ class Proxy:
                 sock.close()
                 raise
             self._sock = sock
-            self._engine = engine
+            self._plane = plane
             self._address = tuple(sock.getsockname()[:2])
             self._stopped.clear()
             try:
                 self._access_log, self._owns_access_log = open_access_log(cfg.hooks.access_log)
             except OSError as exc:
                 sock.close()
-                engine.close()
+                plane.close()
                 raise ConfigError("access_log", cfg.hooks.access_log, exc.strerror or str(exc)) from None
-            self._runner = HookRunner(engine, self._hooks, self.address,
+            self._runner = HookRunner(plane, self._hooks, self.address,
                                       cfg.hooks.hook_threads, self._access_log, self._loop, cfg.hooks.max_hold,
                                       cfg.hooks.hook_timeout or 0.0)
             self._runner.start()
-            self._watchers = Watchers(cfg, self._windows, engine, self._health_check)
+            self._watchers = Watchers(cfg, self._windows, plane, self._health_check)
             self._watchers.start()
             self._threads = [
                 threading.Thread(target=self._run_worker, args=(i,), name=f"fastproxy-worker-{i}", daemon=True)
@@ -239,7 +239,7 @@ class Proxy:
             ]
             for t in self._threads:
                 t.start()
-            self._wait_accepting(engine, workers)
+            self._wait_accepting(plane, workers)
         log.info(
             "listening on %s, forwarding to %s (%s), engine %s, %d worker%s, fd budget %d, max %d bridges",
             format_address(*self.address),
@@ -260,16 +260,16 @@ class Proxy:
             return self._watchers.check_time_windows()
         return self._windows is None or self._windows.is_open()
 
-    def _wait_accepting(self, engine: "_core.Engine", workers: int) -> None:
+    def _wait_accepting(self, plane: "_core.DataPlane", workers: int) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        while engine.accepting() < workers:
+        while plane.accepting() < workers:
             if not any(t.is_alive() for t in self._threads) or time.monotonic() > deadline:
                 raise RuntimeError("the fastproxy workers did not start")
             time.sleep(0.001)
 
     def _run_worker(self, i: int) -> None:
-        engine = self._engine
-        assert engine is not None
+        plane = self._plane
+        assert plane is not None
         cpus = self.config.process.worker_cpus
         if cpus:
             cpu = cpus[i % len(cpus)]
@@ -281,7 +281,7 @@ class Proxy:
                 log.error("worker %d cannot run on CPU %d (worker_cpus): %s", i, cpu, exc.strerror or exc)
                 return
         try:
-            engine.run_worker(i)
+            plane.run_worker(i)
         except Exception:
             log.exception("worker %d failed; its bridges were closed", i)
 
@@ -299,13 +299,13 @@ class Proxy:
             threading.Thread(target=self.stop, args=(timeout,), name="fastproxy-stop").start()
             return
         with self._lock:
-            engine = self._engine
-            if engine is None:
+            plane = self._plane
+            if plane is None:
                 return
             try:
-                self._stop_engine(engine, timeout)
+                self._stop_plane(plane, timeout)
             finally:
-                self._engine = None
+                self._plane = None
                 self._threads = []
                 self._stopped.set()
                 self._wake_serve()
@@ -322,14 +322,14 @@ class Proxy:
         except RuntimeError:
             return False
 
-    def _stop_engine(self, engine: "_core.Engine", timeout: Optional[float]) -> None:
+    def _stop_plane(self, plane: "_core.DataPlane", timeout: Optional[float]) -> None:
         drain = self.config.timeouts.drain_timeout if timeout is None else max(0.0, float(timeout))
-        engine.stop(drain)
+        plane.stop(drain)
         # Close the listening socket as soon as no worker polls it:
         # new clients are refused at once instead of waiting in its
         # backlog for a proxy that will never serve them.
         deadline = time.monotonic() + 5.0
-        while engine.accepting() and time.monotonic() < deadline:
+        while plane.accepting() and time.monotonic() < deadline:
             time.sleep(0.001)
         if self._sock is not None:
             self._sock.close()
@@ -340,13 +340,13 @@ class Proxy:
             self._watchers.stop()
             self._watchers = None
         hooks_done = self._runner is None or self._runner.stop()
-        self._final_stats = self._stats(engine)
+        self._final_stats = self._stats(plane)
         if self._owns_access_log and self._access_log is not None:
             self._access_log.close()
         if hooks_done:
-            engine.close()
+            plane.close()
         else:
-            # A hook still runs and may answer: the engine is freed when
+            # A hook still runs and may answer: the data plane is freed when
             # the last reference to it (that hook thread's) goes.
             log.warning("a hook is still running; its bridge was closed")
 
@@ -368,7 +368,7 @@ class Proxy:
         # workers start must stop the proxy, not raise KeyboardInterrupt.
         restore = self._install_signal_handlers(signals_seen)
         try:
-            if self._engine is None:
+            if self._plane is None:
                 self.start()
             if signals_seen:
                 self._on_signal(signals_seen)
@@ -386,7 +386,7 @@ class Proxy:
             signals_seen.append(signum)
             log.info("%s: %s", signal.Signals(signum).name,
                      "draining" if len(signals_seen) == 1 else "closing now")
-            if self._engine is not None:
+            if self._plane is not None:
                 self._on_signal(signals_seen)
 
         return [(signum, signal.signal(signum, on_signal)) for signum in (signal.SIGINT, signal.SIGTERM)]
@@ -395,9 +395,9 @@ class Proxy:
         # stop() blocks while bridges drain: run it off the signal handler.
         timeout = None if len(signals_seen) == 1 else 0.0
         threading.Thread(target=self.stop, args=(timeout,), daemon=True).start()
-        engine = self._engine
-        if len(signals_seen) > 1 and engine is not None:
-            engine.stop(0.0)  # the first stop() holds the lock: shorten its drain
+        plane = self._plane
+        if len(signals_seen) > 1 and plane is not None:
+            plane.stop(0.0)  # the first stop() holds the lock: shorten its drain
 
     def __enter__(self) -> "Proxy":
         return self.start()
@@ -430,22 +430,23 @@ class Proxy:
 
     @property
     def engine(self) -> str:
-        return self._engine.engine if self._engine is not None else choose_engine(self.config.process.engine)
+        plane = self._plane
+        return plane.engine if plane is not None else choose_engine(self.config.process.engine)
 
     @property
     def workers(self) -> int:
         return int(self.config.process.workers)
 
-    def _stats(self, engine: "_core.Engine") -> Dict[str, Any]:
-        stats = engine.stats()
+    def _stats(self, plane: "_core.DataPlane") -> Dict[str, Any]:
+        stats = plane.stats()
         stats["hook_errors"] = self._runner.errors.count if self._runner is not None else 0
         return stats
 
     def stats(self) -> Dict[str, Any]:
         """Counters as a plain dict (see docs/architecture.md for each key)."""
-        engine = self._engine
-        if engine is not None:
-            return self._stats(engine)
+        plane = self._plane
+        if plane is not None:
+            return self._stats(plane)
         if self._final_stats is not None:
             return dict(self._final_stats)
         raise RuntimeError("the proxy is not started: no stats yet")

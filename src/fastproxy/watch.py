@@ -22,12 +22,12 @@ WINDOW_POLL_S = 1.0
 
 
 class Watchers:
-    def __init__(self, config: Config, windows: Optional[TimeWindows], engine: "_core.Engine",
+    def __init__(self, config: Config, windows: Optional[TimeWindows], plane: "_core.DataPlane",
                  health_check: Optional[Callable[[str, int], bool]]) -> None:
         self.config = config
         self.windows = windows
-        self.engine = engine
-        group = engine.group
+        self.plane = plane
+        group = plane.group
         self.stopped = threading.Event()
         self.window_open = True
         self.health: Optional[HealthChecker] = None
@@ -46,7 +46,7 @@ class Watchers:
         self._threads = [threading.Thread(target=self._watch_states, name="fastproxy-states", daemon=True)]
         if windows is not None:
             self.window_open = windows.is_open()
-            engine.set_admit(self.window_open)
+            plane.set_admit(self.window_open)
             self._threads.append(threading.Thread(target=self._watch_windows, name="fastproxy-windows",
                                                   daemon=True))
 
@@ -71,12 +71,12 @@ class Watchers:
             return True
         is_open = windows.is_open()
         was_open, self.window_open = self.window_open, is_open
-        self.engine.set_admit(is_open)
+        self.plane.set_admit(is_open)
         if was_open and not is_open:
             log.info("outside the allowed time windows: new clients are refused%s",
                      "; live bridges closed" if self.config.access.close_outside_window else "")
             if self.config.access.close_outside_window:
-                self.engine.close_all()
+                self.plane.close_all()
         elif is_open and not was_open:
             log.info("inside an allowed time window: new clients are admitted")
         return is_open
@@ -92,12 +92,12 @@ class Watchers:
         # (a counter) and logs each transition once. The health checker
         # logs its own.
         # A swapped group starts afresh: its upstreams are all up.
-        group = self.engine.group
+        group = self.plane.group
         seen = group.changes
         last = [group.state(i) for i in range(len(group))]
         while not self.stopped.wait(STATE_POLL_S):
-            if self.engine.group is not group:
-                group = self.engine.group
+            if self.plane.group is not group:
+                group = self.plane.group
                 seen = group.changes
                 last = [group.state(i) for i in range(len(group))]
                 continue
