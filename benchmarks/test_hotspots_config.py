@@ -1,4 +1,4 @@
-"""pytest-benchmark micro-benchmarks: address and duration parsing.
+"""pytest-benchmark micro-benchmarks: address and duration parsing, Config.build.
 
     pytest benchmarks/test_hotspots_config.py
 
@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("pytest_benchmark")
 config = pytest.importorskip("fastproxy.config")
+values = pytest.importorskip("fastproxy.values")
 
 ADDRESSES = [
     ("127.0.0.1:8080", False, ("127.0.0.1", 8080)),
@@ -35,7 +36,7 @@ DURATIONS = [
 @pytest.mark.parametrize("text,listen,expected", ADDRESSES,
                          ids=[a[0] for a in ADDRESSES])
 def test_parse_address(benchmark, text, listen, expected):
-    result = benchmark(config.parse_address, text, "upstream", listen=listen)
+    result = benchmark(values.parse_address, text, "upstream", listen=listen)
     assert result == expected
 
 
@@ -43,34 +44,34 @@ def test_parse_address_rejects(benchmark):
     """The error path builds a message; it should not be pathological."""
     def bad():
         try:
-            config.parse_address("::1:80", "upstream")
-        except config.ConfigError as e:
+            values.parse_address("::1:80", "upstream")
+        except values.ConfigError as e:
             return e
         return None
 
     err = benchmark(bad)
-    assert isinstance(err, config.ConfigError) and err.field == "upstream"
+    assert isinstance(err, values.ConfigError) and err.field == "upstream"
 
 
 def test_format_address(benchmark):
-    assert benchmark(config.format_address, "::1", 443) == "[::1]:443"
+    assert benchmark(values.format_address, "::1", 443) == "[::1]:443"
 
 
 @pytest.mark.parametrize("value,expected", DURATIONS, ids=[repr(d[0]) for d in DURATIONS])
 def test_parse_duration(benchmark, value, expected):
-    assert benchmark(config.parse_duration, value, "connect_timeout") == pytest.approx(expected)
+    assert benchmark(values.parse_duration, value, "connect_timeout") == pytest.approx(expected)
 
 
 def test_parse_duration_rejects(benchmark):
     def bad():
         try:
-            config.parse_duration("5 minutes", "drain_timeout")
-        except config.ConfigError as e:
+            values.parse_duration("5 minutes", "drain_timeout")
+        except values.ConfigError as e:
             return e
         return None
 
     err = benchmark(bad)
-    assert isinstance(err, config.ConfigError) and err.field == "drain_timeout"
+    assert isinstance(err, values.ConfigError) and err.field == "drain_timeout"
 
 
 def test_config_build(benchmark):
@@ -79,5 +80,5 @@ def test_config_build(benchmark):
                     upstreams=["127.0.0.1:9000", "[::1]:9001"], workers=2,
                     connect_timeout="5s", drain_timeout="10s", half_close_timeout="5m",
                     engine="epoll")
-    assert cfg.upstream_names == ("127.0.0.1:9000", "[::1]:9001")
-    assert cfg.half_close_timeout == 300.0
+    assert [u.address for u in cfg.upstream_group.upstreams] == ["127.0.0.1:9000", "[::1]:9001"]
+    assert cfg.timeouts.half_close_timeout == 300.0
