@@ -10,7 +10,7 @@ import pytest
 from fastproxy import Proxy
 from fastproxy.values import ConfigError
 from support.cli import run_cli
-from support.sockets import ipv6_available, read_all, recv_exact
+from support.sockets import connect_from, ipv6_available, read_all, recv_exact
 from support.waits import wait_stat
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_available(), reason="no IPv6 on this host")
@@ -19,22 +19,6 @@ WED_NOON = datetime(2024, 5, 15, 12, 0, tzinfo=timezone.utc)   # a Wednesday
 WED_EVENING = WED_NOON.replace(hour=19)
 SAT_NOON = WED_NOON + timedelta(days=3)
 OFFICE = ["Mon-Fri 08:00-18:00"]
-
-
-def open_from(addr, src, timeout=5.0):
-    """A client of addr with source address src (IPv4, IPv6 or ::ffff:a.b.c.d)."""
-    fam = socket.AF_INET6 if ":" in src else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        if fam == socket.AF_INET6 and src.startswith("::ffff:"):
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind((src, 0))
-        s.connect(addr)
-    except BaseException:
-        s.close()
-        raise
-    return s
 
 
 def dest(proxy, src):
@@ -47,7 +31,7 @@ def dest(proxy, src):
 
 
 def served(proxy, src, payload=b"hello"):
-    with open_from(dest(proxy, src), src) as s:
+    with connect_from(dest(proxy, src), src) as s:
         s.sendall(payload)
         assert recv_exact(s, len(payload)) == payload, "client from %s not served" % src
 
@@ -56,7 +40,7 @@ def refused(proxy, src, want=("eof", "reset")):
     """Connects from src, sends nothing; the proxy must close at once, with nothing sent."""
     t0 = time.monotonic()
     try:
-        s = open_from(dest(proxy, src), src)
+        s = connect_from(dest(proxy, src), src)
     except ConnectionResetError:   # the RST beat connect()'s own completion check
         data, how = b"", "reset"
     else:
@@ -216,7 +200,7 @@ def test_time_window_end_and_live_bridges(make_proxy, echo_server, close_live):
     clock = FakeClock(WED_NOON)
     p = make_proxy(echo_server.addr, allow_time=OFFICE, time_zone="UTC", clock=clock,
                    close_outside_window=close_live)
-    with open_from(p.address, "127.0.0.1") as live:
+    with connect_from(p.address, "127.0.0.1") as live:
         live.sendall(b"before")
         assert recv_exact(live, 6) == b"before"
         clock.now = WED_EVENING

@@ -44,7 +44,21 @@ class Listener:
         self.close()
 
 
-class EchoServer:
+class _Background:
+    """A server whose loop runs on self._thread until close() sets _stop."""
+
+    def close(self):
+        self._stop = True
+        self._thread.join(5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class EchoServer(_Background):
     """Echo server on one thread with a selector, for thousands of connections.
     On EOF from a peer it flushes what is pending, then shuts down its write side and
     closes, so the proxy sees a clean half-close."""
@@ -129,15 +143,6 @@ class EchoServer:
         self._sel.close()
         self.listener.close()
 
-    def close(self):
-        self._stop = True
-        self._thread.join(5)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class Gauge:
@@ -154,7 +159,7 @@ class Gauge:
             self.peak = max(self.peak, self.now)
 
 
-class TagServer:
+class TagServer(_Background):
     """An upstream that says who it is: sends NAME + b"\\n" to each connection
     it accepts, answers b"PING\\n" with b"PONG\\n" (b"SICK\\n" when not
     healthy), echoes anything else, and closes a connection once its peer
@@ -273,15 +278,6 @@ class TagServer:
         except OSError:
             self._drop(s)
 
-    def close(self):
-        self._stop = True
-        self._thread.join(5)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class Servers:

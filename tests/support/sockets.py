@@ -54,10 +54,14 @@ def connect(addr, timeout=5.0):
 
 
 def connect_from(addr, src_host, timeout=5.0):
-    """Connect to addr from a chosen loopback source address (bind before connect)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """Connect to addr from a chosen source address (bind before connect):
+    IPv4, IPv6, or ::ffff:a.b.c.d (an IPv6 socket that may carry IPv4)."""
+    family = socket.AF_INET6 if ":" in src_host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
+        if family == socket.AF_INET6 and src_host.startswith("::ffff:"):
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         s.bind((src_host, 0))
         s.connect(addr)
     except BaseException:
