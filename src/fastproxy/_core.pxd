@@ -52,7 +52,7 @@ cdef enum:
     T_HEADER = 6
     T_HOOK = 7            # the earliest unanswered hook call's deadline
     T_LISTS = 8
-    T_SLOTS = 5
+    T_SLOTS = 4           # links in Bridge.tl; SLOT_HOOK (4) is Bridge.hk.tl
 
 # Which hooks the control plane registered (Shared.hooks bits).
 cpdef enum HookBit:
@@ -138,6 +138,17 @@ cdef struct HookCall:
     int64_t due_ns
 
 
+# What a bridge needs only once it makes a hook call, allocated then (most
+# bridges of most listeners make none, and an idle bridge's size is the
+# proxy's memory per connection): its calls, its link in Worker.calls, and
+# its link in the T_HOOK timer list.
+cdef struct HookCalls:
+    uint32_t seq         # the last call's seq
+    HookCall call[3]     # CALLS
+    Bridge *next         # Worker.calls hash chain
+    TimerLink tl         # SLOT_HOOK: the earliest call's deadline
+
+
 cdef struct Bridge:
     uint64_t id
     int cfd
@@ -159,10 +170,7 @@ cdef struct Bridge:
     uint16_t dst_port
     uint8_t dst_ip[16]
     int hook_pending     # answers not received yet: keeps the bridge allocated
-    uint32_t call_seq    # the last call's seq
-    HookCall calls[3]    # CALLS
-    uint8_t in_calls     # in Worker.calls (from its first call until it is freed)
-    Bridge *cnext        # Worker.calls hash chain
+    HookCalls *hk        # from its first hook call until it is freed: in Worker.calls
     int worker
     uint8_t admitted     # holds a slot of the global limit (and counts in `active`)
     uint8_t ip_counted   # counted in the per-IP table
@@ -185,7 +193,7 @@ cdef struct Bridge:
     int nroute
     int slot             # index in Worker.bridges
     int64_t accepted_ns
-    TimerLink tl[5]      # T_SLOTS
+    TimerLink tl[4]      # T_SLOTS; SLOT_HOOK's link is in hk
     int64_t last_active_ns
     Bridge *grave_next
     Flow up              # client -> upstream
@@ -411,7 +419,7 @@ cdef struct Worker:
     int cap_bridges
     Bridge *grave         # closed: freed after the event batch
     Bridge *limbo         # closed, a hook still has them: freed on its answer
-    Bridge **calls        # bridges that made a hook call, hashed by id (chained on cnext)
+    Bridge **calls        # bridges that made a hook call, hashed by id (chained on hk.next)
     int ncalls
     int cap_calls         # a power of two, or 0
     int *pipe_pool        # idle pipes: read end, write end, capacity

@@ -204,7 +204,7 @@ cdef int calls_add(Worker *w, Bridge *b) noexcept nogil:
     cdef Bridge *next_
     cdef int cap, i, old
     cdef uint32_t h
-    if b.in_calls:
+    if b.hk != NULL:
         return 0
     if w.ncalls >= w.cap_calls:
         cap = w.cap_calls * 2 if w.cap_calls else 64
@@ -216,17 +216,19 @@ cdef int calls_add(Worker *w, Bridge *b) noexcept nogil:
         for i in range(old):
             e = w.calls[i]
             while e != NULL:
-                next_ = e.cnext
+                next_ = e.hk.next
                 h = calls_bucket(w, e.id)
-                e.cnext = grown[h]
+                e.hk.next = grown[h]
                 grown[h] = e
                 e = next_
         free(w.calls)
         w.calls = grown
+    b.hk = <HookCalls *>calloc(1, sizeof(HookCalls))
+    if b.hk == NULL:
+        return -ENOMEM
     h = calls_bucket(w, b.id)
-    b.cnext = w.calls[h]
+    b.hk.next = w.calls[h]
     w.calls[h] = b
-    b.in_calls = 1
     w.ncalls += 1
     return 0
 
@@ -239,38 +241,40 @@ cdef Bridge *calls_find(Worker *w, uint64_t id) noexcept nogil:
         return NULL
     b = w.calls[calls_bucket(w, id)]
     while b != NULL and b.id != id:
-        b = b.cnext
+        b = b.hk.next
     return b
 
 
 cdef void calls_remove(Worker *w, Bridge *b) noexcept nogil:
     # Before b is freed: no answer may find it after.
     cdef Bridge **p
-    if not b.in_calls:
+    if b.hk == NULL:
         return
     p = &w.calls[calls_bucket(w, b.id)]
     while p[0] != NULL and p[0] != b:
-        p = &p[0].cnext
+        p = &p[0].hk.next
     if p[0] == b:
-        p[0] = b.cnext
-    b.in_calls = 0
+        p[0] = b.hk.next
     w.ncalls -= 1
+    free(b.hk)   # after the walk above, which may have followed it
+    b.hk = NULL
 
 
 cdef int hook_call(Worker *w, Bridge *b, int call, HookEvent *ev) noexcept nogil:
     # Queues ev (kind, buf, len, held set) as b's call `call`: names it,
     # copies what the hook shows of b, and arms the deadline if there is
     # one. Returns: 0, or -ENOMEM (nothing was queued).
-    cdef HookCall *c = &b.calls[call]
+    cdef HookCall *c
     if calls_add(w, b) < 0:
         return -ENOMEM
-    b.call_seq += 1
-    if b.call_seq == 0:
-        b.call_seq = 1
+    c = &b.hk.call[call]
+    b.hk.seq += 1
+    if b.hk.seq == 0:
+        b.hk.seq = 1
     ev.call = <uint8_t>call
     ev.worker = w.id
     ev.id = b.id
-    ev.seq = b.call_seq
+    ev.seq = b.hk.seq
     ev.client_v4 = b.client_v4
     ev.client_port = b.client_port
     memcpy(ev.client_ip, b.client_ip, 16)
@@ -279,12 +283,12 @@ cdef int hook_call(Worker *w, Bridge *b, int call, HookEvent *ev) noexcept nogil
         return -ENOMEM
     # The answer comes through this worker's result queue: setting these
     # after the push races with nothing.
-    c.seq = b.call_seq
+    c.seq = b.hk.seq
     c.expired = 0
     b.hook_pending += 1
     if w.sh.hook_timeout_ns:
         c.due_ns = fp_now_ns() + w.sh.hook_timeout_ns
-        if b.tl[SLOT_HOOK].list == T_NONE:
+        if b.hk.tl.list == T_NONE:
             timer_add(w, b, T_HOOK, c.due_ns)
     return 0
 
@@ -293,9 +297,11 @@ cdef int64_t hook_next_due(Bridge *b) noexcept nogil:
     # Returns: the earliest deadline of b's calls still waited for, or 0.
     cdef int i
     cdef int64_t due = 0
+    if b.hk == NULL:
+        return 0
     for i in range(CALLS):
-        if b.calls[i].seq != 0 and not b.calls[i].expired and (due == 0 or b.calls[i].due_ns < due):
-            due = b.calls[i].due_ns
+        if b.hk.call[i].seq != 0 and not b.hk.call[i].expired and (due == 0 or b.hk.call[i].due_ns < due):
+            due = b.hk.call[i].due_ns
     return due
 
 
@@ -314,7 +320,7 @@ cdef void hook_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         timer_add(w, b, T_HOOK, due)
         return
     for i in range(CALLS):
-        c = &b.calls[i]
+        c = &b.hk.call[i]
         if c.seq == 0 or c.expired:
             continue
         if event_cancel(w.sh, b.id, c.seq):
@@ -418,11 +424,11 @@ cdef Bridge *answer_claim(Worker *w, HookResult *res) noexcept nogil:
         b = NULL
     else:
         b = calls_find(w, res.id)
-    if b == NULL or b.calls[res.call].seq != res.seq:
+    if b == NULL or b.hk.call[res.call].seq != res.seq:
         fp_atomic_add(&w.sh.gauges.stale_answers, 1)
         hook_result_free(res)
         return NULL
-    c = &b.calls[res.call]
+    c = &b.hk.call[res.call]
     c.seq = 0
     b.hook_pending -= 1
     if c.expired:
@@ -431,11 +437,11 @@ cdef Bridge *answer_claim(Worker *w, HookResult *res) noexcept nogil:
         hook_result_free(res)
         limbo_release(w, b)
         return NULL
-    if b.tl[SLOT_HOOK].list != T_NONE:
+    if b.hk.tl.list != T_NONE:
         due = hook_next_due(b)
         if due == 0:
             timer_del(w, b, SLOT_HOOK)
-        elif due != b.tl[SLOT_HOOK].deadline_ns:
+        elif due != b.hk.tl.deadline_ns:
             timer_add(w, b, T_HOOK, due)
     return b
 

@@ -19,17 +19,23 @@ SLOT_OF[T_HEADER] = SLOT_PHASE
 SLOT_OF[T_HOOK] = SLOT_HOOK
 
 
+cdef inline TimerLink *tlink(Bridge *b, int slot) noexcept nogil:
+    # SLOT_HOOK's link is in the block a bridge gets with its first hook
+    # call; only such a bridge is ever on T_HOOK.
+    return &b.tl[slot] if slot < T_SLOTS else &b.hk.tl
+
+
 cdef inline void timer_del(Worker *w, Bridge *b, int slot) noexcept nogil:
-    cdef TimerLink *l = &b.tl[slot]
+    cdef TimerLink *l = tlink(b, slot)
     cdef int t = l.list
     if t == T_NONE:
         return
     if l.prev != NULL:
-        l.prev.tl[slot].next = l.next
+        tlink(l.prev, slot).next = l.next
     else:
         w.thead[t] = l.next
     if l.next != NULL:
-        l.next.tl[slot].prev = l.prev
+        tlink(l.next, slot).prev = l.prev
     else:
         w.ttail[t] = l.prev
     l.prev = NULL
@@ -41,33 +47,35 @@ cdef inline void timer_del_all(Worker *w, Bridge *b) noexcept nogil:
     cdef int slot
     for slot in range(T_SLOTS):
         timer_del(w, b, slot)
+    if b.hk != NULL:
+        timer_del(w, b, SLOT_HOOK)
 
 
 cdef inline void timer_add(Worker *w, Bridge *b, int t, int64_t deadline) noexcept nogil:
     # Lists of one duration are appended to (O(1)); an idle timer re-armed
     # for its exact remaining time walks back from the tail to its place.
     cdef int slot = SLOT_OF[t]
-    cdef TimerLink *l = &b.tl[slot]
+    cdef TimerLink *l = tlink(b, slot)
     cdef Bridge *after
     timer_del(w, b, slot)   # first: b may be the tail it would link after
     after = w.ttail[t]
-    while after != NULL and after.tl[slot].deadline_ns > deadline:
-        after = after.tl[slot].prev
+    while after != NULL and tlink(after, slot).deadline_ns > deadline:
+        after = tlink(after, slot).prev
     l.list = <uint8_t>t
     l.deadline_ns = deadline
     l.prev = after
     if after != NULL:
-        l.next = after.tl[slot].next
-        after.tl[slot].next = b
+        l.next = tlink(after, slot).next
+        tlink(after, slot).next = b
     else:
         l.next = w.thead[t]
         w.thead[t] = b
     if l.next != NULL:
-        l.next.tl[slot].prev = b
+        tlink(l.next, slot).prev = b
     else:
         w.ttail[t] = b
 
 
 cdef inline bint timer_due(Worker *w, int t, int64_t now) noexcept nogil:
     cdef Bridge *b = w.thead[t]
-    return b != NULL and b.tl[SLOT_OF[t]].deadline_ns <= now
+    return b != NULL and tlink(b, SLOT_OF[t]).deadline_ns <= now

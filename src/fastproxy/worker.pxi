@@ -56,7 +56,7 @@ cdef int worker_timeout_ms(Worker *w, int64_t now) noexcept nogil:
     cdef int64_t due
     for t in range(1, T_LISTS):
         if w.thead[t] != NULL:
-            due = w.thead[t].tl[SLOT_OF[t]].deadline_ns
+            due = tlink(w.thead[t], SLOT_OF[t]).deadline_ns
             if d < 0 or due < d:
                 d = due
     if w.accept_resume_ns != 0 and (d < 0 or w.accept_resume_ns < d):
@@ -109,6 +109,7 @@ cdef void bridge_free(Bridge *b) noexcept nogil:
     free(b.down.lent)
     free(b.route)
     free(b.tried)
+    free(b.hk)
     free(b)
 
 
