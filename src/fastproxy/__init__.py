@@ -9,8 +9,8 @@ from .values import ConfigError
 from .hooks import CLOSE, WAIT, CloseReason, CloseRecord, Connection, Direction
 from .proxy import Proxy
 from .upstreams import Upstream
+from ._version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Proxy",
