@@ -115,3 +115,60 @@ def test_serve_with_sync_hooks_and_cancel_stops(engine, echo_server):
             await asyncio.to_thread(stop_bounded, p, 2.0, 20.0)
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_async_with_starts_without_blocking_the_loop(any_engine, echo_server, monkeypatch):
+    """`async with Proxy(...)`: the start (here a slow name resolution) runs
+    off the loop, `.address` is valid once it returns, async hooks run on
+    the loop, and leaving the block stops the proxy."""
+    import fastproxy.proxy as proxy_module
+
+    real_resolve = proxy_module.resolve_upstream
+
+    def slow_resolve(*args, **kwargs):
+        threading.Event().wait(0.3)
+        return real_resolve(*args, **kwargs)
+
+    monkeypatch.setattr(proxy_module, "resolve_upstream", slow_resolve)
+    result = {}
+
+    async def main():
+        ticks = 0
+        stop_ticking = asyncio.Event()
+
+        async def heartbeat():
+            nonlocal ticks
+            while not stop_ticking.is_set():
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        seen_on = []
+
+        async def on_connect(conn):
+            seen_on.append(asyncio.get_running_loop())
+
+        beat = asyncio.create_task(heartbeat())
+        async with Proxy("127.0.0.1:0", echo_server.addr, engine=any_engine, on_connect=on_connect) as p:
+            result["ticks_during_start"] = ticks
+            addr = p.address
+            assert await asyncio.to_thread(echo_roundtrip, addr, b"embedded") == b"embedded"
+            result["hook_loop_is_ours"] = seen_on == [asyncio.get_running_loop()]
+        result["stats"] = p.stats()
+        stop_ticking.set()
+        await beat
+        result["refused_after"] = await asyncio.to_thread(_connect_refused, addr)
+
+    asyncio.run(main())
+    # 0.3 s of resolving: a blocked loop would not have ticked at all.
+    assert result["ticks_during_start"] >= 10, result
+    assert result["hook_loop_is_ours"]
+    assert result["stats"]["accepted"] == 1 and result["stats"]["active"] == 0
+    assert result["refused_after"]
+
+
+def _connect_refused(addr):
+    try:
+        socket.create_connection(addr, timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False

@@ -405,13 +405,35 @@ class Proxy:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    async def start_async(self) -> "Proxy":
+        """start() without blocking the running loop: resolving names and
+        starting workers run on a thread. `.address` is valid once it
+        returns; coroutine on_connect / on_close hooks are awaited on this
+        loop."""
+        self._loop = asyncio.get_running_loop()
+        await self._loop.run_in_executor(None, self.start)
+        return self
+
+    async def stop_async(self, timeout: Optional[float] = None) -> None:
+        """stop() on a thread: the loop keeps running (async hooks may need
+        it) while live bridges drain."""
+        loop = asyncio.get_running_loop()
+        await asyncio.shield(loop.run_in_executor(None, self.stop, timeout))
+
+    async def __aenter__(self) -> "Proxy":
+        return await self.start_async()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop_async()
+
     async def serve(self) -> None:
         """Run under asyncio until cancelled or stopped, then drain and stop. Coroutine
         on_connect / on_close hooks are awaited on this loop."""
         self._loop = asyncio.get_running_loop()
         stopped = asyncio.Event()
         self._serve_waiter = (self._loop, stopped)
-        self.start()
+        if self._plane is None:
+            await self.start_async()
         try:
             await stopped.wait()   # set by a stop() (from a hook, say)
         finally:
