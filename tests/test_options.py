@@ -21,8 +21,9 @@ from support.servers import EchoServer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(ROOT, "docs", "reference.md")
 # Proxy keywords that are not options: `upstream` is one upstream (the
-# same as upstreams=[...]), the rest are callables, which have no flag.
-PYTHON_ONLY = {"upstream", "health_check", "clock", "on_connect", "on_data", "on_close"}
+# same as upstreams=[...]), the rest are objects and callables, which have
+# no flag.
+PYTHON_ONLY = {"upstream", "sock", "health_check", "clock", "on_connect", "on_data", "on_close"}
 
 
 def cli_flags():

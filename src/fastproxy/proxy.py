@@ -25,7 +25,7 @@ from .options import OPTIONS, option
 from .timewindows import Clock, TimeWindows
 from .upstreams import Upstream
 from .values import Duration, format_address
-from .sockets import listen_socket, raise_fd_limit, resolve_upstream
+from .sockets import adopt_socket, listen_socket, raise_fd_limit, resolve_upstream
 from .watch import Watchers
 
 __all__ = ["Proxy"]
@@ -68,7 +68,7 @@ class Proxy:
 
     def __init__(
         self,
-        listen: str,
+        listen: Optional[str] = None,
         upstream: Optional[Union[str, Upstream]] = None,
         *,
         # Options: one keyword per row of options.OPTIONS, with its default
@@ -117,7 +117,8 @@ class Proxy:
         engine: str = "auto",
         busy_poll: Duration = 0.0,
         worker_cpus: Optional[Union[str, Sequence[int]]] = None,
-        # Python only: callables have no flag.
+        # Python only: objects and callables have no flag.
+        sock: Optional[socket.socket] = None,
         health_check: Optional[Callable[[str, int], bool]] = None,
         clock: Optional[Clock] = None,
         on_connect: Optional[Hook] = None,
@@ -125,7 +126,19 @@ class Proxy:
         on_close: Optional[Hook] = None,
     ) -> None:
         given = locals()
-        self.config = Config.build(upstream=upstream, **{o.name: given[o.name] for o in OPTIONS})
+        options = {o.name: given[o.name] for o in OPTIONS}
+        self._adopted: Optional[socket.socket] = None
+        if sock is not None:
+            if listen is not None:
+                raise ConfigError("sock", sock, "give either listen or sock, not both")
+            self._adopted = adopt_socket(sock)
+            options["listen"] = format_address(*self._adopted.getsockname()[:2])
+        try:
+            self.config = Config.build(upstream=upstream, **options)
+        except BaseException:
+            if self._adopted is not None:
+                self._adopted.close()
+            raise
         access = self.config.access
         self._windows = (TimeWindows(access.allow_time, access.time_zone, clock)
                          if access.allow_time is not None else None)
@@ -200,7 +213,10 @@ class Proxy:
                 balance=cfg.balancing.balance, max_fails=cfg.balancing.max_fails,
                 fail_timeout=cfg.balancing.fail_timeout)
             workers = cfg.process.workers
-            sock = listen_socket(cfg.listener.listen)
+            if self._adopted is not None:
+                sock, self._adopted = self._adopted, None
+            else:
+                sock = listen_socket(cfg.listener.listen)
             try:
                 plane = _core.DataPlane(
                     sock.fileno(), group, cfg,
@@ -301,6 +317,9 @@ class Proxy:
         with self._lock:
             plane = self._plane
             if plane is None:
+                if self._adopted is not None:   # never started: give the duplicate back
+                    self._adopted.close()
+                    self._adopted = None
                 return
             try:
                 self._stop_plane(plane, timeout)

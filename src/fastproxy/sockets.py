@@ -106,3 +106,26 @@ def listen_socket(addr: Address) -> socket.socket:
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
+
+
+def adopt_socket(sock: object, field: str = "sock") -> socket.socket:
+    """A duplicate of an application's bound, listening TCP socket (systemd
+    socket activation, tests, privilege separation). The proxy closes its
+    duplicate at stop; the application keeps and closes its own. The
+    duplicate shares the socket's file status, so the application's socket
+    becomes non-blocking too."""
+    if not isinstance(sock, socket.socket):
+        raise ConfigError(field, sock, "expected a socket.socket")
+    if sock.fileno() < 0:
+        raise ConfigError(field, sock, "is closed")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        raise ConfigError(field, sock, "must be a TCP socket (AF_INET or AF_INET6, SOCK_STREAM)")
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:  # pragma: no cover - platforms without SO_ACCEPTCONN
+        listening = 1
+    if not listening:
+        raise ConfigError(field, sock, "must be bound and listening (call listen() first)")
+    dup = sock.dup()
+    dup.setblocking(False)
+    return dup
