@@ -67,8 +67,10 @@ def test_config_sections_are_the_table():
 def test_cli_defaults_come_from_the_table():
     """A flag not given passes nothing: Proxy takes the table's default, so a
     default is written once (the help shows it from the table too)."""
-    args = build_parser().parse_args(["--listen", ":0", "--upstream", "127.0.0.1:9"])
-    assert set(vars(args)) == {"listen", "upstreams", "log_level"}
+    args = vars(build_parser().parse_args(["--listen", ":0", "--upstream", "127.0.0.1:9"]))
+    own = {o.name: o.cli_default for o in OPTIONS if o.cli_default is not None}
+    assert set(args) == {"listen", "upstreams", "log_level"} | set(own)
+    assert {name: args[name] for name in own} == own
     help_text = build_parser().format_help()
     for o in OPTIONS:
         assert o.cli_flag in help_text, o.name
@@ -141,6 +143,7 @@ SAMPLES = {
     "workers": ("2", 2),
     "engine": ("poll", "poll"),
     "busy_poll": ("10ms", 0.01),
+    "fd_limit": ("raise", "raise"),
     "worker_cpus": None,  # depends on this machine's CPUs: tests/test_worker_cpus.py
 }
 

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     groups = {section: p.add_argument_group(title.lower()) for section, title in SECTIONS.items()}
     for o in OPTIONS:
-        kw: Dict[str, Any] = {"dest": o.name, "default": argparse.SUPPRESS,
+        default = argparse.SUPPRESS if o.cli_default is None else o.cli_default
+        kw: Dict[str, Any] = {"dest": o.name, "default": default,
                               "help": f"{o.help} (default: {o.default_text()})"}
         if o.switch:
             kw["action"] = "store_true"

@@ -69,6 +69,9 @@ class Option:
     choices: Optional[Tuple[str, ...]] = None
     required: bool = False
     shown_default: Optional[str] = None   # a default decided at start, in words
+    # The command line's own default, where it must differ from an embedding
+    # program's (None: the same default).
+    cli_default: Optional[str] = None
 
     @property
     def cli_flag(self) -> str:
@@ -79,7 +82,8 @@ class Option:
             return self.shown_default
         if self.required:
             return "required"
-        return format_value(self.default, self.parse)
+        text = format_value(self.default, self.parse)
+        return text if self.cli_default is None else f"{text} (the command: {self.cli_default})"
 
 
 def format_value(value: Any, parse: Parser) -> str:
@@ -265,6 +269,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("busy_poll", _duration, 0.0, "workers keep polling without sleeping for D after their last "
            "event: more throughput and less latency for a CPU spent spinning (0: off)", "process",
            scope="process", metavar=D),
+    Option("fd_limit", _choice("raise", "keep"), "keep", "at start, raise the soft open-file limit to the hard "
+           "one (the fd budget, which sets the default connection limit), or keep the process's as it is",
+           "process", scope="process", choices=("raise", "keep"), cli_default="raise"),
     Option("worker_cpus", parse_cpus, None, "pin worker i to the i-th CPU of LIST, e.g. 0,2-3 (round robin "
            "past its end)", "process", scope="process", metavar="LIST", shown_default="not pinned"),
 )

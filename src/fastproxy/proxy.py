@@ -25,7 +25,7 @@ from .options import OPTIONS, option
 from .timewindows import Clock, TimeWindows
 from .upstreams import Upstream
 from .values import Duration, format_address
-from .sockets import adopt_socket, listen_socket, raise_fd_limit, resolve_upstream
+from .sockets import adopt_socket, fd_budget, listen_socket, resolve_upstream
 from .watch import Watchers
 
 __all__ = ["Proxy"]
@@ -116,6 +116,7 @@ class Proxy:
         workers: Optional[int] = None,
         engine: str = "auto",
         busy_poll: Duration = 0.0,
+        fd_limit: str = "keep",
         worker_cpus: Optional[Union[str, Sequence[int]]] = None,
         # Python only: objects and callables have no flag.
         sock: Optional[socket.socket] = None,
@@ -203,7 +204,7 @@ class Proxy:
                 raise RuntimeError("this Proxy was already started; make a new one")
             if self._hooks.is_async() and self._loop is None:
                 raise ConfigError("hooks", "async def", "coroutine hooks need the proxy run by `await proxy.serve()`")
-            budget = raise_fd_limit()
+            budget = fd_budget(self.config.process.fd_limit == "raise")
             cfg = self.config = self.config.resolve(
                 engine=choose_engine(self.config.process.engine),
                 max_connections=default_max_connections(budget))

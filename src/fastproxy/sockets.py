@@ -17,12 +17,13 @@ except ImportError:  # pragma: no cover - not POSIX
 LISTEN_BACKLOG = 4096
 
 
-def raise_fd_limit() -> int:
-    """Raise the soft open-file limit to the hard one; return the budget."""
+def fd_budget(raise_limit: bool) -> int:
+    """The open-file budget: the soft limit, first raised to the hard one
+    if asked (the command does; an embedding program decides)."""
     if resource is None:  # pragma: no cover
         return 1024
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
+    if raise_limit and hard != resource.RLIM_INFINITY and soft < hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
