@@ -1,5 +1,6 @@
 """The access log: one JSON object per closed bridge, fields named like CloseRecord's."""
 import json
+import logging
 import socket
 
 from support.hooks import Recorder
@@ -110,3 +111,66 @@ def test_cli_access_log_file_and_stdout(cli_proxy, echo_server, tmp_path):
     e = json.loads(m.group(0))
     _check_entry(e)
     assert e["bytes_upstream"] == 4 and e["bytes_downstream"] == 4
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_access_lines_go_through_the_fastproxy_access_logger(make_proxy, echo_server, caplog):
+    """An application's own handler on `fastproxy.access` is enough to get
+    the lines (no access_log file), and they do not reach the root logger."""
+    caplog.set_level(logging.INFO)
+    mine = _Lines()
+    logger = logging.getLogger("fastproxy.access")
+    logger.addHandler(mine)
+    try:
+        p = make_proxy(echo_server.addr)
+        with connect(p.address) as c:
+            c.sendall(b"routed")
+            assert recv_exact(c, 6) == b"routed"
+        assert wait_for(lambda: len(mine.lines) == 1, 3), mine.lines
+    finally:
+        logger.removeHandler(mine)
+    entry = json.loads(mine.lines[0])
+    _check_entry(entry)
+    assert entry["bytes_upstream"] == 6
+    assert not [r for r in caplog.records if r.name == "fastproxy.access"]
+
+
+def test_two_proxies_two_files(make_proxy, echo_server, tmp_path):
+    logs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    proxies = [make_proxy(echo_server.addr, access_log=str(log)) for log in logs]
+    for n, p in enumerate(proxies):
+        for _ in range(n + 1):
+            with connect(p.address) as c:
+                c.sendall(b"x")
+                assert recv_exact(c, 1) == b"x"
+    assert wait_for(lambda: [len(_read_lines(log)) for log in logs] == [1, 2], 3), \
+        [_read_lines(log) for log in logs]
+
+
+def test_reopen_logs_after_rotation(make_proxy, echo_server, tmp_path):
+    log = tmp_path / "access.jsonl"
+    p = make_proxy(echo_server.addr, access_log=str(log))
+
+    def one():
+        with connect(p.address) as c:
+            c.sendall(b"r")
+            assert recv_exact(c, 1) == b"r"
+
+    one()
+    assert wait_for(lambda: len(_read_lines(log)) == 1, 3)
+    rotated = tmp_path / "access.jsonl.1"
+    log.rename(rotated)
+    one()   # before reopening: still the moved file
+    assert wait_for(lambda: len(_read_lines(rotated)) == 2, 3)
+    p.reopen_logs()
+    one()
+    assert wait_for(lambda: len(_read_lines(log)) == 1, 3), _read_lines(log)
+    assert len(_read_lines(rotated)) == 2

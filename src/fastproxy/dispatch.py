@@ -10,12 +10,12 @@ import concurrent.futures
 import inspect
 import json
 import logging
-import sys
 import threading
 import time
-from typing import IO, Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import _core
+from .accesslog import AccessLog
 from .hooks import (
     V_CLOSE,
     V_ERROR,
@@ -34,7 +34,7 @@ from .hooks import (
     route_target,
 )
 
-log = logging.getLogger("fastproxy")
+log = logging.getLogger(__name__)
 
 EVT_CONNECT = int(_core.EventKind.EVT_CONNECT)
 POLL_MS = 1000           # a stop wakes idle hook threads; this only bounds a lost wake-up
@@ -80,7 +80,7 @@ class HookRunner:
         hooks: Hooks,
         listener_address: Tuple[str, int],
         threads: int,
-        access_log: Optional[IO[str]],
+        access_log: Optional[AccessLog],
         loop: Optional[asyncio.AbstractEventLoop],
         max_hold: int,
         timeout: Optional[float] = None,
@@ -317,17 +317,6 @@ class HookRunner:
                     self._deliver(raw)
                 except BaseException:   # the plumbing failed: this thread serves on
                     self.errors.report("close records")
-            if batch and self.access_log is not None:
-                self._flush()
-        if self.access_log is not None:
-            self._flush()
-
-    def _flush(self) -> None:
-        # One flush per batch: lines reach a pipe (stdout) promptly.
-        try:
-            self.access_log.flush()  # type: ignore[union-attr]
-        except BaseException:
-            self.errors.report("access_log")
 
     def _record(self, raw: tuple) -> Tuple[Connection, CloseRecord]:
         ident, client, upstream, route, up, down, accepted_ns, closed_ns, reason = raw
@@ -342,7 +331,7 @@ class HookRunner:
         conn, record = self._record(raw)
         if self.access_log is not None:
             try:
-                self.access_log.write(json.dumps(record.to_json()) + "\n")
+                self.access_log.write(json.dumps(record.to_json()))
             except BaseException:
                 self.errors.report("access_log")
         fn = self.hooks.on_close
@@ -362,12 +351,3 @@ class HookRunner:
             future.result()
         except BaseException:   # CancelledError too
             self.errors.report("on_close")
-
-
-def open_access_log(target: Optional[str]) -> Tuple[Optional[IO[str]], bool]:
-    """'-' is stdout; a path is appended to. Returns (stream, we_own_it)."""
-    if target is None:
-        return None, False
-    if target == "-":
-        return sys.stdout, False
-    return open(target, "a", buffering=1, encoding="utf-8"), True

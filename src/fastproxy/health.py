@@ -16,7 +16,7 @@ from .values import format_address
 
 __all__ = ["HealthChecker", "tcp_check"]
 
-log = logging.getLogger("fastproxy")
+log = logging.getLogger(__name__)
 
 Check = Callable[[str, int], bool]
 

@@ -15,11 +15,12 @@ import signal
 import socket
 import threading
 import time
-from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core
 from .config import Config, ConfigError
-from .dispatch import HookRunner, open_access_log
+from .accesslog import AccessLog
+from .dispatch import HookRunner
 from .hooks import Direction, Hook, Hooks, load_hooks
 from .options import OPTIONS, option
 from .timewindows import Clock, TimeWindows
@@ -30,7 +31,7 @@ from .watch import Watchers
 
 __all__ = ["Proxy"]
 
-log = logging.getLogger("fastproxy")
+log = logging.getLogger(__name__)
 
 # Each bridge holds two sockets; a flowing one briefly holds up to two pipes.
 FDS_PER_BRIDGE = 2
@@ -158,8 +159,7 @@ class Proxy:
         self._runner: Optional[HookRunner] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._serve_waiter: Optional[Tuple[asyncio.AbstractEventLoop, asyncio.Event]] = None
-        self._access_log: Optional[IO[str]] = None
-        self._owns_access_log = False
+        self._access_log: Optional[AccessLog] = None
         if self.config.hooks.hooks is not None:
             self._hooks.load(load_hooks(self.config.hooks.hooks))
         if on_connect is not None:
@@ -214,18 +214,30 @@ class Proxy:
                 balance=cfg.balancing.balance, max_fails=cfg.balancing.max_fails,
                 fail_timeout=cfg.balancing.fail_timeout)
             workers = cfg.process.workers
+            # Access lines are made when a target is set or the application
+            # put a handler on the logger (fastproxy.access) itself.
+            logged = AccessLog.wanted(cfg.hooks.access_log)
+            try:
+                access_log = AccessLog(self, cfg.hooks.access_log, self._access_log_error)
+            except OSError as exc:
+                raise ConfigError("access_log", cfg.hooks.access_log, exc.strerror or str(exc)) from None
             if self._adopted is not None:
                 sock, self._adopted = self._adopted, None
             else:
-                sock = listen_socket(cfg.listener.listen)
+                try:
+                    sock = listen_socket(cfg.listener.listen)
+                except BaseException:
+                    access_log.close()
+                    raise
             try:
                 plane = _core.DataPlane(
                     sock.fileno(), group, cfg,
-                    hooks=self._hooks.flags(cfg.hooks.access_log is not None),
+                    hooks=self._hooks.flags(logged),
                     pool_max=pipe_pool_size(budget, workers),
                 )
             except OSError as exc:
                 sock.close()
+                access_log.close()
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise ConfigError(
                         "workers", workers, f"too many for the fd budget of {budget} ({exc.strerror})"
@@ -233,19 +245,16 @@ class Proxy:
                 raise
             except BaseException:
                 sock.close()
+                access_log.close()
                 raise
             self._sock = sock
             self._plane = plane
             self._address = tuple(sock.getsockname()[:2])
             self._stopped.clear()
-            try:
-                self._access_log, self._owns_access_log = open_access_log(cfg.hooks.access_log)
-            except OSError as exc:
-                sock.close()
-                plane.close()
-                raise ConfigError("access_log", cfg.hooks.access_log, exc.strerror or str(exc)) from None
+            self._access_log = access_log
             self._runner = HookRunner(plane, self._hooks, self.address,
-                                      cfg.hooks.hook_threads, self._access_log, self._loop, cfg.hooks.max_hold,
+                                      cfg.hooks.hook_threads, access_log if logged else None, self._loop,
+                                      cfg.hooks.max_hold,
                                       cfg.hooks.hook_timeout or 0.0)
             self._runner.start()
             self._watchers = Watchers(cfg, self._windows, plane, self._health_check)
@@ -269,6 +278,16 @@ class Proxy:
             cfg.limits.max_connections,
         )
         return self
+
+    def reopen_logs(self) -> None:
+        """Reopen the access log file at its path (after a log rotator moved
+        it away); lines written meanwhile went to the moved file."""
+        if self._access_log is not None:
+            self._access_log.reopen()
+
+    def _access_log_error(self) -> None:
+        if self._runner is not None:
+            self._runner.errors.report("access_log")
 
     def check_time_windows(self) -> bool:
         """Evaluate the time windows now (a background thread does this
@@ -361,8 +380,9 @@ class Proxy:
             self._watchers = None
         hooks_done = self._runner is None or self._runner.stop()
         self._final_stats = self._stats(plane)
-        if self._owns_access_log and self._access_log is not None:
+        if self._access_log is not None:
             self._access_log.close()
+            self._access_log = None
         if hooks_done:
             plane.close()
         else:

@@ -13,7 +13,7 @@ from .config import Config
 from .health import HealthChecker
 from .timewindows import TimeWindows
 
-log = logging.getLogger("fastproxy")
+log = logging.getLogger(__name__)
 
 STATE_POLL_S = 0.25
 # Windows move at minute boundaries; a one-second tick is cheap and follows
