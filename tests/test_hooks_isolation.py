@@ -5,6 +5,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from support.procfs import proc_context_switches
 from support.sockets import connect, connect_from, recv_exact, recv_until_eof
 
