@@ -33,7 +33,7 @@ if PORTABLE:
 if DEBUG:
     compile_args = ["-O0", "-g"]
     # Not CYTHON_TRACE_NOGIL: its hooks take the GIL in every nogil function,
-    # tracer or not. Even without it, Cython before Python 3.12 takes the GIL
+    # tracer or not. Even without it, Cython before Python 3.13 takes the GIL
     # at each nogil function's exit (docs/building.md): test_gil fails there.
     macros += [("CYTHON_TRACE", "1")]
     directives.update(linetrace=True, boundscheck=True, wraparound=True)
