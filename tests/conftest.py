@@ -23,6 +23,15 @@ def pytest_configure(config):
         "markers", "slow: heavy test (runs by default; deselect with -m 'not slow')")
 
 
+def pytest_collection_modifyitems(config, items):
+    if sys.platform.startswith("linux"):
+        return
+    skip = pytest.mark.skip(reason="linux_only: /proc or sched_*affinity, which %s lacks" % sys.platform)
+    for item in items:
+        if item.get_closest_marker("linux_only"):
+            item.add_marker(skip)
+
+
 def compiled_engines():
     core = importlib.import_module("fastproxy._core")
     return tuple(core.ENGINES)

@@ -15,7 +15,7 @@ from support.waits import stop_bounded
 def test_compiled_core_loaded():
     core = fastproxy._core
     assert core.__file__.endswith(".so"), "fastproxy._core is not the compiled extension: %s" % core.__file__
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux") and not core.PORTABLE:
         assert "epoll" in core.ENGINES and "poll" in core.ENGINES, core.ENGINES
 
 
@@ -119,6 +119,7 @@ def test_explicit_workers(make_proxy, echo_server):
         assert echo_roundtrip(p.address, b"w%d" % i) == b"w%d" % i
 
 
+@pytest.mark.linux_only
 def test_default_workers_follow_cpu_affinity(any_engine):
     code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]});"
             "from fastproxy import Proxy;"
@@ -141,9 +142,9 @@ def test_engine_auto_and_env_override(engine, monkeypatch, echo_server):
         stop_bounded(p, timeout=1, limit=10)
 
 
+@pytest.mark.linux_only
+@pytest.mark.skipif(fastproxy._core.PORTABLE, reason="a portable build has no epoll")
 def test_engine_auto_prefers_epoll_on_linux(monkeypatch, echo_server):
-    if not sys.platform.startswith("linux"):
-        pytest.skip("Linux only")
     monkeypatch.delenv("FASTPROXY_ENGINE", raising=False)
     p = Proxy(listen="127.0.0.1:0", upstream=echo_server.addr)
     p.start()

@@ -9,6 +9,7 @@ import pytest
 from support.procfs import proc_cpu_seconds
 from support.sockets import echo_roundtrip
 
+pytestmark = pytest.mark.linux_only   # CPU time read from /proc
 WINDOW_S = 0.4
 
 

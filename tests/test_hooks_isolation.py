@@ -5,6 +5,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from support.procfs import proc_context_switches
 from support.sockets import connect, connect_from, recv_exact, recv_until_eof
 
@@ -134,6 +136,7 @@ def test_call_queued_behind_a_hook_that_just_blocked_is_taken(make_proxy, echo_s
             r.set()
 
 
+@pytest.mark.linux_only
 def test_workers_do_not_poll_for_calls_no_thread_can_take(make_proxy, echo_server):
     # Workers look at a queue holding calls every millisecond, for a sleeping
     # hook thread to wake. With every hook thread inside a blocked hook there

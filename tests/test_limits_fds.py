@@ -62,6 +62,7 @@ def _close_wait(pid, proxy_port, upstream_port):
 
 
 @pytest.mark.slow
+@pytest.mark.linux_only
 def test_no_fd_leak_after_10000_short_connections(cli_proxy, echo_server):
     proxy = cli_proxy("--listen", "127.0.0.1:0", "--upstream", echo_server.addr)
     addr = proxy.connect_addr()
@@ -87,6 +88,7 @@ def test_no_fd_leak_after_10000_short_connections(cli_proxy, echo_server):
 
 
 @pytest.mark.slow
+@pytest.mark.linux_only
 def test_emfile_survived_and_recovered(cli_proxy, echo_server):
     proxy = cli_proxy("--listen", "127.0.0.1:0", "--upstream", echo_server.addr,
                       rlimit_nofile=64)
@@ -152,6 +154,7 @@ def test_emfile_survived_and_recovered(cli_proxy, echo_server):
     assert "Traceback" not in proxy.stderr.text()
 
 
+@pytest.mark.linux_only
 def test_no_fd_leak_on_failed_upstream_connects(cli_proxy):
     from support.sockets import closed_by_peer, reserve_refusing_port
     hole = reserve_refusing_port()
@@ -174,6 +177,7 @@ def test_no_fd_leak_on_failed_upstream_connects(cli_proxy):
         hole.close()
 
 
+@pytest.mark.linux_only
 def test_startup_raises_soft_fd_limit_to_hard(cli_proxy, echo_server):
     proxy = cli_proxy("--listen", "127.0.0.1:0", "--upstream", echo_server.addr,
                       rlimit_nofile=(100, 4096))
@@ -181,6 +185,7 @@ def test_startup_raises_soft_fd_limit_to_hard(cli_proxy, echo_server):
     assert "4096" in proxy.ready_line or "budget" in proxy.ready_line.lower(), proxy.ready_line
 
 
+@pytest.mark.linux_only
 def test_idle_bridges_hold_no_pipes(cli_proxy, echo_server):
     proxy = cli_proxy("--listen", "127.0.0.1:0", "--upstream", echo_server.addr)
     addr = proxy.connect_addr()

@@ -73,6 +73,11 @@ def test_wheel_holds_the_package_and_nothing_source_only(dists):
         assert needed in names, needed
     source_only = [n for n in names if n.endswith((".c", ".pyx", ".pxi", ".pxd", ".h", ".html"))]
     assert not source_only, source_only
+    if sys.platform.startswith("linux"):
+        extension = [n for n in names if n.startswith("fastproxy/_core.") and n.endswith(".so")][0]
+        # Linked with --strip-debug: no DWARF sections (their names would be
+        # in the section-name table).
+        assert b".debug_info" not in zipfile.ZipFile(wheel).read(extension), "the extension carries debug info"
     metadata = zipfile.ZipFile(wheel).read("fastproxy_tcp-%s.dist-info/METADATA" % VERSION).decode()
     assert "Name: fastproxy-tcp" in metadata
     assert "License-Expression: MIT" in metadata

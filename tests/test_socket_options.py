@@ -9,6 +9,7 @@ import socket
 
 import pytest
 
+from fastproxy import _core
 from fastproxy.values import parse_size
 from support.procfs import proc_fds
 from support.sockets import connect, recv_exact
@@ -58,6 +59,7 @@ def _bridge_sockets(p, echo_server, c):
     return client_side, upstream_side
 
 
+@pytest.mark.linux_only
 def test_bridge_sockets_have_nodelay(make_proxy, echo_server, engine):
     p = make_proxy(echo_server.addr, workers=1)
     with connect(p.address) as c:
@@ -69,7 +71,8 @@ def test_bridge_sockets_have_nodelay(make_proxy, echo_server, engine):
                     assert lowat == (1 << 20 if engine == "epoll" else 0), (engine, lowat)
 
 
-@pytest.mark.skipif(TCP_NOTSENT_LOWAT is None, reason="no TCP_NOTSENT_LOWAT here")
+@pytest.mark.linux_only
+@pytest.mark.skipif(not _core.HAVE_NOTSENT_LOWAT, reason="this build has no TCP_NOTSENT_LOWAT")
 @pytest.mark.parametrize("value,expect", [("16k", 16384), (262144, 262144), ("0", 0)])
 def test_notsent_lowat_is_set_on_both_bridge_sockets(make_proxy, echo_server, value, expect):
     p = make_proxy(echo_server.addr, workers=1, notsent_lowat=value)

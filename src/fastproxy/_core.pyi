@@ -4,6 +4,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 from typing_extensions import disjoint_base
 
 ENGINES: Tuple[str, ...]
+PORTABLE: bool
+HAVE_NOTSENT_LOWAT: bool
 BALANCE_ALGORITHMS: Tuple[str, ...]
 
 # cpdef enums of _core.pxd: the one definition of these numbers.

@@ -1,4 +1,6 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, cdivision=True
+# boundscheck and wraparound are setup.py's: a directive here would win over
+# its debug build's (Cython 3 lets the file's comment override cythonize's).
 """The data plane: workers that accept, connect and bridge without the GIL.
 
 Python reaches in only through DataPlane: it hands over an immutable config
@@ -31,6 +33,11 @@ include "bridge.pxi"
 include "connect.pxi"
 
 ENGINES = ("epoll", "poll") if FP_HAVE_EPOLL else ("poll",)
+# What this build has, for the control plane to ask instead of the
+# interpreter's platform: a portable build (FASTPROXY_FORCE_PORTABLE) on
+# Linux has neither, though the socket module there has TCP_NOTSENT_LOWAT.
+PORTABLE = bool(FP_PORTABLE)
+HAVE_NOTSENT_LOWAT = bool(FP_HAVE_NOTSENT_LOWAT)
 # CloseReason, Verdict, HookBit and EventKind (cpdef enums in _core.pxd)
 # are the control plane's names for the data plane's numbers.
 

@@ -381,7 +381,8 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
         if b.state != B_ACTIVE:
             if ev & EV_ERR:
                 bridge_close(w, b, CLIENT_RESET, 0, 1)
-            elif ev & EV_HUP and b.state == B_QUEUED and client_gave_up(b):
+            elif (b.state == B_QUEUED and (ev & EV_HUP or (POLLRDHUP == 0 and ev & EV_RD))
+                  and client_gave_up(b)):
                 bridge_close(w, b, CLIENT_CLOSED, 0, 0)
             return
     else:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from typing import List, Optional, Sequence, Set, Tuple, Union
+
+from . import _core
 
 __all__ = [
     "ConfigError",
@@ -190,7 +191,9 @@ DEFAULT_NOTSENT_LOWAT = 1 << 20
 
 def default_notsent_lowat(engine: str) -> int:
     """What notsent_lowat=None means for this engine on this platform."""
-    if engine == "epoll" and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+    # The extension sets the option, so what it was built with decides, not
+    # the socket module: a portable build on Linux has it in neither sense.
+    if engine == "epoll" and _core.HAVE_NOTSENT_LOWAT:
         return DEFAULT_NOTSENT_LOWAT
     return 0
 
@@ -199,6 +202,6 @@ def parse_notsent_lowat(value: object, field: str) -> Optional[int]:
     if value is None:   # the engine's default, resolved at start
         return None
     size = parse_size(value, field)
-    if size and not hasattr(socket, "TCP_NOTSENT_LOWAT"):
-        raise ConfigError(field, value, "cannot be used here: this platform has no TCP_NOTSENT_LOWAT")
+    if size and not _core.HAVE_NOTSENT_LOWAT:
+        raise ConfigError(field, value, "cannot be used here: this build has no TCP_NOTSENT_LOWAT")
     return size

@@ -303,7 +303,14 @@ cdef inline short poll_client_interest(Bridge *b) noexcept nogil:
         return POLLIN
     # A waiting client is watched for hanging up (once: level-triggered, a
     # FIN seen would wake the loop forever); others for errors only.
-    return POLLRDHUP if b.state == B_QUEUED and not b.up.src_hup else 0
+    if b.state != B_QUEUED:
+        return 0
+    if POLLRDHUP == 0:
+        # No POLLRDHUP (macOS): a FIN shows as readable, as a request does,
+        # so watch until the client sent anything; one that sent a request
+        # keeps its place even if it hangs up after (client_gave_up).
+        return POLLIN if not b.c_rd else 0
+    return POLLRDHUP if not b.up.src_hup else 0
 
 
 cdef inline short poll_upstream_interest(Bridge *b) noexcept nogil:

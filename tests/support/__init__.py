@@ -2,7 +2,8 @@
 
 sockets  client sockets: addresses, connecting, bounded reads
 servers  Listener, EchoServer, TagServer (an upstream that names itself)
-procfs   /proc readers (CPU time, fds, limits, TCP sockets)
+procfs   /proc readers (CPU time, fds, limits, TCP sockets): Linux only, so
+         the tests that call them are marked linux_only
 cli      the CLI in a subprocess, and its one-line errors
 waits    bounded waits (conditions, proxy stats, Proxy.stop())
 hooks    Recorder, an on_close collector

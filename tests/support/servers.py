@@ -8,7 +8,7 @@ import selectors
 import socket
 import threading
 
-from .sockets import connect_from, family_of, fmt_addr, read_line, recv_exact
+from .sockets import bind, connect_from, family_of, fmt_addr, read_line, recv_exact
 
 
 class Listener:
@@ -19,7 +19,7 @@ class Listener:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if ":" in host:
             self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        self.sock.bind((host, port))
+        bind(self.sock, host, port)
         self.sock.listen(backlog)
         self.host = host
         self.port = self.sock.getsockname()[1]
@@ -192,7 +192,7 @@ class TagServer(_Background):
     def _listen(self):
         s = socket.socket(family_of(self.host), socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((self.host, self.port))
+        bind(s, self.host, self.port)
         s.listen(512)
         s.setblocking(False)
         self.port = s.getsockname()[1]
@@ -311,7 +311,7 @@ def open_tagged(addr, source=None, timeout=5.0):
     s.settimeout(timeout)
     try:
         if source is not None:
-            s.bind((source, 0))
+            bind(s, source)
         s.connect((host, port))
         return s, read_line(s)
     except BaseException:

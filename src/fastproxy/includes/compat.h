@@ -24,7 +24,22 @@
 #include <pthread.h>
 #include <signal.h>
 
-#ifdef __linux__
+/* Every Linux-only path keys on FP_LINUX, never on __linux__ itself:
+ * -DFASTPROXY_FORCE_PORTABLE (setup.py, env FASTPROXY_FORCE_PORTABLE=1)
+ * turns them all off, so a Linux machine builds and tests the code that
+ * macOS runs (poll, copy, accept + fcntl, per-socket options). */
+#if defined(__linux__) && !defined(FASTPROXY_FORCE_PORTABLE)
+#define FP_LINUX 1
+#else
+#define FP_LINUX 0
+#endif
+#ifdef FASTPROXY_FORCE_PORTABLE
+#define FP_PORTABLE 1
+#else
+#define FP_PORTABLE 0
+#endif
+
+#if FP_LINUX
 #include <sys/epoll.h>
 #define FP_HAVE_EPOLL 1
 #else
@@ -51,6 +66,11 @@ static inline int epoll_wait(int e, struct epoll_event *ev, int n, int t)
 
 #ifndef EPOLLEXCLUSIVE
 #define EPOLLEXCLUSIVE (1u << 28)
+#endif
+/* A portable build on Linux must not see glibc's POLLRDHUP either: macOS
+ * has none, and the poll engine then learns of a peer's FIN by reading 0. */
+#if !FP_LINUX && defined(POLLRDHUP)
+#undef POLLRDHUP
 #endif
 #ifndef POLLRDHUP
 #define POLLRDHUP 0
@@ -84,7 +104,7 @@ static inline int fp_set_nonblock_cloexec(int fd)
 static inline int fp_accept(int lfd, struct sockaddr *sa, socklen_t *len)
 {
     int r;
-#ifdef __linux__
+#if FP_LINUX
     FP_RETRY(accept4(lfd, sa, len, SOCK_NONBLOCK | SOCK_CLOEXEC));
 #else
     do { r = accept(lfd, sa, len); } while (r < 0 && errno == EINTR);
@@ -98,7 +118,7 @@ static inline int fp_accept(int lfd, struct sockaddr *sa, socklen_t *len)
 static inline int fp_socket(int family)
 {
     int r;
-#ifdef __linux__
+#if FP_LINUX
     FP_RETRY(socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
 #else
     r = socket(family, SOCK_STREAM, 0);
@@ -115,7 +135,7 @@ static inline int fp_socket(int family)
 static inline int fp_pipe(int fds[2])
 {
     int r;
-#ifdef __linux__
+#if FP_LINUX
     FP_RETRY(pipe2(fds, O_NONBLOCK | O_CLOEXEC));
 #else
     if (pipe(fds) < 0) return -errno;
@@ -140,7 +160,7 @@ static inline int fp_connect(int fd, const struct sockaddr *sa, socklen_t len)
  * (-EAGAIN, -ECONNRESET, -EPIPE, -ENOSYS where splice does not exist). */
 static inline ssize_t fp_splice(int in, int out, size_t len)
 {
-#ifdef __linux__
+#if FP_LINUX
     ssize_t r;
     FP_RETRY(splice(in, NULL, out, NULL, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK));
 #else
@@ -214,7 +234,7 @@ static inline int fp_sock_error(int fd)
 
 /* Linux copies TCP_NODELAY from a listening socket to the sockets it
  * accepts: set on the listener once, it saves a setsockopt per client. */
-#ifdef __linux__
+#if FP_LINUX
 #define FP_NODELAY_INHERITED 1
 #else
 #define FP_NODELAY_INHERITED 0
@@ -232,9 +252,15 @@ static inline void fp_set_nodelay(int fd)
  * that opens the window, on whichever CPU took that ACK. Linux copies it from
  * a listening socket to the sockets it accepts, like TCP_NODELAY.
  * Returns: 0, or -errno (-ENOPROTOOPT where the platform has no such option). */
+#if defined(TCP_NOTSENT_LOWAT) && !FP_PORTABLE
+#define FP_HAVE_NOTSENT_LOWAT 1
+#else
+/* The portable build stands for the least POSIX platform: without it. */
+#define FP_HAVE_NOTSENT_LOWAT 0
+#endif
 static inline int fp_set_notsent_lowat(int fd, int nbytes)
 {
-#ifdef TCP_NOTSENT_LOWAT
+#if FP_HAVE_NOTSENT_LOWAT
     if (setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &nbytes, sizeof nbytes) < 0) return -errno;
     return 0;
 #else
@@ -256,7 +282,7 @@ static inline void fp_set_reset_on_close(int fd)
  * may refuse: pipe-user-pages-soft), or -errno. */
 static inline int fp_pipe_size(int wfd, int want)
 {
-#ifdef __linux__
+#if FP_LINUX
     if (want > 0) fcntl(wfd, F_SETPIPE_SZ, want);
     int r = fcntl(wfd, F_GETPIPE_SZ);
     return r < 0 ? -errno : r;
@@ -311,7 +337,7 @@ static inline int fp_cond_wait_ms(pthread_cond_t *c, pthread_mutex_t *m, int ms)
  * wake-up costs a second futex call at the unlock that follows; a post
  * costs one call, and only when a thread sleeps. macOS has no unnamed
  * POSIX semaphores: there it is a mutex, a condition and a count. */
-#ifdef __linux__
+#if FP_LINUX
 #include <semaphore.h>
 typedef sem_t fp_sem_t;
 /* Returns: 0, or -errno. */

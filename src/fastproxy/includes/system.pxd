@@ -6,6 +6,8 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 cdef extern from "compat.h" nogil:
     int FP_HAVE_EPOLL
+    int FP_PORTABLE
+    int FP_HAVE_NOTSENT_LOWAT
 
     ctypedef int socklen_t
     ctypedef int nfds_t
