@@ -122,25 +122,29 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def test_access_lines_go_through_the_fastproxy_access_logger(make_proxy, echo_server, caplog):
-    """An application's own handler on `fastproxy.access` is enough to get
-    the lines (no access_log file), and they do not reach the root logger."""
-    caplog.set_level(logging.INFO)
-    mine = _Lines()
+def test_access_lines_go_through_the_fastproxy_access_logger(make_proxy, echo_server, tmp_path):
+    """A handler the application puts on `fastproxy.access` gets the lines
+    too; a handler on the root logger does not (the logger does not
+    propagate)."""
+    mine, root = _Lines(), _Lines()
     logger = logging.getLogger("fastproxy.access")
     logger.addHandler(mine)
+    logging.getLogger().addHandler(root)
+    log = tmp_path / "access.jsonl"
     try:
-        p = make_proxy(echo_server.addr)
+        p = make_proxy(echo_server.addr, access_log=str(log))
         with connect(p.address) as c:
             c.sendall(b"routed")
             assert recv_exact(c, 6) == b"routed"
         assert wait_for(lambda: len(mine.lines) == 1, 3), mine.lines
     finally:
         logger.removeHandler(mine)
+        logging.getLogger().removeHandler(root)
     entry = json.loads(mine.lines[0])
     _check_entry(entry)
     assert entry["bytes_upstream"] == 6
-    assert not [r for r in caplog.records if r.name == "fastproxy.access"]
+    assert _read_lines(log) == mine.lines
+    assert not [line for line in root.lines if '"bytes_upstream"' in line], root.lines
 
 
 def test_two_proxies_two_files(make_proxy, echo_server, tmp_path):

@@ -1,12 +1,14 @@
 """The access log: one JSON line per closed bridge, through the logger
 `fastproxy.access`, so an application can route it like any other log.
 
-`access_log="FILE"` (or `-` for standard output) adds one handler for this
-proxy's lines; a file handler can be reopened after rotation
-(`Proxy.reopen_logs()`). A handler the application put on the logger itself
-gets every proxy's lines, and is enough on its own to turn the records on.
-The logger does not propagate: access lines are not error logs, and the
-command's stderr handler must not print each one.
+`access_log="FILE"` (or `-` for standard output) turns the lines on and adds
+one handler for this proxy's lines; a file handler can be reopened after
+rotation (`Proxy.reopen_logs()`). Handlers the application puts on the
+logger get every proxy's lines as well. The logger does not propagate:
+access lines are not error logs, and the command's stderr handler must not
+print each one. (Whether to make the lines is the option's say alone, not
+the logger's handlers': test runners and log frameworks attach handlers to
+every logger.)
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class _StdoutHandler(logging.StreamHandler):
 
 class AccessLog:
     """One proxy's writer of access lines. `target`: a path, '-' (standard
-    output) or None (only the application's own handlers, if any)."""
+    output) or None (no lines)."""
 
     def __init__(self, owner: object, target: Optional[str], on_error: Callable[[], None]) -> None:
         self._owner = owner
@@ -69,12 +71,6 @@ class AccessLog:
             handler.addFilter(self._mine)
             ACCESS_LOGGER.addHandler(handler)
             self.handler = handler
-
-    @staticmethod
-    def wanted(target: Optional[str]) -> bool:
-        """Whether records are worth making: a target, or a handler the
-        application attached."""
-        return target is not None or bool(ACCESS_LOGGER.handlers)
 
     def _mine(self, record: logging.LogRecord) -> bool:
         return getattr(record, _OWNER, None) is self._owner

@@ -214,9 +214,7 @@ class Proxy:
                 balance=cfg.balancing.balance, max_fails=cfg.balancing.max_fails,
                 fail_timeout=cfg.balancing.fail_timeout)
             workers = cfg.process.workers
-            # Access lines are made when a target is set or the application
-            # put a handler on the logger (fastproxy.access) itself.
-            logged = AccessLog.wanted(cfg.hooks.access_log)
+            logged = cfg.hooks.access_log is not None
             try:
                 access_log = AccessLog(self, cfg.hooks.access_log, self._access_log_error)
             except OSError as exc:
