@@ -333,12 +333,7 @@ def tag_of(addr, src_host="127.0.0.1", payload=b"ping"):
     """Connect (from src_host), read the server's tag line, check one echo, close.
     Returns the tag (bytes)."""
     with connect_from(addr, src_host) as s:
-        line = b""
-        while not line.endswith(b"\n"):
-            b = s.recv(1)
-            if not b:
-                raise EOFError("closed before the tag line: %r" % line)
-            line += b
+        tag = read_line(s).encode()
         s.sendall(payload)
         assert recv_exact(s, len(payload)) == payload
-        return line[:-1]
+        return tag
