@@ -1,9 +1,11 @@
 """Proxy(sock=...): serving on a listening socket the application bound."""
+import os
 import socket
 
 import pytest
 
 from fastproxy import ConfigError, Proxy
+from support.procfs import proc_fd_count
 from support.sockets import echo_roundtrip
 from support.waits import stop_bounded
 
@@ -33,13 +35,20 @@ def test_serves_on_the_applications_socket_and_leaves_it_open(engine, echo_serve
         assert app.getsockname()[1] == p.address[1]
 
 
-def test_a_proxy_never_started_gives_its_duplicate_back(any_engine, echo_server):
+@pytest.mark.linux_only
+def test_the_duplicate_is_made_at_start_and_closed_at_stop(any_engine, echo_server):
+    """Constructing (or failing to construct) holds no descriptor; start()
+    takes one, stop() gives it back."""
     with _listening() as app:
-        p = Proxy(sock=app, upstream=echo_server.addr, engine=any_engine)
-        dup = p._adopted
-        assert dup is not None and dup.fileno() >= 0
-        p.stop()
-        assert dup.fileno() == -1
+        before = proc_fd_count(os.getpid())
+        with pytest.raises(ConfigError):
+            Proxy(sock=app, upstream=echo_server.addr, engine=any_engine, health_check=5)
+        p = Proxy(sock=app, upstream=echo_server.addr, engine=any_engine, workers=1)
+        assert proc_fd_count(os.getpid()) == before
+        p.start()
+        assert proc_fd_count(os.getpid()) > before
+        stop_bounded(p, timeout=1)
+        assert proc_fd_count(os.getpid()) == before
         assert app.fileno() >= 0
 
 

@@ -26,7 +26,7 @@ from .options import OPTIONS, option
 from .timewindows import Clock, TimeWindows
 from .upstreams import Upstream
 from .values import Duration, format_address
-from .sockets import adopt_socket, fd_budget, listen_socket, resolve_upstream
+from .sockets import adopt_socket, check_listening, fd_budget, listen_socket, resolve_upstream
 from .watch import Watchers
 
 __all__ = ["Proxy"]
@@ -129,18 +129,13 @@ class Proxy:
     ) -> None:
         given = locals()
         options = {o.name: given[o.name] for o in OPTIONS}
-        self._adopted: Optional[socket.socket] = None
+        # The application's socket: checked now, duplicated at start().
+        self._app_sock = sock
         if sock is not None:
             if listen is not None:
                 raise ConfigError("sock", sock, "give either listen or sock, not both")
-            self._adopted = adopt_socket(sock)
-            options["listen"] = format_address(*self._adopted.getsockname()[:2])
-        try:
-            self.config = Config.build(upstream=upstream, **options)
-        except BaseException:
-            if self._adopted is not None:
-                self._adopted.close()
-            raise
+            options["listen"] = format_address(*check_listening(sock))
+        self.config = Config.build(upstream=upstream, **options)
         access = self.config.access
         self._windows = (TimeWindows(access.allow_time, access.time_zone, clock)
                          if access.allow_time is not None else None)
@@ -219,14 +214,12 @@ class Proxy:
                 access_log = AccessLog(self, cfg.hooks.access_log, self._access_log_error)
             except OSError as exc:
                 raise ConfigError("access_log", cfg.hooks.access_log, exc.strerror or str(exc)) from None
-            if self._adopted is not None:
-                sock, self._adopted = self._adopted, None
-            else:
-                try:
-                    sock = listen_socket(cfg.listener.listen)
-                except BaseException:
-                    access_log.close()
-                    raise
+            try:
+                sock = (adopt_socket(self._app_sock) if self._app_sock is not None
+                        else listen_socket(cfg.listener.listen))
+            except BaseException:
+                access_log.close()
+                raise
             try:
                 plane = _core.DataPlane(
                     sock.fileno(), group, cfg,
@@ -335,9 +328,6 @@ class Proxy:
         with self._lock:
             plane = self._plane
             if plane is None:
-                if self._adopted is not None:   # never started: give the duplicate back
-                    self._adopted.close()
-                    self._adopted = None
                 return
             try:
                 self._stop_plane(plane, timeout)

@@ -109,12 +109,9 @@ def listen_socket(addr: Address) -> socket.socket:
     return sock
 
 
-def adopt_socket(sock: object, field: str = "sock") -> socket.socket:
-    """A duplicate of an application's bound, listening TCP socket (systemd
-    socket activation, tests, privilege separation). The proxy closes its
-    duplicate at stop; the application keeps and closes its own. The
-    duplicate shares the socket's file status, so the application's socket
-    becomes non-blocking too."""
+def check_listening(sock: object, field: str = "sock") -> Address:
+    """The address of an application's socket, once it is known to be a
+    bound, listening TCP socket."""
     if not isinstance(sock, socket.socket):
         raise ConfigError(field, sock, "expected a socket.socket")
     if sock.fileno() < 0:
@@ -127,6 +124,17 @@ def adopt_socket(sock: object, field: str = "sock") -> socket.socket:
         listening = 1
     if not listening:
         raise ConfigError(field, sock, "must be bound and listening (call listen() first)")
+    host, port = sock.getsockname()[:2]
+    return host, port
+
+
+def adopt_socket(sock: socket.socket, field: str = "sock") -> socket.socket:
+    """A duplicate of an application's bound, listening TCP socket (systemd
+    socket activation, tests, privilege separation). The proxy closes its
+    duplicate at stop; the application keeps and closes its own. The
+    duplicate shares the socket's file status, so the application's socket
+    becomes non-blocking too."""
+    check_listening(sock, field)
     dup = sock.dup()
     dup.setblocking(False)
     return dup
