@@ -190,3 +190,11 @@ def test_router(run_script):
         with connect_from(p.address, "127.0.0.5") as c:
             assert closed_by_peer(c, 3) is not None
         assert d.accepted == 1
+
+
+def test_embedded_asyncio_service(run_script, echo_server):
+    _doc_says("embedded.py", "python examples/embedded.py UPSTREAM_HOST:PORT")
+    p = run_script(sys.executable, "examples/embedded.py", echo_server.addr)
+    assert echo_roundtrip(p.address, b"embedded" * 10) == b"embedded" * 10
+    assert p.stop() == 0
+    assert p.stdout.wait_line(r"^1 bridges, 160 bytes$", 3), p.stdout.text()

@@ -30,3 +30,10 @@ def test_stub_matches_the_built_extension(tmp_path):
 def test_package_type_checks(tmp_path):
     rc, out = _mypy(tmp_path, "mypy", "--config-file", os.path.join(ROOT, "pyproject.toml"))
     assert rc == 0, "mypy src/fastproxy:\n" + out
+
+
+def test_public_api_example_type_checks(tmp_path):
+    """A program using the public API, checked strictly, as a user's would be."""
+    rc, out = _mypy(tmp_path, "mypy", "--strict", "--config-file", os.path.join(ROOT, "pyproject.toml"),
+                    os.path.join(ROOT, "examples", "embedded.py"))
+    assert rc == 0, "mypy --strict examples/embedded.py:\n" + out
