@@ -117,7 +117,6 @@ def _positive_duration(value: Any, field: str) -> float:
 def _optional(parse: Parser) -> Parser:
     def parse_or_none(value: Any, field: str) -> Any:
         return None if value is None else parse(value, field)
-    parse_or_none.__name__ = parse.__name__
     return parse_or_none
 
 
