@@ -49,7 +49,7 @@ def test_swap_live_bridge_keeps_its_group_until_it_ends(engine):
     with Servers(names=["S1", "S2", "S3"]) as srv:
         p = Proxy(listen="127.0.0.1:0", engine=engine, upstream=srv["S1"].addr, workers=2).start()
         try:
-            eng = p._plane
+            eng = p._listeners[0].handle
             a = eng.group
             c1, name = open_tagged(p.address)
             assert name == "S1"
@@ -130,7 +130,7 @@ def test_swap_under_concurrent_clients(engine):
                       (srv["S1"], srv["S2"]), (srv["S1"],)]
             for members in groups:
                 time.sleep(0.25)
-                p._plane.swap_group(group_of(*members, balance="leastconn"))
+                p._listeners[0].handle.swap_group(group_of(*members, balance="leastconn"))
             time.sleep(0.25)
         finally:
             done.set()
@@ -161,7 +161,7 @@ def test_swap_gives_waiting_clients_the_new_group(engine):
             assert name == "S1"
             c2 = socket.create_connection(p.address, timeout=5)
             assert wait_for(lambda: p.stats()["queued"] == 1, 5), p.stats()
-            p._plane.swap_group(group_of(srv["S2"]))
+            p._listeners[0].handle.swap_group(group_of(srv["S2"]))
             # Not by c1 freeing its slot: it still holds it.
             assert read_line(c2) == "S2"
             leave(c2)
@@ -188,7 +188,7 @@ def test_on_connect_names_an_upstream_of_the_group_current_when_it_answers(engin
         try:
             c = socket.create_connection(p.address, timeout=5)
             assert called.wait(5)
-            p._plane.swap_group(group_of(srv["S2"], srv["S1"]))
+            p._listeners[0].handle.swap_group(group_of(srv["S2"], srv["S1"]))
             go.set()
             assert read_line(c) == "S1"
             leave(c)
@@ -238,7 +238,7 @@ def test_on_connect_answer_meets_a_swap_on_its_way_to_the_worker(engine, monkeyp
 
         def then_swap(result, names, *a):
             answer = looked_up(result, names, *a)
-            p._plane.swap_group(next_groups.pop(0))
+            p._listeners[0].handle.swap_group(next_groups.pop(0))
             return answer
 
         monkeypatch.setattr(dispatch, "route_target", then_swap)

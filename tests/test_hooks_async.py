@@ -121,7 +121,7 @@ def test_async_with_starts_without_blocking_the_loop(any_engine, echo_server, mo
     """`async with Proxy(...)`: the start (here a slow name resolution) runs
     off the loop, `.address` is valid once it returns, async hooks run on
     the loop, and leaving the block stops the proxy."""
-    import fastproxy.proxy as proxy_module
+    import fastproxy.listener as proxy_module
 
     real_resolve = proxy_module.resolve_upstream
 

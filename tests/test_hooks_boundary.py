@@ -33,12 +33,12 @@ def _record_handles(monkeypatch, seen):
     answers before returning)."""
     orig_connect, orig_data = HookRunner._on_connect, HookRunner._on_data
 
-    def on_connect(self, handle, *rest):
-        orig_connect(self, handle, *rest)
+    def on_connect(self, entry, handle, *rest):
+        orig_connect(self, entry, handle, *rest)
         seen.append(("connect", handle))
 
-    def on_data(self, handle, *rest):
-        orig_data(self, handle, *rest)
+    def on_data(self, entry, handle, *rest):
+        orig_data(self, entry, handle, *rest)
         seen.append(("data", handle))
 
     monkeypatch.setattr(HookRunner, "_on_connect", on_connect)

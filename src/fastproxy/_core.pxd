@@ -149,8 +149,12 @@ cdef struct HookCalls:
     TimerLink tl         # SLOT_HOOK: the earliest call's deadline
 
 
+cdef struct ListenerC
+cdef struct ListenerSlot
+
 cdef struct Bridge:
     uint64_t id
+    ListenerC *ls         # its listener (a reference, dropped when the bridge is freed)
     int cfd
     int ufd
     uint8_t state
@@ -175,7 +179,7 @@ cdef struct Bridge:
     uint8_t admitted     # holds a slot of the global limit (and counts in `active`)
     uint8_t ip_counted   # counted in the per-IP table
     uint8_t up_slot      # holds a slot on `upstream` (balance_release it)
-    uint8_t routed       # counts in Shared.routed.active (a route outside the group)
+    uint8_t routed       # counts in ListenerC.routed.active (a route outside the group)
     uint8_t in_queue     # on the wait queue (guarded by WaitQueue.mu)
     uint8_t kicked       # a retry is on its way (guarded by WaitQueue.mu)
     int tries            # upstreams tried so far
@@ -254,6 +258,7 @@ cdef struct HookEvent:
     uint8_t kind
     uint8_t call         # CALL_*
     int worker
+    int listener         # ListenerC.id: whose hooks to call
     uint64_t id
     uint32_t seq
     char *buf            # the lent buffer: valid until the call is answered
@@ -289,6 +294,7 @@ cdef struct HookResult:
 # What on_close and the access log learn of a bridge.
 cdef struct CloseRecordC:
     uint64_t id
+    int listener         # ListenerC.id
     uint8_t client_ip[16]
     uint16_t client_port
     uint8_t client_v4
@@ -338,26 +344,44 @@ cdef struct ResultQueue:
     int cap
 
 
-# Read-only after start, except the gauges and the queues.
-cdef struct Shared:
-    int engine
-    bint nodelay_inherited   # accepted sockets got TCP_NODELAY (and TCP_NOTSENT_LOWAT) from the listener
-    int notsent_lowat        # TCP_NOTSENT_LOWAT for both sockets of a bridge; 0: off
+# What a worker keeps of one listener; written by that worker only (stats()
+# reads the counters with relaxed loads).
+cdef struct ListenerSlot:
+    Counters ctr
+    UpstreamCounters routed   # on_connect routes outside the group
+    BalanceCursor cursor
+    GroupC *group         # the group `cursor` is built for
+    int64_t group_gen     # ListenerC.group_gen it was built at
+    int64_t seen_close    # ListenerC.cmd_close done
+    uint8_t listening     # the socket is in this worker's set
+    uint8_t *scratch      # PROXY headers are peeked into it
+    # Timer lists, one per duration of this listener, ordered by deadline.
+    Bridge *thead[8]      # T_LISTS
+    Bridge *ttail[8]
+
+
+# One listener: its socket and everything a listener configures (upstream
+# group, limits, access rules, timeouts, PROXY protocol, hooks) and counts.
+# Read-only once published in Shared.listeners, except the atomics, the
+# queues and what the control plane swaps under a new Shared.gen.
+cdef struct ListenerC:
+    int id               # its index in Shared.listeners, named by hook events and records
     int listen_fd
     int hooks            # HOOK_* bits
+    int64_t refs         # atomic: the control plane's, plus one per bridge not yet freed
+    int64_t closing      # atomic: stop accepting (removed from the configuration)
+    int64_t cmd_close    # atomic generation: close every bridge of this listener
+    int64_t close_reason # atomic: the CloseReason they close with
+    bint nodelay_inherited   # accepted sockets got TCP_NODELAY (and TCP_NOTSENT_LOWAT) from the listener
+    int notsent_lowat        # TCP_NOTSENT_LOWAT for both sockets of a bridge; 0: off
     int64_t connect_timeout_ns
     int64_t half_close_timeout_ns
     int64_t idle_timeout_ns       # 0: none
     int64_t max_lifetime_ns       # 0: none
-    int pipe_size
-    int buf_size
-    int hook_read        # a hooked flow reads up to this; on_data sees buf_size slices
-    int64_t busy_poll_ns  # keep polling this long after the last event; 0: sleep
     int max_hold
-    int pool_max         # idle pipes (or buffers) one worker keeps
-    int hook_pool_max    # idle hook_read buffers: as many bytes as pool_max buffers
+    int64_t hook_timeout_ns   # 0: hook calls have no deadline
     # The current upstream group (one reference), swapped by the control
-    # plane; a worker rereads it when group_gen moves (worker_check_group).
+    # plane; a worker rereads it when group_gen moves (worker_sync).
     GroupC *group
     int64_t group_gen
     UpstreamState routed          # on_connect routes outside the group (atomic gauges)
@@ -379,12 +403,38 @@ cdef struct Shared:
     AclTable *accept_proxy_from      # who may send a PROXY header; NULL: anyone
     int proxy_header_max
     int64_t proxy_header_timeout_ns
-    int64_t hook_timeout_ns   # 0: hook calls have no deadline
-    Worker *workers
     Gauges gauges
+    Shared *sh
+    ListenerSlot *slots   # one per worker
+
+
+cdef enum:
+    MAX_LISTENERS = 4096
+
+
+# The process's part: workers, pools, hook queues, and the listeners table.
+# Read-only after start, except the gauges, the queues and the table.
+cdef struct Shared:
+    int engine
+    int hooks            # HOOK_* bits of every listener ever added (the loop's "any hooks")
+    int pipe_size
+    int buf_size
+    int hook_read        # a hooked flow reads up to this; on_data sees buf_size slices
+    int64_t busy_poll_ns  # keep polling this long after the last event; 0: sleep
+    int pool_max         # idle pipes (or buffers) one worker keeps
+    int hook_pool_max    # idle hook_read buffers: as many bytes as pool_max buffers
+    Worker *workers
+    int nworkers
+    Gauges gauges        # process-wide: dropped_records, stale_answers
     int64_t next_id
     HookQueue events
     RecordRing records
+    # The listeners, by id (NULL: a free id). The control plane stores a
+    # pointer, then moves `gen`; a worker that sees a new gen walks the
+    # table (worker_sync) and says so in Worker.gen_seen.
+    ListenerC *listeners[4096]    # MAX_LISTENERS
+    int64_t nlisteners    # ids in use are below this (atomic)
+    int64_t gen
 
 
 cdef struct Worker:
@@ -397,23 +447,15 @@ cdef struct Worker:
     int64_t cmd_stop      # a generation: each stop() bumps it
     int64_t drain_ns
     int64_t seen_stop
-    int64_t cmd_close_all # a generation: close every live bridge
-    int64_t seen_close_all
     ResultQueue results
     # Worker -> control plane.
     int64_t accepting
-    uint8_t listening
     uint8_t stopping
-    int64_t accept_resume_ns
+    int64_t accept_resume_ns  # out of fds: every listener paused until then
     int64_t last_event_ns  # busy polling: when the loop last had events
     int64_t drain_deadline_ns
-    BalanceCursor cursor
-    GroupC *group         # the group `cursor` is built for; read by this worker only
-    int64_t group_gen     # the generation it saw (atomic: swap_group waits for it)
+    int64_t gen_seen      # atomic: the Shared.gen this worker has synced to
     int64_t in_loop       # atomic: 1 while in worker_run's loop
-    Bridge *thead[8]      # T_LISTS: timer lists, ordered by deadline
-    Bridge *ttail[8]
-    uint8_t *scratch      # PROXY headers are peeked into it
     Bridge **bridges
     int nbridges
     int cap_bridges
@@ -431,9 +473,8 @@ cdef struct Worker:
     epoll_event *events
     pollfd *pfds
     Bridge **pbridges
+    ListenerC **plisteners  # poll: the listener of each listening pfd
     int cap_pfds
-    Counters ctr
-    UpstreamCounters routed   # on_connect routes outside the group
 
 
 cdef class UpstreamGroup:
@@ -449,15 +490,29 @@ cdef class UpstreamGroup:
     cdef int _index(self, int i) except -1
 
 
+cdef class DataPlane
+
+cdef class ListenerHandle:
+    cdef ListenerC *c
+    cdef DataPlane _plane
+    cdef readonly int id
+    cdef readonly UpstreamGroup group   # the current one: new clients pick from it (c.group holds its own reference)
+    cdef object access     # keeps the tables the workers read alive
+    cdef object __weakref__
+    cdef int _check(self) except -1
+
+
 cdef class DataPlane:
     cdef Shared sh
     cdef Worker *workers
     cdef int nworkers
     cdef int queues_ready
     cdef readonly str engine
-    cdef UpstreamGroup _group   # the current group (sh.group holds its own reference to the block)
-    cdef object _swap_lock
-    cdef object _access     # keeps the tables the workers read alive
+    cdef dict _listeners    # id -> ListenerHandle, until freed
+    cdef int next_lid
+    cdef object _lock       # one control-plane change at a time
     cdef int _init_worker(self, Worker *w, int i) except -1
+    cdef ListenerHandle _handle(self, int listener)
+    cdef int _publish(self) except -1
     cdef void _free(self) noexcept
     cdef int _answer(self, object handle, HookResult *res) except -1

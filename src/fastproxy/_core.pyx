@@ -90,97 +90,159 @@ cdef void counters_add(Counters *total, Counters *c) noexcept nogil:
     total.proxy_header_errors += fp_load(&c.proxy_header_errors)
 
 
-cdef class DataPlane:
-    """The data plane of one listener: its workers, bridges and counters.
+cdef void listener_free(ListenerC *ls, int nworkers) noexcept nogil:
+    # Once no worker reads it: removed from the table and synced, and no
+    # bridge left (refs 1), or the data plane is gone.
+    cdef int i
+    if ls == NULL:
+        return
+    if ls.slots != NULL:
+        for i in range(nworkers):
+            balance_cursor_free(&ls.slots[i].cursor)
+            free(ls.slots[i].scratch)
+        free(ls.slots)
+    pthread_mutex_destroy(&ls.wait.mu)
+    iptable_free(&ls.ips)
+    group_unref(ls.group)
+    free(ls)
 
-    group: the UpstreamGroup to balance over (with resolved addresses);
-    swap_group() replaces it while workers serve. Durations are in seconds.
-    """
+
+cdef class ListenerHandle:
+    """One listener of a DataPlane (DataPlane.add_listener): its upstream
+    group, admission switch, counters, and removal. Its id names it in hook
+    events and close records."""
+
+    def __cinit__(self):
+        self.c = NULL
+
+    @property
+    def bridges(self):
+        """Bridges of this listener not yet freed (open, or closed with a
+        hook call still out)."""
+        self._check()
+        return fp_atomic_get(&self.c.refs) - 1
+
+    cdef int _check(self) except -1:
+        if self.c == NULL:
+            raise RuntimeError(f"listener {self.id} was freed")
+        return 0
+
+    def swap_group(self, UpstreamGroup group not None):
+        """Make `group` (built for this data plane, never attached before)
+        the one new clients pick from. Live bridges keep the group they were
+        bridged with, which is freed when the last of them ends (and its
+        object is gone). Returns once every running worker has moved to it."""
+        cdef UpstreamGroup old
+        cdef int64_t gen
+        cdef int i
+        plane = self._plane
+        with plane._lock:
+            self._check()
+            if plane.workers == NULL:
+                raise RuntimeError("the data plane is closed")
+            old = self.group
+            gen = self.c.group_gen + 1
+            group._attach(plane.nworkers, gen)
+            group_ref(group.g)
+            fp_ptr_set(<void **>&self.c.group, group.g)
+            fp_atomic_set(&self.c.group_gen, gen)
+            # Until each worker has synced, one may be about to read the old
+            # pointer: its current reference is dropped only after.
+            plane._publish()
+            self.group = group
+            group_unref(old.g)
+            # Waiters get a retry each: the new group may have room where
+            # the old one was full (those still without one wait again).
+            with nogil:
+                for i in range(<int>fp_atomic_get(&self.c.wait.count)):
+                    queue_kick(self.c)
+
+    def free(self):
+        """DataPlane.free_listener(self)."""
+        self._plane.free_listener(self)
+
+    def set_admit(self, bint open_):
+        """Time windows: False refuses new clients (counted in outside_window)."""
+        self._check()
+        fp_atomic_set(&self.c.admit_open, 1 if open_ else 0)
+
+    def close_all(self, int reason=TIMEOUT):
+        """Close every bridge of this listener with `reason` (TIMEOUT: a
+        time window ended; SHUTDOWN: a removed listener's drain ran out).
+        Returns once the running workers did."""
+        plane = self._plane
+        with plane._lock:
+            self._check()
+            fp_atomic_set(&self.c.close_reason, reason)
+            fp_atomic_add(&self.c.cmd_close, 1)
+            plane._publish()
+
+    def stop_accepting(self):
+        """Take the listener out of every worker's set for good (it was
+        removed): returns once no running worker will accept on its socket,
+        which the caller may then close. Its bridges go on."""
+        plane = self._plane
+        with plane._lock:
+            self._check()
+            fp_atomic_set(&self.c.closing, 1)
+            plane._publish()
+
+    def stats(self):
+        cdef Counters total
+        cdef UpstreamCounters routed
+        cdef int i
+        self._check()
+        memset(&total, 0, sizeof(Counters))
+        memset(&routed, 0, sizeof(UpstreamCounters))
+        for i in range(self._plane.nworkers):
+            counters_add(&total, &self.c.slots[i].ctr)
+            upstream_counters_add(&routed, &self.c.slots[i].routed)
+        result = counters_dict(&total)
+        result["active"] = fp_atomic_get(&self.c.gauges.active)
+        result["peak_active"] = fp_atomic_get(&self.c.gauges.peak_active)
+        result["queued"] = fp_atomic_get(&self.c.wait.count)
+        result["dropped_records"] = fp_atomic_get(&self.c.gauges.dropped_records)
+        result["hook_timeouts"] = fp_atomic_get(&self.c.gauges.hook_timeouts)
+        result["upstreams"] = self.group.stats()
+        # Routes have no passive health: always "up".
+        result["routed"] = upstream_entry(&self.c.routed, &routed, "up", True)
+        return result
+
+
+cdef class DataPlane:
+    """The data plane of a process: its workers, and the listeners they
+    serve (add_listener). Durations are in seconds."""
 
     def __cinit__(self):
         memset(&self.sh, 0, sizeof(Shared))
         self.workers = NULL
         self.nworkers = 0
+        self._listeners = {}
 
-    def __init__(self, int listen_fd, UpstreamGroup group not None, config, *,
-                 int hooks=0, int pool_max=64, int pipe_size=262144, int buf_size=65536,
-                 int hook_read=262144):
-        """config: a resolved fastproxy.config.Config, read by option name.
-        hooks: the HOOK_* bits; the rest are sizes of the data plane's own."""
-        cdef int i, err
-        cdef AccessList acl = None, accept_proxy_from = None
-        cdef RateLimiter rate = None
-        process, limits, access = config.process, config.limits, config.access
-        timeouts, proxy_protocol = config.timeouts, config.proxy_protocol
+    def __init__(self, process, *, int hook_slots=16, int pool_max=64, int pipe_size=262144,
+                 int buf_size=65536, int hook_read=262144):
+        """process: the process section of a resolved fastproxy Config
+        (engine, workers, busy_poll). hook_slots: how many hook threads may
+        wait for calls at once; the rest are sizes of the data plane's own."""
+        cdef int i
         engine = process.engine
         workers = process.workers
         if engine not in ENGINES:
             raise ValueError(f"engine {engine!r} is not available here")
         if workers < 1:
-            raise ValueError("an engine needs workers")
+            raise ValueError("a data plane needs workers")
         if workers > 0xFFFF:
             raise ValueError("a hook call's handle names its worker in 16 bits")
-        group._attach(workers, 0)
-        self._group = group
-        self._swap_lock = threading.Lock()
-        group_ref(group.g)      # the current pointer's
-        self.sh.group = group.g
-        self.sh.retries = config.retry_count
-        self.sh.max_connections = limits.max_connections
-        self.sh.max_connections_per_ip = limits.max_connections_per_ip or 0
-        self.sh.on_limit = ON_LIMIT_QUEUE if limits.on_limit == "queue" else ON_LIMIT_REJECT
-        self.sh.queue_size = limits.queue_size
-        self.sh.queue_timeout_ns = seconds_to_ns(limits.queue_timeout)
-        pthread_mutex_init(&self.sh.wait.mu, NULL)
-        rules = (access.allow + access.allow_file, access.deny + access.deny_file)
-        if rules[0] or rules[1]:
-            acl = AccessList(*rules)
-        if access.rate_limit_per_ip is not None:
-            rate = RateLimiter(*access.rate_limit_per_ip, access.rate_limit_table)
-        if proxy_protocol.accept_proxy_from:
-            accept_proxy_from = AccessList(proxy_protocol.accept_proxy_from)
-        self._access = (acl, rate, accept_proxy_from)
-        self.sh.acl = &acl.table if acl is not None and len(acl) else NULL
-        self.sh.rate = &rate.table if rate is not None else NULL
-        self.sh.accept_proxy_from = &accept_proxy_from.table if accept_proxy_from is not None and len(accept_proxy_from) else NULL
-        self.sh.admit_open = 1
-        self.sh.reject_with = REJECT_RESET if access.reject_with == "reset" else REJECT_CLOSE
-        self.sh.send_proxy = <uint8_t>(int(proxy_protocol.send_proxy[1]) if proxy_protocol.send_proxy else 0)
-        self.sh.accept_proxy = proxy_protocol.accept_proxy
-        self.sh.proxy_header_max = proxy_protocol.proxy_header_max
-        self.sh.proxy_header_timeout_ns = seconds_to_ns(proxy_protocol.proxy_header_timeout)
-        if self.sh.max_connections_per_ip and iptable_init(&self.sh.ips, max(self.sh.max_connections, 1024) + 1) < 0:
-            iptable_free(&self.sh.ips)
-            raise MemoryError()
+        self._lock = threading.Lock()
         self.engine = engine
         self.sh.engine = ENGINE_EPOLL if engine == "epoll" else ENGINE_POLL
-        self.sh.listen_fd = listen_fd
-        fp_set_nodelay(listen_fd)
-        self.sh.nodelay_inherited = FP_NODELAY_INHERITED
-        self.sh.notsent_lowat = config.listener.notsent_lowat
-        if self.sh.notsent_lowat:
-            err = fp_set_notsent_lowat(listen_fd, self.sh.notsent_lowat)
-            if err < 0:
-                raise OSError(-err, f"notsent_lowat {self.sh.notsent_lowat}: " + strerror(-err).decode())
-        self.sh.connect_timeout_ns = seconds_to_ns(timeouts.connect_timeout)
-        self.sh.half_close_timeout_ns = seconds_to_ns(timeouts.half_close_timeout)
-        self.sh.idle_timeout_ns = seconds_to_ns(timeouts.idle_timeout or 0)
-        self.sh.max_lifetime_ns = seconds_to_ns(timeouts.max_lifetime or 0)
         self.sh.pipe_size = pipe_size
         self.sh.buf_size = buf_size
         self.sh.hook_read = max(hook_read, buf_size)
         self.sh.busy_poll_ns = seconds_to_ns(process.busy_poll)
         self.sh.pool_max = pool_max
         self.sh.hook_pool_max = max(1, pool_max * self.sh.buf_size // self.sh.hook_read)
-        self.sh.hooks = hooks
-        self.sh.max_hold = config.hooks.max_hold
-        self.sh.hook_timeout_ns = seconds_to_ns(config.hooks.hook_timeout or 0)
-        hook_threads = config.hooks.hook_threads
-        # With a deadline, each hook thread may be written off and replaced
-        # once at a time: twice the slots.
-        if self.sh.hook_timeout_ns and hook_threads > 0:
-            hook_threads *= 2
-        if queue_init(&self.sh, hook_threads) < 0:
+        if queue_init(&self.sh, hook_slots) < 0:
             queue_destroy(&self.sh)
             raise MemoryError()
         self.queues_ready = 1
@@ -190,7 +252,174 @@ cdef class DataPlane:
         self.sh.workers = self.workers
         for i in range(workers):
             self.nworkers = i + 1   # counted first: _free() undoes a partial init
+            self.sh.nworkers = self.nworkers
             self._init_worker(&self.workers[i], i)
+
+    def add_listener(self, int listen_fd, UpstreamGroup group not None, config, *, int hooks=0,
+                     ListenerHandle replaces=None):
+        """Serve `listen_fd` (bound, listening, non-blocking) with the
+        listener options of `config` (a resolved fastproxy Config, read by
+        option name) and upstream `group`. Running workers take it up
+        before this returns; returns its ListenerHandle.
+
+        `replaces`: a listener on the same socket (a reload changed its
+        options) that stops accepting in the same step, so that there is no
+        moment when neither accepts; its bridges go on."""
+        cdef ListenerC *ls
+        cdef ListenerHandle h
+        cdef AccessList acl = None, accept_proxy_from = None
+        cdef RateLimiter rate = None
+        cdef int i, k, err, lid
+        limits, access = config.limits, config.access
+        timeouts, proxy_protocol = config.timeouts, config.proxy_protocol
+        with self._lock:
+            if self.workers == NULL:
+                raise RuntimeError("the data plane is closed")
+            if replaces is not None:
+                replaces._check()
+            # Ids go round: a close record of a freed listener still on its
+            # way names an id no new listener has taken meanwhile.
+            lid = -1
+            for k in range(MAX_LISTENERS):
+                if self.sh.listeners[(self.next_lid + k) % MAX_LISTENERS] == NULL:
+                    lid = (self.next_lid + k) % MAX_LISTENERS
+                    break
+            if lid < 0:
+                raise ValueError(f"a process serves at most {MAX_LISTENERS} listeners")
+            self.next_lid = lid + 1
+            rules = (access.allow + access.allow_file, access.deny + access.deny_file)
+            if rules[0] or rules[1]:
+                acl = AccessList(*rules)
+            if access.rate_limit_per_ip is not None:
+                rate = RateLimiter(*access.rate_limit_per_ip, access.rate_limit_table)
+            if proxy_protocol.accept_proxy_from:
+                accept_proxy_from = AccessList(proxy_protocol.accept_proxy_from)
+            group._attach(self.nworkers, 0)
+            ls = <ListenerC *>calloc(1, sizeof(ListenerC))
+            if ls == NULL:
+                raise MemoryError()
+            pthread_mutex_init(&ls.wait.mu, NULL)
+            ls.sh = &self.sh
+            ls.id = lid
+            ls.refs = 1
+            group_ref(group.g)      # the current pointer's
+            ls.group = group.g
+            try:
+                ls.slots = <ListenerSlot *>calloc(self.nworkers, sizeof(ListenerSlot))
+                if ls.slots == NULL:
+                    raise MemoryError()
+                for i in range(self.nworkers):
+                    if balance_cursor_init(group.g, &ls.slots[i].cursor) < 0:
+                        raise MemoryError()
+                    ls.slots[i].group = group.g
+                    if proxy_protocol.accept_proxy:
+                        ls.slots[i].scratch = <uint8_t *>malloc(16 + proxy_protocol.proxy_header_max)
+                        if ls.slots[i].scratch == NULL:
+                            raise MemoryError()
+                ls.retries = config.retry_count
+                ls.max_connections = limits.max_connections
+                ls.max_connections_per_ip = limits.max_connections_per_ip or 0
+                ls.on_limit = ON_LIMIT_QUEUE if limits.on_limit == "queue" else ON_LIMIT_REJECT
+                ls.queue_size = limits.queue_size
+                ls.queue_timeout_ns = seconds_to_ns(limits.queue_timeout)
+                ls.acl = &acl.table if acl is not None and len(acl) else NULL
+                ls.rate = &rate.table if rate is not None else NULL
+                ls.accept_proxy_from = &accept_proxy_from.table if accept_proxy_from is not None and len(accept_proxy_from) else NULL
+                ls.admit_open = 1
+                ls.reject_with = REJECT_RESET if access.reject_with == "reset" else REJECT_CLOSE
+                ls.send_proxy = <uint8_t>(int(proxy_protocol.send_proxy[1]) if proxy_protocol.send_proxy else 0)
+                ls.accept_proxy = proxy_protocol.accept_proxy
+                ls.proxy_header_max = proxy_protocol.proxy_header_max
+                ls.proxy_header_timeout_ns = seconds_to_ns(proxy_protocol.proxy_header_timeout)
+                if ls.max_connections_per_ip and iptable_init(&ls.ips, max(ls.max_connections, 1024) + 1) < 0:
+                    raise MemoryError()
+                ls.listen_fd = listen_fd
+                fp_set_nodelay(listen_fd)
+                ls.nodelay_inherited = FP_NODELAY_INHERITED
+                ls.notsent_lowat = config.listener.notsent_lowat
+                if ls.notsent_lowat:
+                    err = fp_set_notsent_lowat(listen_fd, ls.notsent_lowat)
+                    if err < 0:
+                        raise OSError(-err, f"notsent_lowat {ls.notsent_lowat}: " + strerror(-err).decode())
+                ls.connect_timeout_ns = seconds_to_ns(timeouts.connect_timeout)
+                ls.half_close_timeout_ns = seconds_to_ns(timeouts.half_close_timeout)
+                ls.idle_timeout_ns = seconds_to_ns(timeouts.idle_timeout or 0)
+                ls.max_lifetime_ns = seconds_to_ns(timeouts.max_lifetime or 0)
+                ls.hooks = hooks
+                ls.max_hold = config.hooks.max_hold
+                ls.hook_timeout_ns = seconds_to_ns(config.hooks.hook_timeout or 0)
+            except BaseException:
+                listener_free(ls, self.nworkers)
+                raise
+            h = ListenerHandle()
+            h.c = ls
+            h.id = lid
+            h.group = group
+            h.access = (acl, rate, accept_proxy_from)
+            h._plane = self
+            self.sh.hooks |= hooks
+            if replaces is not None:
+                fp_atomic_set(&replaces.c.closing, 1)
+            fp_ptr_set(<void **>&self.sh.listeners[lid], ls)
+            if lid >= self.sh.nlisteners:
+                fp_atomic_set(&self.sh.nlisteners, lid + 1)
+            self._listeners[lid] = h
+            self._publish()
+            return h
+
+    def listener(self, int listener):
+        """The ListenerHandle of id `listener` (until freed)."""
+        return self._handle(listener)
+
+    cdef ListenerHandle _handle(self, int listener):
+        h = self._listeners.get(listener)
+        if h is None:
+            raise KeyError(f"no listener {listener}")
+        return h
+
+    def free_listener(self, ListenerHandle h not None):
+        """Forget a listener that stopped accepting and has no bridge left
+        (or whose workers are all out of their loops): its id may be
+        reused."""
+        cdef ListenerC *ls
+        with self._lock:
+            ls = h.c
+            if ls == NULL:
+                return
+            if not fp_atomic_get(&ls.closing) and self.running():
+                raise RuntimeError(f"listener {h.id} still accepts: stop_accepting() first")
+            if fp_atomic_get(&ls.refs) > 1 and self.running():
+                raise RuntimeError(f"listener {h.id} still has bridges")
+            fp_ptr_set(<void **>&self.sh.listeners[h.id], NULL)
+            self._publish()
+            h.c = NULL
+            del self._listeners[h.id]
+            listener_free(ls, self.nworkers)
+
+    cdef int _publish(self) except -1:
+        # Under self._lock, after a change to the table or to a listener:
+        # returns once every worker in its loop has synced to it.
+        cdef int64_t gen
+        cdef int i
+        cdef Worker *w
+        gen = fp_atomic_get(&self.sh.gen) + 1
+        fp_atomic_set(&self.sh.gen, gen)
+        fp_fence()
+        for i in range(self.nworkers):
+            write(self.workers[i].wake_w, b"x", 1)
+        with nogil:
+            for i in range(self.nworkers):
+                w = &self.workers[i]
+                while fp_atomic_get(&w.in_loop) and fp_atomic_get(&w.gen_seen) < gen:
+                    usleep(200)
+        return 0
+
+    def running(self):
+        """How many workers are in their loop."""
+        cdef int i, n = 0
+        for i in range(self.nworkers):
+            n += <int>fp_atomic_get(&self.workers[i].in_loop)
+        return n
 
     cdef int _init_worker(self, Worker *w, int i) except -1:
         cdef int fds[2]
@@ -209,13 +438,6 @@ cdef class DataPlane:
         w.buf_pool = <char **>malloc(self.sh.pool_max * sizeof(char *))
         w.hook_pool = <char **>malloc(self.sh.hook_pool_max * sizeof(char *))
         pthread_mutex_init(&w.results.mu, NULL)
-        if balance_cursor_init(self.sh.group, &w.cursor) < 0:
-            raise MemoryError()
-        w.group = self.sh.group
-        if self.sh.accept_proxy:
-            w.scratch = <uint8_t *>malloc(16 + self.sh.proxy_header_max)
-            if w.scratch == NULL:
-                raise MemoryError()
         w.events = <epoll_event *>malloc(MAX_EVENTS * sizeof(epoll_event))
         if not (w.pipe_pool and w.buf_pool and w.hook_pool and w.events):
             raise MemoryError()
@@ -256,17 +478,6 @@ cdef class DataPlane:
             fp_atomic_add(&w.cmd_stop, 1)
             write(w.wake_w, b"x", 1)
 
-    def set_admit(self, bint open_):
-        """Time windows: False refuses new clients (counted in outside_window)."""
-        fp_atomic_set(&self.sh.admit_open, 1 if open_ else 0)
-
-    def close_all(self):
-        """Close every live bridge (a time window ended)."""
-        cdef int i
-        for i in range(self.nworkers):
-            fp_atomic_add(&self.workers[i].cmd_close_all, 1)
-            write(self.workers[i].wake_w, b"x", 1)
-
     def accepting(self):
         """How many workers are in their loop and accepting."""
         cdef int i, n = 0
@@ -274,67 +485,14 @@ cdef class DataPlane:
             n += <int>fp_atomic_get(&self.workers[i].accepting)
         return n
 
-    @property
-    def group(self):
-        """The current UpstreamGroup: new clients pick from it."""
-        return self._group
-
-    def swap_group(self, UpstreamGroup group not None):
-        """Make `group` (built for this engine, never attached before) the
-        one new clients pick from. Live bridges keep the group they were
-        bridged with, which is freed when the last of them ends (and its
-        object is gone). Returns once every running worker has moved to it."""
-        cdef UpstreamGroup old
-        cdef int64_t gen
-        cdef int i
-        cdef Worker *w
-        with self._swap_lock:
-            if self.workers == NULL:
-                raise RuntimeError("the engine is closed")
-            old = self._group
-            gen = fp_atomic_get(&self.sh.group_gen) + 1
-            group._attach(self.nworkers, gen)
-            group_ref(group.g)
-            fp_ptr_set(<void **>&self.sh.group, group.g)
-            fp_atomic_set(&self.sh.group_gen, gen)
-            fp_fence()
-            for i in range(self.nworkers):
-                write(self.workers[i].wake_w, b"x", 1)
-            # Until each worker has looked, one may be about to read the old
-            # pointer: its current reference is dropped only after.
-            with nogil:
-                for i in range(self.nworkers):
-                    w = &self.workers[i]
-                    while fp_atomic_get(&w.in_loop) and fp_atomic_get(&w.group_gen) < gen:
-                        usleep(200)
-            self._group = group
-            group_unref(old.g)
-            # Waiters get a retry each: the new group may have room where
-            # the old one was full (those still without one wait again).
-            with nogil:
-                for i in range(<int>fp_atomic_get(&self.sh.wait.count)):
-                    queue_kick(&self.sh)
+    def listeners(self):
+        """The ListenerHandles not yet freed, by id."""
+        return dict(self._listeners)
 
     def stats(self):
-        cdef Counters total
-        cdef UpstreamCounters routed
-        cdef int i
-        memset(&total, 0, sizeof(Counters))
-        memset(&routed, 0, sizeof(UpstreamCounters))
-        for i in range(self.nworkers):
-            counters_add(&total, &self.workers[i].ctr)
-            upstream_counters_add(&routed, &self.workers[i].routed)
-        result = counters_dict(&total)
-        result["active"] = fp_atomic_get(&self.sh.gauges.active)
-        result["peak_active"] = fp_atomic_get(&self.sh.gauges.peak_active)
-        result["queued"] = fp_atomic_get(&self.sh.wait.count)
-        result["dropped_records"] = fp_atomic_get(&self.sh.gauges.dropped_records)
-        result["hook_timeouts"] = fp_atomic_get(&self.sh.gauges.hook_timeouts)
-        result["stale_answers"] = fp_atomic_get(&self.sh.gauges.stale_answers)
-        result["upstreams"] = self._group.stats()
-        # Routes have no passive health: always "up".
-        result["routed"] = upstream_entry(&self.sh.routed, &routed, "up", True)
-        return result
+        """The process's own figures; each listener's are its handle's."""
+        return {"stale_answers": fp_atomic_get(&self.sh.gauges.stale_answers),
+                "listeners": len(self._listeners)}
 
     # ---- hooks: called from the control plane's hook threads
 
@@ -375,7 +533,7 @@ cdef class DataPlane:
         handle = (<object>ev.id << 64) | (<object>ev.seq << 32) | (ev.call << 16) | ev.worker
         client = format_client(ev.client_ip, ev.client_port, ev.client_v4)
         if ev.kind == EVT_CONNECT:
-            return (ev.kind, handle, ev.id, client, ev.accepted_ns)
+            return (ev.kind, ev.listener, handle, ev.id, client, ev.accepted_ns)
         # The buffer stays lent (valid) until this call is answered, even
         # if its bridge closes or the call times out meanwhile.
         step = <uint32_t>self.sh.buf_size
@@ -386,13 +544,13 @@ cdef class DataPlane:
             cut = min(at + step, ev.len)
             chunks.append(ev.buf[at:cut])
             at = cut
-        return (ev.kind, handle, ev.id, ev.call - CALL_UP, chunks, client, ev.accepted_ns)
+        return (ev.kind, ev.listener, handle, ev.id, ev.call - CALL_UP, chunks, client, ev.accepted_ns)
 
     def answer_connect(self, handle, int verdict, int upstream=-1, list route=None,
                        UpstreamGroup group=None):
         """on_connect's answer: V_PROCEED, V_REFUSE, V_ERROR, or V_ROUTE to
-        upstream index `upstream` of `group` (the name was looked up there;
-        None: the current group) or to `route`, [(family, sockaddr)]. After
+        upstream index `upstream` of `group` (the name was looked up there)
+        or to `route`, [(family, sockaddr)]. After
         a swap the worker takes the same name in the group then current.
         An answer to no call out (repeated, late, forged) is counted in
         stale_answers and dropped."""
@@ -403,7 +561,7 @@ cdef class DataPlane:
         res.upstream = upstream
         if upstream >= 0 and not route:
             if group is None:
-                group = self._group
+                raise ValueError("an answer naming an upstream names its group")
             group._index(upstream)
             res.group = group.g
             group_ref(res.group)
@@ -483,8 +641,8 @@ cdef class DataPlane:
 
     def next_records(self, int max_records=1024, int timeout_ms=100):
         """Wait (GIL released) for close records; return a list of tuples
-        (id, client, upstream name or None, route, bytes_up, bytes_down, accepted_ns,
-        closed_ns, reason), [] on time-out, None once closed and empty."""
+        (listener, id, client, upstream name or None, route, bytes_up, bytes_down,
+        accepted_ns, closed_ns, reason), [] on time-out, None once closed and empty."""
         cdef RecordRing *q = &self.sh.records
         cdef CloseRecordC *batch
         cdef CloseRecordC *rec
@@ -514,7 +672,7 @@ cdef class DataPlane:
                 rec = &batch[i]
                 g = rec.group
                 out.append((
-                    rec.id,
+                    rec.listener, rec.id,
                     format_client(rec.client_ip, rec.client_port, rec.client_v4),
                     g.names[rec.upstream].decode() if g != NULL else None,
                     format_addr(&rec.route) if rec.route.family else None,
@@ -545,22 +703,22 @@ cdef class DataPlane:
             pthread_mutex_unlock(&self.sh.records.mu)
 
     def close(self):
-        """Free what the workers held. Only once every run_worker returned."""
-        if self._swap_lock is None:
+        """Free what the workers and listeners held. Only once every
+        run_worker returned."""
+        if self._lock is None:
             self._free()
             return
-        with self._swap_lock:   # a swap in progress still reads the workers
+        with self._lock:   # a change in progress still reads the workers
             self._free()
 
     cdef void _free(self) noexcept:
         cdef int i, j, fd
         cdef Worker *w
+        cdef ListenerHandle h
         if self.workers != NULL:
             for i in range(self.nworkers):
                 w = &self.workers[i]
                 free_limbo(w)
-                balance_cursor_free(&w.cursor)
-                free(w.scratch)
                 for j in range(w.results.count):
                     hook_result_free(&w.results.items[j])
                 free(w.results.items)
@@ -583,17 +741,24 @@ cdef class DataPlane:
                 free(w.calls)
                 free(w.pfds)
                 free(w.pbridges)
+                free(w.plisteners)
             free(self.workers)
             self.workers = NULL
-            self.nworkers = 0
         if self.queues_ready:
             queue_destroy(&self.sh)
-            pthread_mutex_destroy(&self.sh.wait.mu)
-            iptable_free(&self.sh.ips)
             self.queues_ready = 0
-        if self.sh.group != NULL:
-            group_unref(self.sh.group)
-            self.sh.group = NULL
+        # After the limbo bridges (their references) and the records. The
+        # C table, not the dict, says what to free: in a collected cycle the
+        # dict may be gone already.
+        if self._listeners is not None:
+            for h in self._listeners.values():
+                h.c = NULL
+            self._listeners.clear()
+        for i in range(<int>self.sh.nlisteners):
+            listener_free(self.sh.listeners[i], self.nworkers)
+            self.sh.listeners[i] = NULL
+        self.sh.nlisteners = 0
+        self.nworkers = 0
 
     def __dealloc__(self):
         self._free()

@@ -93,7 +93,7 @@ cdef int flow_acquire(Worker *w, Bridge *b, Flow *f) noexcept nogil:
     return 0
 
 
-cdef int flow_make_room(Worker *w, Flow *f) noexcept nogil:
+cdef int flow_make_room(Worker *w, Bridge *b, Flow *f) noexcept nogil:
     # Held data (on_data said WAIT) stays at the front of the buffer and the
     # next read goes after it.
     # Returns: 0, -EMSGSIZE (max_hold reached), or -ENOMEM.
@@ -101,7 +101,7 @@ cdef int flow_make_room(Worker *w, Flow *f) noexcept nogil:
     cdef uint32_t cap
     if not f.held:
         return 0
-    if f.len >= <uint32_t>w.sh.max_hold:
+    if f.len >= <uint32_t>b.ls.max_hold:
         return -EMSGSIZE
     if f.len < f.cap:
         return 0
@@ -192,7 +192,7 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
             break
         # Past max_hold and out of memory both end the bridge as HOOK_CLOSED:
         # on_data cannot be given more, as when flow_lend cannot ask it.
-        if flow_make_room(w, f) < 0:
+        if flow_make_room(w, b, f) < 0:
             return FLOW_HOOK_FAILED
         if f.len >= f.cap:
             break
@@ -274,7 +274,7 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
     bridges_remove(w, b)
     slots_release(w, b)
     b.reason = <uint8_t>reason
-    if w.sh.hooks & HOOK_RECORDS:
+    if b.ls.hooks & HOOK_RECORDS:
         now = fp_now_ns()
         record_push(w, b, now)
     bridge_drop_group(b)
@@ -287,15 +287,15 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
     else:
         b.grave_next = w.grave
         w.grave = b
-    if not w.listening and w.accept_resume_ns != 0:
+    if w.accept_resume_ns != 0:
         w.accept_resume_ns = 1   # fds were freed: accept again now
 
 
 cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
-    cdef UpstreamCounters *uc = b.uc if b.uc != NULL else &w.routed
+    cdef UpstreamCounters *uc = b.uc if b.uc != NULL else &lslot(w, b.ls).routed
     cdef uint64_t moved = b.up.bytes + b.down.bytes
     cdef int r = flow_run(w, b, &b.up, b.cfd, b.ufd, &b.c_rd, &b.u_wr, 0,
-                          &w.ctr.bytes_upstream, &uc.bytes_upstream)
+                          &lslot(w, b.ls).ctr.bytes_upstream, &uc.bytes_upstream)
     if r != FLOW_OK:
         if r == FLOW_SRC_RESET:
             bridge_close(w, b, CLIENT_RESET, 0, 1)
@@ -305,7 +305,7 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
             bridge_close(w, b, HOOK_ERROR if r == FLOW_HOOK_ERROR else HOOK_CLOSED, 0, 0)
         return
     r = flow_run(w, b, &b.down, b.ufd, b.cfd, &b.u_rd, &b.c_wr, 1,
-                 &w.ctr.bytes_downstream, &uc.bytes_downstream)
+                 &lslot(w, b.ls).ctr.bytes_downstream, &uc.bytes_downstream)
     if r != FLOW_OK:
         if r == FLOW_SRC_RESET:
             bridge_close(w, b, UPSTREAM_RESET, 1, 0)
@@ -321,7 +321,7 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     elif (b.up.eof or b.down.eof) and b.tl[SLOT_HALF_CLOSE].list == T_NONE:
         # The side that sent FIN first names the reason the bridge ends.
         b.reason = CLIENT_CLOSED if b.up.eof else UPSTREAM_CLOSED
-        timer_add(w, b, T_HALF_CLOSE, now + w.sh.half_close_timeout_ns)
+        timer_add(w, b, T_HALF_CLOSE, now + b.ls.half_close_timeout_ns)
 
 
 cdef void bridge_data_answer(Worker *w, Bridge *b, HookResult *res,

@@ -8,42 +8,45 @@ cdef void client_address(sockaddr_storage *peer, Bridge *b) noexcept nogil:
     b.client_v4 = addr16_from_sockaddr(peer, b.client_ip, &b.client_port) == AF_INET
 
 
-cdef void bridge_open(Worker *w, int fd, sockaddr_storage *peer, int64_t now) noexcept nogil:
+cdef void bridge_open(Worker *w, ListenerC *ls, int fd, sockaddr_storage *peer,
+                      int64_t now) noexcept nogil:
     cdef Bridge *b = <Bridge *>calloc(1, sizeof(Bridge))
     if b == NULL or bridges_add(w, b) < 0:
         free(b)
         close(fd)
         return
+    b.ls = ls
+    fp_atomic_add(&ls.refs, 1)   # dropped by bridge_free
     b.id = <uint64_t>fp_atomic_add(&w.sh.next_id, 1)
     b.worker = w.id
     b.cfd = fd
     b.ufd = -1
     b.upstream = -1
     b.up.pipe_r = b.up.pipe_w = b.down.pipe_r = b.down.pipe_w = -1
-    b.up.hook = (w.sh.hooks & HOOK_DATA_UP) != 0
-    b.down.hook = (w.sh.hooks & HOOK_DATA_DOWN) != 0
+    b.up.hook = (ls.hooks & HOOK_DATA_UP) != 0
+    b.down.hook = (ls.hooks & HOOK_DATA_DOWN) != 0
     b.state = B_CONNECTING
     b.copy = w.sh.engine == ENGINE_POLL
     b.accepted_ns = now
     b.last_active_ns = now
     client_address(peer, b)
-    if not w.sh.nodelay_inherited:
+    if not b.ls.nodelay_inherited:
         fp_set_nodelay(fd)
-        if w.sh.notsent_lowat:
-            fp_set_notsent_lowat(fd, w.sh.notsent_lowat)
-    fp_bump(&w.ctr.accepted, 1)
+        if b.ls.notsent_lowat:
+            fp_set_notsent_lowat(fd, b.ls.notsent_lowat)
+    fp_bump(&lslot(w, b.ls).ctr.accepted, 1)
     if w.epfd >= 0 and fp_epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, EV_BRIDGE,
                                     <uint64_t>b) < 0:
         bridge_close(w, b, REFUSED, 0, 0)
         return
-    if w.sh.accept_proxy:
+    if b.ls.accept_proxy:
         # Only trusted peers may speak for a client: no one can forge an
         # address past the IP rules.
-        if w.sh.accept_proxy_from != NULL and not acl_admits(w.sh.accept_proxy_from, b.client_ip):
-            bridge_refuse(w, b, &w.ctr.denied)
+        if b.ls.accept_proxy_from != NULL and not acl_admits(b.ls.accept_proxy_from, b.client_ip):
+            bridge_refuse(w, b, &lslot(w, b.ls).ctr.denied)
             return
         b.state = B_HEADER
-        timer_add(w, b, T_HEADER, now + w.sh.proxy_header_timeout_ns)
+        timer_add(w, b, T_HEADER, now + b.ls.proxy_header_timeout_ns)
         return   # the header's bytes come with a readable event
     bridge_admit(w, b, now)
 
@@ -55,8 +58,8 @@ cdef void bridge_read_header(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     # piece is consumed at once (nothing lingers to wake a poll loop, and a
     # FIN behind a truncated header is seen).
     cdef ProxyInfo info
-    cdef size_t cap = 16 + <size_t>w.sh.proxy_header_max
-    cdef uint8_t *buf = b.hdr if b.hdr != NULL else w.scratch
+    cdef size_t cap = 16 + <size_t>b.ls.proxy_header_max
+    cdef uint8_t *buf = b.hdr if b.hdr != NULL else lslot(w, b.ls).scratch
     cdef size_t have = b.hdr_len
     cdef ssize_t n = fp_recv_peek(b.cfd, <char *>buf + have, cap - have)
     cdef int r
@@ -73,7 +76,7 @@ cdef void bridge_read_header(Worker *w, Bridge *b, int64_t now) noexcept nogil:
             if b.hdr == NULL:
                 bridge_header_failed(w, b, REFUSED)
                 return
-            memcpy(b.hdr, w.scratch, <size_t>n)
+            memcpy(b.hdr, lslot(w, b.ls).scratch, <size_t>n)
         if fp_recv(b.cfd, <char *>b.hdr + have, <size_t>n) != n:
             bridge_header_failed(w, b, REFUSED)
             return
@@ -100,7 +103,7 @@ cdef void bridge_read_header(Worker *w, Bridge *b, int64_t now) noexcept nogil:
 
 
 cdef void bridge_header_failed(Worker *w, Bridge *b, int reason) noexcept nogil:
-    fp_bump(&w.ctr.proxy_header_errors, 1)
+    fp_bump(&lslot(w, b.ls).ctr.proxy_header_errors, 1)
     bridge_close(w, b, reason, 0, 0)
 
 
@@ -108,32 +111,32 @@ cdef void bridge_refuse(Worker *w, Bridge *b, uint64_t *counter) noexcept nogil:
     # A rule refused the client: closed at once, nothing read; RST with
     # reject_with reset.
     fp_bump(counter, 1)
-    bridge_close(w, b, REFUSED, w.sh.reject_with == REJECT_RESET, 0)
+    bridge_close(w, b, REFUSED, b.ls.reject_with == REJECT_RESET, 0)
 
 
 cdef void bridge_reject(Worker *w, Bridge *b) noexcept nogil:
     # Past a limit: closed at once, nothing read.
-    bridge_refuse(w, b, &w.ctr.rejected)
+    bridge_refuse(w, b, &lslot(w, b.ls).ctr.rejected)
 
 
 cdef void bridge_admit(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     # The built-in rules run first (no Python, nanoseconds each), then the
     # limits, waiting in line behind earlier clients if there are any.
-    if w.sh.acl != NULL and not acl_admits(w.sh.acl, b.client_ip):
-        bridge_refuse(w, b, &w.ctr.denied)
+    if b.ls.acl != NULL and not acl_admits(b.ls.acl, b.client_ip):
+        bridge_refuse(w, b, &lslot(w, b.ls).ctr.denied)
         return
-    if not fp_atomic_get(&w.sh.admit_open):
-        bridge_refuse(w, b, &w.ctr.outside_window)
+    if not fp_atomic_get(&b.ls.admit_open):
+        bridge_refuse(w, b, &lslot(w, b.ls).ctr.outside_window)
         return
-    if w.sh.rate != NULL and not rate_take(w.sh.rate, b.client_ip, now):
-        bridge_refuse(w, b, &w.ctr.rate_limited)
+    if b.ls.rate != NULL and not rate_take(b.ls.rate, b.client_ip, now):
+        bridge_refuse(w, b, &lslot(w, b.ls).ctr.rate_limited)
         return
-    if w.sh.max_connections_per_ip and not b.ip_counted:
-        if not ip_take(&w.sh.ips, b.client_ip, w.sh.max_connections_per_ip):
+    if b.ls.max_connections_per_ip and not b.ip_counted:
+        if not ip_take(&b.ls.ips, b.client_ip, b.ls.max_connections_per_ip):
             bridge_reject(w, b)
             return
         b.ip_counted = 1
-    if queue_busy(w.sh) or not limit_take(w.sh):
+    if queue_busy(b.ls) or not limit_take(b.ls):
         if not queue_wait(w, b, 0, now):
             bridge_reject(w, b)
         return
@@ -144,11 +147,11 @@ cdef void bridge_admitted(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     b.admitted = 1
     timer_del(w, b, SLOT_PHASE)
     b.state = B_CONNECTING
-    if w.sh.max_lifetime_ns:
-        timer_add(w, b, T_LIFETIME, b.accepted_ns + w.sh.max_lifetime_ns)
-    if w.sh.idle_timeout_ns:
-        timer_add(w, b, T_IDLE, now + w.sh.idle_timeout_ns)
-    if w.sh.hooks & HOOK_CONNECT:
+    if b.ls.max_lifetime_ns:
+        timer_add(w, b, T_LIFETIME, b.accepted_ns + b.ls.max_lifetime_ns)
+    if b.ls.idle_timeout_ns:
+        timer_add(w, b, T_IDLE, now + b.ls.idle_timeout_ns)
+    if b.ls.hooks & HOOK_CONNECT:
         bridge_ask_connect(w, b)
     else:
         bridge_start_upstream(w, b, -1, now)
@@ -161,7 +164,7 @@ cdef void bridge_queue_retry(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         limbo_release(w, b)
         return
     if not b.admitted:
-        if not limit_take(w.sh):
+        if not limit_take(b.ls):
             queue_wait(w, b, 1, now)
             return
         bridge_admitted(w, b, now)
@@ -170,7 +173,7 @@ cdef void bridge_queue_retry(Worker *w, Bridge *b, int64_t now) noexcept nogil:
 
 
 cdef void bridge_queue_timeout(Worker *w, Bridge *b) noexcept nogil:
-    fp_bump(&w.ctr.queue_timeouts, 1)
+    fp_bump(&lslot(w, b.ls).ctr.queue_timeouts, 1)
     bridge_close(w, b, TIMEOUT, 0, 0)
 
 
@@ -218,13 +221,13 @@ cdef void bridge_start_upstream(Worker *w, Bridge *b, int chosen, int64_t now) n
     # own, and connects.
     cdef int i, r
     cdef bint retry = b.state == B_QUEUED   # a waiter's retry keeps its place
-    cdef GroupC *g = w.group
+    cdef GroupC *g = lslot(w, b.ls).group
     if b.route == NULL:
         bridge_set_group(b, g)
         if chosen >= 0:
-            i = balance_take(g, &w.cursor, chosen, now)
+            i = balance_take(g, &lslot(w, b.ls).cursor, chosen, now)
         else:
-            i = balance_acquire(g, &w.cursor, b.client_ip, b.tried, now)
+            i = balance_acquire(g, &lslot(w, b.ls).cursor, b.client_ip, b.tried, now)
         if i == BALANCE_FULL:
             if not queue_wait(w, b, retry, now):
                 bridge_reject(w, b)
@@ -232,7 +235,7 @@ cdef void bridge_start_upstream(Worker *w, Bridge *b, int chosen, int64_t now) n
         if i < 0:
             # Every upstream is down (or was tried): close at once.
             bridge_close(w, b, CONNECT_FAILED, 0, 0)
-            fp_bump(&w.ctr.connect_failures, 1)
+            fp_bump(&lslot(w, b.ls).ctr.connect_failures, 1)
             return
         b.upstream = i
         b.up_slot = 1
@@ -241,10 +244,10 @@ cdef void bridge_start_upstream(Worker *w, Bridge *b, int chosen, int64_t now) n
         b.state = B_CONNECTING
         timer_del(w, b, SLOT_PHASE)
     elif not b.routed:
-        b.uc = &w.routed
+        b.uc = &lslot(w, b.ls).routed
         b.routed = 1
-        fp_atomic_add(&w.sh.routed.accepted, 1)
-        fp_atomic_max(&w.sh.routed.peak_active, fp_atomic_add(&w.sh.routed.active, 1))
+        fp_atomic_add(&b.ls.routed.accepted, 1)
+        fp_atomic_max(&b.ls.routed.peak_active, fp_atomic_add(&b.ls.routed.active, 1))
     r = bridge_connect(w, b, -ECONNREFUSED, now)
     if r < 0:
         bridge_upstream_failed(w, b, r, now)
@@ -272,8 +275,8 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
         if fd < 0:
             return fd
         fp_set_nodelay(fd)
-        if w.sh.notsent_lowat:
-            fp_set_notsent_lowat(fd, w.sh.notsent_lowat)
+        if b.ls.notsent_lowat:
+            fp_set_notsent_lowat(fd, b.ls.notsent_lowat)
         r = fp_connect(fd, <sockaddr *>&a.sa, a.salen)
         if r == 0 or r == -EINPROGRESS:
             # Even an immediate success is finished by the writable event.
@@ -287,7 +290,7 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
             b.u_rd = 0
             b.u_wr = 0
             b.state = B_CONNECTING
-            timer_add(w, b, T_CONNECT, now + w.sh.connect_timeout_ns)
+            timer_add(w, b, T_CONNECT, now + b.ls.connect_timeout_ns)
             return 0
         close(fd)
         err = r
@@ -301,7 +304,7 @@ cdef bint bridge_connected(Worker *w, Bridge *b) noexcept nogil:
     b.state = B_ACTIVE
     if b.up_slot:
         balance_connect_result(b.group, b.upstream, 1, fp_now_ns())
-    if w.sh.send_proxy and not bridge_send_header(w, b):
+    if b.ls.send_proxy and not bridge_send_header(w, b):
         bridge_close(w, b, UPSTREAM_RESET, 1, 1)
         return 0
     return 1
@@ -320,7 +323,7 @@ cdef bint bridge_send_header(Worker *w, Bridge *b) noexcept nogil:
                 addr16_from_sockaddr(&local, b.dst_ip, &port) < 0:
             return 0
         b.dst_port = port
-    n = proxy_build(w.sh.send_proxy, b.client_ip, b.client_port, b.dst_ip,
+    n = proxy_build(b.ls.send_proxy, b.client_ip, b.client_port, b.dst_ip,
                     b.dst_port, hdr, sizeof(hdr))
     return n > 0 and fp_send(b.ufd, <char *>hdr, <size_t>n) == n
 
@@ -344,7 +347,7 @@ cdef void bridge_upstream_failed(Worker *w, Bridge *b, int err, int64_t now) noe
     if err == -EMFILE or err == -ENFILE:
         # Our fd shortage says nothing of the upstream's health.
         bridge_close(w, b, REFUSED, 0, 0)
-        fp_bump(&w.ctr.fd_exhausted, 1)
+        fp_bump(&lslot(w, b.ls).ctr.fd_exhausted, 1)
         worker_pause_accept(w, fp_now_ns())
         return
     if b.uc != NULL:
@@ -352,13 +355,13 @@ cdef void bridge_upstream_failed(Worker *w, Bridge *b, int err, int64_t now) noe
     if b.up_slot and b.route == NULL:
         balance_connect_result(b.group, b.upstream, 0, now)
         if upstream_release(w, b):
-            queue_kick(w.sh)
-        if b.tries < w.sh.retries and bridge_mark_tried(w, b) == 0:
+            queue_kick(b.ls)
+        if b.tries < b.ls.retries and bridge_mark_tried(w, b) == 0:
             b.tries += 1
             bridge_start_upstream(w, b, -1, now)
             return
     bridge_close(w, b, CONNECT_FAILED, 0, 0)
-    fp_bump(&w.ctr.connect_failures, 1)
+    fp_bump(&lslot(w, b.ls).ctr.connect_failures, 1)
 
 
 cdef int bridge_mark_tried(Worker *w, Bridge *b) noexcept nogil:
@@ -389,7 +392,7 @@ cdef int route_to_current(Worker *w, Bridge *b, HookResult *res) noexcept nogil:
     # name after a swap); -1 with b.route set to its addresses when the
     # current group no longer has it (it is then a route, counted as one);
     # -ENOMEM.
-    cdef GroupC *g = w.group
+    cdef GroupC *g = lslot(w, b.ls).group
     cdef GroupC *named = res.group
     cdef int i
     if named == NULL or res.upstream < 0:

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import _core
@@ -62,62 +63,98 @@ class _ErrorLog:
             log.exception("%s hook failed (its bridge was closed; later failures within 1 s are only counted)", hook)
 
 
+@dataclass
+class ListenerHooks:
+    """What the hook threads need of one listener."""
+
+    hooks: Hooks
+    address: Any                     # the listener's address, as Connection.listener
+    handle: Any                      # its _core.ListenerHandle: the group on_connect names from
+    access_log: Optional[AccessLog]
+    max_hold: int
+    timeout: float                   # hook_timeout, 0: none
+
+    @property
+    def wants_calls(self) -> bool:
+        return self.hooks.on_connect is not None or bool(self.hooks.on_data)
+
+    @property
+    def wants_records(self) -> bool:
+        return self.hooks.on_close is not None or self.access_log is not None
+
+
 class HookRunner:
-    """Runs one Proxy's hooks on `threads` hook threads plus one thread that
-    delivers close records (on_close, access log) in batches.
+    """Runs the hooks of a process's listeners on `threads` hook threads
+    plus one thread that delivers close records (on_close, access log) in
+    batches. Each call and record names its listener (register()); the
+    threads start with the first listener that needs them.
 
-    With a `timeout` (hook_timeout), the data plane closes a bridge whose
-    call is not answered in time (HOOK_TIMEOUT), and a watchdog thread here
-    writes off the hook thread stuck in that call: a replacement takes its
-    place, and the stuck one, if its hook ever returns, answers (stale by
-    then) and ends. At most `threads` written-off threads are replaced at
-    once (the data plane has that many spare slots); past that, stuck threads
-    are left to return."""
+    With a `timeout` (a listener's hook_timeout), the data plane closes a
+    bridge whose call is not answered in time (HOOK_TIMEOUT), and a watchdog
+    thread here writes off the hook thread stuck in that call: a replacement
+    takes its place, and the stuck one, if its hook ever returns, answers
+    (stale by then) and ends. At most `threads` written-off threads are
+    replaced at once (the data plane has that many spare slots); past that,
+    stuck threads are left to return."""
 
-    def __init__(
-        self,
-        plane: "_core.DataPlane",
-        hooks: Hooks,
-        listener_address: Tuple[str, int],
-        threads: int,
-        access_log: Optional[AccessLog],
-        loop: Optional[asyncio.AbstractEventLoop],
-        max_hold: int,
-        timeout: Optional[float] = None,
-    ) -> None:
+    def __init__(self, plane: "_core.DataPlane", threads: int,
+                 loop: Optional[asyncio.AbstractEventLoop]) -> None:
         self.plane = plane
-        self.max_hold = max_hold
-        self.hooks = hooks
-        self.listener = listener_address
-        self.access_log = access_log
         self.loop = loop
+        self.threads = threads
         self.errors = _ErrorLog()
-        self.timeout = float(timeout) if timeout else 0.0
+        self.listeners: Dict[int, ListenerHooks] = {}
         # Both clocks are CLOCK_MONOTONIC: turns data-plane times into epoch.
         self._epoch_offset = time.time() - plane.now_ns() / 1e9
         self._lock = threading.Lock()
         self._threads: List[threading.Thread] = []
         self._closing = threading.Event()
-        # hook_timeout: when each slot's current call began, the slots
-        # written off (their thread ends after its call), free slots.
-        self._started: Dict[int, float] = {}
+        self._started_calls = self._started_records = self._started_watch = False
+        self._running = False
+        # hook_timeout: when each slot's current call began and its
+        # deadline, the slots written off (their thread ends after its
+        # call), free slots.
+        self._started: Dict[int, Tuple[float, float]] = {}
         self._written_off: Set[int] = set()
         self._abandoned: Set[threading.Thread] = set()
         self._spare: List[int] = []
         self._slot_threads: Dict[int, threading.Thread] = {}
         self._bound_logged = False
-        wants_calls = hooks.on_connect is not None or bool(hooks.on_data)
-        for i in range(threads if wants_calls else 0):
-            self._threads.append(self._call_thread(i))
-        if wants_calls and self.timeout:
-            self._spare = list(range(plane.hook_slots - 1, threads - 1, -1))
-            self._threads.append(threading.Thread(target=self._watch, name="fastproxy-hook-watch", daemon=True))
         # on_data is called per chunk: a bridge's Connection is built once.
         # Connections are values, so dropping the cache when it grows only
         # costs rebuilding the ones still in use.
         self._conns: Dict[int, Connection] = {}
-        if hooks.on_close is not None or access_log is not None:
-            self._threads.append(threading.Thread(target=self._serve_records, name="fastproxy-records", daemon=True))
+        self._after: List[Callable[[], None]] = []
+
+    def after_records(self, fn: Callable[[], None]) -> None:
+        """Call fn once every close record queued before now is delivered
+        (a freed listener's access log closes after its last line)."""
+        with self._lock:
+            if self._started_records and self._running:
+                self._after.append(fn)
+                return
+        fn()
+
+    def register(self, listener: int, entry: ListenerHooks) -> None:
+        """Listener id `listener` (its ListenerHandle's) is served by
+        `entry` from now on; starts the threads it needs."""
+        with self._lock:
+            self.listeners[listener] = entry
+            new: List[threading.Thread] = []
+            if entry.wants_calls and not self._started_calls:
+                self._started_calls = True
+                new += [self._call_thread(i) for i in range(self.threads)]
+            if entry.wants_calls and entry.timeout and not self._started_watch:
+                self._started_watch = True
+                self._spare = list(range(self.plane.hook_slots - 1, self.threads - 1, -1))
+                new.append(threading.Thread(target=self._watch, name="fastproxy-hook-watch", daemon=True))
+            if entry.wants_records and not self._started_records:
+                self._started_records = True
+                new.append(threading.Thread(target=self._serve_records, name="fastproxy-records", daemon=True))
+            self._threads += new
+            if self._running:
+                for t in new:
+                    t.start()
 
     def _call_thread(self, slot: int) -> threading.Thread:
         t = threading.Thread(target=self._serve_calls, args=(slot,), name=f"fastproxy-hook-{slot}", daemon=True)
@@ -125,8 +162,10 @@ class HookRunner:
         return t
 
     def start(self) -> None:
-        for t in list(self._threads):
-            t.start()
+        with self._lock:
+            self._running = True
+            for t in list(self._threads):
+                t.start()
 
     def owns_current_thread(self) -> bool:
         """True on one of this runner's threads (where a hook runs)."""
@@ -149,26 +188,28 @@ class HookRunner:
 
     # ---- calls
 
-    def _connection(self, ident: int, client: Tuple[str, int], accepted_ns: int) -> Connection:
-        return Connection(ident, client, self.listener, self._epoch_offset + accepted_ns / 1e9)
+    def _connection(self, entry: ListenerHooks, ident: int, client: Tuple[str, int],
+                    accepted_ns: int) -> Connection:
+        return Connection(ident, client, entry.address, self._epoch_offset + accepted_ns / 1e9)
 
     def _serve_calls(self, slot: int) -> None:
         next_event = self.plane.next_event
         on_data = self._on_data
-        timed = self.timeout > 0
         while True:
             event = next_event(slot, POLL_MS)
             if event is None:
                 continue
             if event is False:
                 return
+            entry = self.listeners[event[1]]
+            timed = entry.timeout > 0
             if timed:
-                self._started[slot] = time.monotonic()
+                self._started[slot] = (time.monotonic(), entry.timeout)
             try:
                 if event[0] == EVT_CONNECT:
-                    self._on_connect(*event[1:])
+                    self._on_connect(entry, *event[2:])
                 else:
-                    on_data(*event[1:])
+                    on_data(entry, *event[2:])
             except BaseException:
                 # Hook exceptions are answered where they are caught; this
                 # is the plumbing failing. The call may be unanswered: an
@@ -181,9 +222,9 @@ class HookRunner:
     def _answer_error(self, event: tuple) -> None:
         try:
             if event[0] == EVT_CONNECT:
-                self.plane.answer_connect(event[1], V_ERROR)
+                self.plane.answer_connect(event[2], V_ERROR)
             else:
-                self.plane.answer_data(event[1], V_ERROR)
+                self.plane.answer_data(event[2], V_ERROR)
         except BaseException:
             self.errors.report("hook dispatch")
 
@@ -202,12 +243,12 @@ class HookRunner:
     def _watch(self) -> None:
         # Writes off a thread within a quarter of hook_timeout of its
         # call's deadline; the data plane closed the bridge at the deadline.
-        period = min(self.timeout / 4, 0.25)
+        period = min(min((e.timeout for e in self.listeners.values() if e.timeout), default=1.0) / 4, 0.25)
         while not self._closing.wait(period):
             now = time.monotonic()
             with self._lock:
-                for slot, began in list(self._started.items()):
-                    if now - began < self.timeout or slot in self._written_off:
+                for slot, (began, timeout) in list(self._started.items()):
+                    if now - began < timeout or slot in self._written_off:
                         continue
                     if not self._spare:
                         if not self._bound_logged:
@@ -221,18 +262,20 @@ class HookRunner:
                     self._threads = [x for x in self._threads if x.is_alive()] + [t]
                     t.start()
 
-    def _on_connect(self, handle: int, ident: int, client: Tuple[str, int], accepted_ns: int) -> None:
-        fn = self.hooks.on_connect
+    def _on_connect(self, entry: ListenerHooks, handle: int, ident: int, client: Tuple[str, int],
+                    accepted_ns: int) -> None:
+        fn = entry.hooks.on_connect
         assert fn is not None   # the data plane asks only when on_connect is set
-        conn = self._connection(ident, client, accepted_ns)
+        conn = self._connection(entry, ident, client, accepted_ns)
         if inspect.iscoroutinefunction(fn) and self.loop is not None:
             # Awaited on the embedder's loop; no hook thread waits for it.
             future = asyncio.run_coroutine_threadsafe(fn(conn), self.loop)
-            future.add_done_callback(lambda f: self._answer_connect(handle, f.result, conn))
+            future.add_done_callback(lambda f: self._answer_connect(entry, handle, f.result, conn))
             return
-        self._answer_connect(handle, lambda: fn(conn), conn)
+        self._answer_connect(entry, handle, lambda: fn(conn), conn)
 
-    def _answer_connect(self, handle: int, call: Callable[[], Any], conn: Connection) -> None:
+    def _answer_connect(self, entry: ListenerHooks, handle: int, call: Callable[[], Any],
+                        conn: Connection) -> None:
         upstream, route, group = -1, None, None
         try:
             result = call()
@@ -244,7 +287,7 @@ class HookRunner:
                 verdict = V_ROUTE
                 # Looked up in the group current now; the worker maps the
                 # name again if the group is swapped before it picks.
-                group = self.plane.group
+                group = entry.handle.group
                 upstream, route = route_target(result, group.index)
             else:
                 raise TypeError(f"on_connect returned {type(result).__name__}: expected None, bool or 'host:port'")
@@ -255,8 +298,8 @@ class HookRunner:
             verdict, upstream, route, group = V_ERROR, -1, None, None
         self.plane.answer_connect(handle, verdict, upstream, route, group)
 
-    def _on_data(self, handle: int, ident: int, direction: int, chunks: List[bytes], client: Tuple[str, int],
-                 accepted_ns: int) -> None:
+    def _on_data(self, entry: ListenerHooks, handle: int, ident: int, direction: int, chunks: List[bytes],
+                 client: Tuple[str, int], accepted_ns: int) -> None:
         """Calls on_data once per chunk of one read, in order, and answers
         for them all: the worker sends the answers in one go."""
         d = DIRECTIONS[direction]
@@ -264,8 +307,8 @@ class HookRunner:
         if conn is None:
             if len(self._conns) >= CONN_CACHE:
                 self._conns.clear()
-            conn = self._conns[ident] = self._connection(ident, client, accepted_ns)
-        fn = self.hooks.on_data[d]
+            conn = self._conns[ident] = self._connection(entry, ident, client, accepted_ns)
+        fn = entry.hooks.on_data[d]
         out: Optional[List[bytes]] = None   # the answers, once one is not its chunk
         done = 0                            # bytes of the read answered so far
         held: Optional[bytes] = None        # what WAIT holds: joined to the next chunk
@@ -278,7 +321,7 @@ class HookRunner:
                 self.errors.report("on_data")
                 verdict, replacement = V_ERROR, None
             if verdict == V_WAIT:
-                if len(data) >= self.max_hold:   # as the worker's check on its next read
+                if len(data) >= entry.max_hold:   # as the worker's check on its next read
                     verdict = V_CLOSE
                 else:
                     held = data
@@ -309,6 +352,8 @@ class HookRunner:
 
     def _serve_records(self) -> None:
         while True:
+            with self._lock:
+                after, self._after = self._after, []
             batch = self.plane.next_records(RECORD_BATCH, POLL_MS)
             if batch is None:
                 break
@@ -317,24 +362,35 @@ class HookRunner:
                     self._deliver(raw)
                 except BaseException:   # the plumbing failed: this thread serves on
                     self.errors.report("close records")
+            if len(batch) < RECORD_BATCH:
+                # The ring was empty behind this batch: every record queued
+                # before `after` was asked for is delivered.
+                for fn in after:
+                    fn()
+            elif after:
+                with self._lock:
+                    self._after[:0] = after
+        for fn in self._after:
+            fn()
 
-    def _record(self, raw: tuple) -> Tuple[Connection, CloseRecord]:
-        ident, client, upstream, route, up, down, accepted_ns, closed_ns, reason = raw
+    def _record(self, entry: ListenerHooks, raw: tuple) -> Tuple[Connection, CloseRecord]:
+        _, ident, client, upstream, route, up, down, accepted_ns, closed_ns, reason = raw
         accepted_at = self._epoch_offset + accepted_ns / 1e9
         name = route if route is not None else upstream
-        conn = Connection(ident, client, self.listener, accepted_at)
+        conn = Connection(ident, client, entry.address, accepted_at)
         record = CloseRecord(ident, client, name, up, down, (closed_ns - accepted_ns) / 1e9, accepted_at,
                              CloseReason(reason))
         return conn, record
 
     def _deliver(self, raw: tuple) -> None:
-        conn, record = self._record(raw)
-        if self.access_log is not None:
+        entry = self.listeners[raw[0]]
+        conn, record = self._record(entry, raw)
+        if entry.access_log is not None:
             try:
-                self.access_log.write(json.dumps(record.to_json()))
+                entry.access_log.write(json.dumps(record.to_json()))
             except BaseException:
                 self.errors.report("access_log")
-        fn = self.hooks.on_close
+        fn = entry.hooks.on_close
         if fn is None:
             return
         if inspect.iscoroutinefunction(fn) and self.loop is not None:

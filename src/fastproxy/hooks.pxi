@@ -273,6 +273,7 @@ cdef int hook_call(Worker *w, Bridge *b, int call, HookEvent *ev) noexcept nogil
         b.hk.seq = 1
     ev.call = <uint8_t>call
     ev.worker = w.id
+    ev.listener = b.ls.id
     ev.id = b.id
     ev.seq = b.hk.seq
     ev.client_v4 = b.client_v4
@@ -286,8 +287,8 @@ cdef int hook_call(Worker *w, Bridge *b, int call, HookEvent *ev) noexcept nogil
     c.seq = b.hk.seq
     c.expired = 0
     b.hook_pending += 1
-    if w.sh.hook_timeout_ns:
-        c.due_ns = fp_now_ns() + w.sh.hook_timeout_ns
+    if b.ls.hook_timeout_ns:
+        c.due_ns = fp_now_ns() + b.ls.hook_timeout_ns
         if b.hk.tl.list == T_NONE:
             timer_add(w, b, T_HOOK, c.due_ns)
     return 0
@@ -328,7 +329,7 @@ cdef void hook_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
             b.hook_pending -= 1
         else:
             c.expired = 1
-    fp_atomic_add(&w.sh.gauges.hook_timeouts, 1)
+    fp_atomic_add(&b.ls.gauges.hook_timeouts, 1)
     bridge_close(w, b, HOOK_TIMEOUT, 0, 0)
 
 
@@ -340,10 +341,11 @@ cdef void record_push(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     pthread_mutex_lock(&q.mu)
     if q.count == q.cap or q.closed:
         pthread_mutex_unlock(&q.mu)
-        fp_atomic_add(&w.sh.gauges.dropped_records, 1)
+        fp_atomic_add(&b.ls.gauges.dropped_records, 1)
         return
     rec = &q.items[(q.head + q.count) % q.cap]
     rec.id = b.id
+    rec.listener = b.ls.id
     memcpy(rec.client_ip, b.client_ip, 16)
     rec.client_port = b.client_port
     rec.client_v4 = b.client_v4

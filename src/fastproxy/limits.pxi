@@ -1,21 +1,22 @@
-# Connection limits: the global slot count (max_connections), the per-IP
-# table, and the wait queue where clients past a limit wait in arrival
-# order. Workers share all three; each is a CAS or a short critical section.
+# Connection limits, each a listener's: its slot count (max_connections),
+# its per-IP table, and its wait queue where clients past a limit wait in
+# arrival order. Workers share all three; each is a CAS or a short critical
+# section.
 
 
-# ---- the global limit: `active` is the number of slots held
+# ---- the listener's limit: `active` is the number of slots held
 
-cdef bint limit_take(Shared *sh) noexcept nogil:
+cdef bint limit_take(ListenerC *ls) noexcept nogil:
     # Returns: 1 with a slot held (and `active` counting it), else 0.
     # CAS, not add-then-check: `active` never exceeds the limit, even for an
     # instant another worker could see.
-    cdef int64_t cur = fp_atomic_get(&sh.gauges.active)
+    cdef int64_t cur = fp_atomic_get(&ls.gauges.active)
     while True:
-        if sh.max_connections and cur >= sh.max_connections:
+        if ls.max_connections and cur >= ls.max_connections:
             return 0
-        if fp_atomic_cas(&sh.gauges.active, &cur, cur + 1):
+        if fp_atomic_cas(&ls.gauges.active, &cur, cur + 1):
             break
-    fp_atomic_max(&sh.gauges.peak_active, cur + 1)
+    fp_atomic_max(&ls.gauges.peak_active, cur + 1)
     return 1
 
 
@@ -100,19 +101,19 @@ cdef void ip_give(IpTable *t, const uint8_t *key) noexcept nogil:
 
 # ---- the wait queue
 
-cdef inline bint queue_busy(Shared *sh) noexcept nogil:
+cdef inline bint queue_busy(ListenerC *ls) noexcept nogil:
     # Someone is waiting, or about to retry: a newcomer goes behind them.
-    return fp_atomic_get(&sh.wait.count) != 0 or fp_atomic_get(&sh.wait.kicked) != 0
+    return fp_atomic_get(&ls.wait.count) != 0 or fp_atomic_get(&ls.wait.kicked) != 0
 
 
 cdef bint queue_wait(Worker *w, Bridge *b, bint front, int64_t now) noexcept nogil:
     # Parks b until a slot frees (front: a retry that lost keeps its place).
     # Returns: 0 when the queue is full (or queueing is off): reject b.
-    cdef WaitQueue *q = &w.sh.wait
-    if w.sh.on_limit != ON_LIMIT_QUEUE:
+    cdef WaitQueue *q = &b.ls.wait
+    if b.ls.on_limit != ON_LIMIT_QUEUE:
         return 0
     pthread_mutex_lock(&q.mu)
-    if not front and q.count >= w.sh.queue_size:
+    if not front and q.count >= b.ls.queue_size:
         pthread_mutex_unlock(&q.mu)
         return 0
     if front:
@@ -136,7 +137,7 @@ cdef bint queue_wait(Worker *w, Bridge *b, bint front, int64_t now) noexcept nog
     pthread_mutex_unlock(&q.mu)
     if b.state != B_QUEUED:
         b.state = B_QUEUED
-        timer_add(w, b, T_QUEUE, now + w.sh.queue_timeout_ns)
+        timer_add(w, b, T_QUEUE, now + b.ls.queue_timeout_ns)
     return 1
 
 
@@ -156,9 +157,9 @@ cdef inline void queue_unlink(WaitQueue *q, Bridge *b) noexcept nogil:
     fp_atomic_add(&q.count, -1)
 
 
-cdef void queue_kick(Shared *sh) noexcept nogil:
+cdef void queue_kick(ListenerC *ls) noexcept nogil:
     # A slot was freed: the oldest waiter tries again, on its own worker.
-    cdef WaitQueue *q = &sh.wait
+    cdef WaitQueue *q = &ls.wait
     cdef Bridge *b
     cdef HookResult res
     if fp_atomic_get(&q.count) == 0:
@@ -172,15 +173,15 @@ cdef void queue_kick(Shared *sh) noexcept nogil:
         memset(&res, 0, sizeof(HookResult))
         res.bridge = b
         res.kind = EVT_RETRY
-        if result_push(&sh.workers[b.worker], &res) == 1:
-            write(sh.workers[b.worker].wake_w, b"x", 1)
+        if result_push(&ls.sh.workers[b.worker], &res) == 1:
+            write(ls.sh.workers[b.worker].wake_w, b"x", 1)
     pthread_mutex_unlock(&q.mu)
 
 
 cdef void queue_leave(Worker *w, Bridge *b) noexcept nogil:
     # b closes: off the queue, or, if a retry is already on its way, kept
     # allocated (limbo) until it arrives.
-    cdef WaitQueue *q = &w.sh.wait
+    cdef WaitQueue *q = &b.ls.wait
     if not b.in_queue and not b.kicked:
         return
     pthread_mutex_lock(&q.mu)
@@ -194,13 +195,13 @@ cdef void queue_leave(Worker *w, Bridge *b) noexcept nogil:
 cdef bint queue_retry_arrived(Worker *w, Bridge *b) noexcept nogil:
     # Returns: 1 when b can use its retry; 0 when it closed meanwhile (the
     # retry then passes to the next waiter).
-    cdef WaitQueue *q = &w.sh.wait
+    cdef WaitQueue *q = &b.ls.wait
     pthread_mutex_lock(&q.mu)
     b.kicked = 0
     fp_atomic_add(&q.kicked, -1)
     pthread_mutex_unlock(&q.mu)
     if b.state == B_CLOSED:
-        queue_kick(w.sh)
+        queue_kick(b.ls)
         return 0
     return 1
 
@@ -222,14 +223,14 @@ cdef void slots_release(Worker *w, Bridge *b) noexcept nogil:
     # what may be one slot, and the later could win.
     cdef bint freed = upstream_release(w, b)
     if b.routed:
-        fp_atomic_add(&w.sh.routed.active, -1)
+        fp_atomic_add(&b.ls.routed.active, -1)
         b.routed = 0
     if b.ip_counted:
-        ip_give(&w.sh.ips, b.client_ip)
+        ip_give(&b.ls.ips, b.client_ip)
         b.ip_counted = 0
     if b.admitted:
-        fp_atomic_add(&w.sh.gauges.active, -1)
+        fp_atomic_add(&b.ls.gauges.active, -1)
         b.admitted = 0
         freed = 1
     if freed:
-        queue_kick(w.sh)
+        queue_kick(b.ls)

@@ -1,33 +1,35 @@
-"""Proxy: the control plane of one listener (lifecycle, stats, signals).
+"""Proxy: the control plane of a process (lifecycle, reload, stats,
+signals) and its listeners (listener.py).
 
 It validates the config, binds, resolves, and hands everything to the
 data plane (`_core.DataPlane`), whose workers run on threads of their own
-with the GIL released. Nothing here is on the forwarding path.
+with the GIL released and serve every listener. Nothing here is on the
+forwarding path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import importlib
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _core
 from .config import Config, ConfigError
-from .accesslog import AccessLog
 from .dispatch import HookRunner
-from .hooks import Direction, Hook, Hooks, load_hooks
+from .hooks import Direction, Hook, Hooks
+from .listener import Listener, add_figures
 from .options import OPTIONS, option
-from .timewindows import Clock, TimeWindows
+from .timewindows import Clock
 from .upstreams import Upstream
 from .values import Duration, format_address
-from .sockets import adopt_socket, check_listening, fd_budget, listen_socket, resolve_upstream
-from .watch import Watchers
+from .sockets import check_listening, fd_budget
 
 __all__ = ["Proxy"]
 
@@ -43,13 +45,51 @@ PIPE_POOL_MAX = 64
 def pipe_pool_size(fd_budget: int, workers: int) -> int:
     # At most 1/16 of the fd budget sits in idle pipes (two fds each).
     return max(1, min(PIPE_POOL_MAX, fd_budget // (32 * workers)))
+
+
 STARTUP_TIMEOUT = 10.0
+# How often drained blocks of reloaded or removed listeners are looked at.
+REAP_S = 0.1
 
 
 def default_max_connections(fd_budget: int) -> int:
     # Two fds a bridge, less a margin for the listener, Python's own files
     # and pipes (a bridge short of a pipe copies instead).
     return max(1, fd_budget // FDS_PER_BRIDGE - min(32, fd_budget // 8))
+
+
+def hook_slots(config: Config) -> int:
+    """Hook threads that may wait for calls at once: hook_threads, and as
+    many spares for threads a hook_timeout writes off (any listener, now or
+    after a reload, may set one)."""
+    return 2 * int(config.hooks.hook_threads) or 1
+
+
+def _load_configs(source: Any) -> List[Config]:
+    """A configuration source -> its listeners' Configs (one process
+    section, the first's, which the others must match)."""
+    if isinstance(source, Config):
+        configs = [source]
+    elif isinstance(source, (list, tuple)) and all(isinstance(c, Config) for c in source):
+        configs = list(source)
+    elif hasattr(source, "listeners") and hasattr(source, "process"):
+        configs = list(source.listeners)
+    else:
+        # The file format, only when one is used.
+        configfile: Any = importlib.import_module(".configfile", __package__)
+        if isinstance(source, (str, os.PathLike)):
+            configs = list(configfile.load_config(os.fspath(source)).listeners)
+        elif isinstance(source, Mapping):
+            configs = list(configfile.config_from_mapping(source).listeners)
+        else:
+            raise ConfigError("config", source, "expected a path, a mapping, a ProxyConfig or Configs")
+    if not configs:
+        raise ConfigError("listeners", [], "no listener configured")
+    for i, c in enumerate(configs[1:], 1):
+        if c.process != configs[0].process or c.hooks.hook_threads != configs[0].hooks.hook_threads:
+            raise ConfigError(f"listeners[{i}]", c.listener.listen,
+                              "process options (workers, engine, ...) differ from the first listener's")
+    return configs
 
 
 def choose_engine(requested: str) -> str:
@@ -64,8 +104,11 @@ def choose_engine(requested: str) -> str:
 
 
 class Proxy:
-    """A TCP proxy: accepts clients on `listen` and bridges each one to an
-    upstream. Use start()/stop(), serve_forever(), or `with Proxy(...) as p:`."""
+    """A TCP proxy: accepts clients on its listeners and bridges each one to
+    an upstream. `Proxy(listen=..., upstreams=...)` has one listener;
+    `Proxy.from_config(...)` any number. Use start()/stop(),
+    serve_forever(), or `with Proxy(...) as p:`; reload() applies a new
+    configuration without cutting a bridge."""
 
     def __init__(
         self,
@@ -130,39 +173,65 @@ class Proxy:
         given = locals()
         options = {o.name: given[o.name] for o in OPTIONS}
         # The application's socket: checked now, duplicated at start().
-        self._app_sock = sock
         if sock is not None:
             if listen is not None:
                 raise ConfigError("sock", sock, "give either listen or sock, not both")
             options["listen"] = format_address(*check_listening(sock))
-        self.config = Config.build(upstream=upstream, **options)
-        access = self.config.access
-        self._windows = (TimeWindows(access.allow_time, access.time_zone, clock)
-                         if access.allow_time is not None else None)
+        config = Config.build(upstream=upstream, **options)
         if health_check is not None and not callable(health_check):
             raise ConfigError("health_check", health_check, "must be a callable (host, port) -> bool")
-        self._health_check = health_check
-        self._watchers: Optional[Watchers] = None
-        self._lock = threading.Lock()
-        self._plane: Optional[_core.DataPlane] = None
-        self._sock: Optional[socket.socket] = None
-        self._threads: List[threading.Thread] = []
-        self._address: Optional[Tuple[str, int]] = None
-        self._stopped = threading.Event()
-        self._final_stats: Optional[Dict[str, Any]] = None
-        self._hooks = Hooks()
-        self._runner: Optional[HookRunner] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._serve_waiter: Optional[Tuple[asyncio.AbstractEventLoop, asyncio.Event]] = None
-        self._access_log: Optional[AccessLog] = None
-        if self.config.hooks.hooks is not None:
-            self._hooks.load(load_hooks(self.config.hooks.hooks))
+        self._setup([Listener(config, sock=sock, health_check=health_check, clock=clock)])
+        self._rebuild: Callable[[], List[Config]] = lambda: [Config.build(upstream=upstream, **options)]
         if on_connect is not None:
             self.on_connect(on_connect)
         if on_data is not None:
             self.on_data(on_data)
         if on_close is not None:
             self.on_close(on_close)
+
+    @classmethod
+    def from_config(cls, source: Any, *, health_check: Optional[Callable[[str, int], bool]] = None,
+                    clock: Optional[Clock] = None) -> "Proxy":
+        """A Proxy with every listener of `source`: a path to a TOML file,
+        a mapping of the same shape, or a ProxyConfig (fastproxy.configfile).
+        reload() with no argument reads a file source again."""
+        configs = _load_configs(source)
+        self = cls.__new__(cls)
+        self._setup([Listener(c, health_check=health_check, clock=clock) for c in configs])
+        if isinstance(source, (str, os.PathLike)):
+            self._rebuild = lambda: _load_configs(source)
+        else:
+            self._rebuild = lambda: list(configs)
+        self._health_check = health_check
+        self._clock = clock
+        return self
+
+    def _setup(self, listeners: List[Listener]) -> None:
+        self._listeners = listeners
+        self.config = listeners[0].config
+        self._health_check = listeners[0].health_check
+        self._clock: Optional[Clock] = None
+        self._lock = threading.Lock()
+        self._plane: Optional[_core.DataPlane] = None
+        self._threads: List[threading.Thread] = []
+        self._stopped = threading.Event()
+        self._final_stats: Optional[Dict[str, Any]] = None
+        self._runner: Optional[HookRunner] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._serve_waiter: Optional[Tuple[asyncio.AbstractEventLoop, asyncio.Event]] = None
+        self._budget = 0
+        # Listeners a reload removed: draining until their deadline.
+        self._removed: List[Tuple[Listener, float]] = []
+        self._reaper: Optional[threading.Thread] = None
+        self._reap_stop = threading.Event()
+
+    @property
+    def _hooks(self) -> Hooks:
+        # Hooks registered in Python go to the one listener there is.
+        if len(self._listeners) != 1:
+            raise RuntimeError("this proxy has several listeners: name hooks per listener in its config "
+                               "(hooks = \"module:object\")")
+        return self._listeners[0].hooks
 
     # ---- hooks (register before start)
 
@@ -197,59 +266,40 @@ class Proxy:
         with self._lock:
             if self._plane is not None or self._final_stats is not None:
                 raise RuntimeError("this Proxy was already started; make a new one")
-            if self._hooks.is_async() and self._loop is None:
+            if any(lst.hooks.is_async() for lst in self._listeners) and self._loop is None:
                 raise ConfigError("hooks", "async def", "coroutine hooks need the proxy run by `await proxy.serve()`")
-            budget = fd_budget(self.config.process.fd_limit == "raise")
-            cfg = self.config = self.config.resolve(
-                engine=choose_engine(self.config.process.engine),
-                max_connections=default_max_connections(budget))
-            upstreams = cfg.upstream_group.upstreams
-            group = _core.UpstreamGroup(
-                upstreams, [resolve_upstream((u.host, u.port)) for u in upstreams],
-                balance=cfg.balancing.balance, max_fails=cfg.balancing.max_fails,
-                fail_timeout=cfg.balancing.fail_timeout)
-            workers = cfg.process.workers
-            logged = cfg.hooks.access_log is not None
+            process = self.config.process
+            budget = self._budget = fd_budget(process.fd_limit == "raise")
+            engine = choose_engine(process.engine)
+            prepared: List[Listener] = []
             try:
-                access_log = AccessLog(self, cfg.hooks.access_log, self._access_log_error)
-            except OSError as exc:
-                raise ConfigError("access_log", cfg.hooks.access_log, exc.strerror or str(exc)) from None
-            try:
-                sock = (adopt_socket(self._app_sock) if self._app_sock is not None
-                        else listen_socket(cfg.listener.listen))
+                for lst in self._listeners:
+                    lst.prepare(engine=engine, max_connections=default_max_connections(budget),
+                                on_log_error=self._access_log_error)
+                    prepared.append(lst)
+                self.config = self._listeners[0].config
+                workers = self.config.process.workers
+                try:
+                    plane = _core.DataPlane(self.config.process, hook_slots=hook_slots(self.config),
+                                            pool_max=pipe_pool_size(budget, workers))
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        raise ConfigError(
+                            "workers", workers, f"too many for the fd budget of {budget} ({exc.strerror})"
+                        ) from None
+                    raise
+                runner = HookRunner(plane, self.config.hooks.hook_threads, self._loop)
+                for lst in self._listeners:
+                    lst.attach(plane, runner)
             except BaseException:
-                access_log.close()
+                for lst in prepared:
+                    lst.stop_watchers()
+                    lst.discard()
                 raise
-            try:
-                plane = _core.DataPlane(
-                    sock.fileno(), group, cfg,
-                    hooks=self._hooks.flags(logged),
-                    pool_max=pipe_pool_size(budget, workers),
-                )
-            except OSError as exc:
-                sock.close()
-                access_log.close()
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    raise ConfigError(
-                        "workers", workers, f"too many for the fd budget of {budget} ({exc.strerror})"
-                    ) from None
-                raise
-            except BaseException:
-                sock.close()
-                access_log.close()
-                raise
-            self._sock = sock
             self._plane = plane
-            self._address = tuple(sock.getsockname()[:2])
             self._stopped.clear()
-            self._access_log = access_log
-            self._runner = HookRunner(plane, self._hooks, self.address,
-                                      cfg.hooks.hook_threads, access_log if logged else None, self._loop,
-                                      cfg.hooks.max_hold,
-                                      cfg.hooks.hook_timeout or 0.0)
-            self._runner.start()
-            self._watchers = Watchers(cfg, self._windows, plane, self._health_check)
-            self._watchers.start()
+            self._runner = runner
+            runner.start()
             self._threads = [
                 threading.Thread(target=self._run_worker, args=(i,), name=f"fastproxy-worker-{i}", daemon=True)
                 for i in range(workers)
@@ -257,24 +307,123 @@ class Proxy:
             for t in self._threads:
                 t.start()
             self._wait_accepting(plane, workers)
-        log.info(
-            "listening on %s, forwarding to %s (%s), engine %s, %d worker%s, fd budget %d, max %d bridges",
-            format_address(*self.address),
-            ", ".join(group.names),
-            cfg.balancing.balance,
-            cfg.process.engine,
-            workers,
-            "" if workers == 1 else "s",
-            budget,
-            cfg.limits.max_connections,
-        )
+            self._reaper = threading.Thread(target=self._reap, name="fastproxy-reaper", daemon=True)
+            self._reaper.start()
+        process = self.config.process
+        for lst in self._listeners:
+            cfg = lst.config
+            # The first line names the process's figures too: one line
+            # says it all for the common one-listener proxy.
+            log.info("listening on %s%s, forwarding to %s (%s), %smax %d bridges",
+                     format_address(*lst.address),
+                     "" if lst.name == format_address(*cfg.listener.listen) else f" (listener {lst.name})",
+                     ", ".join(lst.group.names), cfg.balancing.balance,
+                     f"engine {process.engine}, {workers} worker{'' if workers == 1 else 's'}, "
+                     f"fd budget {budget}, " if lst is self._listeners[0] else "",
+                     cfg.limits.max_connections)
         return self
 
+    def reload(self, source: Any = None) -> None:
+        """Apply a new configuration (a path, a mapping, a ProxyConfig; None:
+        read the config file again, or rebuild this Proxy's own options,
+        rereading the files they name) without dropping anything: new
+        listeners open; a listener at an unchanged address keeps its socket
+        and its figures, and takes its new options for new clients while
+        its bridges go on as they were; removed listeners stop accepting
+        and their bridges drain (drain_timeout). All or nothing: an invalid
+        configuration or a listener that cannot be bound raises ConfigError
+        and changes nothing."""
+        with self._lock:
+            plane, runner = self._plane, self._runner
+            if plane is None or runner is None:
+                raise RuntimeError("the proxy is not running")
+            try:
+                configs = self._rebuild() if source is None else _load_configs(source)
+                self._check_process(configs[0])
+                self._apply(plane, runner, configs)
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays: %s", exc)
+                raise
+
+    def _check_process(self, config: Config) -> None:
+        # The workers and hook threads are the process's: changing them
+        # takes a restart (or a takeover, which is one without a gap).
+        old, new = self.config, config
+        for section, name in (("process", "workers"), ("process", "engine"), ("process", "busy_poll"),
+                              ("process", "worker_cpus"), ("hooks", "hook_threads")):
+            before, after = getattr(getattr(old, section), name), getattr(getattr(new, section), name)
+            if name == "engine" and after == "auto":
+                continue
+            if name == "workers" and after is None:
+                continue
+            if before != after:
+                raise ConfigError(name, after, f"cannot change on reload (running with {before!r}): restart")
+
+    def _apply(self, plane: "_core.DataPlane", runner: HookRunner, configs: List[Config]) -> None:
+        old_by_listen = {lst.listen: lst for lst in self._listeners}
+        engine = self.config.process.engine
+        kept: List[Listener] = []
+        fresh: List[Tuple[Listener, Optional[Listener]]] = []
+        try:
+            for cfg in configs:
+                old = old_by_listen.pop(cfg.listener.listen, None)
+                if old is not None and old.source_config == cfg:
+                    kept.append(old)
+                    fresh.append((old, None))
+                    continue
+                # Hooks registered in Python carry over; a hooks option
+                # is loaded again (the file may have changed).
+                hooks = old.hooks if old is not None and cfg.hooks.hooks is None else None
+                lst = Listener(cfg, hooks=hooks, health_check=self._health_check, clock=self._clock)
+                lst.prepare(engine=engine, max_connections=default_max_connections(self._budget),
+                            on_log_error=self._access_log_error, sock=old.sock if old is not None else None)
+                fresh.append((lst, old))
+        except BaseException:
+            for lst, old in fresh:
+                if lst not in kept:
+                    lst.discard(keep_socket=old is not None)
+            raise
+        # Nothing can fail past here but memory: the data plane takes the
+        # new listeners and drops the replaced ones in one step each.
+        listeners: List[Listener] = []
+        for lst, old in fresh:
+            if lst not in kept:
+                lst.attach(plane, runner, replaces=old)
+            listeners.append(lst)
+        deadline_of = time.monotonic()
+        for old in old_by_listen.values():
+            old.retire()
+            self._removed.append((old, deadline_of + old.config.timeouts.drain_timeout))
+        self._listeners = listeners
+        self.config = listeners[0].config
+        log.info("reloaded: %d listener%s (%d new or changed, %d removed)", len(listeners),
+                 "" if len(listeners) == 1 else "s", len(fresh) - len(kept), len(old_by_listen))
+
+    def _reap(self) -> None:
+        # Frees the blocks of replaced listeners once their bridges ended,
+        # and closes a removed listener's bridges at its drain deadline.
+        while not self._reap_stop.wait(REAP_S):
+            # Not blocking: stop() holds the lock while it joins this thread.
+            if not self._lock.acquire(blocking=False):
+                continue
+            try:
+                for lst in self._listeners:
+                    lst.reap()
+                now = time.monotonic()
+                for lst, deadline in list(self._removed):
+                    if now >= deadline:
+                        lst.close_bridges()
+                    lst.reap()
+                    if lst.drained:
+                        self._removed.remove((lst, deadline))
+            finally:
+                self._lock.release()
+
     def reopen_logs(self) -> None:
-        """Reopen the access log file at its path (after a log rotator moved
-        it away); lines written meanwhile went to the moved file."""
-        if self._access_log is not None:
-            self._access_log.reopen()
+        """Reopen the access log files at their paths (after a log rotator
+        moved them away); lines written meanwhile went to the moved files."""
+        for lst in self._listeners:
+            lst.reopen_logs()
 
     def _access_log_error(self) -> None:
         if self._runner is not None:
@@ -282,10 +431,9 @@ class Proxy:
 
     def check_time_windows(self) -> bool:
         """Evaluate the time windows now (a background thread does this
-        every second); returns whether new clients are admitted."""
-        if self._watchers is not None:
-            return self._watchers.check_time_windows()
-        return self._windows is None or self._windows.is_open()
+        every second); returns whether new clients are admitted (by the
+        first listener)."""
+        return all([lst.check_time_windows() for lst in self._listeners][:1])
 
     def _wait_accepting(self, plane: "_core.DataPlane", workers: int) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -352,25 +500,28 @@ class Proxy:
     def _stop_plane(self, plane: "_core.DataPlane", timeout: Optional[float]) -> None:
         drain = self.config.timeouts.drain_timeout if timeout is None else max(0.0, float(timeout))
         plane.stop(drain)
-        # Close the listening socket as soon as no worker polls it:
-        # new clients are refused at once instead of waiting in its
+        # Close the listening sockets as soon as no worker polls them:
+        # new clients are refused at once instead of waiting in a
         # backlog for a proxy that will never serve them.
         deadline = time.monotonic() + 5.0
         while plane.accepting() and time.monotonic() < deadline:
             time.sleep(0.001)
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        for lst in self._listeners:
+            if lst.sock is not None:
+                lst.sock.close()
+                lst.sock = None
         for t in self._threads:
             t.join()
-        if self._watchers is not None:
-            self._watchers.stop()
-            self._watchers = None
+        if self._reaper is not None:
+            self._reap_stop.set()
+            self._reaper.join()
+            self._reaper = None
+        for lst in self._listeners:
+            lst.stop_watchers()
         hooks_done = self._runner is None or self._runner.stop()
         self._final_stats = self._stats(plane)
-        if self._access_log is not None:
-            self._access_log.close()
-            self._access_log = None
+        for lst in self._listeners + [lst for lst, _ in self._removed]:
+            lst.close()
         if hooks_done:
             plane.close()
         else:
@@ -473,10 +624,19 @@ class Proxy:
 
     @property
     def address(self) -> Tuple[str, int]:
-        """The bound listening address (host, port); port 0 shows the real one."""
-        if self._address is None:
+        """The (first) listener's bound address (host, port); port 0 shows
+        the real one."""
+        address = self._listeners[0].address
+        if address is None:
             raise RuntimeError("the proxy is not started: no address yet")
-        return self._address
+        return address  # type: ignore[no-any-return]
+
+    @property
+    def addresses(self) -> Dict[str, Tuple[str, int]]:
+        """Every listener's bound address, by listener name."""
+        if self._listeners[0].address is None:
+            raise RuntimeError("the proxy is not started: no address yet")
+        return {lst.name: tuple(lst.address or ()) for lst in self._listeners}
 
     @property
     def engine(self) -> str:
@@ -488,15 +648,32 @@ class Proxy:
         return int(self.config.process.workers)
 
     def _stats(self, plane: "_core.DataPlane") -> Dict[str, Any]:
-        stats = plane.stats()
+        per = {lst.name: lst.stats() for lst in self._listeners}
+        stats: Dict[str, Any] = {}
+        for figures in per.values():
+            add_figures(stats, figures)
+        if len(per) > 1:
+            # Upstreams are a listener's: the totals do not mix groups.
+            stats.pop("upstreams", None)
+            stats.pop("routed", None)
+        stats.update(plane.stats())
         stats["hook_errors"] = self._runner.errors.count if self._runner is not None else 0
+        stats["listeners"] = per
         return stats
 
     def stats(self) -> Dict[str, Any]:
-        """Counters as a plain dict (see docs/architecture.md for each key)."""
+        """Counters as a plain dict (see docs/architecture.md for each key):
+        every listener's added up (with one listener, its own, upstreams
+        included), and each listener's under "listeners" by name."""
         plane = self._plane
         if plane is not None:
-            return self._stats(plane)
+            try:
+                return self._stats(plane)
+            except RuntimeError:
+                # stop() freed the listeners meanwhile: its final figures
+                # were taken first.
+                if self._final_stats is None:
+                    raise
         if self._final_stats is not None:
             return dict(self._final_stats)
         raise RuntimeError("the proxy is not started: no stats yet")

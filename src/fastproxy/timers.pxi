@@ -1,5 +1,7 @@
-# Timer lists: a worker's bridges on one list per duration, so appending
-# keeps each list sorted and the head is always the next to come due.
+# Timer lists: a worker's bridges of one listener on one list per duration,
+# so appending keeps each list sorted and the head is always the next to
+# come due. (Listeners may set different durations: lists shared across
+# them would need sorted inserts.)
 
 cdef enum:
     SLOT_PHASE = 0         # PROXY header, queue wait, connect
@@ -27,17 +29,18 @@ cdef inline TimerLink *tlink(Bridge *b, int slot) noexcept nogil:
 
 cdef inline void timer_del(Worker *w, Bridge *b, int slot) noexcept nogil:
     cdef TimerLink *l = tlink(b, slot)
+    cdef ListenerSlot *s = &b.ls.slots[w.id]
     cdef int t = l.list
     if t == T_NONE:
         return
     if l.prev != NULL:
         tlink(l.prev, slot).next = l.next
     else:
-        w.thead[t] = l.next
+        s.thead[t] = l.next
     if l.next != NULL:
         tlink(l.next, slot).prev = l.prev
     else:
-        w.ttail[t] = l.prev
+        s.ttail[t] = l.prev
     l.prev = NULL
     l.next = NULL
     l.list = T_NONE
@@ -56,9 +59,10 @@ cdef inline void timer_add(Worker *w, Bridge *b, int t, int64_t deadline) noexce
     # for its exact remaining time walks back from the tail to its place.
     cdef int slot = SLOT_OF[t]
     cdef TimerLink *l = tlink(b, slot)
+    cdef ListenerSlot *s = &b.ls.slots[w.id]
     cdef Bridge *after
     timer_del(w, b, slot)   # first: b may be the tail it would link after
-    after = w.ttail[t]
+    after = s.ttail[t]
     while after != NULL and tlink(after, slot).deadline_ns > deadline:
         after = tlink(after, slot).prev
     l.list = <uint8_t>t
@@ -68,14 +72,14 @@ cdef inline void timer_add(Worker *w, Bridge *b, int t, int64_t deadline) noexce
         l.next = tlink(after, slot).next
         tlink(after, slot).next = b
     else:
-        l.next = w.thead[t]
-        w.thead[t] = b
+        l.next = s.thead[t]
+        s.thead[t] = b
     if l.next != NULL:
         tlink(l.next, slot).prev = b
     else:
-        w.ttail[t] = b
+        s.ttail[t] = b
 
 
-cdef inline bint timer_due(Worker *w, int t, int64_t now) noexcept nogil:
-    cdef Bridge *b = w.thead[t]
+cdef inline bint timer_due(ListenerSlot *s, int t, int64_t now) noexcept nogil:
+    cdef Bridge *b = s.thead[t]
     return b != NULL and tlink(b, SLOT_OF[t]).deadline_ns <= now

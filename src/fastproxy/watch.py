@@ -1,4 +1,4 @@
-"""The control plane's background watchers of one running proxy: active
+"""The control plane's background watchers of one running listener: active
 health checks, passive upstream transitions (logged once each) and time
 windows (the data plane's admit flag). None is on the forwarding path."""
 
@@ -22,7 +22,7 @@ WINDOW_POLL_S = 1.0
 
 
 class Watchers:
-    def __init__(self, config: Config, windows: Optional[TimeWindows], plane: "_core.DataPlane",
+    def __init__(self, config: Config, windows: Optional[TimeWindows], plane: "_core.ListenerHandle",
                  health_check: Optional[Callable[[str, int], bool]]) -> None:
         self.config = config
         self.windows = windows

@@ -9,8 +9,9 @@ cdef enum:
     EV_WR = 2
     EV_ERR = 4
     EV_HUP = 8                 # the peer sent FIN (or is gone)
-    TAG_WAKE = 2               # epoll tags; a bridge's tag is its (even)
-    TAG_LISTEN = 4             # address, plus 1 for its upstream side
+    TAG_WAKE = 2               # epoll tags: a bridge's is its address (16-byte
+    TAG_LISTENER = 2           # aligned), plus 1 for its upstream side; a
+                               # listener's its address plus 2
 
 cdef int64_t ACCEPT_BACKOFF_NS = 100 * 1000 * 1000
 cdef int64_t MAX_SLEEP_NS = 3600 * 1000000000LL
@@ -19,30 +20,54 @@ cdef int64_t MAX_SLEEP_NS = 3600 * 1000000000LL
 cdef uint32_t EV_BRIDGE = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 
 
+# ---- the listeners a worker serves (Shared.listeners, synced by worker_sync)
+
+cdef inline ListenerSlot *lslot(Worker *w, ListenerC *ls) noexcept nogil:
+    return &ls.slots[w.id]
+
+
+cdef inline ListenerC *worker_listener(Worker *w, int i) noexcept nogil:
+    # NULL: a free id. A pointer read here stays valid until this worker
+    # next syncs: the control plane frees a listener only after that.
+    return <ListenerC *>fp_ptr_get(<void **>&w.sh.listeners[i])
+
+
+cdef inline int worker_nlisteners(Worker *w) noexcept nogil:
+    return <int>fp_atomic_get(&w.sh.nlisteners)
+
+
 # ---- timers that came due (the lists are timers.pxi's)
 
 cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
-    while timer_due(w, T_CONNECT, now):
-        bridge_retry(w, w.thead[T_CONNECT], -ETIMEDOUT, now)
-    while timer_due(w, T_HALF_CLOSE, now):
-        bridge_close(w, w.thead[T_HALF_CLOSE], TIMEOUT, 0, 0)
-    while timer_due(w, T_LIFETIME, now):
-        bridge_close(w, w.thead[T_LIFETIME], TIMEOUT, 0, 0)
-    while timer_due(w, T_IDLE, now):
-        idle_expire(w, w.thead[T_IDLE], now)
-    while timer_due(w, T_QUEUE, now):
-        bridge_queue_timeout(w, w.thead[T_QUEUE])
-    while timer_due(w, T_HEADER, now):
-        fp_bump(&w.ctr.proxy_header_errors, 1)
-        bridge_close(w, w.thead[T_HEADER], TIMEOUT, 0, 0)
-    while timer_due(w, T_HOOK, now):
-        hook_expire(w, w.thead[T_HOOK], now)
+    cdef int i
+    cdef ListenerC *ls
+    cdef ListenerSlot *s
+    for i in range(worker_nlisteners(w)):
+        ls = worker_listener(w, i)
+        if ls == NULL:
+            continue
+        s = lslot(w, ls)
+        while timer_due(s, T_CONNECT, now):
+            bridge_retry(w, s.thead[T_CONNECT], -ETIMEDOUT, now)
+        while timer_due(s, T_HALF_CLOSE, now):
+            bridge_close(w, s.thead[T_HALF_CLOSE], TIMEOUT, 0, 0)
+        while timer_due(s, T_LIFETIME, now):
+            bridge_close(w, s.thead[T_LIFETIME], TIMEOUT, 0, 0)
+        while timer_due(s, T_IDLE, now):
+            idle_expire(w, s.thead[T_IDLE], now)
+        while timer_due(s, T_QUEUE, now):
+            bridge_queue_timeout(w, s.thead[T_QUEUE])
+        while timer_due(s, T_HEADER, now):
+            fp_bump(&s.ctr.proxy_header_errors, 1)
+            bridge_close(w, s.thead[T_HEADER], TIMEOUT, 0, 0)
+        while timer_due(s, T_HOOK, now):
+            hook_expire(w, s.thead[T_HOOK], now)
 
 
 cdef void idle_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     # Activity only stamps last_active_ns (no list work per transfer); the
     # timer checks it when due and re-arms for what is left.
-    cdef int64_t due = b.last_active_ns + w.sh.idle_timeout_ns
+    cdef int64_t due = b.last_active_ns + b.ls.idle_timeout_ns
     if due <= now:
         bridge_close(w, b, TIMEOUT, 0, 0)
     else:
@@ -52,13 +77,20 @@ cdef void idle_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
 cdef int worker_timeout_ms(Worker *w, int64_t now) noexcept nogil:
     # Returns: how long the loop may sleep, -1 for "until an event".
     cdef int64_t d = -1
-    cdef int t
+    cdef int t, i
     cdef int64_t due
-    for t in range(1, T_LISTS):
-        if w.thead[t] != NULL:
-            due = tlink(w.thead[t], SLOT_OF[t]).deadline_ns
-            if d < 0 or due < d:
-                d = due
+    cdef ListenerC *ls
+    cdef ListenerSlot *s
+    for i in range(worker_nlisteners(w)):
+        ls = worker_listener(w, i)
+        if ls == NULL:
+            continue
+        s = lslot(w, ls)
+        for t in range(1, T_LISTS):
+            if s.thead[t] != NULL:
+                due = tlink(s.thead[t], SLOT_OF[t]).deadline_ns
+                if d < 0 or due < d:
+                    d = due
     if w.accept_resume_ns != 0 and (d < 0 or w.accept_resume_ns < d):
         d = w.accept_resume_ns
     if w.stopping and (d < 0 or w.drain_deadline_ns < d):
@@ -104,6 +136,7 @@ cdef inline void bridges_remove(Worker *w, Bridge *b) noexcept nogil:
 
 
 cdef void bridge_free(Bridge *b) noexcept nogil:
+    fp_atomic_add(&b.ls.refs, -1)
     free(b.hdr)
     free(b.up.lent)
     free(b.down.lent)
@@ -125,73 +158,129 @@ cdef void grave_free(Worker *w) noexcept nogil:
 
 # ---- accepting
 
-cdef void listener_on(Worker *w) noexcept nogil:
-    if w.listening:
+cdef void listener_on(Worker *w, ListenerC *ls) noexcept nogil:
+    cdef ListenerSlot *s = lslot(w, ls)
+    if s.listening:
         return
     # EPOLLEXCLUSIVE wakes one worker per client instead of all of them;
     # it refuses EPOLL_CTL_MOD, so pausing is DEL and resuming is ADD.
-    if w.epfd >= 0 and fp_epoll_ctl(w.epfd, EPOLL_CTL_ADD, w.sh.listen_fd,
-                                    EPOLLIN | EPOLLEXCLUSIVE, TAG_LISTEN) < 0:
+    if w.epfd >= 0 and fp_epoll_ctl(w.epfd, EPOLL_CTL_ADD, ls.listen_fd, EPOLLIN | EPOLLEXCLUSIVE,
+                                    <uint64_t>ls | TAG_LISTENER) < 0:
         return
-    w.listening = 1
+    s.listening = 1
 
 
-cdef void listener_off(Worker *w) noexcept nogil:
-    if not w.listening:
+cdef void listener_off(Worker *w, ListenerC *ls) noexcept nogil:
+    cdef ListenerSlot *s = lslot(w, ls)
+    if not s.listening:
         return
     if w.epfd >= 0:
-        fp_epoll_ctl(w.epfd, EPOLL_CTL_DEL, w.sh.listen_fd, 0, 0)
-    w.listening = 0
+        fp_epoll_ctl(w.epfd, EPOLL_CTL_DEL, ls.listen_fd, 0, 0)
+    s.listening = 0
+
+
+cdef inline bint worker_wants(Worker *w, ListenerC *ls) noexcept nogil:
+    # Accept on ls: not stopping, not out of fds, and ls not removed.
+    return not w.stopping and w.accept_resume_ns == 0 and not fp_atomic_get(&ls.closing)
+
+
+cdef void worker_listen(Worker *w) noexcept nogil:
+    # Each listener in or out of this worker's set, as worker_wants says.
+    # Out first: a listener that replaces another has the same fd, which
+    # epoll takes once.
+    cdef int i, n = worker_nlisteners(w)
+    cdef ListenerC *ls
+    for i in range(n):
+        ls = worker_listener(w, i)
+        if ls != NULL and not worker_wants(w, ls):
+            listener_off(w, ls)
+    for i in range(n):
+        ls = worker_listener(w, i)
+        if ls != NULL and worker_wants(w, ls):
+            listener_on(w, ls)
 
 
 cdef void worker_pause_accept(Worker *w, int64_t now) noexcept nogil:
-    # Out of fds: leave clients in the kernel's backlog rather than spin on
+    # Out of fds: leave clients in the kernel's backlogs rather than spin on
     # accept; retry after a back-off, or sooner when a bridge frees fds.
-    listener_off(w)
-    if not w.stopping:
-        w.accept_resume_ns = now + ACCEPT_BACKOFF_NS
+    if w.stopping:
+        return
+    w.accept_resume_ns = now + ACCEPT_BACKOFF_NS
+    worker_listen(w)
 
 
-cdef void worker_accept(Worker *w, int64_t now) noexcept nogil:
+cdef void worker_accept(Worker *w, ListenerC *ls, int64_t now) noexcept nogil:
     cdef int i, fd
     cdef sockaddr_storage peer
     cdef socklen_t peer_len
     for i in range(ACCEPT_BATCH):
         peer_len = sizeof(peer)
-        fd = fp_accept(w.sh.listen_fd, <sockaddr *>&peer, &peer_len)
+        fd = fp_accept(ls.listen_fd, <sockaddr *>&peer, &peer_len)
         if fd >= 0:
-            bridge_open(w, fd, &peer, now)
+            bridge_open(w, ls, fd, &peer, now)
         elif fd == -EAGAIN:
             return
         elif fd == -EMFILE or fd == -ENFILE or fd == -ENOBUFS or fd == -ENOMEM:
             worker_pause_accept(w, now)
             return
         # else: that client was gone before we took it (ECONNABORTED)
+        if not lslot(w, ls).listening:
+            return   # a bridge_open ran out of fds and paused accepting
 
 
-# ---- the upstream group
+# ---- what the control plane changed (Shared.gen)
 
-cdef void worker_check_group(Worker *w) noexcept nogil:
-    # swap_group installs a group, then moves the generation: a worker that
-    # sees a new generation rebuilds its cursor for the group current now
-    # and says so, after which swap_group lets the old group's current
+cdef bint listener_sync_group(Worker *w, ListenerC *ls) noexcept nogil:
+    # swap_group installs a group, then moves group_gen: a worker that sees
+    # a new generation rebuilds its cursor for the group current now; after
+    # every worker synced, swap_group lets the old group's current
     # reference go (this worker no longer reads it but through bridges,
-    # which hold their own). Short of memory it keeps the old group and
-    # cursor, and says nothing, until a later round succeeds. Generations,
-    # not pointers, are compared: swaps made before the worker ran may have
-    # freed its first group and put a new one at the same address.
-    cdef int64_t gen = fp_atomic_get(&w.sh.group_gen)
+    # which hold their own). Generations, not pointers, are compared: a
+    # freed group's block may be reused for a new one at the same address.
+    # Returns: 0 short of memory (old group and cursor kept; the sync is
+    # tried again on the next round).
+    cdef ListenerSlot *s = lslot(w, ls)
+    cdef int64_t gen = fp_atomic_get(&ls.group_gen)
     cdef GroupC *g
     cdef BalanceCursor c
-    if gen == w.group_gen:
-        return
-    g = <GroupC *>fp_ptr_get(<void **>&w.sh.group)
+    if gen == s.group_gen:
+        return 1
+    g = <GroupC *>fp_ptr_get(<void **>&ls.group)
     if balance_cursor_init(g, &c) < 0:
+        return 0
+    balance_cursor_free(&s.cursor)
+    s.cursor = c
+    s.group = g
+    s.group_gen = gen
+    return 1
+
+
+cdef void worker_sync(Worker *w) noexcept nogil:
+    # The control plane added or removed a listener, swapped a group, or
+    # asked to close a listener's bridges: act on every listener, then say
+    # so (the control plane waits for it).
+    cdef int64_t gen = fp_atomic_get(&w.sh.gen)
+    cdef int64_t close_gen
+    cdef bint done = 1
+    cdef int i
+    cdef ListenerC *ls
+    cdef ListenerSlot *s
+    if gen == fp_atomic_get(&w.gen_seen):
         return
-    balance_cursor_free(&w.cursor)
-    w.cursor = c
-    w.group = g
-    fp_atomic_set(&w.group_gen, gen)
+    for i in range(worker_nlisteners(w)):
+        ls = worker_listener(w, i)
+        if ls == NULL:
+            continue
+        s = lslot(w, ls)
+        if not listener_sync_group(w, ls):
+            done = 0
+        close_gen = fp_atomic_get(&ls.cmd_close)
+        if close_gen != s.seen_close:
+            s.seen_close = close_gen
+            worker_close_listener(w, ls, <int>fp_atomic_get(&ls.close_reason))
+    worker_listen(w)
+    if done:
+        fp_atomic_set(&w.gen_seen, gen)
 
 
 # ---- stopping
@@ -207,17 +296,18 @@ cdef void worker_check_stop(Worker *w, int64_t now) noexcept nogil:
         w.drain_deadline_ns = deadline
     w.stopping = 1
     w.accept_resume_ns = 0
-    listener_off(w)
+    worker_listen(w)
     fp_atomic_set(&w.accepting, 0)
 
 
-cdef void worker_check_close_all(Worker *w) noexcept nogil:
-    # The control plane asked to close every live bridge (a time window
-    # ended with close_outside_window).
-    cdef int64_t gen = fp_atomic_get(&w.cmd_close_all)
-    if gen != w.seen_close_all:
-        w.seen_close_all = gen
-        worker_close_all(w, TIMEOUT)
+cdef void worker_close_listener(Worker *w, ListenerC *ls, int reason) noexcept nogil:
+    # Every bridge of ls, newest first: a close moves the last bridge into
+    # the freed place, which this walk has passed already.
+    cdef int i = w.nbridges - 1
+    while i >= 0:
+        if i < w.nbridges and w.bridges[i].ls == ls:
+            bridge_close(w, w.bridges[i], reason, 0, 0)
+        i -= 1
 
 
 cdef void worker_close_all(Worker *w, int reason) noexcept nogil:
@@ -265,17 +355,21 @@ cdef int worker_wait_epoll(Worker *w, int timeout, int64_t *now) noexcept nogil:
     cdef int i
     cdef uint64_t tag
     cdef Bridge *b
+    cdef ListenerC *ls
     if n < 0:
         return n
     now[0] = fp_now_ns()
     for i in range(n):
         tag = w.events[i].data.u64
-        if tag == TAG_LISTEN:
-            if w.listening:
-                worker_accept(w, now[0])
-        elif tag == TAG_WAKE:
+        if tag == TAG_WAKE:
             drain_wake(w)
             worker_take_results(w, now[0])
+        elif tag & TAG_LISTENER:
+            ls = <ListenerC *>(tag & ~(<uint64_t>TAG_LISTENER))
+            # Taken out of the set earlier in this batch (paused, removed):
+            # the event is stale.
+            if lslot(w, ls).listening:
+                worker_accept(w, ls, now[0])
         else:
             b = <Bridge *>(tag & ~(<uint64_t>1))
             if b.state != B_CLOSED:
@@ -324,9 +418,11 @@ cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
     # array).
     # Only open fds get an entry: poll() refuses (EINVAL) more entries than
     # RLIMIT_NOFILE, and a bridge not yet connected has no upstream fd.
-    cdef int need = 2 + 2 * w.nbridges
+    cdef int nls = worker_nlisteners(w)
+    cdef int need = 1 + nls + 2 * w.nbridges
     cdef int i, k, r, cap, first
     cdef Bridge *b
+    cdef ListenerC *ls
     cdef pollfd *p
     cdef void *grown
     if need > w.cap_pfds:
@@ -339,14 +435,21 @@ cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
         if grown == NULL:
             return -ENOMEM
         w.pbridges = <Bridge **>grown
+        grown = realloc(w.plisteners, cap * sizeof(ListenerC *))
+        if grown == NULL:
+            return -ENOMEM
+        w.plisteners = <ListenerC **>grown
         w.cap_pfds = cap
     w.pfds[0].fd = w.wake_r
     w.pfds[0].events = POLLIN
     k = 1
-    if w.listening:
-        w.pfds[1].fd = w.sh.listen_fd
-        w.pfds[1].events = POLLIN
-        k = 2
+    for i in range(nls):
+        ls = worker_listener(w, i)
+        if ls != NULL and lslot(w, ls).listening:
+            w.plisteners[k] = ls
+            w.pfds[k].fd = ls.listen_fd
+            w.pfds[k].events = POLLIN
+            k += 1
     first = k
     for i in range(w.nbridges):
         b = w.bridges[i]
@@ -366,8 +469,10 @@ cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
     if w.pfds[0].revents:
         drain_wake(w)
         worker_take_results(w, now[0])
-    if first == 2 and w.pfds[1].revents and w.listening:
-        worker_accept(w, now[0])
+    for i in range(1, first):
+        ls = w.plisteners[i]
+        if w.pfds[i].revents and lslot(w, ls).listening:
+            worker_accept(w, ls, now[0])
     for i in range(first, k):
         p = &w.pfds[i]
         b = w.pbridges[i]
@@ -389,22 +494,21 @@ cdef int worker_run(Worker *w) noexcept nogil:
     cdef int r = 0
     cdef int timeout
     fp_block_signals()
-    # Against swap_group's store of the generation then load of in_loop:
-    # either it waits for this worker or this worker sees its group.
+    # Against _publish's store of the generation then load of in_loop:
+    # either it waits for this worker or this worker sees its change.
     fp_atomic_set(&w.in_loop, 1)
     fp_fence()
-    worker_check_group(w)
-    listener_on(w)
+    fp_atomic_set(&w.gen_seen, -1)
+    worker_sync(w)
     fp_atomic_set(&w.accepting, 1)
     while True:
-        worker_check_group(w)
+        worker_sync(w)
         worker_check_stop(w, now)
-        worker_check_close_all(w)
         if w.stopping and (w.nbridges == 0 or now >= w.drain_deadline_ns):
             break
         if w.accept_resume_ns != 0 and now >= w.accept_resume_ns:
             w.accept_resume_ns = 0
-            listener_on(w)
+            worker_listen(w)
         timeout = worker_timeout_ms(w, now)
         if w.sh.busy_poll_ns and now - w.last_event_ns < w.sh.busy_poll_ns:
             # Busy polling (an option): a running thread is woken by its
@@ -434,9 +538,11 @@ cdef int worker_run(Worker *w) noexcept nogil:
         if w.sh.hooks:
             hook_nudge(w.sh, now)
         grave_free(w)
-    listener_off(w)
+    w.stopping = 1
+    worker_listen(w)
     fp_atomic_set(&w.accepting, 0)
     worker_close_all(w, SHUTDOWN)
     grave_free(w)
+    # Synced for good: a worker out of its loop reads no listener.
     fp_atomic_set(&w.in_loop, 0)
     return r

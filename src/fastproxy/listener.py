@@ -1,0 +1,245 @@
+"""One listener's control plane: its socket, upstream group, hooks, access
+log and watchers over the data plane's ListenerHandle, and its counters,
+which outlive the data-plane blocks a reload replaces."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from . import _core
+from .accesslog import AccessLog
+from .config import Config
+from .dispatch import HookRunner, ListenerHooks
+from .hooks import Hooks, load_hooks
+from .sockets import adopt_socket, listen_socket, resolve_upstream
+from .timewindows import Clock, TimeWindows
+from .values import ConfigError, format_address
+from .watch import Watchers
+
+log = logging.getLogger(__name__)
+
+# Figures that are highs, not sums, when blocks of one listener are added up.
+_HIGHS = ("peak_active", "consecutive_failures")
+
+
+def listener_name(config: Config) -> str:
+    """The listener's name: its `name` option, else its listen address as
+    configured."""
+    name = getattr(config.listener, "name", None)
+    if name:
+        return str(name)
+    host, port = config.listener.listen
+    return format_address(host, port)
+
+
+def add_figures(into: Dict[str, Any], more: Dict[str, Any]) -> None:
+    """Adds `more` (a listener's or upstream's figures) into `into`: counts
+    add up, highs take the larger, words (state) keep `into`'s."""
+    for key, value in more.items():
+        if isinstance(value, dict):
+            add_figures(into.setdefault(key, {}), value)
+        elif isinstance(value, bool) or not isinstance(value, int):
+            into.setdefault(key, value)
+        elif key in _HIGHS:
+            into[key] = max(into.get(key, 0), value)
+        else:
+            into[key] = into.get(key, 0) + value
+
+
+def build_group(config: Config) -> "_core.UpstreamGroup":
+    upstreams = config.upstream_group.upstreams
+    balancing = config.balancing
+    return _core.UpstreamGroup(
+        upstreams, [resolve_upstream((u.host, u.port)) for u in upstreams],
+        balance=balancing.balance, max_fails=balancing.max_fails,
+        fail_timeout=balancing.fail_timeout)
+
+
+class Listener:
+    """A listener of a Proxy. prepare() does everything that can fail
+    (resolving, binding, opening the access log) and nothing visible;
+    attach() then serves it; a reload prepares the new listeners first and
+    attaches only when all of them prepared."""
+
+    def __init__(self, config: Config, *, hooks: Optional[Hooks] = None, sock: Optional[socket.socket] = None,
+                 health_check: Optional[Callable[[str, int], bool]] = None,
+                 clock: Optional[Clock] = None) -> None:
+        self.config = config
+        self.source_config = config   # as given: what a reload compares
+        self.name = listener_name(config)
+        self.hooks = hooks if hooks is not None else Hooks()
+        if hooks is None and config.hooks.hooks is not None:
+            self.hooks.load(load_hooks(config.hooks.hooks))
+        access = config.access
+        self.windows = (TimeWindows(access.allow_time, access.time_zone, clock)
+                        if access.allow_time is not None else None)
+        self.health_check = health_check
+        self.app_sock = sock
+        self.sock: Optional[socket.socket] = None
+        self.address: Any = None   # bound, once prepared
+        self._group: Optional["_core.UpstreamGroup"] = None   # prepared, until attached
+        self.access_log: Optional[AccessLog] = None
+        self.handle: Optional["_core.ListenerHandle"] = None
+        self.watchers: Optional[Watchers] = None
+        self._errors: Optional[Callable[[], None]] = None
+        # Blocks this listener had before a reload, still draining, with
+        # their access logs, and the figures of those already freed:
+        # stats() adds them up.
+        self.draining: List[Tuple["_core.ListenerHandle", Optional[AccessLog]]] = []
+        self.carried: Dict[str, Any] = {}
+        self.runner: Optional[HookRunner] = None
+        self._closed_bridges = False
+        self._lock = threading.Lock()   # draining and carried: the reaper against stats()
+
+    @property
+    def group(self) -> "_core.UpstreamGroup":
+        """The upstream group new clients pick from."""
+        group = self.handle.group if self.handle is not None else self._group
+        if group is None:
+            raise RuntimeError(f"listener {self.name} is not prepared")
+        return group
+
+    @property
+    def listen(self) -> Tuple[str, int]:
+        return self.config.listener.listen  # type: ignore[no-any-return]
+
+    def prepare(self, *, engine: str, max_connections: int, on_log_error: Callable[[], None],
+                sock: Optional[socket.socket] = None) -> None:
+        """Resolve, build the group, open the access log, and bind (or
+        take `sock`, a kept socket of the listener this one replaces).
+        Raises ConfigError; undo with discard()."""
+        self.config = cfg = self.config.resolve(engine=engine, max_connections=max_connections)
+        self._group = build_group(cfg)
+        try:
+            self.access_log = AccessLog(self, cfg.hooks.access_log, on_log_error)
+        except OSError as exc:
+            raise ConfigError("access_log", cfg.hooks.access_log, exc.strerror or str(exc)) from None
+        if sock is not None:
+            self.sock = sock
+        elif self.app_sock is not None:
+            self.sock = adopt_socket(self.app_sock)
+        else:
+            self.sock = listen_socket(cfg.listener.listen)
+        self.address = tuple(self.sock.getsockname()[:2])
+
+    def discard(self, keep_socket: bool = False) -> None:
+        """Undo prepare() of a listener that will not be attached."""
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
+        if self.sock is not None and not keep_socket:
+            self.sock.close()
+        self.sock = None
+
+    def attach(self, plane: "_core.DataPlane", runner: HookRunner,
+               replaces: Optional["Listener"] = None) -> None:
+        """Serve: the data plane takes the socket up (in the same step as
+        `replaces` stops accepting on it), hook threads learn the listener,
+        watchers start."""
+        assert self.sock is not None and self._group is not None
+        cfg = self.config
+        logged = cfg.hooks.access_log is not None
+        old = replaces.handle if replaces is not None else None
+        self.handle = plane.add_listener(self.sock.fileno(), self._group, cfg,
+                                         hooks=self.hooks.flags(logged), replaces=old)
+        # From now on the handle holds the current group (a swap replaces
+        # it): holding the first here would keep a retired group alive.
+        self._group = None
+        self.runner = runner
+        runner.register(self.handle.id, ListenerHooks(
+            self.hooks, self.address, self.handle, self.access_log if logged else None,
+            cfg.hooks.max_hold, float(cfg.hooks.hook_timeout or 0.0)))
+        if replaces is not None and old is not None:
+            # The old block drains under this listener: its figures stay
+            # this listener's, its access log open until its last record.
+            self.draining = replaces.draining + [(old, replaces.access_log)]
+            self.carried = replaces.carried
+            replaces.stop_watchers()
+        self.watchers = Watchers(cfg, self.windows, self.handle, self.health_check)
+        self.watchers.start()
+
+    def stop_watchers(self) -> None:
+        if self.watchers is not None:
+            self.watchers.stop()
+            self.watchers = None
+
+    def retire(self) -> None:
+        """A reload removed this listener: no worker accepts on it from now
+        on and its socket closes (new clients are refused rather than left
+        in a backlog nobody serves); its bridges drain (reap())."""
+        self.stop_watchers()
+        if self.handle is not None:
+            self.handle.stop_accepting()
+            self.draining.append((self.handle, self.access_log))
+            self.handle = None
+            self.access_log = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def close_bridges(self) -> None:
+        """A removed listener's drain ran out: close what is left."""
+        if not self._closed_bridges:
+            self._closed_bridges = True
+            for h, _ in self.draining:
+                h.close_all(_core.CloseReason.SHUTDOWN)
+
+    @property
+    def drained(self) -> bool:
+        return self.handle is None and not self.draining
+
+    def reap(self) -> None:
+        """Frees the drained blocks (no bridge left), keeping their figures;
+        their access logs close once their last records are written."""
+        for entry in list(self.draining):
+            h, access_log = entry
+            if h.bridges:
+                continue
+            with self._lock:
+                add_figures(self.carried, h.stats())
+                self.draining.remove(entry)
+                h.free()
+            if access_log is not None:
+                if self.runner is not None:
+                    self.runner.after_records(access_log.close)
+                else:
+                    access_log.close()
+
+    def reopen_logs(self) -> None:
+        for access_log in [self.access_log] + [log_ for _, log_ in self.draining]:
+            if access_log is not None:
+                access_log.reopen()
+
+    def check_time_windows(self) -> bool:
+        if self.watchers is not None:
+            return self.watchers.check_time_windows()
+        return self.windows is None or self.windows.is_open()
+
+    def close(self) -> None:
+        """After the data plane stopped: watchers, socket, access logs."""
+        self.stop_watchers()
+        self.discard()
+        for _, access_log in self.draining:
+            if access_log is not None:
+                access_log.close()
+
+    def stats(self) -> Dict[str, Any]:
+        figures: Dict[str, Any] = {}
+        handle = self.handle
+        if handle is not None:
+            add_figures(figures, handle.stats())
+        names = set(handle.group.names) if handle is not None else None
+        with self._lock:
+            for h, _ in self.draining:
+                more = h.stats()
+                if names is not None:
+                    names.update(more["upstreams"])
+                add_figures(figures, more)
+            add_figures(figures, self.carried)
+        if names is not None:
+            # Upstreams a reload removed show while bridges to them live.
+            figures["upstreams"] = {n: v for n, v in figures["upstreams"].items() if n in names}
+        return figures
