@@ -8,4 +8,7 @@ cli      the CLI in a subprocess, and its one-line errors
 waits    bounded waits (conditions, proxy stats, Proxy.stop())
 hooks    Recorder, an on_close collector
 balance  which upstream clients reach, health checks, per-upstream stats
+traffic  verified load: VerifyingServer, StreamLoad (bridges streaming seeded
+         data both ways, every byte checked), ConnectLoop (short connections,
+         counted by outcome)
 """
