@@ -169,6 +169,8 @@ OPTIONS: Tuple[Option, ...] = (
     # ---- listener
     Option("listen", _listen, None, "where to accept clients: :PORT (every interface, IPv4 and IPv6), "
            "HOST:PORT, [IPV6]:PORT", "listener", metavar="ADDR", required=True),
+    Option("name", _optional(_text), None, "the listener's name in stats, logs and metrics; unique among "
+           "a process's listeners", "listener", metavar="NAME", shown_default="the listen address"),
     Option("notsent_lowat", parse_notsent_lowat, None,
            "TCP_NOTSENT_LOWAT on both sockets of each bridge: keep at most about SIZE unsent bytes in a "
            "socket, the rest in the proxy, so the proxy's CPU sends them; 0 turns it off",
@@ -250,8 +252,8 @@ OPTIONS: Tuple[Option, ...] = (
     # ---- hooks
     Option("hooks", _optional(_text), None, "Python hooks: FILE.py[:OBJECT] or MODULE[:OBJECT] defining "
            "on_connect, on_data, on_close", "hooks", metavar="SPEC"),
-    Option("hook_threads", _count(), 16, "threads that run on_connect and on_data hooks", "hooks",
-           scope="process", metavar="N"),
+    Option("hook_threads", _count(), 16, "threads that run on_connect and on_data hooks (shared by the "
+           "process's listeners)", "hooks", scope="process", metavar="N"),
     Option("hook_timeout", _optional(_duration), None, "close a bridge whose hook call is not answered "
            "within D (close reason HOOK_TIMEOUT) and replace the hook thread stuck in it; 0: never",
            "hooks", metavar=D, shown_default="never"),
