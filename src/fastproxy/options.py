@@ -30,7 +30,7 @@ from .values import (
     parse_size,
 )
 
-__all__ = ["Option", "OPTIONS", "SECTIONS", "COMMAND_FLAGS", "option"]
+__all__ = ["Option", "OPTIONS", "SECTIONS", "COMMAND_FLAGS", "format_duration", "format_value", "option"]
 
 Parser = Callable[[Any, str], Any]
 
@@ -51,7 +51,7 @@ SECTIONS: Dict[str, str] = {
 SCOPES = ("process", "listener")
 
 # Flags of the command itself, not options of a proxy.
-COMMAND_FLAGS = ("--log-level", "--version", "--help")
+COMMAND_FLAGS = ("--config", "--log-level", "--version", "--help")
 
 
 @dataclass(frozen=True)
@@ -93,15 +93,20 @@ def format_value(value: Any, parse: Parser) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if parse in (_duration, _positive_duration) and isinstance(value, (int, float)):
-        for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
-            if value and value % size == 0:
-                return f"{int(value // size)}{unit}"
-        return f"{int(round(value * 1000))}ms" if value else "0"
+        return format_duration(value)
     if parse is _size and isinstance(value, int):
         for unit, size in (("m", 1 << 20), ("k", 1 << 10)):
             if value and value % size == 0:
                 return f"{value // size}{unit}"
     return str(value)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds in their largest whole unit: 1h, 2m, 30s, 250ms."""
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(round(seconds * 1000))}ms" if seconds else "0"
 
 
 # ---- parsers with the arguments each option needs
