@@ -358,7 +358,9 @@ class _Reader:
         for i, config in enumerate(configs):
             name = listener_name(config)
             if name in names:
-                key = "name" if config.listener.name is not None else "listen"
-                raise self.error(f"listeners[{i}].{key}", name,
-                                 f"is also the name of listeners[{names[name]}] (names must be unique)")
+                problem = f"is also the name of listeners[{names[name]}] (names must be unique)"
+                if config.listener.name is not None:
+                    raise self.error(f"listeners[{i}].name", name, problem)
+                raise self.error(f"listeners[{i}].listen", name,
+                                 f"{problem}; a listener without a name is named by its listen address: give it a name")
             names[name] = i
