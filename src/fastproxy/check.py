@@ -71,6 +71,8 @@ def _show(o: Option, value: Any) -> str:
         text = f"{count}/{format_duration(seconds)}"
     elif o.name == "worker_cpus":
         text = ",".join(str(cpu) for cpu in value)
+    elif o.metavar == "D" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = format_duration(value)   # optional durations too, which format_value cannot tell
     elif isinstance(value, tuple):
         text = ", ".join(str(item) for item in value) or "none"
     else:
