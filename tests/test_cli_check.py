@@ -238,3 +238,11 @@ def test_help_names_config_and_check():
     rc, out, err = run_cli(["-h"])
     assert rc == 0, err
     assert "--config FILE" in out and "fastproxy [check]" in out
+
+
+def test_configuration_page_names_every_option():
+    from fastproxy.options import OPTIONS
+    with open(os.path.join(ROOT, "docs", "configuration.md"), encoding="utf-8") as f:
+        page = f.read()
+    missing = [o.name for o in OPTIONS if f"`{o.name}`" not in page]
+    assert not missing, missing
