@@ -100,6 +100,7 @@ def test_readme_names_every_flag():
 # both must end in the same Config.
 SAMPLES = {
     "listen": ("127.0.0.1:0", "127.0.0.1:0"),
+    "name": ("web", "web"),
     # Not the default (None) either way; a build without the option refuses 64k.
     "notsent_lowat": ("64k", 65536) if _core.HAVE_NOTSENT_LOWAT else ("0", 0),
     "upstreams": (["127.0.0.1:9@2", "127.0.0.1:10,backup"], ["127.0.0.1:9@2", "127.0.0.1:10,backup"]),

@@ -6,6 +6,7 @@ threads with the GIL released; this package is the control plane.
 
 from ._core import ENGINES
 from .values import ConfigError
+from .configfile import ConfigFileError, ProxyConfig
 from .hooks import CLOSE, WAIT, CloseReason, CloseRecord, Connection, Direction
 from .proxy import Proxy
 from .upstreams import Upstream
@@ -16,6 +17,8 @@ __all__ = [
     "Proxy",
     "Upstream",
     "ConfigError",
+    "ConfigFileError",
+    "ProxyConfig",
     "Connection",
     "Direction",
     "CloseReason",

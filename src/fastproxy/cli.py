@@ -1,7 +1,10 @@
-"""The `fastproxy` command: argv -> Proxy(**options).serve_forever(); the
-flags come from the option table (options.py).
+"""The `fastproxy` command: argv -> Proxy(**options).serve_forever(), or
+with --config FILE the file's listeners; `fastproxy check ...` validates the
+same arguments and prints what would run. The flags come from the option
+table (options.py).
 
-A user mistake prints one line naming the flag and the value, and exits 2.
+A user mistake prints one line naming the flag (or the file's key) and the
+value, and exits 2.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ import sys
 from typing import Any, Dict, List, NoReturn, Optional
 
 from . import __version__
+from .check import describe
+from .configfile import LOG_LEVELS, ConfigFileError, ProxyConfig, config_from_mapping, read_config
 from .options import OPTIONS, SECTIONS
 from .proxy import Proxy
 from .values import ConfigError
 
 EXIT_USAGE = 2
+USAGE = ("fastproxy [check] --listen ADDR --upstream SPEC [--upstream SPEC ...] [options]\n"
+         "       fastproxy [check] --config FILE [options]")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,17 +32,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"fastproxy: error: {message} (see fastproxy -h)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per row of the option table, grouped by section."""
+def build_parser(*, command_defaults: bool = True) -> argparse.ArgumentParser:
+    """One flag per row of the option table, grouped by section.
+    command_defaults=False leaves out the command's own defaults, so that
+    only the flags given are in the result."""
     p = _Parser(
         prog="fastproxy",
-        description="A TCP proxy that forwards at native speed (epoll + splice, no GIL).",
+        usage=USAGE,
+        description="A TCP proxy that forwards at native speed (epoll + splice, no GIL). "
+                    "`fastproxy check ...` validates the same arguments, binds nothing, prints what "
+                    "would run and exits.",
         epilog="Durations (D) accept 5, 5s, 500ms, 2m, 1h; sizes 65536, 256k, 1m. "
-               "Every option: docs/reference.md.",
+               "Every option: docs/reference.md; the config file: docs/configuration.md.",
     )
     groups = {section: p.add_argument_group(title.lower()) for section, title in SECTIONS.items()}
     for o in OPTIONS:
-        default = argparse.SUPPRESS if o.cli_default is None else o.cli_default
+        default = argparse.SUPPRESS if o.cli_default is None or not command_defaults else o.cli_default
         kw: Dict[str, Any] = {"dest": o.name, "default": default,
                               "help": f"{o.help} (default: {o.default_text()})"}
         if o.switch:
@@ -45,23 +57,86 @@ def build_parser() -> argparse.ArgumentParser:
             kw["choices"] = o.choices
             if o.repeat:
                 kw["action"] = "append"
-        groups[o.section].add_argument(o.cli_flag, required=o.required, **kw)
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+        # Required ones are checked in main(): a config file may give them.
+        groups[o.section].add_argument(o.cli_flag, **kw)
+    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                   help="run the listeners of a TOML config file (docs/configuration.md); process flags "
+                        "override its top level, listener flags its one listener")
+    p.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="(default: info)")
     p.add_argument("--version", action="version", version=f"fastproxy {__version__}")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    log_level = args.pop("log_level")
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s fastproxy %(levelname)s %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check = bool(argv) and argv[0] == "check"
+    if check:
+        argv = argv[1:]
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    path = args.pop("config", None)
+    if path is not None:
+        # Only the flags given: the file's values stand where none overrides them.
+        args = vars(build_parser(command_defaults=False).parse_args(argv))
+        del args["config"]
+    else:
+        missing = [o.cli_flag for o in OPTIONS if o.required and o.name not in args]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)}")
+    log_level: Optional[str] = args.pop("log_level")
     try:
-        Proxy(**args).serve_forever()
+        if path is None and not check:
+            _log_to_stderr(log_level or "info")
+            Proxy(**args).serve_forever()
+            return 0
+        if path is None:
+            one = ProxyConfig.from_options(**args)
+            pc = ProxyConfig(one.process, one.listeners, log_level=log_level)
+        else:
+            pc = config_from_file(path, args, log_level)
+        if check:
+            sys.stdout.write(describe(pc))
+            return 0
+        _log_to_stderr(pc.log_level or "info")
+        # Proxy.from_config comes with the listeners branch (several
+        # listeners on one process's workers).
+        Proxy.from_config(pc).serve_forever()  # type: ignore[attr-defined,unused-ignore]
     except ConfigError as exc:
-        print(f"fastproxy: error: {flag_of(exc.field)}: {exc.value!r}: {exc.problem}", file=sys.stderr)
+        print(f"fastproxy: error: {error_line(exc, from_file=path is not None)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _log_to_stderr(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s fastproxy %(levelname)s %(message)s")
+
+
+def config_from_file(path: str, flags: Dict[str, Any], log_level: Optional[str]) -> ProxyConfig:
+    """The file's ProxyConfig with the flags given over it."""
+    mapping = read_config(path)
+    # The command's own defaults (it raises the fd limit) sit under the
+    # file's values, as under the flags.
+    for o in OPTIONS:
+        if o.cli_default is not None:
+            table = mapping if o.scope == "process" else mapping.setdefault("defaults", {})
+            if isinstance(table, dict):
+                table.setdefault(o.name, o.cli_default)
+    overrides = dict(flags)
+    if log_level is not None:
+        overrides["log_level"] = log_level
+    return config_from_mapping(mapping, path, overrides=overrides)
+
+
+def error_line(exc: ConfigError, *, from_file: bool) -> str:
+    """A flag's mistake names the flag; a file's names the file and key."""
+    if isinstance(exc, ConfigFileError) or (from_file and not is_option_field(exc.field)):
+        return str(exc)
+    return f"{flag_of(exc.field)}: {exc.value!r}: {exc.problem}"
+
+
+def is_option_field(field: str) -> bool:
+    return field == "upstream" or any(o.name == field for o in OPTIONS)
 
 
 def flag_of(field: str) -> str:

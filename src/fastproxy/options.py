@@ -30,7 +30,7 @@ from .values import (
     parse_size,
 )
 
-__all__ = ["Option", "OPTIONS", "SECTIONS", "COMMAND_FLAGS", "option"]
+__all__ = ["Option", "OPTIONS", "SECTIONS", "COMMAND_FLAGS", "format_duration", "format_value", "option"]
 
 Parser = Callable[[Any, str], Any]
 
@@ -51,7 +51,7 @@ SECTIONS: Dict[str, str] = {
 SCOPES = ("process", "listener")
 
 # Flags of the command itself, not options of a proxy.
-COMMAND_FLAGS = ("--log-level", "--version", "--help")
+COMMAND_FLAGS = ("--config", "--log-level", "--version", "--help")
 
 
 @dataclass(frozen=True)
@@ -93,15 +93,20 @@ def format_value(value: Any, parse: Parser) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if parse in (_duration, _positive_duration) and isinstance(value, (int, float)):
-        for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
-            if value and value % size == 0:
-                return f"{int(value // size)}{unit}"
-        return f"{int(round(value * 1000))}ms" if value else "0"
+        return format_duration(value)
     if parse is _size and isinstance(value, int):
         for unit, size in (("m", 1 << 20), ("k", 1 << 10)):
             if value and value % size == 0:
                 return f"{value // size}{unit}"
     return str(value)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds in their largest whole unit: 1h, 2m, 30s, 250ms."""
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(round(seconds * 1000))}ms" if seconds else "0"
 
 
 # ---- parsers with the arguments each option needs
@@ -169,6 +174,8 @@ OPTIONS: Tuple[Option, ...] = (
     # ---- listener
     Option("listen", _listen, None, "where to accept clients: :PORT (every interface, IPv4 and IPv6), "
            "HOST:PORT, [IPV6]:PORT", "listener", metavar="ADDR", required=True),
+    Option("name", _optional(_text), None, "the listener's name in stats, logs and metrics; unique among "
+           "a process's listeners", "listener", metavar="NAME", shown_default="the listen address"),
     Option("notsent_lowat", parse_notsent_lowat, None,
            "TCP_NOTSENT_LOWAT on both sockets of each bridge: keep at most about SIZE unsent bytes in a "
            "socket, the rest in the proxy, so the proxy's CPU sends them; 0 turns it off",
@@ -250,8 +257,8 @@ OPTIONS: Tuple[Option, ...] = (
     # ---- hooks
     Option("hooks", _optional(_text), None, "Python hooks: FILE.py[:OBJECT] or MODULE[:OBJECT] defining "
            "on_connect, on_data, on_close", "hooks", metavar="SPEC"),
-    Option("hook_threads", _count(), 16, "threads that run on_connect and on_data hooks", "hooks",
-           scope="process", metavar="N"),
+    Option("hook_threads", _count(), 16, "threads that run on_connect and on_data hooks (shared by the "
+           "process's listeners)", "hooks", scope="process", metavar="N"),
     Option("hook_timeout", _optional(_duration), None, "close a bridge whose hook call is not answered "
            "within D (close reason HOOK_TIMEOUT) and replace the hook thread stuck in it; 0: never",
            "hooks", metavar=D, shown_default="never"),

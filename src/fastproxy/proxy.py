@@ -117,6 +117,7 @@ class Proxy:
         *,
         # Options: one keyword per row of options.OPTIONS, with its default
         # (a test holds the two together); docs/reference.md says what each does.
+        name: Optional[str] = None,
         upstreams: Optional[Sequence[Union[str, Upstream]]] = None,
         notsent_lowat: Optional[Union[int, str]] = None,
         balance: str = "roundrobin",

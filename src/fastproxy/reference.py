@@ -42,7 +42,9 @@ def reference_markdown() -> str:
         "",
         "## Command only",
         "",
-        "`--log-level {debug,info,warning,error}` (default info), `--version`, `--help`.",
+        "`--config FILE` (run the listeners of a TOML config file: docs/configuration.md),",
+        "`--log-level {debug,info,warning,error}` (default info), `--version`, `--help`;",
+        "`fastproxy check ...` validates the same arguments and prints what would run.",
         "",
     ]
     return "\n".join(out)

@@ -8,7 +8,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
-from typing import Callable, FrozenSet, Iterable, Optional, Set, Tuple, Union
+from typing import Callable, FrozenSet, Iterable, List, Optional, Set, Tuple, Union
 
 from .values import ConfigError
 
@@ -32,6 +32,23 @@ class TimeWindow:
     days: FrozenSet[int]
     start: int
     end: int
+
+    def __str__(self) -> str:
+        """The window as a user writes it: 'Mon-Fri 08:00-18:00'."""
+        runs: List[str] = []
+        day = 0
+        while day < 7:
+            if day not in self.days:
+                day += 1
+                continue
+            last = day
+            while last + 1 < 7 and last + 1 in self.days:
+                last += 1
+            name, last_name = _DAY_NAMES[day][:3].title(), _DAY_NAMES[last][:3].title()
+            runs.append(name if last == day else f"{name}-{last_name}")
+            day = last + 1
+        hours = f"{self.start // 60:02d}:{self.start % 60:02d}-{self.end // 60:02d}:{self.end % 60:02d}"
+        return hours if len(self.days) == 7 else f"{','.join(runs)} {hours}"
 
     def contains(self, weekday: int, minute: int) -> bool:
         if self.start < self.end:
