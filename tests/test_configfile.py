@@ -10,7 +10,7 @@ import pytest
 import fastproxy
 from fastproxy import ConfigError, ConfigFileError, ProxyConfig, Upstream
 from fastproxy.config import SECTION_TYPES, Config
-from fastproxy.configfile import config_from_mapping, listener_name, load_config
+from fastproxy.configfile import config_from_mapping, load_config
 from support.cli import subprocess_env
 
 ONE = """
@@ -51,7 +51,7 @@ def test_one_listener_is_the_same_config_as_the_keywords(tmp_path):
 def test_from_options_takes_one_upstream_too():
     pc = ProxyConfig.from_options("127.0.0.1:9", listen=":0", name="web")
     assert pc.listeners[0].upstream_group.upstreams == (Upstream("127.0.0.1:9"),)
-    assert listener_name(pc.listeners[0]) == "web"
+    assert pc.listeners[0].name == "web"
 
 
 def test_two_listeners_with_defaults_and_process_options(tmp_path):
@@ -91,7 +91,7 @@ max_connections = 7
     assert web.timeouts.connect_timeout == 2.0 and web.limits.max_connections == 100
     assert web.upstream_group.upstreams == (Upstream("127.0.0.1:9001"),
                                             Upstream("127.0.0.1:9002", 3, 50, True))
-    assert db.listener.name is None and listener_name(db) == "[::1]:5432"
+    assert db.listener.name is None and db.name == "[::1]:5432"
     assert db.timeouts.connect_timeout == 0.5 and db.limits.max_connections == 7
 
 
@@ -126,7 +126,7 @@ def test_listen_port_zero_may_repeat_with_names(tmp_path):
     """The kernel picks a port for each; their names tell them apart."""
     named = ONE.replace("[[listeners]]", '[[listeners]]\nname = "a"') + ONE.replace("[[listeners]]", '[[listeners]]\nname = "b"')
     pc = load_config(write(tmp_path, named))
-    assert [listener_name(c) for c in pc.listeners] == ["a", "b"]
+    assert [c.name for c in pc.listeners] == ["a", "b"]
     path, got = error_of(tmp_path, ONE + ONE)
     assert got == (f"{path}: listeners[1].listen: '127.0.0.1:0': is also the name of listeners[0] (names must be "
                    "unique); a listener without a name is named by its listen address: give it a name")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, List
 
 from .config import Config
-from .configfile import ProxyConfig, listener_name
+from .configfile import ProxyConfig
 from .options import OPTIONS, SECTIONS, Option, format_duration, format_value
 from .upstreams import Upstream
 from .values import format_address
@@ -32,7 +32,7 @@ def describe(pc: ProxyConfig) -> str:
 
 
 def _listener(config: Config) -> List[str]:
-    out = [f"listener {listener_name(config)}: listen {format_address(*config.listener.listen)}"]
+    out = [f"listener {config.name}: listen {format_address(*config.listener.listen)}"]
     group = config.upstream_group.upstreams
     out.append(f"  upstream group: {len(group)} upstream{'s' if len(group) != 1 else ''}")
     out += [f"    {_upstream(u)}" for u in group]

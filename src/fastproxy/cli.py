@@ -98,9 +98,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             sys.stdout.write(describe(pc))
             return 0
         _log_to_stderr(pc.log_level or "info")
-        # Proxy.from_config comes with the listeners branch (several
-        # listeners on one process's workers).
-        Proxy.from_config(pc).serve_forever()  # type: ignore[attr-defined,unused-ignore]
+        if path is None:
+            Proxy.from_config(pc).serve_forever()
+            return 0
+        file_path = path
+        first = iter([pc])
+
+        def source() -> ProxyConfig:
+            # The file as read above; then, at each reload (SIGHUP), read
+            # again under the same flags.
+            return next(first, None) or config_from_file(file_path, args, log_level)
+
+        Proxy.from_config(source).serve_forever()
     except ConfigError as exc:
         print(f"fastproxy: error: {error_line(exc, from_file=path is not None)}", file=sys.stderr)
         return EXIT_USAGE

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Type
 
 from .options import OPTIONS, SECTIONS
-from .values import ConfigError, default_notsent_lowat, default_workers
+from .values import ConfigError, default_notsent_lowat, default_workers, format_address
 
 __all__ = ["Config", "ConfigError", "SECTION_TYPES"]
 
@@ -83,6 +83,13 @@ class Config:
         if listener.notsent_lowat is None:
             listener = dataclasses.replace(listener, notsent_lowat=default_notsent_lowat(engine))
         return dataclasses.replace(self, process=process, limits=limits, listener=listener)
+
+    @property
+    def name(self) -> str:
+        """The listener's name: its `name` option, else its listen address
+        as configured."""
+        name: Optional[str] = self.listener.name
+        return name if name is not None else format_address(*self.listener.listen)
 
     @property
     def retry_count(self) -> int:

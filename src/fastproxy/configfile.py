@@ -33,7 +33,6 @@ __all__ = [
     "LOG_LEVELS",
     "ProxyConfig",
     "config_from_mapping",
-    "listener_name",
     "load_config",
     "read_config",
 ]
@@ -98,12 +97,6 @@ class ProxyConfig:
         --config): the same structure a config file gives."""
         config = Config.build(upstream=upstream, **options)
         return cls(process=config.process, listeners=(config,))
-
-
-def listener_name(config: Config) -> str:
-    """The listener's name: its own, or its listen address."""
-    name: Optional[str] = config.listener.name
-    return name if name is not None else format_address(*config.listener.listen)
 
 
 def load_config(path: Union[str, "os.PathLike[str]"],
@@ -338,7 +331,7 @@ class _Reader:
         logs tell listeners apart by name)."""
         def written(i: int, key: str) -> object:
             value = overrides.get(key, tables[i].get(key))
-            return value if value is not None else listener_name(configs[i])
+            return value if value is not None else configs[i].name
 
         for i, config in enumerate(configs):
             host, port = config.listener.listen
@@ -356,7 +349,7 @@ class _Reader:
                                      f":PORT is that port on every address")
         names: Dict[str, int] = {}
         for i, config in enumerate(configs):
-            name = listener_name(config)
+            name = config.name
             if name in names:
                 problem = f"is also the name of listeners[{names[name]}] (names must be unique)"
                 if config.listener.name is not None:

@@ -25,16 +25,6 @@ log = logging.getLogger(__name__)
 _HIGHS = ("peak_active", "consecutive_failures")
 
 
-def listener_name(config: Config) -> str:
-    """The listener's name: its `name` option, else its listen address as
-    configured."""
-    name = getattr(config.listener, "name", None)
-    if name:
-        return str(name)
-    host, port = config.listener.listen
-    return format_address(host, port)
-
-
 def add_figures(into: Dict[str, Any], more: Dict[str, Any]) -> None:
     """Adds `more` (a listener's or upstream's figures) into `into`: counts
     add up, highs take the larger, words (state) keep `into`'s."""
@@ -69,7 +59,7 @@ class Listener:
                  clock: Optional[Clock] = None) -> None:
         self.config = config
         self.source_config = config   # as given: what a reload compares
-        self.name = listener_name(config)
+        self.name = config.name
         self.hooks = hooks if hooks is not None else Hooks()
         if hooks is None and config.hooks.hooks is not None:
             self.hooks.load(load_hooks(config.hooks.hooks))

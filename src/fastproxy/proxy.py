@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import _core
 from .config import Config, ConfigError
+from .configfile import ProxyConfig, config_from_mapping, load_config
 from .dispatch import HookRunner
 from .hooks import Direction, Hook, Hooks
 from .listener import Listener, add_figures
@@ -66,30 +66,23 @@ def hook_slots(config: Config) -> int:
 
 
 def _load_configs(source: Any) -> List[Config]:
-    """A configuration source -> its listeners' Configs (one process
-    section, the first's, which the others must match)."""
+    """A configuration source -> its listeners' Configs: a ProxyConfig, a
+    path to a TOML file, a mapping of the same shape, one Config or a list
+    of them, or a callable returning any of these (called again by each
+    reload())."""
+    if callable(source) and not isinstance(source, Config):
+        source = source()
     if isinstance(source, Config):
-        configs = [source]
-    elif isinstance(source, (list, tuple)) and all(isinstance(c, Config) for c in source):
-        configs = list(source)
-    elif hasattr(source, "listeners") and hasattr(source, "process"):
-        configs = list(source.listeners)
-    else:
-        # The file format, only when one is used.
-        configfile: Any = importlib.import_module(".configfile", __package__)
-        if isinstance(source, (str, os.PathLike)):
-            configs = list(configfile.load_config(os.fspath(source)).listeners)
-        elif isinstance(source, Mapping):
-            configs = list(configfile.config_from_mapping(source).listeners)
-        else:
-            raise ConfigError("config", source, "expected a path, a mapping, a ProxyConfig or Configs")
-    if not configs:
-        raise ConfigError("listeners", [], "no listener configured")
-    for i, c in enumerate(configs[1:], 1):
-        if c.process != configs[0].process or c.hooks.hook_threads != configs[0].hooks.hook_threads:
-            raise ConfigError(f"listeners[{i}]", c.listener.listen,
-                              "process options (workers, engine, ...) differ from the first listener's")
-    return configs
+        source = [source]
+    if isinstance(source, (list, tuple)) and source and all(isinstance(c, Config) for c in source):
+        source = ProxyConfig(source[0].process, tuple(source))
+    elif isinstance(source, (str, os.PathLike)):
+        source = load_config(source)
+    elif isinstance(source, Mapping):
+        source = config_from_mapping(source)
+    if not isinstance(source, ProxyConfig):
+        raise ConfigError("config", source, "expected a ProxyConfig, a path, a mapping, Configs or a callable")
+    return list(source.listeners)
 
 
 def choose_engine(requested: str) -> str:
@@ -193,13 +186,14 @@ class Proxy:
     @classmethod
     def from_config(cls, source: Any, *, health_check: Optional[Callable[[str, int], bool]] = None,
                     clock: Optional[Clock] = None) -> "Proxy":
-        """A Proxy with every listener of `source`: a path to a TOML file,
-        a mapping of the same shape, or a ProxyConfig (fastproxy.configfile).
-        reload() with no argument reads a file source again."""
+        """A Proxy with every listener of `source`: a ProxyConfig, a path
+        to a TOML file (docs/configuration.md), a mapping of the same shape,
+        Configs, or a callable returning one of these. reload() with no
+        argument reads a file again, or calls the callable again."""
         configs = _load_configs(source)
         self = cls.__new__(cls)
         self._setup([Listener(c, health_check=health_check, clock=clock) for c in configs])
-        if isinstance(source, (str, os.PathLike)):
+        if callable(source) or isinstance(source, (str, os.PathLike)):
             self._rebuild = lambda: _load_configs(source)
         else:
             self._rebuild = lambda: list(configs)
