@@ -25,8 +25,9 @@ from .hooks import Direction, Hook, Hooks, load_hooks
 from .options import OPTIONS, option
 from .timewindows import Clock, TimeWindows
 from .upstreams import Upstream
-from .values import Duration, format_address
-from .sockets import adopt_socket, check_listening, fd_budget, listen_socket, resolve_upstream
+from .values import Duration, format_address, unix_path
+from .sockets import (UnixFile, adopt_socket, check_listening, fd_budget, listen_socket, listen_unix,
+                      remove_unix_file, resolve_upstream)
 from .watch import Watchers
 
 __all__ = ["Proxy"]
@@ -76,6 +77,9 @@ class Proxy:
         # (a test holds the two together); docs/reference.md says what each does.
         upstreams: Optional[Sequence[Union[str, Upstream]]] = None,
         notsent_lowat: Optional[Union[int, str]] = None,
+        unix_mode: Optional[Union[int, str]] = None,
+        unix_user: Optional[Union[int, str]] = None,
+        unix_group: Optional[Union[int, str]] = None,
         balance: str = "roundrobin",
         retries: Optional[int] = None,
         max_fails: int = 3,
@@ -129,12 +133,17 @@ class Proxy:
     ) -> None:
         given = locals()
         options = {o.name: given[o.name] for o in OPTIONS}
+        # As given, for the errors of chown at start (the table holds ids).
+        self._given_unix = {name: options[name] for name in ("unix_user", "unix_group")}
         # The application's socket: checked now, duplicated at start().
         self._app_sock = sock
         if sock is not None:
             if listen is not None:
                 raise ConfigError("sock", sock, "give either listen or sock, not both")
             options["listen"] = format_address(*check_listening(sock))
+            for name in ("unix_mode", "unix_user", "unix_group"):
+                if options[name] is not None:
+                    raise ConfigError(name, options[name], "applies to a socket file the proxy binds, not to sock")
         self.config = Config.build(upstream=upstream, **options)
         access = self.config.access
         self._windows = (TimeWindows(access.allow_time, access.time_zone, clock)
@@ -146,8 +155,9 @@ class Proxy:
         self._lock = threading.Lock()
         self._plane: Optional[_core.DataPlane] = None
         self._sock: Optional[socket.socket] = None
+        self._unix_file: Optional[UnixFile] = None
         self._threads: List[threading.Thread] = []
-        self._address: Optional[Tuple[str, int]] = None
+        self._address: Optional[Union[Tuple[str, int], str]] = None
         self._stopped = threading.Event()
         self._final_stats: Optional[Dict[str, Any]] = None
         self._hooks = Hooks()
@@ -214,9 +224,17 @@ class Proxy:
                 access_log = AccessLog(self, cfg.hooks.access_log, self._access_log_error)
             except OSError as exc:
                 raise ConfigError("access_log", cfg.hooks.access_log, exc.strerror or str(exc)) from None
+            unix_file: Optional[UnixFile] = None
             try:
-                sock = (adopt_socket(self._app_sock) if self._app_sock is not None
-                        else listen_socket(cfg.listener.listen))
+                if self._app_sock is not None:
+                    sock = adopt_socket(self._app_sock)
+                elif unix_path(cfg.listener.listen[0]) is not None:
+                    listener = cfg.listener
+                    sock, unix_file = listen_unix(
+                        listener.listen, mode=listener.unix_mode, user=listener.unix_user,
+                        group=listener.unix_group, given=self._given_unix)
+                else:
+                    sock = listen_socket(cfg.listener.listen)
             except BaseException:
                 access_log.close()
                 raise
@@ -227,7 +245,7 @@ class Proxy:
                     pool_max=pipe_pool_size(budget, workers),
                 )
             except OSError as exc:
-                sock.close()
+                self._close_listener(sock, unix_file)
                 access_log.close()
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise ConfigError(
@@ -235,15 +253,16 @@ class Proxy:
                     ) from None
                 raise
             except BaseException:
-                sock.close()
+                self._close_listener(sock, unix_file)
                 access_log.close()
                 raise
             self._sock = sock
+            self._unix_file = unix_file
             self._plane = plane
-            self._address = tuple(sock.getsockname()[:2])
+            self._address = self._bound_address(sock)
             self._stopped.clear()
             self._access_log = access_log
-            self._runner = HookRunner(plane, self._hooks, self.address,
+            self._runner = HookRunner(plane, self._hooks, self._listener_tuple(),
                                       cfg.hooks.hook_threads, access_log if logged else None, self._loop,
                                       cfg.hooks.max_hold,
                                       cfg.hooks.hook_timeout or 0.0)
@@ -259,7 +278,7 @@ class Proxy:
             self._wait_accepting(plane, workers)
         log.info(
             "listening on %s, forwarding to %s (%s), engine %s, %d worker%s, fd budget %d, max %d bridges",
-            format_address(*self.address),
+            self._address_text(),
             ", ".join(group.names),
             cfg.balancing.balance,
             cfg.process.engine,
@@ -359,8 +378,9 @@ class Proxy:
         while plane.accepting() and time.monotonic() < deadline:
             time.sleep(0.001)
         if self._sock is not None:
-            self._sock.close()
+            self._close_listener(self._sock, self._unix_file)
             self._sock = None
+            self._unix_file = None
         for t in self._threads:
             t.join()
         if self._watchers is not None:
@@ -472,11 +492,35 @@ class Proxy:
     # ---- observation
 
     @property
-    def address(self) -> Tuple[str, int]:
-        """The bound listening address (host, port); port 0 shows the real one."""
+    def address(self) -> Union[Tuple[str, int], str]:
+        """The bound listening address (host, port); port 0 shows the real one.
+        A Unix listener's is its path, a str: '/run/fp.sock', or '@name'
+        for an abstract socket."""
         if self._address is None:
             raise RuntimeError("the proxy is not started: no address yet")
         return self._address
+
+    @staticmethod
+    def _bound_address(sock: socket.socket) -> Union[Tuple[str, int], str]:
+        if sock.family == socket.AF_UNIX:
+            host, _ = check_listening(sock)
+            return host[len("unix:"):]
+        return tuple(sock.getsockname()[:2])  # type: ignore[return-value]
+
+    def _listener_tuple(self) -> Tuple[str, int]:
+        # Hooks see the listener as (host, port): a Unix one as (path, 0).
+        address = self.address
+        return (address, 0) if isinstance(address, str) else address
+
+    def _address_text(self) -> str:
+        address = self.address
+        return "unix:" + address if isinstance(address, str) else format_address(*address)
+
+    @staticmethod
+    def _close_listener(sock: socket.socket, unix_file: Optional[UnixFile]) -> None:
+        sock.close()
+        if unix_file is not None:
+            remove_unix_file(unix_file)
 
     @property
     def engine(self) -> str:
