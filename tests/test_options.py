@@ -101,6 +101,11 @@ def test_readme_names_every_flag():
 SAMPLES = {
     "listen": ("127.0.0.1:0", "127.0.0.1:0"),
     # Not the default (None) either way; a build without the option refuses 64k.
+    # The socket file's options need a unix:PATH listener, which the IP
+    # options below refuse: tests/test_unix.py.
+    "unix_mode": None,
+    "unix_user": None,
+    "unix_group": None,
     "notsent_lowat": ("64k", 65536) if _core.HAVE_NOTSENT_LOWAT else ("0", 0),
     "upstreams": (["127.0.0.1:9@2", "127.0.0.1:10,backup"], ["127.0.0.1:9@2", "127.0.0.1:10,backup"]),
     "balance": ("leastconn", "leastconn"),

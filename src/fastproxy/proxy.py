@@ -505,7 +505,8 @@ class Proxy:
         if sock.family == socket.AF_UNIX:
             host, _ = check_listening(sock)
             return host[len("unix:"):]
-        return tuple(sock.getsockname()[:2])  # type: ignore[return-value]
+        host, port = sock.getsockname()[:2]
+        return host, port
 
     def _listener_tuple(self) -> Tuple[str, int]:
         # Hooks see the listener as (host, port): a Unix one as (path, 0).
