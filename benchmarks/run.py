@@ -10,6 +10,7 @@ spends on each. See docs/benchmarks.md for the method.
 
     python benchmarks/run.py            # full run (3 interleaved reps)
     python benchmarks/run.py --quick    # smoke run, under 2 minutes
+    python benchmarks/run.py --quick --tests unixbulk   # Unix vs TCP upstream
 
 Stdlib only (matplotlib, if importable, draws the PNG), Python 3.9+, Linux
 only (epoll, /proc, sched_setaffinity). The parts are in bench/ (see
@@ -47,6 +48,7 @@ from bench.measure import Env, run_all
 from bench.procs import stop_everything
 from bench.contenders import all_contenders, pick_contenders
 from bench.report import plot, render, summarize
+from bench import unixbulk
 
 
 # ----------------------------------------------------------------- setup
@@ -229,6 +231,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def run_unixbulk(args: argparse.Namespace) -> dict:
+    """The unixbulk test: printed as a table and saved next to the other results."""
+    proxy_cpus, _ = pinning(args)
+    log("unixbulk: one stream through a Unix upstream vs a TCP upstream, and direct")
+    result = unixbulk.run(args.fastproxy_cmd, args.workers, args.duration, args.reps, proxy_cpus)
+    result["command"] = " ".join(["python"] + [shlex.quote(a) for a in sys.argv])
+    result["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
+    out = args.out or unused_path(RESULTS_DIR, "unixbulk-" + time.strftime("%Y%m%d-%H%M%S"))
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(unixbulk.render(result), end="")
+    log(f"unixbulk: {out}")
+    return result
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.report:
@@ -245,9 +262,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     tests = {t.strip() for t in args.tests.split(",") if t.strip()}
-    unknown = tests - {"bulk", "connrate", "ping", "ping1", "idle"}
+    unknown = tests - {"bulk", "connrate", "ping", "ping1", "idle", "unixbulk"}
     if unknown:
         sys.exit(f"unknown test(s) {', '.join(sorted(unknown))}")
+    if "unixbulk" in tests:
+        # fastproxy alone (no other contender has Unix upstreams here), with
+        # its own sender and sink: bench/unixbulk.py.
+        tests.discard("unixbulk")
+        run_unixbulk(args)
+        if not tests:
+            return 0
     if "bulk" in tests and not shutil.which("iperf3"):
         log("iperf3 not found: skipping the bulk tests (apt-get install iperf3)")
         tests.discard("bulk")

@@ -40,8 +40,9 @@ async def main(upstream: str, listen: str) -> None:
         loop.add_signal_handler(signum, stop.set)
     totals = Totals()
     async with Proxy(listen, upstream, on_connect=admit, on_close=totals.on_close) as proxy:
-        host, port = proxy.address
-        logging.getLogger("embedded").info("serving %s:%d", host, port)
+        address = proxy.address   # (host, port), or a path for listen="unix:PATH"
+        shown = address if isinstance(address, str) else "%s:%d" % address
+        logging.getLogger("embedded").info("serving %s", shown)
         await stop.wait()
     print(f"{totals.bridges} bridges, {totals.bytes} bytes", flush=True)
 

@@ -102,6 +102,11 @@ SAMPLES = {
     "listen": ("127.0.0.1:0", "127.0.0.1:0"),
     "name": ("web", "web"),
     # Not the default (None) either way; a build without the option refuses 64k.
+    # The socket file's options need a unix:PATH listener, which the IP
+    # options below refuse: tests/test_unix.py.
+    "unix_mode": None,
+    "unix_user": None,
+    "unix_group": None,
     "notsent_lowat": ("64k", 65536) if _core.HAVE_NOTSENT_LOWAT else ("0", 0),
     "upstreams": (["127.0.0.1:9@2", "127.0.0.1:10,backup"], ["127.0.0.1:9@2", "127.0.0.1:10,backup"]),
     "balance": ("leastconn", "leastconn"),

@@ -54,7 +54,7 @@ def test_the_duplicate_is_made_at_start_and_closed_at_stop(any_engine, echo_serv
 
 @pytest.mark.parametrize("make,problem", [
     (lambda: "127.0.0.1:0", "expected a socket.socket"),
-    (lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM), "must be a TCP socket"),
+    (lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM), "must be a stream socket"),
     (lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM), "must be bound and listening"),
 ])
 def test_bad_sockets_are_config_errors(any_engine, make, problem):

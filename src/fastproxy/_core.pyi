@@ -6,6 +6,7 @@ from typing_extensions import disjoint_base
 ENGINES: Tuple[str, ...]
 PORTABLE: bool
 HAVE_NOTSENT_LOWAT: bool
+UNIX_PATH_MAX: int
 BALANCE_ALGORITHMS: Tuple[str, ...]
 
 # cpdef enums of _core.pxd: the one definition of these numbers.

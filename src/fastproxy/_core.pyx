@@ -52,6 +52,15 @@ cdef int64_t seconds_to_ns(double seconds):
     return <int64_t>(min(seconds, MAX_SECONDS) * NS)
 
 
+cdef int listen_family(int fd) noexcept nogil:
+    # Returns: the socket's address family, or -1.
+    cdef sockaddr_storage ss
+    cdef socklen_t n = sizeof(ss)
+    if getsockname(fd, <sockaddr *>&ss, &n) < 0:
+        return -1
+    return ss.ss_family
+
+
 cdef void free_limbo(Worker *w) noexcept nogil:
     cdef Bridge *b
     while w.limbo != NULL:
@@ -334,10 +343,15 @@ cdef class DataPlane:
                 if ls.max_connections_per_ip and iptable_init(&ls.ips, max(ls.max_connections, 1024) + 1) < 0:
                     raise MemoryError()
                 ls.listen_fd = listen_fd
-                fp_set_nodelay(listen_fd)
-                ls.nodelay_inherited = FP_NODELAY_INHERITED
                 ls.notsent_lowat = config.listener.notsent_lowat
-                if ls.notsent_lowat:
+                unix_listener = listen_family(listen_fd) == AF_UNIX
+                # A Unix listener's clients take no TCP options: none to set,
+                # on it or per client ("inherited" skips the latter);
+                # upstream sockets still get theirs.
+                if not unix_listener:
+                    fp_set_nodelay(listen_fd)
+                ls.nodelay_inherited = FP_NODELAY_INHERITED or unix_listener
+                if ls.notsent_lowat and not unix_listener:
                     err = fp_set_notsent_lowat(listen_fd, ls.notsent_lowat)
                     if err < 0:
                         raise OSError(-err, f"notsent_lowat {ls.notsent_lowat}: " + strerror(-err).decode())

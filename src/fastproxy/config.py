@@ -15,9 +15,22 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Type
 
 from .options import OPTIONS, SECTIONS
-from .values import ConfigError, default_notsent_lowat, default_workers, format_address
+from .values import ConfigError, default_notsent_lowat, default_workers, format_address, unix_path
 
 __all__ = ["Config", "ConfigError", "SECTION_TYPES"]
+
+# The socket file's options, for a unix:PATH listener only.
+UNIX_FILE_OPTIONS = ("unix_mode", "unix_user", "unix_group")
+# Options that act on the client's IP, which a Unix listener's clients lack.
+IP_ONLY_OPTIONS = (
+    ("limits", "max_connections_per_ip"),
+    ("access", "allow"),
+    ("access", "deny"),
+    ("access", "allow_file"),
+    ("access", "deny_file"),
+    ("access", "rate_limit_per_ip"),
+    ("proxy_protocol", "accept_proxy_from"),
+)
 
 
 def _section_type(section: str) -> Type[Any]:
@@ -65,12 +78,32 @@ class Config:
                 raise ConfigError(field, None, "is required")
             field = "upstream" if o.name == "upstreams" and upstream is not None else o.name
             values[o.section][o.name] = value if value is None or value is o.default else o.parse(value, field)
+        cls._check_listener_kind(values, options)
         # Options that imply or complete others.
         if values["proxy_protocol"]["accept_proxy_from"]:
             values["proxy_protocol"]["accept_proxy"] = True
         if values["process"]["workers"] is None:
             values["process"]["workers"] = default_workers()
         return cls(**{section: SECTION_TYPES[section](**fields) for section, fields in values.items()})
+
+    @staticmethod
+    def _check_listener_kind(values: Dict[str, Dict[str, Any]], given: Dict[str, Any]) -> None:
+        # Options that only one kind of listener can act on: a mistake, not
+        # something to ignore quietly.
+        path = unix_path(values["listener"]["listen"][0])
+        for name in UNIX_FILE_OPTIONS:
+            if values["listener"][name] is None:
+                continue
+            if path is None:
+                raise ConfigError(name, given[name], "needs a Unix socket listener (listen=unix:PATH)")
+            if path.startswith("@"):
+                raise ConfigError(name, given[name], "does not apply to an abstract socket (unix:@NAME has no file)")
+        if path is None:
+            return
+        for section, name in IP_ONLY_OPTIONS:
+            if values[section][name]:
+                raise ConfigError(name, given[name],
+                                  "needs an IP listener: a client of a Unix socket has no IP address")
 
     def resolve(self, *, engine: str, max_connections: int) -> "Config":
         """What start() decided: the concrete engine, and the defaults that

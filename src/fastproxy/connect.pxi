@@ -5,7 +5,10 @@
 
 cdef void client_address(sockaddr_storage *peer, Bridge *b) noexcept nogil:
     # Kept as IPv6 (IPv4 mapped) so that rules and tables use one key shape.
-    b.client_v4 = addr16_from_sockaddr(peer, b.client_ip, &b.client_port) == AF_INET
+    cdef int family = addr16_from_sockaddr(peer, b.client_ip, &b.client_port)
+    b.client_v4 = family == AF_INET
+    if peer.ss_family == AF_UNIX:
+        b.client_v4 = CLIENT_UNIX
 
 
 cdef void bridge_open(Worker *w, ListenerC *ls, int fd, sockaddr_storage *peer,
@@ -274,9 +277,10 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
         fd = fp_socket(a.family)
         if fd < 0:
             return fd
-        fp_set_nodelay(fd)
-        if b.ls.notsent_lowat:
-            fp_set_notsent_lowat(fd, b.ls.notsent_lowat)
+        if a.family != AF_UNIX:   # TCP options: two failing syscalls on a Unix socket
+            fp_set_nodelay(fd)
+            if b.ls.notsent_lowat:
+                fp_set_notsent_lowat(fd, b.ls.notsent_lowat)
         r = fp_connect(fd, <sockaddr *>&a.sa, a.salen)
         if r == 0 or r == -EINPROGRESS:
             # Even an immediate success is finished by the writable event.
@@ -318,6 +322,11 @@ cdef bint bridge_send_header(Worker *w, Bridge *b) noexcept nogil:
     cdef socklen_t len = sizeof(local)
     cdef uint16_t port
     cdef int n
+    if b.client_v4 == CLIENT_UNIX:
+        # A Unix client has no address to announce: the spec's UNKNOWN
+        # (v1) or UNSPEC (v2), so the upstream uses its own connection's.
+        n = proxy_build_unknown(b.ls.send_proxy, hdr, sizeof(hdr))
+        return n > 0 and fp_send(b.ufd, <char *>hdr, <size_t>n) == n
     if not b.has_dst:
         if getsockname(b.cfd, <sockaddr *>&local, &len) < 0 or \
                 addr16_from_sockaddr(&local, b.dst_ip, &port) < 0:

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
-from .values import format_address
+from .values import format_address, unix_path, unix_sockaddr
 
 __all__ = ["HealthChecker", "tcp_check"]
 
@@ -22,9 +22,16 @@ Check = Callable[[str, int], bool]
 
 
 def tcp_check(host: str, port: int, timeout: float) -> bool:
-    """Up when a TCP connection opens within `timeout` seconds."""
+    """Up when a TCP connection opens within `timeout` seconds (for a
+    'unix:PATH' host, a connection to that socket)."""
+    path = unix_path(host)
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
+        if path is None:
+            socket.create_connection((host, port), timeout=timeout).close()
+        else:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(unix_sockaddr(path))
     except OSError:
         return False
     return True

@@ -14,9 +14,10 @@ from .accesslog import AccessLog
 from .config import Config
 from .dispatch import HookRunner, ListenerHooks
 from .hooks import Hooks, load_hooks
-from .sockets import adopt_socket, listen_socket, resolve_upstream
+from .sockets import (UnixFile, adopt_socket, check_listening, listen_socket, listen_unix, remove_unix_file,
+                      resolve_upstream)
 from .timewindows import Clock, TimeWindows
-from .values import ConfigError, format_address
+from .values import ConfigError, format_address, unix_path
 from .watch import Watchers
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,15 @@ def add_figures(into: Dict[str, Any], more: Dict[str, Any]) -> None:
             into[key] = into.get(key, 0) + value
 
 
+def bound_address(sock: socket.socket) -> Any:
+    """(host, port) of a TCP socket; a Unix one's path (a str)."""
+    if sock.family == socket.AF_UNIX:
+        host, _ = check_listening(sock)
+        return host[len("unix:"):]
+    host, port = sock.getsockname()[:2]
+    return (host, port)
+
+
 def build_group(config: Config) -> "_core.UpstreamGroup":
     upstreams = config.upstream_group.upstreams
     balancing = config.balancing
@@ -56,7 +66,7 @@ class Listener:
 
     def __init__(self, config: Config, *, hooks: Optional[Hooks] = None, sock: Optional[socket.socket] = None,
                  health_check: Optional[Callable[[str, int], bool]] = None,
-                 clock: Optional[Clock] = None) -> None:
+                 clock: Optional[Clock] = None, given_unix: Optional[Dict[str, Any]] = None) -> None:
         self.config = config
         self.source_config = config   # as given: what a reload compares
         self.name = config.name
@@ -68,7 +78,11 @@ class Listener:
                         if access.allow_time is not None else None)
         self.health_check = health_check
         self.app_sock = sock
+        # unix_user and unix_group as the user wrote them, for chown's errors.
+        self.given_unix = given_unix if given_unix is not None else {
+            "unix_user": config.listener.unix_user, "unix_group": config.listener.unix_group}
         self.sock: Optional[socket.socket] = None
+        self.unix_file: Optional[UnixFile] = None   # a socket file this listener bound
         self.address: Any = None   # bound, once prepared
         self._group: Optional["_core.UpstreamGroup"] = None   # prepared, until attached
         self.access_log: Optional[AccessLog] = None
@@ -107,22 +121,46 @@ class Listener:
             self.access_log = AccessLog(self, cfg.hooks.access_log, on_log_error)
         except OSError as exc:
             raise ConfigError("access_log", cfg.hooks.access_log, exc.strerror or str(exc)) from None
+        listener = cfg.listener
         if sock is not None:
             self.sock = sock
         elif self.app_sock is not None:
             self.sock = adopt_socket(self.app_sock)
+        elif unix_path(listener.listen[0]) is not None:
+            self.sock, self.unix_file = listen_unix(
+                listener.listen, mode=listener.unix_mode, user=listener.unix_user,
+                group=listener.unix_group, given=self.given_unix)
         else:
-            self.sock = listen_socket(cfg.listener.listen)
-        self.address = tuple(self.sock.getsockname()[:2])
+            self.sock = listen_socket(listener.listen)
+        self.address = bound_address(self.sock)
 
     def discard(self, keep_socket: bool = False) -> None:
-        """Undo prepare() of a listener that will not be attached."""
+        """Undo prepare() of a listener that will not be attached (and, at
+        stop, close what an attached one held)."""
         if self.access_log is not None:
             self.access_log.close()
             self.access_log = None
-        if self.sock is not None and not keep_socket:
-            self.sock.close()
+        if not keep_socket:
+            self.close_socket()
         self.sock = None
+
+    def close_socket(self) -> None:
+        """Close the listening socket, and remove the socket file it bound."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.unix_file is not None:
+            remove_unix_file(self.unix_file)
+            self.unix_file = None
+
+    def address_text(self) -> str:
+        address = self.address
+        return "unix:" + address if isinstance(address, str) else format_address(*address)
+
+    def hook_address(self) -> Tuple[str, int]:
+        # Hooks see the listener as (host, port): a Unix one as (path, 0).
+        address = self.address
+        return (address, 0) if isinstance(address, str) else address
 
     def attach(self, plane: "_core.DataPlane", runner: HookRunner,
                replaces: Optional["Listener"] = None) -> None:
@@ -140,7 +178,7 @@ class Listener:
         self._group = None
         self.runner = runner
         runner.register(self.handle.id, ListenerHooks(
-            self.hooks, self.address, self.handle, self.access_log if logged else None,
+            self.hooks, self.hook_address(), self.handle, self.access_log if logged else None,
             cfg.hooks.max_hold, float(cfg.hooks.hook_timeout or 0.0)))
         if replaces is not None and old is not None:
             # The old block drains under this listener: its figures stay
@@ -166,9 +204,7 @@ class Listener:
             self.draining.append((self.handle, self.access_log))
             self.handle = None
             self.access_log = None
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        self.close_socket()
 
     def close_bridges(self) -> None:
         """A removed listener's drain ran out: close what is left."""

@@ -11,6 +11,7 @@ a test holds to this table) and the code that acts on it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -166,6 +167,45 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
+def _unix_mode(value: Any, field: str) -> int:
+    # Octal text as chmod takes it ("660", "0660"); an int is taken as is (0o660).
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    elif isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}|[0-7]{4}", value.strip()):
+        mode = int(value.strip(), 8)
+    else:
+        raise ConfigError(field, value, "must be an octal mode like 660 or 0660")
+    if not 0 <= mode <= 0o7777:
+        raise ConfigError(field, value, "must be an octal mode like 660 or 0660")
+    return mode
+
+
+def _id_of(value: Any, field: str, lookup: Callable[[str], Any], what: str) -> int:
+    # A name is looked up now, so a missing user or group is a configuration
+    # error (and `--help`'s reference shows the number it became).
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    text = value.strip() if isinstance(value, str) else None
+    if not text:
+        raise ConfigError(field, value, f"must be a {what} name or a numeric id")
+    if text.isdigit():
+        return int(text)
+    try:
+        return int(getattr(lookup(text), "pw_uid" if what == "user" else "gr_gid"))
+    except KeyError:
+        raise ConfigError(field, value, f"no such {what}") from None
+
+
+def _unix_user(value: Any, field: str) -> int:
+    import pwd
+    return _id_of(value, field, pwd.getpwnam, "user")
+
+
+def _unix_group(value: Any, field: str) -> int:
+    import grp
+    return _id_of(value, field, grp.getgrnam, "group")
+
+
 ENGINE_CHOICES = ("auto", "epoll", "poll")
 
 D = "D"  # metavar of a duration: 5, 5s, 500ms, 2m, 1h
@@ -173,17 +213,27 @@ D = "D"  # metavar of a duration: 5, 5s, 500ms, 2m, 1h
 OPTIONS: Tuple[Option, ...] = (
     # ---- listener
     Option("listen", _listen, None, "where to accept clients: :PORT (every interface, IPv4 and IPv6), "
-           "HOST:PORT, [IPV6]:PORT", "listener", metavar="ADDR", required=True),
+           "HOST:PORT, [IPV6]:PORT, unix:PATH (a Unix socket file), unix:@NAME (an abstract socket, Linux)",
+           "listener", metavar="ADDR", required=True),
     Option("name", _optional(_text), None, "the listener's name in stats, logs and metrics; unique among "
            "a process's listeners", "listener", metavar="NAME", shown_default="the listen address"),
+    Option("unix_mode", _optional(_unix_mode), None, "the permissions of a unix:PATH listener's socket "
+           "file, in octal (660, 0660), set before it listens", "listener", metavar="MODE",
+           shown_default="from the umask"),
+    Option("unix_user", _optional(_unix_user), None, "the owner of a unix:PATH listener's socket file: a "
+           "user name or id (chown: usually needs root)", "listener", metavar="USER",
+           shown_default="the process's"),
+    Option("unix_group", _optional(_unix_group), None, "the group of a unix:PATH listener's socket file: "
+           "a group name or id", "listener", metavar="GROUP", shown_default="the process's"),
     Option("notsent_lowat", parse_notsent_lowat, None,
            "TCP_NOTSENT_LOWAT on both sockets of each bridge: keep at most about SIZE unsent bytes in a "
            "socket, the rest in the proxy, so the proxy's CPU sends them; 0 turns it off",
            "listener", metavar="SIZE", shown_default="1m with the epoll engine, off with poll"),
     # ---- upstream group
     Option("upstreams", parse_upstreams, None,
-           "a server to forward to: HOST:PORT[@WEIGHT][,max-connections=N][,backup]; repeat it for an "
-           "upstream group", "upstream_group", metavar="SPEC", flag="--upstream", repeat=True, required=True),
+           "a server to forward to: HOST:PORT[@WEIGHT][,max-connections=N][,backup] (HOST:PORT may "
+           "be unix:PATH or unix:@NAME); repeat it for an upstream group", "upstream_group",
+           metavar="SPEC", flag="--upstream", repeat=True, required=True),
     # ---- balancing and health
     Option("balance", _choice(*BALANCE_ALGORITHMS), "roundrobin",
            "roundrobin (weighted, smooth), leastconn, random (power of two choices), source (consistent "

@@ -113,6 +113,9 @@ class Proxy:
         name: Optional[str] = None,
         upstreams: Optional[Sequence[Union[str, Upstream]]] = None,
         notsent_lowat: Optional[Union[int, str]] = None,
+        unix_mode: Optional[Union[int, str]] = None,
+        unix_user: Optional[Union[int, str]] = None,
+        unix_group: Optional[Union[int, str]] = None,
         balance: str = "roundrobin",
         retries: Optional[int] = None,
         max_fails: int = 3,
@@ -166,15 +169,22 @@ class Proxy:
     ) -> None:
         given = locals()
         options = {o.name: given[o.name] for o in OPTIONS}
+        # As given, for the errors of chown at start (the table holds ids).
+        self._given_unix = {name: options[name] for name in ("unix_user", "unix_group")}
+        # As given, for the errors of chown at start (the table holds ids).
+        given_unix = {name: options[name] for name in ("unix_user", "unix_group")}
         # The application's socket: checked now, duplicated at start().
         if sock is not None:
             if listen is not None:
                 raise ConfigError("sock", sock, "give either listen or sock, not both")
             options["listen"] = format_address(*check_listening(sock))
+            for name in ("unix_mode", "unix_user", "unix_group"):
+                if options[name] is not None:
+                    raise ConfigError(name, options[name], "applies to a socket file the proxy binds, not to sock")
         config = Config.build(upstream=upstream, **options)
         if health_check is not None and not callable(health_check):
             raise ConfigError("health_check", health_check, "must be a callable (host, port) -> bool")
-        self._setup([Listener(config, sock=sock, health_check=health_check, clock=clock)])
+        self._setup([Listener(config, sock=sock, health_check=health_check, clock=clock, given_unix=given_unix)])
         self._rebuild: Callable[[], List[Config]] = lambda: [Config.build(upstream=upstream, **options)]
         if on_connect is not None:
             self.on_connect(on_connect)
@@ -310,7 +320,7 @@ class Proxy:
             # The first line names the process's figures too: one line
             # says it all for the common one-listener proxy.
             log.info("listening on %s%s, forwarding to %s (%s), %smax %d bridges",
-                     format_address(*lst.address),
+                     lst.address_text(),
                      "" if lst.name == format_address(*cfg.listener.listen) else f" (listener {lst.name})",
                      ", ".join(lst.group.names), cfg.balancing.balance,
                      f"engine {process.engine}, {workers} worker{'' if workers == 1 else 's'}, "
@@ -502,9 +512,7 @@ class Proxy:
         while plane.accepting() and time.monotonic() < deadline:
             time.sleep(0.001)
         for lst in self._listeners:
-            if lst.sock is not None:
-                lst.sock.close()
-                lst.sock = None
+            lst.close_socket()
         for t in self._threads:
             t.join()
         if self._reaper is not None:
@@ -618,20 +626,21 @@ class Proxy:
     # ---- observation
 
     @property
-    def address(self) -> Tuple[str, int]:
+    def address(self) -> Union[Tuple[str, int], str]:
         """The (first) listener's bound address (host, port); port 0 shows
-        the real one."""
+        the real one. A Unix listener's is its path, a str: '/run/fp.sock',
+        or '@name' for an abstract socket."""
         address = self._listeners[0].address
         if address is None:
             raise RuntimeError("the proxy is not started: no address yet")
         return address  # type: ignore[no-any-return]
 
     @property
-    def addresses(self) -> Dict[str, Tuple[str, int]]:
+    def addresses(self) -> Dict[str, Union[Tuple[str, int], str]]:
         """Every listener's bound address, by listener name."""
         if self._listeners[0].address is None:
             raise RuntimeError("the proxy is not started: no address yet")
-        return {lst.name: tuple(lst.address or ()) for lst in self._listeners}
+        return {lst.name: lst.address for lst in self._listeners}
 
     @property
     def engine(self) -> str:

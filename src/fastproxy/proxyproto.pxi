@@ -287,6 +287,27 @@ cdef int proxy_build(int version, const uint8_t *src16, int src_port,
     return -1
 
 
+cdef int proxy_build_unknown(int version, uint8_t *out, size_t cap) noexcept nogil:
+    # For a connection whose source the proxy cannot name (a Unix client):
+    # v1 "PROXY UNKNOWN", v2 the PROXY command with family UNSPEC and no
+    # address block. Either tells the receiver to use the real endpoints.
+    # Returns: bytes written; -1 for another version or cap too small.
+    if version == 1:
+        if cap < 15:
+            return -1
+        memcpy(out, b"PROXY UNKNOWN\r\n", 15)
+        return 15
+    if version == 2:
+        if cap < PROXY_V2_FIXED:
+            return -1
+        memcpy(out, PROXY_V2_SIG, 12)
+        out[12] = 0x21                  # version 2, PROXY
+        out[13] = 0x00                  # UNSPEC
+        store_be16(out + 14, 0)
+        return <int>PROXY_V2_FIXED
+    return -1
+
+
 def parse_proxy_header(data, size_t max_v2=1024):
     """Parse a PROXY header at the start of `data` (bytes-like).
 

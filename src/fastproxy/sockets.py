@@ -4,10 +4,12 @@ the listening socket, resolved upstream addresses, the fd budget."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
-from typing import List, Tuple
+import stat
+from typing import Dict, List, Optional, Tuple
 
-from .values import Address, ConfigError, format_address
+from .values import UNIX_PREFIX, Address, ConfigError, format_address, unix_path, unix_sockaddr
 
 try:
     import resource
@@ -33,8 +35,12 @@ def fd_budget(raise_limit: bool) -> int:
 
 
 def resolve_upstream(addr: Address, field: str = "upstream") -> List[Tuple[int, tuple]]:
-    """All addresses of one upstream, in getaddrinfo's order (tried in turn)."""
+    """All addresses of one upstream, in getaddrinfo's order (tried in turn);
+    a Unix one is its single (AF_UNIX, (path,)), resolved by nothing."""
     host, port = addr
+    path = unix_path(host)
+    if path is not None:
+        return [(socket.AF_UNIX, (unix_sockaddr(path),))]
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:
@@ -86,8 +92,108 @@ def _bind(sock: socket.socket, sockaddr: tuple, shown: str) -> None:
         raise ConfigError("listen", shown, reason) from None
 
 
+# What identifies the file a Unix listener bound: its path (absolute, so a
+# later chdir does not matter), device and inode. At stop the proxy removes
+# the file only if it is still that one: another process may have replaced it.
+UnixFile = Tuple[str, int, int]
+
+
+def _clear_stale_socket(path: str, shown: str) -> None:
+    # A socket file outlives the process that bound it. One nobody listens
+    # on refuses connections: it is stale and replaced. One that accepts (or
+    # whose backlog is full: EAGAIN) belongs to a live process.
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError("listen", shown, exc.strerror or str(exc)) from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError("listen", shown, "the path exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        err = probe.connect_ex(path)
+    finally:
+        probe.close()
+    if err == errno.ECONNREFUSED:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigError("listen", shown, f"a stale socket file cannot be removed "
+                                               f"({exc.strerror or exc})") from None
+        return
+    if err in (0, errno.EAGAIN, errno.EINPROGRESS):
+        raise ConfigError("listen", shown, "address already in use (a process is listening on it)")
+    raise ConfigError("listen", shown, os.strerror(err))
+
+
+def _set_owner(path: str, mode: Optional[int], user: Optional[int], group: Optional[int],
+               given: Dict[str, object]) -> None:
+    if mode is not None:
+        os.chmod(path, mode)
+    for name, uid, gid in (("unix_user", user, -1), ("unix_group", -1, group)):
+        if uid is None or gid is None:
+            continue
+        try:
+            os.chown(path, uid, gid)
+        except OSError as exc:
+            raise ConfigError(name, given[name], f"chown not permitted ({exc.strerror or exc})") from None
+
+
+def listen_unix(addr: Address, *, mode: Optional[int] = None, user: Optional[int] = None,
+                group: Optional[int] = None,
+                given: Optional[Dict[str, object]] = None) -> Tuple[socket.socket, Optional[UnixFile]]:
+    """A bound, listening, non-blocking Unix socket for ('unix:PATH', 0),
+    with its file's mode and owner set before it listens (no client can
+    connect before), and the file's identity (None for an abstract name)."""
+    host = addr[0]
+    path = unix_path(host)
+    assert path is not None
+    abstract = path.startswith("@")
+    if not abstract:
+        _clear_stale_socket(path, host)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    made: Optional[UnixFile] = None
+    try:
+        try:
+            sock.bind(unix_sockaddr(path))
+        except OSError as exc:
+            reason = {
+                errno.EADDRINUSE: "address already in use",
+                errno.ENOENT: "its directory does not exist",
+                errno.EACCES: "permission denied",
+            }.get(exc.errno or 0, exc.strerror or str(exc))
+            raise ConfigError("listen", host, reason) from None
+        if not abstract:
+            st = os.stat(path)
+            made = (os.path.abspath(path), st.st_dev, st.st_ino)
+            _set_owner(path, mode, user, group, given or {})
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        if made is not None:
+            remove_unix_file(made)
+        raise
+    return sock, made
+
+
+def remove_unix_file(made: UnixFile) -> None:
+    """Removes the socket file a listener bound, if it is still that file."""
+    path, dev, ino = made
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def listen_socket(addr: Address) -> socket.socket:
-    """A bound, listening, non-blocking socket for `addr` ('' = every interface)."""
+    """A bound, listening, non-blocking TCP socket for `addr` ('' = every interface)."""
     host, port = addr
     shown = format_address(host, port)
     if not host:
@@ -111,25 +217,32 @@ def listen_socket(addr: Address) -> socket.socket:
 
 def check_listening(sock: object, field: str = "sock") -> Address:
     """The address of an application's socket, once it is known to be a
-    bound, listening TCP socket."""
+    bound, listening TCP or Unix stream socket (a Unix one as ('unix:PATH', 0))."""
     if not isinstance(sock, socket.socket):
         raise ConfigError(field, sock, "expected a socket.socket")
     if sock.fileno() < 0:
         raise ConfigError(field, sock, "is closed")
-    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
-        raise ConfigError(field, sock, "must be a TCP socket (AF_INET or AF_INET6, SOCK_STREAM)")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX) or sock.type != socket.SOCK_STREAM:
+        raise ConfigError(field, sock, "must be a stream socket (AF_INET, AF_INET6 or AF_UNIX, SOCK_STREAM)")
     try:
         listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     except OSError:  # pragma: no cover - platforms without SO_ACCEPTCONN
         listening = 1
     if not listening:
         raise ConfigError(field, sock, "must be bound and listening (call listen() first)")
+    if sock.family == socket.AF_UNIX:
+        name = sock.getsockname()
+        if isinstance(name, bytes):   # an abstract name, NUL first
+            name = "@" + os.fsdecode(name[1:])
+        if not name:
+            raise ConfigError(field, sock, "must be bound and listening (call listen() first)")
+        return UNIX_PREFIX + name, 0
     host, port = sock.getsockname()[:2]
     return host, port
 
 
 def adopt_socket(sock: socket.socket, field: str = "sock") -> socket.socket:
-    """A duplicate of an application's bound, listening TCP socket (systemd
+    """A duplicate of an application's bound, listening TCP or Unix socket (systemd
     socket activation, tests, privilege separation). The proxy closes its
     duplicate at stop; the application keeps and closes its own. The
     duplicate shares the socket's file status, so the application's socket

@@ -1,7 +1,8 @@
 """Upstream groups as users give them: each upstream's address, weight,
 connection limit and backup flag, and the balancing algorithm's name.
 
-CLI form: HOST:PORT[@WEIGHT][,max-connections=N][,backup]. Mistakes are
+CLI form: HOST:PORT[@WEIGHT][,max-connections=N][,backup], where HOST:PORT
+may be unix:PATH or unix:@NAME (a Unix socket; its path cannot hold ','). Mistakes are
 ConfigErrors naming the field and the value in one line, as in config.py.
 """
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Tuple, Union
 
 from ._core import BALANCE_ALGORITHMS
-from .values import ConfigError, format_address, parse_address, parse_count
+from .values import UNIX_PREFIX, ConfigError, format_address, parse_address, parse_count
 
 __all__ = [
     "ALGORITHMS",
@@ -43,7 +44,8 @@ def _whole(value: object, low: int, high: Optional[int], what: str, fld: str, sh
 class Upstream:
     """One upstream server of a group.
 
-    address: "HOST:PORT" or "[IPV6]:PORT". weight: 0-256, 0 drains it (no
+    address: "HOST:PORT", "[IPV6]:PORT", "unix:PATH" or "unix:@NAME" (host is
+    then the address and port 0). weight: 0-256, 0 drains it (no
     new clients; live bridges go on). max_connections: None for no limit.
     backup: receives clients only when no regular upstream is available.
     """
@@ -79,6 +81,12 @@ def parse_upstream(spec: Union[str, Upstream], fld: str = "upstream") -> Upstrea
     head, *options = [part.strip() for part in spec.split(",")]
     # '@' is in no host name or IPv6 address: it can only start the weight.
     address, at, weight = head.partition("@")
+    if head.startswith(UNIX_PREFIX):
+        # A socket path may hold '@' (and 'unix:@' starts an abstract
+        # name): only a last '@' followed by digits is a weight.
+        address, at, weight = head.rpartition("@")
+        if not at or address == UNIX_PREFIX or not weight.isdigit():
+            address, at, weight = head, "", ""
     if at and not weight:
         raise ConfigError(fld, spec, "'@' needs a weight after it (0-256)")
     max_connections: Optional[str] = None

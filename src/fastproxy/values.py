@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import List, Optional, Sequence, Set, Tuple, Union
 
 from . import _core
@@ -22,7 +23,10 @@ __all__ = [
     "parse_duration",
     "parse_address",
     "parse_size",
+    "parse_unix",
     "format_address",
+    "unix_path",
+    "unix_sockaddr",
 ]
 
 Duration = Union[int, float, str]
@@ -81,14 +85,50 @@ def parse_size(value: object, field: str, *, low: int = 0, high: int = 1 << 30) 
     return size
 
 
+UNIX_PREFIX = "unix:"
+
+
+def unix_path(host: str) -> Optional[str]:
+    """The socket path of a Unix address's host ('unix:/run/x.sock' ->
+    '/run/x.sock', 'unix:@name' -> '@name'), None for an IP host."""
+    return host[len(UNIX_PREFIX):] if host.startswith(UNIX_PREFIX) else None
+
+
+def unix_sockaddr(path: str) -> str:
+    """What socket.bind/connect take for a path: '@name' is the abstract
+    name, a leading NUL on Linux."""
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
+def parse_unix(value: str, field: str) -> Address:
+    """'unix:/path' or 'unix:@name' -> ('unix:/path', 0): a Unix address is
+    its text as host with port 0, so that it goes wherever (host, port) does."""
+    path = value.strip()[len(UNIX_PREFIX):]
+    if not path or path == "@":
+        raise ConfigError(field, value, "needs a path after unix: (unix:/PATH or unix:@NAME)")
+    if "\0" in path:
+        raise ConfigError(field, value, "a Unix socket path cannot contain NUL")
+    if path.startswith("@") and not sys.platform.startswith("linux"):
+        raise ConfigError(field, value, "abstract Unix socket names (unix:@NAME) are Linux only")
+    size = len(os.fsencode(path[1:] if path.startswith("@") else path))
+    if size > _core.UNIX_PATH_MAX:
+        raise ConfigError(field, value, f"is {size} bytes long: a Unix socket path has at most "
+                                        f"{_core.UNIX_PATH_MAX}")
+    return UNIX_PREFIX + path, 0
+
+
 def parse_address(value: str, field: str, *, listen: bool = False) -> Address:
-    """'host:port', '[v6]:port' or, to listen, ':port' -> (host, port).
+    """'host:port', '[v6]:port', 'unix:/path', 'unix:@name' or, to listen,
+    ':port' -> (host, port).
 
     The host of ':port' is '' (every interface). Port 0 is only for
-    listening (the kernel picks a free one)."""
+    listening (the kernel picks a free one); a Unix address is
+    ('unix:PATH', 0) (parse_unix)."""
     if not isinstance(value, str):
         raise ConfigError(field, value, "expected a string like HOST:PORT")
     text = value.strip()
+    if text.startswith(UNIX_PREFIX):
+        return parse_unix(text, field)
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":") or ":" not in host:
@@ -112,6 +152,8 @@ def parse_address(value: str, field: str, *, listen: bool = False) -> Address:
 
 
 def format_address(host: str, port: int) -> str:
+    if host.startswith(UNIX_PREFIX):
+        return host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

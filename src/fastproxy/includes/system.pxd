@@ -30,8 +30,13 @@ cdef extern from "compat.h" nogil:
         uint32_t sin6_flowinfo
         in6_addr sin6_addr
         uint32_t sin6_scope_id
+    # macOS puts sun_len first and has a shorter sun_path: only the named
+    # fields are used, and sizeof(sun_path) gives each platform's limit.
+    struct sockaddr_un:
+        unsigned short sun_family
+        char sun_path[108]
 
-    int AF_INET, AF_INET6
+    int AF_INET, AF_INET6, AF_UNIX
     int SHUT_WR
     int EAGAIN, EINTR, EINPROGRESS, EMFILE, ENFILE, ENOBUFS, ENOMEM
     int ECONNRESET, EPIPE, ENOSYS, EINVAL, ECONNREFUSED, ETIMEDOUT, EMSGSIZE
