@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from . import _core
+from . import _core, activation
 from .config import Config, ConfigError
 from .accesslog import AccessLog
 from .dispatch import HookRunner
@@ -27,6 +27,7 @@ from .timewindows import Clock, TimeWindows
 from .upstreams import Upstream
 from .values import Duration, format_address
 from .sockets import adopt_socket, check_listening, fd_budget, listen_socket, resolve_upstream
+from .takeover import Handover, TakeoverServer, take_over
 from .watch import Watchers
 
 __all__ = ["Proxy"]
@@ -119,6 +120,7 @@ class Proxy:
         busy_poll: Duration = 0.0,
         fd_limit: str = "keep",
         worker_cpus: Optional[Union[str, Sequence[int]]] = None,
+        takeover: Optional[str] = None,
         # Python only: objects and callables have no flag.
         sock: Optional[socket.socket] = None,
         health_check: Optional[Callable[[str, int], bool]] = None,
@@ -155,6 +157,9 @@ class Proxy:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._serve_waiter: Optional[Tuple[asyncio.AbstractEventLoop, asyncio.Event]] = None
         self._access_log: Optional[AccessLog] = None
+        self._listen_text = listen if isinstance(listen, str) else None
+        self._takeover_server: Optional[TakeoverServer] = None
+        self._handover: Optional[Handover] = None
         if self.config.hooks.hooks is not None:
             self._hooks.load(load_hooks(self.config.hooks.hooks))
         if on_connect is not None:
@@ -215,10 +220,10 @@ class Proxy:
             except OSError as exc:
                 raise ConfigError("access_log", cfg.hooks.access_log, exc.strerror or str(exc)) from None
             try:
-                sock = (adopt_socket(self._app_sock) if self._app_sock is not None
-                        else listen_socket(cfg.listener.listen))
+                sock = self._listening_socket(cfg)
             except BaseException:
                 access_log.close()
+                self._abort_takeover()
                 raise
             try:
                 plane = _core.DataPlane(
@@ -229,6 +234,7 @@ class Proxy:
             except OSError as exc:
                 sock.close()
                 access_log.close()
+                self._abort_takeover()
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise ConfigError(
                         "workers", workers, f"too many for the fd budget of {budget} ({exc.strerror})"
@@ -237,6 +243,7 @@ class Proxy:
             except BaseException:
                 sock.close()
                 access_log.close()
+                self._abort_takeover()
                 raise
             self._sock = sock
             self._plane = plane
@@ -256,7 +263,12 @@ class Proxy:
             ]
             for t in self._threads:
                 t.start()
-            self._wait_accepting(plane, workers)
+            try:
+                self._wait_accepting(plane, workers)
+            except BaseException:
+                self._abort_takeover()
+                raise
+            self._finish_takeover()
         log.info(
             "listening on %s, forwarding to %s (%s), engine %s, %d worker%s, fd budget %d, max %d bridges",
             format_address(*self.address),
@@ -269,6 +281,60 @@ class Proxy:
             cfg.limits.max_connections,
         )
         return self
+
+    # ---- takeover and socket activation (takeover.py, activation.py)
+
+    def _listener_name(self) -> str:
+        # The name another process's listener is matched by: the listen
+        # text as given, until listeners have names of their own.
+        name = getattr(self.config.listener, "name", None) or self._listen_text
+        return str(name) if name else format_address(*self.config.listener.listen)
+
+    def _listening_socket(self, cfg: Config) -> socket.socket:
+        """The application's socket; else one taken over from the process
+        serving at the takeover path; else one systemd passed; else a new one."""
+        path = cfg.process.takeover
+        if path is not None and self._takeover_server is None:
+            server = TakeoverServer(path, self._takeover_sockets, self._handed_over)
+            server.bind()
+            self._takeover_server = server
+            self._handover = take_over(path)
+            if self._handover is None:
+                server.publish(replace=False)
+        if self._app_sock is not None:
+            return adopt_socket(self._app_sock)
+        name, address = self._listener_name(), cfg.listener.listen
+        sock = self._handover.take(name, address) if self._handover is not None else None
+        if sock is None:
+            sock = activation.take(name, address)
+        if sock is None:
+            return listen_socket(address)
+        check_listening(sock, "listen")
+        return sock
+
+    def _finish_takeover(self) -> None:
+        # Our workers accept on the shared sockets: only now may the old
+        # process stop accepting, so no client in a backlog is left behind.
+        handover, self._handover = self._handover, None
+        if handover is not None and self._takeover_server is not None:
+            self._takeover_server.publish(replace=True)
+            handover.ready()
+
+    def _abort_takeover(self) -> None:
+        handover, self._handover = self._handover, None
+        if handover is not None:
+            handover.abort()
+        server, self._takeover_server = self._takeover_server, None
+        if server is not None:
+            server.close()
+
+    def _takeover_sockets(self) -> Dict[str, socket.socket]:
+        sock = self._sock
+        return {self._listener_name(): sock} if sock is not None and self._plane is not None else {}
+
+    def _handed_over(self) -> None:
+        # On the takeover thread, which must not wait for the drain.
+        threading.Thread(target=self.stop, name="fastproxy-handover", daemon=True).start()
 
     def reopen_logs(self) -> None:
         """Reopen the access log file at its path (after a log rotator moved
@@ -325,6 +391,9 @@ class Proxy:
         if self._in_hook():
             threading.Thread(target=self.stop, args=(timeout,), name="fastproxy-stop").start()
             return
+        server, self._takeover_server = self._takeover_server, None
+        if server is not None:
+            server.close()
         with self._lock:
             plane = self._plane
             if plane is None:
@@ -389,8 +458,10 @@ class Proxy:
                 pass   # the loop is closed: nobody waits
 
     def serve_forever(self) -> None:
-        """start(), then wait until stop() or, from the main thread, SIGINT
-        or SIGTERM (a second signal shortens the drain to nothing)."""
+        """start(), then wait until stop() or, from the main thread, SIGINT,
+        SIGTERM or SIGQUIT (a second one shortens the drain to nothing).
+        From the main thread SIGUSR1 also reopens the access log and SIGHUP
+        reloads (docs/operations.md)."""
         signals_seen: List[int] = []
         # Handlers go in before start(): a signal that arrives while the
         # workers start must stop the proxy, not raise KeyboardInterrupt.
@@ -417,7 +488,34 @@ class Proxy:
             if self._plane is not None:
                 self._on_signal(signals_seen)
 
-        return [(signum, signal.signal(signum, on_signal)) for signum in (signal.SIGINT, signal.SIGTERM)]
+        def on_control_signal(signum: int, frame: Any) -> None:
+            # Reopening a file or reloading may block: not in the handler.
+            threading.Thread(target=self._on_control_signal, args=(signum,),
+                             name="fastproxy-signal", daemon=True).start()
+
+        restore: List[Tuple[int, Any]] = []
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+            restore.append((signum, signal.signal(signum, on_signal)))
+        for signum in (signal.SIGHUP, signal.SIGUSR1):
+            restore.append((signum, signal.signal(signum, on_control_signal)))
+        return restore
+
+    def _on_control_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGUSR1:
+            log.info("%s: reopening the access log", name)
+            self.reopen_logs()
+            return
+        log.info("%s: reloading", name)
+        # Proxy.reload() comes with named listeners; until then, say so.
+        reload: Optional[Callable[[], Any]] = getattr(self, "reload", None)
+        if reload is None:
+            log.warning("reload is not available")
+            return
+        try:
+            reload()
+        except Exception as exc:   # a bad new configuration: keep serving the old one
+            log.error("reload failed, still serving the previous configuration: %s", exc)
 
     def _on_signal(self, signals_seen: List[int]) -> None:
         # stop() blocks while bridges drain: run it off the signal handler.
