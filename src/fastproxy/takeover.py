@@ -168,6 +168,7 @@ class TakeoverServer:
         self.handed_over = False
 
     def bind(self) -> None:
+        _check_socket_file(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             _unlink_quietly(self._tmp)
@@ -326,15 +327,25 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _check_not_live(path: str) -> None:
-    """A live endpoint at `path` is an error; a stale socket file is fine
-    (the rename replaces it); anything else there is not ours to replace."""
+def _check_socket_file(path: str) -> bool:
+    """Whether a socket file is at `path`; anything else there is not ours
+    to replace."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return False
+    except OSError as exc:
+        raise ConfigError(FIELD, path, exc.strerror or str(exc)) from None
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(FIELD, path, "exists and is not a socket")
+    return True
+
+
+def _check_not_live(path: str) -> None:
+    """A live endpoint at `path` is an error; a stale socket file is fine
+    (the rename replaces it)."""
+    if not _check_socket_file(path):
+        return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(2.0)
@@ -401,6 +412,7 @@ def take_over(path: str, timeout: float = 10.0) -> Optional[Handover]:
     """The listening sockets of the process serving takeovers at `path`;
     None when none does (no file, or a stale one): start fresh."""
     check_path(path)
+    _check_socket_file(path)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(timeout)
     try:
