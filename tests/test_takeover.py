@@ -323,3 +323,21 @@ def test_server_api_live_endpoint_is_an_error_and_close_keeps_a_newer_one(sock_d
         third.close()
         assert not os.path.exists(path)
         sock.close()
+
+
+def test_in_process_proxies_hand_over(make_proxy_any, echo_server, sock_dir):
+    """The same through the API: Proxy(takeover=PATH).start() takes the
+    running Proxy's socket, and that one stops by itself."""
+    path = os.path.join(sock_dir, "api.sock")
+    first = make_proxy_any(echo_server.addr, takeover=path)
+    live = connect(first.address)
+    live.sendall(b"old")
+    assert recv_exact(live, 3) == b"old"
+    second = make_proxy_any(echo_server.addr, takeover=path)
+    assert second.address == first.address
+    assert echo_roundtrip(second.address, b"second") == b"second"
+    live.sendall(b"still")
+    assert recv_exact(live, 5) == b"still"
+    live.close()
+    assert wait_for(lambda: first._plane is None, 10), "the first proxy did not stop after the handover"
+    assert first.stats()["accepted"] >= 1

@@ -317,7 +317,12 @@ class Proxy:
         # process stop accepting, so no client in a backlog is left behind.
         handover, self._handover = self._handover, None
         if handover is not None and self._takeover_server is not None:
-            self._takeover_server.publish(replace=True)
+            try:
+                self._takeover_server.publish(replace=True)
+            except OSError as exc:
+                # Serving matters more than the next upgrade: go on.
+                log.error("takeover endpoint %s not created (%s): the next process cannot take over",
+                          self._takeover_server.path, exc.strerror or exc)
             handover.ready()
 
     def _abort_takeover(self) -> None:

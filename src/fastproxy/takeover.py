@@ -268,8 +268,8 @@ class TakeoverServer:
                 raise
             sockets = {name: s for name, s in self._get_sockets().items() if s.fileno() >= 0}
             if not sockets:
-                _send_error(conn, "this process is stopping: nothing to hand over")
-                log.warning("takeover by process %s refused: this process is stopping", peer)
+                _send_error(conn, "this process is not serving (starting or stopping): nothing to hand over")
+                log.warning("takeover by process %s refused: this process is not serving", peer)
                 return False
             if len(sockets) > MAX_FDS:
                 _send_error(conn, f"more than {MAX_FDS} listeners")
