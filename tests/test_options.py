@@ -152,6 +152,7 @@ SAMPLES = {
     "busy_poll": ("10ms", 0.01),
     "fd_limit": ("raise", "raise"),
     "worker_cpus": None,  # depends on this machine's CPUs: tests/test_worker_cpus.py
+    "takeover": ("/run/fastproxy/takeover.sock", "/run/fastproxy/takeover.sock"),
 }
 
 

@@ -5,6 +5,7 @@ threads with the GIL released; this package is the control plane.
 """
 
 from ._core import ENGINES
+from .config import Config
 from .values import ConfigError
 from .configfile import ConfigFileError, ProxyConfig
 from .hooks import CLOSE, WAIT, CloseReason, CloseRecord, Connection, Direction
@@ -16,6 +17,7 @@ from ._version import __version__
 __all__ = [
     "Proxy",
     "Upstream",
+    "Config",
     "ConfigError",
     "ConfigFileError",
     "ProxyConfig",

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from ._core import BALANCE_ALGORITHMS
 from .acl import parse_cidrs, parse_rule_files
 from .ratelimit import parse_rate
+from .takeover import check_path
 from .timewindows import parse_time_windows, parse_time_zone
 from .upstreams import parse_upstreams
 from .values import (
@@ -330,6 +331,10 @@ OPTIONS: Tuple[Option, ...] = (
            "process", scope="process", choices=("raise", "keep"), cli_default="raise"),
     Option("worker_cpus", parse_cpus, None, "pin worker i to the i-th CPU of LIST, e.g. 0,2-3 (round robin "
            "past its end)", "process", scope="process", metavar="LIST", shown_default="not pinned"),
+    Option("takeover", _optional(check_path), None, "zero-downtime restarts: at start, take the listening "
+           "sockets of the process serving at this Unix socket PATH (it then drains and exits), and serve "
+           "them there to the next one (docs/operations.md)", "process", scope="process", metavar="PATH",
+           shown_default="off"),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from . import _core
+from . import _core, activation
 from .config import Config, ConfigError
 from .configfile import ProxyConfig, config_from_mapping, load_config
 from .dispatch import HookRunner
@@ -30,6 +30,7 @@ from .timewindows import Clock
 from .upstreams import Upstream
 from .values import Duration, format_address
 from .sockets import check_listening, fd_budget
+from .takeover import Handover, TakeoverServer, take_over
 
 __all__ = ["Proxy"]
 
@@ -159,6 +160,7 @@ class Proxy:
         busy_poll: Duration = 0.0,
         fd_limit: str = "keep",
         worker_cpus: Optional[Union[str, Sequence[int]]] = None,
+        takeover: Optional[str] = None,
         # Python only: objects and callables have no flag.
         sock: Optional[socket.socket] = None,
         health_check: Optional[Callable[[str, int], bool]] = None,
@@ -229,6 +231,8 @@ class Proxy:
         self._removed: List[Tuple[Listener, float]] = []
         self._reaper: Optional[threading.Thread] = None
         self._reap_stop = threading.Event()
+        self._takeover_server: Optional[TakeoverServer] = None
+        self._handover: Optional[Handover] = None
 
     @property
     def _hooks(self) -> Hooks:
@@ -278,9 +282,10 @@ class Proxy:
             engine = choose_engine(process.engine)
             prepared: List[Listener] = []
             try:
+                self._begin_takeover(process.takeover)
                 for lst in self._listeners:
                     lst.prepare(engine=engine, max_connections=default_max_connections(budget),
-                                on_log_error=self._access_log_error)
+                                on_log_error=self._access_log_error, sock=self._inherited_socket(lst))
                     prepared.append(lst)
                 self.config = self._listeners[0].config
                 workers = self.config.process.workers
@@ -300,6 +305,7 @@ class Proxy:
                 for lst in prepared:
                     lst.stop_watchers()
                     lst.discard()
+                self._abort_takeover()
                 raise
             self._plane = plane
             self._stopped.clear()
@@ -311,7 +317,12 @@ class Proxy:
             ]
             for t in self._threads:
                 t.start()
-            self._wait_accepting(plane, workers)
+            try:
+                self._wait_accepting(plane, workers)
+            except BaseException:
+                self._abort_takeover()
+                raise
+            self._finish_takeover()
             self._reaper = threading.Thread(target=self._reap, name="fastproxy-reaper", daemon=True)
             self._reaper.start()
         process = self.config.process
@@ -365,13 +376,23 @@ class Proxy:
                 raise ConfigError(name, after, f"cannot change on reload (running with {before!r}): restart")
 
     def _apply(self, plane: "_core.DataPlane", runner: HookRunner, configs: List[Config]) -> None:
-        old_by_listen = {lst.listen: lst for lst in self._listeners}
+        # A listener is the same one when its address is: as configured,
+        # or as bound (127.0.0.1:0 then 127.0.0.1:PORT it got).
+        unmatched = list(self._listeners)
+
+        def same_address(cfg: Config) -> Optional[Listener]:
+            for lst in unmatched:
+                if cfg.listener.listen in (lst.listen, lst.address):
+                    unmatched.remove(lst)
+                    return lst
+            return None
+
         engine = self.config.process.engine
         kept: List[Listener] = []
         fresh: List[Tuple[Listener, Optional[Listener]]] = []
         try:
             for cfg in configs:
-                old = old_by_listen.pop(cfg.listener.listen, None)
+                old = same_address(cfg)
                 if old is not None and old.source_config == cfg:
                     kept.append(old)
                     fresh.append((old, None))
@@ -396,13 +417,13 @@ class Proxy:
                 lst.attach(plane, runner, replaces=old)
             listeners.append(lst)
         deadline_of = time.monotonic()
-        for old in old_by_listen.values():
+        for old in unmatched:
             old.retire()
             self._removed.append((old, deadline_of + old.config.timeouts.drain_timeout))
         self._listeners = listeners
         self.config = listeners[0].config
         log.info("reloaded: %d listener%s (%d new or changed, %d removed)", len(listeners),
-                 "" if len(listeners) == 1 else "s", len(fresh) - len(kept), len(old_by_listen))
+                 "" if len(listeners) == 1 else "s", len(fresh) - len(kept), len(unmatched))
 
     def _reap(self) -> None:
         # Frees the blocks of replaced listeners once their bridges ended,
@@ -423,6 +444,64 @@ class Proxy:
                         self._removed.remove((lst, deadline))
             finally:
                 self._lock.release()
+
+    # ---- takeover and socket activation (takeover.py, activation.py)
+
+    def _begin_takeover(self, path: Optional[str]) -> None:
+        # Claims the endpoint path first (a live one is an error), then asks
+        # the process serving there, if any, for its listening sockets.
+        if path is None or self._takeover_server is not None:
+            return
+        server = TakeoverServer(path, self._takeover_sockets, self._handed_over)
+        server.bind()
+        self._takeover_server = server
+        self._handover = take_over(path)
+        if self._handover is None:
+            server.publish(replace=False)
+
+    def _inherited_socket(self, lst: Listener) -> Optional[socket.socket]:
+        """A listener's socket taken over from the process serving at the
+        takeover path, else one systemd passed (by name, else address);
+        None: the listener binds its own (or adopts the application's)."""
+        if lst.app_sock is not None:
+            return None
+        name, address = lst.name, lst.listen
+        sock = self._handover.take(name, address) if self._handover is not None else None
+        if sock is None:
+            sock = activation.take(name, address)
+        if sock is not None:
+            check_listening(sock, "listen")
+        return sock
+
+    def _finish_takeover(self) -> None:
+        # Our workers accept on the shared sockets: only now may the old
+        # process stop accepting, so no client in a backlog is left behind.
+        handover, self._handover = self._handover, None
+        if handover is not None and self._takeover_server is not None:
+            try:
+                self._takeover_server.publish(replace=True)
+            except OSError as exc:
+                # Serving matters more than the next upgrade: go on.
+                log.error("takeover endpoint %s not created (%s): the next process cannot take over",
+                          self._takeover_server.path, exc.strerror or exc)
+            handover.ready()
+
+    def _abort_takeover(self) -> None:
+        handover, self._handover = self._handover, None
+        if handover is not None:
+            handover.abort()
+        server, self._takeover_server = self._takeover_server, None
+        if server is not None:
+            server.close()
+
+    def _takeover_sockets(self) -> Dict[str, socket.socket]:
+        if self._plane is None:
+            return {}
+        return {lst.name: lst.sock for lst in self._listeners if lst.sock is not None}
+
+    def _handed_over(self) -> None:
+        # On the takeover thread, which must not wait for the drain.
+        threading.Thread(target=self.stop, name="fastproxy-handover", daemon=True).start()
 
     def reopen_logs(self) -> None:
         """Reopen the access log files at their paths (after a log rotator
@@ -478,6 +557,9 @@ class Proxy:
         if self._in_hook():
             threading.Thread(target=self.stop, args=(timeout,), name="fastproxy-stop").start()
             return
+        server, self._takeover_server = self._takeover_server, None
+        if server is not None:
+            server.close()
         with self._lock:
             plane = self._plane
             if plane is None:
@@ -543,8 +625,10 @@ class Proxy:
                 pass   # the loop is closed: nobody waits
 
     def serve_forever(self) -> None:
-        """start(), then wait until stop() or, from the main thread, SIGINT
-        or SIGTERM (a second signal shortens the drain to nothing)."""
+        """start(), then wait until stop() or, from the main thread, SIGINT,
+        SIGTERM or SIGQUIT (a second one shortens the drain to nothing).
+        From the main thread SIGUSR1 also reopens the access log and SIGHUP
+        reloads (docs/operations.md)."""
         signals_seen: List[int] = []
         # Handlers go in before start(): a signal that arrives while the
         # workers start must stop the proxy, not raise KeyboardInterrupt.
@@ -571,7 +655,31 @@ class Proxy:
             if self._plane is not None:
                 self._on_signal(signals_seen)
 
-        return [(signum, signal.signal(signum, on_signal)) for signum in (signal.SIGINT, signal.SIGTERM)]
+        def on_control_signal(signum: int, frame: Any) -> None:
+            # Reopening a file or reloading may block: not in the handler.
+            threading.Thread(target=self._on_control_signal, args=(signum,),
+                             name="fastproxy-signal", daemon=True).start()
+
+        restore: List[Tuple[int, Any]] = []
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+            restore.append((signum, signal.signal(signum, on_signal)))
+        for signum in (signal.SIGHUP, signal.SIGUSR1):
+            restore.append((signum, signal.signal(signum, on_control_signal)))
+        return restore
+
+    def _on_control_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGUSR1:
+            log.info("%s: reopening the access log", name)
+            self.reopen_logs()
+            return
+        log.info("%s: reloading", name)
+        try:
+            self.reload()
+        except ConfigError:
+            pass   # reload() logged it; the running configuration stays
+        except Exception:   # the plumbing failed: keep serving the old one
+            log.exception("reload failed, still serving the previous configuration")
 
     def _on_signal(self, signals_seen: List[int]) -> None:
         # stop() blocks while bridges drain: run it off the signal handler.

@@ -279,6 +279,9 @@ cdef void worker_sync(Worker *w) noexcept nogil:
             s.seen_close = close_gen
             worker_close_listener(w, ls, <int>fp_atomic_get(&ls.close_reason))
     worker_listen(w)
+    # Out of an event batch: what closed here is freed now, not after the
+    # next wake-up (a drained listener waits for its last bridge's free).
+    grave_free(w)
     if done:
         fp_atomic_set(&w.gen_seen, gen)
 
