@@ -29,6 +29,10 @@ class Contender:
     clean_exits: tuple = (0,)        # exit codes that count as a clean stop
 
 
+# fastproxy-16listeners: how many listeners share the workers.
+LISTENERS = 16
+
+
 def placeholders(listen: int, upstream: int, workdir: Path) -> Dict[str, str]:
     """What a command template may use (see --contender), shell-quoted."""
     values = {"listen_host": HOST, "listen_port": str(listen), "upstream_host": HOST,
@@ -152,6 +156,23 @@ def fastproxy_command(template: str, workers: int, engine: str,
     return command
 
 
+def fastproxy_listeners_command(template: str, workers: int, engine: str, count: int) -> ProxyCommand:
+    """fastproxy from a config file of `count` listeners sharing the
+    workers: the measured one first, the others idle on ports of their own
+    (each with its own group, a backend that is never asked)."""
+    base = shlex.split(template.format(python=sys.executable))
+
+    def command(listen: int, upstream: int, workdir: Path) -> List[str]:
+        cfg = workdir / "listeners.toml"
+        lines = [f'[[listeners]]\nlisten = "{HOST}:{listen}"\nupstreams = ["{HOST}:{upstream}"]\n']
+        for i in range(1, count):
+            lines.append(f'[[listeners]]\nname = "idle{i}"\nlisten = "{HOST}:0"\n'
+                         f'upstreams = ["{HOST}:{upstream}"]\n')
+        cfg.write_text("\n".join(lines))
+        return base + ["--config", str(cfg), "--workers", str(workers), "--engine", engine]
+    return command
+
+
 def fastproxy_missing(template: str) -> str:
     argv = shlex.split(template.format(python=sys.executable))
     if not argv or not shutil.which(argv[0]):
@@ -189,6 +210,10 @@ def all_contenders(args: argparse.Namespace) -> List[Contender]:
         fp("fastproxy-poll", "poll"),
         fp("fastproxy-busypoll", "epoll", f"--busy-poll {BUSY_POLL}"),
         fp("fastproxy-nolowat", "epoll", "--notsent-lowat 0"),
+        Contender("fastproxy-16listeners",
+                  fastproxy_listeners_command(args.fastproxy_cmd, w, "epoll", LISTENERS),
+                  f"{args.fastproxy_cmd} --config FILE (the measured listener and {LISTENERS - 1} idle ones) "
+                  f"--workers {w} --engine epoll", fp_missing),
     ]
     # Variants take their flags after the defaults, so they may override
     # them (argparse keeps the last --engine, for instance).
