@@ -1,5 +1,6 @@
 """Several listeners on one process, and reload(): what changes, what stays,
 and that nothing in flight is lost or refused while it happens."""
+import json
 import logging
 import socket
 import time
@@ -121,6 +122,23 @@ def test_reload_of_the_same_configuration_changes_nothing(engine, echo_server):
         p.reload([listener(port, [echo_server.addr], engine)])
         assert p._listeners[0].handle is handle
         assert echo_roundtrip(("127.0.0.1", port), b"same") == b"same"
+    finally:
+        stop_bounded(p)
+
+
+def test_upstream_counters_survive_a_reload_that_keeps_the_upstream(engine, echo_server):
+    port = free_port()
+    p = Proxy.from_config([listener(port, [echo_server.addr], engine)]).start()
+    try:
+        for i in range(3):
+            assert echo_roundtrip(("127.0.0.1", port), b"a" * 10) == b"a" * 10
+        p.reload([listener(port, [echo_server.addr], engine, connect_timeout=2)])
+        for i in range(2):
+            assert echo_roundtrip(("127.0.0.1", port), b"b" * 10) == b"b" * 10
+        assert wait_for(lambda: p.stats()["active"] == 0, 5)
+        up = p.stats()["upstreams"][echo_server.addr]
+        assert up["accepted"] == 5 and up["bytes_upstream"] == 50 and up["bytes_downstream"] == 50
+        assert up["state"] == "up"
     finally:
         stop_bounded(p)
 
@@ -253,6 +271,8 @@ def test_listener_ids_are_not_reused_at_once_and_records_name_their_listener(eng
         assert p._listeners[0].handle.id != first
         assert echo_roundtrip(("127.0.0.1", port), b"2") == b"2"
         assert wait_for(lambda: all(f.exists() and f.read_text().count("\n") == 1 for f in logs), 5)
+        # Each line names its listener (the default name: the address).
+        assert [json.loads(f.read_text())["listener"] for f in logs] == [f"127.0.0.1:{port}"] * 2
     finally:
         stop_bounded(p)
 

@@ -341,3 +341,40 @@ def test_in_process_proxies_hand_over(make_proxy_any, echo_server, sock_dir):
     live.close()
     assert wait_for(lambda: first._plane is None, 10), "the first proxy did not stop after the handover"
     assert first.stats()["accepted"] >= 1
+
+
+def test_every_listener_is_handed_over_by_name(any_engine, echo_server, sock_dir):
+    """A process of two named listeners (one on port 0) hands both sockets
+    to its successor, which matches them by name and binds a listener of
+    its own that the old process did not have."""
+    from fastproxy import Config, Proxy
+
+    path = os.path.join(sock_dir, "names.sock")
+
+    def configs(extra=()):
+        out = [Config.build(name="a", listen="127.0.0.1:0", upstreams=[echo_server.addr], takeover=path,
+                            engine=any_engine, workers=2),
+               Config.build(name="b", listen="127.0.0.1:0", upstreams=[echo_server.addr], takeover=path,
+                            engine=any_engine, workers=2)]
+        return out + list(extra)
+
+    first = Proxy.from_config(configs()).start()
+    try:
+        live = connect(first.addresses["b"])
+        live.sendall(b"old")
+        assert recv_exact(live, 3) == b"old"
+        extra = Config.build(name="c", listen="127.0.0.1:0", upstreams=[echo_server.addr], takeover=path,
+                             engine=any_engine, workers=2)
+        second = Proxy.from_config(configs([extra])).start()
+        try:
+            assert {n: second.addresses[n] for n in ("a", "b")} == first.addresses
+            for name in ("a", "b", "c"):
+                assert echo_roundtrip(second.addresses[name], name.encode()) == name.encode()
+            live.sendall(b"still")
+            assert recv_exact(live, 5) == b"still"
+            live.close()
+            assert wait_for(lambda: first._plane is None, 10), "the first proxy did not stop"
+        finally:
+            second.stop()
+    finally:
+        first.stop()

@@ -67,6 +67,7 @@ class _ErrorLog:
 class ListenerHooks:
     """What the hook threads need of one listener."""
 
+    name: str                        # the listener's, in its access log lines
     hooks: Hooks
     address: Any                     # the listener's address, as Connection.listener
     handle: Any                      # its _core.ListenerHandle: the group on_connect names from
@@ -387,7 +388,7 @@ class HookRunner:
         conn, record = self._record(entry, raw)
         if entry.access_log is not None:
             try:
-                entry.access_log.write(json.dumps(record.to_json()))
+                entry.access_log.write(json.dumps({"listener": entry.name, **record.to_json()}))
             except BaseException:
                 self.errors.report("access_log")
         fn = entry.hooks.on_close

@@ -178,7 +178,7 @@ class Listener:
         self._group = None
         self.runner = runner
         runner.register(self.handle.id, ListenerHooks(
-            self.hooks, self.hook_address(), self.handle, self.access_log if logged else None,
+            self.name, self.hooks, self.hook_address(), self.handle, self.access_log if logged else None,
             cfg.hooks.max_hold, float(cfg.hooks.hook_timeout or 0.0)))
         if replaces is not None and old is not None:
             # The old block drains under this listener: its figures stay
