@@ -16,7 +16,7 @@ import pytest
 
 from fastproxy import ConfigError, Proxy, cli
 from fastproxy.health import tcp_check
-from support.sockets import MiB
+from support.sockets import MiB, recv_exact
 from support.waits import wait_for
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets are Linux only")
@@ -430,3 +430,30 @@ def test_health_checks_a_unix_upstream(make_proxy, sockdir):
     with Server("unix", sockdir, name="h"):
         assert tcp_check("unix:" + path, 0, 1.0)
         wait_for(lambda: p.stats()["upstreams"]["unix:" + path]["health"] == "up", 5)
+
+
+def test_reload_keeps_a_unix_listener_and_its_file(any_engine, sockdir, echo_server):
+    """A reload that changes a Unix listener's options keeps its socket
+    (clients never see the file missing) and the socket file goes once, at
+    stop, by whoever holds the socket then."""
+    from fastproxy import Config
+
+    path = os.path.join(sockdir, "reload.sock")
+
+    def cfg(**kw):
+        return Config.build(listen=f"unix:{path}", upstreams=[echo_server.addr], engine=any_engine, **kw)
+
+    p = Proxy.from_config([cfg()]).start()
+    try:
+        inode = os.stat(path).st_ino
+        p.reload([cfg(max_connections=10)])
+        assert os.stat(path).st_ino == inode
+        assert p._listeners[0].config.limits.max_connections == 10
+        with socket.socket(socket.AF_UNIX) as c:
+            c.settimeout(5)
+            c.connect(path)
+            c.sendall(b"after reload")
+            assert recv_exact(c, 12) == b"after reload"
+    finally:
+        p.stop()
+    assert not os.path.exists(path)

@@ -185,6 +185,9 @@ class Listener:
             # this listener's, its access log open until its last record.
             self.draining = replaces.draining + [(old, replaces.access_log)]
             self.carried = replaces.carried
+            # The socket is the same: so is the file it is bound to, which
+            # whoever holds the socket last removes.
+            self.unix_file, replaces.unix_file = replaces.unix_file, None
             replaces.stop_watchers()
         self.watchers = Watchers(cfg, self.windows, self.handle, self.health_check)
         self.watchers.start()

@@ -366,7 +366,8 @@ class Proxy:
         # takes a restart (or a takeover, which is one without a gap).
         old, new = self.config, config
         for section, name in (("process", "workers"), ("process", "engine"), ("process", "busy_poll"),
-                              ("process", "worker_cpus"), ("hooks", "hook_threads")):
+                              ("process", "worker_cpus"), ("process", "fd_limit"), ("process", "takeover"),
+                              ("hooks", "hook_threads")):
             before, after = getattr(getattr(old, section), name), getattr(getattr(new, section), name)
             if name == "engine" and after == "auto":
                 continue
