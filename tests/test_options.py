@@ -153,6 +153,9 @@ SAMPLES = {
     "fd_limit": ("raise", "raise"),
     "worker_cpus": None,  # depends on this machine's CPUs: tests/test_worker_cpus.py
     "takeover": ("/run/fastproxy/takeover.sock", "/run/fastproxy/takeover.sock"),
+    "stats": ("127.0.0.1:9100", ("127.0.0.1", 9100)),
+    "stats_admin": (True, True),
+    "stats_token": ("s3cret", "s3cret"),
 }
 
 

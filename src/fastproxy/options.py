@@ -153,6 +153,13 @@ def _listen(value: Any, field: str) -> Tuple[str, int]:
     return parse_address(value, field, listen=True)
 
 
+def _endpoint(value: Any, field: str) -> Tuple[str, int]:
+    # An address parsed already (a Config's options fed back) stays as it is.
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        return (str(value[0]), value[1])
+    return _listen(value, field)
+
+
 def _send_proxy(value: Any, field: str) -> Optional[str]:
     if value is None:
         return None
@@ -335,6 +342,16 @@ OPTIONS: Tuple[Option, ...] = (
            "sockets of the process serving at this Unix socket PATH (it then drains and exits), and serve "
            "them there to the next one (docs/operations.md)", "process", scope="process", metavar="PATH",
            shown_default="off"),
+    # ---- stats and run-time control
+    Option("stats", _endpoint, None, "serve /metrics (Prometheus), /stats (JSON) and a status page over HTTP at "
+           "ADDR (HOST:PORT, :PORT or unix:PATH)", "process", scope="process", metavar="ADDR",
+           shown_default="off"),
+    Option("stats_admin", _switch, False, "allow run-time control on the stats endpoint (drain, maint or "
+           "ready an upstream, change its weight, close a bridge): from loopback or a Unix socket only, "
+           "unless stats_token is set", "process", scope="process", switch=True),
+    Option("stats_token", _optional(_text), None, "a bearer token the admin requests must carry "
+           "(Authorization: Bearer TOKEN); with it, admin requests may come from anywhere", "process",
+           scope="process", metavar="TOKEN", shown_default="none"),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}

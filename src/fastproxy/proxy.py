@@ -161,6 +161,9 @@ class Proxy:
         fd_limit: str = "keep",
         worker_cpus: Optional[Union[str, Sequence[int]]] = None,
         takeover: Optional[str] = None,
+        stats: Optional[str] = None,
+        stats_admin: bool = False,
+        stats_token: Optional[str] = None,
         # Python only: objects and callables have no flag.
         sock: Optional[socket.socket] = None,
         health_check: Optional[Callable[[str, int], bool]] = None,
