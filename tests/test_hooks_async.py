@@ -4,9 +4,11 @@ import contextlib
 import socket
 import threading
 
+import pytest
+
 from fastproxy import CloseReason, Proxy
 from support.sockets import closed_by_peer, connect, connect_from, echo_roundtrip, read_all
-from support.waits import stop_bounded
+from support.waits import stop_bounded, wait_for
 
 
 async def _started(proxy, timeout=10.0):
@@ -172,3 +174,34 @@ def _connect_refused(addr):
     except ConnectionRefusedError:
         return True
     return False
+
+
+def test_cancel_while_starting_stops_what_started(any_engine, echo_server, monkeypatch):
+    """serve() cancelled while start() still runs on its thread (here: a slow
+    name resolution) must not leave a proxy serving that nothing stops."""
+    import fastproxy.listener as listener_module
+
+    real_resolve = listener_module.resolve_upstream
+    resolving = threading.Event()
+
+    def slow_resolve(*args, **kwargs):
+        resolving.set()
+        threading.Event().wait(0.5)
+        return real_resolve(*args, **kwargs)
+
+    monkeypatch.setattr(listener_module, "resolve_upstream", slow_resolve)
+    p = Proxy("127.0.0.1:0", echo_server.addr, engine=any_engine)
+
+    async def main():
+        task = asyncio.create_task(p.serve())
+        assert await asyncio.to_thread(resolving.wait, 5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    # The start finished after the cancel; the stop waited for it.
+    assert wait_for(lambda: p._stopped.is_set() and p._plane is None, 10)
+    with pytest.raises(OSError):
+        with connect(p.address, timeout=1) as c:
+            assert closed_by_peer(c, 1) is None

@@ -705,8 +705,20 @@ class Proxy:
         returns; coroutine on_connect / on_close hooks are awaited on this
         loop."""
         self._loop = asyncio.get_running_loop()
-        await self._loop.run_in_executor(None, self.start)
+        started = self._loop.run_in_executor(None, self.start)
+        try:
+            await asyncio.shield(started)
+        except asyncio.CancelledError:
+            # The start goes on on its thread: once it is done, undo it, or
+            # a cancelled caller would leave a proxy serving that nothing
+            # stops.
+            started.add_done_callback(self._stop_if_started)
+            raise
         return self
+
+    def _stop_if_started(self, started: "asyncio.Future[Any]") -> None:
+        if not started.cancelled() and started.exception() is None:
+            threading.Thread(target=self.stop, name="fastproxy-stop", daemon=True).start()
 
     async def stop_async(self, timeout: Optional[float] = None) -> None:
         """stop() on a thread: the loop keeps running (async hooks may need
@@ -726,9 +738,11 @@ class Proxy:
         self._loop = asyncio.get_running_loop()
         stopped = asyncio.Event()
         self._serve_waiter = (self._loop, stopped)
-        if self._plane is None:
-            await self.start_async()
         try:
+            # Inside the try: a cancel while starting stops what started
+            # (stop() waits for the start, which holds the lock).
+            if self._plane is None:
+                await self.start_async()
             await stopped.wait()   # set by a stop() (from a hook, say)
         finally:
             # stop() blocks while bridges drain, and async hooks may need
