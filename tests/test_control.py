@@ -14,7 +14,9 @@ from fastproxy import CloseReason, Config, ConfigError, Proxy, UnknownNameError,
 from fastproxy._core import UpstreamGroup
 from fastproxy.admin import handle_admin, peer_is_local
 from fastproxy.httpapi import Request
+from support.balance import ping_pong
 from support.servers import Servers, open_tagged, which
+from support.traffic import StreamLoad, VerifyingServer
 from support.sockets import read_line, recv_exact, recv_until_eof
 from support.waits import stop_bounded, wait_for, wait_idle
 
@@ -357,6 +359,78 @@ def test_admin_state_and_weight_survive_a_reload_that_keeps_the_upstream(engine)
             ups = p.stats()["upstreams"]
             assert ups[srv["B"].addr]["weight"] == 2 and ups[srv["A"].addr]["admin"] == "drain"
             leave(live)
+        finally:
+            stop_bounded(p)
+
+
+def test_scrapes_and_control_under_load_lose_no_byte(engine):
+    """100 bridges stream random data both ways while bridges() is scraped,
+    admin requests come and go, and an upstream is drained, readied and
+    reweighted: every byte arrives and no bridge is cut."""
+    with VerifyingServer() as v1, VerifyingServer() as v2:
+        p = Proxy(listen="127.0.0.1:0", upstreams=[v1.addr, v2.addr], engine=engine, workers=2,
+                  stats_admin=True).start()
+        try:
+            load = StreamLoad(p.address, n=100, max_pause=0.05, seed=5).start()
+            assert load.wait_progress(0.05, 20)
+            scrapes = 0
+            seen = set()
+            while load.bytes_moved() < load.total_bytes * 0.9 and scrapes < 400:
+                listed = p.bridges()
+                seen.update(b["id"] for b in listed)
+                assert all(b["upstream"] in (v1.addr, v2.addr) for b in listed)
+                assert handle_admin(p, req("GET", "/admin/bridges"), token=None).status == 200
+                u = p.upstream(v1.addr)
+                (u.drain, u.ready, u.maint, u.ready)[scrapes % 4]()
+                u.set_weight(1 + scrapes % 3)
+                assert not p.close_bridge(10**15)
+                scrapes += 1
+            p.upstream(v1.addr).ready()
+            result = load.wait(120)
+            result.assert_all_ok()
+            wait_for(lambda: not v1.bad() and not v2.bad() and not v1.active and not v2.active, 10)
+            v1.assert_all_ok()
+            v2.assert_all_ok()
+            assert scrapes >= 5 and len(seen) > 10
+            assert p.stats()["accepted"] == 100
+        finally:
+            stop_bounded(p)
+
+
+def test_health_checks_go_on_while_drained(engine):
+    def check(host, port):
+        return ping_pong(host, port, timeout=0.5)
+
+    with Servers(2) as srv:
+        p = Proxy(listen="127.0.0.1:0", upstreams=[srv["A"].addr, srv["B"].addr], engine=engine, workers=1,
+                  health_check=check, health_interval=0.05, health_timeout=0.5, health_fall=2,
+                  health_rise=2).start()
+        try:
+            a = p.upstream(srv["A"].addr)
+            a.drain()
+            srv["A"].healthy = False
+            assert wait_for(lambda: a.state["health"] == "down", 5), a.state
+            assert a.state["state"] == "drained"
+            a.ready()
+            assert a.state["state"] == "down"       # back, but its health says no
+            assert spread(p.address, 6) == {"B": 6}
+            srv["A"].healthy = True
+            assert wait_for(lambda: a.state["state"] == "up", 5), a.state
+        finally:
+            stop_bounded(p)
+
+
+def test_a_routed_bridge_is_listed_with_its_route(engine):
+    with Servers(names=["S1", "OUT"]) as srv:
+        p = Proxy(listen="127.0.0.1:0", upstream=srv["S1"].addr, engine=engine, workers=1)
+        p.on_connect(lambda conn: srv["OUT"].addr)
+        p.start()
+        try:
+            c, name = open_tagged(p.address)
+            assert name == "OUT"
+            (b,) = p.bridges()
+            assert b["upstream"] is None and b["route"] == srv["OUT"].addr
+            leave(c)
         finally:
             stop_bounded(p)
 
