@@ -303,7 +303,7 @@ def test_set_health_transitions_and_state():
     assert b.changes == changes + 1
     assert b.state(0) == {"state": "down", "health": "down", "active": 0, "peak_active": 0,
                           "accepted": 0, "consecutive_failures": 0, "bytes_upstream": 0,
-                          "bytes_downstream": 0, "connect_failures": 0}
+                          "bytes_downstream": 0, "connect_failures": 0, "admin": "ready", "weight": 1}
     assert b.names == ("a:1", "b:1") and len(b) == 2 and b.algorithm == "roundrobin"
 
 

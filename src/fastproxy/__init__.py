@@ -8,6 +8,7 @@ from ._core import ENGINES
 from .config import Config
 from .values import ConfigError
 from .configfile import ConfigFileError, ProxyConfig
+from .control import UnknownNameError, UpstreamControl
 from .hooks import CLOSE, WAIT, CloseReason, CloseRecord, Connection, Direction
 from .proxy import Proxy
 from .upstreams import Upstream
@@ -20,6 +21,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigFileError",
+    "UnknownNameError",
+    "UpstreamControl",
     "ProxyConfig",
     "Connection",
     "Direction",

@@ -27,6 +27,7 @@ cpdef enum CloseReason:
     HOOK_ERROR = 9
     SHUTDOWN = 10
     HOOK_TIMEOUT = 11     # a hook call was not answered within hook_timeout
+    ADMIN_CLOSED = 12     # the control plane closed it (DataPlane.close_bridge)
 
 cdef enum:
     CLOSE_NONE = 0        # not a reason a bridge ends with: not in CloseReason
@@ -412,6 +413,24 @@ cdef enum:
     MAX_LISTENERS = 4096
 
 
+# One bridge as DataPlane.bridges() shows it: what its worker copied when
+# asked (worker_snapshot), so the control plane never reads a Bridge.
+cdef struct BridgeInfo:
+    uint64_t id
+    int listener         # ListenerC.id
+    uint8_t state        # B_*
+    uint8_t half_closed  # one side sent FIN
+    uint8_t client_v4
+    uint16_t client_port
+    uint8_t client_ip[16]
+    GroupC *group        # a reference (the reader drops it), or NULL
+    int upstream
+    UpstreamAddr route   # family 0: none
+    uint64_t bytes_upstream
+    uint64_t bytes_downstream
+    int64_t accepted_ns
+
+
 # The process's part: workers, pools, hook queues, and the listeners table.
 # Read-only after start, except the gauges, the queues and the table.
 cdef struct Shared:
@@ -435,6 +454,12 @@ cdef struct Shared:
     ListenerC *listeners[4096]    # MAX_LISTENERS
     int64_t nlisteners    # ids in use are below this (atomic)
     int64_t gen
+    # Commands a worker carries out when it syncs, each a generation bumped
+    # with gen (one at a time, under DataPlane._lock): copy your bridges
+    # into Worker.snap; close the bridge called kill_id.
+    int64_t cmd_snap
+    int64_t cmd_kill
+    uint64_t kill_id
 
 
 cdef struct Worker:
@@ -455,6 +480,13 @@ cdef struct Worker:
     int64_t last_event_ns  # busy polling: when the loop last had events
     int64_t drain_deadline_ns
     int64_t gen_seen      # atomic: the Shared.gen this worker has synced to
+    int64_t seen_snap     # Shared.cmd_snap done
+    int64_t seen_kill     # Shared.cmd_kill done
+    BridgeInfo *snap      # the control plane's buffer for cmd_snap, snap_cap entries
+    int snap_cap
+    int snap_len          # entries written
+    int snap_total        # bridges the worker had (more than snap_cap: cut)
+    int kill_found        # cmd_kill found its bridge here
     int64_t in_loop       # atomic: 1 while in worker_run's loop
     Bridge **bridges
     int nbridges
@@ -500,6 +532,7 @@ cdef class ListenerHandle:
     cdef object access     # keeps the tables the workers read alive
     cdef object __weakref__
     cdef int _check(self) except -1
+    cdef void _kick_all(self) noexcept
 
 
 cdef class DataPlane:

@@ -99,6 +99,16 @@ cdef void counters_add(Counters *total, Counters *c) noexcept nogil:
     total.proxy_header_errors += fp_load(&c.proxy_header_errors)
 
 
+# What bridges() calls each B_* state.
+BRIDGE_STATES = ("header", "queued", "hook", "connecting", "active", "closed")
+
+
+cdef str bridge_state_name(int state, bint half_closed):
+    if state == B_ACTIVE and half_closed:
+        return "half-closed"
+    return BRIDGE_STATES[state]
+
+
 cdef void listener_free(ListenerC *ls, int nworkers) noexcept nogil:
     # Once no worker reads it: removed from the table and synced, and no
     # bridge left (refs 1), or the data plane is gone.
@@ -162,9 +172,20 @@ cdef class ListenerHandle:
             group_unref(old.g)
             # Waiters get a retry each: the new group may have room where
             # the old one was full (those still without one wait again).
-            with nogil:
-                for i in range(<int>fp_atomic_get(&self.c.wait.count)):
-                    queue_kick(self.c)
+            self._kick_all()
+
+    cdef void _kick_all(self) noexcept:
+        cdef int i
+        with nogil:
+            for i in range(<int>fp_atomic_get(&self.c.wait.count)):
+                queue_kick(self.c)
+
+    def kick_waiters(self):
+        """Give every waiter one retry: an upstream came back to ready or
+        its weight rose (UpstreamGroup.set_admin, set_weight), so there may
+        be room. Those still without a slot wait again."""
+        self._check()
+        self._kick_all()
 
     def free(self):
         """DataPlane.free_listener(self)."""
@@ -502,6 +523,90 @@ cdef class DataPlane:
     def listeners(self):
         """The ListenerHandles not yet freed, by id."""
         return dict(self._listeners)
+
+    def bridges(self, int limit=10000):
+        """The live bridges, as each worker copies them when asked (one
+        command, like a swap's): a list of dicts (id, listener: the
+        ListenerHandle id, client, upstream name or None, route or None,
+        state, bytes_upstream, bytes_downstream, age in seconds), at most
+        `limit` of them, oldest first. Forwarding does not wait for it: a
+        worker copies between event batches."""
+        cdef Worker *w
+        cdef BridgeInfo *buf = NULL
+        cdef BridgeInfo *e
+        cdef int i, j, cap
+        cdef int64_t now
+        if limit < 0:
+            raise ValueError(f"limit {limit} is negative")
+        out = []
+        with self._lock:
+            if self.workers == NULL:
+                return out
+            # Each worker's share is at most `limit` and at most what it
+            # had a moment ago (and some room for new ones).
+            cap = 0
+            for i in range(self.nworkers):
+                cap += min(limit, self.workers[i].nbridges + 64)
+            buf = <BridgeInfo *>calloc(max(cap, 1), sizeof(BridgeInfo))
+            if buf == NULL:
+                raise MemoryError()
+            try:
+                j = 0
+                for i in range(self.nworkers):
+                    w = &self.workers[i]
+                    w.snap = buf + j
+                    w.snap_cap = min(limit, w.nbridges + 64)
+                    w.snap_len = 0
+                    j += w.snap_cap
+                fp_atomic_add(&self.sh.cmd_snap, 1)
+                self._publish()
+                now = fp_now_ns()
+                for i in range(self.nworkers):
+                    w = &self.workers[i]
+                    for j in range(w.snap_len):
+                        e = &w.snap[j]
+                        out.append({
+                            "id": e.id,
+                            "listener": e.listener,
+                            "client": format_client(e.client_ip, e.client_port, e.client_v4),
+                            "upstream": e.group.names[e.upstream].decode() if e.group != NULL else None,
+                            "route": format_addr(&e.route) if e.route.family else None,
+                            "state": bridge_state_name(e.state, e.half_closed),
+                            "bytes_upstream": e.bytes_upstream,
+                            "bytes_downstream": e.bytes_downstream,
+                            "age": max(0, now - e.accepted_ns) / 1e9,
+                        })
+            finally:
+                for i in range(self.nworkers):
+                    w = &self.workers[i]
+                    for j in range(w.snap_len):
+                        group_unref(w.snap[j].group)
+                    w.snap = NULL
+                    w.snap_cap = 0
+                    w.snap_len = 0
+                free(buf)
+        out.sort(key=lambda b: b["id"])
+        return out[:limit]
+
+    def close_bridge(self, bridge_id):
+        """Close the live bridge `bridge_id` (an id bridges() listed) with
+        FIN both ways, close reason ADMIN_CLOSED. Returns True once its
+        worker closed it, False when no live bridge has that id."""
+        cdef int i
+        cdef bint found = 0
+        if type(bridge_id) is not int or not 0 <= bridge_id < 2 ** 64:
+            return False
+        with self._lock:
+            if self.workers == NULL:
+                return False
+            for i in range(self.nworkers):
+                self.workers[i].kill_found = 0
+            self.sh.kill_id = <uint64_t>bridge_id
+            fp_atomic_add(&self.sh.cmd_kill, 1)
+            self._publish()
+            for i in range(self.nworkers):
+                found = found or self.workers[i].kill_found
+        return bool(found)
 
     def stats(self):
         """The process's own figures; each listener's are its handle's."""

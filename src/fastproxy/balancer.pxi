@@ -11,6 +11,8 @@ from posix.stdlib cimport posix_memalign
 
 # The index of a name is its BAL_* value.
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "random", "source", "first")
+# The index of a name is its ADMIN_* value.
+ADMIN_STATES = ("ready", "drain", "maint")
 
 cdef enum:
     RING_POINTS = 64       # source: ring points per unit of weight
@@ -49,14 +51,25 @@ cdef inline void rng_seed(BalanceCursor *c, uint64_t seed) noexcept nogil:
 
 # ---- who may take a client now
 
+cdef inline int run_weight(UpstreamState *st) noexcept nogil:
+    # The weight balancing uses, set at run time (set_weight): read once per
+    # look at an upstream, so one pick never sees two values of it.
+    return <int>fp_atomic_get(&st.weight)
+
+
 cdef int64_t usable(GroupC *g, BalanceCursor *c, int i, int backup,
-                    int64_t now) noexcept nogil:
-    # Returns: the upstream's active count when it may take a client now,
-    # else -1 (setting c.full when its limit is all that stands in the way).
+                    int64_t now, int *weight) noexcept nogil:
+    # Returns: the upstream's active count when it may take a client now
+    # (its weight, > 0, in *weight), else -1 (setting c.full when its limit
+    # is all that stands in the way).
     cdef UpstreamSpec *s = &g.spec[i]
     cdef UpstreamState *st = &g.state[i]
     cdef int64_t active
-    if s.backup != backup or s.weight == 0 or bits_has(c.skip, i):
+    cdef int w
+    if s.backup != backup or bits_has(c.skip, i):
+        return -1
+    w = run_weight(st)
+    if w <= 0 or fp_atomic_get(&st.admin) != ADMIN_READY:
         return -1
     if fp_atomic_get(&st.health) == 0 or fp_atomic_get(&st.down_until_ns) > now:
         return -1
@@ -64,6 +77,7 @@ cdef int64_t usable(GroupC *g, BalanceCursor *c, int i, int backup,
     if s.max_connections and active >= s.max_connections:
         c.full = 1
         return -1
+    weight[0] = w
     return active
 
 
@@ -80,13 +94,13 @@ cdef int pick_roundrobin(GroupC *g, BalanceCursor *c, int backup,
     # Smooth weighted round-robin (nginx's): every usable upstream gains its
     # weight, the richest is chosen and pays the total back, so 5/1/1 gives
     # a a b a c a a rather than five a in a row.
-    cdef int i, best = -1
+    cdef int i, w = 0, best = -1
     cdef int64_t total = 0
     for i in range(g.n):
-        if usable(g, c, i, backup, now) < 0:
+        if usable(g, c, i, backup, now, &w) < 0:
             continue
-        c.current[i] += g.spec[i].weight
-        total += g.spec[i].weight
+        c.current[i] += w
+        total += w
         if best < 0 or c.current[i] > c.current[best]:
             best = i
     if best >= 0:
@@ -97,34 +111,35 @@ cdef int pick_roundrobin(GroupC *g, BalanceCursor *c, int backup,
 cdef int pick_leastconn(GroupC *g, BalanceCursor *c, int backup,
                         int64_t now) noexcept nogil:
     # The scan starts after the last choice, so ties go round-robin.
-    cdef int k, i, best = -1
+    cdef int k, i, w = 0, best = -1, best_weight = 1
     cdef int64_t a, best_active = 0
     for k in range(g.n):
         i = (c.rr + k) % g.n
-        a = usable(g, c, i, backup, now)
-        if a >= 0 and (best < 0 or lighter(a, g.spec[i].weight, best_active,
-                                           g.spec[best].weight)):
+        a = usable(g, c, i, backup, now, &w)
+        if a >= 0 and (best < 0 or lighter(a, w, best_active, best_weight)):
             best = i
             best_active = a
+            best_weight = w
     if best >= 0:
         c.rr = (best + 1) % g.n
     return best
 
 
 cdef int pick_weighted(GroupC *g, BalanceCursor *c, int backup,
-                       int64_t now, int64_t *active) noexcept nogil:
+                       int64_t now, int64_t *active, int *weight) noexcept nogil:
     # One weighted random draw in one pass: each usable upstream replaces
     # the draw with probability weight / (weights seen so far).
-    cdef int i, best = -1
+    cdef int i, w = 0, best = -1
     cdef int64_t a, total = 0
     for i in range(g.n):
-        a = usable(g, c, i, backup, now)
+        a = usable(g, c, i, backup, now, &w)
         if a < 0:
             continue
-        total += g.spec[i].weight
-        if <int64_t>(rng_next(c) % <uint64_t>total) < g.spec[i].weight:
+        total += w
+        if <int64_t>(rng_next(c) % <uint64_t>total) < w:
             best = i
             active[0] = a
+            weight[0] = w
     return best
 
 
@@ -133,12 +148,13 @@ cdef int pick_random(GroupC *g, BalanceCursor *c, int backup,
     # Power of two choices: of two weighted draws the lighter wins, the
     # first on a tie, so an idle group follows the weights.
     cdef int64_t a1 = 0, a2 = 0
-    cdef int i1 = pick_weighted(g, c, backup, now, &a1)
+    cdef int w1 = 1, w2 = 1
+    cdef int i1 = pick_weighted(g, c, backup, now, &a1, &w1)
     cdef int i2
     if i1 < 0:
         return -1
-    i2 = pick_weighted(g, c, backup, now, &a2)
-    if i2 >= 0 and lighter(a2, g.spec[i2].weight, a1, g.spec[i1].weight):
+    i2 = pick_weighted(g, c, backup, now, &a2, &w2)
+    if i2 >= 0 and lighter(a2, w2, a1, w1):
         return i2
     return i1
 
@@ -160,20 +176,25 @@ cdef int pick_source(GroupC *g, BalanceCursor *c, uint32_t h, int backup,
                      int64_t now) noexcept nogil:
     # The owner of the first ring point after the client's hash or, when it
     # cannot take the client, the next owner along the ring: an upstream
-    # going away moves its own clients and no others.
-    cdef int k, i, left = 0
+    # going away moves its own clients and no others. The ring holds the
+    # configured weights; a run-time weight only says in (> 0) or out (0).
+    cdef int k, i, w = 0, left = 0
     cdef int p
     for i in range(g.n):
-        if g.spec[i].backup == backup and g.spec[i].weight > 0 and not bits_has(c.skip, i):
+        if g.spec[i].backup != backup or bits_has(c.skip, i):
+            continue
+        if run_weight(&g.state[i]) > 0:
             left += 1
-    if left == 0:
+        else:
+            bits_set(c.skip, i)    # out for both passes: not counted in left
+    if left == 0 or g.ring_len == 0:
         return -1
     p = ring_find(g, h)
     for k in range(g.ring_len):
         i = <int>(g.ring[(p + k) % g.ring_len] & 0xffffffffu)
         if g.spec[i].backup != backup or bits_has(c.skip, i):
             continue
-        if usable(g, c, i, backup, now) >= 0:
+        if usable(g, c, i, backup, now, &w) >= 0:
             return i
         bits_set(c.skip, i)    # its other points need no second look
         left -= 1
@@ -184,9 +205,9 @@ cdef int pick_source(GroupC *g, BalanceCursor *c, uint32_t h, int backup,
 
 cdef int pick_first(GroupC *g, BalanceCursor *c, int backup,
                     int64_t now) noexcept nogil:
-    cdef int i
+    cdef int i, w = 0
     for i in range(g.n):
-        if usable(g, c, i, backup, now) >= 0:
+        if usable(g, c, i, backup, now, &w) >= 0:
             return i
     return -1
 
@@ -465,6 +486,7 @@ cdef class UpstreamGroup:
             g.spec[i].backup = bool(u.backup)
             g.spec[i].max_connections = u.max_connections or 0
             g.state[i].health = 1
+            g.state[i].weight = u.weight
             key = names[i].encode()
             g.names[i] = <char *>malloc(len(key) + 1)
             if g.names[i] == NULL:
@@ -521,8 +543,10 @@ cdef class UpstreamGroup:
         cdef uint64_t base
         cdef uint32_t h
         cdef int points = 0
+        # An upstream configured with weight 0 gets the points of weight 1,
+        # skipped while its run-time weight is 0: set_weight can bring it in.
         for i in range(g.n):
-            points += g.spec[i].weight * RING_POINTS
+            points += max(g.spec[i].weight, 1) * RING_POINTS
         if points == 0:
             return 0
         g.ring = <uint64_t *>malloc(points * sizeof(uint64_t))
@@ -531,7 +555,7 @@ cdef class UpstreamGroup:
         for i in range(g.n):
             key = self.names[i].encode()
             base = fnv1a(FNV_OFFSET, key, len(key))
-            for v in range(g.spec[i].weight * RING_POINTS):
+            for v in range(max(g.spec[i].weight, 1) * RING_POINTS):
                 h = hash_bytes(base, <const uint8_t *>&v, sizeof(int))
                 g.ring[k] = ((<uint64_t>h) << 32) | <uint64_t>i
                 k += 1
@@ -630,11 +654,63 @@ cdef class UpstreamGroup:
         memset(&sum, 0, sizeof(UpstreamCounters))
         for k in range(self.g.nworkers):
             upstream_counters_add(&sum, &self.g.ctr[k * self.g.n + i])
-        if self.g.spec[i].weight == 0:
+        admin = <int>fp_atomic_get(&st.admin)
+        weight = run_weight(st)
+        if admin == ADMIN_MAINT:
+            state = "maint"
+        elif admin == ADMIN_DRAIN or weight == 0:
             state = "drained"
         else:
             state = "up" if health and not failed else "down"
-        return upstream_entry(st, &sum, state, health)
+        entry = upstream_entry(st, &sum, state, health)
+        entry["admin"] = ADMIN_STATES[admin]
+        entry["weight"] = weight
+        return entry
+
+    def admin(self, int i):
+        """Upstream i's admin state: "ready", "drain" or "maint"."""
+        return ADMIN_STATES[<int>fp_atomic_get(&self.g.state[self._index(i)].admin)]
+
+    def weight(self, int i):
+        """Upstream i's run-time weight (its configured one until set_weight)."""
+        return run_weight(&self.g.state[self._index(i)])
+
+    def set_admin(self, int i, str state):
+        """Set upstream i's admin state (one of ADMIN_STATES): "drain" and
+        "maint" send it no new client, its live bridges go on. Workers read
+        it at their next pick. Returns True when it came back to "ready"
+        (waiters may now find room: the caller kicks the wait queue)."""
+        if state not in ADMIN_STATES:
+            raise ValueError(f"unknown admin state {state!r} (expected one of {', '.join(ADMIN_STATES)})")
+        # Not counted in `changes`: those are health's transitions, which
+        # the watcher logs; the control plane logs its own.
+        cdef int64_t was = fp_atomic_get(&self.g.state[self._index(i)].admin)
+        fp_atomic_set(&self.g.state[i].admin, ADMIN_STATES.index(state))
+        return was != ADMIN_READY and state == "ready"
+
+    def set_weight(self, int i, int weight):
+        """Set upstream i's run-time weight (0-256; 0 drains it). Returns
+        True when it rose (the caller kicks the wait queue)."""
+        if not 0 <= weight <= 256:
+            raise ValueError(f"weight {weight} is out of range (0-256)")
+        cdef int64_t was = fp_atomic_get(&self.g.state[self._index(i)].weight)
+        fp_atomic_set(&self.g.state[i].weight, weight)
+        return weight > was
+
+    def carry_admin(self, UpstreamGroup old not None):
+        """Take over the run-time settings of `old` (the group this one
+        replaces) by upstream name: its admin state, and a weight set at run
+        time unless the configured weight changed (the new configuration
+        then wins). Before this group serves."""
+        cdef int i, j
+        for j, name in enumerate(old.names):
+            i = self.index.get(name, -1)
+            if i < 0:
+                continue
+            fp_atomic_set(&self.g.state[i].admin, fp_atomic_get(&old.g.state[j].admin))
+            if (run_weight(&old.g.state[j]) != old.g.spec[j].weight
+                    and old.g.spec[j].weight == self.g.spec[i].weight):
+                fp_atomic_set(&self.g.state[i].weight, run_weight(&old.g.state[j]))
 
     def stats(self):
         """{name: state(i)} for every upstream, in order."""

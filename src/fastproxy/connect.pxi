@@ -181,11 +181,13 @@ cdef void bridge_queue_timeout(Worker *w, Bridge *b) noexcept nogil:
 
 
 cdef int balance_take(GroupC *g, BalanceCursor *c, int i, int64_t now) noexcept nogil:
-    # on_connect named upstream i: its health and limits apply as if the
-    # algorithm had chosen it. Returns: i, BALANCE_FULL or BALANCE_NONE.
+    # on_connect named upstream i: its health, limits, admin state and
+    # run-time weight (0: out) apply as if the algorithm had chosen it.
+    # Returns: i, BALANCE_FULL or BALANCE_NONE.
+    cdef int w = 0
     memset(c.skip, 0, balance_tried_bytes(g.n))
     c.full = 0
-    if usable(g, c, i, g.spec[i].backup, now) >= 0 and reserve(g, c, i, now):
+    if usable(g, c, i, g.spec[i].backup, now, &w) >= 0 and reserve(g, c, i, now):
         return i
     return BALANCE_FULL if c.full else BALANCE_NONE
 

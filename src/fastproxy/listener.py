@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # Figures that are highs, not sums, when blocks of one listener are added up.
 _HIGHS = ("peak_active", "consecutive_failures")
+# Numbers that are settings, not counts: the first block's (the current one) stands.
+_SETTINGS = ("weight",)
 
 
 def add_figures(into: Dict[str, Any], more: Dict[str, Any]) -> None:
@@ -32,7 +34,7 @@ def add_figures(into: Dict[str, Any], more: Dict[str, Any]) -> None:
     for key, value in more.items():
         if isinstance(value, dict):
             add_figures(into.setdefault(key, {}), value)
-        elif isinstance(value, bool) or not isinstance(value, int):
+        elif isinstance(value, bool) or not isinstance(value, int) or key in _SETTINGS:
             into.setdefault(key, value)
         elif key in _HIGHS:
             into[key] = max(into.get(key, 0), value)
@@ -171,6 +173,10 @@ class Listener:
         cfg = self.config
         logged = cfg.hooks.access_log is not None
         old = replaces.handle if replaces is not None else None
+        if old is not None:
+            # Drained, in maintenance or reweighted at run time stays so
+            # across a reload that keeps the upstream (by name).
+            self._group.carry_admin(old.group)
         self.handle = plane.add_listener(self.sock.fileno(), self._group, cfg,
                                          hooks=self.hooks.flags(logged), replaces=old)
         # From now on the handle holds the current group (a swap replaces

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from . import _core, activation
 from .config import Config, ConfigError
 from .configfile import ProxyConfig, config_from_mapping, load_config
+from .control import UpstreamControl, find_upstream, set_upstream
 from .dispatch import HookRunner
 from .hooks import Direction, Hook, Hooks
 from .listener import Listener, add_figures
@@ -748,6 +749,80 @@ class Proxy:
             # stop() blocks while bridges drain, and async hooks may need
             # this loop meanwhile: run it on a thread and keep the loop free.
             await asyncio.shield(self._loop.run_in_executor(None, self.stop))
+
+    # ---- run-time control (control.py; admin.py serves it over HTTP)
+
+    def _serving(self) -> "_core.DataPlane":
+        plane = self._plane
+        if plane is None:
+            raise RuntimeError("the proxy is not running")
+        return plane
+
+    def upstream(self, name: str, listener: Optional[str] = None) -> UpstreamControl:
+        """Run-time control of upstream `name` ("host:port" as configured)
+        of `listener` (a listener's name; needed only when several
+        listeners have that upstream): drain(), maint(), ready(),
+        set_weight(w), state. An unknown name raises UnknownNameError (a
+        ConfigError); the settings survive a reload that keeps the upstream
+        in that listener."""
+        with self._lock:
+            self._serving()
+            lst = find_upstream(self._listeners, name, listener)
+        return UpstreamControl(self, lst.name, name)
+
+    def upstreams(self) -> Dict[str, Dict[str, Dict[str, Any]]]:
+        """Every listener's upstreams (state, admin, weight, health,
+        counters), by listener name, then upstream name."""
+        self._serving()
+        return {lst.name: lst.stats()["upstreams"] for lst in list(self._listeners)}
+
+    def _set_upstream(self, listener: str, name: str, *, state: Optional[str] = None,
+                      weight: Optional[int] = None) -> Tuple[str, int]:
+        with self._lock:
+            self._serving()
+            return set_upstream(find_upstream(self._listeners, name, listener), name, state, weight)
+
+    def _upstream_state(self, listener: str, name: str) -> Dict[str, Any]:
+        self._serving()
+        lst = find_upstream(list(self._listeners), name, listener)
+        return dict(lst.stats()["upstreams"][name])
+
+    def _listener_names(self) -> Dict[int, str]:
+        # Data-plane listener ids (current and draining blocks) -> names.
+        names: Dict[int, str] = {}
+        for lst in list(self._listeners) + [lst for lst, _ in list(self._removed)]:
+            handles = [h for h, _ in list(lst.draining)] + ([lst.handle] if lst.handle is not None else [])
+            for h in handles:
+                names[h.id] = lst.name
+        return names
+
+    def bridges(self, limit: int = 10000) -> List[Dict[str, Any]]:
+        """The live bridges, oldest first (at most `limit`): id, listener
+        (its name), client (host, port), upstream (its name, or None when
+        on_connect routed it elsewhere: then route), state (header, queued,
+        hook, connecting, active, half-closed), bytes_upstream,
+        bytes_downstream, age (seconds). Each worker copies its own between
+        event batches: forwarding is not held up."""
+        plane = self._plane
+        if plane is None:
+            return []
+        found = plane.bridges(limit)
+        names = self._listener_names()
+        for b in found:
+            b["listener"] = names.get(b["listener"], str(b["listener"]))
+        return found
+
+    def close_bridge(self, bridge_id: int) -> bool:
+        """Close live bridge `bridge_id` (from bridges()) with a FIN to both
+        sides (close reason ADMIN_CLOSED): what was forwarded still
+        arrives. Returns False when no live bridge has that id."""
+        plane = self._plane
+        if plane is None:
+            return False
+        closed = plane.close_bridge(bridge_id)
+        if closed:
+            log.info("bridge %d closed at run time", bridge_id)
+        return bool(closed)
 
     # ---- observation
 

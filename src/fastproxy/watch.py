@@ -106,7 +106,10 @@ class Watchers:
             seen = group.changes
             for i, name in enumerate(group.names):
                 now: Any = group.state(i)
-                if now["state"] != last[i]["state"] and now["health"] == last[i]["health"]:
+                # Admin states and run-time weights (drained, maint) are
+                # the control plane's to log, not passive health's.
+                passive = now["state"] in ("up", "down") and last[i]["state"] in ("up", "down")
+                if passive and now["state"] != last[i]["state"] and now["health"] == last[i]["health"]:
                     if now["state"] == "down":
                         log.warning("upstream %s is down: %d connect failures in a row; skipped for %gs",
                                     name, self.config.balancing.max_fails, self.config.balancing.fail_timeout)

@@ -255,6 +255,65 @@ cdef bint listener_sync_group(Worker *w, ListenerC *ls) noexcept nogil:
     return 1
 
 
+cdef void worker_snapshot(Worker *w) noexcept nogil:
+    # Copies what DataPlane.bridges() shows of each live bridge into the
+    # control plane's buffer (at most snap_cap: memory stays bounded), with
+    # a reference on each group named, so its names outlive the bridge.
+    cdef int i, n = 0
+    cdef Bridge *b
+    cdef BridgeInfo *e
+    for i in range(w.nbridges):
+        b = w.bridges[i]
+        if b.state == B_CLOSED:
+            continue
+        if n == w.snap_cap:
+            break
+        e = &w.snap[n]
+        memset(e, 0, sizeof(BridgeInfo))
+        e.id = b.id
+        e.listener = b.ls.id
+        e.state = b.state
+        e.half_closed = b.up.eof or b.down.eof
+        e.client_v4 = b.client_v4
+        e.client_port = b.client_port
+        memcpy(e.client_ip, b.client_ip, 16)
+        e.upstream = b.upstream
+        if b.group != NULL and b.upstream >= 0:
+            e.group = b.group
+            group_ref(e.group)
+        if b.route != NULL and b.addr < b.nroute:
+            e.route = b.route[b.addr]
+        e.bytes_upstream = b.up.bytes
+        e.bytes_downstream = b.down.bytes
+        e.accepted_ns = b.accepted_ns
+        n += 1
+    w.snap_len = n
+    w.snap_total = w.nbridges
+
+
+cdef int worker_kill(Worker *w, uint64_t id) noexcept nogil:
+    # Closes bridge `id` if it is this worker's, with FIN both ways: what
+    # was already forwarded still arrives. Returns: 1 if found, else 0.
+    cdef int i
+    for i in range(w.nbridges):
+        if w.bridges[i].id == id and w.bridges[i].state != B_CLOSED:
+            bridge_close(w, w.bridges[i], ADMIN_CLOSED, 0, 0)
+            return 1
+    return 0
+
+
+cdef void worker_commands(Worker *w) noexcept nogil:
+    # The control plane's one-off commands (Shared.cmd_*), each done once.
+    cdef int64_t g = fp_atomic_get(&w.sh.cmd_snap)
+    if g != w.seen_snap:
+        w.seen_snap = g
+        worker_snapshot(w)
+    g = fp_atomic_get(&w.sh.cmd_kill)
+    if g != w.seen_kill:
+        w.seen_kill = g
+        w.kill_found = worker_kill(w, w.sh.kill_id)
+
+
 cdef void worker_sync(Worker *w) noexcept nogil:
     # The control plane added or removed a listener, swapped a group, or
     # asked to close a listener's bridges: act on every listener, then say
@@ -279,6 +338,7 @@ cdef void worker_sync(Worker *w) noexcept nogil:
             s.seen_close = close_gen
             worker_close_listener(w, ls, <int>fp_atomic_get(&ls.close_reason))
     worker_listen(w)
+    worker_commands(w)
     # Out of an event batch: what closed here is freed now, not after the
     # next wake-up (a drained listener waits for its last bridge's free).
     grave_free(w)

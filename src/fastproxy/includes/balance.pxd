@@ -19,16 +19,22 @@ cdef enum:  # what balance_acquire returns when it finds no upstream
     BALANCE_NONE = -1    # none up (down, drained, or already tried)
     BALANCE_FULL = -2    # some are up but at their max_connections: waiting helps
 
+cdef enum:  # UpstreamState.admin, set by the control plane at run time
+    ADMIN_READY = 0      # takes clients as its health allows
+    ADMIN_DRAIN = 1      # no new clients; live bridges go on; health still checked
+    ADMIN_MAINT = 2      # as drain, and reported as in maintenance
 
-# What the configuration says about one upstream; never changes.
+
+# What the configuration says about one upstream; never changes (the
+# weight balancing reads is UpstreamState.weight, which starts as this one).
 cdef struct UpstreamSpec:
-    int weight               # 0-256; 0 = drained: no new clients
+    int weight               # 0-256 as configured; 0 = drained: no new clients
     uint8_t backup           # used only when no regular upstream is
     int64_t max_connections  # 0 = no limit
 
 
 # What every worker sees of one upstream, read and written with atomics.
-# Padded to a cache line: workers hitting neighbouring upstreams do not
+# Eight words, one cache line: workers hitting neighbouring upstreams do not
 # contend on each other's counters.
 cdef struct UpstreamState:
     int64_t active           # slots held: bridges connecting or live
@@ -37,7 +43,8 @@ cdef struct UpstreamState:
     int64_t fails            # consecutive connect failures
     int64_t down_until_ns    # passive health: skipped until then (0 = up)
     int64_t health           # active checks' verdict: 1 up, 0 down
-    int64_t pad[2]
+    int64_t admin            # ADMIN_*: the control plane's say
+    int64_t weight           # 0-256, what balancing uses: the spec's until changed at run time
 
 
 cdef struct UpstreamAddr:
