@@ -105,8 +105,8 @@ class CloseRecord:
         }
 
 
-# What an access log line may hold (access_log_format picks among them), in
-# the order lines write them.
+# What an access log line may hold, in the order a line without
+# access_log_format writes them.
 ACCESS_LOG_FIELDS = ("listener", "id", "client_address", "upstream", "bytes_upstream", "bytes_downstream",
                      "duration", "accepted_at", "reason", "queue_time", "connect_time", "total_time")
 

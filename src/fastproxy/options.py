@@ -326,7 +326,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("access_log", _optional(_text), None, "one JSON line per closed bridge, appended to FILE "
            "(- is standard output)", "hooks", metavar="FILE"),
     Option("access_log_format", _optional(parse_access_log_format), None, "the fields an access log line "
-           "holds, comma-separated, in their usual order: " + ", ".join(ACCESS_LOG_FIELDS), "hooks",
+           "holds, comma-separated, in that order; any of " + ", ".join(ACCESS_LOG_FIELDS), "hooks",
            metavar="FIELDS", shown_default="every field"),
     # ---- process
     Option("workers", _optional(_count()), None, "worker threads", "process", scope="process", metavar="N",
