@@ -354,6 +354,8 @@ def test_histograms_across_listeners_and_reload(engine):
                 {"listen": pa, "name": "a", "upstreams": up, "idle_timeout": "1h"},
                 {"listen": pb, "name": "b", "upstreams": up}]})
             assert echo_roundtrip(addrs["a"], b"a") == b"a"
+            (la,) = [lst for lst in p._listeners if lst.name == "a"]
+            assert len(la.draining) == 1   # two blocks: their figures add up
             held.close()
             total_a = 3 + 1 + 1 + 1
             assert wait_for(lambda: p.stats()["listeners"]["a"]["histograms"]["duration_seconds"]["count"]
