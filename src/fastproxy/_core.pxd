@@ -198,6 +198,11 @@ cdef struct Bridge:
     int nroute
     int slot             # index in Worker.bridges
     int64_t accepted_ns
+    # Timings (timings.pxi), from the worker's loop clock: 16 bytes, since
+    # an idle bridge's size is the proxy's memory per connection.
+    int64_t connect_start_ns  # the connect to the address being tried began
+    uint32_t queue_us     # left the wait queue, after accept (0: never waited)
+    uint32_t connect_us   # established - connect_start_ns (once B_ACTIVE)
     TimerLink tl[4]      # T_SLOTS; SLOT_HOOK's link is in hk
     int64_t last_active_ns
     Bridge *grave_next
@@ -308,6 +313,8 @@ cdef struct CloseRecordC:
     uint64_t bytes_downstream
     int64_t accepted_ns
     int64_t closed_ns
+    int64_t queue_ns     # time in the wait queue (0: never waited)
+    int64_t connect_ns   # time to connect to the upstream that took it; -1: never connected
 
 
 cdef struct HookQueue:
@@ -345,10 +352,23 @@ cdef struct ResultQueue:
     int cap
 
 
+# A histogram over fixed bounds (timings.pxi): counts per bucket (the last
+# is +Inf) and the sum of what was counted. One writer (a worker), relaxed
+# stores; stats() adds the workers' up.
+cdef enum:
+    HIST_MAX = 20         # buckets, +Inf included
+
+cdef struct Histogram:
+    uint64_t counts[20]   # HIST_MAX
+    uint64_t sum_ns
+
+
 # What a worker keeps of one listener; written by that worker only (stats()
 # reads the counters with relaxed loads).
 cdef struct ListenerSlot:
     Counters ctr
+    Histogram connect_hist    # upstream connect times
+    Histogram duration_hist   # bridges' lives, accept to close
     UpstreamCounters routed   # on_connect routes outside the group
     BalanceCursor cursor
     GroupC *group         # the group `cursor` is built for
@@ -488,6 +508,7 @@ cdef struct Worker:
     int snap_total        # bridges the worker had (more than snap_cap: cut)
     int kill_found        # cmd_kill found its bridge here
     int64_t in_loop       # atomic: 1 while in worker_run's loop
+    int64_t now_ns        # the loop's clock, read once per wake-up: what timings stamp
     Bridge **bridges
     int nbridges
     int cap_bridges

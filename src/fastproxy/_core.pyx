@@ -29,6 +29,7 @@ include "hooks.pxi"
 include "limits.pxi"
 include "timers.pxi"
 include "worker.pxi"
+include "timings.pxi"
 include "bridge.pxi"
 include "connect.pxi"
 
@@ -220,13 +221,18 @@ cdef class ListenerHandle:
     def stats(self):
         cdef Counters total
         cdef UpstreamCounters routed
+        cdef Histogram connect_hist, duration_hist
         cdef int i
         self._check()
         memset(&total, 0, sizeof(Counters))
         memset(&routed, 0, sizeof(UpstreamCounters))
+        memset(&connect_hist, 0, sizeof(Histogram))
+        memset(&duration_hist, 0, sizeof(Histogram))
         for i in range(self._plane.nworkers):
             counters_add(&total, &self.c.slots[i].ctr)
             upstream_counters_add(&routed, &self.c.slots[i].routed)
+            hist_sum(&connect_hist, &self.c.slots[i].connect_hist)
+            hist_sum(&duration_hist, &self.c.slots[i].duration_hist)
         result = counters_dict(&total)
         result["active"] = fp_atomic_get(&self.c.gauges.active)
         result["peak_active"] = fp_atomic_get(&self.c.gauges.peak_active)
@@ -236,6 +242,8 @@ cdef class ListenerHandle:
         result["upstreams"] = self.group.stats()
         # Routes have no passive health: always "up".
         result["routed"] = upstream_entry(&self.c.routed, &routed, "up", True)
+        result["histograms"] = {"connect_seconds": hist_dict(&connect_hist, CONNECT_BOUNDS),
+                                "duration_seconds": hist_dict(&duration_hist, DURATION_BOUNDS)}
         return result
 
 
@@ -761,7 +769,8 @@ cdef class DataPlane:
     def next_records(self, int max_records=1024, int timeout_ms=100):
         """Wait (GIL released) for close records; return a list of tuples
         (listener, id, client, upstream name or None, route, bytes_up, bytes_down,
-        accepted_ns, closed_ns, reason), [] on time-out, None once closed and empty."""
+        accepted_ns, closed_ns, reason, queue_ns, connect_ns), [] on time-out, None
+        once closed and empty. connect_ns is -1 when the bridge never connected."""
         cdef RecordRing *q = &self.sh.records
         cdef CloseRecordC *batch
         cdef CloseRecordC *rec
@@ -797,6 +806,7 @@ cdef class DataPlane:
                     format_addr(&rec.route) if rec.route.family else None,
                     rec.bytes_upstream, rec.bytes_downstream,
                     rec.accepted_ns, rec.closed_ns, rec.reason,
+                    rec.queue_ns, rec.connect_ns,
                 ))
             return out
         finally:

@@ -258,6 +258,7 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
     cdef int64_t now
     if b.state == B_CLOSED:
         return
+    timing_closed(w, b)
     # Off the wait queue before the client can see the close, so a stats()
     # read after it never counts this bridge as queued.
     queue_leave(w, b)
@@ -402,6 +403,6 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
                 if err != 0:
                     bridge_retry(w, b, err, now)
                     return
-            if not bridge_connected(w, b):
+            if not bridge_connected(w, b, now):
                 return
     bridge_pump(w, b, now)

@@ -10,8 +10,10 @@ value, and exits 2.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from datetime import datetime, timezone
 from typing import Any, Dict, List, NoReturn, Optional
 
 from . import __version__
@@ -86,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     log_level: Optional[str] = args.pop("log_level")
     try:
         if path is None and not check:
-            _log_to_stderr(log_level or "info")
+            _log_to_stderr(log_level or "info", args.get("log_format", "text"))
             Proxy(**args).serve_forever()
             return 0
         if path is None:
@@ -97,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if check:
             sys.stdout.write(describe(pc))
             return 0
-        _log_to_stderr(pc.log_level or "info")
+        _log_to_stderr(pc.log_level or "info", pc.process.log_format)
         if path is None:
             Proxy.from_config(pc).serve_forever()
             return 0
@@ -116,9 +118,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _log_to_stderr(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s fastproxy %(levelname)s %(message)s")
+def _log_to_stderr(level: str, log_format: str = "text") -> None:
+    # The command's logging; an embedding application configures its own
+    # (Proxy ignores log_format).
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s fastproxy %(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time (UTC, ISO 8601), level, logger,
+    message, and exception (the traceback's text) when there is one, for
+    log shippers that parse lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: Dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry)
 
 
 def config_from_file(path: str, flags: Dict[str, Any], log_level: Optional[str]) -> ProxyConfig:

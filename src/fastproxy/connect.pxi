@@ -170,8 +170,11 @@ cdef void bridge_queue_retry(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         if not limit_take(b.ls):
             queue_wait(w, b, 1, now)
             return
+        timing_left_queue(b, now)
         bridge_admitted(w, b, now)
     else:
+        # (Should the upstream be full again, the next retry stamps again.)
+        timing_left_queue(b, now)
         bridge_start_upstream(w, b, -1, now)
 
 
@@ -296,6 +299,7 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
             b.u_rd = 0
             b.u_wr = 0
             b.state = B_CONNECTING
+            b.connect_start_ns = now
             timer_add(w, b, T_CONNECT, now + b.ls.connect_timeout_ns)
             return 0
         close(fd)
@@ -304,12 +308,13 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
     return err
 
 
-cdef bint bridge_connected(Worker *w, Bridge *b) noexcept nogil:
+cdef bint bridge_connected(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     # Returns: 0 when the bridge had to close (the PROXY header failed).
     timer_del(w, b, SLOT_PHASE)
     b.state = B_ACTIVE
+    timing_connected(w, b, now)
     if b.up_slot:
-        balance_connect_result(b.group, b.upstream, 1, fp_now_ns())
+        balance_connect_result(b.group, b.upstream, 1, now)
     if b.ls.send_proxy and not bridge_send_header(w, b):
         bridge_close(w, b, UPSTREAM_RESET, 1, 1)
         return 0

@@ -74,6 +74,7 @@ class ListenerHooks:
     access_log: Optional[AccessLog]
     max_hold: int
     timeout: float                   # hook_timeout, 0: none
+    access_fields: Optional[Tuple[str, ...]] = None   # access_log_format's; None: every field
 
     @property
     def wants_calls(self) -> bool:
@@ -375,12 +376,13 @@ class HookRunner:
             fn()
 
     def _record(self, entry: ListenerHooks, raw: tuple) -> Tuple[Connection, CloseRecord]:
-        _, ident, client, upstream, route, up, down, accepted_ns, closed_ns, reason = raw
+        _, ident, client, upstream, route, up, down, accepted_ns, closed_ns, reason, queue_ns, connect_ns = raw
         accepted_at = self._epoch_offset + accepted_ns / 1e9
         name = route if route is not None else upstream
         conn = Connection(ident, client, entry.address, accepted_at)
-        record = CloseRecord(ident, client, name, up, down, (closed_ns - accepted_ns) / 1e9, accepted_at,
-                             CloseReason(reason))
+        total = (closed_ns - accepted_ns) / 1e9
+        record = CloseRecord(ident, client, name, up, down, total, accepted_at, CloseReason(reason),
+                             queue_ns / 1e9, None if connect_ns < 0 else connect_ns / 1e9, total)
         return conn, record
 
     def _deliver(self, raw: tuple) -> None:
@@ -388,7 +390,10 @@ class HookRunner:
         conn, record = self._record(entry, raw)
         if entry.access_log is not None:
             try:
-                entry.access_log.write(json.dumps({"listener": entry.name, **record.to_json()}))
+                line = {"listener": entry.name, **record.to_json()}
+                if entry.access_fields is not None:
+                    line = {k: line[k] for k in entry.access_fields}
+                entry.access_log.write(json.dumps(line))
             except BaseException:
                 self.errors.report("access_log")
         fn = entry.hooks.on_close

@@ -364,6 +364,9 @@ cdef void record_push(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     rec.bytes_downstream = b.down.bytes
     rec.accepted_ns = b.accepted_ns
     rec.closed_ns = now
+    rec.queue_ns = <int64_t>b.queue_us * 1000
+    # Only bridge_connected makes a bridge B_ACTIVE, and it stays so until here.
+    rec.connect_ns = <int64_t>b.connect_us * 1000 if b.state == B_ACTIVE else -1
     q.count += 1
     first = q.count == 1
     pthread_mutex_unlock(&q.mu)

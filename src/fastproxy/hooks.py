@@ -82,6 +82,12 @@ class CloseRecord:
     duration: float
     accepted_at: float
     reason: CloseReason
+    # Seconds: in the wait queue (0.0 if it never waited), to connect to the
+    # upstream that took it (only the address that answered; None if it
+    # never connected), and from accept to close (as duration).
+    queue_time: float = 0.0
+    connect_time: Optional[float] = None
+    total_time: float = 0.0
 
     def to_json(self) -> Dict[str, Any]:
         return {
@@ -93,7 +99,36 @@ class CloseRecord:
             "duration": round(self.duration, 6),
             "accepted_at": round(self.accepted_at, 6),
             "reason": self.reason.name,
+            "queue_time": round(self.queue_time, 6),
+            "connect_time": None if self.connect_time is None else round(self.connect_time, 6),
+            "total_time": round(self.total_time, 6),
         }
+
+
+# What an access log line may hold, in the order a line without
+# access_log_format writes them.
+ACCESS_LOG_FIELDS = ("listener", "id", "client_address", "upstream", "bytes_upstream", "bytes_downstream",
+                     "duration", "accepted_at", "reason", "queue_time", "connect_time", "total_time")
+
+
+def parse_access_log_format(value: Any, field: str) -> str:
+    """'id, upstream,total_time' -> 'id,upstream,total_time', each name checked."""
+    if not isinstance(value, str):
+        raise ConfigError(field, value, "expected a comma-separated list of field names")
+    names = tuple(n.strip() for n in value.split(","))
+    if not any(names):
+        raise ConfigError(field, value, "names no field")
+    for name in names:
+        if name not in ACCESS_LOG_FIELDS:
+            raise ConfigError(field, value, f"unknown field {name!r} (known: {', '.join(ACCESS_LOG_FIELDS)})")
+    if len(set(names)) != len(names):
+        raise ConfigError(field, value, "names a field twice")
+    return ",".join(names)
+
+
+def access_log_fields(value: Optional[str]) -> Optional[Tuple[str, ...]]:
+    """A checked access_log_format -> its fields; None (every field) for None."""
+    return None if value is None else tuple(value.split(","))
 
 
 Hook = Callable[..., Any]

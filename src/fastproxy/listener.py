@@ -13,7 +13,7 @@ from . import _core
 from .accesslog import AccessLog
 from .config import Config
 from .dispatch import HookRunner, ListenerHooks
-from .hooks import Hooks, load_hooks
+from .hooks import Hooks, access_log_fields, load_hooks
 from .sockets import (UnixFile, adopt_socket, check_listening, listen_socket, listen_unix, remove_unix_file,
                       resolve_upstream)
 from .timewindows import Clock, TimeWindows
@@ -30,10 +30,17 @@ _SETTINGS = ("weight",)
 
 def add_figures(into: Dict[str, Any], more: Dict[str, Any]) -> None:
     """Adds `more` (a listener's or upstream's figures) into `into`: counts
-    add up, highs take the larger, words (state) keep `into`'s."""
+    add up, highs take the larger, words (state) keep `into`'s; a
+    histogram's counts add bucket by bucket and its sum adds (its bounds are
+    fixed: the same in every block)."""
     for key, value in more.items():
         if isinstance(value, dict):
             add_figures(into.setdefault(key, {}), value)
+        elif key == "counts" and isinstance(value, list):
+            have = into.get(key)
+            into[key] = list(value) if have is None else [a + b for a, b in zip(have, value)]
+        elif key == "sum" and isinstance(value, float):
+            into[key] = into.get(key, 0.0) + value
         elif isinstance(value, bool) or not isinstance(value, int) or key in _SETTINGS:
             into.setdefault(key, value)
         elif key in _HIGHS:
@@ -185,7 +192,8 @@ class Listener:
         self.runner = runner
         runner.register(self.handle.id, ListenerHooks(
             self.name, self.hooks, self.hook_address(), self.handle, self.access_log if logged else None,
-            cfg.hooks.max_hold, float(cfg.hooks.hook_timeout or 0.0)))
+            cfg.hooks.max_hold, float(cfg.hooks.hook_timeout or 0.0),
+            access_log_fields(cfg.hooks.access_log_format)))
         if replaces is not None and old is not None:
             # The old block drains under this listener: its figures stay
             # this listener's, its access log open until its last record.

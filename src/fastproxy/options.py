@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from ._core import BALANCE_ALGORITHMS
 from .acl import parse_cidrs, parse_rule_files
+from .hooks import ACCESS_LOG_FIELDS, parse_access_log_format
 from .ratelimit import parse_rate
 from .takeover import check_path
 from .timewindows import parse_time_windows, parse_time_zone
@@ -324,6 +325,9 @@ OPTIONS: Tuple[Option, ...] = (
            "hooks", metavar="SIZE"),
     Option("access_log", _optional(_text), None, "one JSON line per closed bridge, appended to FILE "
            "(- is standard output)", "hooks", metavar="FILE"),
+    Option("access_log_format", _optional(parse_access_log_format), None, "the fields an access log line "
+           "holds, comma-separated, in that order; any of " + ", ".join(ACCESS_LOG_FIELDS), "hooks",
+           metavar="FIELDS", shown_default="every field"),
     # ---- process
     Option("workers", _optional(_count()), None, "worker threads", "process", scope="process", metavar="N",
            shown_default="one per CPU this process may use"),
@@ -342,6 +346,9 @@ OPTIONS: Tuple[Option, ...] = (
            "sockets of the process serving at this Unix socket PATH (it then drains and exits), and serve "
            "them there to the next one (docs/operations.md)", "process", scope="process", metavar="PATH",
            shown_default="off"),
+    Option("log_format", _choice("text", "json"), "text", "the command's log lines on stderr: text, or "
+           "one JSON object per line (time, level, logger, message, exception); an embedding application "
+           "configures logging itself", "process", scope="process", choices=("text", "json")),
     # ---- stats and run-time control
     Option("stats", _endpoint, None, "serve /metrics (Prometheus), /stats (JSON) and a status page over HTTP at "
            "ADDR (HOST:PORT, :PORT or unix:PATH)", "process", scope="process", metavar="ADDR",

@@ -421,7 +421,7 @@ cdef int worker_wait_epoll(Worker *w, int timeout, int64_t *now) noexcept nogil:
     cdef ListenerC *ls
     if n < 0:
         return n
-    now[0] = fp_now_ns()
+    now[0] = w.now_ns = fp_now_ns()
     for i in range(n):
         tag = w.events[i].data.u64
         if tag == TAG_WAKE:
@@ -528,7 +528,7 @@ cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
     r = fp_poll(w.pfds, <nfds_t>k, timeout)
     if r < 0:
         return r
-    now[0] = fp_now_ns()
+    now[0] = w.now_ns = fp_now_ns()
     if w.pfds[0].revents:
         drain_wake(w)
         worker_take_results(w, now[0])
@@ -556,6 +556,7 @@ cdef int worker_run(Worker *w) noexcept nogil:
     cdef int64_t now = fp_now_ns()
     cdef int r = 0
     cdef int timeout
+    w.now_ns = now
     fp_block_signals()
     # Against _publish's store of the generation then load of in_loop:
     # either it waits for this worker or this worker sees its change.
@@ -593,7 +594,7 @@ cdef int worker_run(Worker *w) noexcept nogil:
             # Short of memory for a moment: the bridges we have keep their
             # state; look again soon rather than end the worker.
             usleep(10000)
-            now = fp_now_ns()
+            now = w.now_ns = fp_now_ns()
             r = 0
         elif r < 0:
             break
