@@ -131,6 +131,27 @@ def test_one_snapshot_shows_the_counts_after_known_traffic(live):
     assert len(re.findall(r"^listener ", out, re.M)) == 1
 
 
+def test_each_listener_has_its_own_table(engine):
+    with EchoServer() as a, EchoServer() as b:
+        proxy = Proxy.from_config({"engine": engine, "workers": 1, "listeners": [
+            {"name": "web", "listen": "127.0.0.1:0", "upstreams": [a.addr]},
+            {"name": "db", "listen": "127.0.0.1:0", "upstreams": [b.addr]}]}).start()
+        try:
+            echo_roundtrip(proxy.addresses["web"], b"w")
+            for _ in range(3):
+                echo_roundtrip(proxy.addresses["db"], b"d")
+            with StatsServer(proxy) as stats:
+                rc, out, err = run_cli(["top", stats.addr], timeout=30)
+        finally:
+            stop_bounded(proxy, timeout=2.0, limit=20.0)
+    assert rc == 0, err
+    web, db = out.split("\nlistener ")
+    assert web.startswith("listener web ") and "accepted 1 " in web
+    assert db.startswith("db ") and "accepted 3 " in db
+    assert _row(web, a.addr)[:4] == [a.addr, "up", "0", "1"] and b.addr not in web
+    assert _row(db, b.addr)[:4] == [b.addr, "up", "0", "3"] and a.addr not in db
+
+
 def test_count_two_prints_two_snapshots_with_rates(live):
     proxy, stats, a, b = live
     done = threading.Event()
