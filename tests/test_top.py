@@ -272,6 +272,30 @@ def test_terminal_draws_live_and_q_quits(live):
         term.close()
 
 
+@pytest.mark.parametrize("rich_present", [True, False], ids=["rich", "plain"])
+def test_terminal_keeps_the_last_figures_and_retries_when_the_endpoint_goes(live, tmp_path, rich_present):
+    if rich_present:
+        pytest.importorskip("rich")
+    proxy, stats, a, _ = live
+    echo_roundtrip(proxy.address, b"one")
+    env = None if rich_present else env_path_first(no_rich(tmp_path))
+    term = Pty(["top", stats.addr, "--interval", "0.2"], env=env)
+    try:
+        assert term.read_until(re.escape(a.encode()), 20), term.out
+        stats.close()
+        assert term.read_until(rb"cannot reach .*; retrying every 0.2 s", 20), term.out[-3000:]
+        # The error heads the frame and the last figures stay under it (not a
+        # frame of its own that the next redraw wipes); it redraws, retrying.
+        under = rb"retrying every 0\.2 s(?:\x1b\[[0-9;]*m)*\r?\n(?:\x1b\[[0-9;]*m)*(?:fastproxy top|listener front)"
+        assert term.read_until(b"(?s)" + under + b".*" + under, 20), term.out[-3000:]
+        assert term.proc.poll() is None
+        os.write(term.master, b"q")
+        assert term.wait(20) == 0, term.out[-3000:]
+        assert termios.tcgetattr(term.slave) == term.modes
+    finally:
+        term.close()
+
+
 def test_terminal_ctrl_c_restores_the_terminal(live):
     _, stats, a, _ = live
     term = Pty(["top", stats.addr, "--interval", "0.2"])

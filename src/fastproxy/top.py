@@ -233,53 +233,50 @@ def _plain(endpoint: Endpoint, first: Dict[str, Any], interval: float, count: in
 
 def _live(endpoint: Endpoint, first: Dict[str, Any], interval: float, count: Optional[int]) -> int:
     try:
-        from rich.console import Console
+        from rich.console import Console, Group, RenderableType
         from rich.live import Live
+        from rich.text import Text
     except ImportError:
         _error(f"the live view needs rich: {INSTALL_HINT}; showing the plain view")
         return _live_plain(endpoint, first, interval, count)
     title = f"fastproxy top  {endpoint.url}  (q quits)"
     console = Console()
     stats, taken = first, time.monotonic()
-    before: Optional[Dict[str, Any]] = None
-    elapsed: Optional[float] = None
-    shown = 0
+    shown: RenderableType = render_rich(build_view(stats), title=title)
+    drawn = 0
     with Keys(sys.stdin) as keys, Live(console=console, auto_refresh=False, transient=False) as live:
         while True:
-            view = build_view(stats, before, elapsed)
-            live.update(render_rich(view, title=title), refresh=True)
-            shown += 1
-            if (count is not None and shown >= count) or keys.wait_quit(interval):
+            live.update(shown, refresh=True)
+            drawn += 1
+            if (count is not None and drawn >= count) or keys.wait_quit(interval):
                 return 0
             try:
                 now, now_taken = endpoint.fetch(), time.monotonic()
             except StatsError as exc:
-                from rich.text import Text
-                live.update(Text(f"{title}\n{exc}; retrying every {interval:g} s", style="bold red"),
-                            refresh=True)
+                # The last figures stay, under the error, until it answers again.
+                last = render_rich(build_view(stats), title=title)
+                shown = Group(Text(f"{exc}; retrying every {interval:g} s", style="bold red"), last)
                 continue
-            before, elapsed = stats, now_taken - taken
+            shown = render_rich(build_view(now, stats, now_taken - taken), title=title)
             stats, taken = now, now_taken
 
 
 def _live_plain(endpoint: Endpoint, first: Dict[str, Any], interval: float, count: Optional[int]) -> int:
     """The plain view redrawn in place (cursor home, clear): a terminal without rich."""
     stats, taken = first, time.monotonic()
-    before: Optional[Dict[str, Any]] = None
-    elapsed: Optional[float] = None
-    shown = 0
+    shown = render_text(build_view(stats))
+    drawn = 0
     with Keys(sys.stdin) as keys:
         while True:
-            text = render_text(build_view(stats, before, elapsed))
-            sys.stdout.write(f"\x1b[H\x1b[J{endpoint.url}  (q quits)\n{text}")
+            sys.stdout.write(f"\x1b[H\x1b[J{endpoint.url}  (q quits)\n{shown}")
             sys.stdout.flush()
-            shown += 1
-            if (count is not None and shown >= count) or keys.wait_quit(interval):
+            drawn += 1
+            if (count is not None and drawn >= count) or keys.wait_quit(interval):
                 return 0
             try:
                 now, now_taken = endpoint.fetch(), time.monotonic()
             except StatsError as exc:
-                sys.stdout.write(f"\n{exc}; retrying\n")
+                shown = f"{exc}; retrying every {interval:g} s\n" + render_text(build_view(stats))
                 continue
-            before, elapsed = stats, now_taken - taken
+            shown = render_text(build_view(now, stats, now_taken - taken))
             stats, taken = now, now_taken
