@@ -115,7 +115,9 @@ def test_auditwheel_sees_a_manylinux_wheel(dists):
     assert "is consistent with" in out and "manylinux_" in out, out
 
 
-def test_wheel_installs_into_a_fresh_venv_and_forwards(dists):
+@pytest.fixture(scope="module")
+def wheel_venv(dists):
+    """A fresh venv with the wheel alone installed (no extra): (work, bin dir, env)."""
     work, _, wheel = dists
     venv = work / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], 300)
@@ -125,9 +127,14 @@ def test_wheel_installs_into_a_fresh_venv_and_forwards(dists):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FASTPROXY_ENGINE")}
     _run([str(bindir / "python"), "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", str(wheel)], 300,
          env=env, cwd=str(work))
+    return work, bindir, env
+
+
+def test_wheel_installs_into_a_fresh_venv_and_forwards(wheel_venv):
+    work, bindir, env = wheel_venv
     where = _run([str(bindir / "python"), "-c", "import fastproxy; print(fastproxy.__file__)"], 60,
                  env=env, cwd=str(work))
-    assert str(venv) in where, where
+    assert str(work / "venv") in where, where
     assert VERSION in _run([str(bindir / "fastproxy"), "--version"], 60, env=env, cwd=str(work))
     with EchoServer("127.0.0.1") as srv:
         proc = subprocess.Popen([str(bindir / "fastproxy"), "--listen", "127.0.0.1:0", "--upstream", srv.addr],
@@ -141,3 +148,14 @@ def test_wheel_installs_into_a_fresh_venv_and_forwards(dists):
         finally:
             proc.terminate()
             assert proc.wait(20) == 0, stderr.text()
+
+
+def test_demo_runs_from_the_wheel_without_the_top_extra(wheel_venv):
+    """The README's first command, `pip install . && fastproxy demo`: no rich
+    in the venv, so the plain view."""
+    work, bindir, env = wheel_venv
+    cp = subprocess.run([str(bindir / "python"), "-c", "import rich"], capture_output=True, env=env, cwd=str(work))
+    assert cp.returncode != 0, "rich is in the fresh venv: the test would not show the demo runs without it"
+    out = _run([str(bindir / "fastproxy"), "demo", "--duration", "1"], 60, env=env, cwd=str(work),
+               stdin=subprocess.DEVNULL)
+    assert out.count("weight share") == 3 and "bytes moved" in out, out

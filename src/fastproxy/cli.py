@@ -1,7 +1,8 @@
 """The `fastproxy` command: argv -> Proxy(**options).serve_forever(), or
 with --config FILE the file's listeners; `fastproxy check ...` validates the
-same arguments and prints what would run. The flags come from the option
-table (options.py).
+same arguments and prints what would run; `fastproxy top` (top.py) shows a
+running proxy's stats endpoint live and `fastproxy demo` (demo.py) runs one
+on loopback with traffic. The flags come from the option table (options.py).
 
 A user mistake prints one line naming the flag (or the file's key) and the
 value, and exits 2.
@@ -25,7 +26,9 @@ from .values import ConfigError
 
 EXIT_USAGE = 2
 USAGE = ("fastproxy [check] --listen ADDR --upstream SPEC [--upstream SPEC ...] [options]\n"
-         "       fastproxy [check] --config FILE [options]")
+         "       fastproxy [check] --config FILE [options]\n"
+         "       fastproxy top [ADDR] [--interval D] [--count N]\n"
+         "       fastproxy demo [--duration D] [--forever]")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +46,8 @@ def build_parser(*, command_defaults: bool = True) -> argparse.ArgumentParser:
         usage=USAGE,
         description="A TCP proxy that forwards at native speed (epoll + splice, no GIL). "
                     "`fastproxy check ...` validates the same arguments, binds nothing, prints what "
-                    "would run and exits.",
+                    "would run and exits; `fastproxy top ADDR` shows a running proxy's stats endpoint "
+                    "live; `fastproxy demo` runs one on loopback with traffic (each has -h).",
         epilog="Durations (D) accept 5, 5s, 500ms, 2m, 1h; sizes 65536, 256k, 1m. "
                "Every option: docs/reference.md; the config file: docs/configuration.md.",
     )
@@ -71,6 +75,12 @@ def build_parser(*, command_defaults: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "top":
+        from . import top
+        return top.main(argv[1:])
+    if argv and argv[0] == "demo":
+        from . import demo
+        return demo.main(argv[1:])
     check = bool(argv) and argv[0] == "check"
     if check:
         argv = argv[1:]

@@ -1,0 +1,210 @@
+"""The live view of `fastproxy top` and `fastproxy demo`: a stats dict (what
+`Proxy.stats()` returns and the endpoint's /stats serves), with the snapshot
+before it, becomes per-listener tables of upstreams with rates.
+
+Pure functions: `build_view` computes the figures, `render_text` writes
+them as plain text (no dependency), `render_rich` as rich tables (rich is
+the `top` extra, imported only there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import RenderableType
+
+__all__ = ["UpstreamRow", "ListenerView", "View", "build_view", "render_text", "render_rich",
+           "format_bytes", "format_rate", "REFUSALS", "PROCESS_ERRORS"]
+
+# Why a client was turned away or lost before reaching an upstream.
+REFUSALS = ("rejected", "denied", "rate_limited", "outside_window", "queue_timeouts",
+            "proxy_header_errors", "fd_exhausted")
+# Trouble with the process's hooks and records, not with traffic.
+PROCESS_ERRORS = ("hook_errors", "hook_timeouts", "stale_answers", "dropped_records")
+ROUTED = "(routed)"
+
+
+@dataclass(frozen=True)
+class UpstreamRow:
+    name: str
+    state: str
+    active: int
+    total: int                      # bridges sent to it ("accepted")
+    rate: Optional[float]           # new bridges per second; None on the first snapshot
+    up: Optional[float]             # bytes per second client -> upstream
+    down: Optional[float]
+    connect_failures: int
+
+
+@dataclass(frozen=True)
+class ListenerView:
+    name: str
+    upstreams: Tuple[UpstreamRow, ...]
+    active: int
+    peak_active: int
+    queued: int
+    accepted: int
+    rate: Optional[float]
+    up: Optional[float]
+    down: Optional[float]
+    connect_failures: int
+    refusals: Tuple[Tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class View:
+    listeners: Tuple[ListenerView, ...]
+    errors: Tuple[Tuple[str, int], ...]
+    elapsed: Optional[float]        # seconds since the previous snapshot
+
+
+def _int(d: Mapping[str, Any], key: str) -> int:
+    value = d.get(key, 0)
+    return int(value) if isinstance(value, (int, float)) else 0
+
+
+def _per_second(now: Mapping[str, Any], before: Optional[Mapping[str, Any]], key: str,
+                elapsed: Optional[float]) -> Optional[float]:
+    if before is None or not elapsed or elapsed <= 0 or key not in before:
+        return None
+    delta = _int(now, key) - _int(before, key)
+    # A counter that went back belongs to a restarted process: no rate.
+    return delta / elapsed if delta >= 0 else None
+
+
+def _mapping(d: Optional[Mapping[str, Any]], key: str) -> Optional[Mapping[str, Any]]:
+    if d is None:
+        return None
+    value = d.get(key)
+    return value if isinstance(value, Mapping) else None
+
+
+def _upstream_row(name: str, now: Mapping[str, Any], before: Optional[Mapping[str, Any]],
+                  elapsed: Optional[float]) -> UpstreamRow:
+    return UpstreamRow(name=name, state=str(now.get("state", "?")), active=_int(now, "active"),
+                       total=_int(now, "accepted"), rate=_per_second(now, before, "accepted", elapsed),
+                       up=_per_second(now, before, "bytes_upstream", elapsed),
+                       down=_per_second(now, before, "bytes_downstream", elapsed),
+                       connect_failures=_int(now, "connect_failures"))
+
+
+def _listener(name: str, now: Mapping[str, Any], before: Optional[Mapping[str, Any]],
+              elapsed: Optional[float]) -> ListenerView:
+    rows: List[UpstreamRow] = []
+    ups = _mapping(now, "upstreams") or {}
+    before_ups = _mapping(before, "upstreams")
+    for up_name, figures in ups.items():
+        if isinstance(figures, Mapping):
+            rows.append(_upstream_row(str(up_name), figures, _mapping(before_ups, str(up_name)), elapsed))
+    routed = _mapping(now, "routed")
+    # Only when on_connect routed somewhere: otherwise a row of zeros.
+    if routed is not None and (_int(routed, "accepted") or _int(routed, "active")):
+        rows.append(_upstream_row(ROUTED, routed, _mapping(before, "routed"), elapsed))
+    return ListenerView(name=name, upstreams=tuple(rows), active=_int(now, "active"),
+                        peak_active=_int(now, "peak_active"), queued=_int(now, "queued"),
+                        accepted=_int(now, "accepted"), rate=_per_second(now, before, "accepted", elapsed),
+                        up=_per_second(now, before, "bytes_upstream", elapsed),
+                        down=_per_second(now, before, "bytes_downstream", elapsed),
+                        connect_failures=_int(now, "connect_failures"),
+                        refusals=tuple((k, _int(now, k)) for k in REFUSALS))
+
+
+def build_view(stats: Mapping[str, Any], previous: Optional[Mapping[str, Any]] = None,
+               elapsed: Optional[float] = None) -> View:
+    """The figures of one snapshot; rates against `previous`, taken
+    `elapsed` seconds earlier (none without it)."""
+    if previous is None:
+        elapsed = None
+    listeners = _mapping(stats, "listeners")
+    before_all = _mapping(previous, "listeners")
+    views: List[ListenerView] = []
+    if listeners:
+        for name, figures in listeners.items():
+            if isinstance(figures, Mapping):
+                views.append(_listener(str(name), figures, _mapping(before_all, str(name)), elapsed))
+    else:
+        # A stats dict from before listeners had names: the top level is the one listener.
+        views.append(_listener("", stats, previous, elapsed))
+    return View(listeners=tuple(views), errors=tuple((k, _int(stats, k)) for k in PROCESS_ERRORS),
+                elapsed=elapsed)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover - the loop returns
+
+
+def format_rate(value: Optional[float], *, per_bytes: bool = False) -> str:
+    if value is None:
+        return "-"
+    return format_bytes(value) + "/s" if per_bytes else f"{value:.1f}/s"
+
+
+HEADERS = ("upstream", "state", "active", "total", "new/s", "up/s", "down/s", "connect failures")
+
+
+def upstream_cells(row: UpstreamRow) -> Tuple[str, ...]:
+    return (row.name, row.state, str(row.active), str(row.total), format_rate(row.rate),
+            format_rate(row.up, per_bytes=True), format_rate(row.down, per_bytes=True),
+            str(row.connect_failures))
+
+
+def listener_line(lv: ListenerView) -> str:
+    return (f"active {lv.active} (peak {lv.peak_active})  queued {lv.queued}  accepted {lv.accepted} "
+            f"({format_rate(lv.rate)})  up {format_rate(lv.up, per_bytes=True)}  "
+            f"down {format_rate(lv.down, per_bytes=True)}  connect failures {lv.connect_failures}")
+
+
+def _pairs(pairs: Tuple[Tuple[str, int], ...]) -> str:
+    return "  ".join(f"{k} {v}" for k, v in pairs)
+
+
+def render_text(view: View) -> str:
+    """The snapshot as aligned plain text, ending in a newline."""
+    out: List[str] = []
+    for lv in view.listeners:
+        out.append(f"listener {lv.name}  {listener_line(lv)}" if lv.name else f"listener  {listener_line(lv)}")
+        table = [HEADERS] + [upstream_cells(r) for r in lv.upstreams]
+        widths = [max(len(line[i]) for line in table) for i in range(len(HEADERS))]
+        for line in table:
+            cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
+            out.append("  " + "  ".join(cells).rstrip())
+        out.append("  refused: " + _pairs(lv.refusals))
+    out.append("process errors: " + _pairs(view.errors))
+    return "\n".join(out) + "\n"
+
+
+_STATE_STYLE: Dict[str, str] = {"up": "green", "down": "bold red", "drained": "yellow"}
+
+
+def render_rich(view: View, title: str = "fastproxy") -> "RenderableType":
+    """The snapshot as rich tables (one per listener), for a terminal."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: List[RenderableType] = []
+    every = f"  (rates over {view.elapsed:.1f} s)" if view.elapsed else "  (rates from the next refresh)"
+    parts.append(Text(title + every, style="bold"))
+    for lv in view.listeners:
+        # Heading and refusals outside the table: a table's title and
+        # caption wrap at the table's width.
+        parts.append(Text(f"listener {lv.name}  " + listener_line(lv), style="bold"))
+        table = Table(expand=False)
+        for i, header in enumerate(HEADERS):
+            table.add_column(header, justify="left" if i < 2 else "right", no_wrap=i == 0)
+        for row in lv.upstreams:
+            cells = list(upstream_cells(row))
+            state = Text(cells[1], style=_STATE_STYLE.get(row.state, ""))
+            failures = Text(cells[7], style="red" if row.connect_failures else "")
+            table.add_row(cells[0], state, *cells[2:7], failures)
+        parts.append(table)
+        parts.append(Text("refused: " + _pairs(lv.refusals)))
+    bad = any(v for _, v in view.errors)
+    parts.append(Text("process errors: " + _pairs(view.errors), style="red" if bad else "dim"))
+    return Group(*parts)
