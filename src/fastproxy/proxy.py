@@ -17,7 +17,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _core, activation
 from .config import Config, ConfigError
@@ -29,9 +29,11 @@ from .options import OPTIONS, option
 from .timewindows import Clock
 from .upstreams import Upstream
 from .values import Duration, format_address
-from .sockets import check_listening, fd_budget
-from .statsserver import StatsServer, admin_handler, bind_stats, close_bound
+from .sockets import check_listening, fd_budget, remove_unix_file
 from .takeover import Handover, TakeoverServer, take_over
+
+if TYPE_CHECKING:
+    from .statsserver import StatsServer
 
 __all__ = ["Proxy"]
 
@@ -290,6 +292,9 @@ class Proxy:
             try:
                 self._begin_takeover(process.takeover)
                 if process.stats is not None:
+                    # Imported here: prometheus_client loads only for a
+                    # proxy that serves metrics.
+                    from .statsserver import bind_stats
                     stats_bound = bind_stats(process.stats)
                 for lst in self._listeners:
                     lst.prepare(engine=engine, max_connections=default_max_connections(budget),
@@ -315,7 +320,9 @@ class Proxy:
                     lst.discard()
                 self._abort_takeover()
                 if stats_bound is not None:
-                    close_bound(*stats_bound)
+                    stats_bound[0].close()
+                    if stats_bound[1] is not None:
+                        remove_unix_file(stats_bound[1])
                 raise
             self._plane = plane
             self._stopped.clear()
@@ -336,6 +343,7 @@ class Proxy:
             self._reaper = threading.Thread(target=self._reap, name="fastproxy-reaper", daemon=True)
             self._reaper.start()
             if stats_bound is not None:
+                from .statsserver import StatsServer, admin_handler
                 admin, admin_off = admin_handler(self, process.stats_admin, process.stats_token)
                 self._stats_server = StatsServer(stats_bound[0], unix_file=stats_bound[1], stats=self.stats,
                                                  weights=self._weights, admin=admin, admin_off=admin_off)
