@@ -4,13 +4,13 @@ no lock a worker takes). docs/observability.md lists every metric."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Tuple
+import math
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Tuple, Union
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.utils import floatToGoString
 
 __all__ = ["CONTENT_TYPE_LATEST", "REFUSAL_REASONS", "UPSTREAM_STATES", "ProxyCollector", "histogram_family",
            "make_registry", "render"]
@@ -45,6 +45,10 @@ WORKER_LOOP = (
 )
 
 
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
 def histogram_family(name: str, doc: str, per_listener: Mapping[str, Mapping[str, Any]]) -> HistogramMetricFamily:
     """A histogram from per-listener {"bounds", "counts" (per bucket, not
     cumulative), "sum", "count"}: Prometheus buckets are cumulative."""
@@ -54,7 +58,7 @@ def histogram_family(name: str, doc: str, per_listener: Mapping[str, Mapping[str
         running = 0
         for bound, count in zip(h["bounds"], h["counts"]):
             running += int(count)
-            buckets.append((floatToGoString(bound), running))
+            buckets.append((_le(bound), running))
         if not buckets or buckets[-1][0] != "+Inf":
             buckets.append(("+Inf", int(h["count"])))
         family.add_metric([listener], buckets, float(h["sum"]))
@@ -78,7 +82,7 @@ class ProxyCollector(Collector):
         listeners: Dict[str, Dict[str, Any]] = stats.get("listeners", {})
 
         def per_listener(kind: Any, name: str, doc: str, key: str) -> Metric:
-            family = kind(name, doc, labels=["listener"])
+            family: Union[GaugeMetricFamily, CounterMetricFamily] = kind(name, doc, labels=["listener"])
             for lname, fig in listeners.items():
                 family.add_metric([lname], fig.get(key, 0))
             return family
