@@ -367,3 +367,25 @@ def test_scraping_from_four_threads_loses_no_byte(engine):
             assert p.stats()["accepted"] == 100
         finally:
             stop_bounded(p, timeout=2.0, limit=20.0)
+
+
+def test_stop_with_open_connections_is_prompt_and_clean(engine, echo_server):
+    p = Proxy(listen="127.0.0.1:0", upstream=echo_server.addr, engine=engine, stats="127.0.0.1:0").start()
+    address = p.stats_address
+    kept = http.client.HTTPConnection(*address, timeout=5)
+    kept.request("GET", "/stats")
+    kept.getresponse().read()
+    partial = socket.create_connection(address, timeout=5)
+    partial.sendall(b"GET /metr")
+    try:
+        t0 = time.monotonic()
+        stop_bounded(p, timeout=2.0, limit=20.0)
+        assert time.monotonic() - t0 < 5
+        assert p.stats_address is None
+        partial.settimeout(5)
+        assert partial.recv(100) == b""   # closed, not left hanging
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=2).close()
+    finally:
+        kept.close()
+        partial.close()

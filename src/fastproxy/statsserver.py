@@ -213,9 +213,22 @@ class StatsServer:
         self._ready.set()
         try:
             loop.run_forever()
-        finally:
+            # Stopped: cut what is open and let every connection's task
+            # see it (_finish), so nothing is left pending when the loop closes.
+            loop.run_until_complete(self._finish())
             loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
             loop.close()
+
+    async def _finish(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
 
     async def _open(self) -> None:
         if self.sock.family == socket.AF_UNIX:
@@ -227,11 +240,7 @@ class StatsServer:
         assert self._loop is not None
         if self._server is not None:
             self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        for task in asyncio.all_tasks(self._loop):
-            task.cancel()
-        self._loop.call_soon(self._loop.stop)
+        self._loop.stop()
 
     # ---- one connection
 
