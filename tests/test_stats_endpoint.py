@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastproxy import Config, ConfigError, Proxy, metrics, statsserver
+from support.cli import assert_one_line_error, run_cli
 from support.servers import EchoServer, Servers
 from support.sockets import connect, echo_roundtrip, recv_until_eof
 from support.traffic import StreamLoad, VerifyingServer
@@ -389,3 +390,33 @@ def test_stop_with_open_connections_is_prompt_and_clean(engine, echo_server):
     finally:
         kept.close()
         partial.close()
+
+
+def test_cli_serves_the_endpoint(cli_proxy, echo_server):
+    cp = cli_proxy("--listen", "127.0.0.1:0", "--upstream", echo_server.addr, "--stats", "127.0.0.1:0")
+    m = cp.stderr.wait_line(r"stats endpoint on 127\.0\.0\.1:(\d+)", 5)
+    assert m is not None, cp.stderr.text()
+    assert echo_roundtrip(cp.address, b"through the cli") == b"through the cli"
+    conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=5)
+    try:
+        assert wait_for(lambda: _accepted(conn) == 1, 5)
+    finally:
+        conn.close()
+
+
+def _accepted(conn):
+    conn.request("GET", "/metrics")
+    found = samples(conn.getresponse().read().decode())
+    return sum(v for (name, _), v in found.items() if name == "fastproxy_bridges_total")
+
+
+def test_cli_bad_stats_address_is_one_line(any_engine, echo_server):
+    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", echo_server.addr, "--stats", "nowhere"])
+    assert_one_line_error(rc, out, err, "stats", "nowhere")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", echo_server.addr,
+                                "--stats", f"127.0.0.1:{port}"])
+        assert_one_line_error(rc, out, err, "stats", str(port), "in use")
