@@ -420,3 +420,18 @@ def test_cli_bad_stats_address_is_one_line(any_engine, echo_server):
         rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", echo_server.addr,
                                 "--stats", f"127.0.0.1:{port}"])
         assert_one_line_error(rc, out, err, "stats", str(port), "in use")
+
+
+def test_connections_past_the_cap_get_503_and_others_still_served_after(stats_proxy, echo_server, monkeypatch):
+    monkeypatch.setattr(statsserver, "MAX_CONNECTIONS", 4)
+    p = stats_proxy(echo_server.addr)
+    idle = [socket.create_connection(p.stats_address, timeout=5) for _ in range(4)]
+    try:
+        # The four are registered once the server has accepted them.
+        time.sleep(0.3)
+        out = raw(p.stats_address, b"GET /stats HTTP/1.1\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 503 "), out
+    finally:
+        for s in idle:
+            s.close()
+    assert wait_for(lambda: get(p, "/stats")[0] == 200, 5)

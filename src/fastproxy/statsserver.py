@@ -246,8 +246,7 @@ class StatsServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._writers) >= MAX_CONNECTIONS:
-            self._write(writer, error(503, "too many connections to the stats endpoint"), close=True)
-            writer.close()
+            await self._refuse(reader, writer)
             return
         self._writers.add(writer)
         peername = writer.get_extra_info("peername")
@@ -273,6 +272,20 @@ class StatsServer:
             pass
         finally:
             self._writers.discard(writer)
+            writer.close()
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Closing over an unread request would reset the connection and
+        # lose the answer: send it, half-close, and read what the client
+        # sent, for a second at most.
+        try:
+            self._write(writer, error(503, "too many connections to the stats endpoint"), close=True)
+            await writer.drain()
+            writer.write_eof()
+            await asyncio.wait_for(reader.read(MAX_HEAD), 1.0)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
             writer.close()
 
     async def _read(self, reader: asyncio.StreamReader, peer: Any,
