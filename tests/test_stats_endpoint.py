@@ -384,7 +384,12 @@ def test_stop_with_open_connections_is_prompt_and_clean(engine, echo_server):
         assert time.monotonic() - t0 < 5
         assert p.stats_address is None
         partial.settimeout(5)
-        assert partial.recv(100) == b""   # closed, not left hanging
+        # Closed, not left hanging: FIN, or RST when the server had not
+        # read the partial request yet.
+        try:
+            assert partial.recv(100) == b""
+        except ConnectionResetError:
+            pass
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(address, timeout=2).close()
     finally:
