@@ -257,8 +257,7 @@ class StatsServer:
                 try:
                     request, keep = await self._read(reader, peer, first)
                 except BadRequest as exc:
-                    self._write(writer, error(exc.status, exc.message), close=True)
-                    await writer.drain()
+                    await self._answer_and_close(reader, writer, error(exc.status, exc.message))
                     break
                 if request is None:
                     break
@@ -275,18 +274,28 @@ class StatsServer:
             writer.close()
 
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Closing over an unread request would reset the connection and
-        # lose the answer: send it, half-close, and read what the client
-        # sent, for a second at most.
         try:
-            self._write(writer, error(503, "too many connections to the stats endpoint"), close=True)
-            await writer.drain()
-            writer.write_eof()
-            await asyncio.wait_for(reader.read(MAX_HEAD), 1.0)
-        except (OSError, asyncio.TimeoutError):
-            pass
+            await self._answer_and_close(reader, writer, error(503, "too many connections to the stats endpoint"))
         finally:
             writer.close()
+
+    async def _answer_and_close(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                response: Response) -> None:
+        # Closing over an unread request would reset the connection and
+        # lose the answer: send it, half-close, and read what the client
+        # still sends until it closes, for a second at most.
+        try:
+            self._write(writer, response, close=True)
+            await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+            deadline = asyncio.get_running_loop().time() + 1.0
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0 or not await asyncio.wait_for(reader.read(MAX_HEAD), left):
+                    break
+        except (OSError, asyncio.TimeoutError):
+            pass
 
     async def _read(self, reader: asyncio.StreamReader, peer: Any,
                     first: bool) -> Tuple[Optional[Request], bool]:
