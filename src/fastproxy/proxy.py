@@ -338,6 +338,10 @@ class Proxy:
                 self._wait_accepting(plane, workers)
             except BaseException:
                 self._abort_takeover()
+                if stats_bound is not None:
+                    stats_bound[0].close()
+                    if stats_bound[1] is not None:
+                        remove_unix_file(stats_bound[1])
                 raise
             self._finish_takeover()
             self._reaper = threading.Thread(target=self._reap, name="fastproxy-reaper", daemon=True)
