@@ -186,6 +186,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "Repeatable")
     p.add_argument("--tests", default="bulk,connrate,ping,ping1,idle",
                    help="which measurements")
+    p.add_argument("--scrape-interval", type=float, default=0.1, metavar="SECONDS",
+                   help="how often fastproxy-scraped's /metrics is fetched during bulk and connrate "
+                        "(0: not at all)")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions; medians reported")
     p.add_argument("--duration", type=int, default=5, help="iperf3 -t seconds")
     p.add_argument("--conn-duration", type=int, default=4, help="connrate seconds")

@@ -69,6 +69,7 @@ def test_wheel_holds_the_package_and_nothing_source_only(dists):
     names = zipfile.ZipFile(wheel).namelist()
     assert [n for n in names if n.startswith("fastproxy/_core.") and n.endswith((".so", ".pyd"))], names
     for needed in ("fastproxy/__init__.py", "fastproxy/py.typed", "fastproxy/_core.pyi", "fastproxy/options.py",
+                   "fastproxy/static/status.js", "fastproxy/static/status.css",
                    "fastproxy_tcp-%s.dist-info/licenses/LICENSE" % VERSION):
         assert needed in names, needed
     source_only = [n for n in names if n.endswith((".c", ".pyx", ".pxi", ".pxd", ".h", ".html"))]
@@ -82,6 +83,7 @@ def test_wheel_holds_the_package_and_nothing_source_only(dists):
     assert "Name: fastproxy-tcp" in metadata
     assert "License-Expression: MIT" in metadata
     assert "Requires-Python: >=3.11" in metadata
+    assert "Requires-Dist: prometheus_client" in metadata
 
 
 def test_sdist_holds_what_building_and_testing_need(dists):
@@ -92,7 +94,8 @@ def test_sdist_holds_what_building_and_testing_need(dists):
                    "src/fastproxy/bridge.pxi", "src/fastproxy/_core.pxd", "src/fastproxy/includes/compat.h",
                    "src/fastproxy/includes/system.pxd", "src/fastproxy/py.typed", "tests/conftest.py",
                    "tests/support/cli.py", "tests/support/stubtest-allowlist.txt", "tests/test_options.py",
-                   "examples/router.py", "docs/reference.md"):
+                   "examples/router.py", "docs/reference.md", "src/fastproxy/static/status.js",
+                   "src/fastproxy/static/status.css"):
         assert needed in names, needed
     built = [n for n in names if n.endswith((".so", ".html")) or n == "src/fastproxy/_core.c"]
     assert not built, built

@@ -27,6 +27,7 @@ class Contender:
     desc: str                        # for the JSON, so a result says what ran
     missing: str = ""                # why it cannot run here, if it cannot
     clean_exits: tuple = (0,)        # exit codes that count as a clean stop
+    scrape: bool = False             # serves /metrics on {workdir}/stats.sock: scraped during bulk and connrate
 
 
 # fastproxy-16listeners: how many listeners share the workers.
@@ -198,11 +199,13 @@ def all_contenders(args: argparse.Namespace) -> List[Contender]:
     no_uvloop = "" if importlib.util.find_spec("uvloop") else "uvloop is not importable (pip install uvloop)"
     w = args.workers
 
-    def fp(name: str, engine: str, extra: str = "") -> Contender:
+    def fp(name: str, engine: str, extra: str = "", scrape: bool = False) -> Contender:
         desc = (f"{args.fastproxy_cmd} --listen ... --upstream ... "
                 f"--workers {w} --engine {engine} {extra}").strip()
+        if scrape:
+            desc += f"; GET /metrics every {args.scrape_interval} s during bulk and connrate"
         return Contender(name, fastproxy_command(args.fastproxy_cmd, w, engine, extra),
-                         desc, fp_missing)
+                         desc, fp_missing, scrape=scrape)
 
     contenders = [
         Contender("direct", None, "clients connect to the backend itself"),
@@ -210,6 +213,8 @@ def all_contenders(args: argparse.Namespace) -> List[Contender]:
         fp("fastproxy-poll", "poll"),
         fp("fastproxy-busypoll", "epoll", f"--busy-poll {BUSY_POLL}"),
         fp("fastproxy-nolowat", "epoll", "--notsent-lowat 0"),
+        # The stats endpoint's cost: the same proxy, scraped while it works.
+        fp("fastproxy-scraped", "epoll", "--stats unix:{workdir}/stats.sock", scrape=True),
         Contender("fastproxy-16listeners",
                   fastproxy_listeners_command(args.fastproxy_cmd, w, "epoll", LISTENERS),
                   f"{args.fastproxy_cmd} --config FILE (the measured listener and {LISTENERS - 1} idle ones) "

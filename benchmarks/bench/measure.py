@@ -8,8 +8,10 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +89,77 @@ def proxied(env: Env, c: Contender, upstream: int, notes: dict,
                 log(f"    note: {c.name} did not stop cleanly: {stop}")
 
 
+class Scraper:
+    """GET /metrics from a proxy's stats endpoint every `interval` seconds
+    on a thread of this (load-side) process, while a test runs: what a
+    scrape costs the proxy shows in its figures and CPU. Counts scrapes,
+    failures and the slowest answer."""
+
+    def __init__(self, path: Path, interval: float):
+        self.path, self.interval = path, interval
+        self.scrapes = 0
+        self.errors: List[str] = []
+        self.slowest_ms = 0.0
+        self.total_ms = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+
+    def _once(self) -> None:
+        t0 = time.monotonic()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.path))
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            answer = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        if not answer.startswith(b"HTTP/1.1 200 "):
+            raise BenchError(f"scrape answered {answer[:40]!r}")
+        ms = (time.monotonic() - t0) * 1e3
+        self.scrapes += 1
+        self.total_ms += ms
+        self.slowest_ms = max(self.slowest_ms, ms)
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self._once()
+            except (OSError, BenchError) as e:
+                self.errors.append(str(e))
+            next_at += self.interval
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def summary(self) -> dict:
+        return {"scrapes": self.scrapes, "errors": len(self.errors), "first_errors": self.errors[:3],
+                "mean_ms": round(self.total_ms / self.scrapes, 2) if self.scrapes else None,
+                "slowest_ms": round(self.slowest_ms, 2)}
+
+    def __enter__(self) -> "Scraper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@contextlib.contextmanager
+def scraping(env: Env, c: Contender, proxy: Optional[Service], notes: dict, key: str) -> Iterator[None]:
+    """Scrape the proxy during the block if the contender asks for it."""
+    if not c.scrape or proxy is None or env.args.scrape_interval <= 0:
+        yield
+        return
+    with Scraper(proxy.workdir / "stats.sock", env.args.scrape_interval) as scraper:
+        yield
+    notes[f"{key}_scrapes"] = scraper.summary()
+    log(f"    scraped /metrics {scraper.scrapes} times (slowest {scraper.slowest_ms:.1f} ms, "
+        f"{len(scraper.errors)} failed)")
+
+
 def iperf3_once(env: Env, port: int, streams: int) -> dict:
     argv = ["iperf3", "-c", HOST, "-p", str(port), "-t", str(env.args.duration), "-J"]
     if streams > 1:
@@ -103,7 +176,7 @@ def bulk_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
         for streams in (1, 8):
             for attempt in range(1, IPERF_ATTEMPTS + 1):
                 try:
-                    with CpuMeter(env, proxy) as cpu:
+                    with scraping(env, c, proxy, notes, f"bulk{streams}"), CpuMeter(env, proxy) as cpu:
                         data = iperf3_once(env, port, streams)
                     break
                 except BenchError as e:
@@ -137,7 +210,7 @@ def echo_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
     with running(server, backend_port, notes), \
             proxied(env, c, backend_port, notes) as (port, proxy):
         if "connrate" in env.tests:
-            with CpuMeter(env, proxy) as cpu:
+            with scraping(env, c, proxy, notes, "connrate"), CpuMeter(env, proxy) as cpu:
                 r = run_json([str(LOADGEN_BIN), "connrate", HOST, str(port),
                               str(a.conn_duration), str(a.concurrency)],
                              timeout=a.conn_duration + 30)

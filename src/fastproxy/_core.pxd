@@ -223,6 +223,17 @@ cdef struct Counters:
     uint64_t rate_limited
     uint64_t outside_window
     uint64_t proxy_header_errors
+    uint64_t hook_refused     # on_connect said refuse
+    uint64_t hook_calls       # hook calls made (on_connect and on_data)
+
+
+# A worker's own loop, written by that worker only (DataPlane.stats()
+# reads them with relaxed loads): where its time goes when it is busy.
+cdef struct LoopCounters:
+    uint64_t iterations   # rounds of the loop (one wait each)
+    uint64_t events       # ready events (epoll) or fds (poll) handled
+    uint64_t wakeups      # woken through its wake pipe (control plane, results)
+    uint64_t accept_calls # accept4() calls, including the one that met EAGAIN
 
 
 # Counters every worker updates atomically.
@@ -509,6 +520,7 @@ cdef struct Worker:
     int kill_found        # cmd_kill found its bridge here
     int64_t in_loop       # atomic: 1 while in worker_run's loop
     int64_t now_ns        # the loop's clock, read once per wake-up: what timings stamp
+    LoopCounters loop
     Bridge **bridges
     int nbridges
     int cap_bridges

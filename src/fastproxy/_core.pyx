@@ -83,6 +83,8 @@ cdef dict counters_dict(Counters *c):
         "rate_limited": c.rate_limited,
         "outside_window": c.outside_window,
         "proxy_header_errors": c.proxy_header_errors,
+        "hook_refused": c.hook_refused,
+        "hook_calls": c.hook_calls,
     }
 
 
@@ -98,6 +100,8 @@ cdef void counters_add(Counters *total, Counters *c) noexcept nogil:
     total.rate_limited += fp_load(&c.rate_limited)
     total.outside_window += fp_load(&c.outside_window)
     total.proxy_header_errors += fp_load(&c.proxy_header_errors)
+    total.hook_refused += fp_load(&c.hook_refused)
+    total.hook_calls += fp_load(&c.hook_calls)
 
 
 # What bridges() calls each B_* state.
@@ -617,9 +621,17 @@ cdef class DataPlane:
         return bool(found)
 
     def stats(self):
-        """The process's own figures; each listener's are its handle's."""
+        """The process's own figures; each listener's are its handle's.
+        "workers": one dict per worker of its loop's counters."""
+        cdef int i
+        cdef LoopCounters *c
+        workers = []
+        for i in range(self.nworkers):
+            c = &self.workers[i].loop
+            workers.append({"iterations": fp_load(&c.iterations), "events": fp_load(&c.events),
+                            "wakeups": fp_load(&c.wakeups), "accept_calls": fp_load(&c.accept_calls)})
         return {"stale_answers": fp_atomic_get(&self.sh.gauges.stale_answers),
-                "listeners": len(self._listeners)}
+                "listeners": len(self._listeners), "workers": workers}
 
     # ---- hooks: called from the control plane's hook threads
 

@@ -445,5 +445,7 @@ cdef void bridge_connect_answer(Worker *w, Bridge *b, HookResult *res,
             else:
                 bridge_start_upstream(w, b, i, now)
     else:
+        if res.verdict == V_REFUSE:
+            fp_bump(&lslot(w, b.ls).ctr.hook_refused, 1)
         bridge_close(w, b, HOOK_ERROR if res.verdict == V_ERROR else REFUSED, 0, 0)
     hook_result_free(res)

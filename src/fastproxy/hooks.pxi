@@ -282,6 +282,7 @@ cdef int hook_call(Worker *w, Bridge *b, int call, HookEvent *ev) noexcept nogil
     ev.accepted_ns = b.accepted_ns
     if event_push(w.sh, ev) < 0:
         return -ENOMEM
+    fp_bump(&lslot(w, b.ls).ctr.hook_calls, 1)
     # The answer comes through this worker's result queue: setting these
     # after the push races with nothing.
     c.seq = b.hk.seq

@@ -17,7 +17,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _core, activation
 from .config import Config, ConfigError
@@ -30,8 +30,11 @@ from .options import OPTIONS, option
 from .timewindows import Clock
 from .upstreams import Upstream
 from .values import Duration, format_address
-from .sockets import check_listening, fd_budget
+from .sockets import check_listening, fd_budget, remove_unix_file
 from .takeover import Handover, TakeoverServer, take_over
+
+if TYPE_CHECKING:
+    from .statsserver import StatsServer
 
 __all__ = ["Proxy"]
 
@@ -239,6 +242,7 @@ class Proxy:
         self._reap_stop = threading.Event()
         self._takeover_server: Optional[TakeoverServer] = None
         self._handover: Optional[Handover] = None
+        self._stats_server: Optional[StatsServer] = None
 
     @property
     def _hooks(self) -> Hooks:
@@ -287,8 +291,14 @@ class Proxy:
             budget = self._budget = fd_budget(process.fd_limit == "raise")
             engine = choose_engine(process.engine)
             prepared: List[Listener] = []
+            stats_bound: Optional[Tuple[socket.socket, Any]] = None
             try:
                 self._begin_takeover(process.takeover)
+                if process.stats is not None:
+                    # Imported here: prometheus_client loads only for a
+                    # proxy that serves metrics.
+                    from .statsserver import bind_stats
+                    stats_bound = bind_stats(process.stats)
                 for lst in self._listeners:
                     lst.prepare(engine=engine, max_connections=default_max_connections(budget),
                                 on_log_error=self._access_log_error, sock=self._inherited_socket(lst))
@@ -312,6 +322,10 @@ class Proxy:
                     lst.stop_watchers()
                     lst.discard()
                 self._abort_takeover()
+                if stats_bound is not None:
+                    stats_bound[0].close()
+                    if stats_bound[1] is not None:
+                        remove_unix_file(stats_bound[1])
                 raise
             self._plane = plane
             self._stopped.clear()
@@ -327,10 +341,21 @@ class Proxy:
                 self._wait_accepting(plane, workers)
             except BaseException:
                 self._abort_takeover()
+                if stats_bound is not None:
+                    stats_bound[0].close()
+                    if stats_bound[1] is not None:
+                        remove_unix_file(stats_bound[1])
                 raise
             self._finish_takeover()
             self._reaper = threading.Thread(target=self._reap, name="fastproxy-reaper", daemon=True)
             self._reaper.start()
+            if stats_bound is not None:
+                from .statsserver import StatsServer, admin_handler
+                admin, admin_off = admin_handler(self, process.stats_admin, process.stats_token)
+                self._stats_server = StatsServer(stats_bound[0], unix_file=stats_bound[1], stats=self.stats,
+                                                 weights=self._weights, admin=admin, admin_off=admin_off)
+                self._stats_server.start()
+                log.info("stats endpoint on %s", self._stats_server.address_text())
         process = self.config.process
         for lst in self._listeners:
             cfg = lst.config
@@ -567,6 +592,9 @@ class Proxy:
         server, self._takeover_server = self._takeover_server, None
         if server is not None:
             server.close()
+        stats_server, self._stats_server = self._stats_server, None
+        if stats_server is not None:
+            stats_server.stop()
         with self._lock:
             plane = self._plane
             if plane is None:
@@ -844,6 +872,24 @@ class Proxy:
         if self._listeners[0].address is None:
             raise RuntimeError("the proxy is not started: no address yet")
         return {lst.name: lst.address for lst in self._listeners}
+
+    @property
+    def stats_address(self) -> Union[Tuple[str, int], str, None]:
+        """The stats endpoint's bound address (host, port), or its path for
+        unix:PATH; None when there is none (no `stats`, or not running)."""
+        server = self._stats_server
+        return server.address if server is not None else None
+
+    def _weights(self) -> Dict[str, Dict[str, int]]:
+        # The status page shows each upstream's configured weight.
+        weights: Dict[str, Dict[str, int]] = {}
+        for lst in self._listeners:
+            try:
+                group = lst.group
+            except RuntimeError:
+                continue
+            weights[lst.name] = {name: int(u.weight) for name, u in zip(group.names, group.upstreams)}
+        return weights
 
     @property
     def engine(self) -> str:

@@ -215,6 +215,7 @@ cdef void worker_accept(Worker *w, ListenerC *ls, int64_t now) noexcept nogil:
     cdef socklen_t peer_len
     for i in range(ACCEPT_BATCH):
         peer_len = sizeof(peer)
+        fp_bump(&w.loop.accept_calls, 1)
         fd = fp_accept(ls.listen_fd, <sockaddr *>&peer, &peer_len)
         if fd >= 0:
             bridge_open(w, ls, fd, &peer, now)
@@ -425,6 +426,7 @@ cdef int worker_wait_epoll(Worker *w, int timeout, int64_t *now) noexcept nogil:
     for i in range(n):
         tag = w.events[i].data.u64
         if tag == TAG_WAKE:
+            fp_bump(&w.loop.wakeups, 1)
             drain_wake(w)
             worker_take_results(w, now[0])
         elif tag & TAG_LISTENER:
@@ -530,6 +532,7 @@ cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
         return r
     now[0] = w.now_ns = fp_now_ns()
     if w.pfds[0].revents:
+        fp_bump(&w.loop.wakeups, 1)
         drain_wake(w)
         worker_take_results(w, now[0])
     for i in range(1, first):
@@ -583,7 +586,9 @@ cdef int worker_run(Worker *w) noexcept nogil:
             r = worker_wait_epoll(w, timeout, &now)
         else:
             r = worker_wait_poll(w, timeout, &now)
+        fp_bump(&w.loop.iterations, 1)
         if r > 0:
+            fp_bump(&w.loop.events, <uint64_t>r)
             w.last_event_ns = now
             r = 0
         elif r == 0 and timeout == 0 and w.sh.busy_poll_ns:

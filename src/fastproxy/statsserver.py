@@ -1,0 +1,431 @@
+"""The stats endpoint (`stats=ADDR`): /metrics (Prometheus), /stats (JSON),
+a status page at /, and /admin/ handed to fastproxy.admin when run-time
+control is on.
+
+One asyncio loop on a thread of its own reads and writes every connection;
+handlers run on a few threads of a pool, so a slow one holds neither the
+loop nor a worker. Every read has a deadline (a client sending a byte a
+second is cut when its request head is late), heads and bodies have caps,
+and connections past a cap are answered 503 and closed."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import html
+import importlib
+import importlib.resources
+import json
+import logging
+import socket
+import threading
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from urllib.parse import parse_qs, urlsplit
+
+from . import metrics
+from .httpapi import Request, Response
+from .sockets import listen_socket, listen_unix, remove_unix_file, UnixFile
+from .values import ConfigError, format_address, unix_path
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StatsServer", "admin_handler", "bind_stats", "close_bound", "status_page"]
+
+# Deadlines and caps. Module attributes so that tests can shorten them.
+HEAD_TIMEOUT = 10.0       # the request line and headers, from their first byte
+IDLE_TIMEOUT = 30.0       # a kept-alive connection's wait for its next request
+BODY_TIMEOUT = 10.0
+MAX_HEAD = 16 * 1024
+MAX_BODY = 64 * 1024      # admin requests are small JSON documents
+MAX_CONNECTIONS = 64
+HANDLER_THREADS = 4
+
+REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+           405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+           413: "Content Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+
+STATIC = {"status.js": "text/javascript; charset=utf-8", "status.css": "text/css; charset=utf-8"}
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error(status: int, message: str, **more: Any) -> Response:
+    body = json.dumps({"error": message, **more}).encode() + b"\n"
+    return Response(status, body)
+
+
+def bind_stats(addr: Tuple[str, int]) -> Tuple[socket.socket, Optional[UnixFile]]:
+    """The endpoint's listening socket (bound now, so that start() fails
+    with a clear error before serving anything). Raises ConfigError naming
+    `stats`."""
+    shown = format_address(*addr)
+    try:
+        if unix_path(addr[0]) is not None:
+            return listen_unix(addr)
+        return listen_socket(addr), None
+    except ConfigError as exc:
+        raise ConfigError("stats", shown, exc.problem) from None
+
+
+def close_bound(sock: socket.socket, unix_file: Optional[UnixFile]) -> None:
+    """Undo bind_stats (a start that failed later)."""
+    sock.close()
+    if unix_file is not None:
+        remove_unix_file(unix_file)
+
+
+# ---- the status page
+
+def _fmt_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def status_page(stats: Dict[str, Any], weights: Dict[str, Dict[str, int]]) -> bytes:
+    """The page a person reads: one table per listener, one row per
+    upstream. Rendered here so that it shows without JavaScript;
+    static/status.js refreshes it from /stats."""
+    esc = html.escape
+    parts: List[str] = []
+    for lname, fig in stats.get("listeners", {}).items():
+        rows = []
+        for uname, up in fig.get("upstreams", {}).items():
+            weight = weights.get(lname, {}).get(uname)
+            rows.append(
+                f'<tr class="upstream" data-upstream="{esc(uname)}" data-weight="{"" if weight is None else weight}">'
+                f'<td class="name">{esc(uname)}</td>'
+                f'<td class="state state-{esc(up.get("state", "?"))}">{esc(up.get("state", "?"))}</td>'
+                f'<td class="health">{esc(up.get("health", "?"))}</td>'
+                f'<td class="weight">{"" if weight is None else weight}</td>'
+                f'<td class="num active">{up.get("active", 0)}</td>'
+                f'<td class="num total">{up.get("accepted", 0)}</td>'
+                f'<td class="num up">{_fmt_bytes(up.get("bytes_upstream", 0))}</td>'
+                f'<td class="num down">{_fmt_bytes(up.get("bytes_downstream", 0))}</td>'
+                f'<td class="num failures">{up.get("connect_failures", 0)}</td></tr>')
+        refused = sum(int(fig.get(k, 0)) for _, k in metrics.REFUSAL_REASONS)
+        rows.append(
+            '<tr class="total"><td class="name">listener total</td><td></td><td></td><td></td>'
+            f'<td class="num active">{fig.get("active", 0)}</td>'
+            f'<td class="num total">{fig.get("accepted", 0)}</td>'
+            f'<td class="num up">{_fmt_bytes(fig.get("bytes_upstream", 0))}</td>'
+            f'<td class="num down">{_fmt_bytes(fig.get("bytes_downstream", 0))}</td>'
+            f'<td class="num failures">{fig.get("connect_failures", 0)}</td></tr>')
+        parts.append(
+            f'<section class="listener" data-listener="{esc(lname)}"><h2>{esc(lname)}</h2>'
+            f'<p class="summary">queued <span class="queued">{fig.get("queued", 0)}</span> &middot; '
+            f'peak <span class="peak">{fig.get("peak_active", 0)}</span> &middot; '
+            f'refused <span class="refused">{refused}</span></p>'
+            '<table><thead><tr><th>upstream</th><th>state</th><th>health</th><th>weight</th><th>active</th>'
+            '<th>total</th><th>bytes up</th><th>bytes down</th><th>failures</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></section>')
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>fastproxy status</title>'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<link rel="stylesheet" href="/static/status.css"></head><body>'
+        '<header><h1>fastproxy</h1><span id="updated">as served</span></header>'
+        f'<main id="listeners">{"".join(parts)}</main>'
+        '<footer><a href="/stats">/stats</a> &middot; <a href="/metrics">/metrics</a></footer>'
+        '<script src="/static/status.js"></script></body></html>\n')
+    return page.encode()
+
+
+def _static(name: str) -> bytes:
+    return importlib.resources.files("fastproxy").joinpath("static", name).read_bytes()
+
+
+# ---- the server
+
+class StatsServer:
+    """Serves `sock` (bound and listening) on its own thread until stop().
+    `stats` gives the figures (Proxy.stats); `weights` each listener's
+    upstream weights for the page; `admin` answers /admin/ (None: run-time
+    control is off)."""
+
+    def __init__(self, sock: socket.socket, *, stats: Callable[[], Dict[str, Any]],
+                 weights: Callable[[], Dict[str, Dict[str, int]]] = dict,
+                 admin: Optional[Callable[[Request], Response]] = None,
+                 admin_off: Tuple[int, str] = (403, "run-time control is off (stats_admin)"),
+                 unix_file: Optional[UnixFile] = None) -> None:
+        self.sock = sock
+        self.unix_file = unix_file
+        self._stats = stats
+        self._weights = weights
+        self._admin = admin
+        self._admin_off = admin_off
+        self.registry = metrics.make_registry(stats)
+        self._static: Dict[str, bytes] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix="fastproxy-stats")
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._server: Optional[asyncio.base_events.Server] = None
+        self._writers: Set[asyncio.StreamWriter] = set()
+        self._ready = threading.Event()
+        self._failed: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="fastproxy-stats", daemon=True)
+
+    @property
+    def address(self) -> Any:
+        if self.sock.family == socket.AF_UNIX:
+            name = self.sock.getsockname()
+            return "@" + name[1:].decode() if isinstance(name, bytes) else name
+        host, port = self.sock.getsockname()[:2]
+        return (host, port)
+
+    def address_text(self) -> str:
+        address = self.address
+        return "unix:" + address if isinstance(address, str) else format_address(*address)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(10.0)
+        if self._failed is not None:
+            raise self._failed
+
+    def stop(self) -> None:
+        loop = self._loop
+        if loop is not None and self._thread.is_alive():
+            loop.call_soon_threadsafe(self._shutdown)
+            self._thread.join(5.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.sock.close()
+        if self.unix_file is not None:
+            remove_unix_file(self.unix_file)
+            self.unix_file = None
+
+    def _run(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._open())
+        except BaseException as exc:
+            self._failed = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+            # Stopped: cut what is open and let every connection's task
+            # see it (_finish), so nothing is left pending when the loop closes.
+            loop.run_until_complete(self._finish())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+    async def _finish(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _open(self) -> None:
+        if self.sock.family == socket.AF_UNIX:
+            self._server = await asyncio.start_unix_server(self._serve, sock=self.sock, limit=MAX_HEAD)
+        else:
+            self._server = await asyncio.start_server(self._serve, sock=self.sock, limit=MAX_HEAD)
+
+    def _shutdown(self) -> None:
+        assert self._loop is not None
+        if self._server is not None:
+            self._server.close()
+        self._loop.stop()
+
+    # ---- one connection
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._writers) >= MAX_CONNECTIONS:
+            await self._refuse(reader, writer)
+            return
+        self._writers.add(writer)
+        peername = writer.get_extra_info("peername")
+        peer: Any = (peername[0], peername[1]) if isinstance(peername, tuple) else "unix"
+        try:
+            first = True
+            while True:
+                try:
+                    request, keep = await self._read(reader, peer, first)
+                except BadRequest as exc:
+                    await self._answer_and_close(reader, writer, error(exc.status, exc.message))
+                    break
+                if request is None:
+                    break
+                first = False
+                response = await asyncio.get_running_loop().run_in_executor(self._pool, self._dispatch, request)
+                self._write(writer, response, close=not keep, head=request.method == "HEAD")
+                await writer.drain()
+                if not keep:
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError, RuntimeError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._answer_and_close(reader, writer, error(503, "too many connections to the stats endpoint"))
+        finally:
+            writer.close()
+
+    async def _answer_and_close(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                response: Response) -> None:
+        # Closing over an unread request would reset the connection and
+        # lose the answer: send it, half-close, and read what the client
+        # still sends until it closes, for a second at most.
+        try:
+            self._write(writer, response, close=True)
+            await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+            deadline = asyncio.get_running_loop().time() + 1.0
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0 or not await asyncio.wait_for(reader.read(MAX_HEAD), left):
+                    break
+        except (OSError, asyncio.TimeoutError):
+            pass
+
+    async def _read(self, reader: asyncio.StreamReader, peer: Any,
+                    first: bool) -> Tuple[Optional[Request], bool]:
+        # A kept-alive connection may idle; once a request's first byte
+        # came, its head must all come within HEAD_TIMEOUT.
+        try:
+            start = await asyncio.wait_for(reader.read(1), IDLE_TIMEOUT if not first else HEAD_TIMEOUT)
+        except asyncio.TimeoutError:
+            if first:
+                raise BadRequest(408, "the request did not come in time") from None
+            return None, False
+        if not start:
+            return None, False
+        try:
+            head = start + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise BadRequest(408, "the request head did not come in time") from None
+        except asyncio.LimitOverrunError:
+            raise BadRequest(431, f"the request head is longer than {MAX_HEAD} bytes") from None
+        except asyncio.IncompleteReadError:
+            return None, False
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
+            raise BadRequest(400, f"malformed request line: {lines[0][:200]!r}")
+        method, target, version = parts
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            if version.startswith("HTTP/"):
+                raise BadRequest(505, f"HTTP version {version} is not served (HTTP/1.0 and 1.1 are)")
+            raise BadRequest(400, f"malformed request line: {lines[0][:200]!r}")
+        headers: Dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise BadRequest(400, f"malformed header line: {line[:200]!r}")
+            headers[name.lower()] = value.strip()
+        if "transfer-encoding" in headers:
+            raise BadRequest(501, "Transfer-Encoding is not accepted: send a Content-Length")
+        length_text = headers.get("content-length", "0")
+        if not length_text.isdigit():
+            raise BadRequest(400, f"Content-Length: {length_text[:40]!r} is not a length")
+        length = int(length_text)
+        if length > MAX_BODY:
+            raise BadRequest(413, f"the body ({length} bytes) is larger than {MAX_BODY} bytes")
+        try:
+            body = await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT) if length else b""
+        except asyncio.TimeoutError:
+            raise BadRequest(408, "the request body did not come in time") from None
+        connection = headers.get("connection", "").lower()
+        keep = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
+        url = urlsplit(target)
+        request = Request(method=method.upper(), path=url.path or "/", query=parse_qs(url.query),
+                          headers=headers, body=body, peer=peer)
+        return request, keep
+
+    def _write(self, writer: asyncio.StreamWriter, response: Response, *, close: bool, head: bool = False) -> None:
+        reason = REASONS.get(response.status, "")
+        lines = [f"HTTP/1.1 {response.status} {reason}", f"Content-Type: {response.content_type}",
+                 f"Content-Length: {len(response.body)}", "Connection: " + ("close" if close else "keep-alive")]
+        lines += [f"{name}: {value}" for name, value in response.headers]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else response.body))
+
+    # ---- handlers (on the pool's threads)
+
+    def _dispatch(self, request: Request) -> Response:
+        try:
+            if request.path.startswith("/admin/") or request.path == "/admin":
+                return self._admin_request(request)
+            route = self._route(request.path)
+            if route is None:
+                return error(404, "not found", path=request.path)
+            if request.method not in ("GET", "HEAD"):
+                return Response(405, json.dumps({"error": f"{request.method} is not allowed on {request.path}"})
+                                .encode() + b"\n", headers=(("Allow", "GET, HEAD"),))
+            return route(request)
+        except Exception:
+            log.exception("stats endpoint: %s %s failed", request.method, request.path)
+            return error(500, "internal error (logged)")
+
+    def _route(self, path: str) -> Optional[Callable[[Request], Response]]:
+        if path == "/metrics":
+            return self._metrics
+        if path == "/stats":
+            return self._json
+        if path in ("/", "/index.html"):
+            return self._page
+        if path.startswith("/static/") and path[len("/static/"):] in STATIC:
+            return self._asset
+        return None
+
+    def _metrics(self, request: Request) -> Response:
+        return Response(200, metrics.render(self.registry), metrics.CONTENT_TYPE_LATEST)
+
+    def _json(self, request: Request) -> Response:
+        body = json.dumps(self._stats(), indent=None, sort_keys=False).encode() + b"\n"
+        return Response(200, body, "application/json", (("Cache-Control", "no-store"),))
+
+    def _page(self, request: Request) -> Response:
+        return Response(200, status_page(self._stats(), self._weights()), "text/html; charset=utf-8",
+                        (("Cache-Control", "no-store"),))
+
+    def _asset(self, request: Request) -> Response:
+        name = request.path[len("/static/"):]
+        data = self._static.get(name)
+        if data is None:
+            data = self._static[name] = _static(name)
+        return Response(200, data, STATIC[name], (("Cache-Control", "max-age=300"),))
+
+    def _admin_request(self, request: Request) -> Response:
+        if self._admin is None:
+            return error(*self._admin_off)
+        return self._admin(request)
+
+
+AdminHandler = Callable[[Request], Response]
+
+
+def admin_handler(proxy: Any, enabled: bool,
+                  token: Optional[str]) -> Tuple[Optional[AdminHandler], Tuple[int, str]]:
+    """The /admin/ handler: fastproxy.admin's handle_admin when run-time
+    control is on and that module is there; else None, with the status and
+    message /admin/ answers."""
+    if not enabled:
+        return None, (403, "run-time control is off (start with stats_admin / --stats-admin to allow it)")
+    try:
+        module = importlib.import_module("fastproxy.admin")
+        handle = module.handle_admin
+    except (ImportError, AttributeError):
+        return None, (404, "run-time control is off: this build of fastproxy has no admin handler")
+
+    def admin(request: Request) -> Response:
+        return handle(proxy, request, token=token)  # type: ignore[no-any-return]
+    return admin, (0, "")
