@@ -442,3 +442,23 @@ def test_connections_past_the_cap_get_503_and_others_still_served_after(stats_pr
         for s in idle:
             s.close()
     assert wait_for(lambda: get(p, "/stats")[0] == 200, 5)
+
+
+WITHOUT_PROMETHEUS = """
+import sys
+sys.modules["prometheus_client"] = None   # as if installed without its dependencies
+from fastproxy.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_prometheus_client_the_endpoint_is_one_line(echo_server):
+    import subprocess
+    import sys
+
+    from support.cli import subprocess_env
+
+    cp = subprocess.run([sys.executable, "-c", WITHOUT_PROMETHEUS, "--listen", "127.0.0.1:0", "--upstream",
+                         echo_server.addr, "--stats", "127.0.0.1:0"], capture_output=True, text=True, timeout=30,
+                        env=subprocess_env(), stdin=subprocess.DEVNULL)
+    assert_one_line_error(cp.returncode, cp.stdout, cp.stderr, "--stats", "prometheus_client")

@@ -378,3 +378,36 @@ def test_every_listener_is_handed_over_by_name(any_engine, echo_server, sock_dir
             second.stop()
     finally:
         first.stop()
+
+
+def test_unix_listener_and_stats_endpoint_are_handed_over_with_their_files(make_proxy_any, echo_server, sock_dir):
+    """The new process takes the Unix listener and the stats endpoint's
+    socket; the old one's stop leaves their files (the new one serves on
+    them) and the new one's stop removes them."""
+    import urllib.request
+
+    path = os.path.join(sock_dir, "t.sock")
+    listen, stats = os.path.join(sock_dir, "l.sock"), os.path.join(sock_dir, "s.sock")
+    first = make_proxy_any(echo_server.addr, listen=f"unix:{listen}", stats=f"unix:{stats}", takeover=path)
+    second = make_proxy_any(echo_server.addr, listen=f"unix:{listen}", stats=f"unix:{stats}", takeover=path)
+    assert wait_for(lambda: first._plane is None, 10), "the first proxy did not stop after the handover"
+    assert os.path.exists(listen) and os.path.exists(stats)
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(5)
+        c.connect(listen)
+        c.sendall(b"after")
+        assert recv_exact(c, 5) == b"after"
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(5)
+        c.connect(stats)
+        c.sendall(b"GET /stats HTTP/1.0\r\n\r\n")
+        assert b"200" in recv_until_eof(c).split(b"\r\n", 1)[0]
+    second.stop()
+    assert not os.path.exists(listen) and not os.path.exists(stats)
+
+
+def test_a_listener_name_must_be_printable():
+    from fastproxy import Config
+
+    with pytest.raises(ConfigError, match="printable"):
+        Config.build(name="a\0b", listen="127.0.0.1:0", upstreams=["127.0.0.1:9"])

@@ -14,6 +14,7 @@ is plain text.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import random
 import signal
@@ -246,7 +247,9 @@ def main(argv: List[str]) -> int:
     upstreams = [Upstream() for _ in WEIGHTS]
     names = [u.address for u in upstreams]
     options: Dict[str, Any] = {}
-    if hasattr(Proxy, "stats_address"):
+    # The endpoint needs prometheus_client, a dependency; a wheel installed
+    # without its dependencies still runs the demo, without the endpoint.
+    if importlib.util.find_spec("prometheus_client") is not None:
         options["stats"] = "127.0.0.1:0"
     proxy = Proxy(listen="127.0.0.1:0", upstreams=[f"{n}@{w}" for n, w in zip(names, WEIGHTS)],
                   balance="roundrobin", name="demo", **options)

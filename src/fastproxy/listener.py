@@ -15,7 +15,7 @@ from .config import Config
 from .dispatch import HookRunner, ListenerHooks
 from .hooks import Hooks, access_log_fields, load_hooks
 from .sockets import (UnixFile, adopt_socket, check_listening, listen_socket, listen_unix, remove_unix_file,
-                      resolve_upstream)
+                      resolve_upstream, unix_file_of)
 from .timewindows import Clock, TimeWindows
 from .values import ConfigError, format_address, unix_path
 from .watch import Watchers
@@ -132,7 +132,10 @@ class Listener:
             raise ConfigError("access_log", cfg.hooks.access_log, exc.strerror or str(exc)) from None
         listener = cfg.listener
         if sock is not None:
+            # Kept over a reload, or taken over from another process: its
+            # file, if it has one, is this listener's to remove at stop.
             self.sock = sock
+            self.unix_file = unix_file_of(sock)
         elif self.app_sock is not None:
             self.sock = adopt_socket(self.app_sock)
         elif unix_path(listener.listen[0]) is not None:

@@ -176,6 +176,14 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
+def _name(value: Any, field: str) -> str:
+    # A name appears in logs, labels and the status page: printable text.
+    text = _text(value, field)
+    if not text.isprintable():
+        raise ConfigError(field, value, "must be printable text (no control characters)")
+    return text
+
+
 def _unix_mode(value: Any, field: str) -> int:
     # Octal text as chmod takes it ("660", "0660"); an int is taken as is (0o660).
     if isinstance(value, int) and not isinstance(value, bool):
@@ -224,7 +232,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("listen", _listen, None, "where to accept clients: :PORT (every interface, IPv4 and IPv6), "
            "HOST:PORT, [IPV6]:PORT, unix:PATH (a Unix socket file), unix:@NAME (an abstract socket, Linux)",
            "listener", metavar="ADDR", required=True),
-    Option("name", _optional(_text), None, "the listener's name in stats, logs and metrics; unique among "
+    Option("name", _optional(_name), None, "the listener's name in stats, logs and metrics; unique among "
            "a process's listeners", "listener", metavar="NAME", shown_default="the listen address"),
     Option("unix_mode", _optional(_unix_mode), None, "the permissions of a unix:PATH listener's socket "
            "file, in octal (660, 0660), set before it listens", "listener", metavar="MODE",

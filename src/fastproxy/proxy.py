@@ -30,7 +30,7 @@ from .options import OPTIONS, option
 from .timewindows import Clock
 from .upstreams import Upstream
 from .values import Duration, format_address
-from .sockets import check_listening, fd_budget, remove_unix_file
+from .sockets import check_listening, fd_budget, remove_unix_file, unix_file_of
 from .takeover import Handover, TakeoverServer, take_over
 
 if TYPE_CHECKING:
@@ -53,6 +53,9 @@ def pipe_pool_size(fd_budget: int, workers: int) -> int:
 
 
 STARTUP_TIMEOUT = 10.0
+# The stats endpoint's socket in a takeover: a name no listener can have
+# (names come from text options, which cannot hold a NUL).
+STATS_SOCKET = "\0stats"
 # How often drained blocks of reloaded or removed listeners are looked at.
 REAP_S = 0.1
 
@@ -297,8 +300,14 @@ class Proxy:
                 if process.stats is not None:
                     # Imported here: prometheus_client loads only for a
                     # proxy that serves metrics.
-                    from .statsserver import bind_stats
-                    stats_bound = bind_stats(process.stats)
+                    try:
+                        from .statsserver import bind_stats
+                    except ImportError as exc:
+                        raise ConfigError("stats", format_address(*process.stats),
+                                          f"needs {exc.name or 'prometheus_client'} (pip install prometheus_client; "
+                                          "a dependency of fastproxy-tcp)") from None
+                    taken = self._handover.take(STATS_SOCKET, process.stats) if self._handover else None
+                    stats_bound = (taken, unix_file_of(taken)) if taken is not None else bind_stats(process.stats)
                 for lst in self._listeners:
                     lst.prepare(engine=engine, max_connections=default_max_connections(budget),
                                 on_log_error=self._access_log_error, sock=self._inherited_socket(lst))
@@ -529,10 +538,19 @@ class Proxy:
     def _takeover_sockets(self) -> Dict[str, socket.socket]:
         if self._plane is None:
             return {}
-        return {lst.name: lst.sock for lst in self._listeners if lst.sock is not None}
+        sockets = {lst.name: lst.sock for lst in self._listeners if lst.sock is not None}
+        if self._stats_server is not None:
+            sockets[STATS_SOCKET] = self._stats_server.sock
+        return sockets
 
     def _handed_over(self) -> None:
-        # On the takeover thread, which must not wait for the drain.
+        # On the takeover thread, which must not wait for the drain. The
+        # socket files are the new process's now: it serves on them, so
+        # this one's stop must not remove them.
+        for lst in self._listeners:
+            lst.unix_file = None
+        if self._stats_server is not None:
+            self._stats_server.unix_file = None
         threading.Thread(target=self.stop, name="fastproxy-handover", daemon=True).start()
 
     def reopen_logs(self) -> None:

@@ -181,6 +181,21 @@ def listen_unix(addr: Address, *, mode: Optional[int] = None, user: Optional[int
     return sock, made
 
 
+def unix_file_of(sock: socket.socket) -> Optional[UnixFile]:
+    """The socket file a Unix listening socket is bound to (taken over from
+    another process: this one removes it at stop from now on), or None."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    path = sock.getsockname()
+    if not isinstance(path, str) or not path or path.startswith("\0"):
+        return None   # abstract: no file
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (path, st.st_dev, st.st_ino)
+
+
 def remove_unix_file(made: UnixFile) -> None:
     """Removes the socket file a listener bound, if it is still that file."""
     path, dev, ino = made
