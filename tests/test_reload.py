@@ -294,3 +294,50 @@ def test_data_plane_refuses_a_listener_that_still_accepts_or_has_bridges(engine,
     finally:
         stop_bounded(p)
     assert isinstance(_core.ListenerHandle, type)
+
+
+def test_a_hooked_listener_added_by_reload_serves_its_first_client(engine, echo_server, tmp_path, monkeypatch):
+    """The data plane serves a new listener before its hooks are registered
+    with the hook threads (its id is known only then): a client that comes
+    in between waits for on_connect instead of getting an error."""
+    from fastproxy import dispatch
+
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text("calls = []\n\ndef on_connect(conn):\n    calls.append(conn.id)\n")
+    pa, pb = free_port(), free_port()
+    # A hooked listener first: the hook threads run when the new one comes.
+    a = listener(pa, [echo_server.addr], engine, hooks=str(hooks))
+    p = Proxy.from_config([a]).start()
+    real_register = dispatch.HookRunner.register
+    client_in = []
+
+    def late_register(self, lid, entry):
+        # The new listener accepts already: let a client in first.
+        client_in.append(echo_roundtrip_async(("127.0.0.1", pb)))
+        time.sleep(0.3)
+        real_register(self, lid, entry)
+
+    def echo_roundtrip_async(addr):
+        import threading
+
+        result = {}
+
+        def run():
+            try:
+                result["echo"] = echo_roundtrip(addr, b"first")
+            except OSError as exc:
+                result["error"] = exc
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t, result
+
+    monkeypatch.setattr(dispatch.HookRunner, "register", late_register)
+    try:
+        p.reload([a, listener(pb, [echo_server.addr], engine, hooks=str(hooks))])
+        (t, result), = client_in
+        t.join(10)
+        assert result == {"echo": b"first"}, result
+        assert p.stats()["hook_errors"] == 0
+    finally:
+        stop_bounded(p)

@@ -41,6 +41,7 @@ EVT_CONNECT = int(_core.EventKind.EVT_CONNECT)
 POLL_MS = 1000           # a stop wakes idle hook threads; this only bounds a lost wake-up
 RECORD_BATCH = 1024
 CONN_CACHE = 4096        # bridges whose Connection on_data reuses
+REGISTER_WAIT_S = 5.0    # how long a call may wait for its listener's registration
 DIRECTIONS = (Direction(0), Direction(1))
 
 
@@ -127,6 +128,7 @@ class HookRunner:
         # costs rebuilding the ones still in use.
         self._conns: Dict[int, Connection] = {}
         self._after: List[Callable[[], None]] = []
+        self._registered = threading.Condition(self._lock)
 
     def after_records(self, fn: Callable[[], None]) -> None:
         """Call fn once every close record queued before now is delivered
@@ -137,11 +139,23 @@ class HookRunner:
                 return
         fn()
 
+    def _entry(self, listener: int) -> ListenerHooks:
+        # A listener added while workers run is serving before attach()
+        # registers it here (the data plane names its id only then): its
+        # first calls may come a moment early, and wait for it.
+        entry = self.listeners.get(listener)
+        if entry is None:
+            with self._lock:
+                self._registered.wait_for(lambda: listener in self.listeners, REGISTER_WAIT_S)
+                entry = self.listeners[listener]
+        return entry
+
     def register(self, listener: int, entry: ListenerHooks) -> None:
         """Listener id `listener` (its ListenerHandle's) is served by
         `entry` from now on; starts the threads it needs."""
         with self._lock:
             self.listeners[listener] = entry
+            self._registered.notify_all()
             new: List[threading.Thread] = []
             if entry.wants_calls and not self._started_calls:
                 self._started_calls = True
@@ -203,11 +217,12 @@ class HookRunner:
                 continue
             if event is False:
                 return
-            entry = self.listeners[event[1]]
-            timed = entry.timeout > 0
-            if timed:
-                self._started[slot] = (time.monotonic(), entry.timeout)
+            timed = False
             try:
+                entry = self._entry(event[1])
+                timed = entry.timeout > 0
+                if timed:
+                    self._started[slot] = (time.monotonic(), entry.timeout)
                 if event[0] == EVT_CONNECT:
                     self._on_connect(entry, *event[2:])
                 else:
@@ -386,7 +401,7 @@ class HookRunner:
         return conn, record
 
     def _deliver(self, raw: tuple) -> None:
-        entry = self.listeners[raw[0]]
+        entry = self._entry(raw[0])
         conn, record = self._record(entry, raw)
         if entry.access_log is not None:
             try:
