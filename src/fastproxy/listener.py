@@ -14,8 +14,8 @@ from .accesslog import AccessLog
 from .config import Config
 from .dispatch import HookRunner, ListenerHooks
 from .hooks import Hooks, access_log_fields, load_hooks
-from .sockets import (UnixFile, adopt_socket, check_listening, listen_socket, listen_unix, remove_unix_file,
-                      resolve_upstream, unix_file_of)
+from .sockets import (UnixFile, adopt_socket, check_listening, close_listening, listen_socket, listen_unix,
+                      remove_unix_file, resolve_upstream, unix_file_of)
 from .timewindows import Clock, TimeWindows
 from .values import ConfigError, format_address, unix_path
 from .watch import Watchers
@@ -159,11 +159,11 @@ class Listener:
     def close_socket(self) -> None:
         """Close the listening socket, and remove the socket file it bound."""
         if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        if self.unix_file is not None:
+            close_listening(self.sock, self.unix_file)
+        elif self.unix_file is not None:
             remove_unix_file(self.unix_file)
-            self.unix_file = None
+        self.sock = None
+        self.unix_file = None
 
     def address_text(self) -> str:
         address = self.address

@@ -30,7 +30,7 @@ from .options import OPTIONS, option
 from .timewindows import Clock
 from .upstreams import Upstream
 from .values import Duration, format_address
-from .sockets import check_listening, fd_budget, remove_unix_file, unix_file_of
+from .sockets import check_listening, close_listening, fd_budget, unix_file_of
 from .takeover import Handover, TakeoverServer, take_over
 
 if TYPE_CHECKING:
@@ -332,9 +332,7 @@ class Proxy:
                     lst.discard()
                 self._abort_takeover()
                 if stats_bound is not None:
-                    stats_bound[0].close()
-                    if stats_bound[1] is not None:
-                        remove_unix_file(stats_bound[1])
+                    close_listening(*stats_bound)
                 raise
             self._plane = plane
             self._stopped.clear()
@@ -351,9 +349,7 @@ class Proxy:
             except BaseException:
                 self._abort_takeover()
                 if stats_bound is not None:
-                    stats_bound[0].close()
-                    if stats_bound[1] is not None:
-                        remove_unix_file(stats_bound[1])
+                    close_listening(*stats_bound)
                 raise
             self._finish_takeover()
             self._reaper = threading.Thread(target=self._reap, name="fastproxy-reaper", daemon=True)

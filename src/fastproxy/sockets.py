@@ -196,6 +196,14 @@ def unix_file_of(sock: socket.socket) -> Optional[UnixFile]:
     return (path, st.st_dev, st.st_ino)
 
 
+def close_listening(sock: socket.socket, unix_file: Optional[UnixFile]) -> None:
+    """Close a listening socket this process bound, and remove its socket
+    file (if it has one and it is still that file)."""
+    sock.close()
+    if unix_file is not None:
+        remove_unix_file(unix_file)
+
+
 def remove_unix_file(made: UnixFile) -> None:
     """Removes the socket file a listener bound, if it is still that file."""
     path, dev, ino = made

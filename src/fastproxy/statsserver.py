@@ -24,12 +24,12 @@ from urllib.parse import parse_qs, urlsplit
 
 from . import metrics
 from .httpapi import Request, Response
-from .sockets import listen_socket, listen_unix, remove_unix_file, UnixFile
+from .sockets import UnixFile, close_listening, listen_socket, listen_unix
 from .values import ConfigError, format_address, unix_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StatsServer", "admin_handler", "bind_stats", "close_bound", "status_page"]
+__all__ = ["StatsServer", "admin_handler", "bind_stats", "status_page"]
 
 # Deadlines and caps. Module attributes so that tests can shorten them.
 HEAD_TIMEOUT = 10.0       # the request line and headers, from their first byte
@@ -71,13 +71,6 @@ def bind_stats(addr: Tuple[str, int]) -> Tuple[socket.socket, Optional[UnixFile]
         return listen_socket(addr), None
     except ConfigError as exc:
         raise ConfigError("stats", shown, exc.problem) from None
-
-
-def close_bound(sock: socket.socket, unix_file: Optional[UnixFile]) -> None:
-    """Undo bind_stats (a start that failed later)."""
-    sock.close()
-    if unix_file is not None:
-        remove_unix_file(unix_file)
 
 
 # ---- the status page
@@ -196,10 +189,8 @@ class StatsServer:
             loop.call_soon_threadsafe(self._shutdown)
             self._thread.join(5.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.sock.close()
-        if self.unix_file is not None:
-            remove_unix_file(self.unix_file)
-            self.unix_file = None
+        close_listening(self.sock, self.unix_file)
+        self.unix_file = None
 
     def _run(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
