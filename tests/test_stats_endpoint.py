@@ -199,6 +199,10 @@ def test_status_page_has_a_row_per_upstream(engine):
             for name in ("A", "B", "C"):
                 assert page.count(f'data-upstream="{srv[name].addr}"') == 1, page
             assert f'data-upstream="{srv["B"].addr}" data-weight="3"' in page
+            # The weight shown is the run-time one, read from the figures.
+            p.upstream(srv["B"].addr).set_weight(7)
+            page = get(p, "/")[2].decode()
+            assert f'data-upstream="{srv["B"].addr}" data-weight="7"' in page
             assert page.count('class="listener"') == 1
             assert '<script src="/static/status.js">' in page
             status, headers, js = get(p, "/static/status.js")

@@ -358,7 +358,7 @@ class Proxy:
                 from .statsserver import StatsServer, admin_handler
                 admin, admin_off = admin_handler(self, process.stats_admin, process.stats_token)
                 self._stats_server = StatsServer(stats_bound[0], unix_file=stats_bound[1], stats=self.stats,
-                                                 weights=self._weights, admin=admin, admin_off=admin_off)
+                                                 admin=admin, admin_off=admin_off)
                 self._stats_server.start()
                 log.info("stats endpoint on %s", self._stats_server.address_text())
         process = self.config.process
@@ -893,17 +893,6 @@ class Proxy:
         unix:PATH; None when there is none (no `stats`, or not running)."""
         server = self._stats_server
         return server.address if server is not None else None
-
-    def _weights(self) -> Dict[str, Dict[str, int]]:
-        # The status page shows each upstream's configured weight.
-        weights: Dict[str, Dict[str, int]] = {}
-        for lst in self._listeners:
-            try:
-                group = lst.group
-            except RuntimeError:
-                continue
-            weights[lst.name] = {name: int(u.weight) for name, u in zip(group.names, group.upstreams)}
-        return weights
 
     @property
     def engine(self) -> str:

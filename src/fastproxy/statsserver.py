@@ -84,7 +84,7 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def status_page(stats: Dict[str, Any], weights: Dict[str, Dict[str, int]]) -> bytes:
+def status_page(stats: Dict[str, Any]) -> bytes:
     """The page a person reads: one table per listener, one row per
     upstream. Rendered here so that it shows without JavaScript;
     static/status.js refreshes it from /stats."""
@@ -93,7 +93,7 @@ def status_page(stats: Dict[str, Any], weights: Dict[str, Dict[str, int]]) -> by
     for lname, fig in stats.get("listeners", {}).items():
         rows = []
         for uname, up in fig.get("upstreams", {}).items():
-            weight = weights.get(lname, {}).get(uname)
+            weight = up.get("weight")   # the run-time one
             rows.append(
                 f'<tr class="upstream" data-upstream="{esc(uname)}" data-weight="{"" if weight is None else weight}">'
                 f'<td class="name">{esc(uname)}</td>'
@@ -140,19 +140,16 @@ def _static(name: str) -> bytes:
 
 class StatsServer:
     """Serves `sock` (bound and listening) on its own thread until stop().
-    `stats` gives the figures (Proxy.stats); `weights` each listener's
-    upstream weights for the page; `admin` answers /admin/ (None: run-time
-    control is off)."""
+    `stats` gives the figures (Proxy.stats); `admin` answers /admin/
+    (None: run-time control is off)."""
 
     def __init__(self, sock: socket.socket, *, stats: Callable[[], Dict[str, Any]],
-                 weights: Callable[[], Dict[str, Dict[str, int]]] = dict,
                  admin: Optional[Callable[[Request], Response]] = None,
                  admin_off: Tuple[int, str] = (403, "run-time control is off (stats_admin)"),
                  unix_file: Optional[UnixFile] = None) -> None:
         self.sock = sock
         self.unix_file = unix_file
         self._stats = stats
-        self._weights = weights
         self._admin = admin
         self._admin_off = admin_off
         self.registry = metrics.make_registry(stats)
@@ -385,7 +382,7 @@ class StatsServer:
         return Response(200, body, "application/json", (("Cache-Control", "no-store"),))
 
     def _page(self, request: Request) -> Response:
-        return Response(200, status_page(self._stats(), self._weights()), "text/html; charset=utf-8",
+        return Response(200, status_page(self._stats()), "text/html; charset=utf-8",
                         (("Cache-Control", "no-store"),))
 
     def _asset(self, request: Request) -> Response:

@@ -18,17 +18,11 @@
     return td;
   }
 
-  // Weights are not in /stats: the server wrote them into the first page.
-  const weights = {};
-  document.querySelectorAll("section.listener").forEach(function (sec) {
-    const w = weights[sec.dataset.listener] = {};
-    sec.querySelectorAll("tr.upstream").forEach(function (tr) { w[tr.dataset.upstream] = tr.dataset.weight; });
-  });
-
   const REFUSALS = ["rejected", "queue_timeouts", "denied", "rate_limited", "outside_window",
                     "proxy_header_errors", "hook_refused"];
 
-  function row(name, up, weight) {
+  function row(name, up) {
+    const weight = up.weight;   // the run-time weight (drain and set_weight show at once)
     const tr = document.createElement("tr");
     tr.className = "upstream";
     tr.dataset.upstream = name;
@@ -65,8 +59,7 @@
     ["upstream", "state", "health", "weight", "active", "total", "bytes up", "bytes down", "failures"]
       .forEach(function (t) { const th = document.createElement("th"); th.textContent = t; head.append(th); });
     const body = table.createTBody();
-    const w = weights[name] || {};
-    Object.keys(fig.upstreams || {}).forEach(function (u) { body.append(row(u, fig.upstreams[u], w[u])); });
+    Object.keys(fig.upstreams || {}).forEach(function (u) { body.append(row(u, fig.upstreams[u])); });
     body.append(totals(fig));
     sec.append(h, p, table);
     return sec;
