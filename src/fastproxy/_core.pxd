@@ -40,6 +40,7 @@ cdef enum:
     B_CONNECTING = 3
     B_ACTIVE = 4
     B_CLOSED = 5
+    B_HELLO = 6           # waiting for the client's TLS ClientHello (after admission)
 
 # Timer lists. Each holds one duration, so appending keeps it sorted; a
 # bridge sits on at most one list per slot (SLOT_OF in worker.pxi).
@@ -52,7 +53,8 @@ cdef enum:
     T_QUEUE = 5
     T_HEADER = 6
     T_HOOK = 7            # the earliest unanswered hook call's deadline
-    T_LISTS = 8
+    T_HELLO = 8           # route_timeout: the ClientHello's deadline
+    T_LISTS = 9
     T_SLOTS = 4           # links in Bridge.tl; SLOT_HOOK (4) is Bridge.hk.tl
 
 # Which hooks the control plane registered (Shared.hooks bits).
@@ -170,6 +172,10 @@ cdef struct Bridge:
     uint16_t client_port
     uint8_t client_ip[16]
     uint8_t *hdr         # a PROXY header's first part, taken off the socket
+    uint8_t *hello       # the ClientHello's server name and ALPN (sni.pxi), or NULL
+    int route_id         # its route (1..), 0: the listener's default group
+    uint16_t hello_need  # bytes the ClientHello needs before it is parsed again
+    uint8_t hello_lowat  # SO_RCVLOWAT was raised on the client socket
     uint16_t hdr_len
     uint8_t has_dst      # dst_* came from a PROXY header
     uint16_t dst_port
@@ -225,6 +231,9 @@ cdef struct Counters:
     uint64_t proxy_header_errors
     uint64_t hook_refused     # on_connect said refuse
     uint64_t hook_calls       # hook calls made (on_connect and on_data)
+    uint64_t route_refused    # no route and no default group (or not TLS, with route_non_tls reject)
+    uint64_t route_timeouts   # no whole ClientHello within route_timeout
+    uint64_t route_aborted    # FIN or reset before the whole ClientHello
 
 
 # A worker's own loop, written by that worker only (DataPlane.stats()
@@ -388,8 +397,29 @@ cdef struct ListenerSlot:
     uint8_t listening     # the socket is in this worker's set
     uint8_t *scratch      # PROXY headers are peeked into it
     # Timer lists, one per duration of this listener, ordered by deadline.
-    Bridge *thead[8]      # T_LISTS
-    Bridge *ttail[8]
+    Bridge *thead[9]      # T_LISTS
+    Bridge *ttail[9]
+    # Route groups (route i at i - 1) and this worker's cursors for them,
+    # rebuilt with `cursor` when group_gen moves.
+    GroupC **rgroup
+    BalanceCursor *rcursor
+
+
+# A listener's server names (sni.pxi): open addressing, hashed with FNV-1a
+# and mix64; built by the control plane, read-only after.
+cdef struct RouteEntry:
+    uint64_t hash
+    uint32_t off          # the name in RouteTable.pool
+    uint32_t len
+    int route             # 1..nroutes; 0: an empty slot
+
+
+cdef struct RouteTable:
+    uint32_t mask         # slots - 1 (a power of two, at most half full)
+    RouteEntry *exact     # "a.example"
+    RouteEntry *wild      # "*.b.example", kept as "b.example"
+    int nwild             # 0: no wildcard to look for
+    char *pool
 
 
 # One listener: its socket and everything a listener configures (upstream
@@ -414,8 +444,17 @@ cdef struct ListenerC:
     int64_t hook_timeout_ns   # 0: hook calls have no deadline
     # The current upstream group (one reference), swapped by the control
     # plane; a worker rereads it when group_gen moves (worker_sync).
-    GroupC *group
+    GroupC *group         # NULL: none (route sni without upstreams)
     int64_t group_gen
+    # Routing by TLS server name: the route table, and each route's group
+    # (route i at i - 1, each one reference, swapped like `group`).
+    uint8_t sni
+    uint8_t reject_non_tls    # route_non_tls reject: no name, no default
+    int64_t route_timeout_ns
+    RouteTable *routes
+    int nroutes
+    GroupC **route_groups
+    int *route_retries
     UpstreamState routed          # on_connect routes outside the group (atomic gauges)
     int retries
     int64_t max_connections
@@ -520,6 +559,7 @@ cdef struct Worker:
     int kill_found        # cmd_kill found its bridge here
     int64_t in_loop       # atomic: 1 while in worker_run's loop
     int64_t now_ns        # the loop's clock, read once per wake-up: what timings stamp
+    uint8_t *hello_buf    # ClientHellos are peeked into it (and joined: twice HELLO_MAX)
     LoopCounters loop
     Bridge **bridges
     int nbridges
@@ -561,7 +601,10 @@ cdef class ListenerHandle:
     cdef ListenerC *c
     cdef DataPlane _plane
     cdef readonly int id
-    cdef readonly UpstreamGroup group   # the current one: new clients pick from it (c.group holds its own reference)
+    cdef readonly UpstreamGroup group   # the current one: new clients pick from it (c.group holds its own reference); None: no default group
+    cdef readonly list route_groups     # route i's current group at i - 1
+    cdef readonly tuple route_names     # route i's name at i - 1
+    cdef readonly tuple route_server_names
     cdef object access     # keeps the tables the workers read alive
     cdef object __weakref__
     cdef int _check(self) except -1

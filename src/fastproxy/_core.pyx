@@ -24,6 +24,7 @@ include "access.pxi"
 include "acl.pxi"
 include "ratelimit.pxi"
 include "proxyproto.pxi"
+include "sni.pxi"
 include "balancer.pxi"
 include "hooks.pxi"
 include "limits.pxi"
@@ -85,6 +86,9 @@ cdef dict counters_dict(Counters *c):
         "proxy_header_errors": c.proxy_header_errors,
         "hook_refused": c.hook_refused,
         "hook_calls": c.hook_calls,
+        "route_refused": c.route_refused,
+        "route_timeouts": c.route_timeouts,
+        "route_aborted": c.route_aborted,
     }
 
 
@@ -102,10 +106,13 @@ cdef void counters_add(Counters *total, Counters *c) noexcept nogil:
     total.proxy_header_errors += fp_load(&c.proxy_header_errors)
     total.hook_refused += fp_load(&c.hook_refused)
     total.hook_calls += fp_load(&c.hook_calls)
+    total.route_refused += fp_load(&c.route_refused)
+    total.route_timeouts += fp_load(&c.route_timeouts)
+    total.route_aborted += fp_load(&c.route_aborted)
 
 
 # What bridges() calls each B_* state.
-BRIDGE_STATES = ("header", "queued", "hook", "connecting", "active", "closed")
+BRIDGE_STATES = ("header", "queued", "hook", "connecting", "active", "closed", "hello")
 
 
 cdef str bridge_state_name(int state, bint half_closed):
@@ -117,17 +124,28 @@ cdef str bridge_state_name(int state, bint half_closed):
 cdef void listener_free(ListenerC *ls, int nworkers) noexcept nogil:
     # Once no worker reads it: removed from the table and synced, and no
     # bridge left (refs 1), or the data plane is gone.
-    cdef int i
+    cdef int i, j
     if ls == NULL:
         return
     if ls.slots != NULL:
         for i in range(nworkers):
             balance_cursor_free(&ls.slots[i].cursor)
             free(ls.slots[i].scratch)
+            if ls.slots[i].rcursor != NULL:
+                for j in range(ls.nroutes):
+                    balance_cursor_free(&ls.slots[i].rcursor[j])
+            free(ls.slots[i].rcursor)
+            free(ls.slots[i].rgroup)
         free(ls.slots)
     pthread_mutex_destroy(&ls.wait.mu)
     iptable_free(&ls.ips)
     group_unref(ls.group)
+    if ls.route_groups != NULL:
+        for j in range(ls.nroutes):
+            group_unref(ls.route_groups[j])
+    free(ls.route_groups)
+    free(ls.route_retries)
+    route_table_free(ls.routes)
     free(ls)
 
 
@@ -151,29 +169,40 @@ cdef class ListenerHandle:
             raise RuntimeError(f"listener {self.id} was freed")
         return 0
 
-    def swap_group(self, UpstreamGroup group not None):
+    def swap_group(self, UpstreamGroup group not None, route=None):
         """Make `group` (built for this data plane, never attached before)
-        the one new clients pick from. Live bridges keep the group they were
-        bridged with, which is freed when the last of them ends (and its
-        object is gone). Returns once every running worker has moved to it."""
+        the one new clients pick from: of the listener's default group
+        (route None or 0), or of route `route` (1.., as route_groups[route
+        - 1]). Live bridges keep the group they were bridged with, which is
+        freed when the last of them ends (and its object is gone). Returns
+        once every running worker has moved to it."""
         cdef UpstreamGroup old
         cdef int64_t gen
-        cdef int i
+        cdef int i = 0 if route is None else route
+        cdef GroupC **slot
         plane = self._plane
         with plane._lock:
             self._check()
             if plane.workers == NULL:
                 raise RuntimeError("the data plane is closed")
-            old = self.group
+            if not 0 <= i <= self.c.nroutes:
+                raise IndexError(f"no route {route} (this listener has {self.c.nroutes})")
+            if i == 0 and self.group is None:
+                raise ValueError("this listener has no default group to swap")
+            old = self.group if i == 0 else self.route_groups[i - 1]
+            slot = &self.c.group if i == 0 else &self.c.route_groups[i - 1]
             gen = self.c.group_gen + 1
             group._attach(plane.nworkers, gen)
             group_ref(group.g)
-            fp_ptr_set(<void **>&self.c.group, group.g)
+            fp_ptr_set(<void **>slot, group.g)
             fp_atomic_set(&self.c.group_gen, gen)
             # Until each worker has synced, one may be about to read the old
             # pointer: its current reference is dropped only after.
             plane._publish()
-            self.group = group
+            if i == 0:
+                self.group = group
+            else:
+                self.route_groups[i - 1] = group
             group_unref(old.g)
             # Waiters get a retry each: the new group may have room where
             # the old one was full (those still without one wait again).
@@ -243,7 +272,11 @@ cdef class ListenerHandle:
         result["queued"] = fp_atomic_get(&self.c.wait.count)
         result["dropped_records"] = fp_atomic_get(&self.c.gauges.dropped_records)
         result["hook_timeouts"] = fp_atomic_get(&self.c.gauges.hook_timeouts)
-        result["upstreams"] = self.group.stats()
+        result["upstreams"] = self.group.stats() if self.group is not None else {}
+        if self.c.sni:
+            result["routes"] = {
+                name: {"server_names": list(names), "upstreams": group.stats()}
+                for name, names, group in zip(self.route_names, self.route_server_names, self.route_groups)}
         # Routes have no passive health: always "up".
         result["routed"] = upstream_entry(&self.c.routed, &routed, "up", True)
         result["histograms"] = {"connect_seconds": hist_dict(&connect_hist, CONNECT_BOUNDS),
@@ -297,12 +330,17 @@ cdef class DataPlane:
             self.sh.nworkers = self.nworkers
             self._init_worker(&self.workers[i], i)
 
-    def add_listener(self, int listen_fd, UpstreamGroup group not None, config, *, int hooks=0,
-                     ListenerHandle replaces=None):
+    def add_listener(self, int listen_fd, UpstreamGroup group, config, *, int hooks=0,
+                     ListenerHandle replaces=None, list routes=None):
         """Serve `listen_fd` (bound, listening, non-blocking) with the
         listener options of `config` (a resolved fastproxy Config, read by
         option name) and upstream `group`. Running workers take it up
         before this returns; returns its ListenerHandle.
+
+        With config.routing.route "sni", `routes` lists the listener's
+        routes, each (name, server_names, UpstreamGroup, retries): server
+        names normalized ("*.x" a wildcard), none twice. `group` is then
+        the default group, or None for none (unknown names are refused).
 
         `replaces`: a listener on the same socket (a reload changed its
         options) that stops accepting in the same step, so that there is no
@@ -311,9 +349,15 @@ cdef class DataPlane:
         cdef ListenerHandle h
         cdef AccessList acl = None, accept_proxy_from = None
         cdef RateLimiter rate = None
-        cdef int i, k, err, lid
+        cdef int i, j, k, err, lid
+        cdef UpstreamGroup rg
         limits, access = config.limits, config.access
         timeouts, proxy_protocol = config.timeouts, config.proxy_protocol
+        routing = getattr(config, "routing", None)
+        sni = routing is not None and routing.route == "sni"
+        routes = list(routes or ()) if sni else []
+        if group is None and not routes:
+            raise ValueError("a listener needs an upstream group, or routes")
         with self._lock:
             if self.workers == NULL:
                 raise RuntimeError("the data plane is closed")
@@ -336,7 +380,10 @@ cdef class DataPlane:
                 rate = RateLimiter(*access.rate_limit_per_ip, access.rate_limit_table)
             if proxy_protocol.accept_proxy_from:
                 accept_proxy_from = AccessList(proxy_protocol.accept_proxy_from)
-            group._attach(self.nworkers, 0)
+            if group is not None:
+                group._attach(self.nworkers, 0)
+            for route in routes:
+                (<UpstreamGroup>route[2])._attach(self.nworkers, 0)
             ls = <ListenerC *>calloc(1, sizeof(ListenerC))
             if ls == NULL:
                 raise MemoryError()
@@ -344,16 +391,42 @@ cdef class DataPlane:
             ls.sh = &self.sh
             ls.id = lid
             ls.refs = 1
-            group_ref(group.g)      # the current pointer's
-            ls.group = group.g
+            if group is not None:
+                group_ref(group.g)      # the current pointer's
+                ls.group = group.g
             try:
+                if sni:
+                    ls.sni = 1
+                    ls.reject_non_tls = routing.route_non_tls == "reject"
+                    ls.route_timeout_ns = seconds_to_ns(routing.route_timeout)
+                    ls.routes = route_table_build([list(route[1]) for route in routes])
+                if routes:
+                    ls.route_groups = <GroupC **>calloc(len(routes), sizeof(GroupC *))
+                    ls.route_retries = <int *>calloc(len(routes), sizeof(int))
+                    if ls.route_groups == NULL or ls.route_retries == NULL:
+                        raise MemoryError()
+                    for j, route in enumerate(routes):
+                        rg = route[2]
+                        group_ref(rg.g)
+                        ls.route_groups[j] = rg.g
+                        ls.route_retries[j] = route[3]
+                        ls.nroutes = j + 1
                 ls.slots = <ListenerSlot *>calloc(self.nworkers, sizeof(ListenerSlot))
                 if ls.slots == NULL:
                     raise MemoryError()
                 for i in range(self.nworkers):
-                    if balance_cursor_init(group.g, &ls.slots[i].cursor) < 0:
+                    if group is not None and balance_cursor_init(group.g, &ls.slots[i].cursor) < 0:
                         raise MemoryError()
-                    ls.slots[i].group = group.g
+                    ls.slots[i].group = ls.group
+                    if ls.nroutes:
+                        ls.slots[i].rgroup = <GroupC **>calloc(ls.nroutes, sizeof(GroupC *))
+                        ls.slots[i].rcursor = <BalanceCursor *>calloc(ls.nroutes, sizeof(BalanceCursor))
+                        if ls.slots[i].rgroup == NULL or ls.slots[i].rcursor == NULL:
+                            raise MemoryError()
+                        for j in range(ls.nroutes):
+                            if balance_cursor_init(ls.route_groups[j], &ls.slots[i].rcursor[j]) < 0:
+                                raise MemoryError()
+                            ls.slots[i].rgroup[j] = ls.route_groups[j]
                     if proxy_protocol.accept_proxy:
                         ls.slots[i].scratch = <uint8_t *>malloc(16 + proxy_protocol.proxy_header_max)
                         if ls.slots[i].scratch == NULL:
@@ -402,6 +475,9 @@ cdef class DataPlane:
             h.c = ls
             h.id = lid
             h.group = group
+            h.route_groups = [route[2] for route in routes]
+            h.route_names = tuple(route[0] for route in routes)
+            h.route_server_names = tuple(tuple(route[1]) for route in routes)
             h.access = (acl, rate, accept_proxy_from)
             h._plane = self
             self.sh.hooks |= hooks
@@ -486,7 +562,8 @@ cdef class DataPlane:
         w.hook_pool = <char **>malloc(self.sh.hook_pool_max * sizeof(char *))
         pthread_mutex_init(&w.results.mu, NULL)
         w.events = <epoll_event *>malloc(MAX_EVENTS * sizeof(epoll_event))
-        if not (w.pipe_pool and w.buf_pool and w.hook_pool and w.events):
+        w.hello_buf = <uint8_t *>malloc(2 * HELLO_MAX)
+        if not (w.pipe_pool and w.buf_pool and w.hook_pool and w.events and w.hello_buf):
             raise MemoryError()
         if self.sh.engine == ENGINE_EPOLL:
             r = fp_epoll_create()
@@ -878,6 +955,7 @@ cdef class DataPlane:
                 free(w.buf_pool)
                 free(w.hook_pool)
                 free(w.events)
+                free(w.hello_buf)
                 free(w.bridges)
                 free(w.calls)
                 free(w.pfds)

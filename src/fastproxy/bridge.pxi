@@ -379,6 +379,10 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
             if ev & EV_RD:
                 bridge_read_header(w, b, now)
             return
+        if b.state == B_HELLO:
+            if ev & (EV_RD | EV_ERR):
+                bridge_read_hello(w, b, now)
+            return
         if b.state != B_ACTIVE:
             if ev & EV_ERR:
                 bridge_close(w, b, CLIENT_RESET, 0, 1)

@@ -154,6 +154,9 @@ cdef void bridge_admitted(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         timer_add(w, b, T_LIFETIME, b.accepted_ns + b.ls.max_lifetime_ns)
     if b.ls.idle_timeout_ns:
         timer_add(w, b, T_IDLE, now + b.ls.idle_timeout_ns)
+    if b.ls.sni:
+        bridge_hello_start(w, b, now)   # it chooses the route, then goes on as below
+        return
     if b.ls.hooks & HOOK_CONNECT:
         bridge_ask_connect(w, b)
     else:
@@ -223,19 +226,39 @@ cdef void bridge_drop_group(Bridge *b) noexcept nogil:
     group_unref(g)
 
 
+cdef inline GroupC *route_group(Worker *w, Bridge *b, BalanceCursor **cursor) noexcept nogil:
+    # The current group of the bridge's route (the default group for route
+    # 0, NULL when there is none) and this worker's cursor for it.
+    cdef ListenerSlot *s = lslot(w, b.ls)
+    if b.route_id == 0:
+        cursor[0] = &s.cursor
+        return s.group
+    cursor[0] = &s.rcursor[b.route_id - 1]
+    return s.rgroup[b.route_id - 1]
+
+
+cdef inline int route_retries(Bridge *b) noexcept nogil:
+    # Retries stay within the bridge's route's group.
+    return b.ls.retries if b.route_id == 0 else b.ls.route_retries[b.route_id - 1]
+
+
 cdef void bridge_start_upstream(Worker *w, Bridge *b, int chosen, int64_t now) noexcept nogil:
-    # Takes an upstream of the current group (the one on_connect chose, or
-    # the algorithm's choice), or none when on_connect gave an address of its
-    # own, and connects.
+    # Takes an upstream of the current group of its route (the one
+    # on_connect chose, or the algorithm's choice), or none when on_connect
+    # gave an address of its own, and connects.
     cdef int i, r
     cdef bint retry = b.state == B_QUEUED   # a waiter's retry keeps its place
-    cdef GroupC *g = lslot(w, b.ls).group
+    cdef BalanceCursor *cursor
+    cdef GroupC *g = route_group(w, b, &cursor)
     if b.route == NULL:
+        if g == NULL:
+            bridge_refuse(w, b, &lslot(w, b.ls).ctr.route_refused)
+            return
         bridge_set_group(b, g)
         if chosen >= 0:
-            i = balance_take(g, &lslot(w, b.ls).cursor, chosen, now)
+            i = balance_take(g, cursor, chosen, now)
         else:
-            i = balance_acquire(g, &lslot(w, b.ls).cursor, b.client_ip, b.tried, now)
+            i = balance_acquire(g, cursor, b.client_ip, b.tried, now)
         if i == BALANCE_FULL:
             if not queue_wait(w, b, retry, now):
                 bridge_reject(w, b)
@@ -372,7 +395,7 @@ cdef void bridge_upstream_failed(Worker *w, Bridge *b, int err, int64_t now) noe
         balance_connect_result(b.group, b.upstream, 0, now)
         if upstream_release(w, b):
             queue_kick(b.ls)
-        if b.tries < b.ls.retries and bridge_mark_tried(w, b) == 0:
+        if b.tries < route_retries(b) and bridge_mark_tried(w, b) == 0:
             b.tries += 1
             bridge_start_upstream(w, b, -1, now)
             return
@@ -408,14 +431,15 @@ cdef int route_to_current(Worker *w, Bridge *b, HookResult *res) noexcept nogil:
     # name after a swap); -1 with b.route set to its addresses when the
     # current group no longer has it (it is then a route, counted as one);
     # -ENOMEM.
-    cdef GroupC *g = lslot(w, b.ls).group
+    cdef BalanceCursor *cursor
+    cdef GroupC *g = route_group(w, b, &cursor)
     cdef GroupC *named = res.group
     cdef int i
     if named == NULL or res.upstream < 0:
         return -1
     if named == g:
         return res.upstream
-    i = group_find(g, named.names[res.upstream])
+    i = group_find(g, named.names[res.upstream]) if g != NULL else -1
     if i >= 0:
         return i
     i = named.addrs[res.upstream].naddrs

@@ -4,13 +4,13 @@
 # them would need sorted inserts.)
 
 cdef enum:
-    SLOT_PHASE = 0         # PROXY header, queue wait, connect
+    SLOT_PHASE = 0         # PROXY header, queue wait, ClientHello, connect
     SLOT_HALF_CLOSE = 1
     SLOT_IDLE = 2
     SLOT_LIFETIME = 3
     SLOT_HOOK = 4
 
-cdef int SLOT_OF[8]        # T_LISTS
+cdef int SLOT_OF[9]        # T_LISTS
 SLOT_OF[T_NONE] = 0
 SLOT_OF[T_CONNECT] = SLOT_PHASE
 SLOT_OF[T_HALF_CLOSE] = SLOT_HALF_CLOSE
@@ -19,6 +19,7 @@ SLOT_OF[T_LIFETIME] = SLOT_LIFETIME
 SLOT_OF[T_QUEUE] = SLOT_PHASE
 SLOT_OF[T_HEADER] = SLOT_PHASE
 SLOT_OF[T_HOOK] = SLOT_HOOK
+SLOT_OF[T_HELLO] = SLOT_PHASE
 
 
 cdef inline TimerLink *tlink(Bridge *b, int slot) noexcept nogil:

@@ -62,6 +62,9 @@ cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
             bridge_close(w, s.thead[T_HEADER], TIMEOUT, 0, 0)
         while timer_due(s, T_HOOK, now):
             hook_expire(w, s.thead[T_HOOK], now)
+        while timer_due(s, T_HELLO, now):
+            fp_bump(&s.ctr.route_timeouts, 1)
+            bridge_close(w, s.thead[T_HELLO], TIMEOUT, 0, 0)
 
 
 cdef void idle_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
@@ -138,6 +141,7 @@ cdef inline void bridges_remove(Worker *w, Bridge *b) noexcept nogil:
 cdef void bridge_free(Bridge *b) noexcept nogil:
     fp_atomic_add(&b.ls.refs, -1)
     free(b.hdr)
+    free(b.hello)
     free(b.up.lent)
     free(b.down.lent)
     free(b.route)
@@ -244,13 +248,24 @@ cdef bint listener_sync_group(Worker *w, ListenerC *ls) noexcept nogil:
     cdef int64_t gen = fp_atomic_get(&ls.group_gen)
     cdef GroupC *g
     cdef BalanceCursor c
+    cdef int i
     if gen == s.group_gen:
         return 1
+    # Every route's too: one generation covers them all (a cursor rebuilt
+    # for an unchanged group only restarts its rotation).
+    for i in range(ls.nroutes):
+        g = <GroupC *>fp_ptr_get(<void **>&ls.route_groups[i])
+        if balance_cursor_init(g, &c) < 0:
+            return 0
+        balance_cursor_free(&s.rcursor[i])
+        s.rcursor[i] = c
+        s.rgroup[i] = g
     g = <GroupC *>fp_ptr_get(<void **>&ls.group)
-    if balance_cursor_init(g, &c) < 0:
-        return 0
-    balance_cursor_free(&s.cursor)
-    s.cursor = c
+    if g != NULL:
+        if balance_cursor_init(g, &c) < 0:
+            return 0
+        balance_cursor_free(&s.cursor)
+        s.cursor = c
     s.group = g
     s.group_gen = gen
     return 1
@@ -460,6 +475,9 @@ cdef inline short poll_client_interest(Bridge *b) noexcept nogil:
         return poll_interest(&b.up, b.c_rd, &b.down, b.c_wr)
     if b.state == B_HEADER and not b.c_rd:
         return POLLIN
+    if b.state == B_HELLO:
+        # SO_RCVLOWAT keeps a partial ClientHello from waking it.
+        return POLLIN | POLLRDHUP
     # A waiting client is watched for hanging up (once: level-triggered, a
     # FIN seen would wake the loop forever); others for errors only.
     if b.state != B_QUEUED:

@@ -19,6 +19,7 @@
 #include <sys/types.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/ioctl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
@@ -182,6 +183,25 @@ static inline ssize_t fp_recv_peek(int fd, char *buf, size_t len)
 {
     ssize_t r;
     FP_RETRY(recv(fd, buf, len, MSG_PEEK));
+}
+
+/* Bytes waiting in a socket's receive queue (FIONREAD), so a phase that
+ * peeks (the ClientHello) copies only once all it needs has arrived.
+ * Returns: the count (0: nothing, or EOF) or -errno. */
+static inline int fp_pending(int fd)
+{
+    int n = 0;
+    if (ioctl(fd, FIONREAD, &n) < 0) return -errno;
+    return n;
+}
+
+/* SO_RCVLOWAT: the socket reports readable only once n bytes wait (or at
+ * EOF), so a level-triggered poll does not spin on a partial ClientHello
+ * left in the socket. Returns: 0 or -errno. */
+static inline int fp_set_rcvlowat(int fd, int n)
+{
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &n, sizeof n) < 0) return -errno;
+    return 0;
 }
 
 /* Returns: bytes written or -errno (-EAGAIN, -EPIPE, -ECONNRESET). */

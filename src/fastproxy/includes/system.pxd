@@ -39,7 +39,7 @@ cdef extern from "compat.h" nogil:
     int AF_INET, AF_INET6, AF_UNIX
     int SHUT_WR
     int EAGAIN, EINTR, EINPROGRESS, EMFILE, ENFILE, ENOBUFS, ENOMEM
-    int ECONNRESET, EPIPE, ENOSYS, EINVAL, ECONNREFUSED, ETIMEDOUT, EMSGSIZE
+    int ECONNRESET, EPIPE, ENOSYS, EINVAL, ECONNREFUSED, ETIMEDOUT, EMSGSIZE, EPROTO
 
     ctypedef union epoll_data_t:
         void *ptr
@@ -77,6 +77,8 @@ cdef extern from "compat.h" nogil:
     ssize_t fp_splice(int fd_in, int fd_out, size_t length)
     ssize_t fp_recv(int fd, char *buf, size_t length)
     ssize_t fp_recv_peek(int fd, char *buf, size_t length)
+    int fp_pending(int fd)
+    int fp_set_rcvlowat(int fd, int n)
     int getsockname(int fd, sockaddr *sa, socklen_t *length)
     ssize_t fp_send(int fd, const char *buf, size_t length)
     int fp_epoll_create()
