@@ -92,7 +92,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = vars(build_parser(command_defaults=False).parse_args(argv))
         del args["config"]
     else:
-        missing = [o.cli_flag for o in OPTIONS if o.required and o.name not in args]
+        missing = [o.cli_flag for o in OPTIONS if o.required and o.name not in args
+                   and not (o.name == "upstreams" and args.get("route") == "sni")]
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)}")
     log_level: Optional[str] = args.pop("log_level")

@@ -51,6 +51,7 @@ class Config:
 
     listener: Any
     upstream_group: Any
+    routing: Any
     balancing: Any
     limits: Any
     access: Any
@@ -73,12 +74,13 @@ class Config:
         values: Dict[str, Dict[str, Any]] = {section: {} for section in SECTIONS}
         for o in OPTIONS:
             value = options.get(o.name, o.default)
-            if value is None and o.required:
+            if value is None and o.required and not (o.name == "upstreams" and options.get("route") == "sni"):
                 field = "upstream" if o.name == "upstreams" else o.name
                 raise ConfigError(field, None, "is required")
             field = "upstream" if o.name == "upstreams" and upstream is not None else o.name
             values[o.section][o.name] = value if value is None or value is o.default else o.parse(value, field)
         cls._check_listener_kind(values, options)
+        cls._check_routing(values, options)
         # Options that imply or complete others.
         if values["proxy_protocol"]["accept_proxy_from"]:
             values["proxy_protocol"]["accept_proxy"] = True
@@ -105,6 +107,17 @@ class Config:
                 raise ConfigError(name, given[name],
                                   "needs an IP listener: a client of a Unix socket has no IP address")
 
+    @staticmethod
+    def _check_routing(values: Dict[str, Dict[str, Any]], given: Dict[str, Any]) -> None:
+        routing = values["routing"]
+        if routing["route"] != "sni":
+            if routing["routes"]:
+                raise ConfigError("routes", given["routes"], 'needs route = "sni" (--route sni): routes '
+                                                             "choose by TLS server name")
+            return
+        if values["upstream_group"]["upstreams"] is None and not routing["routes"]:
+            raise ConfigError("upstream", None, 'is required (with route = "sni", routes or upstreams)')
+
     def resolve(self, *, engine: str, max_connections: int) -> "Config":
         """What start() decided: the concrete engine, and the defaults that
         depend on it or on the fd budget."""
@@ -127,7 +140,7 @@ class Config:
     @property
     def retry_count(self) -> int:
         retries: Optional[int] = self.balancing.retries
-        return len(self.upstream_group.upstreams) - 1 if retries is None else retries
+        return len(self.upstream_group.upstreams or ()) - 1 if retries is None else retries
 
     def options(self) -> Dict[str, Any]:
         """Every option by name, flat."""

@@ -238,11 +238,14 @@ class _Reader:
         if "listen" not in values:
             raise self.missing(here, "has no listen (required)")
         if "upstreams" not in values:
-            raise self.missing(here, "has no upstreams (required; here or in [defaults])")
-        if origin["upstreams"] == _OVERRIDE:
+            if values.get("route") != "sni":
+                raise self.missing(here, "has no upstreams (required; here or in [defaults])")
+        elif origin["upstreams"] == _OVERRIDE:
             values["upstreams"] = parse_upstreams(values["upstreams"])
         else:
             values["upstreams"] = self.upstreams(values["upstreams"], origin["upstreams"] + ".upstreams")
+        if isinstance(values.get("routes"), list) and origin["routes"] != _OVERRIDE:
+            values["routes"] = self.route_tables(values["routes"], origin["routes"] + ".routes")
         try:
             return Config.build(**process, **values)
         except ConfigError as exc:
@@ -273,6 +276,16 @@ class _Reader:
             return parse_upstreams(group, path)
         except ConfigError as exc:
             raise self.error(path, exc.value, exc.problem) from None
+
+    def route_tables(self, value: List[Any], path: str) -> List[Any]:
+        # A route's upstreams take the same forms as a listener's (strings
+        # or tables); the rest is checked by Config.build (parse_routes).
+        out: List[Any] = []
+        for j, item in enumerate(value):
+            if isinstance(item, Mapping) and "upstreams" in item:
+                item = dict(item, upstreams=list(self.upstreams(item["upstreams"], f"{path}[{j}].upstreams")))
+            out.append(item)
+        return out
 
     def upstream_table(self, table: Mapping[str, Any], path: str) -> Upstream:
         self.check_keys(table, path, UPSTREAM_KEYS, "upstream")

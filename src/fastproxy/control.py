@@ -42,6 +42,13 @@ def check_weight(weight: object) -> int:
     return weight
 
 
+def _index(lst: "Listener") -> Dict[str, int]:
+    # The default group's upstreams: those of routes are not addressable
+    # at run time yet.
+    group = lst.group
+    return group.index if group is not None else {}
+
+
 def find_upstream(listeners: List["Listener"], name: str, listener: Optional[str]) -> "Listener":
     """The listener whose current group has upstream `name` (in `listener`
     when given). Raises UnknownNameError, or ConfigError when the name is
@@ -50,10 +57,10 @@ def find_upstream(listeners: List["Listener"], name: str, listener: Optional[str
         matches = [lst for lst in listeners if lst.name == listener]
         if not matches:
             raise UnknownNameError("listener", listener, "no such listener")
-        if name not in matches[0].group.index:
+        if name not in _index(matches[0]):
             raise UnknownNameError("upstream", name, f"not an upstream of listener {listener}")
         return matches[0]
-    matches = [lst for lst in listeners if name in lst.group.index]
+    matches = [lst for lst in listeners if name in _index(lst)]
     if not matches:
         raise UnknownNameError("upstream", name, "not an upstream of any listener")
     if len(matches) > 1:
@@ -112,8 +119,8 @@ def set_upstream(lst: "Listener", name: str, state: Optional[str], weight: Optio
     if handle is None:
         raise UnknownNameError("listener", lst.name, "is not serving")
     group = handle.group
-    i = group.index.get(name)
-    if i is None:
+    i = group.index.get(name) if group is not None else None
+    if group is None or i is None:
         raise UnknownNameError("upstream", name, f"not an upstream of listener {lst.name}")
     opened = False
     before = (group.admin(i), group.weight(i))

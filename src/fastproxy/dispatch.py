@@ -305,7 +305,9 @@ class HookRunner:
                 # Looked up in the group current now; the worker maps the
                 # name again if the group is swapped before it picks.
                 group = entry.handle.group
-                upstream, route = route_target(result, group.index)
+                upstream, route = route_target(result, group.index if group is not None else {})
+                if upstream < 0:
+                    group = None
             else:
                 raise TypeError(f"on_connect returned {type(result).__name__}: expected None, bool or 'host:port'")
         except BaseException:

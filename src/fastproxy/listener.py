@@ -4,19 +4,22 @@ which outlive the data-plane blocks a reload replaces."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import _core
 from .accesslog import AccessLog
 from .config import Config
 from .dispatch import HookRunner, ListenerHooks
 from .hooks import Hooks, access_log_fields, load_hooks
+from .routes import Route
 from .sockets import (UnixFile, adopt_socket, check_listening, close_listening, listen_socket, listen_unix,
                       remove_unix_file, resolve_upstream, unix_file_of)
 from .timewindows import Clock, TimeWindows
+from .upstreams import Upstream
 from .values import ConfigError, format_address, unix_path
 from .watch import Watchers
 
@@ -58,13 +61,36 @@ def bound_address(sock: socket.socket) -> Any:
     return (host, port)
 
 
-def build_group(config: Config) -> "_core.UpstreamGroup":
-    upstreams = config.upstream_group.upstreams
-    balancing = config.balancing
+def build_group(upstreams: Sequence[Upstream], balancing: Any) -> "_core.UpstreamGroup":
+    """An upstream group: `upstreams` resolved now, balanced as `balancing`
+    (a Config's balancing section, or a route's: route_balancing) says.
+    The one place groups are built: a listener's default group and each
+    route's."""
     return _core.UpstreamGroup(
         upstreams, [resolve_upstream((u.host, u.port)) for u in upstreams],
         balance=balancing.balance, max_fails=balancing.max_fails,
         fail_timeout=balancing.fail_timeout)
+
+
+def route_balancing(config: Config, route: Route) -> Any:
+    """A route's balancing section: the listener's, with what the route sets."""
+    return dataclasses.replace(config.balancing, **dict(route.balancing))
+
+
+def routes_of(config: Config) -> Tuple[Route, ...]:
+    """The routes the data plane serves: none unless route = "sni"."""
+    routing = config.routing
+    return tuple(routing.routes) if routing.route == "sni" else ()
+
+
+def build_routes(config: Config) -> List[Tuple[str, Tuple[str, ...], "_core.UpstreamGroup", int]]:
+    """DataPlane.add_listener's routes: (name, server names, group, retries)."""
+    out = []
+    for route in routes_of(config):
+        balancing = route_balancing(config, route)
+        retries = len(route.upstreams) - 1 if balancing.retries is None else balancing.retries
+        out.append((route.name, route.server_names, build_group(route.upstreams, balancing), retries))
+    return out
 
 
 class Listener:
@@ -94,6 +120,8 @@ class Listener:
         self.unix_file: Optional[UnixFile] = None   # a socket file this listener bound
         self.address: Any = None   # bound, once prepared
         self._group: Optional["_core.UpstreamGroup"] = None   # prepared, until attached
+        self._routes: List[Tuple[str, Tuple[str, ...], "_core.UpstreamGroup", int]] = []
+        self._prepared = False
         self.access_log: Optional[AccessLog] = None
         self.handle: Optional["_core.ListenerHandle"] = None
         self.watchers: Optional[Watchers] = None
@@ -108,12 +136,26 @@ class Listener:
         self._lock = threading.Lock()   # draining and carried: the reaper against stats()
 
     @property
-    def group(self) -> "_core.UpstreamGroup":
-        """The upstream group new clients pick from."""
-        group = self.handle.group if self.handle is not None else self._group
-        if group is None:
+    def group(self) -> Optional["_core.UpstreamGroup"]:
+        """The upstream group new clients pick from; None for a listener of
+        route = "sni" without upstreams."""
+        if self.handle is not None:
+            return self.handle.group
+        if not self._prepared:
             raise RuntimeError(f"listener {self.name} is not prepared")
-        return group
+        return self._group
+
+    def groups(self) -> List[Tuple[str, "_core.UpstreamGroup"]]:
+        """Every current group: ("", the default group) if there is one,
+        then (route name, group) per route."""
+        handle = self.handle
+        out: List[Tuple[str, "_core.UpstreamGroup"]] = []
+        if handle is None:
+            return out
+        if handle.group is not None:
+            out.append(("", handle.group))
+        out.extend(zip(handle.route_names, handle.route_groups))
+        return out
 
     @property
     def listen(self) -> Tuple[str, int]:
@@ -125,7 +167,10 @@ class Listener:
         take `sock`, a kept socket of the listener this one replaces).
         Raises ConfigError; undo with discard()."""
         self.config = cfg = self.config.resolve(engine=engine, max_connections=max_connections)
-        self._group = build_group(cfg)
+        upstreams = cfg.upstream_group.upstreams
+        self._group = build_group(upstreams, cfg.balancing) if upstreams else None
+        self._routes = build_routes(cfg)
+        self._prepared = True
         try:
             self.access_log = AccessLog(self, cfg.hooks.access_log, on_log_error)
         except OSError as exc:
@@ -179,19 +224,27 @@ class Listener:
         """Serve: the data plane takes the socket up (in the same step as
         `replaces` stops accepting on it), hook threads learn the listener,
         watchers start."""
-        assert self.sock is not None and self._group is not None
+        assert self.sock is not None and self._prepared
         cfg = self.config
         logged = cfg.hooks.access_log is not None
         old = replaces.handle if replaces is not None else None
         if old is not None:
             # Drained, in maintenance or reweighted at run time stays so
-            # across a reload that keeps the upstream (by name).
-            self._group.carry_admin(old.group)
+            # across a reload that keeps the upstream (by name; a route's
+            # by route name, then upstream name).
+            if self._group is not None and old.group is not None:
+                self._group.carry_admin(old.group)
+            before = dict(zip(old.route_names, old.route_groups))
+            for name, _, group, _ in self._routes:
+                if name in before:
+                    group.carry_admin(before[name])
         self.handle = plane.add_listener(self.sock.fileno(), self._group, cfg,
-                                         hooks=self.hooks.flags(logged), replaces=old)
-        # From now on the handle holds the current group (a swap replaces
-        # it): holding the first here would keep a retired group alive.
+                                         hooks=self.hooks.flags(logged), replaces=old,
+                                         routes=list(self._routes))
+        # From now on the handle holds the current groups (a swap replaces
+        # them): holding the first here would keep a retired group alive.
         self._group = None
+        self._routes = []
         self.runner = runner
         runner.register(self.handle.id, ListenerHooks(
             self.name, self.hooks, self.hook_address(), self.handle, self.access_log if logged else None,
@@ -277,7 +330,9 @@ class Listener:
         handle = self.handle
         if handle is not None:
             add_figures(figures, handle.stats())
-        names = set(handle.group.names) if handle is not None else None
+        names = None
+        if handle is not None:
+            names = set(handle.group.names) if handle.group is not None else set()
         with self._lock:
             for h, _ in self.draining:
                 more = h.stats()

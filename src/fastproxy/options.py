@@ -19,6 +19,7 @@ from ._core import BALANCE_ALGORITHMS
 from .acl import parse_cidrs, parse_rule_files
 from .hooks import ACCESS_LOG_FIELDS, parse_access_log_format
 from .ratelimit import parse_rate
+from .routes import parse_routes
 from .takeover import check_path
 from .timewindows import parse_time_windows, parse_time_zone
 from .upstreams import parse_upstreams
@@ -41,6 +42,7 @@ Parser = Callable[[Any, str], Any]
 SECTIONS: Dict[str, str] = {
     "listener": "Listener",
     "upstream_group": "Upstream group",
+    "routing": "Routing by TLS server name",
     "balancing": "Balancing and health",
     "limits": "Limits",
     "access": "Access control",
@@ -249,8 +251,23 @@ OPTIONS: Tuple[Option, ...] = (
     # ---- upstream group
     Option("upstreams", parse_upstreams, None,
            "a server to forward to: HOST:PORT[@WEIGHT][,max-connections=N][,backup] (HOST:PORT may "
-           "be unix:PATH or unix:@NAME); repeat it for an upstream group", "upstream_group",
+           "be unix:PATH or unix:@NAME); repeat it for an upstream group; optional with route = sni", "upstream_group",
            metavar="SPEC", flag="--upstream", repeat=True, required=True),
+    # ---- routing by TLS server name
+    Option("route", _optional(_choice("sni")), None, "sni: read the server name (SNI) of each client's TLS "
+           "ClientHello, without consuming or terminating TLS, and pick the group of the route that names "
+           "it; names no route has (and, by route_non_tls, clients without one) go to the upstreams, which "
+           "become optional (without them such clients are refused)", "routing", choices=("sni",),
+           shown_default="off"),
+    Option("routes", parse_routes, (), "a route of route = sni: NAME=SPEC sends server name NAME (a.example, "
+           "or *.b.example for any name under b.example) to upstream SPEC; repeat a NAME for a group; a config "
+           "file's [[listeners.routes]] tables also take name and the balancing options",
+           "routing", metavar="NAME=SPEC", flag="--route-sni", repeat=True, shown_default="none"),
+    Option("route_timeout", _positive_duration, 5.0, "how long a client of route = sni may take to send its "
+           "whole ClientHello (then it is closed and counted in route_timeouts)", "routing", metavar=D),
+    Option("route_non_tls", _choice("default", "reject"), "default", "a client of route = sni whose first "
+           "bytes are not a TLS ClientHello, or one without a server name: to the upstreams (refused without "
+           "them), or refused", "routing", choices=("default", "reject")),
     # ---- balancing and health
     Option("balance", _choice(*BALANCE_ALGORITHMS), "roundrobin",
            "roundrobin (weighted, smooth), leastconn, random (power of two choices), source (consistent "

@@ -120,6 +120,10 @@ class Proxy:
         # (a test holds the two together); docs/reference.md says what each does.
         name: Optional[str] = None,
         upstreams: Optional[Sequence[Union[str, Upstream]]] = None,
+        route: Optional[str] = None,
+        routes: Sequence[Any] = (),
+        route_timeout: Duration = 5.0,
+        route_non_tls: str = "default",
         notsent_lowat: Optional[Union[int, str]] = None,
         unix_mode: Optional[Union[int, str]] = None,
         unix_user: Optional[Union[int, str]] = None,
@@ -369,7 +373,8 @@ class Proxy:
             log.info("listening on %s%s, forwarding to %s (%s), %smax %d bridges",
                      lst.address_text(),
                      "" if lst.name == format_address(*cfg.listener.listen) else f" (listener {lst.name})",
-                     ", ".join(lst.group.names), cfg.balancing.balance,
+                     ", ".join(name for _, group in lst.groups() for name in group.names),
+                     cfg.balancing.balance,
                      f"engine {process.engine}, {workers} worker{'' if workers == 1 else 's'}, "
                      f"fd budget {budget}, " if lst is self._listeners[0] else "",
                      cfg.limits.max_connections)

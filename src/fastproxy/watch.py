@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from . import _core
 from .config import Config
@@ -27,22 +27,24 @@ class Watchers:
         self.config = config
         self.windows = windows
         self.plane = plane
-        group = plane.group
         self.stopped = threading.Event()
         self.window_open = True
-        self.health: Optional[HealthChecker] = None
-        balancing = config.balancing
-        if balancing.health_interval is not None:
-            self.health = HealthChecker(
-                [(u.host, u.port) for u in group.upstreams],
-                group.set_health,
-                interval=balancing.health_interval,
-                timeout=balancing.health_timeout,
-                rise=balancing.health_rise,
-                fall=balancing.health_fall,
-                check=health_check,
-                names=group.names,
-            )
+        # One checker per group that asks for checks: the default group's
+        # and each route's (a route may set its own health options).
+        self.checkers: List[HealthChecker] = []
+        for group, balancing in self._groups():
+            if balancing.health_interval is not None:
+                self.checkers.append(HealthChecker(
+                    [(u.host, u.port) for u in group.upstreams],
+                    group.set_health,
+                    interval=balancing.health_interval,
+                    timeout=balancing.health_timeout,
+                    rise=balancing.health_rise,
+                    fall=balancing.health_fall,
+                    check=health_check,
+                    names=group.names,
+                ))
+        self.health: Optional[HealthChecker] = self.checkers[0] if self.checkers else None
         self._threads = [threading.Thread(target=self._watch_states, name="fastproxy-states", daemon=True)]
         if windows is not None:
             self.window_open = windows.is_open()
@@ -50,16 +52,26 @@ class Watchers:
             self._threads.append(threading.Thread(target=self._watch_windows, name="fastproxy-windows",
                                                   daemon=True))
 
+    def _groups(self) -> List[Tuple["_core.UpstreamGroup", Any]]:
+        # The current groups, in a fixed order: default first, then routes.
+        from .listener import route_balancing, routes_of
+        out: List[Tuple["_core.UpstreamGroup", Any]] = []
+        if self.plane.group is not None:
+            out.append((self.plane.group, self.config.balancing))
+        for route, group in zip(routes_of(self.config), self.plane.route_groups):
+            out.append((group, route_balancing(self.config, route)))
+        return out
+
     def start(self) -> None:
-        if self.health is not None:
-            self.health.start()
+        for checker in self.checkers:
+            checker.start()
         for t in self._threads:
             t.start()
 
     def stop(self) -> None:
         self.stopped.set()
-        if self.health is not None:
-            self.health.stop()
+        for checker in self.checkers:
+            checker.stop()
         for t in self._threads:
             t.join(5.0)
 
@@ -92,27 +104,31 @@ class Watchers:
         # (a counter) and logs each transition once. The health checker
         # logs its own.
         # A swapped group starts afresh: its upstreams are all up.
-        group = self.plane.group
-        seen = group.changes
-        last = [group.state(i) for i in range(len(group))]
-        while not self.stopped.wait(STATE_POLL_S):
-            if self.plane.group is not group:
-                group = self.plane.group
-                seen = group.changes
-                last = [group.state(i) for i in range(len(group))]
-                continue
-            if group.changes == seen:
-                continue
-            seen = group.changes
-            for i, name in enumerate(group.names):
-                now: Any = group.state(i)
-                # Admin states and run-time weights (drained, maint) are
-                # the control plane's to log, not passive health's.
-                passive = now["state"] in ("up", "down") and last[i]["state"] in ("up", "down")
-                if passive and now["state"] != last[i]["state"] and now["health"] == last[i]["health"]:
-                    if now["state"] == "down":
-                        log.warning("upstream %s is down: %d connect failures in a row; skipped for %gs",
-                                    name, self.config.balancing.max_fails, self.config.balancing.fail_timeout)
-                    else:
-                        log.info("upstream %s is up again: a connect succeeded", name)
-                last[i] = now
+        watched: List[Any] = [None] * len(self._groups())
+        while True:
+            for k, (group, balancing) in enumerate(self._groups()):
+                if watched[k] is None or watched[k][0] is not group:
+                    watched[k] = (group, group.changes, [group.state(i) for i in range(len(group))])
+                    continue
+                _, seen, last = watched[k]
+                if group.changes == seen:
+                    continue
+                watched[k] = (group, group.changes, last)
+                self._log_transitions(group, balancing, last)
+            if self.stopped.wait(STATE_POLL_S):
+                return
+
+    @staticmethod
+    def _log_transitions(group: "_core.UpstreamGroup", balancing: Any, last: List[Any]) -> None:
+        for i, name in enumerate(group.names):
+            now: Any = group.state(i)
+            # Admin states and run-time weights (drained, maint) are
+            # the control plane's to log, not passive health's.
+            passive = now["state"] in ("up", "down") and last[i]["state"] in ("up", "down")
+            if passive and now["state"] != last[i]["state"] and now["health"] == last[i]["health"]:
+                if now["state"] == "down":
+                    log.warning("upstream %s is down: %d connect failures in a row; skipped for %gs",
+                                name, balancing.max_fails, balancing.fail_timeout)
+                else:
+                    log.info("upstream %s is up again: a connect succeeded", name)
+            last[i] = now
