@@ -294,6 +294,8 @@ cdef struct HookEvent:
     uint16_t client_port
     uint8_t client_ip[16]
     int64_t accepted_ns
+    int route            # CALL_CONNECT: the bridge's route (0: the default group)
+    uint8_t *hello       # CALL_CONNECT: a copy of Bridge.hello (the event's, freed with it), or NULL
 
 
 # A hook's answer, handed back to the bridge's worker, which looks the call
@@ -335,6 +337,7 @@ cdef struct CloseRecordC:
     int64_t closed_ns
     int64_t queue_ns     # time in the wait queue (0: never waited)
     int64_t connect_ns   # time to connect to the upstream that took it; -1: never connected
+    uint8_t *hello       # the bridge's Bridge.hello, handed over (the record's, freed with it)
 
 
 cdef struct HookQueue:

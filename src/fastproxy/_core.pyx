@@ -726,7 +726,8 @@ cdef class DataPlane:
         """Hook thread `slot` (0 <= slot < hook_slots) waits, GIL released,
         for the next hook call. Returns None on time-out, False once hooks
         are closed, else a tuple:
-        (EVT_CONNECT, handle, id, client, accepted_ns) or
+        (EVT_CONNECT, handle, id, client, accepted_ns, server_name, alpn,
+        route) or
         (EVT_DATA, handle, id, direction, chunks, client, accepted_ns):
         on_data's calls for one read, in order, each up to buf_size bytes
         (the first is joined to what WAIT held, so it may be longer).
@@ -749,7 +750,11 @@ cdef class DataPlane:
         handle = (<object>ev.id << 64) | (<object>ev.seq << 32) | (ev.call << 16) | ev.worker
         client = format_client(ev.client_ip, ev.client_port, ev.client_v4)
         if ev.kind == EVT_CONNECT:
-            return (ev.kind, ev.listener, handle, ev.id, client, ev.accepted_ns)
+            try:
+                server_name, alpn = hello_names(ev.hello)
+            finally:
+                free(ev.hello)
+            return (ev.kind, ev.listener, handle, ev.id, client, ev.accepted_ns, server_name, alpn, ev.route)
         # The buffer stays lent (valid) until this call is answered, even
         # if its bridge closes or the call times out meanwhile.
         step = <uint32_t>self.sh.buf_size
@@ -858,8 +863,9 @@ cdef class DataPlane:
     def next_records(self, int max_records=1024, int timeout_ms=100):
         """Wait (GIL released) for close records; return a list of tuples
         (listener, id, client, upstream name or None, route, bytes_up, bytes_down,
-        accepted_ns, closed_ns, reason, queue_ns, connect_ns), [] on time-out, None
-        once closed and empty. connect_ns is -1 when the bridge never connected."""
+        accepted_ns, closed_ns, reason, queue_ns, connect_ns, server_name, alpn), []
+        on time-out, None once closed and empty. connect_ns is -1 when the bridge
+        never connected; server_name None and alpn () without a ClientHello."""
         cdef RecordRing *q = &self.sh.records
         cdef CloseRecordC *batch
         cdef CloseRecordC *rec
@@ -896,11 +902,12 @@ cdef class DataPlane:
                     rec.bytes_upstream, rec.bytes_downstream,
                     rec.accepted_ns, rec.closed_ns, rec.reason,
                     rec.queue_ns, rec.connect_ns,
-                ))
+                ) + hello_names(rec.hello))
             return out
         finally:
             for i in range(n):
                 group_unref(batch[i].group)
+                free(batch[i].hello)
             free(batch)
 
     def close_hooks(self):

@@ -205,8 +205,8 @@ class HookRunner:
     # ---- calls
 
     def _connection(self, entry: ListenerHooks, ident: int, client: Tuple[str, int],
-                    accepted_ns: int) -> Connection:
-        return Connection(ident, client, entry.address, self._epoch_offset + accepted_ns / 1e9)
+                    accepted_ns: int, server_name: Optional[str] = None, alpn: Tuple[str, ...] = ()) -> Connection:
+        return Connection(ident, client, entry.address, self._epoch_offset + accepted_ns / 1e9, server_name, alpn)
 
     def _serve_calls(self, slot: int) -> None:
         next_event = self.plane.next_event
@@ -280,19 +280,19 @@ class HookRunner:
                     t.start()
 
     def _on_connect(self, entry: ListenerHooks, handle: int, ident: int, client: Tuple[str, int],
-                    accepted_ns: int) -> None:
+                    accepted_ns: int, server_name: Optional[str], alpn: Tuple[str, ...], route: int) -> None:
         fn = entry.hooks.on_connect
         assert fn is not None   # the data plane asks only when on_connect is set
-        conn = self._connection(entry, ident, client, accepted_ns)
+        conn = self._connection(entry, ident, client, accepted_ns, server_name, alpn)
         if inspect.iscoroutinefunction(fn) and self.loop is not None:
             # Awaited on the embedder's loop; no hook thread waits for it.
             future = asyncio.run_coroutine_threadsafe(fn(conn), self.loop)
-            future.add_done_callback(lambda f: self._answer_connect(entry, handle, f.result, conn))
+            future.add_done_callback(lambda f: self._answer_connect(entry, handle, f.result, conn, route))
             return
-        self._answer_connect(entry, handle, lambda: fn(conn), conn)
+        self._answer_connect(entry, handle, lambda: fn(conn), conn, route)
 
     def _answer_connect(self, entry: ListenerHooks, handle: int, call: Callable[[], Any],
-                        conn: Connection) -> None:
+                        conn: Connection, route_id: int = 0) -> None:
         upstream, route, group = -1, None, None
         try:
             result = call()
@@ -304,7 +304,10 @@ class HookRunner:
                 verdict = V_ROUTE
                 # Looked up in the group current now; the worker maps the
                 # name again if the group is swapped before it picks.
-                group = entry.handle.group
+                # In the bridge's route's group: a name of another route's
+                # (or the default group's) is an address like any other.
+                handle_ = entry.handle
+                group = handle_.group if route_id == 0 else handle_.route_groups[route_id - 1]
                 upstream, route = route_target(result, group.index if group is not None else {})
                 if upstream < 0:
                     group = None
@@ -393,13 +396,14 @@ class HookRunner:
             fn()
 
     def _record(self, entry: ListenerHooks, raw: tuple) -> Tuple[Connection, CloseRecord]:
-        _, ident, client, upstream, route, up, down, accepted_ns, closed_ns, reason, queue_ns, connect_ns = raw
+        (_, ident, client, upstream, route, up, down, accepted_ns, closed_ns, reason, queue_ns, connect_ns,
+         server_name, alpn) = raw
         accepted_at = self._epoch_offset + accepted_ns / 1e9
         name = route if route is not None else upstream
-        conn = Connection(ident, client, entry.address, accepted_at)
+        conn = Connection(ident, client, entry.address, accepted_at, server_name, alpn)
         total = (closed_ns - accepted_ns) / 1e9
         record = CloseRecord(ident, client, name, up, down, total, accepted_at, CloseReason(reason),
-                             queue_ns / 1e9, None if connect_ns < 0 else connect_ns / 1e9, total)
+                             queue_ns / 1e9, None if connect_ns < 0 else connect_ns / 1e9, total, server_name)
         return conn, record
 
     def _deliver(self, raw: tuple) -> None:

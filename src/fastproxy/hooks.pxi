@@ -45,6 +45,9 @@ cdef void queue_destroy(Shared *sh) noexcept nogil:
     cdef int i
     for i in range(sh.records.count):
         group_unref(sh.records.items[(sh.records.head + i) % sh.records.cap].group)
+        free(sh.records.items[(sh.records.head + i) % sh.records.cap].hello)
+    for i in range(sh.events.count):
+        free(sh.events.items[(sh.events.head + i) % sh.events.cap].hello)
     pthread_mutex_destroy(&sh.events.mu)
     fp_sem_destroy(&sh.events.wake)
     pthread_mutex_destroy(&sh.records.mu)
@@ -146,6 +149,7 @@ cdef bint event_cancel(Shared *sh, uint64_t id, uint32_t seq) noexcept nogil:
             found = True
             break
     if found:
+        free(q.items[j].hello)
         while i + 1 < q.count:
             q.items[(q.head + i) % q.cap] = q.items[(q.head + i + 1) % q.cap]
             i += 1
@@ -280,7 +284,16 @@ cdef int hook_call(Worker *w, Bridge *b, int call, HookEvent *ev) noexcept nogil
     ev.client_port = b.client_port
     memcpy(ev.client_ip, b.client_ip, 16)
     ev.accepted_ns = b.accepted_ns
+    ev.route = b.route_id
+    ev.hello = NULL
+    if call == CALL_CONNECT and b.hello != NULL:
+        # A copy: the bridge may close (its record taking b.hello) before
+        # a hook thread reads the call.
+        ev.hello = hello_copy(b.hello)
+        if ev.hello == NULL:
+            return -ENOMEM
     if event_push(w.sh, ev) < 0:
+        free(ev.hello)
         return -ENOMEM
     fp_bump(&lslot(w, b.ls).ctr.hook_calls, 1)
     # The answer comes through this worker's result queue: setting these
@@ -368,6 +381,8 @@ cdef void record_push(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     rec.queue_ns = <int64_t>b.queue_us * 1000
     # Only bridge_connected makes a bridge B_ACTIVE, and it stays so until here.
     rec.connect_ns = <int64_t>b.connect_us * 1000 if b.state == B_ACTIVE else -1
+    rec.hello = b.hello   # the bridge is closing: the record takes it
+    b.hello = NULL
     q.count += 1
     first = q.count == 1
     pthread_mutex_unlock(&q.mu)

@@ -68,6 +68,11 @@ class Connection:
     client_address: Tuple[str, int]
     listener_address: Tuple[str, int]
     accepted_at: float
+    # A listener of route = "sni": the server name of the client's TLS
+    # ClientHello (lower case, no trailing dot; None without one) and the
+    # protocols its ALPN offers, in its order.
+    server_name: Optional[str] = None
+    alpn: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,8 @@ class CloseRecord:
     queue_time: float = 0.0
     connect_time: Optional[float] = None
     total_time: float = 0.0
+    # The ClientHello's server name (route = "sni" listeners), else None.
+    server_name: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
         return {
@@ -102,13 +109,15 @@ class CloseRecord:
             "queue_time": round(self.queue_time, 6),
             "connect_time": None if self.connect_time is None else round(self.connect_time, 6),
             "total_time": round(self.total_time, 6),
+            "server_name": self.server_name,
         }
 
 
 # What an access log line may hold, in the order a line without
 # access_log_format writes them.
 ACCESS_LOG_FIELDS = ("listener", "id", "client_address", "upstream", "bytes_upstream", "bytes_downstream",
-                     "duration", "accepted_at", "reason", "queue_time", "connect_time", "total_time")
+                     "duration", "accepted_at", "reason", "queue_time", "connect_time", "total_time",
+                     "server_name")
 
 
 def parse_access_log_format(value: Any, field: str) -> str:

@@ -384,6 +384,15 @@ cdef int bridge_keep_hello(Bridge *b, const char *name, size_t n, HelloInfo *inf
     return 0
 
 
+cdef uint8_t *hello_copy(const uint8_t *hello) noexcept nogil:
+    # Returns: a copy of a Bridge.hello block, or NULL short of memory.
+    cdef size_t n = 2 + <size_t>hello[0] + hello[1 + hello[0]]
+    cdef uint8_t *out = <uint8_t *>malloc(n)
+    if out != NULL:
+        memcpy(out, hello, n)
+    return out
+
+
 cdef void bridge_hello_failed(Worker *w, Bridge *b, int reason) noexcept nogil:
     # The client ended before its ClientHello was whole.
     fp_bump(&lslot(w, b.ls).ctr.route_aborted, 1)
