@@ -82,15 +82,16 @@ def parse_routes(value: object, field: str = "routes") -> Tuple[Route, ...]:
     owner: Dict[str, int] = {}
     names: Dict[str, int] = {}
     for i, route in enumerate(routes):
-        if route.name in names:
-            raise ConfigError(f"{field}[{i}].name", route.name,
-                              f"is also the name of {field}[{names[route.name]}] (names must be unique)")
-        names[route.name] = i
         for j, server_name in enumerate(route.server_names):
             if server_name in owner:
                 raise ConfigError(f"{field}[{i}].server_names[{j}]", server_name,
                                   f"is also a server name of {field}[{owner[server_name]}]")
             owner[server_name] = i
+    for i, route in enumerate(routes):
+        if route.name in names:
+            raise ConfigError(f"{field}[{i}].name", route.name,
+                              f"is also the name of {field}[{names[route.name]}] (names must be unique)")
+        names[route.name] = i
     return tuple(routes)
 
 

@@ -403,6 +403,7 @@ cdef void bridge_hello_failed(Worker *w, Bridge *b, int reason) noexcept nogil:
 
 cdef tuple hello_names(const uint8_t *hello):
     # A bridge's kept block -> (server name or None, ALPN protocols).
+    cdef int n
     if hello == NULL:
         return (None, ())
     n = hello[0]

@@ -1,0 +1,379 @@
+"""Routing by TLS server name through a running proxy, on both engines:
+real TLS servers on loopback (one per upstream, each says who it is after
+the handshake) and real ssl clients that verify the upstream's certificate
+(the proxy passes TLS through untouched)."""
+import json
+import socket
+import ssl
+import time
+
+import pytest
+
+from fastproxy import Config, ConfigError, Proxy, _core
+from support.cli import assert_one_line_error, run_cli
+from support.servers import EchoServer, Listener
+from support.sockets import closed_by_peer, connect, recv_exact
+from support.tls import Certificate, TlsServer, client_hello, tls_connect, who
+from support.waits import stop_bounded, wait_for
+
+
+@pytest.fixture(scope="module")
+def cert():
+    return Certificate()
+
+
+@pytest.fixture
+def tls_servers(cert):
+    servers = {tag: TlsServer(cert, tag, alpn=["h2", "http/1.1"]) for tag in ("A", "B", "C", "D")}
+    yield servers
+    for s in servers.values():
+        s.close()
+
+
+def routes(srv):
+    return [{"server_names": ["a.example"], "upstreams": [srv["A"].addr]},
+            {"server_names": ["*.b.example", "c.example"], "upstreams": [srv["B"].addr, srv["C"].addr],
+             "name": "bees", "balance": "roundrobin"}]
+
+
+def listener_stats(p):
+    return next(iter(p.stats()["listeners"].values()))
+
+
+def test_names_pick_routes_wildcards_and_the_default(make_proxy, cert, tls_servers):
+    srv = tls_servers
+    p = make_proxy(upstreams=[srv["D"].addr], route="sni", routes=routes(srv))
+    addr = p.address
+    assert who(cert, addr, "a.example") == "A"
+    assert who(cert, addr, "A.EXAMPLE") == "A"                     # case-insensitive
+    assert {who(cert, addr, "x.b.example") for _ in range(4)} == {"B", "C"}   # the route's group balances
+    assert who(cert, addr, "deep.x.b.example") in ("B", "C")      # a wildcard matches any depth
+    assert who(cert, addr, "c.example") in ("B", "C")
+    assert who(cert, addr, "b.example") == "D"                    # *.b.example is not b.example
+    assert who(cert, addr, "other.example") == "D"                # no route: the default group
+    # The upstream saw the name the client sent: the ClientHello arrived whole.
+    assert "a.example" in srv["A"].names
+    st = listener_stats(p)
+    bees = st["routes"]["bees"]
+    assert bees["server_names"] == ["*.b.example", "c.example"]
+    assert sum(u["accepted"] for u in bees["upstreams"].values()) == 6
+    assert st["routes"]["a.example"]["upstreams"][srv["A"].addr]["accepted"] == 2
+    assert st["upstreams"][srv["D"].addr]["accepted"] == 2
+    assert st["route_refused"] == 0 and st["accepted"] == 10
+
+
+def test_without_a_default_group_unknown_names_are_refused(make_proxy, cert, tls_servers):
+    p = make_proxy(route="sni", routes=routes(tls_servers))
+    assert who(cert, p.address, "a.example") == "A"
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        tls_connect(cert, p.address, "other.example")
+    assert wait_for(lambda: listener_stats(p)["route_refused"] == 1, 3)
+    assert listener_stats(p)["upstreams"] == {}
+
+
+def test_alpn_and_server_name_reach_the_hooks_and_the_access_log(make_proxy, cert, tls_servers, tmp_path):
+    seen, closed = [], []
+    log_file = tmp_path / "access.log"
+    p = make_proxy(upstreams=[tls_servers["D"].addr], route="sni", routes=routes(tls_servers),
+                   access_log=str(log_file), start=False)
+
+    @p.on_connect
+    def connect_hook(conn):
+        seen.append((conn.server_name, conn.alpn))
+
+    @p.on_close
+    def close_hook(conn, record):
+        closed.append((conn.server_name, conn.alpn, record.server_name))
+
+    p.start()
+    assert who(cert, p.address, "a.example", alpn=["h2", "http/1.1"]) == "A"
+    assert who(cert, p.address, "other.example") == "D"
+    assert wait_for(lambda: len(closed) == 2, 5)
+    assert seen == [("a.example", ("h2", "http/1.1")), ("other.example", ())]
+    assert sorted(closed) == [("a.example", ("h2", "http/1.1"), "a.example"),
+                              ("other.example", (), "other.example")]
+    assert wait_for(lambda: len(log_file.read_text().splitlines()) == 2, 5)
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert sorted(line["server_name"] for line in lines) == ["a.example", "other.example"]
+
+
+def test_on_connect_names_an_upstream_of_the_route_group(make_proxy, cert, tls_servers):
+    srv = tls_servers
+    p = make_proxy(upstreams=[srv["D"].addr], route="sni", routes=routes(srv), start=False)
+
+    @p.on_connect
+    def pick_c(conn):
+        return srv["C"].addr if conn.server_name == "x.b.example" else None
+
+    p.start()
+    assert [who(cert, p.address, "x.b.example") for _ in range(3)] == ["C"] * 3
+    st = listener_stats(p)
+    assert st["routes"]["bees"]["upstreams"][srv["C"].addr]["accepted"] == 3
+    assert st["routed"]["accepted"] == 0     # in the group, not a route outside it
+
+
+def raw_upstream():
+    """A plain TCP upstream that records what it gets."""
+    return Listener()
+
+
+def test_a_client_hello_sent_one_byte_at_a_time_still_routes(make_proxy, tls_servers):
+    hello = client_hello("a.example")
+    with raw_upstream() as up:
+        p = make_proxy(upstreams=[tls_servers["D"].addr], route="sni",
+                       routes=[{"server_names": ["a.example"], "upstreams": [up.addr]}])
+        c = connect(p.address)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(hello)):
+            c.sendall(hello[i:i + 1])
+            if i < 40 or i % 50 == 0:
+                time.sleep(0.002)
+        s = up.accept()
+        # The bytes arrive untouched, in one piece or many.
+        assert recv_exact(s, len(hello)) == hello
+        c.sendall(b"after")
+        assert recv_exact(s, 5) == b"after"
+        s.sendall(b"back")
+        assert recv_exact(c, 4) == b"back"
+        c.close()
+        s.close()
+
+
+def test_a_client_hello_spanning_records_and_segments_routes(make_proxy, tls_servers):
+    from support.tls import records
+    hello = records(client_hello("x.b.example")[5:], [7, 100, 3])
+    with raw_upstream() as up:
+        p = make_proxy(route="sni", routes=[{"server_names": ["*.b.example"], "upstreams": [up.addr]}])
+        c = connect(p.address)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in (hello[:3], hello[3:20], hello[20:120], hello[120:]):
+            c.sendall(piece)
+            time.sleep(0.02)
+        s = up.accept()
+        assert recv_exact(s, len(hello)) == hello
+        c.close()
+        s.close()
+
+
+def test_non_tls_goes_to_the_default_group_by_default(make_proxy, echo_server, tls_servers):
+    p = make_proxy(upstreams=[echo_server.addr], route="sni", routes=routes(tls_servers))
+    c = connect(p.address)
+    c.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    assert recv_exact(c, 18) == b"GET / HTTP/1.1\r\n\r\n"
+    c.close()
+    # Garbage too, and a ClientHello without a name.
+    c = connect(p.address)
+    c.sendall(b"\x16\x03\x01\x00\x05\x02garbage!")
+    assert recv_exact(c, 14) == b"\x16\x03\x01\x00\x05\x02garbage!"
+    c.close()
+    hello = client_hello(None)
+    c = connect(p.address)
+    c.sendall(hello)
+    assert recv_exact(c, len(hello)) == hello
+    c.close()
+    assert listener_stats(p)["route_refused"] == 0
+
+
+def test_non_tls_is_refused_with_route_non_tls_reject(make_proxy, echo_server, tls_servers, cert):
+    p = make_proxy(upstreams=[echo_server.addr], route="sni", routes=routes(tls_servers),
+                   route_non_tls="reject")
+    for data in (b"GET / HTTP/1.1\r\n\r\n", client_hello(None)):
+        c = connect(p.address)
+        c.sendall(data)
+        assert closed_by_peer(c, 3)
+        c.close()
+    assert wait_for(lambda: listener_stats(p)["route_refused"] == 2, 3)
+    assert echo_server.accepted == 0
+    # A name no route has still goes to the default group.
+    hello = client_hello("other.example")
+    c = connect(p.address)
+    c.sendall(hello)
+    assert recv_exact(c, len(hello)) == hello
+    c.close()
+
+
+def test_non_tls_without_a_default_group_is_refused(make_proxy, tls_servers):
+    p = make_proxy(route="sni", routes=routes(tls_servers))
+    c = connect(p.address)
+    c.sendall(b"SSH-2.0-client\r\n")
+    assert closed_by_peer(c, 3)
+    c.close()
+    assert wait_for(lambda: listener_stats(p)["route_refused"] == 1, 3)
+
+
+def test_an_incomplete_client_hello_times_out_and_is_counted(make_proxy, echo_server, tls_servers):
+    p = make_proxy(upstreams=[echo_server.addr], route="sni", routes=routes(tls_servers),
+                   route_timeout="300ms")
+    hello = client_hello("a.example")
+    c = connect(p.address)
+    c.sendall(hello[:50])
+    began = time.monotonic()
+    assert closed_by_peer(c, 5)
+    assert 0.25 <= time.monotonic() - began < 3
+    c.close()
+    silent = connect(p.address)     # nothing at all
+    assert closed_by_peer(silent, 5)
+    silent.close()
+    assert wait_for(lambda: listener_stats(p)["route_timeouts"] == 2, 3)
+    assert wait_for(lambda: listener_stats(p)["active"] == 0, 3)
+    assert listener_stats(p)["route_refused"] == 0 and echo_server.accepted == 0
+
+
+def test_a_client_that_ends_before_its_client_hello_is_whole_is_counted(make_proxy, echo_server, tls_servers):
+    p = make_proxy(upstreams=[echo_server.addr], route="sni", routes=routes(tls_servers))
+    c = connect(p.address)
+    c.sendall(client_hello("a.example")[:100])
+    time.sleep(0.05)
+    c.shutdown(socket.SHUT_WR)
+    assert closed_by_peer(c, 3)
+    c.close()
+    assert wait_for(lambda: listener_stats(p)["route_aborted"] == 1, 3)
+    assert wait_for(lambda: listener_stats(p)["active"] == 0, 3)
+    assert echo_server.accepted == 0
+
+
+def test_clients_waiting_for_their_client_hello_hold_their_limit_slot(make_proxy, cert, tls_servers):
+    p = make_proxy(upstreams=[tls_servers["D"].addr], route="sni", routes=routes(tls_servers),
+                   max_connections=2, on_limit="reject")
+    idle = [connect(p.address) for _ in range(2)]
+    assert wait_for(lambda: listener_stats(p)["active"] == 2, 3)
+    late = connect(p.address)
+    assert closed_by_peer(late, 3)
+    assert wait_for(lambda: listener_stats(p)["rejected"] == 1, 3)
+    for s in idle + [late]:
+        s.close()
+    assert wait_for(lambda: listener_stats(p)["active"] == 0, 3)
+    assert who(cert, p.address, "a.example") == "A"
+
+
+def test_swapping_a_route_group_moves_new_clients_only(make_proxy, cert, tls_servers):
+    from fastproxy.listener import build_group
+    from fastproxy.upstreams import parse_upstreams
+    srv = tls_servers
+    p = make_proxy(upstreams=[srv["D"].addr], route="sni", routes=routes(srv))
+    live, line = tls_connect(cert, p.address, "a.example")
+    assert line.startswith("A")
+    handle = p._listeners[0].handle
+    group = build_group(parse_upstreams([srv["C"].addr]), p._listeners[0].config.balancing)
+    handle.swap_group(group, route=1)
+    assert who(cert, p.address, "a.example") == "C"
+    assert who(cert, p.address, "x.b.example") in ("B", "C")
+    assert who(cert, p.address, "other.example") == "D"
+    live.sendall(b"still\n")
+    assert live.recv(6) == b"still\n"
+    live.close()
+    with pytest.raises(IndexError):
+        handle.swap_group(build_group(parse_upstreams([srv["C"].addr]), p._listeners[0].config.balancing),
+                          route=3)
+
+
+def test_a_reload_that_changes_routes_keeps_live_bridges_flowing(engine, cert, tls_servers):
+    srv = tls_servers
+
+    def config(port, route_a):
+        return Config.build(listen=f"127.0.0.1:{port}", upstreams=[srv["D"].addr], route="sni", engine=engine,
+                            workers=2, routes=[{"server_names": ["a.example"], "upstreams": [srv[route_a].addr]}])
+
+    p = Proxy.from_config([config(0, "A")]).start()
+    try:
+        port = p.address[1]
+        live, line = tls_connect(cert, p.address, "a.example")
+        assert line.startswith("A")
+        p.reload([config(port, "B")])
+        assert who(cert, p.address, "a.example") == "B"
+        for i in range(20):
+            live.sendall(b"x%d\n" % i)
+            assert live.recv(16) == b"x%d\n" % i
+        live.close()
+        assert wait_for(lambda: not p._listeners[0].draining, 5)
+        st = listener_stats(p)
+        assert st["routes"]["a.example"]["upstreams"][srv["B"].addr]["accepted"] == 1
+        assert st["accepted"] == 2
+    finally:
+        stop_bounded(p)
+
+
+def test_config_file_routes(tmp_path, engine, cert, tls_servers):
+    srv = tls_servers
+    path = tmp_path / "fastproxy.toml"
+    path.write_text(f'''
+engine = "{engine}"
+[[listeners]]
+listen = "127.0.0.1:0"
+route = "sni"
+[[listeners.routes]]
+server_names = ["a.example"]
+upstreams = ["{srv["A"].addr}"]
+[[listeners.routes]]
+name = "bees"
+server_names = ["*.b.example"]
+upstreams = [{{ address = "{srv["B"].addr}", weight = 2 }}, "{srv["C"].addr}"]
+balance = "leastconn"
+''')
+    p = Proxy.from_config(str(path)).start()
+    try:
+        assert who(cert, p.address, "a.example") == "A"
+        assert who(cert, p.address, "x.b.example") in ("B", "C")
+        route = p._listeners[0].config.routing.routes[1]
+        assert route.name == "bees" and route.setting("balance", "roundrobin") == "leastconn"
+    finally:
+        stop_bounded(p)
+
+
+def test_cli_route_sni(cli_proxy, cert, tls_servers):
+    srv = tls_servers
+    cp = cli_proxy("--listen", "127.0.0.1:0", "--route", "sni", "--route-sni", f"a.example={srv['A'].addr}",
+                   "--route-sni", f"*.b.example={srv['B'].addr}", "--route-sni", f"*.b.example={srv['C'].addr}",
+                   "--upstream", srv["D"].addr)
+    addr = cp.connect_addr()
+    assert who(cert, addr, "a.example") == "A"
+    assert {who(cert, addr, "x.b.example") for _ in range(4)} == {"B", "C"}
+    assert who(cert, addr, "other.example") == "D"
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--upstream", "127.0.0.1:9", "--route-sni", "a.example=127.0.0.1:9"], ["--route-sni", 'route = "sni"']),
+    (["--route", "sni", "--route-sni", "a_b..example=127.0.0.1:9"], ["--route-sni", "a_b..example"]),
+    (["--route", "sni", "--route-sni", "a.example"], ["--route-sni", "NAME=SPEC"]),
+    (["--route", "sni", "--route-sni", "bücher.example=127.0.0.1:9"], ["--route-sni", "IDNA"]),
+    (["--route", "sni", "--route-sni", "a.example=127.0.0.1:x"], ["--route-sni", "a.example=127.0.0.1:x"]),
+    (["--route", "sni"], ["--upstream", "required"]),
+    (["--route", "tls", "--upstream", "127.0.0.1:9"], ["--route"]),
+    (["--route", "sni", "--upstream", "127.0.0.1:9", "--route-timeout", "0"], ["--route-timeout"]),
+])
+def test_cli_errors_are_one_line(any_engine, args, needles):
+    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--engine", any_engine] + args)
+    assert_one_line_error(rc, out, err, *needles)
+
+
+@pytest.mark.parametrize("routes_toml,needles", [
+    ('[[listeners.routes]]\nserver_names = ["a.example"]\nupstreams = ["127.0.0.1:9"]\n'
+     '[[listeners.routes]]\nserver_names = ["b.example", "c.example", "-bad.example"]\nupstreams = ["127.0.0.1:9"]\n',
+     ["listeners[0].routes[1].server_names[2]", "-bad.example"]),
+    ('[[listeners.routes]]\nserver_names = ["a.example"]\nupstreams = ["127.0.0.1:9"]\n'
+     '[[listeners.routes]]\nserver_names = ["A.example."]\nupstreams = ["127.0.0.1:10"]\n',
+     ["listeners[0].routes[1].server_names[0]", "a.example", "routes[0]"]),
+    ('[[listeners.routes]]\nupstreams = ["127.0.0.1:9"]\n', ["listeners[0].routes[0]", "server_names"]),
+    ('[[listeners.routes]]\nserver_names = ["a.example"]\n', ["listeners[0].routes[0]", "upstreams"]),
+    ('[[listeners.routes]]\nserver_names = ["a.example"]\nupstreams = ["127.0.0.1:9"]\nbalanse = "first"\n',
+     ["listeners[0].routes[0].balanse", "route key"]),
+    ('[[listeners.routes]]\nserver_names = ["a.example"]\nupstreams = ["127.0.0.1:9"]\nmax_fails = -1\n',
+     ["listeners[0].routes[0].max_fails", "-1"]),
+    ('[[listeners.routes]]\nserver_names = ["a.example"]\nupstreams = [{ address = "127.0.0.1:9", weight = 300 }]\n',
+     ["listeners[0].routes[0].upstreams[0].weight", "300"]),
+])
+def test_config_file_errors_are_one_line(tmp_path, any_engine, routes_toml, needles):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[[listeners]]\nlisten = "127.0.0.1:0"\nroute = "sni"\n{routes_toml}')
+    rc, out, err = run_cli(["--config", str(path), "--engine", any_engine])
+    assert_one_line_error(rc, out, err, str(path), *needles)
+
+
+def test_routes_without_route_sni_is_an_error_naming_the_field():
+    with pytest.raises(ConfigError, match='routes.*needs route = "sni"'):
+        Config.build(listen=":0", upstreams=["127.0.0.1:9"],
+                     routes=[{"server_names": ["a.example"], "upstreams": ["127.0.0.1:9"]}])
+    with pytest.raises(ConfigError, match="upstream.*required"):
+        Config.build(listen=":0", route="sni")
+    # With route sni, routes alone are enough.
+    assert Config.build(listen=":0", route="sni", routes=["a.example=127.0.0.1:9"]).upstream_group.upstreams is None
