@@ -377,3 +377,17 @@ def test_routes_without_route_sni_is_an_error_naming_the_field():
         Config.build(listen=":0", route="sni")
     # With route sni, routes alone are enough.
     assert Config.build(listen=":0", route="sni", routes=["a.example=127.0.0.1:9"]).upstream_group.upstreams is None
+
+
+def test_metrics_tell_route_groups_apart(make_proxy, cert, tls_servers):
+    from fastproxy.metrics import make_registry, render
+    srv = tls_servers
+    p = make_proxy(upstreams=[srv["D"].addr], route="sni", routes=routes(srv), name="tls")
+    assert who(cert, p.address, "a.example") == "A"
+    assert who(cert, p.address, "other.example") == "D"
+    text = render(make_registry(p.stats, process=False)).decode()
+    assert (f'fastproxy_upstream_bridges_total{{listener="tls",route="a.example",upstream="{srv["A"].addr}"}} 1.0'
+            in text), text
+    assert f'fastproxy_upstream_bridges_total{{listener="tls",route="",upstream="{srv["D"].addr}"}} 1.0' in text
+    assert f'fastproxy_upstream_bridges_total{{listener="tls",route="bees",upstream="{srv["B"].addr}"}} 0.0' in text
+    assert 'fastproxy_refused_total{listener="tls",reason="route"} 0.0' in text

@@ -108,16 +108,16 @@ def test_metrics_count_known_traffic_on_two_listeners(engine):
             a, b = echo_a.addr, echo_b.addr
             assert value(found, "fastproxy_bridges_total", listener="web") == 10
             assert value(found, "fastproxy_bridges_active", listener="web") == 0
-            assert value(found, "fastproxy_upstream_bridges_total", listener="web", upstream=a) == 10
-            assert value(found, "fastproxy_upstream_bytes_total", listener="web", upstream=a, direction="up") == sent
-            assert value(found, "fastproxy_upstream_bytes_total", listener="web", upstream=a,
+            assert value(found, "fastproxy_upstream_bridges_total", listener="web", route="", upstream=a) == 10
+            assert value(found, "fastproxy_upstream_bytes_total", listener="web", route="", upstream=a, direction="up") == sent
+            assert value(found, "fastproxy_upstream_bytes_total", listener="web", route="", upstream=a,
                          direction="down") == sent
             assert value(found, "fastproxy_bytes_total", listener="web", direction="up") == sent
-            assert value(found, "fastproxy_upstream_state", listener="web", upstream=a, state="up") == 1
-            assert value(found, "fastproxy_upstream_state", listener="web", upstream=a, state="down") == 0
-            assert value(found, "fastproxy_upstream_health_up", listener="web", upstream=a) == 1
+            assert value(found, "fastproxy_upstream_state", listener="web", route="", upstream=a, state="up") == 1
+            assert value(found, "fastproxy_upstream_state", listener="web", route="", upstream=a, state="down") == 0
+            assert value(found, "fastproxy_upstream_health_up", listener="web", route="", upstream=a) == 1
             assert value(found, "fastproxy_bridges_total", listener="locked") == 5
-            assert value(found, "fastproxy_upstream_bridges_total", listener="locked", upstream=b) == 0
+            assert value(found, "fastproxy_upstream_bridges_total", listener="locked", route="", upstream=b) == 0
             for reason in ("limit", "queue_timeout", "rate_limit", "time_window", "proxy_header", "hook"):
                 assert value(found, "fastproxy_refused_total", listener="locked", reason=reason) == 0
                 assert value(found, "fastproxy_refused_total", listener="web", reason=reason) == 0
@@ -169,8 +169,8 @@ def test_histograms_render_cumulative_buckets():
 def test_unknown_upstream_state_gets_its_series():
     stats = {"listeners": {"web": {"upstreams": {"a:1": {"state": "maint", "health": "up"}}}}}
     found = samples(metrics.render(metrics.make_registry(lambda: stats, process=False)).decode())
-    assert value(found, "fastproxy_upstream_state", listener="web", upstream="a:1", state="maint") == 1
-    assert value(found, "fastproxy_upstream_state", listener="web", upstream="a:1", state="up") == 0
+    assert value(found, "fastproxy_upstream_state", listener="web", route="", upstream="a:1", state="maint") == 1
+    assert value(found, "fastproxy_upstream_state", listener="web", route="", upstream="a:1", state="up") == 0
 
 
 def test_stats_json_equals_proxy_stats(stats_proxy, echo_server):

@@ -24,6 +24,8 @@ REFUSAL_REASONS: Tuple[Tuple[str, str], ...] = (
     ("time_window", "outside_window"),
     ("proxy_header", "proxy_header_errors"),
     ("hook", "hook_refused"),
+    ("route", "route_refused"),
+    ("route_timeout", "route_timeouts"),
 )
 
 # The states an upstream's entry names; a state not listed here (one a
@@ -100,6 +102,9 @@ class ProxyCollector(Collector):
         yield per_listener(CounterMetricFamily, "fastproxy_hook_calls", "Hook calls made", "hook_calls")
         yield per_listener(CounterMetricFamily, "fastproxy_hook_timeouts",
                            "Hook calls not answered within hook_timeout", "hook_timeouts")
+        yield per_listener(CounterMetricFamily, "fastproxy_route_aborted",
+                           "Clients that ended before their TLS ClientHello was whole (route = sni)",
+                           "route_aborted")
 
         byte_family = CounterMetricFamily("fastproxy_bytes", "Bytes forwarded (up: client to upstream)",
                                           labels=["listener", "direction"])
@@ -129,7 +134,9 @@ class ProxyCollector(Collector):
             yield family
 
     def _upstream_families(self, listeners: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
-        labels = ["listener", "upstream"]
+        # A route's group is told apart by its route's name; the listener's
+        # default group's by route="".
+        labels = ["listener", "route", "upstream"]
         active = GaugeMetricFamily("fastproxy_upstream_bridges_active", "Bridges open to the upstream", labels=labels)
         total = CounterMetricFamily("fastproxy_upstream_bridges", "Bridges made to the upstream", labels=labels)
         failures = CounterMetricFamily("fastproxy_upstream_connect_failures", "Failed connects to the upstream",
@@ -145,8 +152,10 @@ class ProxyCollector(Collector):
         routed = CounterMetricFamily("fastproxy_routed_bridges",
                                      "Bridges on_connect sent to an address outside the group", labels=["listener"])
         for lname, fig in listeners.items():
-            for uname, up in fig.get("upstreams", {}).items():
-                key = [lname, uname]
+            groups = [("", fig.get("upstreams", {}))]
+            groups += [(rname, route.get("upstreams", {})) for rname, route in fig.get("routes", {}).items()]
+            for rname, uname, up in ((r, u, up) for r, ups in groups for u, up in ups.items()):
+                key = [lname, rname, uname]
                 active.add_metric(key, up.get("active", 0))
                 total.add_metric(key, up.get("accepted", 0))
                 failures.add_metric(key, up.get("connect_failures", 0))
