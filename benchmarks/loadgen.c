@@ -2,7 +2,7 @@
  * loadgen - loopback load generator for the fastproxy benchmarks.
  *
  *   loadgen echo-server PORT
- *   loadgen connrate HOST PORT SECONDS CONCURRENCY
+ *   loadgen connrate HOST PORT SECONDS CONCURRENCY [PAYLOAD_FILE]
  *   loadgen pingpong HOST PORT COUNT
  *   loadgen hold HOST PORT COUNT SECONDS [BATCH]
  *
@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #define MSG_SIZE 64
+#define MAX_PAYLOAD 16384   /* connrate PAYLOAD_FILE: bytes at most (one read's worth) */
 #define ECHO_BUF (16 * 1024)
 #define ECHO_LIFETIME_S (2 * 3600)   /* hard cap for a forgotten server */
 #define CONN_TIMEOUT_NS (5LL * 1000000000LL)
@@ -270,6 +271,8 @@ struct slot {
 
 struct connrate {
     int ep;
+    const char *msg;     /* what each connection sends and waits to get back */
+    int msglen;
     struct sockaddr_storage ss;
     socklen_t sl;
     long completed, err_connect, err_io, err_eof, err_timeout;
@@ -324,7 +327,6 @@ static void slot_start(struct connrate *cr, struct slot *s, uint32_t idx)
 
 static void slot_on_writable(struct connrate *cr, struct slot *s, uint32_t idx)
 {
-    static const char msg[MSG_SIZE] = "loadgen connrate 64-byte probe";
     int err = 0;
     socklen_t el = sizeof(err);
     getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &el);
@@ -333,7 +335,7 @@ static void slot_on_writable(struct connrate *cr, struct slot *s, uint32_t idx)
         slot_reset(cr, s);
         return;
     }
-    if (send(s->fd, msg, MSG_SIZE, MSG_NOSIGNAL) != MSG_SIZE) {
+    if (send(s->fd, cr->msg, (size_t)cr->msglen, MSG_NOSIGNAL) != cr->msglen) {
         cr->err_io++;
         slot_reset(cr, s);
         return;
@@ -345,7 +347,7 @@ static void slot_on_writable(struct connrate *cr, struct slot *s, uint32_t idx)
 
 static void slot_on_readable(struct connrate *cr, struct slot *s)
 {
-    char buf[MSG_SIZE];
+    char buf[MAX_PAYLOAD];
     ssize_t n = recv(s->fd, buf, sizeof(buf), 0);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
         return;
@@ -358,7 +360,7 @@ static void slot_on_readable(struct connrate *cr, struct slot *s)
         return;
     }
     s->got += (int)n;
-    if (s->got < MSG_SIZE)
+    if (s->got < cr->msglen)
         return;
     slot_reset(cr, s);  /* the close is part of the measured lifetime */
     record_latency(cr, now_ns() - s->t0);
@@ -375,12 +377,25 @@ static void expire_slots(struct connrate *cr, struct slot *slots, int n, int64_t
     }
 }
 
-static int cmd_connrate(char **argv)
+static int cmd_connrate(char **argv, int argc)
 {
+    static char payload[MAX_PAYLOAD] = "loadgen connrate 64-byte probe";
     struct connrate cr = { 0 };
     cr.sl = loopback_addr(argv[0], argv[1], &cr.ss);
     long seconds = parse_long(argv[2], 1, 3600, "seconds");
     int conc = (int)parse_long(argv[3], 1, MAX_CONCURRENCY, "concurrency");
+    cr.msg = payload;
+    cr.msglen = MSG_SIZE;
+    if (argc > 4) {
+        /* A payload of one's own, e.g. a canned TLS ClientHello (sniconn). */
+        FILE *f = fopen(argv[4], "rb");
+        if (!f)
+            die("payload file");
+        cr.msglen = (int)fread(payload, 1, sizeof(payload), f);
+        fclose(f);
+        if (cr.msglen <= 0 || cr.msglen == MAX_PAYLOAD)
+            die("payload file: empty, or not under MAX_PAYLOAD bytes");
+    }
 
     install_stop_handlers();
     alarm((unsigned)seconds + 60);
@@ -709,7 +724,7 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: loadgen echo-server PORT\n"
-            "       loadgen connrate HOST PORT SECONDS CONCURRENCY\n"
+            "       loadgen connrate HOST PORT SECONDS CONCURRENCY [PAYLOAD_FILE]\n"
             "       loadgen pingpong HOST PORT COUNT\n"
             "       loadgen hold HOST PORT COUNT SECONDS [BATCH]\n"
             "HOST must be 127.0.0.1 or ::1\n");
@@ -735,8 +750,8 @@ int main(int argc, char **argv)
     const char *cmd = argv[1];
     if (!strcmp(cmd, "echo-server") && argc == 3)
         return cmd_echo_server(argv + 2);
-    if (!strcmp(cmd, "connrate") && argc == 6)
-        return cmd_connrate(argv + 2);
+    if (!strcmp(cmd, "connrate") && (argc == 6 || argc == 7))
+        return cmd_connrate(argv + 2, argc - 2);
     if (!strcmp(cmd, "pingpong") && argc == 5)
         return cmd_pingpong(argv + 2);
     if (!strcmp(cmd, "hold") && (argc == 6 || argc == 7))

@@ -11,6 +11,7 @@ spends on each. See docs/benchmarks.md for the method.
     python benchmarks/run.py            # full run (3 interleaved reps)
     python benchmarks/run.py --quick    # smoke run, under 2 minutes
     python benchmarks/run.py --quick --tests unixbulk   # Unix vs TCP upstream
+    python benchmarks/run.py --tests sniconn   # connection CPU, route = sni over 1,000 names vs plain
 
 Stdlib only (matplotlib, if importable, draws the PNG), Python 3.9+, Linux
 only (epoll, /proc, sched_setaffinity). The parts are in bench/ (see
@@ -48,7 +49,7 @@ from bench.measure import Env, run_all
 from bench.procs import stop_everything
 from bench.contenders import all_contenders, pick_contenders
 from bench.report import plot, render, summarize
-from bench import unixbulk
+from bench import sniconn, unixbulk
 
 
 # ----------------------------------------------------------------- setup
@@ -185,7 +186,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "(e.g. hooks=\'--hooks {bench}/hooks.py\'); same placeholders. "
                         "Repeatable")
     p.add_argument("--tests", default="bulk,connrate,ping,ping1,idle",
-                   help="which measurements")
+                   help="which measurements (also: unixbulk, sniconn)")
     p.add_argument("--scrape-interval", type=float, default=0.1, metavar="SECONDS",
                    help="how often fastproxy-scraped's /metrics is fetched during bulk and connrate "
                         "(0: not at all)")
@@ -249,6 +250,22 @@ def run_unixbulk(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_sniconn(args: argparse.Namespace) -> dict:
+    """The sniconn test: printed as a table and saved next to the other results."""
+    proxy_cpus, load_cpus = pinning(args)
+    log(f"sniconn: connections carrying a TLS ClientHello, route = sni over {sniconn.ROUTES} names vs plain")
+    result = sniconn.run(args.fastproxy_cmd, args.workers, args.conn_duration, args.concurrency, args.reps,
+                         proxy_cpus, load_cpus)
+    result["command"] = " ".join(["python"] + [shlex.quote(a) for a in sys.argv])
+    result["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
+    out = args.out or unused_path(RESULTS_DIR, "sniconn-" + time.strftime("%Y%m%d-%H%M%S"))
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(sniconn.render(result), end="")
+    log(f"sniconn: {out}")
+    return result
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.report:
@@ -265,7 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     tests = {t.strip() for t in args.tests.split(",") if t.strip()}
-    unknown = tests - {"bulk", "connrate", "ping", "ping1", "idle", "unixbulk"}
+    unknown = tests - {"bulk", "connrate", "ping", "ping1", "idle", "unixbulk", "sniconn"}
     if unknown:
         sys.exit(f"unknown test(s) {', '.join(sorted(unknown))}")
     if "unixbulk" in tests:
@@ -273,6 +290,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         # its own sender and sink: bench/unixbulk.py.
         tests.discard("unixbulk")
         run_unixbulk(args)
+        if not tests:
+            return 0
+    if "sniconn" in tests:
+        # fastproxy alone, plain against route = sni: bench/sniconn.py.
+        tests.discard("sniconn")
+        build_loadgen()
+        run_sniconn(args)
         if not tests:
             return 0
     if "bulk" in tests and not shutil.which("iperf3"):

@@ -281,7 +281,12 @@ cdef void bridge_hello_start(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     b.state = B_HELLO
     b.hello_need = 5
     timer_add(w, b, T_HELLO, now + b.ls.route_timeout_ns)
-    bridge_read_hello(w, b, now)   # its bytes may have come with the accept
+    # Bytes that came before now raised an event already (epoll reports a
+    # socket readable when it is added): without one, nothing to look at,
+    # and two syscalls saved on the usual client, whose ClientHello follows
+    # its connect.
+    if b.c_rd:
+        bridge_read_hello(w, b, now)
 
 
 cdef void bridge_hello_wait(Worker *w, Bridge *b, size_t need) noexcept nogil:
