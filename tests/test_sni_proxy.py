@@ -287,8 +287,14 @@ def test_a_reload_that_changes_routes_keeps_live_bridges_flowing(engine, cert, t
         live.close()
         assert wait_for(lambda: not p._listeners[0].draining, 5)
         st = listener_stats(p)
+        # Figures add up across the reload; what the reload removed is gone.
+        assert st["routes"]["a.example"]["upstreams"] == {srv["B"].addr: st["routes"]["a.example"]["upstreams"][srv["B"].addr]}
         assert st["routes"]["a.example"]["upstreams"][srv["B"].addr]["accepted"] == 1
         assert st["accepted"] == 2
+        p.reload([Config.build(listen=f"127.0.0.1:{port}", upstreams=[srv["D"].addr], engine=engine, workers=2)])
+        assert who(cert, p.address, "a.example") == "D"
+        assert wait_for(lambda: not p._listeners[0].draining, 5)
+        assert "routes" not in listener_stats(p) and listener_stats(p)["accepted"] == 3
     finally:
         stop_bounded(p)
 
@@ -391,3 +397,13 @@ def test_metrics_tell_route_groups_apart(make_proxy, cert, tls_servers):
     assert f'fastproxy_upstream_bridges_total{{listener="tls",route="",upstream="{srv["D"].addr}"}} 1.0' in text
     assert f'fastproxy_upstream_bridges_total{{listener="tls",route="bees",upstream="{srv["B"].addr}"}} 0.0' in text
     assert 'fastproxy_refused_total{listener="tls",reason="route"} 0.0' in text
+
+
+def test_check_shows_the_routes(any_engine):
+    rc, out, err = run_cli(["check", "--listen", "127.0.0.1:0", "--engine", any_engine, "--route", "sni",
+                            "--route-sni", "a.example=127.0.0.1:9", "--route-sni", "*.b.example=127.0.0.1:10@2"])
+    assert rc == 0, err
+    assert "upstream group: none (names no route has are refused)" in out
+    assert "route a.example: a.example: 1 upstream\n    127.0.0.1:9 weight 1" in out
+    assert "route *.b.example: *.b.example: 1 upstream\n    127.0.0.1:10 weight 2" in out
+    assert "routing by TLS server name: route sni, route_timeout 5s, route_non_tls default" in out

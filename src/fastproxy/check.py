@@ -14,7 +14,7 @@ from .values import format_address
 __all__ = ["describe"]
 
 # Shown in a listener's first line, or as its upstream list.
-_OWN_LINES = ("listen", "name", "upstreams")
+_OWN_LINES = ("listen", "name", "upstreams", "routes")
 
 
 def describe(pc: ProxyConfig) -> str:
@@ -33,9 +33,17 @@ def describe(pc: ProxyConfig) -> str:
 
 def _listener(config: Config) -> List[str]:
     out = [f"listener {config.name}: listen {format_address(*config.listener.listen)}"]
-    group = config.upstream_group.upstreams
-    out.append(f"  upstream group: {len(group)} upstream{'s' if len(group) != 1 else ''}")
+    group = config.upstream_group.upstreams or ()
+    if group or config.routing.route != "sni":
+        out.append(f"  upstream group: {len(group)} upstream{'s' if len(group) != 1 else ''}")
+    else:
+        out.append("  upstream group: none (names no route has are refused)")
     out += [f"    {_upstream(u)}" for u in group]
+    for route in config.routing.routes:
+        own = "".join(f", {name} {value}" for name, value in route.balancing)
+        out.append(f"  route {route.name}: {', '.join(route.server_names)}: "
+                   f"{len(route.upstreams)} upstream{'s' if len(route.upstreams) != 1 else ''}{own}")
+        out += [f"    {_upstream(u)}" for u in route.upstreams]
     for section, title in SECTIONS.items():
         rows = [o for o in OPTIONS if o.section == section and o.scope == "listener" and o.name not in _OWN_LINES]
         if section == "timeouts":
@@ -45,7 +53,8 @@ def _listener(config: Config) -> List[str]:
                 out.append(f"  {title.lower()}: the defaults")
                 continue
         if rows:
-            out.append(f"  {title.lower() if section != 'proxy_protocol' else title}: "
+            shown = {"proxy_protocol": title, "routing": "routing by TLS server name"}.get(section, title.lower())
+            out.append(f"  {shown}: "
                        + ", ".join(_show(o, _value(config, o)) for o in rows))
     return out
 

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import socket
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import _core
 from .accesslog import AccessLog
@@ -331,16 +331,29 @@ class Listener:
         if handle is not None:
             add_figures(figures, handle.stats())
         names = None
+        # Per route, the upstreams it shows: those of its current group and
+        # of blocks still draining (like the listener's own upstreams).
+        route_names: Optional[Dict[str, Set[str]]] = None
         if handle is not None:
             names = set(handle.group.names) if handle.group is not None else set()
+            route_names = {r: set(g.names) for r, g in zip(handle.route_names, handle.route_groups)}
         with self._lock:
             for h, _ in self.draining:
                 more = h.stats()
                 if names is not None:
                     names.update(more["upstreams"])
+                if route_names is not None:
+                    for r, route in more.get("routes", {}).items():
+                        route_names.setdefault(r, set()).update(route["upstreams"])
                 add_figures(figures, more)
             add_figures(figures, self.carried)
         if names is not None:
             # Upstreams a reload removed show while bridges to them live.
             figures["upstreams"] = {n: v for n, v in figures["upstreams"].items() if n in names}
+        if route_names is not None and "routes" in figures:
+            figures["routes"] = {
+                r: dict(route, upstreams={n: v for n, v in route["upstreams"].items() if n in route_names[r]})
+                for r, route in figures["routes"].items() if r in route_names}
+            if not figures["routes"] and not route_names:
+                del figures["routes"]
         return figures
