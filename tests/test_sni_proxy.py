@@ -407,3 +407,36 @@ def test_check_shows_the_routes(any_engine):
     assert "route a.example: a.example: 1 upstream\n    127.0.0.1:9 weight 1" in out
     assert "route *.b.example: *.b.example: 1 upstream\n    127.0.0.1:10 weight 2" in out
     assert "routing by TLS server name: route sni, route_timeout 5s, route_non_tls default" in out
+
+
+def test_run_time_control_of_a_route_upstream(make_proxy, cert, tls_servers):
+    from fastproxy.admin import handle_admin
+    from fastproxy.control import UnknownNameError
+    from fastproxy.httpapi import Request
+    srv = tls_servers
+    p = make_proxy(upstreams=[srv["D"].addr], route="sni", routes=routes(srv), name="tls", stats_admin=True)
+    control = p.upstream(srv["B"].addr, route="bees")
+    control.drain()
+    assert [who(cert, p.address, "x.b.example") for _ in range(4)] == ["C"] * 4
+    assert control.state["admin"] == "drain"
+    assert listener_stats(p)["routes"]["bees"]["upstreams"][srv["B"].addr]["admin"] == "drain"
+    with pytest.raises(UnknownNameError, match="route"):
+        p.upstream(srv["B"].addr, listener="tls", route="nope")
+    with pytest.raises(UnknownNameError):
+        p.upstream(srv["B"].addr)        # not in the listener's own group
+    # Over the admin routes: C into maintenance, B back.
+    body = json.dumps({"state": "maint"}).encode()
+    r = handle_admin(p, Request("POST", f"/admin/routes/tls/bees/{srv['C'].addr}", {}, {}, body,
+                                ("127.0.0.1", 1)), token=None)
+    assert r.status == 200 and json.loads(r.body)["route"] == "bees", r.body
+    r = handle_admin(p, Request("POST", f"/admin/routes/tls/bees/{srv['B'].addr}", {}, {},
+                                json.dumps({"state": "ready"}).encode(), ("127.0.0.1", 1)), token=None)
+    assert r.status == 200
+    assert [who(cert, p.address, "x.b.example") for _ in range(3)] == ["B"] * 3
+    r = handle_admin(p, Request("POST", f"/admin/routes/tls/nope/{srv['B'].addr}", {}, {},
+                                json.dumps({"state": "ready"}).encode(), ("127.0.0.1", 1)), token=None)
+    assert r.status == 404
+    # A reload that keeps the route keeps its run-time settings.
+    p.reload()
+    assert who(cert, p.address, "x.b.example") == "B"
+    assert p.upstream(srv["C"].addr, route="bees").state["admin"] == "maint"

@@ -6,6 +6,7 @@ The endpoint's server calls handle_admin for every path under /admin/ when
 
     GET  /admin/upstreams                        every listener's upstreams
     POST /admin/upstreams/{listener}/{upstream}  {"state": "drain"|"maint"|"ready", "weight": N}
+    POST /admin/routes/{listener}/{route}/{upstream}  the same, in a route's group (route = sni)
     GET  /admin/bridges[?limit=N]                the live bridges
     POST /admin/bridges/{id}/close               close one (FIN both ways)
 
@@ -125,6 +126,16 @@ def _get_upstreams(proxy: "Proxy", request: Request, args: List[str]) -> Respons
 
 def _post_upstream(proxy: "Proxy", request: Request, args: List[str]) -> Response:
     listener, upstream = args
+    return _set_upstream(proxy, request, listener, upstream, None)
+
+
+def _post_route_upstream(proxy: "Proxy", request: Request, args: List[str]) -> Response:
+    listener, route, upstream = args
+    return _set_upstream(proxy, request, listener, upstream, route)
+
+
+def _set_upstream(proxy: "Proxy", request: Request, listener: str, upstream: str,
+                  route: Optional[str]) -> Response:
     body = _body_object(request)
     unknown = sorted(set(body) - {"state", "weight"})
     if unknown:
@@ -133,12 +144,13 @@ def _post_upstream(proxy: "Proxy", request: Request, args: List[str]) -> Respons
         raise _Refusal(400, "expected state and/or weight in the body")
     state = check_state(body["state"]) if "state" in body else None
     weight = check_weight(body["weight"]) if "weight" in body else None
-    control = proxy.upstream(upstream, listener=listener)
+    control = proxy.upstream(upstream, listener=listener, route=route)
     if state is not None:
         {"drain": control.drain, "maint": control.maint, "ready": control.ready}[state]()
     if weight is not None:
         control.set_weight(weight)
-    return _json(200, {"listener": listener, "upstream": upstream, **control.state})
+    named = {"listener": listener} if route is None else {"listener": listener, "route": route}
+    return _json(200, {**named, "upstream": upstream, **control.state})
 
 
 def _get_bridges(proxy: "Proxy", request: Request, args: List[str]) -> Response:
@@ -173,6 +185,7 @@ Handler = Callable[["Proxy", Request, List[str]], Response]
 _ROUTES: Tuple[Tuple[Tuple[str, ...], Dict[str, Handler]], ...] = (
     (("upstreams",), {"GET": _get_upstreams}),
     (("upstreams", "*", "*"), {"POST": _post_upstream}),
+    (("routes", "*", "*", "*"), {"POST": _post_route_upstream}),
     (("bridges",), {"GET": _get_bridges}),
     (("bridges", "*", "close"), {"POST": _post_close}),
 )
@@ -209,7 +222,8 @@ def handle_admin(proxy: "Proxy", request: Request, *, token: Optional[str]) -> R
             raise _Refusal(400, f"path {request.path!r} is not UTF-8 once unescaped") from None
         if methods is None:
             raise _Refusal(404, f"no admin route {request.path!r} (GET /admin/upstreams, "
-                                "POST /admin/upstreams/LISTENER/UPSTREAM, GET /admin/bridges, "
+                                "POST /admin/upstreams/LISTENER/UPSTREAM, POST /admin/routes/LISTENER/ROUTE/UPSTREAM, "
+                                "GET /admin/bridges, "
                                 "POST /admin/bridges/ID/close)")
         handler = methods.get(request.method.upper())
         if handler is None:

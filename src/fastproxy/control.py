@@ -42,27 +42,36 @@ def check_weight(weight: object) -> int:
     return weight
 
 
-def _index(lst: "Listener") -> Dict[str, int]:
-    # The default group's upstreams: those of routes are not addressable
-    # at run time yet.
-    group = lst.group
+def _index(lst: "Listener", route: Optional[str] = None) -> Dict[str, int]:
+    # The upstreams of the listener's own group, or of route `route`'s.
+    group = lst.group_of(route)
     return group.index if group is not None else {}
 
 
-def find_upstream(listeners: List["Listener"], name: str, listener: Optional[str]) -> "Listener":
+def _of(name: str, route: Optional[str]) -> str:
+    return name if route is None else f"{name} of route {route}"
+
+
+def find_upstream(listeners: List["Listener"], name: str, listener: Optional[str],
+                  route: Optional[str] = None) -> "Listener":
     """The listener whose current group has upstream `name` (in `listener`
-    when given). Raises UnknownNameError, or ConfigError when the name is
-    in several listeners and `listener` is not given."""
+    when given; in its route `route`'s group when given). Raises
+    UnknownNameError, or ConfigError when the name is in several listeners
+    and `listener` is not given."""
     if listener is not None:
         matches = [lst for lst in listeners if lst.name == listener]
         if not matches:
             raise UnknownNameError("listener", listener, "no such listener")
-        if name not in _index(matches[0]):
-            raise UnknownNameError("upstream", name, f"not an upstream of listener {listener}")
+        if route is not None and matches[0].group_of(route) is None:
+            raise UnknownNameError("route", route, f"not a route of listener {listener}")
+        if name not in _index(matches[0], route):
+            raise UnknownNameError("upstream", name, f"not an upstream of listener {listener}"
+                                                     + ("" if route is None else f", route {route}"))
         return matches[0]
-    matches = [lst for lst in listeners if name in _index(lst)]
+    matches = [lst for lst in listeners if name in _index(lst, route)]
     if not matches:
-        raise UnknownNameError("upstream", name, "not an upstream of any listener")
+        raise UnknownNameError("upstream", name, "not an upstream of any listener"
+                                                 + ("" if route is None else f" in a route {route}"))
     if len(matches) > 1:
         raise ConfigError("listener", None, f"upstream {name} is in listeners "
                           f"{', '.join(lst.name for lst in matches)}: name one (listener=)")
@@ -80,37 +89,41 @@ class UpstreamControl:
     ready(): back to normal (waiting clients get a retry at once).
     set_weight(w): 0-256, what balancing uses from now on (0 drains)."""
 
-    def __init__(self, proxy: "Proxy", listener: str, name: str) -> None:
+    def __init__(self, proxy: "Proxy", listener: str, name: str, route: Optional[str] = None) -> None:
         self._proxy = proxy
         self.listener = listener
         self.name = name
+        self.route = route
 
     def __repr__(self) -> str:
-        return f"UpstreamControl(listener={self.listener!r}, name={self.name!r})"
+        route = "" if self.route is None else f", route={self.route!r}"
+        return f"UpstreamControl(listener={self.listener!r}, name={self.name!r}{route})"
 
     def drain(self) -> None:
-        self._proxy._set_upstream(self.listener, self.name, state="drain")
+        self._proxy._set_upstream(self.listener, self.name, state="drain", route=self.route)
 
     def maint(self) -> None:
-        self._proxy._set_upstream(self.listener, self.name, state="maint")
+        self._proxy._set_upstream(self.listener, self.name, state="maint", route=self.route)
 
     def ready(self) -> None:
-        self._proxy._set_upstream(self.listener, self.name, state="ready")
+        self._proxy._set_upstream(self.listener, self.name, state="ready", route=self.route)
 
     def set_weight(self, weight: int) -> None:
-        self._proxy._set_upstream(self.listener, self.name, weight=weight)
+        self._proxy._set_upstream(self.listener, self.name, weight=weight, route=self.route)
 
     @property
     def state(self) -> Dict[str, Any]:
         """Its stats entry: state (up, down, drained, maint), admin, weight,
         health, counters."""
-        return self._proxy._upstream_state(self.listener, self.name)
+        return self._proxy._upstream_state(self.listener, self.name, self.route)
 
 
-def set_upstream(lst: "Listener", name: str, state: Optional[str], weight: Optional[int]) -> Tuple[str, int]:
+def set_upstream(lst: "Listener", name: str, state: Optional[str], weight: Optional[int],
+                 route: Optional[str] = None) -> Tuple[str, int]:
     """Applies an admin state and/or a weight (both checked first) to
-    upstream `name` of listener `lst`'s current group; waiting clients get
-    a retry when it became more available. Returns (admin, weight) now."""
+    upstream `name` of listener `lst`'s current group (route `route`'s
+    group when given); waiting clients get a retry when it became more
+    available. Returns (admin, weight) now."""
     if state is not None:
         check_state(state)
     if weight is not None:
@@ -118,10 +131,11 @@ def set_upstream(lst: "Listener", name: str, state: Optional[str], weight: Optio
     handle = lst.handle
     if handle is None:
         raise UnknownNameError("listener", lst.name, "is not serving")
-    group = handle.group
+    group = lst.group_of(route)
     i = group.index.get(name) if group is not None else None
     if group is None or i is None:
-        raise UnknownNameError("upstream", name, f"not an upstream of listener {lst.name}")
+        raise UnknownNameError("upstream", name, f"not an upstream of listener {lst.name}"
+                                                 + ("" if route is None else f", route {route}"))
     opened = False
     before = (group.admin(i), group.weight(i))
     if state is not None:
@@ -132,6 +146,6 @@ def set_upstream(lst: "Listener", name: str, state: Optional[str], weight: Optio
     if opened:
         handle.kick_waiters()
     if after != before:
-        log.info("listener %s: upstream %s: admin %s, weight %d (was %s, %d)", lst.name, name,
+        log.info("listener %s: upstream %s: admin %s, weight %d (was %s, %d)", lst.name, _of(name, route),
                  after[0], after[1], before[0], before[1])
     return after

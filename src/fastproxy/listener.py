@@ -145,6 +145,16 @@ class Listener:
             raise RuntimeError(f"listener {self.name} is not prepared")
         return self._group
 
+    def group_of(self, route: Optional[str]) -> Optional["_core.UpstreamGroup"]:
+        """The current group of route `route` (by name; None: the
+        listener's own group), or None when there is no such group."""
+        handle = self.handle
+        if handle is None:
+            return None
+        if route is None:
+            return handle.group
+        return dict(zip(handle.route_names, handle.route_groups)).get(route)
+
     def groups(self) -> List[Tuple[str, "_core.UpstreamGroup"]]:
         """Every current group: ("", the default group) if there is one,
         then (route name, group) per route."""

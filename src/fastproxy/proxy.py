@@ -807,17 +807,18 @@ class Proxy:
             raise RuntimeError("the proxy is not running")
         return plane
 
-    def upstream(self, name: str, listener: Optional[str] = None) -> UpstreamControl:
+    def upstream(self, name: str, listener: Optional[str] = None, route: Optional[str] = None) -> UpstreamControl:
         """Run-time control of upstream `name` ("host:port" as configured)
         of `listener` (a listener's name; needed only when several
-        listeners have that upstream): drain(), maint(), ready(),
-        set_weight(w), state. An unknown name raises UnknownNameError (a
-        ConfigError); the settings survive a reload that keeps the upstream
-        in that listener."""
+        listeners have that upstream), in the group of its route `route`
+        (a route's name, route = "sni"; None: the listener's own group):
+        drain(), maint(), ready(), set_weight(w), state. An unknown name
+        raises UnknownNameError (a ConfigError); the settings survive a
+        reload that keeps the upstream in that listener (and route)."""
         with self._lock:
             self._serving()
-            lst = find_upstream(self._listeners, name, listener)
-        return UpstreamControl(self, lst.name, name)
+            lst = find_upstream(self._listeners, name, listener, route)
+        return UpstreamControl(self, lst.name, name, route)
 
     def upstreams(self) -> Dict[str, Dict[str, Dict[str, Any]]]:
         """Every listener's upstreams (state, admin, weight, health,
@@ -826,15 +827,16 @@ class Proxy:
         return {lst.name: lst.stats()["upstreams"] for lst in list(self._listeners)}
 
     def _set_upstream(self, listener: str, name: str, *, state: Optional[str] = None,
-                      weight: Optional[int] = None) -> Tuple[str, int]:
+                      weight: Optional[int] = None, route: Optional[str] = None) -> Tuple[str, int]:
         with self._lock:
             self._serving()
-            return set_upstream(find_upstream(self._listeners, name, listener), name, state, weight)
+            return set_upstream(find_upstream(self._listeners, name, listener, route), name, state, weight, route)
 
-    def _upstream_state(self, listener: str, name: str) -> Dict[str, Any]:
+    def _upstream_state(self, listener: str, name: str, route: Optional[str] = None) -> Dict[str, Any]:
         self._serving()
-        lst = find_upstream(list(self._listeners), name, listener)
-        return dict(lst.stats()["upstreams"][name])
+        lst = find_upstream(list(self._listeners), name, listener, route)
+        figures = lst.stats()
+        return dict((figures["upstreams"] if route is None else figures["routes"][route]["upstreams"])[name])
 
     def _listener_names(self) -> Dict[int, str]:
         # Data-plane listener ids (current and draining blocks) -> names.
