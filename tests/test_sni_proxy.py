@@ -440,3 +440,27 @@ def test_run_time_control_of_a_route_upstream(make_proxy, cert, tls_servers):
     p.reload()
     assert who(cert, p.address, "x.b.example") == "B"
     assert p.upstream(srv["C"].addr, route="bees").state["admin"] == "maint"
+
+
+def test_health_checks_and_passive_health_cover_route_groups(make_proxy, cert, tls_servers, caplog):
+    import logging
+    from support.sockets import reserve_refusing_port
+    srv = tls_servers
+    dead_sock = reserve_refusing_port()
+    dead = f"127.0.0.1:{dead_sock.getsockname()[1]}"
+    with dead_sock:
+        p = make_proxy(upstreams=[srv["D"].addr], route="sni", routes=[
+            {"server_names": ["a.example"], "upstreams": [srv["A"].addr, dead], "health_interval": "100ms",
+             "health_fall": 1},
+            {"server_names": ["*.b.example"], "upstreams": [dead, srv["B"].addr], "max_fails": 1,
+             "balance": "first"}])
+        route_ups = lambda r: listener_stats(p)["routes"][r]["upstreams"]   # noqa: E731
+        # Active checks of route a.example's group mark its dead upstream down.
+        assert wait_for(lambda: route_ups("a.example")[dead]["health"] == "down", 5)
+        assert route_ups("a.example")[srv["A"].addr]["health"] == "up"
+        # Passive health in the other route: one failure marks it down (retried on B), and is logged.
+        with caplog.at_level(logging.WARNING, logger="fastproxy.watch"):
+            assert who(cert, p.address, "x.b.example") == "B"
+            assert wait_for(lambda: route_ups("*.b.example")[dead]["state"] == "down", 3)
+            assert wait_for(lambda: any("is down" in r.getMessage() for r in caplog.records), 3)
+        assert listener_stats(p)["upstreams"][srv["D"].addr]["health"] == "up"
