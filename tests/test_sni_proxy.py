@@ -464,3 +464,21 @@ def test_health_checks_and_passive_health_cover_route_groups(make_proxy, cert, t
             assert wait_for(lambda: route_ups("*.b.example")[dead]["state"] == "down", 3)
             assert wait_for(lambda: any("is down" in r.getMessage() for r in caplog.records), 3)
         assert listener_stats(p)["upstreams"][srv["D"].addr]["health"] == "up"
+
+
+def test_the_example_files_commented_route_loads(tmp_path):
+    import os
+    from fastproxy.configfile import load_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "examples", "fastproxy.toml"), encoding="utf-8") as f:
+        text = f.read()
+    marker = "# [[listeners]]"
+    assert marker in text
+    head, tail = text.split(marker, 1)
+    lines = [line[2:] if line.startswith("# ") else line.lstrip("#") for line in (marker + tail).splitlines()]
+    path = tmp_path / "fastproxy.toml"
+    path.write_text(head + "\n".join(lines) + "\n")
+    pc = load_config(str(path))
+    tls = pc.listeners[2]
+    assert tls.name == "tls" and tls.routing.route == "sni"
+    assert tls.routing.routes[0].server_names == ("api.example.com", "*.api.example.com")
