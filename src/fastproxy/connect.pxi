@@ -372,7 +372,10 @@ cdef void bridge_upstream_failed(Worker *w, Bridge *b, int err, int64_t now) noe
         balance_connect_result(b.group, b.upstream, 0, now)
         if upstream_release(w, b):
             queue_kick(b.ls)
-        if b.tries < b.ls.retries and bridge_mark_tried(w, b) == 0:
+        # retries < 0: every other upstream of the group (its size moves
+        # with DNS answers).
+        if (b.tries < (b.ls.retries if b.ls.retries >= 0 else b.group.n - 1)
+                and bridge_mark_tried(w, b) == 0):
             b.tries += 1
             bridge_start_upstream(w, b, -1, now)
             return

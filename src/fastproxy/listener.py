@@ -7,15 +7,18 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import _core
 from .accesslog import AccessLog
 from .config import Config
+from .discovery import DnsClient, Resolution, first_resolution, hosts_names
+from .discovery import build_group as build_resolved_group
 from .dispatch import HookRunner, ListenerHooks
 from .hooks import Hooks, access_log_fields, load_hooks
 from .sockets import (UnixFile, adopt_socket, check_listening, close_listening, listen_socket, listen_unix,
-                      remove_unix_file, resolve_upstream, unix_file_of)
+                      remove_unix_file, unix_file_of)
 from .timewindows import Clock, TimeWindows
 from .values import ConfigError, format_address, unix_path
 from .watch import Watchers
@@ -58,13 +61,27 @@ def bound_address(sock: socket.socket) -> Any:
     return (host, port)
 
 
-def build_group(config: Config) -> "_core.UpstreamGroup":
-    upstreams = config.upstream_group.upstreams
+def resolve_upstreams(config: Config, dns: DnsClient) -> List[Resolution]:
+    """What each upstream spec of `config` resolves to now (ConfigError
+    when one does not)."""
+    local = hosts_names()
+    interval = config.process.resolve_interval
+    return [first_resolution(u, dns, interval, local) for u in config.upstream_group.upstreams]
+
+
+def build_group(config: Config, resolutions: List[Resolution]) -> "_core.UpstreamGroup":
     balancing = config.balancing
-    return _core.UpstreamGroup(
-        upstreams, [resolve_upstream((u.host, u.port)) for u in upstreams],
-        balance=balancing.balance, max_fails=balancing.max_fails,
-        fail_timeout=balancing.fail_timeout)
+    return build_resolved_group(resolutions, balance=balancing.balance, max_fails=balancing.max_fails,
+                                fail_timeout=balancing.fail_timeout)
+
+
+def carry_health(new: "_core.UpstreamGroup", old: "_core.UpstreamGroup") -> None:
+    # An upstream the active checks found down stays down in the group
+    # that replaces its group, until the checks say otherwise.
+    for j, name in enumerate(old.names):
+        i = new.index.get(name)
+        if i is not None and not old.state(j)["health"]:
+            new.set_health(i, False)
 
 
 class Listener:
@@ -94,6 +111,12 @@ class Listener:
         self.unix_file: Optional[UnixFile] = None   # a socket file this listener bound
         self.address: Any = None   # bound, once prepared
         self._group: Optional["_core.UpstreamGroup"] = None   # prepared, until attached
+        # What each upstream spec resolves to (discovery.py); the resolver
+        # thread refreshes those from DNS and swaps the group.
+        self.resolutions: List[Resolution] = []
+        # Groups a DNS change swapped out, while bridges bridged with them
+        # live: their upstreams' figures add to the current group's.
+        self.retired: List["_core.UpstreamGroup"] = []
         self.access_log: Optional[AccessLog] = None
         self.handle: Optional["_core.ListenerHandle"] = None
         self.watchers: Optional[Watchers] = None
@@ -120,12 +143,13 @@ class Listener:
         return self.config.listener.listen  # type: ignore[no-any-return]
 
     def prepare(self, *, engine: str, max_connections: int, on_log_error: Callable[[], None],
-                sock: Optional[socket.socket] = None) -> None:
+                dns: DnsClient, sock: Optional[socket.socket] = None) -> None:
         """Resolve, build the group, open the access log, and bind (or
         take `sock`, a kept socket of the listener this one replaces).
         Raises ConfigError; undo with discard()."""
         self.config = cfg = self.config.resolve(engine=engine, max_connections=max_connections)
-        self._group = build_group(cfg)
+        self.resolutions = resolve_upstreams(cfg, dns)
+        self._group = build_group(cfg, self.resolutions)
         try:
             self.access_log = AccessLog(self, cfg.hooks.access_log, on_log_error)
         except OSError as exc:
@@ -202,12 +226,48 @@ class Listener:
             # this listener's, its access log open until its last record.
             self.draining = replaces.draining + [(old, replaces.access_log)]
             self.carried = replaces.carried
+            self.retired = replaces.retired
             # The socket is the same: so is the file it is bound to, which
             # whoever holds the socket last removes.
             self.unix_file, replaces.unix_file = replaces.unix_file, None
             replaces.stop_watchers()
         self.watchers = Watchers(cfg, self.windows, self.handle, self.health_check)
         self.watchers.start()
+
+    # ---- upstreams from DNS
+
+    def next_resolution(self) -> float:
+        """When (time.monotonic()) a name of this listener is due again."""
+        return min((r.due for r in self.resolutions if r.dynamic), default=float("inf"))
+
+    def refresh(self, dns: DnsClient, now: float) -> bool:
+        """Ask DNS again for the names that are due (on the resolver
+        thread, not under the Proxy's lock); True when an answer changed
+        and the group needs swapping (swap_resolved())."""
+        interval = self.config.process.resolve_interval
+        changed = False
+        for r in self.resolutions:
+            if r.dynamic and r.due <= now:
+                changed = r.refresh(dns, interval) or changed
+        return changed
+
+    def swap_resolved(self) -> None:
+        """Serve the upstreams the names now resolve to: a new group, with
+        the run-time settings and health verdicts of the upstreams it keeps,
+        swapped in without a lock on the data path; live bridges stay with
+        the group they picked from (retired, their figures still counted)."""
+        handle = self.handle
+        if handle is None:
+            return
+        old = handle.group
+        new = build_group(self.config, self.resolutions)
+        new.carry_admin(old)
+        carry_health(new, old)
+        handle.swap_group(new)
+        with self._lock:
+            self.retired.append(old)
+        if self.watchers is not None:
+            self.watchers.group_changed(new)
 
     def stop_watchers(self) -> None:
         if self.watchers is not None:
@@ -239,7 +299,14 @@ class Listener:
 
     def reap(self) -> None:
         """Frees the drained blocks (no bridge left), keeping their figures;
-        their access logs close once their last records are written."""
+        their access logs close once their last records are written. Drops
+        the swapped-out groups no bridge uses any more, keeping their
+        upstreams' figures."""
+        for group in list(self.retired):
+            if group.live_bridges == 0:
+                with self._lock:
+                    add_figures(self.carried.setdefault("upstreams", {}), group.stats())
+                    self.retired.remove(group)
         for entry in list(self.draining):
             h, access_log = entry
             if h.bridges:
@@ -284,8 +351,18 @@ class Listener:
                 if names is not None:
                     names.update(more["upstreams"])
                 add_figures(figures, more)
+            for group in self.retired:
+                more = group.stats()
+                if names is not None:
+                    # An upstream DNS no longer gives shows while its bridges live.
+                    names.update(n for n, v in more.items() if v["active"])
+                add_figures(figures.setdefault("upstreams", {}), more)
             add_figures(figures, self.carried)
         if names is not None:
             # Upstreams a reload removed show while bridges to them live.
             figures["upstreams"] = {n: v for n, v in figures["upstreams"].items() if n in names}
+        now = time.monotonic()
+        resolution = {r.spec.address: r.stats(now) for r in self.resolutions if r.dynamic}
+        if resolution:
+            figures["resolution"] = resolution
         return figures

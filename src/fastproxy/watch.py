@@ -27,28 +27,42 @@ class Watchers:
         self.config = config
         self.windows = windows
         self.plane = plane
-        group = plane.group
+        self.health_check = health_check
         self.stopped = threading.Event()
         self.window_open = True
-        self.health: Optional[HealthChecker] = None
-        balancing = config.balancing
-        if balancing.health_interval is not None:
-            self.health = HealthChecker(
-                [(u.host, u.port) for u in group.upstreams],
-                group.set_health,
-                interval=balancing.health_interval,
-                timeout=balancing.health_timeout,
-                rise=balancing.health_rise,
-                fall=balancing.health_fall,
-                check=health_check,
-                names=group.names,
-            )
+        self.health = self._checker(plane.group)
         self._threads = [threading.Thread(target=self._watch_states, name="fastproxy-states", daemon=True)]
         if windows is not None:
             self.window_open = windows.is_open()
             plane.set_admit(self.window_open)
             self._threads.append(threading.Thread(target=self._watch_windows, name="fastproxy-windows",
                                                   daemon=True))
+
+    def _checker(self, group: "_core.UpstreamGroup") -> Optional[HealthChecker]:
+        balancing = self.config.balancing
+        if balancing.health_interval is None:
+            return None
+        return HealthChecker(
+            [(u.host, u.port) for u in group.upstreams],
+            group.set_health,
+            interval=balancing.health_interval,
+            timeout=balancing.health_timeout,
+            rise=balancing.health_rise,
+            fall=balancing.health_fall,
+            check=self.health_check,
+            names=group.names,
+            up=[bool(group.state(i)["health"]) for i in range(len(group))],
+        )
+
+    def group_changed(self, group: "_core.UpstreamGroup") -> None:
+        """The listener's group was swapped (DNS): check its upstreams from
+        now on, starting from the verdicts it carried over."""
+        if self.health is None or self.stopped.is_set():
+            return
+        self.health.stop()
+        self.health = self._checker(group)
+        if self.health is not None:
+            self.health.start()
 
     def start(self) -> None:
         if self.health is not None:
