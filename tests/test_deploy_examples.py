@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -25,7 +26,7 @@ from fastproxy.options import OPTIONS
 from fastproxy.proxy import default_max_connections, pipe_pool_size
 from support.cli import LISTEN_RX, LineReader, run_cli, subprocess_env
 from support.servers import EchoServer
-from support.sockets import echo_roundtrip
+from support.sockets import connect_from, echo_roundtrip, read_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "examples", "deploy")
@@ -462,6 +463,121 @@ def test_haproxy_accepts_the_balancer_config():
     cp = subprocess.run(["haproxy", "-c", "-f", os.path.join(DEPLOY, "haproxy.cfg")],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+class HeaderServer:
+    """An upstream that reads a PROXY protocol v2 header, answers the
+    client address it names ("a.b.c.d") and closes; a connection without a
+    header (a health check) is just closed."""
+
+    SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @classmethod
+    def _serve(cls, conn):
+        with conn:
+            conn.settimeout(5)
+            head = b""
+            try:
+                while len(head) < 16:
+                    chunk = conn.recv(16 - len(head))
+                    if not chunk:
+                        return
+                    head += chunk
+                if head[:12] != cls.SIG or head[13] != 0x11:   # v2, TCP over IPv4
+                    conn.sendall(b"no v2 header")
+                    return
+                body = b""
+                while len(body) < int.from_bytes(head[14:16], "big"):
+                    body += conn.recv(int.from_bytes(head[14:16], "big") - len(body))
+                conn.sendall(socket.inet_ntoa(body[:4]).encode())
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+
+
+def local_haproxy_cfg(listen_port, instance_port, stats_port):
+    """examples/deploy/haproxy.cfg on loopback: its front on listen_port,
+    one instance at instance_port checked on stats_port; all else as written."""
+    text = read("haproxy.cfg")
+    text = re.sub(r"^(\s*)bind :\d+", r"\g<1>bind 127.0.0.1:%d" % listen_port, text, flags=re.M)
+    text = re.sub(r"^\s*maxconn \d+", "    maxconn 1000", text, flags=re.M)
+    text = re.sub(r"check port \d+", "check port %d" % stats_port, text)
+    servers = re.findall(r"^\s*server .*$", text, re.M)
+    for extra in servers[1:]:
+        text = text.replace(extra + "\n", "")
+    return text.replace(servers[0], "    server fastproxy1 127.0.0.1:%d" % instance_port)
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
+def test_the_client_address_crosses_the_balancer_and_the_instance(tmp_path):
+    # A client at 127.0.0.2 -> haproxy (haproxy.cfg: send-proxy-v2) ->
+    # fastproxy (balancer.toml: accept_proxy_from the balancer, send_proxy
+    # v2) -> an upstream that answers the address its header names.
+    upstream = HeaderServer()
+    front, instance, stats = free_port(), free_port(), free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(local_haproxy_cfg(front, instance, stats))
+    cmd = [sys.executable, "-m", "fastproxy", "--config", os.path.join(DEPLOY, "balancer.toml"),
+           "--listen", "127.0.0.1:%d" % instance, "--upstream", "127.0.0.1:%d" % upstream.port,
+           "--accept-proxy-from", "127.0.0.1", "--stats", "127.0.0.1:%d" % stats]
+    proxy = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=subprocess_env())
+    stderr, stdout = LineReader(proxy.stderr), LineReader(proxy.stdout)
+    balancer = None
+    try:
+        assert stderr.wait_line(r"stats endpoint on", 20), stderr.text()
+        balancer = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        haproxy_err = LineReader(balancer.stderr)
+        answer = b""
+        for _ in range(100):   # until haproxy listens
+            try:
+                with connect_from(("127.0.0.1", front), "127.0.0.2") as c:
+                    c.sendall(b"hello")
+                    answer, _ = read_all(c, 5)
+                break
+            except ConnectionRefusedError:
+                assert balancer.poll() is None, haproxy_err.text()
+                time.sleep(0.05)
+        assert answer == b"127.0.0.2", (answer, stderr.text(), haproxy_err.text())
+        # Straight to the instance, from an address that is not the
+        # balancer's: refused, not served.
+        with connect_from(("127.0.0.1", instance), "127.0.0.2") as c:
+            c.sendall(b"PROXY TCP4 192.0.2.1 127.0.0.1 1 2\r\n")
+            data, how = read_all(c, 5)
+            assert data == b"" and how in ("eof", "reset"), (data, how)
+    finally:
+        if balancer is not None:
+            balancer.terminate()
+            balancer.wait(10)
+        proxy.terminate()
+        try:
+            proxy.wait(20)
+        finally:
+            if proxy.poll() is None:
+                proxy.kill()
+                proxy.wait(10)
+            stderr.join(2)
+            stdout.join(2)
+            upstream.close()
 
 
 # ---- the guide
