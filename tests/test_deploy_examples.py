@@ -93,7 +93,7 @@ def test_check_refuses_a_broken_copy(tmp_path):
     assert rc == 2 and "max_conections_per_ip" in err, err
 
 
-def test_dns_configs_are_marked_in_the_guide():
+def test_dns_uses_are_marked_in_the_configs():
     # A config that needs the DNS interface says so where it uses it.
     for name in TOMLS:
         text = read(name)
