@@ -339,3 +339,22 @@ def test_without_dnspython_names_are_the_systems(monkeypatch, dns_server):
     assert dns_server.queries == Counter()
     with pytest.raises(ConfigError, match="dnspython is not installed"):
         first_resolution(parse_upstream("srv:_x._tcp.svc.test"), client, (1.0, 5.0), frozenset())
+
+
+def test_resolver_thread_runs_only_for_names_and_a_reload_keeps_following(make_proxy_any, dns_server,
+                                                                          echo_server):
+    import threading
+    p = make_proxy_any("127.0.0.1:%d" % echo_server.port)
+    assert "fastproxy-resolver" not in {t.name for t in threading.enumerate()}
+    stack, (a, b) = _tags(["127.0.0.2", "127.0.0.3"])
+    with stack:
+        dns_server.set("svc.test", "A", ["127.0.0.2"], ttl=1)
+        # A reload that brings the first name starts the thread; the new
+        # listener block follows DNS from then on.
+        p.reload({"resolver": dns_server.addr, "resolve_interval": FAST,
+                  "listeners": [{"listen": "%s:%d" % p.address, "upstreams": ["svc.test:%d" % a.port]}]})
+        assert "fastproxy-resolver" in {t.name for t in threading.enumerate()}
+        assert tag_of(p.address) == b"127.0.0.2"
+        dns_server.set("svc.test", "A", ["127.0.0.3"], ttl=1)
+        assert wait_for(lambda: _up(p, "127.0.0.3:%d" % a.port) is not None, 4), p.stats()
+        assert tag_of(p.address) == b"127.0.0.3"

@@ -362,8 +362,7 @@ class Proxy:
             self._finish_takeover()
             self._reaper = threading.Thread(target=self._reap, name="fastproxy-reaper", daemon=True)
             self._reaper.start()
-            self._resolver = threading.Thread(target=self._resolve, name="fastproxy-resolver", daemon=True)
-            self._resolver.start()
+            self._start_resolver()
             if stats_bound is not None:
                 from .statsserver import StatsServer, admin_handler
                 admin, admin_off = admin_handler(self, process.stats_admin, process.stats_token)
@@ -473,6 +472,7 @@ class Proxy:
             self._removed.append((old, deadline_of + old.config.timeouts.drain_timeout))
         self._listeners = listeners
         self._dns = dns
+        self._start_resolver()
         self.config = listeners[0].config
         log.info("reloaded: %d listener%s (%d new or changed, %d removed)", len(listeners),
                  "" if len(listeners) == 1 else "s", len(fresh) - len(kept), len(unmatched))
@@ -496,6 +496,13 @@ class Proxy:
                         self._removed.remove((lst, deadline))
             finally:
                 self._lock.release()
+
+    def _start_resolver(self) -> None:
+        # Only a proxy with names to follow runs the thread; a reload that
+        # brings the first one starts it.
+        if self._resolver is None and any(lst.next_resolution() < float("inf") for lst in self._listeners):
+            self._resolver = threading.Thread(target=self._resolve, name="fastproxy-resolver", daemon=True)
+            self._resolver.start()
 
     def _resolve(self) -> None:
         # The resolver thread: asks DNS again for the upstream names whose
