@@ -249,3 +249,20 @@ def test_configuration_page_names_every_option():
         page = f.read()
     missing = [o.name for o in OPTIONS if f"`{o.name}`" not in page]
     assert not missing, missing
+
+
+def test_check_shows_addresses_and_intervals_as_written(tmp_path):
+    path = write(tmp_path, """
+stats = "unix:/run/fastproxy/stats.sock"
+resolver = "[::1]:5353"
+resolve_interval = "2s-1m"
+[[listeners]]
+listen = "127.0.0.1:0"
+upstreams = ["127.0.0.1:9"]
+""")
+    rc, out, err = run_cli(["check", "--config", str(path)])
+    assert rc == 0, err
+    process = next(line for line in out.splitlines() if line.startswith("process: "))
+    assert "stats unix:/run/fastproxy/stats.sock," in process
+    assert "resolver [::1]:5353," in process
+    assert "resolve_interval 2s-1m," in process

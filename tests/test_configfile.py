@@ -281,7 +281,8 @@ def _listener(lines):
     (_listener('upstreams = ["127.0.0.1:9", "127.0.0.1:9"]\n'),
      "listeners[0].upstreams: '127.0.0.1:9': is listed twice"),
     (_listener("upstreams = [9]\n"),
-     "listeners[0].upstreams[0]: 9: expected HOST:PORT[@WEIGHT][,max-connections=N][,backup] or a table "
+     "listeners[0].upstreams[0]: 9: expected HOST:PORT[@WEIGHT][,max-connections=N][,backup] or "
+     "srv:NAME[,max-connections=N][,backup] or a table "
      "with an address"),
     (_listener("upstreams = [{ weight = 2 }]\n"), "listeners[0].upstreams[0]: has no address (required)"),
     (_listener('upstreams = [{ address = "127.0.0.1" }]\n'),

@@ -123,7 +123,7 @@ def test_async_with_starts_without_blocking_the_loop(any_engine, echo_server, mo
     """`async with Proxy(...)`: the start (here a slow name resolution) runs
     off the loop, `.address` is valid once it returns, async hooks run on
     the loop, and leaving the block stops the proxy."""
-    import fastproxy.listener as proxy_module
+    import fastproxy.discovery as proxy_module
 
     real_resolve = proxy_module.resolve_upstream
 
@@ -179,7 +179,7 @@ def _connect_refused(addr):
 def test_cancel_while_starting_stops_what_started(any_engine, echo_server, monkeypatch):
     """serve() cancelled while start() still runs on its thread (here: a slow
     name resolution) must not leave a proxy serving that nothing stops."""
-    import fastproxy.listener as listener_module
+    import fastproxy.discovery as listener_module
 
     real_resolve = listener_module.resolve_upstream
     resolving = threading.Event()

@@ -161,6 +161,8 @@ SAMPLES = {
     "worker_cpus": None,  # depends on this machine's CPUs: tests/test_worker_cpus.py
     "takeover": ("/run/fastproxy/takeover.sock", "/run/fastproxy/takeover.sock"),
     "log_format": ("json", "json"),
+    "resolver": ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+    "resolve_interval": ("2s-1m", (2.0, 60.0)),
     "stats": ("127.0.0.1:9100", ("127.0.0.1", 9100)),
     "stats_admin": (True, True),
     "stats_token": ("s3cret", "s3cret"),

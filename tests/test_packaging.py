@@ -94,8 +94,8 @@ def test_sdist_holds_what_building_and_testing_need(dists):
                    "src/fastproxy/bridge.pxi", "src/fastproxy/_core.pxd", "src/fastproxy/includes/compat.h",
                    "src/fastproxy/includes/system.pxd", "src/fastproxy/py.typed", "tests/conftest.py",
                    "tests/support/cli.py", "tests/support/stubtest-allowlist.txt", "tests/test_options.py",
-                   "examples/router.py", "docs/reference.md", "src/fastproxy/static/status.js",
-                   "src/fastproxy/static/status.css"):
+                   "examples/router.py", "examples/deploy/fastproxy.service", "docs/reference.md",
+                   "src/fastproxy/static/status.js", "src/fastproxy/static/status.css"):
         assert needed in names, needed
     built = [n for n in names if n.endswith((".so", ".html")) or n == "src/fastproxy/_core.c"]
     assert not built, built

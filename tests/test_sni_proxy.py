@@ -247,15 +247,20 @@ def test_clients_waiting_for_their_client_hello_hold_their_limit_slot(make_proxy
 
 
 def test_swapping_a_route_group_moves_new_clients_only(make_proxy, cert, tls_servers):
-    from fastproxy.listener import build_group
+    from fastproxy.discovery import DnsClient
+    from fastproxy.listener import build_group, resolve_upstreams
     from fastproxy.upstreams import parse_upstreams
     srv = tls_servers
+    config = lambda: p._listeners[0].config   # noqa: E731
+
+    def group_of(addr):
+        return build_group(resolve_upstreams(parse_upstreams([addr]), config(), DnsClient()), config().balancing)
+
     p = make_proxy(upstreams=[srv["D"].addr], route="sni", routes=routes(srv))
     live, line = tls_connect(cert, p.address, "a.example")
     assert line.startswith("A")
     handle = p._listeners[0].handle
-    group = build_group(parse_upstreams([srv["C"].addr]), p._listeners[0].config.balancing)
-    handle.swap_group(group, route=1)
+    handle.swap_group(group_of(srv["C"].addr), route=1)
     assert who(cert, p.address, "a.example") == "C"
     assert who(cert, p.address, "x.b.example") in ("B", "C")
     assert who(cert, p.address, "other.example") == "D"
@@ -263,8 +268,7 @@ def test_swapping_a_route_group_moves_new_clients_only(make_proxy, cert, tls_ser
     assert live.recv(6) == b"still\n"
     live.close()
     with pytest.raises(IndexError):
-        handle.swap_group(build_group(parse_upstreams([srv["C"].addr]), p._listeners[0].config.balancing),
-                          route=3)
+        handle.swap_group(group_of(srv["C"].addr), route=3)
 
 
 def test_a_reload_that_changes_routes_keeps_live_bridges_flowing(engine, cert, tls_servers):

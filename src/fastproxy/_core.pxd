@@ -459,7 +459,7 @@ cdef struct ListenerC:
     GroupC **route_groups
     int *route_retries
     UpstreamState routed          # on_connect routes outside the group (atomic gauges)
-    int retries
+    int retries          # other upstreams to try after a failed connect; -1: all of the group's
     int64_t max_connections
     int64_t max_connections_per_ip    # 0: no per-IP limit
     uint8_t on_limit      # ON_LIMIT_*

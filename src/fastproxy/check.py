@@ -80,6 +80,10 @@ def _show(o: Option, value: Any) -> str:
         text = f"{count}/{format_duration(seconds)}"
     elif o.name == "worker_cpus":
         text = ",".join(str(cpu) for cpu in value)
+    elif o.metavar == "ADDR" and isinstance(value, tuple):
+        text = format_address(*value)   # stats, resolver: as written, not a pair
+    elif o.name == "resolve_interval":
+        text = "-".join(format_duration(v) for v in value) if value[0] != value[1] else format_duration(value[0])
     elif o.metavar == "D" and isinstance(value, (int, float)) and not isinstance(value, bool):
         text = format_duration(value)   # optional durations too, which format_value cannot tell
     elif isinstance(value, tuple):

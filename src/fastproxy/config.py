@@ -139,8 +139,10 @@ class Config:
 
     @property
     def retry_count(self) -> int:
+        # -1: every other upstream of the group the bridge picks from, which
+        # DNS answers may grow or shrink after start.
         retries: Optional[int] = self.balancing.retries
-        return len(self.upstream_group.upstreams or ()) - 1 if retries is None else retries
+        return -1 if retries is None else retries
 
     def options(self) -> Dict[str, Any]:
         """Every option by name, flat."""

@@ -238,8 +238,10 @@ cdef inline GroupC *route_group(Worker *w, Bridge *b, BalanceCursor **cursor) no
 
 
 cdef inline int route_retries(Bridge *b) noexcept nogil:
-    # Retries stay within the bridge's route's group.
-    return b.ls.retries if b.route_id == 0 else b.ls.route_retries[b.route_id - 1]
+    # Retries stay within the bridge's route's group. Configured < 0: every
+    # other upstream of the group (its size moves with DNS answers).
+    cdef int r = b.ls.retries if b.route_id == 0 else b.ls.route_retries[b.route_id - 1]
+    return r if r >= 0 else b.group.n - 1
 
 
 cdef void bridge_start_upstream(Worker *w, Bridge *b, int chosen, int64_t now) noexcept nogil:

@@ -43,7 +43,8 @@ class HealthChecker:
     An upstream that is up goes down after `fall` failed checks in a row,
     and one that is down comes back after `rise` passed checks in a row;
     each such transition calls set_health(index, up) and logs one line.
-    Every upstream starts up. A check is a TCP connect, or check(host, port)
+    Every upstream starts up, or as `up` says (the verdicts carried into a
+    group that replaced another). A check is a TCP connect, or check(host, port)
     -> bool (an exception is a failure); either way it has `timeout`
     seconds, after which it counts as failed. A check still running from an
     earlier round (a hung callable) counts as failed and is not started
@@ -61,6 +62,7 @@ class HealthChecker:
         fall: int = 3,
         check: Optional[Check] = None,
         names: Optional[Sequence[str]] = None,
+        up: Optional[Sequence[bool]] = None,
     ) -> None:
         if interval <= 0 or timeout <= 0 or rise < 1 or fall < 1:
             raise ValueError("health checks need interval > 0, timeout > 0, rise >= 1, fall >= 1")
@@ -73,7 +75,9 @@ class HealthChecker:
         self._set_health = set_health
         self._check = check
         n = len(self.targets)
-        self._up = [True] * n
+        self._up = list(up) if up is not None else [True] * n
+        if len(self._up) != n:
+            raise ValueError(f"{len(self._up)} verdicts for {n} targets")
         self._streak = [0] * n  # results in a row that contradict _up
         self._busy = [False] * n  # a check of this upstream is still running
         self._round = 0

@@ -8,16 +8,19 @@ import dataclasses
 import logging
 import socket
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import _core
 from .accesslog import AccessLog
 from .config import Config
+from .discovery import DnsClient, Resolution, first_resolution, hosts_names
+from .discovery import build_group as build_resolved_group
 from .dispatch import HookRunner, ListenerHooks
 from .hooks import Hooks, access_log_fields, load_hooks
 from .routes import Route
 from .sockets import (UnixFile, adopt_socket, check_listening, close_listening, listen_socket, listen_unix,
-                      remove_unix_file, resolve_upstream, unix_file_of)
+                      remove_unix_file, unix_file_of)
 from .timewindows import Clock, TimeWindows
 from .upstreams import Upstream
 from .values import ConfigError, format_address, unix_path
@@ -61,15 +64,30 @@ def bound_address(sock: socket.socket) -> Any:
     return (host, port)
 
 
-def build_group(upstreams: Sequence[Upstream], balancing: Any) -> "_core.UpstreamGroup":
-    """An upstream group: `upstreams` resolved now, balanced as `balancing`
-    (a Config's balancing section, or a route's: route_balancing) says.
-    The one place groups are built: a listener's default group and each
-    route's."""
-    return _core.UpstreamGroup(
-        upstreams, [resolve_upstream((u.host, u.port)) for u in upstreams],
-        balance=balancing.balance, max_fails=balancing.max_fails,
-        fail_timeout=balancing.fail_timeout)
+def resolve_upstreams(upstreams: Sequence[Upstream], config: Config, dns: DnsClient) -> List[Resolution]:
+    """What each of `upstreams` (specs of `config`'s listener: its own, or
+    a route's) resolves to now (ConfigError when one does not)."""
+    local = hosts_names()
+    interval = config.process.resolve_interval
+    return [first_resolution(u, dns, interval, local) for u in upstreams]
+
+
+def build_group(resolutions: Sequence[Resolution], balancing: Any) -> "_core.UpstreamGroup":
+    """An upstream group from what its upstream specs resolve to, balanced
+    as `balancing` (a Config's balancing section, or a route's:
+    route_balancing) says. The one place groups are built: a listener's own
+    group (again when a DNS answer changes) and each route's."""
+    return build_resolved_group(resolutions, balance=balancing.balance, max_fails=balancing.max_fails,
+                                fail_timeout=balancing.fail_timeout)
+
+
+def carry_health(new: "_core.UpstreamGroup", old: "_core.UpstreamGroup") -> None:
+    # An upstream the active checks found down stays down in the group
+    # that replaces its group, until the checks say otherwise.
+    for j, name in enumerate(old.names):
+        i = new.index.get(name)
+        if i is not None and not old.state(j)["health"]:
+            new.set_health(i, False)
 
 
 def route_balancing(config: Config, route: Route) -> Any:
@@ -83,13 +101,16 @@ def routes_of(config: Config) -> Tuple[Route, ...]:
     return tuple(routing.routes) if routing.route == "sni" else ()
 
 
-def build_routes(config: Config) -> List[Tuple[str, Tuple[str, ...], "_core.UpstreamGroup", int]]:
-    """DataPlane.add_listener's routes: (name, server names, group, retries)."""
+def build_routes(config: Config, resolutions: Sequence[Sequence[Resolution]],
+                 ) -> List[Tuple[str, Tuple[str, ...], "_core.UpstreamGroup", int]]:
+    """DataPlane.add_listener's routes: (name, server names, group,
+    retries; -1: every other upstream of the group), from what each route's
+    upstream specs resolve to (route_resolutions)."""
     out = []
-    for route in routes_of(config):
+    for route, resolved in zip(routes_of(config), resolutions):
         balancing = route_balancing(config, route)
-        retries = len(route.upstreams) - 1 if balancing.retries is None else balancing.retries
-        out.append((route.name, route.server_names, build_group(route.upstreams, balancing), retries))
+        retries = -1 if balancing.retries is None else balancing.retries
+        out.append((route.name, route.server_names, build_group(resolved, balancing), retries))
     return out
 
 
@@ -122,6 +143,15 @@ class Listener:
         self._group: Optional["_core.UpstreamGroup"] = None   # prepared, until attached
         self._routes: List[Tuple[str, Tuple[str, ...], "_core.UpstreamGroup", int]] = []
         self._prepared = False
+        # What each upstream spec resolves to (discovery.py); the resolver
+        # thread refreshes those from DNS and swaps the group.
+        self.resolutions: List[Resolution] = []
+        # Per route, what its upstream specs resolved to at start (DNS
+        # answers are not asked again for routes yet).
+        self.route_resolutions: List[List[Resolution]] = []
+        # Groups a DNS change swapped out, while bridges bridged with them
+        # live: their upstreams' figures add to the current group's.
+        self.retired: List["_core.UpstreamGroup"] = []
         self.access_log: Optional[AccessLog] = None
         self.handle: Optional["_core.ListenerHandle"] = None
         self.watchers: Optional[Watchers] = None
@@ -172,14 +202,16 @@ class Listener:
         return self.config.listener.listen  # type: ignore[no-any-return]
 
     def prepare(self, *, engine: str, max_connections: int, on_log_error: Callable[[], None],
-                sock: Optional[socket.socket] = None) -> None:
+                dns: DnsClient, sock: Optional[socket.socket] = None) -> None:
         """Resolve, build the group, open the access log, and bind (or
         take `sock`, a kept socket of the listener this one replaces).
         Raises ConfigError; undo with discard()."""
         self.config = cfg = self.config.resolve(engine=engine, max_connections=max_connections)
-        upstreams = cfg.upstream_group.upstreams
-        self._group = build_group(upstreams, cfg.balancing) if upstreams else None
-        self._routes = build_routes(cfg)
+        upstreams = cfg.upstream_group.upstreams or ()
+        self.resolutions = resolve_upstreams(upstreams, cfg, dns)
+        self._group = build_group(self.resolutions, cfg.balancing) if upstreams else None
+        self.route_resolutions = [resolve_upstreams(r.upstreams, cfg, dns) for r in routes_of(cfg)]
+        self._routes = build_routes(cfg, self.route_resolutions)
         self._prepared = True
         try:
             self.access_log = AccessLog(self, cfg.hooks.access_log, on_log_error)
@@ -265,12 +297,48 @@ class Listener:
             # this listener's, its access log open until its last record.
             self.draining = replaces.draining + [(old, replaces.access_log)]
             self.carried = replaces.carried
+            self.retired = replaces.retired
             # The socket is the same: so is the file it is bound to, which
             # whoever holds the socket last removes.
             self.unix_file, replaces.unix_file = replaces.unix_file, None
             replaces.stop_watchers()
         self.watchers = Watchers(cfg, self.windows, self.handle, self.health_check)
         self.watchers.start()
+
+    # ---- upstreams from DNS
+
+    def next_resolution(self) -> float:
+        """When (time.monotonic()) a name of this listener is due again."""
+        return min((r.due for r in self.resolutions if r.dynamic), default=float("inf"))
+
+    def refresh(self, dns: DnsClient, now: float) -> bool:
+        """Ask DNS again for the names that are due (on the resolver
+        thread, not under the Proxy's lock); True when an answer changed
+        and the group needs swapping (swap_resolved())."""
+        interval = self.config.process.resolve_interval
+        changed = False
+        for r in self.resolutions:
+            if r.dynamic and r.due <= now:
+                changed = r.refresh(dns, interval) or changed
+        return changed
+
+    def swap_resolved(self) -> None:
+        """Serve the upstreams the names now resolve to: a new group, with
+        the run-time settings and health verdicts of the upstreams it keeps,
+        swapped in without a lock on the data path; live bridges stay with
+        the group they picked from (retired, their figures still counted)."""
+        handle = self.handle
+        if handle is None or handle.group is None:
+            return
+        old = handle.group
+        new = build_group(self.resolutions, self.config.balancing)
+        new.carry_admin(old)
+        carry_health(new, old)
+        handle.swap_group(new)
+        with self._lock:
+            self.retired.append(old)
+        if self.watchers is not None:
+            self.watchers.group_changed(new)
 
     def stop_watchers(self) -> None:
         if self.watchers is not None:
@@ -302,7 +370,14 @@ class Listener:
 
     def reap(self) -> None:
         """Frees the drained blocks (no bridge left), keeping their figures;
-        their access logs close once their last records are written."""
+        their access logs close once their last records are written. Drops
+        the swapped-out groups no bridge uses any more, keeping their
+        upstreams' figures."""
+        for group in list(self.retired):
+            if group.live_bridges == 0:
+                with self._lock:
+                    add_figures(self.carried.setdefault("upstreams", {}), group.stats())
+                    self.retired.remove(group)
         for entry in list(self.draining):
             h, access_log = entry
             if h.bridges:
@@ -356,6 +431,12 @@ class Listener:
                     for r, route in more.get("routes", {}).items():
                         route_names.setdefault(r, set()).update(route["upstreams"])
                 add_figures(figures, more)
+            for group in self.retired:
+                more = group.stats()
+                if names is not None:
+                    # An upstream DNS no longer gives shows while its bridges live.
+                    names.update(n for n, v in more.items() if v["active"])
+                add_figures(figures.setdefault("upstreams", {}), more)
             add_figures(figures, self.carried)
         if names is not None:
             # Upstreams a reload removed show while bridges to them live.
@@ -366,4 +447,8 @@ class Listener:
                 for r, route in figures["routes"].items() if r in route_names}
             if not figures["routes"] and not route_names:
                 del figures["routes"]
+        now = time.monotonic()
+        resolution = {r.spec.address: r.stats(now) for r in self.resolutions if r.dynamic}
+        if resolution:
+            figures["resolution"] = resolution
         return figures

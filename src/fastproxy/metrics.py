@@ -118,6 +118,7 @@ class ProxyCollector(Collector):
         yield byte_family
         yield refused
         yield from self._upstream_families(listeners)
+        yield from self._resolution_families(listeners)
         yield from self._histograms(listeners)
 
         yield CounterMetricFamily("fastproxy_stale_answers", "Hook answers that came after their bridge moved on",
@@ -168,6 +169,29 @@ class ProxyCollector(Collector):
                 health.add_metric(key, 1 if up.get("health", "up") == "up" else 0)
             routed.add_metric([lname], fig.get("routed", {}).get("accepted", 0))
         yield from (active, total, failures, fails_now, byte_family, state, health, routed)
+
+    def _resolution_families(self, listeners: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
+        # Upstream names resolved with DNS (stats()["listeners"][L]["resolution"]).
+        labels = ["listener", "name"]
+        age = GaugeMetricFamily("fastproxy_resolution_age_seconds",
+                                "Age of the DNS answer an upstream name's upstreams come from", labels=labels)
+        count = GaugeMetricFamily("fastproxy_resolution_upstreams",
+                                  "Upstreams the name's answer gives the group", labels=labels)
+        failing = GaugeMetricFamily("fastproxy_resolution_failing",
+                                    "Failed queries since the name's last good answer (0: fresh)", labels=labels)
+        failures = CounterMetricFamily("fastproxy_resolution_failures", "Failed DNS queries for the name",
+                                       labels=labels)
+        changes = CounterMetricFamily("fastproxy_resolution_changes",
+                                      "DNS answers that changed the name's upstreams", labels=labels)
+        for lname, fig in listeners.items():
+            for name, r in fig.get("resolution", {}).items():
+                key = [lname, name]
+                age.add_metric(key, r["age"])
+                count.add_metric(key, len(r["upstreams"]))
+                failing.add_metric(key, r["failing"])
+                failures.add_metric(key, r["failures"])
+                changes.add_metric(key, r["changes"])
+        yield from (age, count, failing, failures, changes)
 
     def _histograms(self, listeners: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
         for key, name, doc in HISTOGRAMS:

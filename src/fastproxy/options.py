@@ -11,6 +11,7 @@ a test holds to this table) and the code that acts on it.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -225,6 +226,38 @@ def _unix_group(value: Any, field: str) -> int:
     return _id_of(value, field, grp.getgrnam, "group")
 
 
+def _resolver(value: Any, field: str) -> Tuple[str, int]:
+    # A DNS server is asked by address: naming it would need a resolver.
+    host, port = _endpoint(value, field)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(field, value, "must be an IP address and port (HOST:PORT, [IPV6]:PORT)") from None
+    if port == 0:
+        raise ConfigError(field, value, "needs a port (53 for DNS)")
+    return host, port
+
+
+def parse_resolve_interval(value: Any, field: str) -> Tuple[float, float]:
+    """'MIN-MAX' (e.g. 1s-5m) or one duration D (MIN = MAX = D: the TTL is
+    then ignored) -> (MIN, MAX) in seconds."""
+    if isinstance(value, tuple) and len(value) == 2:
+        low, high = (parse_duration(v, field, allow_zero=False) for v in value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        low = high = parse_duration(value, field, allow_zero=False)
+    else:
+        text = str(value).strip()
+        first, dash, second = text.partition("-")
+        try:
+            low = parse_duration(first, field, allow_zero=False)
+            high = parse_duration(second, field, allow_zero=False) if dash else low
+        except ConfigError as exc:
+            raise ConfigError(field, value, f"is not MIN-MAX or D ({exc.problem})") from None
+    if low > high:
+        raise ConfigError(field, value, "MIN is longer than MAX")
+    return low, high
+
+
 ENGINE_CHOICES = ("auto", "epoll", "poll")
 
 D = "D"  # metavar of a duration: 5, 5s, 500ms, 2m, 1h
@@ -374,6 +407,14 @@ OPTIONS: Tuple[Option, ...] = (
     Option("log_format", _choice("text", "json"), "text", "the command's log lines on stderr: text, or "
            "one JSON object per line (time, level, logger, message, exception); an embedding application "
            "configures logging itself", "process", scope="process", choices=("text", "json")),
+    # ---- upstreams from DNS (discovery.py)
+    Option("resolver", _optional(_resolver), None, "the DNS server upstream names are asked of (HOST:PORT, an "
+           "IP address)", "process", scope="process", metavar="ADDR",
+           shown_default="the system's, from /etc/resolv.conf"),
+    Option("resolve_interval", parse_resolve_interval, (1.0, 300.0), "upstream names are asked again when "
+           "their answer's TTL runs out, but never sooner than MIN nor later than MAX (MIN-MAX, e.g. 1s-5m; "
+           "one D asks every D whatever the TTL)", "process", scope="process", metavar="MIN-MAX",
+           shown_default="1s-5m"),
     # ---- stats and run-time control
     Option("stats", _endpoint, None, "serve /metrics (Prometheus), /stats (JSON) and a status page over HTTP at "
            "ADDR (HOST:PORT, :PORT or unix:PATH)", "process", scope="process", metavar="ADDR",

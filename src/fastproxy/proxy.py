@@ -23,6 +23,7 @@ from . import _core, activation
 from .config import Config, ConfigError
 from .configfile import ProxyConfig, config_from_mapping, load_config
 from .control import UpstreamControl, find_upstream, set_upstream
+from .discovery import DnsClient
 from .dispatch import HookRunner
 from .hooks import Direction, Hook, Hooks
 from .listener import Listener, add_figures
@@ -58,6 +59,9 @@ STARTUP_TIMEOUT = 10.0
 STATS_SOCKET = "\0stats"
 # How often drained blocks of reloaded or removed listeners are looked at.
 REAP_S = 0.1
+# The resolver thread looks at the listeners at least this often (a reload
+# may have added names to resolve).
+RESOLVE_IDLE_S = 1.0
 
 
 def default_max_connections(fd_budget: int) -> int:
@@ -174,6 +178,8 @@ class Proxy:
         worker_cpus: Optional[Union[str, Sequence[int]]] = None,
         takeover: Optional[str] = None,
         log_format: str = "text",
+        resolver: Optional[str] = None,
+        resolve_interval: Union[str, Duration, Tuple[Duration, Duration]] = (1.0, 300.0),
         stats: Optional[str] = None,
         stats_admin: bool = False,
         stats_token: Optional[str] = None,
@@ -187,8 +193,6 @@ class Proxy:
     ) -> None:
         given = locals()
         options = {o.name: given[o.name] for o in OPTIONS}
-        # As given, for the errors of chown at start (the table holds ids).
-        self._given_unix = {name: options[name] for name in ("unix_user", "unix_group")}
         # As given, for the errors of chown at start (the table holds ids).
         given_unix = {name: options[name] for name in ("unix_user", "unix_group")}
         # The application's socket: checked now, duplicated at start().
@@ -247,6 +251,8 @@ class Proxy:
         self._removed: List[Tuple[Listener, float]] = []
         self._reaper: Optional[threading.Thread] = None
         self._reap_stop = threading.Event()
+        self._dns: Optional[DnsClient] = None
+        self._resolver: Optional[threading.Thread] = None
         self._takeover_server: Optional[TakeoverServer] = None
         self._handover: Optional[Handover] = None
         self._stats_server: Optional[StatsServer] = None
@@ -312,9 +318,11 @@ class Proxy:
                                           "a dependency of fastproxy-tcp)") from None
                     taken = self._handover.take(STATS_SOCKET, process.stats) if self._handover else None
                     stats_bound = (taken, unix_file_of(taken)) if taken is not None else bind_stats(process.stats)
+                self._dns = DnsClient(process.resolver)
                 for lst in self._listeners:
                     lst.prepare(engine=engine, max_connections=default_max_connections(budget),
-                                on_log_error=self._access_log_error, sock=self._inherited_socket(lst))
+                                on_log_error=self._access_log_error, dns=self._dns,
+                                sock=self._inherited_socket(lst))
                     prepared.append(lst)
                 self.config = self._listeners[0].config
                 workers = self.config.process.workers
@@ -358,6 +366,7 @@ class Proxy:
             self._finish_takeover()
             self._reaper = threading.Thread(target=self._reap, name="fastproxy-reaper", daemon=True)
             self._reaper.start()
+            self._start_resolver()
             if stats_bound is not None:
                 from .statsserver import StatsServer, admin_handler
                 admin, admin_off = admin_handler(self, process.stats_admin, process.stats_token)
@@ -430,6 +439,9 @@ class Proxy:
             return None
 
         engine = self.config.process.engine
+        dns = self._dns
+        if dns is None or dns.server != configs[0].process.resolver:
+            dns = DnsClient(configs[0].process.resolver)
         kept: List[Listener] = []
         fresh: List[Tuple[Listener, Optional[Listener]]] = []
         try:
@@ -444,7 +456,8 @@ class Proxy:
                 hooks = old.hooks if old is not None and cfg.hooks.hooks is None else None
                 lst = Listener(cfg, hooks=hooks, health_check=self._health_check, clock=self._clock)
                 lst.prepare(engine=engine, max_connections=default_max_connections(self._budget),
-                            on_log_error=self._access_log_error, sock=old.sock if old is not None else None)
+                            on_log_error=self._access_log_error, dns=dns,
+                            sock=old.sock if old is not None else None)
                 fresh.append((lst, old))
         except BaseException:
             for lst, old in fresh:
@@ -463,6 +476,8 @@ class Proxy:
             old.retire()
             self._removed.append((old, deadline_of + old.config.timeouts.drain_timeout))
         self._listeners = listeners
+        self._dns = dns
+        self._start_resolver()
         self.config = listeners[0].config
         log.info("reloaded: %d listener%s (%d new or changed, %d removed)", len(listeners),
                  "" if len(listeners) == 1 else "s", len(fresh) - len(kept), len(unmatched))
@@ -486,6 +501,43 @@ class Proxy:
                         self._removed.remove((lst, deadline))
             finally:
                 self._lock.release()
+
+    def _start_resolver(self) -> None:
+        # Only a proxy with names to follow runs the thread; a reload that
+        # brings the first one starts it.
+        if self._resolver is None and any(lst.next_resolution() < float("inf") for lst in self._listeners):
+            self._resolver = threading.Thread(target=self._resolve, name="fastproxy-resolver", daemon=True)
+            self._resolver.start()
+
+    def _resolve(self) -> None:
+        # The resolver thread: asks DNS again for the upstream names whose
+        # answer ran out (discovery.py), and swaps the group of a listener
+        # whose upstreams changed. Queries run outside the lock; a reload
+        # meanwhile replaces the listener, which then is not swapped.
+        while True:
+            due = min((lst.next_resolution() for lst in list(self._listeners)), default=float("inf"))
+            if self._reap_stop.wait(max(0.0, min(due - time.monotonic(), RESOLVE_IDLE_S))):
+                return
+            dns, now = self._dns, time.monotonic()
+            for lst in list(self._listeners):
+                if dns is None or lst.next_resolution() > now:
+                    continue
+                try:
+                    if lst.refresh(dns, now):
+                        self._swap_resolved(lst)
+                except Exception:
+                    log.exception("re-resolving the upstreams of listener %s failed", lst.name)
+
+    def _swap_resolved(self, lst: Listener) -> None:
+        # Not blocking for good: stop() holds the lock while it joins this thread.
+        while not self._lock.acquire(timeout=0.1):
+            if self._reap_stop.is_set():
+                return
+        try:
+            if lst in self._listeners and self._plane is not None:
+                lst.swap_resolved()
+        finally:
+            self._lock.release()
 
     # ---- takeover and socket activation (takeover.py, activation.py)
 
@@ -655,6 +707,12 @@ class Proxy:
             self._reap_stop.set()
             self._reaper.join()
             self._reaper = None
+        if self._resolver is not None:
+            # A query in flight may take its lifetime: not waited for (the
+            # thread swaps nothing once the data plane is gone).
+            self._reap_stop.set()
+            self._resolver.join(1.0)
+            self._resolver = None
         for lst in self._listeners:
             lst.stop_watchers()
         hooks_done = self._runner is None or self._runner.stop()
@@ -919,6 +977,7 @@ class Proxy:
             # Upstreams are a listener's: the totals do not mix groups.
             stats.pop("upstreams", None)
             stats.pop("routed", None)
+            stats.pop("resolution", None)
         stats.update(plane.stats())
         stats["hook_errors"] = self._runner.errors.count if self._runner is not None else 0
         stats["listeners"] = per

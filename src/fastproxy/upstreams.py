@@ -2,7 +2,9 @@
 connection limit and backup flag, and the balancing algorithm's name.
 
 CLI form: HOST:PORT[@WEIGHT][,max-connections=N][,backup], where HOST:PORT
-may be unix:PATH or unix:@NAME (a Unix socket; its path cannot hold ','). Mistakes are
+may be unix:PATH or unix:@NAME (a Unix socket; its path cannot hold ','), or
+srv:NAME[,max-connections=N][,backup]: the targets of NAME's DNS SRV records,
+with their ports, weights and priorities (discovery.py). Mistakes are
 ConfigErrors naming the field and the value in one line, as in config.py.
 """
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Tuple, Union
 
 from ._core import BALANCE_ALGORITHMS
-from .values import UNIX_PREFIX, ConfigError, format_address, parse_address, parse_count
+from .values import SRV_PREFIX, UNIX_PREFIX, ConfigError, format_address, parse_address, parse_count, parse_srv
 
 __all__ = [
     "ALGORITHMS",
@@ -25,7 +27,7 @@ __all__ = [
 
 ALGORITHMS: Tuple[str, ...] = BALANCE_ALGORITHMS
 MAX_WEIGHT = 256
-SPEC_FORM = "HOST:PORT[@WEIGHT][,max-connections=N][,backup]"
+SPEC_FORM = "HOST:PORT[@WEIGHT][,max-connections=N][,backup] or srv:NAME[,max-connections=N][,backup]"
 
 
 def _whole(value: object, low: int, high: Optional[int], what: str, fld: str, shown: object) -> int:
@@ -45,7 +47,10 @@ class Upstream:
     """One upstream server of a group.
 
     address: "HOST:PORT", "[IPV6]:PORT", "unix:PATH" or "unix:@NAME" (host is
-    then the address and port 0). weight: 0-256, 0 drains it (no
+    then the address and port 0), or "srv:NAME" (host is then the address
+    and port 0; the SRV records give ports and weights, so weight stays 1).
+    A HOST that is a name is resolved with DNS and every address it has
+    becomes an upstream of the group (discovery.py). weight: 0-256, 0 drains it (no
     new clients; live bridges go on). max_connections: None for no limit.
     backup: receives clients only when no regular upstream is available.
     """
@@ -58,8 +63,14 @@ class Upstream:
     port: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        host, port = parse_address(self.address, "upstream")
         shown = self.address
+        if isinstance(self.address, str) and self.address.strip().startswith(SRV_PREFIX):
+            host, port = parse_srv(self.address, "upstream"), 0
+            if self.weight != 1:
+                raise ConfigError("upstream", shown, "an SRV upstream takes its weights from the records "
+                                  "(no @WEIGHT)")
+        else:
+            host, port = parse_address(self.address, "upstream")
         fix = object.__setattr__  # frozen: normalise once, here
         fix(self, "host", host)
         fix(self, "port", port)
@@ -89,6 +100,8 @@ def parse_upstream(spec: Union[str, Upstream], fld: str = "upstream") -> Upstrea
             address, at, weight = head, "", ""
     if at and not weight:
         raise ConfigError(fld, spec, "'@' needs a weight after it (0-256)")
+    if at and head.startswith(SRV_PREFIX):
+        raise ConfigError(fld, spec, "an SRV upstream takes its weights from the records (no @WEIGHT)")
     max_connections: Optional[str] = None
     backup = False
     seen = set()

@@ -86,6 +86,21 @@ def parse_size(value: object, field: str, *, low: int = 0, high: int = 1 << 30) 
 
 
 UNIX_PREFIX = "unix:"
+SRV_PREFIX = "srv:"
+# A DNS name: labels of letters, digits, '-' and '_' (SRV owners such as
+# _postgres._tcp start with '_'), 63 bytes at most each, 253 in all.
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def parse_srv(value: str, field: str) -> str:
+    """'srv:_service._proto.name' -> its host form 'srv:NAME' (lower case,
+    no final dot); carried with port 0 like a Unix address."""
+    name = value.strip()[len(SRV_PREFIX):].rstrip(".").lower()
+    if not name:
+        raise ConfigError(field, value, "needs a DNS name after srv: (srv:_service._proto.name)")
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ConfigError(field, value, "is not a DNS name (labels of letters, digits, '-' and '_')")
+    return SRV_PREFIX + name
 
 
 def unix_path(host: str) -> Optional[str]:
@@ -152,7 +167,7 @@ def parse_address(value: str, field: str, *, listen: bool = False) -> Address:
 
 
 def format_address(host: str, port: int) -> str:
-    if host.startswith(UNIX_PREFIX):
+    if host.startswith((UNIX_PREFIX, SRV_PREFIX)):
         return host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

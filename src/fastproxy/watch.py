@@ -27,24 +27,22 @@ class Watchers:
         self.config = config
         self.windows = windows
         self.plane = plane
+        self.health_check = health_check
         self.stopped = threading.Event()
         self.window_open = True
         # One checker per group that asks for checks: the default group's
-        # and each route's (a route may set its own health options).
+        # (self.health, replaced when a DNS answer swaps that group) and
+        # each route's (a route may set its own health options).
+        self.health: Optional[HealthChecker] = None
         self.checkers: List[HealthChecker] = []
-        for group, balancing in self._groups():
-            if balancing.health_interval is not None:
-                self.checkers.append(HealthChecker(
-                    [(u.host, u.port) for u in group.upstreams],
-                    group.set_health,
-                    interval=balancing.health_interval,
-                    timeout=balancing.health_timeout,
-                    rise=balancing.health_rise,
-                    fall=balancing.health_fall,
-                    check=health_check,
-                    names=group.names,
-                ))
-        self.health: Optional[HealthChecker] = self.checkers[0] if self.checkers else None
+        for k, (group, balancing) in enumerate(self._groups()):
+            checker = self._checker(group, balancing)
+            if checker is None:
+                continue
+            if k == 0 and plane.group is not None:
+                self.health = checker
+            else:
+                self.checkers.append(checker)
         self._threads = [threading.Thread(target=self._watch_states, name="fastproxy-states", daemon=True)]
         if windows is not None:
             self.window_open = windows.is_open()
@@ -62,7 +60,36 @@ class Watchers:
             out.append((group, route_balancing(self.config, route)))
         return out
 
+    def _checker(self, group: "_core.UpstreamGroup", balancing: Any = None) -> Optional[HealthChecker]:
+        # balancing: the group's section (a route's has its own); None: the listener's.
+        balancing = balancing if balancing is not None else self.config.balancing
+        if balancing.health_interval is None:
+            return None
+        return HealthChecker(
+            [(u.host, u.port) for u in group.upstreams],
+            group.set_health,
+            interval=balancing.health_interval,
+            timeout=balancing.health_timeout,
+            rise=balancing.health_rise,
+            fall=balancing.health_fall,
+            check=self.health_check,
+            names=group.names,
+            up=[bool(group.state(i)["health"]) for i in range(len(group))],
+        )
+
+    def group_changed(self, group: "_core.UpstreamGroup") -> None:
+        """The listener's group was swapped (DNS): check its upstreams from
+        now on, starting from the verdicts it carried over."""
+        if self.health is None or self.stopped.is_set():
+            return
+        self.health.stop()
+        self.health = self._checker(group)
+        if self.health is not None:
+            self.health.start()
+
     def start(self) -> None:
+        if self.health is not None:
+            self.health.start()
         for checker in self.checkers:
             checker.start()
         for t in self._threads:
@@ -70,6 +97,8 @@ class Watchers:
 
     def stop(self) -> None:
         self.stopped.set()
+        if self.health is not None:
+            self.health.stop()
         for checker in self.checkers:
             checker.stop()
         for t in self._threads:

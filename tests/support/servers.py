@@ -167,10 +167,10 @@ class TagServer(_Background):
     each client's address (`peers`), and can stop listening and listen again
     on the same port."""
 
-    def __init__(self, name, host="127.0.0.1", gauge=None):
+    def __init__(self, name, host="127.0.0.1", gauge=None, port=0):
         self.name = name
         self.host = host
-        self.port = 0
+        self.port = port
         self.healthy = True
         self.accepted = 0
         self.peers = []                # (host, port, ...) of each accepted client
