@@ -323,7 +323,10 @@ cdef void bridge_read_hello(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         bridge_hello_failed(w, b, CLIENT_RESET)
         return
     if <size_t>pending < b.hello_need:
-        if b.up.src_hup:
+        # Readable below the SO_RCVLOWAT we set means EOF (or an error):
+        # where no event says "FIN" (POLLRDHUP is Linux's), this is how a
+        # level-triggered poll learns it, rather than spinning.
+        if b.up.src_hup or b.hello_lowat:
             bridge_hello_failed(w, b, CLIENT_CLOSED)
             return
         bridge_hello_wait(w, b, b.hello_need)
