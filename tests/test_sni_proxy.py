@@ -486,3 +486,11 @@ def test_the_example_files_commented_route_loads(tmp_path):
     tls = pc.listeners[2]
     assert tls.name == "tls" and tls.routing.route == "sni"
     assert tls.routing.routes[0].server_names == ("api.example.com", "*.api.example.com")
+
+
+def test_a_client_waiting_for_its_client_hello_is_listed_as_hello(make_proxy, tls_servers):
+    p = make_proxy(upstreams=[tls_servers["D"].addr], route="sni", routes=routes(tls_servers))
+    c = connect(p.address)
+    c.sendall(client_hello("a.example")[:20])
+    assert wait_for(lambda: [b["state"] for b in p.bridges()] == ["hello"], 3)
+    c.close()

@@ -909,7 +909,8 @@ class Proxy:
         """The live bridges, oldest first (at most `limit`): id, listener
         (its name), client (host, port), upstream (its name, or None when
         on_connect routed it elsewhere: then route), state (header, queued,
-        hook, connecting, active, half-closed), bytes_upstream,
+        hello: waiting for its TLS ClientHello with route = "sni", hook,
+        connecting, active, half-closed), bytes_upstream,
         bytes_downstream, age (seconds). Each worker copies its own between
         event batches: forwarding is not held up."""
         plane = self._plane
