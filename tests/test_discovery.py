@@ -358,3 +358,23 @@ def test_resolver_thread_runs_only_for_names_and_a_reload_keeps_following(make_p
         dns_server.set("svc.test", "A", ["127.0.0.3"], ttl=1)
         assert wait_for(lambda: _up(p, "127.0.0.3:%d" % a.port) is not None, 4), p.stats()
         assert tag_of(p.address) == b"127.0.0.3"
+
+
+def test_health_verdicts_carry_over_a_swap(make_proxy_any, dns_server):
+    stack, (a, b) = _tags(["127.0.0.2", "127.0.0.3"])
+    with stack:
+        sick = {"127.0.0.3"}
+        dns_server.set("svc.test", "A", ["127.0.0.2", "127.0.0.3"], ttl=1)
+        # Coming back takes 50 passed checks (5 s): a verdict not carried
+        # into the new group would show "up" at once.
+        p = make_proxy_any("svc.test:%d" % a.port, resolver=dns_server.addr, resolve_interval=FAST,
+                           health_interval="100ms", health_rise=50, health_fall=1,
+                           health_check=lambda host, port: host not in sick)
+        down = "127.0.0.3:%d" % a.port
+        assert wait_for(lambda: _up(p, down)["health"] == "down", 5), p.stats()["upstreams"]
+        sick.clear()
+        dns_server.set("svc.test", "A", ["127.0.0.2", "127.0.0.3", "127.0.0.4"], ttl=1)
+        assert wait_for(lambda: _up(p, "127.0.0.4:%d" % a.port) is not None, 4)
+        for _ in range(10):
+            assert _up(p, down)["health"] == "down", p.stats()["upstreams"]
+            time.sleep(0.05)

@@ -86,7 +86,7 @@ def carry_health(new: "_core.UpstreamGroup", old: "_core.UpstreamGroup") -> None
     # that replaces its group, until the checks say otherwise.
     for j, name in enumerate(old.names):
         i = new.index.get(name)
-        if i is not None and not old.state(j)["health"]:
+        if i is not None and old.state(j)["health"] == "down":
             new.set_health(i, False)
 
 

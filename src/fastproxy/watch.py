@@ -74,7 +74,7 @@ class Watchers:
             fall=balancing.health_fall,
             check=self.health_check,
             names=group.names,
-            up=[bool(group.state(i)["health"]) for i in range(len(group))],
+            up=[group.state(i)["health"] == "up" for i in range(len(group))],
         )
 
     def group_changed(self, group: "_core.UpstreamGroup") -> None:
