@@ -494,3 +494,17 @@ def test_a_client_waiting_for_its_client_hello_is_listed_as_hello(make_proxy, tl
     c.sendall(client_hello("a.example")[:20])
     assert wait_for(lambda: [b["state"] for b in p.bridges()] == ["hello"], 3)
     c.close()
+
+
+def test_top_shows_route_upstreams_and_route_refusals(make_proxy, cert, tls_servers):
+    from fastproxy.view import build_view, render_text
+    srv = tls_servers
+    p = make_proxy(upstreams=[srv["D"].addr], route="sni", routes=routes(srv), name="tls")
+    before = p.stats()
+    assert who(cert, p.address, "a.example") == "A"
+    view = build_view(p.stats(), before, 1.0)
+    rows = {r.name: r for r in view.listeners[0].upstreams}
+    assert rows[f"a.example/{srv['A'].addr}"].total == 1 and rows[f"a.example/{srv['A'].addr}"].rate == 1.0
+    assert f"bees/{srv['B'].addr}" in rows and srv["D"].addr in rows
+    assert dict(view.listeners[0].refusals)["route_refused"] == 0
+    assert f"a.example/{srv['A'].addr}" in render_text(view)

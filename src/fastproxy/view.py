@@ -21,6 +21,8 @@ __all__ = ["UpstreamRow", "ListenerView", "View", "build_view", "render_text", "
 # Why a client was turned away or lost before reaching an upstream.
 REFUSALS = ("rejected", "denied", "rate_limited", "outside_window", "queue_timeouts",
             "proxy_header_errors", "fd_exhausted")
+# A listener routing by TLS server name (route = "sni") adds these.
+ROUTE_REFUSALS = ("route_refused", "route_timeouts", "route_aborted")
 # Trouble with the process's hooks and records, not with traffic.
 PROCESS_ERRORS = ("hook_errors", "hook_timeouts", "stale_answers", "dropped_records")
 ROUTED = "(routed)"
@@ -98,6 +100,17 @@ def _listener(name: str, now: Mapping[str, Any], before: Optional[Mapping[str, A
     for up_name, figures in ups.items():
         if isinstance(figures, Mapping):
             rows.append(_upstream_row(str(up_name), figures, _mapping(before_ups, str(up_name)), elapsed))
+    # A route's upstreams (route = "sni"), named ROUTE/UPSTREAM, after the
+    # listener's own.
+    routes = _mapping(now, "routes") or {}
+    before_routes = _mapping(before, "routes")
+    for route_name, route in routes.items():
+        route_ups = _mapping(route, "upstreams") if isinstance(route, Mapping) else None
+        before_route_ups = _mapping(_mapping(before_routes, str(route_name)), "upstreams")
+        for up_name, figures in (route_ups or {}).items():
+            if isinstance(figures, Mapping):
+                rows.append(_upstream_row(f"{route_name}/{up_name}", figures,
+                                          _mapping(before_route_ups, str(up_name)), elapsed))
     routed = _mapping(now, "routed")
     # Only when on_connect routed somewhere: otherwise a row of zeros.
     if routed is not None and (_int(routed, "accepted") or _int(routed, "active")):
@@ -108,7 +121,8 @@ def _listener(name: str, now: Mapping[str, Any], before: Optional[Mapping[str, A
                         up=_per_second(now, before, "bytes_upstream", elapsed),
                         down=_per_second(now, before, "bytes_downstream", elapsed),
                         connect_failures=_int(now, "connect_failures"),
-                        refusals=tuple((k, _int(now, k)) for k in REFUSALS))
+                        refusals=tuple((k, _int(now, k)) for k in
+                                       REFUSALS + (ROUTE_REFUSALS if "routes" in now else ())))
 
 
 def build_view(stats: Mapping[str, Any], previous: Optional[Mapping[str, Any]] = None,
