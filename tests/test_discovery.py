@@ -310,7 +310,7 @@ def test_resolution_metrics(make_proxy_any, dns_server):
         p = make_proxy_any("svc.test:%d" % srv.port, resolver=dns_server.addr, resolve_interval=FAST)
         text = render(make_registry(p.stats, process=False)).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    labels = {"listener": "127.0.0.1:0", "name": "svc.test:%d" % srv.port}
+    labels = {"listener": "127.0.0.1:0", "route": "", "name": "svc.test:%d" % srv.port}
     for fam, value in (("fastproxy_resolution_upstreams", 1), ("fastproxy_resolution_failing", 0),
                        ("fastproxy_resolution_failures", 0), ("fastproxy_resolution_changes", 0)):
         samples = [s for s in families[fam].samples if s.labels == labels and not s.name.endswith("_created")]
@@ -378,3 +378,31 @@ def test_health_verdicts_carry_over_a_swap(make_proxy_any, dns_server):
         for _ in range(10):
             assert _up(p, down)["health"] == "down", p.stats()["upstreams"]
             time.sleep(0.05)
+
+
+def test_a_routes_upstreams_follow_dns(make_proxy_any, dns_server):
+    """A route of a route = "sni" listener whose upstream is a name (here
+    srv:) follows its answers as the listener's own group does."""
+    pytest.importorskip("cryptography")
+    from support.tls import Certificate, TlsServer, tls_connect, who
+    cert = Certificate()
+    with TlsServer(cert, "A") as a, TlsServer(cert, "B") as b:
+        dns_server.set("_tls._tcp.svc.test", "SRV", ["10 1 %d t.svc.test." % a.port], ttl=1)
+        dns_server.set("t.svc.test", "A", ["127.0.0.1"], ttl=1)
+        p = make_proxy_any(route="sni", resolver=dns_server.addr, resolve_interval=FAST,
+                           routes=[{"server_names": ["a.example"], "upstreams": ["srv:_tls._tcp.svc.test"],
+                                    "name": "web"}])
+        assert who(cert, p.address, "a.example") == "A"
+        held, line = tls_connect(cert, p.address, "a.example")
+        try:
+            assert line.startswith("A")
+            dns_server.set("_tls._tcp.svc.test", "SRV", ["10 1 %d t.svc.test." % b.port], ttl=1)
+            route = lambda: p.stats()["routes"]["web"]   # noqa: E731
+            assert wait_for(lambda: "127.0.0.1:%d" % b.port in route()["upstreams"], 4), route()
+            assert who(cert, p.address, "a.example") == "B"
+            # The old target shows while the held bridge lives, with its count carried.
+            assert route()["upstreams"]["127.0.0.1:%d" % a.port]["accepted"] == 2
+            assert route()["resolution"]["srv:_tls._tcp.svc.test"]["changes"] == 1
+        finally:
+            held.close()
+        assert wait_for(lambda: "127.0.0.1:%d" % a.port not in route()["upstreams"], 5), route()

@@ -146,12 +146,13 @@ class Listener:
         # What each upstream spec resolves to (discovery.py); the resolver
         # thread refreshes those from DNS and swaps the group.
         self.resolutions: List[Resolution] = []
-        # Per route, what its upstream specs resolved to at start (DNS
-        # answers are not asked again for routes yet).
+        # Per route, what its upstream specs resolve to (followed like
+        # the listener's own).
         self.route_resolutions: List[List[Resolution]] = []
         # Groups a DNS change swapped out, while bridges bridged with them
         # live: their upstreams' figures add to the current group's.
-        self.retired: List["_core.UpstreamGroup"] = []
+        # (route name, "" for the listener's own group; the group)
+        self.retired: List[Tuple[str, "_core.UpstreamGroup"]] = []
         self.access_log: Optional[AccessLog] = None
         self.handle: Optional["_core.ListenerHandle"] = None
         self.watchers: Optional[Watchers] = None
@@ -307,38 +308,61 @@ class Listener:
 
     # ---- upstreams from DNS
 
+    def _resolved_groups(self) -> List[Tuple[int, str, List[Resolution], Any]]:
+        # What each current group is built from: (its index as swap_group
+        # takes it, its route's name or "" for the listener's own group,
+        # its specs' resolutions, its balancing section).
+        out: List[Tuple[int, str, List[Resolution], Any]] = []
+        if self.resolutions:
+            out.append((0, "", self.resolutions, self.config.balancing))
+        for i, (route, resolved) in enumerate(zip(routes_of(self.config), self.route_resolutions), 1):
+            out.append((i, route.name, resolved, route_balancing(self.config, route)))
+        return out
+
     def next_resolution(self) -> float:
         """When (time.monotonic()) a name of this listener is due again."""
-        return min((r.due for r in self.resolutions if r.dynamic), default=float("inf"))
+        return min((r.due for _, _, resolved, _ in self._resolved_groups() for r in resolved if r.dynamic),
+                   default=float("inf"))
 
-    def refresh(self, dns: DnsClient, now: float) -> bool:
+    def refresh(self, dns: DnsClient, now: float) -> List[int]:
         """Ask DNS again for the names that are due (on the resolver
-        thread, not under the Proxy's lock); True when an answer changed
-        and the group needs swapping (swap_resolved())."""
+        thread, not under the Proxy's lock); the indexes of the groups
+        whose upstreams changed, for swap_resolved()."""
         interval = self.config.process.resolve_interval
-        changed = False
-        for r in self.resolutions:
-            if r.dynamic and r.due <= now:
-                changed = r.refresh(dns, interval) or changed
+        changed = []
+        for index, _, resolved, _ in self._resolved_groups():
+            moved = False
+            for r in resolved:
+                if r.dynamic and r.due <= now:
+                    moved = r.refresh(dns, interval) or moved
+            if moved:
+                changed.append(index)
         return changed
 
-    def swap_resolved(self) -> None:
-        """Serve the upstreams the names now resolve to: a new group, with
-        the run-time settings and health verdicts of the upstreams it keeps,
+    def swap_resolved(self, indexes: List[int]) -> None:
+        """Serve the upstreams the names now resolve to, in each group of
+        `indexes` (0: the listener's own, i: route i): a new group, with the
+        run-time settings and health verdicts of the upstreams it keeps,
         swapped in without a lock on the data path; live bridges stay with
         the group they picked from (retired, their figures still counted)."""
         handle = self.handle
-        if handle is None or handle.group is None:
+        if handle is None:
             return
-        old = handle.group
-        new = build_group(self.resolutions, self.config.balancing)
-        new.carry_admin(old)
-        carry_health(new, old)
-        handle.swap_group(new)
-        with self._lock:
-            self.retired.append(old)
-        if self.watchers is not None:
-            self.watchers.group_changed(new)
+        sources = {index: (name, resolved, balancing)
+                   for index, name, resolved, balancing in self._resolved_groups()}
+        for index in indexes:
+            name, resolved, balancing = sources[index]
+            old = handle.group if index == 0 else handle.route_groups[index - 1]
+            if old is None:
+                continue
+            new = build_group(resolved, balancing)
+            new.carry_admin(old)
+            carry_health(new, old)
+            handle.swap_group(new, route=index)
+            with self._lock:
+                self.retired.append((name, old))
+            if self.watchers is not None:
+                self.watchers.group_changed(index)
 
     def stop_watchers(self) -> None:
         if self.watchers is not None:
@@ -373,11 +397,14 @@ class Listener:
         their access logs close once their last records are written. Drops
         the swapped-out groups no bridge uses any more, keeping their
         upstreams' figures."""
-        for group in list(self.retired):
+        for entry in list(self.retired):
+            route, group = entry
             if group.live_bridges == 0:
                 with self._lock:
-                    add_figures(self.carried.setdefault("upstreams", {}), group.stats())
-                    self.retired.remove(group)
+                    into = self.carried if not route else \
+                        self.carried.setdefault("routes", {}).setdefault(route, {})
+                    add_figures(into.setdefault("upstreams", {}), group.stats())
+                    self.retired.remove(entry)
         for entry in list(self.draining):
             h, access_log = entry
             if h.bridges:
@@ -431,12 +458,19 @@ class Listener:
                     for r, route in more.get("routes", {}).items():
                         route_names.setdefault(r, set()).update(route["upstreams"])
                 add_figures(figures, more)
-            for group in self.retired:
+            for route, group in self.retired:
                 more = group.stats()
-                if names is not None:
-                    # An upstream DNS no longer gives shows while its bridges live.
-                    names.update(n for n, v in more.items() if v["active"])
-                add_figures(figures.setdefault("upstreams", {}), more)
+                # An upstream DNS no longer gives shows while its bridges live.
+                live = {n for n, v in more.items() if v["active"]}
+                if not route:
+                    if names is not None:
+                        names.update(live)
+                    add_figures(figures.setdefault("upstreams", {}), more)
+                else:
+                    if route_names is not None:
+                        route_names.setdefault(route, set()).update(live)
+                    into = figures.setdefault("routes", {}).setdefault(route, {})
+                    add_figures(into.setdefault("upstreams", {}), more)
             add_figures(figures, self.carried)
         if names is not None:
             # Upstreams a reload removed show while bridges to them live.
@@ -448,7 +482,12 @@ class Listener:
             if not figures["routes"] and not route_names:
                 del figures["routes"]
         now = time.monotonic()
-        resolution = {r.spec.address: r.stats(now) for r in self.resolutions if r.dynamic}
-        if resolution:
-            figures["resolution"] = resolution
+        for _, route, resolved, _ in self._resolved_groups():
+            resolution = {r.spec.address: r.stats(now) for r in resolved if r.dynamic}
+            if not resolution:
+                continue
+            if not route:
+                figures["resolution"] = resolution
+            elif route in figures.get("routes", {}):
+                figures["routes"][route]["resolution"] = resolution
         return figures

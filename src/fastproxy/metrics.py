@@ -171,8 +171,9 @@ class ProxyCollector(Collector):
         yield from (active, total, failures, fails_now, byte_family, state, health, routed)
 
     def _resolution_families(self, listeners: Dict[str, Dict[str, Any]]) -> Iterator[Metric]:
-        # Upstream names resolved with DNS (stats()["listeners"][L]["resolution"]).
-        labels = ["listener", "name"]
+        # Upstream names resolved with DNS (stats()["listeners"][L]["resolution"],
+        # and a route's under its "routes" entry): route="" for the listener's own group.
+        labels = ["listener", "route", "name"]
         age = GaugeMetricFamily("fastproxy_resolution_age_seconds",
                                 "Age of the DNS answer an upstream name's upstreams come from", labels=labels)
         count = GaugeMetricFamily("fastproxy_resolution_upstreams",
@@ -184,8 +185,10 @@ class ProxyCollector(Collector):
         changes = CounterMetricFamily("fastproxy_resolution_changes",
                                       "DNS answers that changed the name's upstreams", labels=labels)
         for lname, fig in listeners.items():
-            for name, r in fig.get("resolution", {}).items():
-                key = [lname, name]
+            per_route = [("", fig.get("resolution", {}))]
+            per_route += [(rname, route.get("resolution", {})) for rname, route in fig.get("routes", {}).items()]
+            for rname, name, r in ((rn, n, r) for rn, group in per_route for n, r in group.items()):
+                key = [lname, rname, name]
                 age.add_metric(key, r["age"])
                 count.add_metric(key, len(r["upstreams"]))
                 failing.add_metric(key, r["failing"])

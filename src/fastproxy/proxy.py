@@ -523,19 +523,20 @@ class Proxy:
                 if dns is None or lst.next_resolution() > now:
                     continue
                 try:
-                    if lst.refresh(dns, now):
-                        self._swap_resolved(lst)
+                    changed = lst.refresh(dns, now)
+                    if changed:
+                        self._swap_resolved(lst, changed)
                 except Exception:
                     log.exception("re-resolving the upstreams of listener %s failed", lst.name)
 
-    def _swap_resolved(self, lst: Listener) -> None:
+    def _swap_resolved(self, lst: Listener, changed: List[int]) -> None:
         # Not blocking for good: stop() holds the lock while it joins this thread.
         while not self._lock.acquire(timeout=0.1):
             if self._reap_stop.is_set():
                 return
         try:
             if lst in self._listeners and self._plane is not None:
-                lst.swap_resolved()
+                lst.swap_resolved(changed)
         finally:
             self._lock.release()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import _core
 from .config import Config
@@ -30,19 +30,15 @@ class Watchers:
         self.health_check = health_check
         self.stopped = threading.Event()
         self.window_open = True
-        # One checker per group that asks for checks: the default group's
-        # (self.health, replaced when a DNS answer swaps that group) and
-        # each route's (a route may set its own health options).
-        self.health: Optional[HealthChecker] = None
-        self.checkers: List[HealthChecker] = []
-        for k, (group, balancing) in enumerate(self._groups()):
+        # One checker per group that asks for checks, by the group's index
+        # as swap_group takes it (0: the default group, i: route i), each
+        # replaced when a DNS answer swaps its group (a route may set its
+        # own health options).
+        self.checkers: Dict[int, HealthChecker] = {}
+        for index, (group, balancing) in self._groups().items():
             checker = self._checker(group, balancing)
-            if checker is None:
-                continue
-            if k == 0 and plane.group is not None:
-                self.health = checker
-            else:
-                self.checkers.append(checker)
+            if checker is not None:
+                self.checkers[index] = checker
         self._threads = [threading.Thread(target=self._watch_states, name="fastproxy-states", daemon=True)]
         if windows is not None:
             self.window_open = windows.is_open()
@@ -50,14 +46,15 @@ class Watchers:
             self._threads.append(threading.Thread(target=self._watch_windows, name="fastproxy-windows",
                                                   daemon=True))
 
-    def _groups(self) -> List[Tuple["_core.UpstreamGroup", Any]]:
-        # The current groups, in a fixed order: default first, then routes.
+    def _groups(self) -> Dict[int, Tuple["_core.UpstreamGroup", Any]]:
+        # The current groups by index (0: default, i: route i) with their
+        # balancing sections.
         from .listener import route_balancing, routes_of
-        out: List[Tuple["_core.UpstreamGroup", Any]] = []
+        out: Dict[int, Tuple["_core.UpstreamGroup", Any]] = {}
         if self.plane.group is not None:
-            out.append((self.plane.group, self.config.balancing))
-        for route, group in zip(routes_of(self.config), self.plane.route_groups):
-            out.append((group, route_balancing(self.config, route)))
+            out[0] = (self.plane.group, self.config.balancing)
+        for i, (route, group) in enumerate(zip(routes_of(self.config), self.plane.route_groups), 1):
+            out[i] = (group, route_balancing(self.config, route))
         return out
 
     def _checker(self, group: "_core.UpstreamGroup", balancing: Any = None) -> Optional[HealthChecker]:
@@ -77,29 +74,29 @@ class Watchers:
             up=[group.state(i)["health"] == "up" for i in range(len(group))],
         )
 
-    def group_changed(self, group: "_core.UpstreamGroup") -> None:
-        """The listener's group was swapped (DNS): check its upstreams from
-        now on, starting from the verdicts it carried over."""
-        if self.health is None or self.stopped.is_set():
+    def group_changed(self, index: int = 0) -> None:
+        """Group `index` (0: the default, i: route i) was swapped (DNS):
+        check its upstreams from now on, starting from the verdicts it
+        carried over."""
+        old = self.checkers.pop(index, None)
+        if old is None or self.stopped.is_set():
             return
-        self.health.stop()
-        self.health = self._checker(group)
-        if self.health is not None:
-            self.health.start()
+        old.stop()
+        group, balancing = self._groups()[index]
+        checker = self._checker(group, balancing)
+        if checker is not None:
+            self.checkers[index] = checker
+            checker.start()
 
     def start(self) -> None:
-        if self.health is not None:
-            self.health.start()
-        for checker in self.checkers:
+        for checker in self.checkers.values():
             checker.start()
         for t in self._threads:
             t.start()
 
     def stop(self) -> None:
         self.stopped.set()
-        if self.health is not None:
-            self.health.stop()
-        for checker in self.checkers:
+        for checker in list(self.checkers.values()):
             checker.stop()
         for t in self._threads:
             t.join(5.0)
@@ -133,10 +130,10 @@ class Watchers:
         # (a counter) and logs each transition once. The health checker
         # logs its own.
         # A swapped group starts afresh: its upstreams are all up.
-        watched: List[Any] = [None] * len(self._groups())
+        watched: Dict[int, Any] = {}
         while True:
-            for k, (group, balancing) in enumerate(self._groups()):
-                if watched[k] is None or watched[k][0] is not group:
+            for k, (group, balancing) in self._groups().items():
+                if watched.get(k) is None or watched[k][0] is not group:
                     watched[k] = (group, group.changes, [group.state(i) for i in range(len(group))])
                     continue
                 _, seen, last = watched[k]
