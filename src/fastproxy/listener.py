@@ -397,14 +397,14 @@ class Listener:
         their access logs close once their last records are written. Drops
         the swapped-out groups no bridge uses any more, keeping their
         upstreams' figures."""
-        for entry in list(self.retired):
-            route, group = entry
+        for retired in list(self.retired):
+            route, group = retired
             if group.live_bridges == 0:
                 with self._lock:
                     into = self.carried if not route else \
                         self.carried.setdefault("routes", {}).setdefault(route, {})
                     add_figures(into.setdefault("upstreams", {}), group.stats())
-                    self.retired.remove(entry)
+                    self.retired.remove(retired)
         for entry in list(self.draining):
             h, access_log = entry
             if h.bridges:
