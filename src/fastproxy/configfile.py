@@ -26,7 +26,7 @@ else:  # pragma: no cover - the package needs 3.11; tomli is the same parser
 from .config import Config
 from .options import OPTIONS
 from .upstreams import MAX_WEIGHT, SPEC_FORM, Upstream, parse_upstream, parse_upstreams
-from .values import ConfigError, format_address, parse_address, parse_choice, parse_count
+from .values import MAX_CONNECTIONS, ConfigError, format_address, parse_address, parse_choice, parse_count, quote
 
 __all__ = [
     "ConfigFileError",
@@ -68,7 +68,7 @@ class ConfigFileError(ConfigError):
         if key:
             parts.append(key)
         if show_value:
-            parts.append(repr(value))
+            parts.append(quote(value))
         parts.append(problem)
         self.args = (": ".join(parts),)
 
@@ -284,7 +284,7 @@ class _Reader:
         except ConfigError as exc:
             raise self.error(f"{path}.address", address, exc.problem) from None
         counts: Dict[str, Optional[int]] = {"weight": 1, "max_connections": None}
-        for key, low, high in (("weight", 0, MAX_WEIGHT), ("max_connections", 1, None)):
+        for key, low, high in (("weight", 0, MAX_WEIGHT), ("max_connections", 1, MAX_CONNECTIONS)):
             if key in table:
                 try:
                     counts[key] = parse_count(table[key], key, low=low, high=high)

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 from . import metrics
 from .httpapi import Request, Response
 from .sockets import UnixFile, close_listening, listen_socket, listen_unix
-from .values import ConfigError, format_address, unix_path
+from .values import ConfigError, format_address, is_digits, unix_path
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ class StatsServer:
         if "transfer-encoding" in headers:
             raise BadRequest(501, "Transfer-Encoding is not accepted: send a Content-Length")
         length_text = headers.get("content-length", "0")
-        if not length_text.isdigit():
+        if not is_digits(length_text) or len(length_text) > 20:
             raise BadRequest(400, f"Content-Length: {length_text[:40]!r} is not a length")
         length = int(length_text)
         if length > MAX_BODY:
