@@ -59,6 +59,11 @@ STARTUP_TIMEOUT = 10.0
 STATS_SOCKET = "\0stats"
 # How often drained blocks of reloaded or removed listeners are looked at.
 REAP_S = 0.1
+# stop(timeout=T) returns within T + STOP_GRACE seconds, whatever hooks do:
+# past the drain, joining threads (the workers', which close what is left at
+# once, the hook threads', the checkers') gets this long in all. A hook
+# thread still running then is left behind (it ends when its hook returns).
+STOP_GRACE = 1.0
 # The resolver thread looks at the listeners at least this often (a reload
 # may have added names to resolve).
 RESOLVE_IDLE_S = 1.0
@@ -107,6 +112,11 @@ def choose_engine(requested: str) -> str:
         raise ConfigError("engine", requested, f"is not available here (available: {', '.join(_core.ENGINES)})")
     return requested
 
+
+
+def _left(deadline: float) -> float:
+    """Seconds until a monotonic deadline, 0 once past it."""
+    return max(0.0, deadline - time.monotonic())
 
 class Proxy:
     """A TCP proxy: accepts clients on its listeners and bridges each one to
@@ -284,7 +294,9 @@ class Proxy:
         return fn
 
     def _before_start(self, what: str) -> None:
-        if self._plane is not None or self._final_stats is not None:
+        if self._final_stats is not None:
+            raise RuntimeError(f"register {what} before start(): this proxy is stopped (make a new one)")
+        if self._plane is not None:
             raise RuntimeError(f"register {what} before start(): the data plane is running")
 
     # ---- lifecycle
@@ -648,18 +660,20 @@ class Proxy:
         if self._in_hook():
             threading.Thread(target=self.stop, args=(timeout,), name="fastproxy-stop").start()
             return
+        drain = self.config.timeouts.drain_timeout if timeout is None else max(0.0, float(timeout))
+        deadline = time.monotonic() + drain + STOP_GRACE
         server, self._takeover_server = self._takeover_server, None
         if server is not None:
             server.close()
         stats_server, self._stats_server = self._stats_server, None
         if stats_server is not None:
-            stats_server.stop()
+            stats_server.stop(min(STOP_GRACE, _left(deadline)))
         with self._lock:
             plane = self._plane
             if plane is None:
                 return
             try:
-                self._stop_plane(plane, timeout)
+                self._stop_plane(plane, drain, deadline)
             finally:
                 self._plane = None
                 self._threads = []
@@ -678,17 +692,18 @@ class Proxy:
         except RuntimeError:
             return False
 
-    def _stop_plane(self, plane: "_core.DataPlane", timeout: Optional[float]) -> None:
-        drain = self.config.timeouts.drain_timeout if timeout is None else max(0.0, float(timeout))
+    def _stop_plane(self, plane: "_core.DataPlane", drain: float, deadline: float) -> None:
         plane.stop(drain)
         # Close the listening sockets as soon as no worker polls them:
         # new clients are refused at once instead of waiting in a
         # backlog for a proxy that will never serve them.
-        deadline = time.monotonic() + 5.0
         while plane.accepting() and time.monotonic() < deadline:
             time.sleep(0.001)
         for lst in self._listeners:
             lst.close_socket()
+        # Not bounded: a worker ends at the drain deadline, closing what is
+        # left without waiting for anything, and must have ended before its
+        # data plane may be freed.
         for t in self._threads:
             t.join()
         if self._reaper is not None:
@@ -699,11 +714,11 @@ class Proxy:
             # A query in flight may take its lifetime: not waited for (the
             # thread swaps nothing once the data plane is gone).
             self._reap_stop.set()
-            self._resolver.join(1.0)
+            self._resolver.join(min(1.0, _left(deadline)))
             self._resolver = None
         for lst in self._listeners:
-            lst.stop_watchers()
-        hooks_done = self._runner is None or self._runner.stop()
+            lst.stop_watchers(_left(deadline))
+        hooks_done = self._runner is None or self._runner.stop(_left(deadline))
         self._final_stats = self._stats(plane)
         for lst in self._listeners + [lst for lst, _ in self._removed]:
             lst.close()

@@ -180,11 +180,11 @@ class StatsServer:
         if self._failed is not None:
             raise self._failed
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         loop = self._loop
         if loop is not None and self._thread.is_alive():
             loop.call_soon_threadsafe(self._shutdown)
-            self._thread.join(5.0)
+            self._thread.join(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
         close_listening(self.sock, self.unix_file)
         self.unix_file = None

@@ -203,6 +203,9 @@ def parse_address(value: str, field: str, *, listen: bool = False) -> Address:
         raise ConfigError(field, value, f"port {port} is out of range ({low}-65535)")
     if not host and not listen:
         raise ConfigError(field, value, "needs a host")
+    if not host.isprintable() or any(c.isspace() for c in host):
+        # getaddrinfo would read "127.0.0.1\x00junk" as 127.0.0.1.
+        raise ConfigError(field, value, "the host cannot contain spaces or control characters")
     return host, port
 
 
