@@ -17,6 +17,8 @@ import signal
 import socket
 import threading
 import time
+import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _core, activation
@@ -117,6 +119,47 @@ def choose_engine(requested: str) -> str:
 def _left(deadline: float) -> float:
     """Seconds until a monotonic deadline, 0 once past it."""
     return max(0.0, deadline - time.monotonic())
+
+
+def _weak(method: Callable[..., Any], gone: Any = None) -> Callable[..., Any]:
+    """`method` without keeping its object alive (`gone` once that went):
+    what the proxy's threads hold, so that a running Proxy nobody references
+    any more is collected (and stopped: Proxy.__del__)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        bound = ref()
+        return gone if bound is None else bound(*args, **kwargs)
+    return call
+
+
+def _run_worker(plane: "_core.DataPlane", i: int, cpus: Optional[Tuple[int, ...]]) -> None:
+    # A worker thread's body: it holds the data plane, not the Proxy.
+    if cpus:
+        cpu = cpus[i % len(cpus)]
+        try:
+            os.sched_setaffinity(0, {cpu})  # 0: this thread
+        except OSError as exc:
+            # The CPU went away since the configuration was checked: this
+            # worker does not start, and start() says the workers did not.
+            log.error("worker %d cannot run on CPU %d (worker_cpus): %s", i, cpu, exc.strerror or exc)
+            return
+    try:
+        plane.run_worker(i)
+    except Exception:
+        log.exception("worker %d failed; its bridges were closed", i)
+
+
+def _every(ref: "weakref.ref[Proxy]", stop: threading.Event, step: Callable[["Proxy"], float]) -> None:
+    # The reaper's and the resolver's loop: step(proxy) says how long to
+    # wait before the next; the proxy is held only while a step runs.
+    wait = 0.0
+    while not stop.wait(wait):
+        held = ref()
+        if held is None:
+            return
+        wait = step(held)
+        del held
 
 class Proxy:
     """A TCP proxy: accepts clients on its listeners and bridges each one to
@@ -329,7 +372,7 @@ class Proxy:
                 self._dns = DnsClient(process.resolver)
                 for lst in self._listeners:
                     lst.prepare(engine=engine, max_connections=default_max_connections(budget),
-                                on_log_error=self._access_log_error, dns=self._dns,
+                                on_log_error=_weak(self._access_log_error), dns=self._dns,
                                 sock=self._inherited_socket(lst))
                     prepared.append(lst)
                 self.config = self._listeners[0].config
@@ -359,7 +402,8 @@ class Proxy:
             self._runner = runner
             runner.start()
             self._threads = [
-                threading.Thread(target=self._run_worker, args=(i,), name=f"fastproxy-worker-{i}", daemon=True)
+                threading.Thread(target=_run_worker, args=(plane, i, self.config.process.worker_cpus),
+                                 name=f"fastproxy-worker-{i}", daemon=True)
                 for i in range(workers)
             ]
             for t in self._threads:
@@ -372,14 +416,17 @@ class Proxy:
                     close_listening(*stats_bound)
                 raise
             self._finish_takeover()
-            self._reaper = threading.Thread(target=self._reap, name="fastproxy-reaper", daemon=True)
+            self._reaper = threading.Thread(target=_every, args=(weakref.ref(self), self._reap_stop, Proxy._reap),
+                                            name="fastproxy-reaper", daemon=True)
             self._reaper.start()
-            self._resolver = threading.Thread(target=self._resolve, name="fastproxy-resolver", daemon=True)
+            self._resolver = threading.Thread(target=_every, args=(weakref.ref(self), self._reap_stop, Proxy._resolve),
+                                              name="fastproxy-resolver", daemon=True)
             self._resolver.start()
             if stats_bound is not None:
                 from .statsserver import StatsServer, admin_handler
-                admin, admin_off = admin_handler(self, process.stats_admin, process.stats_token)
-                self._stats_server = StatsServer(stats_bound[0], unix_file=stats_bound[1], stats=self.stats,
+                admin, admin_off = admin_handler(weakref.proxy(self), process.stats_admin, process.stats_token)
+                self._stats_server = StatsServer(stats_bound[0], unix_file=stats_bound[1],
+                                                 stats=_weak(self.stats, gone={}),
                                                  admin=admin, admin_off=admin_off)
                 self._stats_server.start()
                 log.info("stats endpoint on %s", self._stats_server.address_text())
@@ -464,7 +511,7 @@ class Proxy:
                 hooks = old.hooks if old is not None and cfg.hooks.hooks is None else None
                 lst = Listener(cfg, hooks=hooks, health_check=self._health_check, clock=self._clock)
                 lst.prepare(engine=engine, max_connections=default_max_connections(self._budget),
-                            on_log_error=self._access_log_error, dns=dns,
+                            on_log_error=_weak(self._access_log_error), dns=dns,
                             sock=old.sock if old is not None else None)
                 fresh.append((lst, old))
         except BaseException:
@@ -489,44 +536,43 @@ class Proxy:
         log.info("reloaded: %d listener%s (%d new or changed, %d removed)", len(listeners),
                  "" if len(listeners) == 1 else "s", len(fresh) - len(kept), len(unmatched))
 
-    def _reap(self) -> None:
-        # Frees the blocks of replaced listeners once their bridges ended,
-        # and closes a removed listener's bridges at its drain deadline.
-        while not self._reap_stop.wait(REAP_S):
-            # Not blocking: stop() holds the lock while it joins this thread.
-            if not self._lock.acquire(blocking=False):
-                continue
-            try:
-                for lst in self._listeners:
-                    lst.reap()
-                now = time.monotonic()
-                for lst, deadline in list(self._removed):
-                    if now >= deadline:
-                        lst.close_bridges()
-                    lst.reap()
-                    if lst.drained:
-                        self._removed.remove((lst, deadline))
-            finally:
-                self._lock.release()
+    def _reap(self) -> float:
+        # The reaper thread, every REAP_S: frees the blocks of replaced
+        # listeners once their bridges ended, and closes a removed
+        # listener's bridges at its drain deadline.
+        # Not blocking: stop() holds the lock while it joins this thread.
+        if not self._lock.acquire(blocking=False):
+            return REAP_S
+        try:
+            for lst in self._listeners:
+                lst.reap()
+            now = time.monotonic()
+            for lst, deadline in list(self._removed):
+                if now >= deadline:
+                    lst.close_bridges()
+                lst.reap()
+                if lst.drained:
+                    self._removed.remove((lst, deadline))
+        finally:
+            self._lock.release()
+        return REAP_S
 
-    def _resolve(self) -> None:
+    def _resolve(self) -> float:
         # The resolver thread: asks DNS again for the upstream names whose
         # answer ran out (discovery.py), and swaps the group of a listener
         # whose upstreams changed. Queries run outside the lock; a reload
         # meanwhile replaces the listener, which then is not swapped.
-        while True:
-            due = min((lst.next_resolution() for lst in list(self._listeners)), default=float("inf"))
-            if self._reap_stop.wait(max(0.0, min(due - time.monotonic(), RESOLVE_IDLE_S))):
-                return
-            dns, now = self._dns, time.monotonic()
-            for lst in list(self._listeners):
-                if dns is None or lst.next_resolution() > now:
-                    continue
-                try:
-                    if lst.refresh(dns, now):
-                        self._swap_resolved(lst)
-                except Exception:
-                    log.exception("re-resolving the upstreams of listener %s failed", lst.name)
+        dns, now = self._dns, time.monotonic()
+        for lst in list(self._listeners):
+            if dns is None or lst.next_resolution() > now:
+                continue
+            try:
+                if lst.refresh(dns, now):
+                    self._swap_resolved(lst)
+            except Exception:
+                log.exception("re-resolving the upstreams of listener %s failed", lst.name)
+        due = min((lst.next_resolution() for lst in list(self._listeners)), default=float("inf"))
+        return max(0.0, min(due - time.monotonic(), RESOLVE_IDLE_S))
 
     def _swap_resolved(self, lst: Listener) -> None:
         # Not blocking for good: stop() holds the lock while it joins this thread.
@@ -546,7 +592,7 @@ class Proxy:
         # the process serving there, if any, for its listening sockets.
         if path is None or self._takeover_server is not None:
             return
-        server = TakeoverServer(path, self._takeover_sockets, self._handed_over)
+        server = TakeoverServer(path, _weak(self._takeover_sockets, gone={}), _weak(self._handed_over))
         server.bind()
         self._takeover_server = server
         self._handover = take_over(path)
@@ -628,24 +674,6 @@ class Proxy:
             if not any(t.is_alive() for t in self._threads) or time.monotonic() > deadline:
                 raise RuntimeError("the fastproxy workers did not start")
             time.sleep(0.001)
-
-    def _run_worker(self, i: int) -> None:
-        plane = self._plane
-        assert plane is not None
-        cpus = self.config.process.worker_cpus
-        if cpus:
-            cpu = cpus[i % len(cpus)]
-            try:
-                os.sched_setaffinity(0, {cpu})  # 0: this thread
-            except OSError as exc:
-                # The CPU went away since the configuration was checked: this
-                # worker does not start, and start() says the workers did not.
-                log.error("worker %d cannot run on CPU %d (worker_cpus): %s", i, cpu, exc.strerror or exc)
-                return
-        try:
-            plane.run_worker(i)
-        except Exception:
-            log.exception("worker %d failed; its bridges were closed", i)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, let live bridges finish for up to the drain
@@ -809,6 +837,22 @@ class Proxy:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    def __del__(self) -> None:
+        # A started Proxy nobody references any more: none of its threads
+        # holds it (they hold weak references), so it is collected rather
+        # than serving on, unreachable, until the process ends. Stopped here
+        # at once (no drain), and said, as an unclosed file is.
+        if getattr(self, "_plane", None) is None:
+            return
+        try:
+            warnings.warn(f"fastproxy.Proxy on {self._addresses_text()} was never stopped: stopped when "
+                          "collected (call stop(), or use it as a context manager)", ResourceWarning, source=self)
+        finally:
+            self.stop(0.0)
+
+    def _addresses_text(self) -> str:
+        return ", ".join(lst.address_text() for lst in self._listeners)
 
     async def start_async(self) -> "Proxy":
         """start() without blocking the running loop: resolving names and
