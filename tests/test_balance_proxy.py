@@ -8,7 +8,7 @@ import pytest
 from support.balance import ask_many, ustats
 from support.cli import run_cli
 from support.servers import Servers, open_tagged, which
-from support.sockets import closed_by_peer, connect, how_closed, ipv6_available
+from support.sockets import how_closed, ipv6_available
 from support.waits import wait_for, wait_idle
 
 # ---------------------------------------------------------------- distribution

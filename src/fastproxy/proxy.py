@@ -849,7 +849,12 @@ class Proxy:
             warnings.warn(f"fastproxy.Proxy on {self._addresses_text()} was never stopped: stopped when "
                           "collected (call stop(), or use it as a context manager)", ResourceWarning, source=self)
         finally:
-            self.stop(0.0)
+            if threading.current_thread().name.startswith("fastproxy"):
+                # Collected on one of the proxy's own threads (every one is
+                # named fastproxy-*), which the stop joins: not on it.
+                threading.Thread(target=self.stop, args=(0.0,), name="fastproxy-stop", daemon=True).start()
+            else:
+                self.stop(0.0)
 
     def _addresses_text(self) -> str:
         return ", ".join(lst.address_text() for lst in self._listeners)
