@@ -130,3 +130,9 @@ def test_a_huge_value_is_quoted_capped_in_the_error():
     rc, out, err = run_cli(BASE + ["--workers", "9" * 100000], timeout=20)
     assert_one_line_error(rc, out, err, "--workers", "1-1024", "100000 characters")
     assert len(err) < 400
+
+
+def test_an_endless_config_file_is_refused_after_its_bound():
+    from fastproxy.configfile import MAX_CONFIG_FILE
+    rc, out, err = run_cli(["--config", "/dev/zero"], timeout=20)
+    assert_one_line_error(rc, out, err, "/dev/zero", f"larger than {MAX_CONFIG_FILE} bytes")
