@@ -357,7 +357,7 @@ def test_upstream_normalises_and_exposes_host_port():
     ("h:1@x", "weight 'x' is not a whole number"),
     ("h:1@257", "weight 257 is out of range (0-256)"),
     ("h:1@-1", "weight '-1' is not a whole number"),
-    ("h:1,max-connections=0", "max-connections 0 is out of range (at least 1)"),
+    ("h:1,max-connections=0", "max-connections 0 is out of range (1-16777216)"),
     ("h:1,max-connections=", "max-connections '' is not a whole number"),
     ("h:1,max-connections", "unknown option 'max-connections'"),
     ("h:1,backup=yes", "unknown option 'backup=yes'"),

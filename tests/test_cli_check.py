@@ -199,7 +199,7 @@ def test_a_missing_file_is_one_line_with_or_without_check(tmp_path, command):
 def test_a_bad_flag_value_with_a_file_names_the_flag(tmp_path):
     rc, out, err = run_cli(["check", "--config", write(tmp_path, ONE), "--workers", "0"])
     assert_one_line_error(rc, out, err)
-    assert err == "fastproxy: error: --workers: '0': is out of range (at least 1)\n"
+    assert err == "fastproxy: error: --workers: '0': is out of range (1-1024)\n"
     rc, out, err = run_cli(["check", "--config", write(tmp_path, ONE), "--connect-timeout", "5x"])
     assert_one_line_error(rc, out, err, "--connect-timeout", "5x")
 
@@ -209,7 +209,7 @@ def test_a_bad_value_in_the_file_stops_the_run_too(tmp_path):
     path = write(tmp_path, "workers = 0\n" + ONE)
     rc, out, err = run_cli(["--config", path])
     assert_one_line_error(rc, out, err)
-    assert err == f"fastproxy: error: {path}: workers: 0: is out of range (at least 1)\n"
+    assert err == f"fastproxy: error: {path}: workers: 0: is out of range (1-1024)\n"
 
 
 # The CLI's main() with root's privileges dropped after the imports: root

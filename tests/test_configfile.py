@@ -137,7 +137,7 @@ def test_a_mapping_has_no_source():
     assert pc.source is None
     with pytest.raises(ConfigFileError) as info:
         config_from_mapping({"listeners": [{"listen": ":0", "upstreams": ["127.0.0.1:9"], "queue_size": 0}]})
-    assert str(info.value) == "listeners[0].queue_size: 0: is out of range (at least 1)"
+    assert str(info.value) == "listeners[0].queue_size: 0: is out of range (1-16777216)"
     assert info.value.field == "listeners[0].queue_size" and info.value.value == 0
 
 
@@ -294,7 +294,7 @@ def _listener(lines):
     (_listener('upstreams = [{ address = "127.0.0.1:9", weight = true }]\n'),
      "listeners[0].upstreams[0].weight: True: is not a whole number"),
     (_listener('upstreams = [{ address = "127.0.0.1:9", max_connections = 0 }]\n'),
-     "listeners[0].upstreams[0].max_connections: 0: is out of range (at least 1)"),
+     "listeners[0].upstreams[0].max_connections: 0: is out of range (1-16777216)"),
     (_listener('upstreams = [{ address = "127.0.0.1:9", backup = "yes" }]\n'),
      "listeners[0].upstreams[0].backup: 'yes': must be true or false"),
     (_listener('upstreams = [{ address = "127.0.0.1:9", port = 9 }]\n'),
@@ -311,14 +311,14 @@ def test_upstream_errors(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("text,message", [
-    ('workers = 0\n' + ONE, "workers: 0: is out of range (at least 1)"),
+    ('workers = 0\n' + ONE, "workers: 0: is out of range (1-1024)"),
     ('engine = "turbo"\n' + ONE, "engine: 'turbo': must be one of auto, epoll, poll"),
     ('drain_timeout = "soon"\n' + ONE, "drain_timeout: 'soon': is not a duration (use 5, 5s, 500ms, 2m, 1h)"),
     ('log_level = "loud"\n' + ONE, "log_level: 'loud': must be one of debug, info, warning, error"),
     ('[defaults]\nconnect_timeout = "5x"\n' + ONE,
      "defaults.connect_timeout: '5x': is not a duration (use 5, 5s, 500ms, 2m, 1h)"),
     (ONE + ONE.replace('"127.0.0.1:0"', '":1"') + "max_connections = 0\n",
-     "listeners[1].max_connections: 0: is out of range (at least 1)"),
+     "listeners[1].max_connections: 0: is out of range (1-16777216)"),
     (_listener('upstreams = ["127.0.0.1:9"]\nallow = ["10.1.2.3/8"]\n'),
      "listeners[0].allow: '10.1.2.3/8': has bits set after the /8 prefix; did you mean 10.0.0.0/8?"),
     (_listener('upstreams = ["127.0.0.1:9"]\naccept_proxy = "yes"\n'),
@@ -338,7 +338,7 @@ def test_a_bad_value_from_defaults_is_named_where_it_is_written(tmp_path):
     error is reported for the first listener that takes the default."""
     path, got = error_of(tmp_path, '[defaults]\nqueue_size = 0\n'
                          + _listener('upstreams = ["127.0.0.1:9"]\nqueue_size = 4\n') + ONE)
-    assert got == f"{path}: defaults.queue_size: 0: is out of range (at least 1)"
+    assert got == f"{path}: defaults.queue_size: 0: is out of range (1-16777216)"
 
 
 def test_rule_file_errors_name_the_key(tmp_path):

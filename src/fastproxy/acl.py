@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 from typing import Iterable, List, Tuple, Union
 
-from .values import ConfigError
+from .values import ConfigError, quote
 
 __all__ = ["Network", "parse_cidr", "parse_cidrs", "parse_rule_files", "read_rule_file"]
 
@@ -39,28 +40,55 @@ def parse_cidr(value: object, field: str) -> Network:
     raise ConfigError(field, value, f"has bits set after the /{loose.prefixlen} prefix; did you mean {loose}?")
 
 
+# A rule file holds a million rules at most, each on a line with room for
+# a comment: more is not a rule file (/dev/zero, a log given by mistake),
+# and is refused before it is read into memory.
+MAX_RULE_FILE = 32 << 20
+MAX_RULE_LINE = 1024
+
+
 def read_rule_file(path: Union[str, os.PathLike], field: str) -> List[Network]:
     """One rule per line; '#' starts a comment; blank lines are skipped.
-    A bad line is reported as FILE:LINE."""
+    A bad line is reported as FILE:LINE. Only a regular file of at most
+    MAX_RULE_FILE bytes, lines of at most MAX_RULE_LINE: a device or a FIFO
+    could be endless, or block the start (or a reload) until written to."""
+    shown = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        # O_NONBLOCK: opening a FIFO with no writer returns at once, so
+        # fstat can refuse it.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
-        raise ConfigError(field, os.fspath(path), f"cannot be read: {e.strerror}") from None
+        raise ConfigError(field, shown, f"cannot be read: {e.strerror}") from None
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(field, shown, "is not a regular file (a rule file must be one)")
+        if st.st_size > MAX_RULE_FILE:
+            raise ConfigError(field, shown, f"is {st.st_size} bytes: a rule file has at most {MAX_RULE_FILE}")
+        try:
+            data = f.read(MAX_RULE_FILE + 1)   # a file that grew meanwhile stops here
+        except OSError as e:
+            raise ConfigError(field, shown, f"cannot be read: {e.strerror}") from None
+    if len(data) > MAX_RULE_FILE:
+        raise ConfigError(field, shown, f"is larger than {MAX_RULE_FILE} bytes: a rule file has at most that")
+    try:
+        lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError:
-        raise ConfigError(field, os.fspath(path), "is not a UTF-8 text file") from None
+        raise ConfigError(field, shown, "is not a UTF-8 text file") from None
     rules = []
     for number, line in enumerate(lines, 1):
+        where = f"{shown}:{number}"
+        if len(line) > MAX_RULE_LINE:
+            raise ConfigError(field, where, f"the line is {len(line)} characters long: at most {MAX_RULE_LINE}")
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
-        where = f"{os.fspath(path)}:{number}"
         if len(text.split()) > 1:
-            raise ConfigError(field, where, f"{text!r}: one rule per line")
+            raise ConfigError(field, where, f"{quote(text)}: one rule per line")
         try:
             rules.append(parse_cidr(text, field))
         except ConfigError as e:
-            raise ConfigError(field, where, f"{text!r} {e.problem}") from None
+            raise ConfigError(field, where, f"{quote(text)} {e.problem}") from None
     return rules
 
 

@@ -20,7 +20,7 @@ import socket
 import threading
 from typing import List, MutableMapping, Optional, Tuple
 
-from .values import Address, ConfigError, format_address
+from .values import Address, ConfigError, format_address, is_digits
 
 __all__ = ["ListenerSockets", "systemd_sockets", "inherited", "take", "matches_address"]
 
@@ -120,13 +120,13 @@ def systemd_sockets(environ: MutableMapping[str, str] = os.environ) -> ListenerS
     if count_text is None:
         return ListenerSockets("systemd")
     if pid_text is not None:
-        if not pid_text.strip().isdigit():
+        if not is_digits(pid_text.strip()):
             raise ConfigError("LISTEN_PID", pid_text, "is not a process id")
         if int(pid_text) != os.getpid():
             # Inherited from a parent that was activated: not ours.
             log.debug("LISTEN_PID %s is not this process: its sockets are not for us", pid_text)
             return ListenerSockets("systemd")
-    if not count_text.strip().isdigit():
+    if not is_digits(count_text.strip()) or len(count_text.strip()) > 6:
         raise ConfigError("LISTEN_FDS", count_text, "is not a count of sockets")
     count = int(count_text)
     names: List[str] = names_text.split(":") if names_text else []

@@ -33,7 +33,7 @@ from urllib.parse import unquote
 
 from .control import UnknownNameError, check_state, check_weight
 from .httpapi import Request, Response
-from .values import ConfigError
+from .values import ConfigError, is_digits
 
 if TYPE_CHECKING:
     from .proxy import Proxy
@@ -158,7 +158,7 @@ def _get_bridges(proxy: "Proxy", request: Request, args: List[str]) -> Response:
     given = request.query.get("limit")
     if given:
         text = given[-1]
-        if not text.isdigit() or not 0 <= int(text) <= MAX_LIMIT:
+        if not is_digits(text) or len(text) > 20 or not 0 <= int(text) <= MAX_LIMIT:
             raise ConfigError("limit", text, f"expected an integer from 0 to {MAX_LIMIT}")
         limit = int(text)
     found = proxy.bridges(limit)
@@ -171,7 +171,7 @@ def _get_bridges(proxy: "Proxy", request: Request, args: List[str]) -> Response:
 
 def _post_close(proxy: "Proxy", request: Request, args: List[str]) -> Response:
     text = args[0]
-    if not text.isdigit() or len(text) > 20:
+    if not is_digits(text) or len(text) > 20:
         raise _Refusal(404, f"no live bridge {text!r}: ids are integers (GET /admin/bridges)")
     bridge_id = int(text)
     if not proxy.close_bridge(bridge_id):

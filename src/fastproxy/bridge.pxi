@@ -262,6 +262,10 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
     # Off the wait queue before the client can see the close, so a stats()
     # read after it never counts this bridge as queued.
     queue_leave(w, b)
+    # Its slots too (active, per IP, the upstream's): a client that saw the
+    # close and connects again finds them free, and stats() read then does
+    # not count this bridge.
+    slots_release(w, b)
     if reset_client:
         fp_set_reset_on_close(b.cfd)
     close(b.cfd)
@@ -273,7 +277,6 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
     flow_release(w, &b.down)
     timer_del_all(w, b)
     bridges_remove(w, b)
-    slots_release(w, b)
     b.reason = <uint8_t>reason
     if b.ls.hooks & HOOK_RECORDS:
         now = fp_now_ns()

@@ -22,7 +22,7 @@ from .check import describe
 from .configfile import LOG_LEVELS, ConfigFileError, ProxyConfig, config_from_mapping, read_config
 from .options import OPTIONS, SECTIONS
 from .proxy import Proxy
-from .values import ConfigError
+from .values import ConfigError, quote
 
 EXIT_USAGE = 2
 USAGE = ("fastproxy [check] --listen ADDR --upstream SPEC [--upstream SPEC ...] [options]\n"
@@ -179,7 +179,7 @@ def error_line(exc: ConfigError, *, from_file: bool) -> str:
     """A flag's mistake names the flag; a file's names the file and key."""
     if isinstance(exc, ConfigFileError) or (from_file and not is_option_field(exc.field)):
         return str(exc)
-    return f"{flag_of(exc.field)}: {exc.value!r}: {exc.problem}"
+    return f"{flag_of(exc.field)}: {quote(exc.value)}: {exc.problem}"
 
 
 def is_option_field(field: str) -> bool:

@@ -26,7 +26,7 @@ else:  # pragma: no cover - the package needs 3.11; tomli is the same parser
 from .config import Config
 from .options import OPTIONS
 from .upstreams import MAX_WEIGHT, SPEC_FORM, Upstream, parse_upstream, parse_upstreams
-from .values import ConfigError, format_address, parse_address, parse_choice, parse_count
+from .values import MAX_CONNECTIONS, ConfigError, format_address, parse_address, parse_choice, parse_count, quote
 
 __all__ = [
     "ConfigFileError",
@@ -68,7 +68,7 @@ class ConfigFileError(ConfigError):
         if key:
             parts.append(key)
         if show_value:
-            parts.append(repr(value))
+            parts.append(quote(value))
         parts.append(problem)
         self.args = (": ".join(parts),)
 
@@ -107,6 +107,12 @@ def load_config(path: Union[str, "os.PathLike[str]"],
     return config_from_mapping(read_config(source), source, overrides=overrides)
 
 
+# Far more than any configuration (a thousand listeners fit in a few
+# hundred KiB): past it the file is not one (/dev/zero, a log), and is not
+# read into memory.
+MAX_CONFIG_FILE = 4 << 20
+
+
 def read_config(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
     """The TOML document of a file, as a dict; not validated yet."""
     source = os.fspath(path)
@@ -116,7 +122,8 @@ def read_config(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
 
     try:
         with open(source, "rb") as f:
-            data = f.read()
+            # A pipe (--config <(...)) is read as a file is, up to the bound.
+            data = f.read(MAX_CONFIG_FILE + 1)
     except FileNotFoundError:
         raise fail("no such file") from None
     except IsADirectoryError:
@@ -125,6 +132,8 @@ def read_config(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
         raise fail("cannot be read: permission denied") from None
     except OSError as exc:
         raise fail(f"cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_FILE:
+        raise fail(f"is larger than {MAX_CONFIG_FILE} bytes: not a config file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -297,7 +306,7 @@ class _Reader:
         except ConfigError as exc:
             raise self.error(f"{path}.address", address, exc.problem) from None
         counts: Dict[str, Optional[int]] = {"weight": 1, "max_connections": None}
-        for key, low, high in (("weight", 0, MAX_WEIGHT), ("max_connections", 1, None)):
+        for key, low, high in (("weight", 0, MAX_WEIGHT), ("max_connections", 1, MAX_CONNECTIONS)):
             if key in table:
                 try:
                     counts[key] = parse_count(table[key], key, low=low, high=high)

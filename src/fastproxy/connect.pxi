@@ -267,8 +267,7 @@ cdef void bridge_start_upstream(Worker *w, Bridge *b, int chosen, int64_t now) n
             return
         if i < 0:
             # Every upstream is down (or was tried): close at once.
-            bridge_close(w, b, CONNECT_FAILED, 0, 0)
-            fp_bump(&lslot(w, b.ls).ctr.connect_failures, 1)
+            bridge_connect_failed(w, b)
             return
         b.upstream = i
         b.up_slot = 1
@@ -387,8 +386,8 @@ cdef void bridge_upstream_failed(Worker *w, Bridge *b, int err, int64_t now) noe
     # a failure only when no healthy upstream could take it.
     if err == -EMFILE or err == -ENFILE:
         # Our fd shortage says nothing of the upstream's health.
-        bridge_close(w, b, REFUSED, 0, 0)
         fp_bump(&lslot(w, b.ls).ctr.fd_exhausted, 1)
+        bridge_close(w, b, REFUSED, 0, 0)
         worker_pause_accept(w, fp_now_ns())
         return
     if b.uc != NULL:
@@ -401,8 +400,18 @@ cdef void bridge_upstream_failed(Worker *w, Bridge *b, int err, int64_t now) noe
             b.tries += 1
             bridge_start_upstream(w, b, -1, now)
             return
-    bridge_close(w, b, CONNECT_FAILED, 0, 0)
+    bridge_connect_failed(w, b)
+
+
+cdef void bridge_connect_failed(Worker *w, Bridge *b) noexcept nogil:
+    # No upstream took the client. Counted before the close, so a stats()
+    # read once the client saw it counts it. The client gets RST on either
+    # engine: a close with unread client bytes is an RST anyway (the kernel
+    # sends one), so only RST can be the same every time; and it is what the
+    # client would have seen connecting to the refusing upstream itself, not
+    # an EOF that could pass for an empty answer.
     fp_bump(&lslot(w, b.ls).ctr.connect_failures, 1)
+    bridge_close(w, b, CONNECT_FAILED, 1, 0)
 
 
 cdef int bridge_mark_tried(Worker *w, Bridge *b) noexcept nogil:

@@ -364,9 +364,10 @@ class Listener:
             if self.watchers is not None:
                 self.watchers.group_changed(index)
 
-    def stop_watchers(self) -> None:
+    def stop_watchers(self, timeout: float = 5.0) -> None:
+        """Stop the health checks and watchers; returns within `timeout`."""
         if self.watchers is not None:
-            self.watchers.stop()
+            self.watchers.stop(timeout)
             self.watchers = None
 
     def retire(self) -> None:

@@ -25,7 +25,10 @@ from .takeover import check_path
 from .timewindows import parse_time_windows, parse_time_zone
 from .upstreams import parse_upstreams
 from .values import (
+    MAX_CONNECTIONS,
+    MAX_COUNT,
     ConfigError,
+    is_digits,
     parse_address,
     parse_choice,
     parse_count,
@@ -131,7 +134,7 @@ def _optional(parse: Parser) -> Parser:
     return parse_or_none
 
 
-def _count(low: int = 1, high: Optional[int] = None) -> Parser:
+def _count(low: int = 1, high: int = MAX_COUNT) -> Parser:
     def count(value: Any, field: str) -> int:
         return parse_count(value, field, low=low, high=high)
     return count
@@ -203,12 +206,14 @@ def _unix_mode(value: Any, field: str) -> int:
 def _id_of(value: Any, field: str, lookup: Callable[[str], Any], what: str) -> int:
     # A name is looked up now, so a missing user or group is a configuration
     # error (and `--help`'s reference shows the number it became).
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID:
         return value
     text = value.strip() if isinstance(value, str) else None
     if not text:
         raise ConfigError(field, value, f"must be a {what} name or a numeric id")
-    if text.isdigit():
+    if is_digits(text):
+        if len(text) > 10 or int(text) > MAX_ID:
+            raise ConfigError(field, value, f"is out of range (0-{MAX_ID})")
         return int(text)
     try:
         return int(getattr(lookup(text), "pw_uid" if what == "user" else "gr_gid"))
@@ -260,6 +265,16 @@ def parse_resolve_interval(value: Any, field: str) -> Tuple[float, float]:
 
 ENGINE_CHOICES = ("auto", "epoll", "poll")
 
+# Bounds of counts, named in their errors. Threads: each worker has its own
+# poll set and pipes, and a hook call's handle names its worker in 16 bits.
+MAX_THREADS = 1024
+# Upstreams tried after a failed connect: more than any group has.
+MAX_RETRIES = 65535
+# Failures or checks in a row.
+MAX_IN_A_ROW = 65535
+# A user or group id (uid_t; (uid_t)-1 means "unchanged" to chown).
+MAX_ID = 2**32 - 2
+
 D = "D"  # metavar of a duration: 5, 5s, 500ms, 2m, 1h
 
 OPTIONS: Tuple[Option, ...] = (
@@ -305,27 +320,27 @@ OPTIONS: Tuple[Option, ...] = (
     Option("balance", _choice(*BALANCE_ALGORITHMS), "roundrobin",
            "roundrobin (weighted, smooth), leastconn, random (power of two choices), source (consistent "
            "hash of the client IP), first", "balancing", choices=BALANCE_ALGORITHMS),
-    Option("retries", _optional(_count(0)), None, "other upstreams to try after a failed connect",
+    Option("retries", _optional(_count(0, MAX_RETRIES)), None, "other upstreams to try after a failed connect",
            "balancing", metavar="N", shown_default="upstreams - 1"),
-    Option("max_fails", _count(0), 3, "connect failures in a row that mark an upstream down (0: never)",
+    Option("max_fails", _count(0, MAX_IN_A_ROW), 3, "connect failures in a row that mark an upstream down (0: never)",
            "balancing", metavar="N"),
     Option("fail_timeout", _positive_duration, 10.0, "how long an upstream marked down is skipped",
            "balancing", metavar=D),
     Option("health_interval", _optional(_positive_duration), None, "active TCP health checks every D",
            "balancing", metavar=D, shown_default="off"),
     Option("health_timeout", _positive_duration, 2.0, "health check timeout", "balancing", metavar=D),
-    Option("health_rise", _count(), 2, "passed checks in a row that mark an upstream up", "balancing",
+    Option("health_rise", _count(1, MAX_IN_A_ROW), 2, "passed checks in a row that mark an upstream up", "balancing",
            metavar="N"),
-    Option("health_fall", _count(), 3, "failed checks in a row that mark an upstream down", "balancing",
+    Option("health_fall", _count(1, MAX_IN_A_ROW), 3, "failed checks in a row that mark an upstream down", "balancing",
            metavar="N"),
     # ---- limits
-    Option("max_connections", _optional(_count()), None, "live bridges at most", "limits", metavar="N",
+    Option("max_connections", _optional(_count(1, MAX_CONNECTIONS)), None, "live bridges at most", "limits", metavar="N",
            shown_default="from the fd budget"),
-    Option("max_connections_per_ip", _optional(_count()), None, "live bridges per client address at most",
+    Option("max_connections_per_ip", _optional(_count(1, MAX_CONNECTIONS)), None, "live bridges per client address at most",
            "limits", metavar="N"),
     Option("on_limit", _choice("queue", "reject"), "queue", "past a limit: wait in line, or close at once",
            "limits", choices=("queue", "reject")),
-    Option("queue_size", _count(), 1024, "clients that may wait in line", "limits", metavar="N"),
+    Option("queue_size", _count(1, MAX_CONNECTIONS), 1024, "clients that may wait in line", "limits", metavar="N"),
     Option("queue_timeout", _positive_duration, 30.0, "how long a client may wait in line", "limits",
            metavar=D),
     # ---- access control
@@ -348,7 +363,7 @@ OPTIONS: Tuple[Option, ...] = (
            "access", switch=True),
     Option("rate_limit_per_ip", _optional(parse_rate), None, "new clients per address, e.g. 20/1s or 600/1m",
            "access", metavar="N/D"),
-    Option("rate_limit_table", _count(), 65536, "addresses the rate limiter remembers (the least recently "
+    Option("rate_limit_table", _count(1, MAX_CONNECTIONS), 65536, "addresses the rate limiter remembers (the least recently "
            "seen is evicted)", "access", metavar="N"),
     # ---- timeouts
     Option("connect_timeout", _positive_duration, 5.0, "upstream connect timeout", "timeouts", metavar=D),
@@ -374,7 +389,7 @@ OPTIONS: Tuple[Option, ...] = (
     # ---- hooks
     Option("hooks", _optional(_text), None, "Python hooks: FILE.py[:OBJECT] or MODULE[:OBJECT] defining "
            "on_connect, on_data, on_close", "hooks", metavar="SPEC"),
-    Option("hook_threads", _count(), 16, "threads that run on_connect and on_data hooks (shared by the "
+    Option("hook_threads", _count(1, MAX_THREADS), 16, "threads that run on_connect and on_data hooks (shared by the "
            "process's listeners)", "hooks", scope="process", metavar="N"),
     Option("hook_timeout", _optional(_duration), None, "close a bridge whose hook call is not answered "
            "within D (close reason HOOK_TIMEOUT) and replace the hook thread stuck in it; 0: never",
@@ -387,7 +402,7 @@ OPTIONS: Tuple[Option, ...] = (
            "holds, comma-separated, in that order; any of " + ", ".join(ACCESS_LOG_FIELDS), "hooks",
            metavar="FIELDS", shown_default="every field"),
     # ---- process
-    Option("workers", _optional(_count()), None, "worker threads", "process", scope="process", metavar="N",
+    Option("workers", _optional(_count(1, MAX_THREADS)), None, "worker threads", "process", scope="process", metavar="N",
            shown_default="one per CPU this process may use"),
     Option("engine", _choice(*ENGINE_CHOICES), "auto", "data plane event loop: auto takes epoll where the "
            "platform has it (env FASTPROXY_ENGINE overrides auto)", "process", scope="process",

@@ -17,6 +17,8 @@ import signal
 import socket
 import threading
 import time
+import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _core, activation
@@ -59,6 +61,11 @@ STARTUP_TIMEOUT = 10.0
 STATS_SOCKET = "\0stats"
 # How often drained blocks of reloaded or removed listeners are looked at.
 REAP_S = 0.1
+# stop(timeout=T) returns within T + STOP_GRACE seconds, whatever hooks do:
+# past the drain, joining threads (the workers', which close what is left at
+# once, the hook threads', the checkers') gets this long in all. A hook
+# thread still running then is left behind (it ends when its hook returns).
+STOP_GRACE = 1.0
 # The resolver thread looks at the listeners at least this often (a reload
 # may have added names to resolve).
 RESOLVE_IDLE_S = 1.0
@@ -107,6 +114,52 @@ def choose_engine(requested: str) -> str:
         raise ConfigError("engine", requested, f"is not available here (available: {', '.join(_core.ENGINES)})")
     return requested
 
+
+
+def _left(deadline: float) -> float:
+    """Seconds until a monotonic deadline, 0 once past it."""
+    return max(0.0, deadline - time.monotonic())
+
+
+def _weak(method: Callable[..., Any], gone: Any = None) -> Callable[..., Any]:
+    """`method` without keeping its object alive (`gone` once that went):
+    what the proxy's threads hold, so that a running Proxy nobody references
+    any more is collected (and stopped: Proxy.__del__)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        bound = ref()
+        return gone if bound is None else bound(*args, **kwargs)
+    return call
+
+
+def _run_worker(plane: "_core.DataPlane", i: int, cpus: Optional[Tuple[int, ...]]) -> None:
+    # A worker thread's body: it holds the data plane, not the Proxy.
+    if cpus:
+        cpu = cpus[i % len(cpus)]
+        try:
+            os.sched_setaffinity(0, {cpu})  # 0: this thread
+        except OSError as exc:
+            # The CPU went away since the configuration was checked: this
+            # worker does not start, and start() says the workers did not.
+            log.error("worker %d cannot run on CPU %d (worker_cpus): %s", i, cpu, exc.strerror or exc)
+            return
+    try:
+        plane.run_worker(i)
+    except Exception:
+        log.exception("worker %d failed; its bridges were closed", i)
+
+
+def _every(ref: "weakref.ref[Proxy]", stop: threading.Event, step: Callable[["Proxy"], float]) -> None:
+    # The reaper's and the resolver's loop: step(proxy) says how long to
+    # wait before the next; the proxy is held only while a step runs.
+    wait = 0.0
+    while not stop.wait(wait):
+        held = ref()
+        if held is None:
+            return
+        wait = step(held)
+        del held
 
 class Proxy:
     """A TCP proxy: accepts clients on its listeners and bridges each one to
@@ -288,7 +341,9 @@ class Proxy:
         return fn
 
     def _before_start(self, what: str) -> None:
-        if self._plane is not None or self._final_stats is not None:
+        if self._final_stats is not None:
+            raise RuntimeError(f"register {what} before start(): this proxy is stopped (make a new one)")
+        if self._plane is not None:
             raise RuntimeError(f"register {what} before start(): the data plane is running")
 
     # ---- lifecycle
@@ -321,7 +376,7 @@ class Proxy:
                 self._dns = DnsClient(process.resolver)
                 for lst in self._listeners:
                     lst.prepare(engine=engine, max_connections=default_max_connections(budget),
-                                on_log_error=self._access_log_error, dns=self._dns,
+                                on_log_error=_weak(self._access_log_error), dns=self._dns,
                                 sock=self._inherited_socket(lst))
                     prepared.append(lst)
                 self.config = self._listeners[0].config
@@ -351,7 +406,8 @@ class Proxy:
             self._runner = runner
             runner.start()
             self._threads = [
-                threading.Thread(target=self._run_worker, args=(i,), name=f"fastproxy-worker-{i}", daemon=True)
+                threading.Thread(target=_run_worker, args=(plane, i, self.config.process.worker_cpus),
+                                 name=f"fastproxy-worker-{i}", daemon=True)
                 for i in range(workers)
             ]
             for t in self._threads:
@@ -364,13 +420,15 @@ class Proxy:
                     close_listening(*stats_bound)
                 raise
             self._finish_takeover()
-            self._reaper = threading.Thread(target=self._reap, name="fastproxy-reaper", daemon=True)
+            self._reaper = threading.Thread(target=_every, args=(weakref.ref(self), self._reap_stop, Proxy._reap),
+                                            name="fastproxy-reaper", daemon=True)
             self._reaper.start()
             self._start_resolver()
             if stats_bound is not None:
                 from .statsserver import StatsServer, admin_handler
-                admin, admin_off = admin_handler(self, process.stats_admin, process.stats_token)
-                self._stats_server = StatsServer(stats_bound[0], unix_file=stats_bound[1], stats=self.stats,
+                admin, admin_off = admin_handler(weakref.proxy(self), process.stats_admin, process.stats_token)
+                self._stats_server = StatsServer(stats_bound[0], unix_file=stats_bound[1],
+                                                 stats=_weak(self.stats, gone={}),
                                                  admin=admin, admin_off=admin_off)
                 self._stats_server.start()
                 log.info("stats endpoint on %s", self._stats_server.address_text())
@@ -456,7 +514,7 @@ class Proxy:
                 hooks = old.hooks if old is not None and cfg.hooks.hooks is None else None
                 lst = Listener(cfg, hooks=hooks, health_check=self._health_check, clock=self._clock)
                 lst.prepare(engine=engine, max_connections=default_max_connections(self._budget),
-                            on_log_error=self._access_log_error, dns=dns,
+                            on_log_error=_weak(self._access_log_error), dns=dns,
                             sock=old.sock if old is not None else None)
                 fresh.append((lst, old))
         except BaseException:
@@ -482,52 +540,52 @@ class Proxy:
         log.info("reloaded: %d listener%s (%d new or changed, %d removed)", len(listeners),
                  "" if len(listeners) == 1 else "s", len(fresh) - len(kept), len(unmatched))
 
-    def _reap(self) -> None:
-        # Frees the blocks of replaced listeners once their bridges ended,
-        # and closes a removed listener's bridges at its drain deadline.
-        while not self._reap_stop.wait(REAP_S):
-            # Not blocking: stop() holds the lock while it joins this thread.
-            if not self._lock.acquire(blocking=False):
-                continue
-            try:
-                for lst in self._listeners:
-                    lst.reap()
-                now = time.monotonic()
-                for lst, deadline in list(self._removed):
-                    if now >= deadline:
-                        lst.close_bridges()
-                    lst.reap()
-                    if lst.drained:
-                        self._removed.remove((lst, deadline))
-            finally:
-                self._lock.release()
+    def _reap(self) -> float:
+        # The reaper thread, every REAP_S: frees the blocks of replaced
+        # listeners once their bridges ended, and closes a removed
+        # listener's bridges at its drain deadline.
+        # Not blocking: stop() holds the lock while it joins this thread.
+        if not self._lock.acquire(blocking=False):
+            return REAP_S
+        try:
+            for lst in self._listeners:
+                lst.reap()
+            now = time.monotonic()
+            for lst, deadline in list(self._removed):
+                if now >= deadline:
+                    lst.close_bridges()
+                lst.reap()
+                if lst.drained:
+                    self._removed.remove((lst, deadline))
+        finally:
+            self._lock.release()
+        return REAP_S
 
     def _start_resolver(self) -> None:
         # Only a proxy with names to follow runs the thread; a reload that
         # brings the first one starts it.
         if self._resolver is None and any(lst.next_resolution() < float("inf") for lst in self._listeners):
-            self._resolver = threading.Thread(target=self._resolve, name="fastproxy-resolver", daemon=True)
+            self._resolver = threading.Thread(target=_every, args=(weakref.ref(self), self._reap_stop, Proxy._resolve),
+                                              name="fastproxy-resolver", daemon=True)
             self._resolver.start()
 
-    def _resolve(self) -> None:
+    def _resolve(self) -> float:
         # The resolver thread: asks DNS again for the upstream names whose
         # answer ran out (discovery.py), and swaps the group of a listener
         # whose upstreams changed. Queries run outside the lock; a reload
         # meanwhile replaces the listener, which then is not swapped.
-        while True:
-            due = min((lst.next_resolution() for lst in list(self._listeners)), default=float("inf"))
-            if self._reap_stop.wait(max(0.0, min(due - time.monotonic(), RESOLVE_IDLE_S))):
-                return
-            dns, now = self._dns, time.monotonic()
-            for lst in list(self._listeners):
-                if dns is None or lst.next_resolution() > now:
-                    continue
-                try:
-                    changed = lst.refresh(dns, now)
-                    if changed:
-                        self._swap_resolved(lst, changed)
-                except Exception:
-                    log.exception("re-resolving the upstreams of listener %s failed", lst.name)
+        dns, now = self._dns, time.monotonic()
+        for lst in list(self._listeners):
+            if dns is None or lst.next_resolution() > now:
+                continue
+            try:
+                changed = lst.refresh(dns, now)
+                if changed:
+                    self._swap_resolved(lst, changed)
+            except Exception:
+                log.exception("re-resolving the upstreams of listener %s failed", lst.name)
+        due = min((lst.next_resolution() for lst in list(self._listeners)), default=float("inf"))
+        return max(0.0, min(due - time.monotonic(), RESOLVE_IDLE_S))
 
     def _swap_resolved(self, lst: Listener, changed: List[int]) -> None:
         # Not blocking for good: stop() holds the lock while it joins this thread.
@@ -547,7 +605,7 @@ class Proxy:
         # the process serving there, if any, for its listening sockets.
         if path is None or self._takeover_server is not None:
             return
-        server = TakeoverServer(path, self._takeover_sockets, self._handed_over)
+        server = TakeoverServer(path, _weak(self._takeover_sockets, gone={}), _weak(self._handed_over))
         server.bind()
         self._takeover_server = server
         self._handover = take_over(path)
@@ -630,24 +688,6 @@ class Proxy:
                 raise RuntimeError("the fastproxy workers did not start")
             time.sleep(0.001)
 
-    def _run_worker(self, i: int) -> None:
-        plane = self._plane
-        assert plane is not None
-        cpus = self.config.process.worker_cpus
-        if cpus:
-            cpu = cpus[i % len(cpus)]
-            try:
-                os.sched_setaffinity(0, {cpu})  # 0: this thread
-            except OSError as exc:
-                # The CPU went away since the configuration was checked: this
-                # worker does not start, and start() says the workers did not.
-                log.error("worker %d cannot run on CPU %d (worker_cpus): %s", i, cpu, exc.strerror or exc)
-                return
-        try:
-            plane.run_worker(i)
-        except Exception:
-            log.exception("worker %d failed; its bridges were closed", i)
-
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, let live bridges finish for up to the drain
         timeout (`timeout` seconds if given), close the rest, and return
@@ -661,18 +701,20 @@ class Proxy:
         if self._in_hook():
             threading.Thread(target=self.stop, args=(timeout,), name="fastproxy-stop").start()
             return
+        drain = self.config.timeouts.drain_timeout if timeout is None else max(0.0, float(timeout))
+        deadline = time.monotonic() + drain + STOP_GRACE
         server, self._takeover_server = self._takeover_server, None
         if server is not None:
             server.close()
         stats_server, self._stats_server = self._stats_server, None
         if stats_server is not None:
-            stats_server.stop()
+            stats_server.stop(min(STOP_GRACE, _left(deadline)))
         with self._lock:
             plane = self._plane
             if plane is None:
                 return
             try:
-                self._stop_plane(plane, timeout)
+                self._stop_plane(plane, drain, deadline)
             finally:
                 self._plane = None
                 self._threads = []
@@ -691,17 +733,18 @@ class Proxy:
         except RuntimeError:
             return False
 
-    def _stop_plane(self, plane: "_core.DataPlane", timeout: Optional[float]) -> None:
-        drain = self.config.timeouts.drain_timeout if timeout is None else max(0.0, float(timeout))
+    def _stop_plane(self, plane: "_core.DataPlane", drain: float, deadline: float) -> None:
         plane.stop(drain)
         # Close the listening sockets as soon as no worker polls them:
         # new clients are refused at once instead of waiting in a
         # backlog for a proxy that will never serve them.
-        deadline = time.monotonic() + 5.0
         while plane.accepting() and time.monotonic() < deadline:
             time.sleep(0.001)
         for lst in self._listeners:
             lst.close_socket()
+        # Not bounded: a worker ends at the drain deadline, closing what is
+        # left without waiting for anything, and must have ended before its
+        # data plane may be freed.
         for t in self._threads:
             t.join()
         if self._reaper is not None:
@@ -712,11 +755,11 @@ class Proxy:
             # A query in flight may take its lifetime: not waited for (the
             # thread swaps nothing once the data plane is gone).
             self._reap_stop.set()
-            self._resolver.join(1.0)
+            self._resolver.join(min(1.0, _left(deadline)))
             self._resolver = None
         for lst in self._listeners:
-            lst.stop_watchers()
-        hooks_done = self._runner is None or self._runner.stop()
+            lst.stop_watchers(_left(deadline))
+        hooks_done = self._runner is None or self._runner.stop(_left(deadline))
         self._final_stats = self._stats(plane)
         for lst in self._listeners + [lst for lst, _ in self._removed]:
             lst.close()
@@ -807,6 +850,27 @@ class Proxy:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    def __del__(self) -> None:
+        # A started Proxy nobody references any more: none of its threads
+        # holds it (they hold weak references), so it is collected rather
+        # than serving on, unreachable, until the process ends. Stopped here
+        # at once (no drain), and said, as an unclosed file is.
+        if getattr(self, "_plane", None) is None:
+            return
+        try:
+            warnings.warn(f"fastproxy.Proxy on {self._addresses_text()} was never stopped: stopped when "
+                          "collected (call stop(), or use it as a context manager)", ResourceWarning, source=self)
+        finally:
+            if threading.current_thread().name.startswith("fastproxy"):
+                # Collected on one of the proxy's own threads (every one is
+                # named fastproxy-*), which the stop joins: not on it.
+                threading.Thread(target=self.stop, args=(0.0,), name="fastproxy-stop", daemon=True).start()
+            else:
+                self.stop(0.0)
+
+    def _addresses_text(self) -> str:
+        return ", ".join(lst.address_text() for lst in self._listeners)
 
     async def start_async(self) -> "Proxy":
         """start() without blocking the running loop: resolving names and

@@ -6,14 +6,14 @@ from __future__ import annotations
 import re
 from typing import Tuple
 
-from .values import ConfigError, parse_count, parse_duration
+from .values import MAX_DURATION, ConfigError, parse_count, parse_duration
 
 __all__ = ["parse_rate"]
 
-_RATE = re.compile(r"(\d+)\s*/\s*(\S+)")
+_RATE = re.compile(r"(\d+)\s*/\s*(\S+)", re.ASCII)   # \d: [0-9] only
 RATE_HINT = "use COUNT/DURATION: 20/1s, 600/1m"
 MAX_RATE_COUNT = 2**31 - 1
-MAX_RATE_PERIOD = 366 * 86400.0
+MAX_RATE_PERIOD = MAX_DURATION
 
 
 def parse_rate(value: object, field: str) -> Tuple[int, float]:

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 from . import metrics
 from .httpapi import Request, Response
 from .sockets import UnixFile, close_listening, listen_socket, listen_unix
-from .values import ConfigError, format_address, unix_path
+from .values import ConfigError, format_address, is_digits, unix_path
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +180,11 @@ class StatsServer:
         if self._failed is not None:
             raise self._failed
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         loop = self._loop
         if loop is not None and self._thread.is_alive():
             loop.call_soon_threadsafe(self._shutdown)
-            self._thread.join(5.0)
+            self._thread.join(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
         close_listening(self.sock, self.unix_file)
         self.unix_file = None
@@ -323,7 +323,7 @@ class StatsServer:
         if "transfer-encoding" in headers:
             raise BadRequest(501, "Transfer-Encoding is not accepted: send a Content-Length")
         length_text = headers.get("content-length", "0")
-        if not length_text.isdigit():
+        if not is_digits(length_text) or len(length_text) > 20:
             raise BadRequest(400, f"Content-Length: {length_text[:40]!r} is not a length")
         length = int(length_text)
         if length > MAX_BODY:

@@ -17,8 +17,9 @@ __all__ = ["Clock", "TimeWindow", "TimeWindows", "load_time_zone", "parse_time_w
 Clock = Callable[[], Union[float, datetime]]
 
 _DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-_WINDOW = re.compile(r"(?:(?P<days>\S+)\s+)?(?P<start>\S+?)\s*-\s*(?P<end>\d\S*)")
-_TIME = re.compile(r"(\d{1,2}):(\d{2})")
+# re.ASCII: \d is [0-9], not every script's digits.
+_WINDOW = re.compile(r"(?:(?P<days>\S+)\s+)?(?P<start>\S+?)\s*-\s*(?P<end>\d\S*)", re.ASCII)
+_TIME = re.compile(r"(\d{1,2}):(\d{2})", re.ASCII)
 WINDOW_HINT = "use [DAYS ]HH:MM-HH:MM: 'Mon-Fri 08:00-18:00', 'Sat,Sun 10:00-14:00', '22:00-06:00'"
 MINUTES_PER_DAY = 24 * 60
 

@@ -14,7 +14,17 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Tuple, Union
 
 from ._core import BALANCE_ALGORITHMS
-from .values import SRV_PREFIX, UNIX_PREFIX, ConfigError, format_address, parse_address, parse_count, parse_srv
+from .values import (
+    MAX_CONNECTIONS,
+    SRV_PREFIX,
+    UNIX_PREFIX,
+    ConfigError,
+    format_address,
+    is_digits,
+    parse_address,
+    parse_count,
+    parse_srv,
+)
 
 __all__ = [
     "ALGORITHMS",
@@ -30,14 +40,16 @@ MAX_WEIGHT = 256
 SPEC_FORM = "HOST:PORT[@WEIGHT][,max-connections=N][,backup] or srv:NAME[,max-connections=N][,backup]"
 
 
-def _whole(value: object, low: int, high: Optional[int], what: str, fld: str, shown: object) -> int:
+def _whole(value: object, low: int, high: int, what: str, fld: str, shown: object) -> int:
     # One number inside a spec: the error names the whole spec. Text is
     # digits only here, as a sign cannot be part of a spec's number.
     text = value.strip() if isinstance(value, str) else None
-    if text is not None and not text.isdigit():
+    if text is not None and not is_digits(text):
         raise ConfigError(fld, shown, f"{what} {value!r} is not a whole number")
     try:
-        return parse_count(int(text) if text is not None else value, fld, low=low, high=high)
+        # Huge text stays text: parse_count bounds it without converting.
+        number = value if text is None else int(text) if len(text) <= 40 else text
+        return parse_count(number, fld, low=low, high=high)
     except ConfigError as exc:
         raise ConfigError(fld, shown, f"{what} {exc.value!r} {exc.problem}") from None
 
@@ -78,7 +90,7 @@ class Upstream:
         fix(self, "weight", _whole(self.weight, 0, MAX_WEIGHT, "weight", "upstream", shown))
         if self.max_connections is not None:
             fix(self, "max_connections",
-                _whole(self.max_connections, 1, None, "max-connections", "upstream", shown))
+                _whole(self.max_connections, 1, MAX_CONNECTIONS, "max-connections", "upstream", shown))
         if not isinstance(self.backup, bool):
             raise ConfigError("upstream", shown, f"backup must be True or False, not {self.backup!r}")
 
@@ -96,7 +108,7 @@ def parse_upstream(spec: Union[str, Upstream], fld: str = "upstream") -> Upstrea
         # A socket path may hold '@' (and 'unix:@' starts an abstract
         # name): only a last '@' followed by digits is a weight.
         address, at, weight = head.rpartition("@")
-        if not at or address == UNIX_PREFIX or not weight.isdigit():
+        if not at or address == UNIX_PREFIX or not is_digits(weight):
             address, at, weight = head, "", ""
     if at and not weight:
         raise ConfigError(fld, spec, "'@' needs a weight after it (0-256)")

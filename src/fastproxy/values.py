@@ -17,6 +17,10 @@ from . import _core
 
 __all__ = [
     "ConfigError",
+    "MAX_CONNECTIONS",
+    "MAX_COUNT",
+    "MAX_DURATION",
+    "is_digits",
     "parse_count",
     "parse_choice",
     "parse_cpus",
@@ -24,6 +28,7 @@ __all__ = [
     "parse_address",
     "parse_size",
     "parse_unix",
+    "quote",
     "format_address",
     "unix_path",
     "unix_sockaddr",
@@ -40,10 +45,42 @@ class ConfigError(ValueError):
         self.field = field
         self.value = value
         self.problem = problem
-        super().__init__(f"{field}: {value!r}: {problem}")
+        super().__init__(f"{field}: {quote(value)}: {problem}")
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?")
+MAX_QUOTE = 120
+
+
+def quote(value: object) -> str:
+    """repr(value), cut to about MAX_QUOTE characters: an error line quotes
+    what the user gave, not a megabyte of it."""
+    text = repr(value)
+    if len(text) <= MAX_QUOTE:
+        return text
+    size = len(value) if isinstance(value, str) else len(text)
+    return f"{text[:MAX_QUOTE - 20]}... ({size} characters)"
+
+
+# The longest duration any option takes: a year (366 days). Longer is a
+# typo, and the data plane keeps deadlines in int64 nanoseconds.
+MAX_DURATION = 366 * 86400.0
+# The largest count an option takes where no tighter bound applies: the
+# data plane keeps counts in C ints.
+MAX_COUNT = 2**31 - 1
+# Live bridges a listener or an upstream may be limited to: more than any
+# fd limit allows, and small enough that the tables sized by it (the per-IP
+# counts) stay allocatable.
+MAX_CONNECTIONS = 1 << 24
+
+
+def is_digits(text: str) -> bool:
+    """ASCII decimal digits only: str.isdigit() and int() also take other
+    scripts' digits ('\uff18\uff10', full-width 80), which no user means as a number."""
+    return text.isascii() and text.isdigit()
+
+
+# re.ASCII: \d is then [0-9], not every script's digits.
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?", re.ASCII)
 _UNIT = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -52,7 +89,8 @@ def parse_duration(value: object, field: str, *, allow_zero: bool = True) -> flo
     if isinstance(value, bool):
         raise ConfigError(field, value, "is not a duration (use 5, 5s, 500ms, 2m, 1h)")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        # An int may be too large for a float: bounded before converting.
+        seconds = float(max(-1, min(value, 2 * MAX_DURATION))) if isinstance(value, int) else float(value)
     else:
         match = _DURATION.fullmatch(str(value).strip())
         if not match:
@@ -60,12 +98,14 @@ def parse_duration(value: object, field: str, *, allow_zero: bool = True) -> flo
         seconds = float(match.group(1)) * _UNIT[match.group(2)]
     if seconds != seconds or seconds < 0 or seconds == float("inf"):
         raise ConfigError(field, value, "must be a finite duration >= 0")
+    if seconds > MAX_DURATION:
+        raise ConfigError(field, value, "is longer than the longest duration allowed (366 days)")
     if seconds == 0 and not allow_zero:
         raise ConfigError(field, value, "must be longer than 0")
     return seconds
 
 
-_SIZE = re.compile(r"(\d+)\s*(k|kib|m|mib)?", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+)\s*(k|kib|m|mib)?", re.IGNORECASE | re.ASCII)
 _SIZE_UNIT = {None: 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
 
 
@@ -155,14 +195,17 @@ def parse_address(value: str, field: str, *, listen: bool = False) -> Address:
             raise ConfigError(field, value, "expected HOST:PORT" + (" or :PORT" if listen else ""))
         if ":" in host:
             raise ConfigError(field, value, "an IPv6 address needs brackets: [ADDR]:PORT")
-    if not port_text.isdigit():
-        raise ConfigError(field, value, f"port {port_text!r} is not a number")
+    if not is_digits(port_text) or len(port_text) > 5:
+        raise ConfigError(field, value, f"port {port_text[:16]!r} is not a number from 0 to 65535")
     port = int(port_text)
     low = 0 if listen else 1
     if not low <= port <= 65535:
         raise ConfigError(field, value, f"port {port} is out of range ({low}-65535)")
     if not host and not listen:
         raise ConfigError(field, value, "needs a host")
+    if not host.isprintable() or any(c.isspace() for c in host):
+        # getaddrinfo would read "127.0.0.1\x00junk" as 127.0.0.1.
+        raise ConfigError(field, value, "the host cannot contain spaces or control characters")
     return host, port
 
 
@@ -172,20 +215,23 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse_count(value: object, field: str, *, low: int = 1, high: Optional[int] = None) -> int:
-    """A whole number from low to high: an int, or its decimal text (from
-    the CLI or a file). bool is an int to Python, but True is a mistake."""
+def parse_count(value: object, field: str, *, low: int = 1, high: int = MAX_COUNT) -> int:
+    """A whole number from low to high (MAX_COUNT unless the option has a
+    tighter bound): an int, or its decimal text (from the CLI or a file).
+    bool is an int to Python, but True is a mistake."""
     if isinstance(value, bool) or not isinstance(value, int):
         text = value.strip() if isinstance(value, str) else None
-        if text is None or not re.fullmatch(r"[+-]?\d+", text):
+        if text is None or not re.fullmatch(r"[+-]?[0-9]+", text):
             raise ConfigError(field, value, "is not a whole number")
-        number = int(text, 10)
+        # Past 40 digits the number is out of range whatever it is: not
+        # converted (int() of a huge text is slow) nor echoed in full.
+        number = int(text, 10) if len(text) <= 40 else (high + 1 if text[0] != "-" else low - 1)
     else:
         number = value
-    if number < low or (high is not None and number > high):
-        bounds = f"{low}-{high}" if high is not None else f"at least {low}"
-        raise ConfigError(field, value, f"is out of range ({bounds})")
+    if not low <= number <= high:
+        raise ConfigError(field, value, f"is out of range ({low}-{high})")
     return number
+
 
 
 def parse_choice(value: object, field: str, choices: Sequence[str]) -> str:
@@ -217,9 +263,9 @@ def parse_cpus(value: object, field: str) -> Optional[Tuple[int, ...]]:
     if isinstance(value, str):
         cpus: List[int] = []
         for part in value.split(","):
-            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            m = re.fullmatch(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?", part, re.ASCII)
             if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-                raise ConfigError(field, value, "must be CPU numbers and ranges, e.g. 0,2-3")
+                raise ConfigError(field, value, "must be CPU numbers (0-99999) and ranges, e.g. 0,2-3")
             cpus.extend(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
     elif isinstance(value, (list, tuple)) and all(isinstance(c, int) and not isinstance(c, bool) for c in value):
         cpus = list(value)

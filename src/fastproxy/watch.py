@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import _core
@@ -94,12 +95,15 @@ class Watchers:
         for t in self._threads:
             t.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop; returns within `timeout` (a thread still running then ends
+        by itself: it sees `stopped`)."""
+        deadline = time.monotonic() + timeout
         self.stopped.set()
         for checker in list(self.checkers.values()):
-            checker.stop()
+            checker.stop(max(0.0, deadline - time.monotonic()))
         for t in self._threads:
-            t.join(5.0)
+            t.join(max(0.0, deadline - time.monotonic()))
 
     # ---- time windows
 

@@ -159,6 +159,23 @@ def closed_by_peer(sock, timeout):
             return "eof"
 
 
+def how_closed(addr, send=b"", timeout=3.0):
+    """Connect, send `send`, and wait up to timeout for the peer to close:
+    'eof', 'reset' or None. A proxy that resets a client at once (a refused
+    upstream) may do so before connect() returns, which then reports it."""
+    s = socket.socket(family_of(addr[0]), socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect((addr[0], addr[1]))
+        if send:
+            s.sendall(send)
+        return closed_by_peer(s, timeout)
+    except (ConnectionResetError, ConnectionAbortedError):
+        return "reset"
+    finally:
+        s.close()
+
+
 def readable(sock):
     """True when the socket has data or EOF (or an error) waiting; consumes nothing."""
     return bool(select.select([sock], [], [], 0)[0])
