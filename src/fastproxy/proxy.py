@@ -125,6 +125,7 @@ class Proxy:
         name: Optional[str] = None,
         upstreams: Optional[Sequence[Union[str, Upstream]]] = None,
         notsent_lowat: Optional[Union[int, str]] = None,
+        socket_buffer: Union[int, str] = 0,
         unix_mode: Optional[Union[int, str]] = None,
         unix_user: Optional[Union[int, str]] = None,
         unix_group: Optional[Union[int, str]] = None,
