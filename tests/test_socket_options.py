@@ -116,3 +116,29 @@ def test_socket_buffer_refuses(value):
     with pytest.raises(ConfigError) as info:
         Proxy("127.0.0.1:0", "127.0.0.1:9", socket_buffer=value)
     assert "socket_buffer" in str(info.value) and str(value) in str(info.value)
+
+
+@pytest.mark.linux_only
+def test_a_reload_changes_socket_buffer_for_new_clients_even_back_to_the_kernels(engine, echo_server):
+    """Set per client, not on the shared listening socket: a reload that
+    turns it off leaves new clients with the kernel's sizes."""
+    from fastproxy import Config, Proxy
+    from support.waits import stop_bounded
+
+    def config(size, port=0):
+        return [Config.build(listen="127.0.0.1:%d" % port, upstreams=[echo_server.addr], engine=engine,
+                             workers=1, socket_buffer=size, max_connections=100 + size // 1024)]
+
+    p = Proxy.from_config(config(48 * 1024)).start()
+    try:
+        for size in (48 * 1024, 0, 32 * 1024):
+            if size != 48 * 1024:
+                p.reload(config(size, p.address[1]))
+            with connect(p.address) as c:
+                client_side, upstream_side = _bridge_sockets(p, echo_server, c)
+                with client_side, upstream_side:
+                    for side in (client_side, upstream_side):
+                        rcvbuf = side.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                        assert (rcvbuf == 2 * size) if size else (rcvbuf != 2 * 48 * 1024), (size, rcvbuf)
+    finally:
+        stop_bounded(p)
