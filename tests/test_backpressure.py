@@ -43,7 +43,7 @@ class _Writer(threading.Thread):
         not _core.HAVE_NOTSENT_LOWAT, reason="this build has no TCP_NOTSENT_LOWAT"))])
 def test_slow_reader_blocks_writer_without_spinning(cli_proxy, direction, flags):
     """downstream: the upstream writes, the client stalls; upstream: the
-    reverse. With --notsent-lowat (by default 1m on epoll, off on poll) the
+    reverse. With --notsent-lowat (by default 1m) the
     proxy's sockets refuse unsent bytes past the limit, so what they cannot
     take waits in the proxy; with 0 it piles up in the socket instead.
     Neither may spin."""

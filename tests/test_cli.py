@@ -73,6 +73,7 @@ def test_cli_listen_hostname(cli_proxy, echo_server):
     (["--workers", "many"], "many"),
     (["--busy-poll", "forever"], "forever"),
     (["--notsent-lowat", "lots"], "lots"),
+    (["--socket-buffer", "1k"], "socket-buffer"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
 def test_cli_user_errors(any_engine, args, needle):

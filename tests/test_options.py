@@ -108,6 +108,7 @@ SAMPLES = {
     "unix_user": None,
     "unix_group": None,
     "notsent_lowat": ("64k", 65536) if _core.HAVE_NOTSENT_LOWAT else ("0", 0),
+    "socket_buffer": ("64k", 65536),
     "upstreams": (["127.0.0.1:9@2", "127.0.0.1:10,backup"], ["127.0.0.1:9@2", "127.0.0.1:10,backup"]),
     "route": ("sni", "sni"),
     "routes": (["a.example=127.0.0.1:11", "*.b.example=127.0.0.1:12", "a.example=127.0.0.1:13"],

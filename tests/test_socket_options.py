@@ -1,6 +1,6 @@
 """Both sockets of a bridge have TCP_NODELAY: small writes (a ping, a
 request) leave at once instead of waiting for an ACK; and TCP_NOTSENT_LOWAT,
-by default 1 MiB with the epoll engine and off with poll. On Linux the
+by default 1 MiB with either engine. On Linux the
 client side inherits both from the listener (no setsockopt per client), so
 this reads the options of the proxy's own sockets, found by address in
 /proc/self/fd."""
@@ -68,7 +68,7 @@ def test_bridge_sockets_have_nodelay(make_proxy, echo_server, engine):
                 assert side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
                 if TCP_NOTSENT_LOWAT is not None:   # the engine's default
                     lowat = side.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT)
-                    assert lowat == (1 << 20 if engine == "epoll" else 0), (engine, lowat)
+                    assert lowat == 1 << 20, (engine, lowat)
 
 
 @pytest.mark.linux_only
@@ -86,3 +86,59 @@ def test_notsent_lowat_is_set_on_both_bridge_sockets(make_proxy, echo_server, va
                                        (" 1m ", 1 << 20), ("1MiB", 1 << 20), ("1024M", 1 << 30)])
 def test_sizes_accepted(text, size):
     assert parse_size(text, "notsent_lowat") == size
+
+
+@pytest.mark.linux_only
+def test_socket_buffer_is_set_on_both_bridge_sockets(make_proxy, echo_server):
+    """SO_SNDBUF and SO_RCVBUF (Linux reports twice what was set: its
+    bookkeeping share) on the client side, set per client, and on the
+    upstream side, set before connect()."""
+    p = make_proxy(echo_server.addr, workers=1, socket_buffer="48k")
+    with connect(p.address) as c:
+        for side in _bridge_sockets(p, echo_server, c):
+            with side:
+                assert side.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 48 * 1024
+                assert side.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * 48 * 1024
+
+
+@pytest.mark.linux_only
+def test_socket_buffer_off_leaves_the_kernels_sizes(make_proxy, echo_server):
+    p = make_proxy(echo_server.addr, workers=1)
+    with connect(p.address) as c:
+        for side in _bridge_sockets(p, echo_server, c):
+            with side:
+                assert side.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) != 2 * 48 * 1024
+
+
+@pytest.mark.parametrize("value", ["1k", 4095, "lots", -1, "2g", True])
+def test_socket_buffer_refuses(value):
+    from fastproxy import ConfigError, Proxy
+    with pytest.raises(ConfigError) as info:
+        Proxy("127.0.0.1:0", "127.0.0.1:9", socket_buffer=value)
+    assert "socket_buffer" in str(info.value) and str(value) in str(info.value)
+
+
+@pytest.mark.linux_only
+def test_a_reload_changes_socket_buffer_for_new_clients_even_back_to_the_kernels(engine, echo_server):
+    """Set per client, not on the shared listening socket: a reload that
+    turns it off leaves new clients with the kernel's sizes."""
+    from fastproxy import Config, Proxy
+    from support.waits import stop_bounded
+
+    def config(size, port=0):
+        return [Config.build(listen="127.0.0.1:%d" % port, upstreams=[echo_server.addr], engine=engine,
+                             workers=1, socket_buffer=size, max_connections=100 + size // 1024)]
+
+    p = Proxy.from_config(config(48 * 1024)).start()
+    try:
+        for size in (48 * 1024, 0, 32 * 1024):
+            if size != 48 * 1024:
+                p.reload(config(size, p.address[1]))
+            with connect(p.address) as c:
+                client_side, upstream_side = _bridge_sockets(p, echo_server, c)
+                with client_side, upstream_side:
+                    for side in (client_side, upstream_side):
+                        rcvbuf = side.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                        assert (rcvbuf == 2 * size) if size else (rcvbuf != 2 * 48 * 1024), (size, rcvbuf)
+    finally:
+        stop_bounded(p)

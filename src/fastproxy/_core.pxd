@@ -439,6 +439,7 @@ cdef struct ListenerC:
     int64_t close_reason # atomic: the CloseReason they close with
     bint nodelay_inherited   # accepted sockets got TCP_NODELAY (and TCP_NOTSENT_LOWAT) from the listener
     int notsent_lowat        # TCP_NOTSENT_LOWAT for both sockets of a bridge; 0: off
+    int socket_buffer        # SO_SNDBUF and SO_RCVBUF for both sockets of a bridge; 0: the kernel's
     int64_t connect_timeout_ns
     int64_t half_close_timeout_ns
     int64_t idle_timeout_ns       # 0: none

@@ -450,6 +450,7 @@ cdef class DataPlane:
                     raise MemoryError()
                 ls.listen_fd = listen_fd
                 ls.notsent_lowat = config.listener.notsent_lowat
+                ls.socket_buffer = config.listener.socket_buffer
                 unix_listener = listen_family(listen_fd) == AF_UNIX
                 # A Unix listener's clients take no TCP options: none to set,
                 # on it or per client ("inherited" skips the latter);

@@ -35,6 +35,7 @@ from .values import (
     parse_cpus,
     parse_duration,
     parse_notsent_lowat,
+    parse_socket_buffer,
     parse_size,
 )
 
@@ -295,7 +296,12 @@ OPTIONS: Tuple[Option, ...] = (
     Option("notsent_lowat", parse_notsent_lowat, None,
            "TCP_NOTSENT_LOWAT on both sockets of each bridge: keep at most about SIZE unsent bytes in a "
            "socket, the rest in the proxy, so the proxy's CPU sends them; 0 turns it off",
-           "listener", metavar="SIZE", shown_default="1m with the epoll engine, off with poll"),
+           "listener", metavar="SIZE", shown_default="1m (off where the build lacks TCP_NOTSENT_LOWAT)"),
+    Option("socket_buffer", parse_socket_buffer, 0,
+           "SO_SNDBUF and SO_RCVBUF on both sockets of each bridge: the kernel then holds at most "
+           "about 2 x SIZE each way per socket (capped by net.core.wmem_max and rmem_max) instead of "
+           "autotuning up to tcp_wmem and tcp_rmem's maxima; bounds the memory a client that never "
+           "reads can pin; 0: the kernel's autotuning", "listener", metavar="SIZE"),
     # ---- upstream group
     Option("upstreams", parse_upstreams, None,
            "a server to forward to: HOST:PORT[@WEIGHT][,max-connections=N][,backup] (HOST:PORT may "

@@ -182,6 +182,7 @@ class Proxy:
         route_timeout: Duration = 5.0,
         route_non_tls: str = "default",
         notsent_lowat: Optional[Union[int, str]] = None,
+        socket_buffer: Union[int, str] = 0,
         unix_mode: Optional[Union[int, str]] = None,
         unix_user: Optional[Union[int, str]] = None,
         unix_group: Optional[Union[int, str]] = None,

@@ -287,18 +287,28 @@ def parse_cpus(value: object, field: str) -> Optional[Tuple[int, ...]]:
 # gain about a fifth, one stream loses at most about a tenth, and the proxy
 # pays in CPU per GB for the sending it now does itself. Smaller values move
 # more of the sending onto the proxy's CPU, which costs one stream more. The
-# poll engine copies and is bound by its own CPU, so sending more from it
-# only slows it: off there unless asked for.
+# poll engine has it too: without it a client that never reads pins a whole
+# autotuned send buffer (4 MiB) in the kernel, and 500 of them took a host
+# past tcp_mem's hard limit; its cost to poll's throughput was inside the
+# noise of a loaded 2-CPU machine (docs/architecture.md, "Unsent bytes").
 DEFAULT_NOTSENT_LOWAT = 1 << 20
 
 
 def default_notsent_lowat(engine: str) -> int:
-    """What notsent_lowat=None means for this engine on this platform."""
+    """What notsent_lowat=None means on this platform (either engine)."""
     # The extension sets the option, so what it was built with decides, not
     # the socket module: a portable build on Linux has it in neither sense.
-    if engine == "epoll" and _core.HAVE_NOTSENT_LOWAT:
-        return DEFAULT_NOTSENT_LOWAT
-    return 0
+    return DEFAULT_NOTSENT_LOWAT if _core.HAVE_NOTSENT_LOWAT else 0
+
+
+def parse_socket_buffer(value: object, field: str) -> int:
+    """SO_SNDBUF/SO_RCVBUF for both sockets of a bridge; 0 leaves them to the
+    kernel's autotuning."""
+    size = parse_size(value, field)
+    # Below a page the kernel raises it to its own minimum anyway: a typo.
+    if 0 < size < 4096:
+        raise ConfigError(field, value, "must be 0 (the kernel's autotuning) or at least 4k")
+    return size
 
 
 def parse_notsent_lowat(value: object, field: str) -> Optional[int]:

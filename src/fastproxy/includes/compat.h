@@ -290,6 +290,17 @@ static inline int fp_set_notsent_lowat(int fd, int nbytes)
 #endif
 }
 
+/* SO_SNDBUF and SO_RCVBUF: a bound on what the kernel holds for one socket
+ * each way (it doubles the value for its bookkeeping, and caps it at
+ * net.core.wmem_max / rmem_max), and an end to its autotuning of them.
+ * Returns: 0, or the -errno of the first that failed. */
+static inline int fp_set_buffers(int fd, int nbytes)
+{
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &nbytes, sizeof nbytes) < 0) return -errno;
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &nbytes, sizeof nbytes) < 0) return -errno;
+    return 0;
+}
+
 /* A close with linger 0 sends RST instead of FIN: how a reset is passed on. */
 static inline void fp_set_reset_on_close(int fd)
 {

@@ -90,6 +90,7 @@ cdef extern from "compat.h" nogil:
     void fp_set_nodelay(int fd)
     void fp_set_reset_on_close(int fd)
     int fp_set_notsent_lowat(int fd, int nbytes)
+    int fp_set_buffers(int fd, int nbytes)
     int fp_pipe_size(int wfd, int want)
     int64_t fp_now_ns()
     void fp_block_signals()
