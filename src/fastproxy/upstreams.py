@@ -34,10 +34,11 @@ def _whole(value: object, low: int, high: Optional[int], what: str, fld: str, sh
     # One number inside a spec: the error names the whole spec. Text is
     # digits only here, as a sign cannot be part of a spec's number.
     text = value.strip() if isinstance(value, str) else None
-    if text is not None and not text.isdigit():
+    if text is not None and not (text.isascii() and text.isdigit()):
         raise ConfigError(fld, shown, f"{what} {value!r} is not a whole number")
     try:
-        return parse_count(int(text) if text is not None else value, fld, low=low, high=high)
+        # Text too long for int() goes as text: parse_count refuses it.
+        return parse_count(int(text) if text is not None and len(text) <= 30 else value, fld, low=low, high=high)
     except ConfigError as exc:
         raise ConfigError(fld, shown, f"{what} {exc.value!r} {exc.problem}") from None
 

@@ -43,7 +43,9 @@ class ConfigError(ValueError):
         super().__init__(f"{field}: {value!r}: {problem}")
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?")
+# re.ASCII: str's \d and isdigit() take other scripts' digits too (a
+# full-width "８０"), which neither float() nor a peer should be given.
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?", re.ASCII)
 _UNIT = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -65,7 +67,10 @@ def parse_duration(value: object, field: str, *, allow_zero: bool = True) -> flo
     return seconds
 
 
-_SIZE = re.compile(r"(\d+)\s*(k|kib|m|mib)?", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+)\s*(k|kib|m|mib)?", re.IGNORECASE | re.ASCII)
+# More digits than any size or count here has: int() of thousands of digits
+# is refused by Python (ValueError) and slow before that.
+_MAX_DIGITS = 30
 _SIZE_UNIT = {None: 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
 
 
@@ -79,6 +84,8 @@ def parse_size(value: object, field: str, *, low: int = 0, high: int = 1 << 30) 
         match = _SIZE.fullmatch(str(value).strip())
         if not match:
             raise ConfigError(field, value, "is not a size (use 65536, 256k, 1m)")
+        if len(match.group(1).lstrip("0")) > _MAX_DIGITS:
+            raise ConfigError(field, value, f"must be from {low} to {high} bytes")
         size = int(match.group(1)) * _SIZE_UNIT[(match.group(2) or "").lower() or None]
     if not low <= size <= high:
         raise ConfigError(field, value, f"must be from {low} to {high} bytes")
@@ -155,9 +162,9 @@ def parse_address(value: str, field: str, *, listen: bool = False) -> Address:
             raise ConfigError(field, value, "expected HOST:PORT" + (" or :PORT" if listen else ""))
         if ":" in host:
             raise ConfigError(field, value, "an IPv6 address needs brackets: [ADDR]:PORT")
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdigit()):
         raise ConfigError(field, value, f"port {port_text!r} is not a number")
-    port = int(port_text)
+    port = int(port_text) if len(port_text.lstrip("0")) <= 5 else 65536
     low = 0 if listen else 1
     if not low <= port <= 65535:
         raise ConfigError(field, value, f"port {port} is out of range ({low}-65535)")
@@ -177,8 +184,11 @@ def parse_count(value: object, field: str, *, low: int = 1, high: Optional[int] 
     the CLI or a file). bool is an int to Python, but True is a mistake."""
     if isinstance(value, bool) or not isinstance(value, int):
         text = value.strip() if isinstance(value, str) else None
-        if text is None or not re.fullmatch(r"[+-]?\d+", text):
+        if text is None or not re.fullmatch(r"[+-]?\d+", text, re.ASCII):
             raise ConfigError(field, value, "is not a whole number")
+        if len(text.lstrip("+-").lstrip("0")) > _MAX_DIGITS:
+            bounds = f"{low}-{high}" if high is not None else f"at least {low}"
+            raise ConfigError(field, value, f"is out of range ({bounds})")
         number = int(text, 10)
     else:
         number = value
