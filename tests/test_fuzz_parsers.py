@@ -228,6 +228,8 @@ def test_config_documents(toml_dir, text):
 @given(st.one_of(broken_toml, st.text(max_size=200), st.binary(max_size=200)))
 @example(b"\xff\xfe")
 @example("workers = 99999999999999999999\n[[listeners]]\nlisten=':0'\nupstreams=['h:1']\n")
+@example('"\\n" = 1\n')
+@example('[[listeners]]\nlisten = ":0"\n"\\u0000" = 1\n')
 def test_config_text(toml_dir, text):
     load_text(toml_dir, text)
 
@@ -236,6 +238,8 @@ def test_config_text(toml_dir, text):
 @given(st.dictionaries(st.one_of(st.sampled_from(KEYS + ["listeners", "defaults"]), st.text(max_size=8)),
                        st.one_of(values, st.lists(st.dictionaries(st.sampled_from(KEYS), values, max_size=4),
                                                   max_size=2)), max_size=5))
+@example({"\n": None})
+@example({"listeners": [{"listen": ":0", "upstreams": ["h:1"], "x\ry": 1}]})
 def test_config_mappings(mapping):
     # Proxy.from_config takes a mapping as it is: not only what TOML can hold.
     try:
