@@ -6,6 +6,9 @@ Environment switches (also through `pip install .`):
                               TCP_NOTSENT_LOWAT...): tests macOS's code on Linux.
   FASTPROXY_DEBUG_BUILD=1     -O0 -g, line tracing, bounds and wraparound checks.
   FASTPROXY_ANNOTATE=1        writes the HTML that shows where C calls Python.
+  FASTPROXY_SANITIZE=LIST     builds with -fsanitize=LIST (e.g. address,undefined),
+                              -O1 -g, frame pointers kept; .ci/sanitize runs the
+                              suite on such a build (docs/building.md).
 """
 import os
 import sys
@@ -24,6 +27,9 @@ def env_flag(name):
 
 PORTABLE = env_flag("FASTPROXY_FORCE_PORTABLE")
 DEBUG = env_flag("FASTPROXY_DEBUG_BUILD")
+SANITIZE = os.environ.get("FASTPROXY_SANITIZE", "").strip()
+if SANITIZE and not all(s in ("address", "undefined", "leak") for s in SANITIZE.split(",")):
+    sys.exit("FASTPROXY_SANITIZE: %r is not a list of address, undefined, leak" % SANITIZE)
 
 macros = []
 # Not in _core.pyx's directive comment, which would win over these.
@@ -42,11 +48,20 @@ if DEBUG:
     # at each nogil function's exit (docs/building.md): test_gil fails there.
     macros += [("CYTHON_TRACE", "1")]
     directives.update(linetrace=True, boundscheck=True, wraparound=True)
+if SANITIZE:
+    # -O1 keeps the reports' stacks readable at a bearable speed; no
+    # recovery from UBSan, so a finding stops the process (and the run).
+    flags = ["-fsanitize=" + SANITIZE, "-fno-omit-frame-pointer", "-g"]
+    if "undefined" in SANITIZE:
+        flags.append("-fno-sanitize-recover=undefined")
+    compile_args = [a for a in compile_args if not a.startswith("-O")] + ["-O1"] + flags
+    # Kept debug information (no --strip-debug): the reports name lines.
+    link_args = flags
 
 # Neither cythonize nor build_ext sees a switch change (the sources are not
 # newer than their outputs), so a build of another flavour than the last one
 # here starts over; the stamp is written once a build succeeded.
-FLAVOUR = "portable=%d debug=%d" % (PORTABLE, DEBUG)
+FLAVOUR = "portable=%d debug=%d sanitize=%s" % (PORTABLE, DEBUG, SANITIZE)
 STAMP = os.path.join(HERE, "build", "fastproxy-flavour")
 try:
     with open(STAMP) as f:

@@ -66,7 +66,10 @@ class ConfigFileError(ConfigError):
             where = source if line is None else f"{source}:{line}"
             parts.append(where if column is None else f"{where}:{column}")
         if key:
-            parts.append(key)
+            # A key is any string in TOML ("\n" = 1) or a mapping: one with
+            # a line break or a control character is shown escaped, so the
+            # error stays one line.
+            parts.append(key if key.isprintable() else repr(key))
         if show_value:
             parts.append(quote(value))
         parts.append(problem)

@@ -109,6 +109,11 @@ _SIZE = re.compile(r"(\d+)\s*(k|kib|m|mib)?", re.IGNORECASE | re.ASCII)
 _SIZE_UNIT = {None: 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
 
 
+# More digits than any size here has: int() of thousands of digits is
+# refused by Python (ValueError) and slow before that.
+_MAX_DIGITS = 30
+
+
 def parse_size(value: object, field: str, *, low: int = 0, high: int = 1 << 30) -> int:
     """'256k', '1m', '65536' or a number of bytes -> bytes (k and m are 1024-based)."""
     if isinstance(value, bool):
@@ -119,6 +124,8 @@ def parse_size(value: object, field: str, *, low: int = 0, high: int = 1 << 30) 
         match = _SIZE.fullmatch(str(value).strip())
         if not match:
             raise ConfigError(field, value, "is not a size (use 65536, 256k, 1m)")
+        if len(match.group(1).lstrip("0")) > _MAX_DIGITS:
+            raise ConfigError(field, value, f"must be from {low} to {high} bytes")
         size = int(match.group(1)) * _SIZE_UNIT[(match.group(2) or "").lower() or None]
     if not low <= size <= high:
         raise ConfigError(field, value, f"must be from {low} to {high} bytes")
