@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from support.cli import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ = os.path.join(ROOT, "fuzz")
 HARNESS = os.path.join(FUZZ, "harness.py")
@@ -18,8 +20,15 @@ TARGETS = ("proxy_header", "specs", "config", "client_hello")
 pytestmark = pytest.mark.skipif(not os.path.isfile(HARNESS), reason="no fuzz/ in this tree")
 
 
+def harness_env():
+    # The harness imports the fastproxy this test imported: the checkout's
+    # in-place build, or the installed package (CI installs it and builds
+    # nothing in src/).
+    return subprocess_env({"FASTPROXY_FUZZ_INSTALLED": "1"})
+
+
 def run(*args, timeout=120):
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+    env = harness_env()
     return subprocess.run([sys.executable, HARNESS, *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
 
@@ -57,7 +66,7 @@ def test_replay_reports_a_broken_contract(tmp_path):
         "targets.TARGETS['specs'] = broken\n"
         "harness.main(['harness.py', 'specs', '--replay', %r])\n" % (FUZZ, str(bad)))
     done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src")))
+                          env=harness_env())
     assert done.returncode != 0
     assert "failed on" in done.stderr and "not a ConfigError" in done.stderr
 
