@@ -102,38 +102,51 @@ def test_flapping_and_blackholed_upstreams_cost_clients_nothing(make_proxy):
     """Three client loops through a group of a healthy upstream, one that
     stops and starts listening every 0.3 s (its held connections go on) and
     a blackhole (SYNs dropped): with retries, connect_timeout and passive
-    plus active health, no client sees an error. Once the flapping stops
+    plus active health, no client sees a refusal or a timeout (a reset of
+    a connection the flapping upstream held in its backlog is the one
+    error it cannot hide: see below). Once the flapping stops
     with the upstream up, active health says up within rise checks, and the
     blackhole stays down."""
     interval, rise, fall = 0.1, 2, 2
     hole, fillers = blackhole_listener()
     hole_addr = "127.0.0.1:%d" % hole.getsockname()[1]
-    with TagServer("up") as healthy, TagServer("up") as flappy:
-        p = make_proxy(upstreams=[healthy.addr, flappy.addr, hole_addr], workers=2,
-                       connect_timeout=0.2, retries=2, max_fails=1, fail_timeout=0.5,
-                       health_interval=interval, health_timeout=0.2, health_rise=rise, health_fall=fall)
-        loops = [ConnectLoop(p.address, payload=b"ping", expect=b"up\nping", max_rate=100, timeout=3.0).start()
-                 for _ in range(3)]
-        flaps = 0
-        try:
-            t_end = time.monotonic() + 4.0
-            while time.monotonic() < t_end:
-                time.sleep(0.3)
-                flappy.stop_listening()
-                time.sleep(0.3)
-                flappy.listen_again()
-                flaps += 1
-        finally:
-            counts = [loop.stop() for loop in loops]
-            for f in fillers:
-                f.close()
-        for c in counts:
-            assert c.failed == 0, c
-        assert sum(c.ok for c in counts) > 300, counts
-        t0 = time.monotonic()
-        assert wait_for(lambda: ustats(p, flappy)["state"] == "up", 3, 0.01), p.stats()
-        assert time.monotonic() - t0 < (rise + 1) * interval + 1.0
-        up = p.stats()["upstreams"]
-        assert up[hole_addr]["health"] == "down", up[hole_addr]
-        assert flaps >= 5
-    hole.close()
+    try:
+        with TagServer("up") as healthy, TagServer("up") as flappy:
+            p = make_proxy(upstreams=[healthy.addr, flappy.addr, hole_addr], workers=2,
+                           connect_timeout=0.2, retries=2, max_fails=1, fail_timeout=0.5,
+                           health_interval=interval, health_timeout=0.2, health_rise=rise, health_fall=fall)
+            loops = [ConnectLoop(p.address, payload=b"ping", expect=b"up\nping", max_rate=100, timeout=3.0).start()
+                     for _ in range(3)]
+            flaps = 0
+            try:
+                t_end = time.monotonic() + 4.0
+                while time.monotonic() < t_end:
+                    time.sleep(0.3)
+                    flappy.stop_listening()
+                    time.sleep(0.3)
+                    flappy.listen_again()
+                    flaps += 1
+            finally:
+                counts = [loop.stop() for loop in loops]
+                for f in fillers:
+                    f.close()
+            # A refused or blackholed connect is retried elsewhere: no client
+            # sees one. What the proxy cannot hide is a connection the flapping
+            # upstream had accepted into its backlog when it stopped listening:
+            # the kernel resets it after the connect succeeded and the request
+            # may have gone up, so it is not retried (a retry would send the
+            # request twice). At most a few per stop, never more than the stops.
+            for c in counts:
+                assert c.refused == c.timeout == c.wrong == c.other == 0, c
+            assert sum(c.reset for c in counts) <= flaps, (counts, flaps)
+            assert sum(c.ok for c in counts) > 300, counts
+            t0 = time.monotonic()
+            assert wait_for(lambda: ustats(p, flappy)["state"] == "up", 3, 0.01), p.stats()
+            assert time.monotonic() - t0 < (rise + 1) * interval + 1.0
+            up = p.stats()["upstreams"]
+            assert up[hole_addr]["health"] == "down", up[hole_addr]
+            assert flaps >= 5
+    finally:
+        # Closed even when an assertion failed: a leaked listener fails a
+        # later test with its ResourceWarning.
+        hole.close()
