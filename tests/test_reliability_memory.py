@@ -20,6 +20,8 @@ import time
 
 import pytest
 
+from fastproxy import _core
+
 from support.hostile import FloodServer, tcp_mem_pages
 from support.waits import stop_bounded
 
@@ -92,6 +94,8 @@ def test_500_never_reading_clients_with_socket_buffer(make_proxy):
 
 @pytest.mark.slow
 @pytest.mark.linux_only
+@pytest.mark.skipif(not _core.HAVE_NOTSENT_LOWAT, reason="this build has no TCP_NOTSENT_LOWAT (the portable "
+                    "build): its defaults do not bound unsent bytes; socket_buffer does")
 def test_never_reading_clients_with_defaults_are_bounded_on_both_engines(make_proxy):
     """The default notsent_lowat (1 MiB, both engines) keeps what a
     never-reading client pins to the socket's unsent bytes, not its whole
