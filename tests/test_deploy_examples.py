@@ -495,15 +495,20 @@ def test_the_client_address_crosses_the_balancer_and_the_instance(tmp_path):
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         haproxy_err = LineReader(balancer.stderr)
         answer = b""
-        for _ in range(100):   # until haproxy listens
+        # Until haproxy listens and its first health check (GET /stats on
+        # the instance) has marked the instance up: before, it closes the
+        # client with nothing.
+        for _ in range(200):
             try:
                 with connect_from(("127.0.0.1", front), "127.0.0.2") as c:
                     c.sendall(b"hello")
                     answer, _ = read_all(c, 5)
-                break
-            except ConnectionRefusedError:
-                assert balancer.poll() is None, haproxy_err.text()
-                time.sleep(0.05)
+                if answer:
+                    break
+            except (ConnectionRefusedError, ConnectionResetError):
+                pass
+            assert balancer.poll() is None, haproxy_err.text()
+            time.sleep(0.05)
         assert answer == b"127.0.0.2", (answer, stderr.text(), haproxy_err.text())
         # Straight to the instance, from an address that is not the
         # balancer's: refused, not served.
