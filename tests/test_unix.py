@@ -191,12 +191,17 @@ def test_unix_bridges_splice(make_proxy, sockdir, engine, listener, upstream):
         p = make_proxy(srv.spec, listen=listen_spec(listener, sockdir))
         with connect(p.address) as c, srv.accept() as s:
             before = pipe_bytes()
+            # A bridge turns to splice once a read fills its copy buffer:
+            # a large send buffer hands the proxy whole buffers at a time
+            # even when a loaded machine runs it late (with small partial
+            # sends, the path could fill while it still copied).
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
             c.setblocking(False)
             sent = 0
             deadline = time.monotonic() + 10
             while pipe_bytes() - before < 64 * 1024 and time.monotonic() < deadline:
                 try:
-                    sent += c.send(b"\0" * 65536)
+                    sent += c.send(b"\0" * (256 * 1024))
                 except BlockingIOError:
                     time.sleep(0.01)
             held = pipe_bytes() - before
