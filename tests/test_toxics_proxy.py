@@ -221,6 +221,20 @@ def test_a_hooked_flow_gets_the_latency_of_what_on_data_answers(make_proxy, echo
         assert 0.080 <= time.monotonic() - t <= 0.080 + SLACK + 0.05
 
 
+def test_slicer_cuts_writes_and_waits_between_them(make_proxy, echo_server):
+    p = make_proxy(echo_server.addr)
+    p.add_toxic(toxic("slicer", "downstream", average_size=100, size_variation=0, delay=20_000))
+    with connect(p.address) as c:
+        t = time.monotonic()
+        c.sendall(b"s" * 500)
+        pieces = []
+        while sum(pieces) < 500:
+            pieces.append(len(c.recv(4096)))
+        elapsed = time.monotonic() - t
+    assert max(pieces) <= 100 and len(pieces) == 5, pieces   # 20 ms apart: read one by one
+    assert elapsed >= 0.080, elapsed
+
+
 # ---- bandwidth, limit_data
 
 def test_bandwidth_holds_the_rate(make_proxy):
