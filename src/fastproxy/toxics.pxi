@@ -335,7 +335,9 @@ cdef int64_t toxic_allow(Worker *w, Bridge *b, ToxicFlow *tf, int stream,
         tf.refill_ns = now
         if tf.tokens > tf.burst:
             tf.tokens = tf.burst
-        need = min(<double>n, tf.burst, <double>TOXIC_CHUNK)
+        # Wait for an eighth of the burst (at least a segment): at high
+        # rates fewer, larger writes, at low ones segment by segment.
+        need = min(<double>n, tf.burst, max(<double>TOXIC_CHUNK, tf.burst / 8.0))
         if tf.tokens < need:
             toxic_wake_at(tf, now + 1 + <int64_t>((need - tf.tokens) * 1e9 / <double>tf.rate))
             return 0
