@@ -978,8 +978,10 @@ class Proxy:
         on_connect routed it elsewhere: then route), state (header, queued,
         hello: waiting for its TLS ClientHello with route = "sni", hook,
         connecting, active, half-closed), bytes_upstream,
-        bytes_downstream, age (seconds). Each worker copies its own between
-        event batches: forwarding is not held up."""
+        bytes_downstream, age (seconds), toxics (names of the toxics
+        applied to it), paused (its streams pause_bridge stopped). Each
+        worker copies its own between event batches: forwarding is not
+        held up."""
         plane = self._plane
         if plane is None:
             return []
