@@ -11,6 +11,7 @@ from .configfile import ConfigFileError, ProxyConfig
 from .control import UnknownNameError, UpstreamControl
 from .hooks import CLOSE, WAIT, CloseReason, CloseRecord, Connection, Direction
 from .proxy import Proxy
+from .toxics import Toxic, ToxicError, toxic
 from .upstreams import Upstream
 from ._version import __version__
 
@@ -31,5 +32,8 @@ __all__ = [
     "WAIT",
     "CLOSE",
     "ENGINES",
+    "Toxic",
+    "ToxicError",
+    "toxic",
     "__version__",
 ]

@@ -22,6 +22,7 @@ from .routes import Route
 from .sockets import (LISTEN_BACKLOG, UnixFile, adopt_socket, check_listening, close_listening, listen_socket, listen_unix,
                       remove_unix_file, unix_file_of)
 from .timewindows import Clock, TimeWindows
+from .toxics import Toxic
 from .upstreams import Upstream
 from .values import ConfigError, format_address, unix_path
 from .watch import Watchers
@@ -184,6 +185,9 @@ class Listener:
         self.carried: Dict[str, Any] = {}
         self.runner: Optional[HookRunner] = None
         self._closed_bridges = False
+        # Run-time faults (toxics.py), carried across a reload like the
+        # upstreams' admin states; the data plane holds them as one set.
+        self.toxics: List[Toxic] = []
         self._lock = threading.Lock()   # draining and carried: the reaper against stats()
         self.down = False   # set down at run time (Proxy.set_down): refuses clients
 
@@ -326,6 +330,7 @@ class Listener:
             self.draining = replaces.draining + [(old, replaces.access_log)]
             self.carried = replaces.carried
             self.retired = replaces.retired
+            self.toxics = replaces.toxics
             # The socket is the same: so is the file it is bound to, which
             # whoever holds the socket last removes.
             self.unix_file, replaces.unix_file = replaces.unix_file, None
@@ -362,6 +367,16 @@ class Listener:
             handle.close_all(_core.CloseReason.ADMIN_CLOSED)
             for h, _ in list(self.draining):
                 h.close_all(_core.CloseReason.ADMIN_CLOSED)
+
+    # ---- toxics
+
+    def set_toxics(self, toxics: List[Toxic]) -> None:
+        """Make `toxics` this listener's set: published to the data plane
+        (when serving) before it becomes the listener's list, so a failure
+        leaves both as they were."""
+        if self.handle is not None:
+            raise NotImplementedError("toxics in the data plane: not built yet")
+        self.toxics = list(toxics)
 
     # ---- upstreams from DNS
 

@@ -19,18 +19,19 @@ import threading
 import time
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _core, activation
 from .config import Config, ConfigError
 from .configfile import ProxyConfig, config_from_mapping, load_config
-from .control import UpstreamControl, find_upstream, set_upstream
+from .control import UnknownNameError, UpstreamControl, find_upstream, set_upstream
 from .discovery import DnsClient
 from .dispatch import HookRunner
 from .hooks import Direction, Hook, Hooks
 from .listener import Listener, add_figures
 from .options import OPTIONS, option
 from .timewindows import Clock
+from .toxics import STREAMS, Toxic, ToxicError, check_toxics
 from .upstreams import Upstream
 from .values import Duration, format_address
 from .sockets import check_listening, close_listening, fd_budget, unix_file_of
@@ -1037,6 +1038,107 @@ class Proxy:
     def is_down(self, listener: Optional[str] = None) -> bool:
         """Whether the listener is down (set_down)."""
         return self._named_listener(listener).down
+
+    # ---- toxics (toxics.py; the data plane applies them: toxics.pxi)
+
+    def _toxic_listener(self, listener: Optional[str]) -> Listener:
+        listeners = list(self._listeners)
+        if listener is None:
+            if len(listeners) > 1:
+                raise ConfigError("listener", None, "this proxy has listeners "
+                                  f"{', '.join(lst.name for lst in listeners)}: name one (listener=)")
+            return listeners[0]
+        for lst in listeners:
+            if lst.name == listener:
+                return lst
+        raise UnknownNameError("listener", listener, "no such listener")
+
+    def toxics(self, listener: Optional[str] = None) -> List[Toxic]:
+        """The toxics of `listener` (its name; needed only when the proxy
+        has several), in the order added."""
+        with self._lock:
+            return list(self._toxic_listener(listener).toxics)
+
+    def set_toxics(self, toxics: Iterable[Toxic], listener: Optional[str] = None) -> None:
+        """Replace the toxics of `listener` with `toxics`, atomically: no
+        bridge ever sees part of the new set. Returns once every worker
+        applied it: live bridges from their next event (an idle one's
+        timers are armed at once), new ones from their accept. Toxics are
+        run-time state: they survive a reload of the listener, not a
+        restart."""
+        wanted = check_toxics(toxics)
+        with self._lock:
+            self._toxic_listener(listener).set_toxics(wanted)
+
+    def add_toxic(self, toxic: Toxic, listener: Optional[str] = None) -> Toxic:
+        """Add `toxic` to `listener`'s; ToxicError if one has its name."""
+        if not isinstance(toxic, Toxic):
+            raise ToxicError("toxic", toxic, "expected a Toxic (fastproxy.toxic(...))")
+        with self._lock:
+            lst = self._toxic_listener(listener)
+            if any(t.name == toxic.name for t in lst.toxics):
+                raise ToxicError("name", toxic.name, f"a toxic of that name is already set on listener {lst.name}")
+            lst.set_toxics(lst.toxics + [toxic])
+        return toxic
+
+    def update_toxic(self, name: str, *, toxicity: Optional[float] = None, listener: Optional[str] = None,
+                     **attributes: int) -> Toxic:
+        """Change toxic `name`'s toxicity and/or attributes (the others
+        kept). A bridge it applied to keeps it (its toxicity is not drawn
+        again). UnknownNameError if `listener` has no toxic `name`."""
+        with self._lock:
+            lst = self._toxic_listener(listener)
+            current = list(lst.toxics)
+            for i, t in enumerate(current):
+                if t.name == name:
+                    current[i] = changed = t.replace(toxicity=toxicity, **attributes)
+                    lst.set_toxics(current)
+                    return changed
+            raise UnknownNameError("toxic", name, f"not a toxic of listener {lst.name}")
+
+    def remove_toxic(self, name: str, listener: Optional[str] = None) -> None:
+        """Remove toxic `name`; UnknownNameError if `listener` has none."""
+        with self._lock:
+            lst = self._toxic_listener(listener)
+            kept = [t for t in lst.toxics if t.name != name]
+            if len(kept) == len(lst.toxics):
+                raise UnknownNameError("toxic", name, f"not a toxic of listener {lst.name}")
+            lst.set_toxics(kept)
+
+    def _bridge_command(self, bridge_id: int, action: str, stream: Optional[str] = None) -> bool:
+        plane = self._plane
+        if plane is None:
+            return False
+        if stream is not None and stream not in STREAMS:
+            raise ConfigError("stream", stream, f"expected one of {', '.join(STREAMS)}")
+        raise NotImplementedError("per-bridge commands in the data plane: not built yet")
+        done = plane.bridge_command(bridge_id, action, stream or "")
+        if done:
+            log.info("bridge %d: %s%s at run time", bridge_id, action, "" if stream is None else f" {stream}")
+        return bool(done)
+
+    def reset_bridge(self, bridge_id: int) -> bool:
+        """Reset live bridge `bridge_id` (an RST to both sides; close reason
+        ADMIN_CLOSED). Returns False when no live bridge has that id."""
+        return self._bridge_command(bridge_id, "reset")
+
+    def half_close_bridge(self, bridge_id: int, stream: str) -> bool:
+        """Pass a FIN on in `stream` of bridge `bridge_id` after what is
+        queued in it ("upstream": the server sees the client's end;
+        "downstream": the client sees the server's); the other stream keeps
+        flowing. Returns False when no live bridge has that id."""
+        return self._bridge_command(bridge_id, "half_close", stream)
+
+    def pause_bridge(self, bridge_id: int, stream: str) -> bool:
+        """Stop forwarding `stream` of bridge `bridge_id`: its bytes wait
+        (the sender sees the usual backpressure) until resume_bridge.
+        Returns False when no live bridge has that id."""
+        return self._bridge_command(bridge_id, "pause", stream)
+
+    def resume_bridge(self, bridge_id: int, stream: str) -> bool:
+        """Forward `stream` of bridge `bridge_id` again after pause_bridge,
+        nothing lost. Returns False when no live bridge has that id."""
+        return self._bridge_command(bridge_id, "resume", stream)
 
     # ---- observation
 
