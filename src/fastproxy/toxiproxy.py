@@ -364,10 +364,11 @@ class ToxiproxyServer:
         return 204, None
 
     def reset(self, body: bytes) -> Tuple[int, Any]:
+        # Toxics first: a client accepted by a proxy enabled here sees none.
         for entry in self.proxies.values():
-            entry.enable()
             if entry.proxy.toxics():
                 entry.proxy.set_toxics([])
+            entry.enable()
         return 204, None
 
     def toxic_index(self, body: bytes, name: str) -> Tuple[int, Any]:
