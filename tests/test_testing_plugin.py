@@ -6,6 +6,8 @@ import socket
 
 import pytest
 
+import fastproxy
+
 from fastproxy import ConfigError, ToxicError, toxic
 from fastproxy.testing import Bridge, ToxicProxy
 from support.sockets import closed_by_peer, connect, echo_roundtrip, recv_exact
@@ -14,6 +16,8 @@ from support.waits import wait_for
 pytest_plugins = ["pytester"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The fastproxy this test imported (src/ here, site-packages when installed).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastproxy.__file__)))
 
 
 def test_context_manager_serves_on_loopback_and_stops(echo_server, engine):
@@ -139,7 +143,7 @@ def test_plugin_fixture_in_a_user_suite_tears_down_even_on_failure(pytester, ech
                 f.write("%d\\n%d\\n" % (a.address[1], b.address[1]))
             assert False, "on purpose"
     """)
-    env_path = os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")])
+    env_path = os.pathsep.join([PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")])
     pytester._monkeypatch.setenv("PYTHONPATH", env_path)
     result = pytester.runpytest_subprocess(*_plugin_args(), "-p", "no:cacheprovider", timeout=120)
     result.assert_outcomes(passed=1, failed=1)
@@ -163,7 +167,7 @@ def test_plugin_ini_engine_and_bad_upstream(pytester, echo_server):
             with pytest.raises(ConfigError, match="upstream"):
                 fastproxy_factory("no-port-here")
     """)
-    env_path = os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")])
+    env_path = os.pathsep.join([PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")])
     pytester._monkeypatch.setenv("PYTHONPATH", env_path)
     result = pytester.runpytest_subprocess(*_plugin_args(), "-p", "no:cacheprovider", timeout=120)
     result.assert_outcomes(passed=2)
