@@ -316,3 +316,13 @@ def test_cli_port_in_use_is_one_line_exit_2():
         cp = subprocess.run(cli_command(["toxiproxy", "--port", str(taken.getsockname()[1])]),
                             capture_output=True, text=True, timeout=30, env=subprocess_env())
     assert cp.returncode == 2 and "in use" in cp.stderr and len(cp.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_upstream_resets_the_client_as_documented(api):
+    # docs/toxiproxy.md: toxiproxy closes such a client (FIN); fastproxy
+    # resets it once its connect failed.
+    from support.sockets import how_closed, reserve_refusing_port
+    with reserve_refusing_port() as refusing:
+        created = api.json("POST", "/proxies", {"name": "gone", "upstream": "127.0.0.1:%d" % refusing.getsockname()[1]},
+                           expect=201)
+        assert how_closed(host_port(created["listen"]), b"hello") == "reset"
