@@ -178,7 +178,8 @@ class ToxicProxy:
 
     def update_toxic(self, name: str, *, toxicity: Optional[float] = None, **attributes: int) -> Toxic:
         """Change a toxic's toxicity and/or attributes; UnknownNameError if absent."""
-        return self.proxy.update_toxic(name, toxicity=toxicity, **attributes)
+        changes: Dict[str, Any] = dict(attributes)
+        return self.proxy.update_toxic(name, toxicity=toxicity, **changes)
 
     def remove_toxic(self, name: str) -> None:
         """Remove a toxic; UnknownNameError if absent."""
@@ -227,7 +228,7 @@ class ToxicProxy:
         out = []
         for b in self.proxy.bridges():
             out.append(Bridge(
-                id=int(b["id"]), client=tuple(b["client"]),  # type: ignore[arg-type]
+                id=int(b["id"]), client=tuple(b["client"]),
                 upstream=b.get("upstream"), state=str(b.get("state", "")),
                 bytes_upstream=int(b.get("bytes_upstream", 0)), bytes_downstream=int(b.get("bytes_downstream", 0)),
                 age=float(b.get("age", 0.0)), toxics=tuple(b.get("toxics", ())), paused=tuple(b.get("paused", ())),
