@@ -137,7 +137,7 @@ def test_hook_enums_are_defined_once_in_the_core():
     assert {m.name: m.value for m in CloseReason} == {
         "CLIENT_CLOSED": 1, "UPSTREAM_CLOSED": 2, "CLIENT_RESET": 3, "UPSTREAM_RESET": 4,
         "CONNECT_FAILED": 5, "REFUSED": 6, "TIMEOUT": 7, "HOOK_CLOSED": 8, "HOOK_ERROR": 9,
-        "SHUTDOWN": 10, "HOOK_TIMEOUT": 11, "ADMIN_CLOSED": 12}
+        "SHUTDOWN": 10, "HOOK_TIMEOUT": 11, "ADMIN_CLOSED": 12, "TOXIC_CLOSED": 13}
     assert CloseReason(11) is CloseReason.HOOK_TIMEOUT
     assert [m.value for m in _core.Verdict] == list(range(8))
     assert {m.name: m.value for m in _core.HookBit} == {

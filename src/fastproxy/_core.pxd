@@ -28,6 +28,7 @@ cpdef enum CloseReason:
     SHUTDOWN = 10
     HOOK_TIMEOUT = 11     # a hook call was not answered within hook_timeout
     ADMIN_CLOSED = 12     # the control plane closed it (DataPlane.close_bridge)
+    TOXIC_CLOSED = 13     # a toxic ended it (limit_data, timeout, reset_peer): a fault, not a real close
 
 cdef enum:
     CLOSE_NONE = 0        # not a reason a bridge ends with: not in CloseReason
@@ -155,6 +156,88 @@ cdef struct HookCalls:
 cdef struct ListenerC
 cdef struct ListenerSlot
 
+
+# Toxics (toxics.pxi): faults a listener injects into its bridges. A set is
+# built by the control plane from the listener's list, immutable once
+# published, and reference counted (the listener's current one, plus each
+# bridge's).
+cdef enum ToxicKind:
+    TX_LATENCY = 0
+    TX_BANDWIDTH = 1
+    TX_SLOW_CLOSE = 2
+    TX_TIMEOUT = 3
+    TX_RESET_PEER = 4
+    TX_SLICER = 5
+    TX_LIMIT_DATA = 6
+
+cdef struct ToxicC:
+    uint32_t id           # stable across updates of this toxic: its draw is kept
+    uint8_t kind          # TX_*
+    uint8_t stream        # 0: upstream (client -> server), 1: downstream
+    uint64_t threshold    # applies when a 32-bit draw is below it (2**32: always, 0: never)
+    int64_t a             # latency/slow_close/timeout/reset_peer: ns; bandwidth: bytes/s;
+                          # slicer: average size; limit_data: bytes
+    int64_t b             # latency: jitter ns; slicer: size variation
+    int64_t c             # slicer: delay ns
+
+cdef struct ToxicSet:
+    int64_t refs          # atomic
+    int n
+    ToxicC *t
+
+
+# One toxic of a bridge's set as that bridge drew it.
+cdef struct ToxicPick:
+    uint32_t id
+    uint8_t on            # the draw said it applies
+    int64_t since_ns      # when it first applied (timeout, reset_peer)
+    uint64_t base         # limit_data: the flow's written bytes then
+
+
+# Latency stamps: bytes read up to `end` (a flow's running count) may be
+# written from `release_ns` on.
+cdef struct ToxicStamp:
+    uint64_t end
+    int64_t release_ns
+
+
+# A stream's toxic state in one bridge: what its applied toxics add up to,
+# and their running state.
+cdef struct ToxicFlow:
+    int64_t latency_ns    # 0: none
+    int64_t jitter_ns
+    int64_t rate          # bytes/s; 0: none
+    double tokens
+    double burst
+    int64_t refill_ns
+    int64_t slice_avg     # 0: no slicer
+    int64_t slice_var
+    int64_t slice_delay_ns
+    int64_t next_ns       # slicer: no write before
+    int64_t fin_delay_ns  # slow_close; -1: none
+    int64_t fin_due_ns    # slow_close: when the FIN may go (0: not yet asked)
+    uint8_t hold          # timeout toxic or pause: forward nothing
+    uint8_t paused        # pause_bridge
+    uint8_t limited       # a limit_data toxic applies
+    uint64_t rd           # bytes read into the flow (or answered by on_data) since the state began
+    uint64_t wr           # bytes written out of it
+    uint64_t released     # latency: bytes before the first stamp, free to go
+    ToxicStamp *ring      # latency stamps (TOXIC_RING), or NULL
+    int rhead
+    int rcount
+    int64_t wake_ns       # the last step was held until then (0: not by time)
+
+
+# What a bridge with toxics (or a paused stream) keeps: allocated only then,
+# so a bridge without costs one pointer.
+cdef struct ToxicState:
+    ToxicSet *set         # a reference, or NULL (a pause without toxics)
+    ToxicPick *picks      # set.n of them
+    ToxicFlow flow[2]     # upstream, downstream
+    int heap_at           # index in Worker.theap, -1: not on it
+    int64_t due_ns
+
+
 cdef struct Bridge:
     uint64_t id
     ListenerC *ls         # its listener (a reference, dropped when the bridge is freed)
@@ -214,6 +297,7 @@ cdef struct Bridge:
     Bridge *grave_next
     Flow up              # client -> upstream
     Flow down            # upstream -> client
+    ToxicState *tx       # toxics.pxi: NULL unless a toxic or a pause is on it
 
 
 # Counters a single worker writes (read by stats() with relaxed loads).
@@ -399,6 +483,8 @@ cdef struct ListenerSlot:
     int64_t seen_close    # ListenerC.cmd_close done
     uint8_t listening     # the socket is in this worker's set
     uint8_t *scratch      # PROXY headers are peeked into it
+    ToxicSet *toxics      # the set this worker synced to (the listener holds its reference)
+    int64_t toxic_gen     # ListenerC.toxic_gen it synced to
     # Timer lists, one per duration of this listener, ordered by deadline.
     Bridge *thead[9]      # T_LISTS
     Bridge *ttail[9]
@@ -445,6 +531,10 @@ cdef struct ListenerC:
     int64_t idle_timeout_ns       # 0: none
     int64_t max_lifetime_ns       # 0: none
     int max_hold
+    # The current toxic set (one reference; NULL: none), swapped like
+    # `group` under toxic_gen: workers move their live bridges to it.
+    ToxicSet *toxics
+    int64_t toxic_gen
     int64_t hook_timeout_ns   # 0: hook calls have no deadline
     # The current upstream group (one reference), swapped by the control
     # plane; a worker rereads it when group_gen moves (worker_sync).
@@ -486,6 +576,14 @@ cdef struct ListenerC:
 cdef enum:
     MAX_LISTENERS = 4096
 
+# Per-bridge commands (DataPlane.bridge_command).
+cdef enum:
+    BA_CLOSE = 0
+    BA_RESET = 1
+    BA_HALF_CLOSE = 2
+    BA_PAUSE = 3
+    BA_RESUME = 4
+
 
 # One bridge as DataPlane.bridges() shows it: what its worker copied when
 # asked (worker_snapshot), so the control plane never reads a Bridge.
@@ -494,6 +592,9 @@ cdef struct BridgeInfo:
     int listener         # ListenerC.id
     uint8_t state        # B_*
     uint8_t half_closed  # one side sent FIN
+    uint8_t paused       # bit 0: upstream paused, bit 1: downstream
+    uint8_t ntoxics      # toxics applied (ids in toxic_ids, at most 16 listed)
+    uint32_t toxic_ids[16]
     uint8_t client_v4
     uint16_t client_port
     uint8_t client_ip[16]
@@ -530,10 +631,14 @@ cdef struct Shared:
     int64_t gen
     # Commands a worker carries out when it syncs, each a generation bumped
     # with gen (one at a time, under DataPlane._lock): copy your bridges
-    # into Worker.snap; close the bridge called kill_id.
+    # into Worker.snap; act on the bridge called kill_id (kill_action
+    # BA_*, on stream kill_stream).
     int64_t cmd_snap
     int64_t cmd_kill
     uint64_t kill_id
+    int kill_action
+    int kill_stream
+    int pipe_max         # /proc/sys/fs/pipe-max-size: a flow under latency grows its pipe to it
 
 
 cdef struct Worker:
@@ -565,6 +670,12 @@ cdef struct Worker:
     int64_t now_ns        # the loop's clock, read once per wake-up: what timings stamp
     uint8_t *hello_buf    # ClientHellos are peeked into it (and joined: twice HELLO_MAX)
     LoopCounters loop
+    uint64_t rng          # xorshift64* state (toxicity draws, jitter, slice sizes)
+    # Toxic wake-ups: a binary min-heap of bridges by ToxicState.due_ns
+    # (latency release times are arbitrary, unlike the one-duration lists).
+    Bridge **theap
+    int ntheap
+    int cap_theap
     Bridge **bridges
     int nbridges
     int cap_bridges

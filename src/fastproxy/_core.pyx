@@ -32,6 +32,7 @@ include "timers.pxi"
 include "worker.pxi"
 include "timings.pxi"
 include "bridge.pxi"
+include "toxics.pxi"
 include "connect.pxi"
 
 ENGINES = ("epoll", "poll") if FP_HAVE_EPOLL else ("poll",)
@@ -113,6 +114,18 @@ cdef void counters_add(Counters *total, Counters *c) noexcept nogil:
 
 # What bridges() calls each B_* state.
 BRIDGE_STATES = ("header", "queued", "hook", "connecting", "active", "closed", "hello")
+# DataPlane.bridge_command's actions, in BA_* order.
+BRIDGE_ACTIONS = ("close", "reset", "half_close", "pause", "resume")
+
+
+def pipe_max_size():
+    """The largest pipe an unprivileged process may ask for
+    (/proc/sys/fs/pipe-max-size; 1 MiB where it cannot be read)."""
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return min(int(f.read().strip()), 1 << 30)
+    except (OSError, ValueError):
+        return 1 << 20
 
 
 cdef str bridge_state_name(int state, bint half_closed):
@@ -143,6 +156,7 @@ cdef void listener_free(ListenerC *ls, int nworkers) noexcept nogil:
     if ls.route_groups != NULL:
         for j in range(ls.nroutes):
             group_unref(ls.route_groups[j])
+    toxic_set_unref(ls.toxics)
     free(ls.route_groups)
     free(ls.route_retries)
     route_table_free(ls.routes)
@@ -241,6 +255,52 @@ cdef class ListenerHandle:
             fp_atomic_add(&self.c.cmd_close, 1)
             plane._publish()
 
+    def set_toxics(self, list toxics):
+        """Make `toxics` this listener's toxic set, as one step: a list of
+        (id, kind, stream, toxicity, a, b, c) (toxics.pxi's ToxicC; kind
+        and stream as indexes into fastproxy.toxics.KINDS and STREAMS;
+        times in ns, rates in bytes/s). Live bridges move to it; returns
+        once every running worker has."""
+        cdef ToxicSet *new = NULL
+        cdef ToxicSet *old
+        cdef ToxicC *t
+        cdef int i
+        plane = self._plane
+        if toxics:
+            new = <ToxicSet *>calloc(1, sizeof(ToxicSet))
+            if new == NULL:
+                raise MemoryError()
+            new.refs = 1
+            new.t = <ToxicC *>calloc(len(toxics), sizeof(ToxicC))
+            if new.t == NULL:
+                free(new)
+                raise MemoryError()
+            for i, (tid, kind, stream, toxicity, a, b, c) in enumerate(toxics):
+                t = &new.t[i]
+                if not (0 <= kind <= TX_LIMIT_DATA and stream in (0, 1) and 0.0 <= toxicity <= 1.0
+                        and min(a, b, c) >= 0):
+                    toxic_set_unref(new)
+                    raise ValueError(f"toxic {i}: {(tid, kind, stream, toxicity, a, b, c)!r} is not a toxic")
+                t.id = tid
+                t.kind = kind
+                t.stream = stream
+                t.threshold = <uint64_t>(toxicity * 4294967296.0)
+                t.a = a
+                t.b = b
+                t.c = c
+            new.n = len(toxics)
+        with plane._lock:
+            if self.c == NULL:
+                toxic_set_unref(new)
+                self._check()
+            old = self.c.toxics
+            fp_ptr_set(<void **>&self.c.toxics, new)
+            fp_atomic_add(&self.c.toxic_gen, 1)
+            # Until each worker has synced, one may be about to read the
+            # old set: its reference is dropped only after.
+            plane._publish()
+            toxic_set_unref(old)
+
     def stop_accepting(self):
         """Take the listener out of every worker's set for good (it was
         removed): returns once no running worker will accept on its socket,
@@ -326,6 +386,7 @@ cdef class DataPlane:
         self.sh.hook_read = max(hook_read, buf_size)
         self.sh.busy_poll_ns = seconds_to_ns(process.busy_poll)
         self.sh.pool_max = pool_max
+        self.sh.pipe_max = max(pipe_size, pipe_max_size())
         self.sh.hook_pool_max = max(1, pool_max * self.sh.buf_size // self.sh.hook_read)
         if queue_init(&self.sh, hook_slots) < 0:
             queue_destroy(&self.sh)
@@ -560,6 +621,7 @@ cdef class DataPlane:
         cdef int r
         w.id = i
         w.sh = &self.sh
+        w.rng = mix64(<uint64_t>fp_now_ns() ^ (<uint64_t>i << 32)) or 1
         w.epfd = -1
         w.wake_r = -1
         w.wake_w = -1
@@ -675,6 +737,9 @@ cdef class DataPlane:
                             "bytes_upstream": e.bytes_upstream,
                             "bytes_downstream": e.bytes_downstream,
                             "age": max(0, now - e.accepted_ns) / 1e9,
+                            "toxic_ids": [e.toxic_ids[k] for k in range(e.ntoxics)],
+                            "paused": [name for k, name in enumerate(("upstream", "downstream"))
+                                       if e.paused & (1 << k)],
                         })
             finally:
                 for i in range(self.nworkers):
@@ -692,8 +757,25 @@ cdef class DataPlane:
         """Close the live bridge `bridge_id` (an id bridges() listed) with
         FIN both ways, close reason ADMIN_CLOSED. Returns True once its
         worker closed it, False when no live bridge has that id."""
+        return self.bridge_command(bridge_id, "close")
+
+    def bridge_command(self, bridge_id, str action, str stream=""):
+        """Act on live bridge `bridge_id`: action "close" (FIN both ways),
+        "reset" (RST both sides; both close reason ADMIN_CLOSED),
+        "half_close" (FIN on `stream` after what it holds), "pause" or
+        "resume" (`stream`'s forwarding). stream: "upstream" or
+        "downstream". Returns True once its worker did it, False when no
+        live, connected (for the last three) bridge has that id."""
         cdef int i
         cdef bint found = 0
+        cdef int code, st
+        try:
+            code = BRIDGE_ACTIONS.index(action)
+        except ValueError:
+            raise ValueError(f"action {action!r}: expected one of {', '.join(BRIDGE_ACTIONS)}") from None
+        if code >= BA_HALF_CLOSE and stream not in ("upstream", "downstream"):
+            raise ValueError(f"stream {stream!r}: expected upstream or downstream")
+        st = 1 if stream == "downstream" else 0
         if type(bridge_id) is not int or not 0 <= bridge_id < 2 ** 64:
             return False
         with self._lock:
@@ -702,6 +784,8 @@ cdef class DataPlane:
             for i in range(self.nworkers):
                 self.workers[i].kill_found = 0
             self.sh.kill_id = <uint64_t>bridge_id
+            self.sh.kill_action = code
+            self.sh.kill_stream = st
             fp_atomic_add(&self.sh.cmd_kill, 1)
             self._publish()
             for i in range(self.nworkers):
@@ -974,6 +1058,7 @@ cdef class DataPlane:
                 free(w.hook_pool)
                 free(w.events)
                 free(w.hello_buf)
+                free(w.theap)
                 free(w.bridges)
                 free(w.calls)
                 free(w.pfds)

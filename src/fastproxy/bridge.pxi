@@ -12,6 +12,7 @@ cdef enum FlowResult:
     FLOW_DST_RESET = 2      # writing dst failed: its peer is gone
     FLOW_HOOK_FAILED = 3    # on_data could not be asked, held too much, or said CLOSE
     FLOW_HOOK_ERROR = 4     # on_data raised (what it answered before is sent first)
+    FLOW_TOXIC = 5          # a limit_data toxic's count is reached
 
 
 cdef inline void flow_release(Worker *w, Flow *f) noexcept nogil:
@@ -146,11 +147,14 @@ cdef inline void flow_sent(Flow *f) noexcept nogil:
 
 cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
                   uint8_t *src_rd, uint8_t *dst_wr, int direction,
-                  uint64_t *total, uint64_t *per_upstream) noexcept nogil:
-    # Moves what src and dst allow. Returns FLOW_OK, or why the bridge must
-    # end (FLOW_SRC_RESET, FLOW_DST_RESET, FLOW_HOOK_FAILED, FLOW_HOOK_ERROR).
+                  uint64_t *total, uint64_t *per_upstream, ToxicFlow *tf) noexcept nogil:
+    # Moves what src and dst allow (and the stream's toxics, tf, when the
+    # bridge has any: NULL otherwise, the one test the fast path pays per
+    # step). Returns FLOW_OK, or why the bridge must end (FLOW_SRC_RESET,
+    # FLOW_DST_RESET, FLOW_HOOK_FAILED, FLOW_HOOK_ERROR, FLOW_TOXIC).
     cdef ssize_t r
     cdef uint32_t end
+    cdef int64_t want
     if f.waiting:
         return FLOW_OK
     while True:
@@ -162,24 +166,32 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
         # (backpressure), since nothing is read once the pipe is full.
         end = f.hold_at if f.hold_at else f.len
         if end > f.off and not f.held and dst_wr[0]:
-            if f.pipe_r >= 0:
-                r = fp_splice(f.pipe_r, dst, f.len)
-            else:
-                r = fp_send(dst, f.buf + f.off, end - f.off)
-            if r > 0:
+            want = f.len if f.pipe_r >= 0 else end - f.off
+            if tf != NULL:
+                want = toxic_allow(w, b, tf, direction, want, w.now_ns)
+                if want < 0:
+                    return FLOW_TOXIC
+            if want > 0:
                 if f.pipe_r >= 0:
-                    f.len -= <uint32_t>r
+                    r = fp_splice(f.pipe_r, dst, <size_t>want)
                 else:
-                    f.off += <uint32_t>r
-                    if f.off == end:
-                        flow_sent(f)
-                f.bytes += <uint64_t>r
-                fp_bump(total, <uint64_t>r)
-                fp_bump(per_upstream, <uint64_t>r)
-                continue
-            if r != -EAGAIN:
-                return FLOW_DST_RESET
-            dst_wr[0] = 0
+                    r = fp_send(dst, f.buf + f.off, <size_t>want)
+                if r > 0:
+                    if f.pipe_r >= 0:
+                        f.len -= <uint32_t>r
+                    else:
+                        f.off += <uint32_t>r
+                        if f.off == end:
+                            flow_sent(f)
+                    f.bytes += <uint64_t>r
+                    fp_bump(total, <uint64_t>r)
+                    fp_bump(per_upstream, <uint64_t>r)
+                    if tf != NULL and toxic_wrote(w, b, tf, direction, r, w.now_ns):
+                        return FLOW_TOXIC
+                    continue
+                if r != -EAGAIN:
+                    return FLOW_DST_RESET
+                dst_wr[0] = 0
         if f.eof or not src_rd[0]:
             break
         # A hooked flow reads its next chunk only once the last one is out,
@@ -189,6 +201,8 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
         if f.bulk and f.buf != NULL and f.len == 0 and not f.hook and not b.copy:
             flow_release(w, f)   # turning to splice: give the buffer back
         if f.cap == 0 and flow_acquire(w, b, f) < 0:
+            break
+        if tf != NULL and not toxic_may_read(w, f, tf):
             break
         # Past max_hold and out of memory both end the bridge as HOOK_CLOSED:
         # on_data cannot be given more, as when flow_lend cannot ask it.
@@ -202,6 +216,8 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
             r = fp_recv(src, f.buf + f.len, f.cap - f.len)
         if r > 0:
             f.len += <uint32_t>r
+            if tf != NULL and not f.hook:
+                toxic_read(w, tf, r, w.now_ns)
             if f.hook:
                 f.held = 0
                 if flow_lend(w, b, f, direction, f.len - <uint32_t>r) < 0:
@@ -243,7 +259,7 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
         return FLOW_SRC_RESET
     if f.len == 0 and f.cap != 0:
         flow_release(w, f)   # an idle bridge holds no pipe
-    if f.eof and f.len == 0 and not f.shut:
+    if f.eof and f.len == 0 and not f.shut and (tf == NULL or toxic_fin_ok(tf, w.now_ns)):
         # With the other direction already done the bridge closes next, and
         # close() sends the FIN itself (nothing is left unread on either
         # socket, so it is a FIN, not a reset).
@@ -276,6 +292,8 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
     flow_release(w, &b.up)
     flow_release(w, &b.down)
     timer_del_all(w, b)
+    if b.tx != NULL:
+        toxic_free(w, b)
     bridges_remove(w, b)
     b.reason = <uint8_t>reason
     if b.ls.hooks & HOOK_RECORDS:
@@ -298,10 +316,20 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
 cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     cdef UpstreamCounters *uc = b.uc if b.uc != NULL else &lslot(w, b.ls).routed
     cdef uint64_t moved = b.up.bytes + b.down.bytes
-    cdef int r = flow_run(w, b, &b.up, b.cfd, b.ufd, &b.c_rd, &b.u_wr, 0,
-                          &lslot(w, b.ls).ctr.bytes_upstream, &uc.bytes_upstream)
+    cdef ToxicFlow *tup = NULL
+    cdef ToxicFlow *tdown = NULL
+    cdef int r
+    if b.tx != NULL:
+        tup = &b.tx.flow[0]
+        tdown = &b.tx.flow[1]
+        tup.wake_ns = 0
+        tdown.wake_ns = 0
+    r = flow_run(w, b, &b.up, b.cfd, b.ufd, &b.c_rd, &b.u_wr, 0,
+                 &lslot(w, b.ls).ctr.bytes_upstream, &uc.bytes_upstream, tup)
     if r != FLOW_OK:
-        if r == FLOW_SRC_RESET:
+        if r == FLOW_TOXIC:
+            bridge_close(w, b, TOXIC_CLOSED, 0, 0)
+        elif r == FLOW_SRC_RESET:
             bridge_close(w, b, CLIENT_RESET, 0, 1)
         elif r == FLOW_DST_RESET:
             bridge_close(w, b, UPSTREAM_RESET, 1, 0)
@@ -309,9 +337,11 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
             bridge_close(w, b, HOOK_ERROR if r == FLOW_HOOK_ERROR else HOOK_CLOSED, 0, 0)
         return
     r = flow_run(w, b, &b.down, b.ufd, b.cfd, &b.u_rd, &b.c_wr, 1,
-                 &lslot(w, b.ls).ctr.bytes_downstream, &uc.bytes_downstream)
+                 &lslot(w, b.ls).ctr.bytes_downstream, &uc.bytes_downstream, tdown)
     if r != FLOW_OK:
-        if r == FLOW_SRC_RESET:
+        if r == FLOW_TOXIC:
+            bridge_close(w, b, TOXIC_CLOSED, 0, 0)
+        elif r == FLOW_SRC_RESET:
             bridge_close(w, b, UPSTREAM_RESET, 1, 0)
         elif r == FLOW_DST_RESET:
             bridge_close(w, b, CLIENT_RESET, 0, 1)
@@ -326,6 +356,8 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         # The side that sent FIN first names the reason the bridge ends.
         b.reason = CLIENT_CLOSED if b.up.eof else UPSTREAM_CLOSED
         timer_add(w, b, T_HALF_CLOSE, now + b.ls.half_close_timeout_ns)
+    if b.tx != NULL and b.state != B_CLOSED:
+        toxic_rearm(w, b)
 
 
 cdef void bridge_data_answer(Worker *w, Bridge *b, HookResult *res,
@@ -355,6 +387,9 @@ cdef void bridge_data_answer(Worker *w, Bridge *b, HookResult *res,
     f.then = res.then
     f.lent = NULL
     f.off = 0
+    if b.tx != NULL:
+        # Toxics apply to what on_data answered: it is stamped now.
+        toxic_read(w, &b.tx.flow[res.dir], <int64_t>((f.hold_at if f.hold_at else (0 if f.held else f.len))), now)
     # Both flows: the answer may unblock the reverse direction's FIN too.
     bridge_pump(w, b, now)
 

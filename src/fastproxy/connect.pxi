@@ -340,6 +340,7 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
 
 cdef bint bridge_connected(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     # Returns: 0 when the bridge had to close (the PROXY header failed).
+    cdef ToxicSet *toxics = lslot(w, b.ls).toxics
     timer_del(w, b, SLOT_PHASE)
     b.state = B_ACTIVE
     timing_connected(w, b, now)
@@ -348,6 +349,12 @@ cdef bint bridge_connected(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     if b.ls.send_proxy and not bridge_send_header(w, b):
         bridge_close(w, b, UPSTREAM_RESET, 1, 1)
         return 0
+    if toxics != NULL or b.tx != NULL:
+        # The listener's toxics apply from here (toxiproxy's: from the
+        # upstream connection); short of memory, the next sync tries again.
+        toxic_move(w, b, toxics, now)
+        if b.tx != NULL:
+            toxic_rearm(w, b)
     return 1
 
 

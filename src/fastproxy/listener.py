@@ -22,7 +22,7 @@ from .routes import Route
 from .sockets import (LISTEN_BACKLOG, UnixFile, adopt_socket, check_listening, close_listening, listen_socket, listen_unix,
                       remove_unix_file, unix_file_of)
 from .timewindows import Clock, TimeWindows
-from .toxics import Toxic
+from .toxics import KINDS, STREAMS, Toxic
 from .upstreams import Upstream
 from .values import ConfigError, format_address, unix_path
 from .watch import Watchers
@@ -54,6 +54,27 @@ def add_figures(into: Dict[str, Any], more: Dict[str, Any]) -> None:
             into[key] = max(into.get(key, 0), value)
         else:
             into[key] = into.get(key, 0) + value
+
+
+def toxic_spec(toxic_id: int, t: Toxic) -> Tuple[int, int, int, float, int, int, int]:
+    """A toxic as ListenerHandle.set_toxics takes it: (id, kind, stream,
+    toxicity, a, b, c), times in ns and rates in bytes/s (toxics.pxi)."""
+    at = t.attributes
+    ms = 1_000_000
+    a = b = c = 0
+    if t.kind == "latency":
+        a, b = at["latency"] * ms, at["jitter"] * ms
+    elif t.kind == "bandwidth":
+        a = at["rate"] * 1000   # toxiproxy's KB: 1000 bytes
+    elif t.kind == "slow_close":
+        a = at["delay"] * ms
+    elif t.kind in ("timeout", "reset_peer"):
+        a = at["timeout"] * ms
+    elif t.kind == "slicer":
+        a, b, c = at["average_size"], at["size_variation"], at["delay"] * 1000
+    elif t.kind == "limit_data":
+        a = at["bytes"]
+    return (toxic_id, KINDS.index(t.kind), STREAMS.index(t.stream), t.toxicity, a, b, c)
 
 
 def bound_address(sock: socket.socket) -> Any:
@@ -188,6 +209,9 @@ class Listener:
         # Run-time faults (toxics.py), carried across a reload like the
         # upstreams' admin states; the data plane holds them as one set.
         self.toxics: List[Toxic] = []
+        self.toxic_ids: Dict[str, int] = {}     # name -> the data plane's id
+        self.toxic_names: Dict[int, str] = {}   # every id given -> its name
+        self._next_toxic_id = 0
         self._lock = threading.Lock()   # draining and carried: the reaper against stats()
         self.down = False   # set down at run time (Proxy.set_down): refuses clients
 
@@ -331,10 +355,17 @@ class Listener:
             self.carried = replaces.carried
             self.retired = replaces.retired
             self.toxics = replaces.toxics
+            self.toxic_ids = replaces.toxic_ids
+            self.toxic_names = replaces.toxic_names
+            self._next_toxic_id = replaces._next_toxic_id
             # The socket is the same: so is the file it is bound to, which
             # whoever holds the socket last removes.
             self.unix_file, replaces.unix_file = replaces.unix_file, None
             replaces.stop_watchers()
+        if self.toxics:
+            # Run-time faults stay across a reload: the new block takes them
+            # right after it is published (same ids: bridges keep draws).
+            self.handle.set_toxics([toxic_spec(self.toxic_ids[t.name], t) for t in self.toxics])
         self.watchers = Watchers(cfg, self.windows, self.handle, self.health_check)
         self.watchers.start()
 
@@ -373,10 +404,27 @@ class Listener:
     def set_toxics(self, toxics: List[Toxic]) -> None:
         """Make `toxics` this listener's set: published to the data plane
         (when serving) before it becomes the listener's list, so a failure
-        leaves both as they were."""
+        leaves both as they were. A toxic keeps its id (and each bridge
+        its toxicity draw) while its name, kind and stream stay."""
+        ids = {}
+        for t in toxics:
+            old = self.toxic_ids.get(t.name)
+            same = [o for o in self.toxics if o.name == t.name and o.kind == t.kind and o.stream == t.stream]
+            if old is not None and same:
+                ids[t.name] = old
+            else:
+                self._next_toxic_id += 1
+                ids[t.name] = self._next_toxic_id
         if self.handle is not None:
-            raise NotImplementedError("toxics in the data plane: not built yet")
+            self.handle.set_toxics([toxic_spec(ids[t.name], t) for t in toxics])
         self.toxics = list(toxics)
+        self.toxic_ids = ids
+        for t in toxics:
+            self.toxic_names[ids[t.name]] = t.name
+
+    def toxic_names_of(self, ids: List[int]) -> List[str]:
+        """Names of the toxics with these ids (as bridges() reports them)."""
+        return [self.toxic_names.get(i, str(i)) for i in ids]
 
     # ---- upstreams from DNS
 
@@ -563,4 +611,5 @@ class Listener:
                 figures["resolution"] = resolution
             elif route in figures.get("routes", {}):
                 figures["routes"][route]["resolution"] = resolution
+        figures["toxics"] = [t.name for t in self.toxics]
         return figures

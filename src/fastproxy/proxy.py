@@ -985,8 +985,12 @@ class Proxy:
             return []
         found = plane.bridges(limit)
         names = self._listener_names()
+        by_name = {lst.name: lst for lst in list(self._listeners)}
         for b in found:
             b["listener"] = names.get(b["listener"], str(b["listener"]))
+            lst = by_name.get(b["listener"])
+            ids = b.pop("toxic_ids")
+            b["toxics"] = lst.toxic_names_of(ids) if lst is not None else [str(i) for i in ids]
         return found
 
     def close_bridge(self, bridge_id: int) -> bool:
@@ -1111,7 +1115,6 @@ class Proxy:
             return False
         if stream is not None and stream not in STREAMS:
             raise ConfigError("stream", stream, f"expected one of {', '.join(STREAMS)}")
-        raise NotImplementedError("per-bridge commands in the data plane: not built yet")
         done = plane.bridge_command(bridge_id, action, stream or "")
         if done:
             log.info("bridge %d: %s%s at run time", bridge_id, action, "" if stream is None else f" {stream}")
@@ -1185,6 +1188,7 @@ class Proxy:
             stats.pop("upstreams", None)
             stats.pop("routed", None)
             stats.pop("resolution", None)
+            stats.pop("toxics", None)
         stats.update(plane.stats())
         stats["hook_errors"] = self._runner.errors.count if self._runner is not None else 0
         stats["listeners"] = per

@@ -65,6 +65,8 @@ cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
         while timer_due(s, T_HELLO, now):
             fp_bump(&s.ctr.route_timeouts, 1)
             bridge_close(w, s.thead[T_HELLO], TIMEOUT, 0, 0)
+    if w.ntheap > 0:
+        toxics_run(w, now)
 
 
 cdef void idle_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
@@ -94,6 +96,10 @@ cdef int worker_timeout_ms(Worker *w, int64_t now) noexcept nogil:
                 due = tlink(s.thead[t], SLOT_OF[t]).deadline_ns
                 if d < 0 or due < d:
                     d = due
+    if w.ntheap > 0:
+        due = w.theap[0].tx.due_ns
+        if d < 0 or due < d:
+            d = due
     if w.accept_resume_ns != 0 and (d < 0 or w.accept_resume_ns < d):
         d = w.accept_resume_ns
     if w.stopping and (d < 0 or w.drain_deadline_ns < d):
@@ -302,19 +308,21 @@ cdef void worker_snapshot(Worker *w) noexcept nogil:
         e.bytes_upstream = b.up.bytes
         e.bytes_downstream = b.down.bytes
         e.accepted_ns = b.accepted_ns
+        if b.tx != NULL:
+            toxic_snapshot(b.tx, e)
         n += 1
     w.snap_len = n
     w.snap_total = w.nbridges
 
 
-cdef int worker_kill(Worker *w, uint64_t id) noexcept nogil:
-    # Closes bridge `id` if it is this worker's, with FIN both ways: what
-    # was already forwarded still arrives. Returns: 1 if found, else 0.
+cdef int worker_kill(Worker *w, uint64_t id, int action, int stream) noexcept nogil:
+    # Carries out command `action` (BA_*: close with FIN both ways, reset,
+    # half-close, pause, resume) on bridge `id` if it is this worker's.
+    # Returns: 1 if found and done, else 0.
     cdef int i
     for i in range(w.nbridges):
         if w.bridges[i].id == id and w.bridges[i].state != B_CLOSED:
-            bridge_close(w, w.bridges[i], ADMIN_CLOSED, 0, 0)
-            return 1
+            return bridge_command(w, w.bridges[i], action, stream, w.now_ns)
     return 0
 
 
@@ -327,7 +335,7 @@ cdef void worker_commands(Worker *w) noexcept nogil:
     g = fp_atomic_get(&w.sh.cmd_kill)
     if g != w.seen_kill:
         w.seen_kill = g
-        w.kill_found = worker_kill(w, w.sh.kill_id)
+        w.kill_found = worker_kill(w, w.sh.kill_id, w.sh.kill_action, w.sh.kill_stream)
 
 
 cdef void worker_sync(Worker *w) noexcept nogil:
@@ -349,6 +357,9 @@ cdef void worker_sync(Worker *w) noexcept nogil:
         s = lslot(w, ls)
         if not listener_sync_group(w, ls):
             done = 0
+        if fp_atomic_get(&ls.toxic_gen) != s.toxic_gen:
+            s.toxic_gen = fp_atomic_get(&ls.toxic_gen)
+            worker_sync_toxics(w, ls, s, w.now_ns)
         close_gen = fp_atomic_get(&ls.cmd_close)
         if close_gen != s.seen_close:
             s.seen_close = close_gen
