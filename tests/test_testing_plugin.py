@@ -3,12 +3,13 @@ the plugin run in a pytest subprocess (pytester), as a user's suite runs it."""
 import importlib.metadata
 import os
 import socket
+import time
 
 import pytest
 
 import fastproxy
 
-from fastproxy import ConfigError, ToxicError, toxic
+from fastproxy import ConfigError, ToxicError, UnknownNameError, toxic
 from fastproxy.testing import Bridge, ToxicProxy
 from support.sockets import closed_by_peer, connect, echo_roundtrip, recv_exact
 from support.waits import wait_for
@@ -171,3 +172,59 @@ def test_plugin_ini_engine_and_bad_upstream(pytester, echo_server):
     pytester._monkeypatch.setenv("PYTHONPATH", env_path)
     result = pytester.runpytest_subprocess(*_plugin_args(), "-p", "no:cacheprovider", timeout=120)
     result.assert_outcomes(passed=2)
+
+
+def _round_trip_ms(address, payload=b"ping"):
+    with connect(address) as s:
+        start = time.perf_counter()
+        s.sendall(payload)
+        assert recv_exact(s, len(payload)) == payload
+        return (time.perf_counter() - start) * 1000
+
+
+def test_toxics_through_a_toxic_proxy(echo_server, engine):
+    with ToxicProxy(echo_server.addr, engine=engine) as p:
+        before = min(_round_trip_ms(p.address) for _ in range(5))
+        made = p.add_toxic("latency", latency=80)
+        assert made.name == "latency_downstream" and p.toxics == [made]
+        assert min(_round_trip_ms(p.address) for _ in range(3)) - before >= 75
+        changed = p.update_toxic("latency_downstream", latency=10)
+        assert changed.attributes["latency"] == 10 and p.toxics == [changed]
+        assert min(_round_trip_ms(p.address) for _ in range(3)) < before + 60
+        p.remove_toxic("latency_downstream")
+        assert p.toxics == []
+        with pytest.raises(UnknownNameError):
+            p.remove_toxic("latency_downstream")
+        # A whole set at once, then reset() clears it.
+        p.set_toxics([toxic("latency", "upstream", latency=40), toxic("latency", latency=40)])
+        assert [t.name for t in p.toxics] == ["latency_upstream", "latency_downstream"]
+        assert min(_round_trip_ms(p.address) for _ in range(3)) - before >= 75
+        p.add_toxic(toxic("limit_data", name="cap", bytes=3))
+        p.reset()
+        assert p.toxics == [] and min(_round_trip_ms(p.address) for _ in range(3)) < before + 60
+
+
+def test_bridge_commands(echo_server, engine):
+    with ToxicProxy(echo_server.addr, engine=engine) as p:
+        s = connect(p.address)
+        s.sendall(b"a")
+        assert recv_exact(s, 1) == b"a"
+        p.add_toxic("latency", latency=1)
+        assert wait_for(lambda: p.bridges() and p.bridges()[0].toxics == ("latency_downstream",), 5)
+        (b,) = p.bridges()
+        assert b.pause("downstream") is True
+        assert p.bridges()[0].paused == ("downstream",)
+        s.sendall(b"b")
+        s.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            s.recv(1)
+        s.settimeout(5)
+        assert b.resume("downstream") is True
+        assert recv_exact(s, 1) == b"b"
+        # The server's end reaches the client; the client's stream still flows.
+        assert b.half_close("downstream") is True
+        assert s.recv(16) == b""
+        assert b.reset() is True
+        s.close()
+        assert wait_for(lambda: p.bridges() == [], 5)
+        assert b.pause("upstream") is False
