@@ -12,6 +12,7 @@ spends on each. See docs/benchmarks.md for the method.
     python benchmarks/run.py --quick    # smoke run, under 2 minutes
     python benchmarks/run.py --quick --tests unixbulk   # Unix vs TCP upstream
     python benchmarks/run.py --tests sniconn   # connection CPU, route = sni over 1,000 names vs plain
+    python benchmarks/run.py --tests toxicbulk # a latency / bandwidth toxic vs the same in an on_data hook
 
 Stdlib only (matplotlib, if importable, draws the PNG), Python 3.9+, Linux
 only (epoll, /proc, sched_setaffinity). The parts are in bench/ (see
@@ -49,7 +50,7 @@ from bench.measure import Env, run_all
 from bench.procs import stop_everything
 from bench.contenders import all_contenders, pick_contenders
 from bench.report import plot, render, summarize
-from bench import sniconn, unixbulk
+from bench import sniconn, toxicbulk, unixbulk
 
 
 # ----------------------------------------------------------------- setup
@@ -186,7 +187,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "(e.g. hooks=\'--hooks {bench}/hooks.py\'); same placeholders. "
                         "Repeatable")
     p.add_argument("--tests", default="bulk,connrate,ping,ping1,idle",
-                   help="which measurements (also: unixbulk, sniconn)")
+                   help="which measurements (also: unixbulk, sniconn, toxicbulk)")
     p.add_argument("--scrape-interval", type=float, default=0.1, metavar="SECONDS",
                    help="how often fastproxy-scraped's /metrics is fetched during bulk and connrate "
                         "(0: not at all)")
@@ -266,6 +267,21 @@ def run_sniconn(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_toxicbulk(args: argparse.Namespace) -> dict:
+    """The toxicbulk test: printed as a table and saved next to the other results."""
+    proxy_cpus, _ = pinning(args)
+    log("toxicbulk: one stream with a latency / bandwidth fault, data-plane toxic vs on_data hook")
+    result = toxicbulk.run(args.duration, args.reps, proxy_cpus)
+    result["command"] = " ".join(["python"] + [shlex.quote(a) for a in sys.argv])
+    result["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
+    out = args.out or unused_path(RESULTS_DIR, "toxicbulk-" + time.strftime("%Y%m%d-%H%M%S"))
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(toxicbulk.render(result), end="")
+    log(f"toxicbulk: {out}")
+    return result
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.report:
@@ -282,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     tests = {t.strip() for t in args.tests.split(",") if t.strip()}
-    unknown = tests - {"bulk", "connrate", "ping", "ping1", "idle", "unixbulk", "sniconn"}
+    unknown = tests - {"bulk", "connrate", "ping", "ping1", "idle", "unixbulk", "sniconn", "toxicbulk"}
     if unknown:
         sys.exit(f"unknown test(s) {', '.join(sorted(unknown))}")
     if "unixbulk" in tests:
@@ -290,6 +306,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         # its own sender and sink: bench/unixbulk.py.
         tests.discard("unixbulk")
         run_unixbulk(args)
+        if not tests:
+            return 0
+    if "toxicbulk" in tests:
+        # fastproxy alone, embedded (toxics are set at run time): bench/toxicbulk.py.
+        tests.discard("toxicbulk")
+        run_toxicbulk(args)
         if not tests:
             return 0
     if "sniconn" in tests:

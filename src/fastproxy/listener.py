@@ -415,8 +415,18 @@ class Listener:
             else:
                 self._next_toxic_id += 1
                 ids[t.name] = self._next_toxic_id
+        spec = [toxic_spec(ids[t.name], t) for t in toxics]
         if self.handle is not None:
-            self.handle.set_toxics([toxic_spec(ids[t.name], t) for t in toxics])
+            self.handle.set_toxics(spec)
+        with self._lock:
+            draining = [h for h, _ in self.draining]
+        for h in draining:
+            # Bridges of blocks a reload replaced are live bridges of this
+            # listener too.
+            try:
+                h.set_toxics(spec)
+            except RuntimeError:
+                pass   # freed meanwhile: no bridge left
         self.toxics = list(toxics)
         self.toxic_ids = ids
         for t in toxics:

@@ -213,9 +213,11 @@ cdef void toxic_derive(Worker *w, ToxicState *x, int64_t now) noexcept nogil:
             if tf.rate == 0:
                 tf.refill_ns = now
             tf.rate = rate[s]
-            # A few milliseconds' worth: smooth at high rates, and at low
-            # ones no more than a tenth of a second's (or one segment).
-            tf.burst = max(<double>tf.rate / 200.0, min(<double>tf.rate / 10.0, <double>TOXIC_CHUNK))
+            # 20 ms' worth, and room for a few segments: a wake-up that a
+            # busy CPU delays that long loses no tokens (the rate holds over
+            # seconds), while bursts stay short; at low rates no more than
+            # a fifth of a second's.
+            tf.burst = min(max(<double>tf.rate / 50.0, 4.0 * TOXIC_CHUNK), max(<double>tf.rate / 5.0, 1.0))
             if tf.tokens > tf.burst or tf.rate == 0:
                 tf.tokens = tf.burst
         if tf.fin_delay_ns < 0:
