@@ -299,7 +299,8 @@ def test_cli_prints_its_address_populates_and_stops_on_sigterm(tmp_path, echo_se
         err.join(5)
 
 
-@pytest.mark.parametrize("args, flag", [(["--port", "70000"], "--port"),
+@pytest.mark.parametrize("args, flag", [(["--port", "70000"], "--port"), (["--port", "x"], "argument --port"),
+                                        (["--engine", "fast"], "argument --engine"),
                                         (["--config", "/nonexistent/x.json"], "--config")])
 def test_cli_errors_are_one_line_exit_2(args, flag):
     cp = subprocess.run(cli_command(["toxiproxy", "--port", "0"] + args), capture_output=True, text=True,

@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
 from ._version import __version__
@@ -480,9 +480,15 @@ def _handler_for(server: ToxiproxyServer) -> type:
     return Handler
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block.
+        self.exit(2, f"fastproxy toxiproxy: error: {message} (see fastproxy toxiproxy -h)\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """fastproxy toxiproxy [--host H] [--port P] [--engine E] [--config FILE]"""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastproxy toxiproxy",
         description="Serve toxiproxy's HTTP API (version 2) with fastproxy proxies behind it; "
                     "toxiproxy's clients work unchanged (docs/toxiproxy.md). The first line out is "
