@@ -65,28 +65,26 @@ def test_down_with_an_explicit_port_keeps_it(make_proxy, echo_server):
 
 def test_cut_closes_live_bridges_and_keep_leaves_them_flowing(make_proxy, echo_server):
     p = make_proxy(echo_server.addr, workers=2)
-    cut = connect(p.address)
-    cut.sendall(b"ping")
-    assert recv_exact(cut, 4) == b"ping"
-    p.set_down(True, cut=True)
-    assert closed_by_peer(cut, 3.0) in ("eof", "reset")
-    cut.close()
+    with connect(p.address) as cut:
+        cut.sendall(b"ping")
+        assert recv_exact(cut, 4) == b"ping"
+        p.set_down(True, cut=True)
+        assert closed_by_peer(cut, 3.0) in ("eof", "reset")
     assert wait_for(lambda: p.stats()["active"] == 0, 5)
 
     p.set_down(False)
-    kept = connect(p.address)
-    kept.sendall(b"one")
-    assert recv_exact(kept, 3) == b"one"
-    p.set_down(True, cut=False)
-    assert refused(p.address)
-    for i in range(20):
-        kept.sendall(b"flow%02d" % i)
-        assert recv_exact(kept, 6) == b"flow%02d" % i
-    assert p.stats()["active"] == 1
-    p.set_down(False)
-    kept.sendall(b"up")
-    assert recv_exact(kept, 2) == b"up"
-    kept.close()
+    with connect(p.address) as kept:
+        kept.sendall(b"one")
+        assert recv_exact(kept, 3) == b"one"
+        p.set_down(True, cut=False)
+        assert refused(p.address)
+        for i in range(20):
+            kept.sendall(b"flow%02d" % i)
+            assert recv_exact(kept, 6) == b"flow%02d" % i
+        assert p.stats()["active"] == 1
+        p.set_down(False)
+        kept.sendall(b"up")
+        assert recv_exact(kept, 2) == b"up"
 
 
 def test_reload_keeps_a_down_listener_down(engine):

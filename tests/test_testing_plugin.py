@@ -56,43 +56,44 @@ def test_bad_upstream_is_one_clear_error(upstream):
 
 def test_cut_restore_and_reset(echo_server, engine):
     with ToxicProxy(echo_server.addr, engine=engine) as p:
-        live = connect(p.address)
-        live.sendall(b"ab")
-        assert recv_exact(live, 2) == b"ab"
-        p.cut()
-        assert p.down
-        assert closed_by_peer(live, 3.0) in ("eof", "reset")
-        live.close()
+        with connect(p.address) as live:
+            live.sendall(b"ab")
+            assert recv_exact(live, 2) == b"ab"
+            p.cut()
+            assert p.down
+            assert closed_by_peer(live, 3.0) in ("eof", "reset")
         with pytest.raises(ConnectionRefusedError):
             connect(p.address, timeout=2.0).close()
         p.restore()
         assert not p.down and echo_roundtrip(p.address, b"back") == b"back"
-        kept = connect(p.address)
-        p.refuse()
-        with pytest.raises(ConnectionRefusedError):
-            connect(p.address, timeout=2.0).close()
-        kept.sendall(b"still")
-        assert recv_exact(kept, 5) == b"still"
-        p.reset()   # as toxiproxy's /reset: up again, no toxics
-        assert not p.down and p.toxics == []
-        assert echo_roundtrip(p.address, b"reset") == b"reset"
-        kept.close()
+        with connect(p.address) as kept:
+            # A round trip first: a client still in the backlog (not yet a
+            # bridge) is reset by refuse(), as docs/testing.md says.
+            kept.sendall(b"1")
+            assert recv_exact(kept, 1) == b"1"
+            p.refuse()
+            with pytest.raises(ConnectionRefusedError):
+                connect(p.address, timeout=2.0).close()
+            kept.sendall(b"still")
+            assert recv_exact(kept, 5) == b"still"
+            p.reset()   # as toxiproxy's /reset: up again, no toxics
+            assert not p.down and p.toxics == []
+            assert echo_roundtrip(p.address, b"reset") == b"reset"
 
 
 def test_bridges_are_objects_with_figures(echo_server, any_engine):
     with ToxicProxy(echo_server.addr, engine=any_engine) as p:
-        s = connect(p.address)
-        s.sendall(b"12345")
-        assert recv_exact(s, 5) == b"12345"
-        assert wait_for(lambda: len(p.bridges()) == 1 and p.bridges()[0].bytes_downstream == 5, 5)
-        (b,) = p.bridges()
-        assert isinstance(b, Bridge)
-        assert b.client == s.getsockname()[:2]
-        assert b.upstream == echo_server.addr
-        assert b.bytes_upstream == 5 and b.age >= 0
-        assert b.close() is True
-        assert closed_by_peer(s, 3.0) == "eof"
-        s.close()
+        with connect(p.address) as s:
+            s.sendall(b"12345")
+            assert recv_exact(s, 5) == b"12345"
+            assert wait_for(lambda: len(p.bridges()) == 1 and p.bridges()[0].bytes_downstream == 5, 5)
+            (b,) = p.bridges()
+            assert isinstance(b, Bridge)
+            assert b.client == s.getsockname()[:2]
+            assert b.upstream == echo_server.addr
+            assert b.bytes_upstream == 5 and b.age >= 0
+            assert b.close() is True
+            assert closed_by_peer(s, 3.0) == "eof"
         assert wait_for(lambda: p.bridges() == [], 5)
         assert b.close() is False
 
@@ -206,25 +207,24 @@ def test_toxics_through_a_toxic_proxy(echo_server, engine):
 
 def test_bridge_commands(echo_server, engine):
     with ToxicProxy(echo_server.addr, engine=engine) as p:
-        s = connect(p.address)
-        s.sendall(b"a")
-        assert recv_exact(s, 1) == b"a"
-        p.add_toxic("latency", latency=1)
-        assert wait_for(lambda: p.bridges() and p.bridges()[0].toxics == ("latency_downstream",), 5)
-        (b,) = p.bridges()
-        assert b.pause("downstream") is True
-        assert p.bridges()[0].paused == ("downstream",)
-        s.sendall(b"b")
-        s.settimeout(0.3)
-        with pytest.raises(socket.timeout):
-            s.recv(1)
-        s.settimeout(5)
-        assert b.resume("downstream") is True
-        assert recv_exact(s, 1) == b"b"
-        # The server's end reaches the client; the client's stream still flows.
-        assert b.half_close("downstream") is True
-        assert s.recv(16) == b""
-        assert b.reset() is True
-        s.close()
+        with connect(p.address) as s:
+            s.sendall(b"a")
+            assert recv_exact(s, 1) == b"a"
+            p.add_toxic("latency", latency=1)
+            assert wait_for(lambda: p.bridges() and p.bridges()[0].toxics == ("latency_downstream",), 5)
+            (b,) = p.bridges()
+            assert b.pause("downstream") is True
+            assert p.bridges()[0].paused == ("downstream",)
+            s.sendall(b"b")
+            s.settimeout(0.3)
+            with pytest.raises(socket.timeout):
+                s.recv(1)
+            s.settimeout(5)
+            assert b.resume("downstream") is True
+            assert recv_exact(s, 1) == b"b"
+            # The server's end reaches the client at once, not at the echo server's.
+            assert b.half_close("downstream") is True
+            assert s.recv(16) == b""
+            assert b.reset() is True
         assert wait_for(lambda: p.bridges() == [], 5)
         assert b.pause("upstream") is False

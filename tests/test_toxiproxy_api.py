@@ -142,14 +142,13 @@ def test_routes_and_methods_toxiproxy_has_not(api):
 def test_update_enable_disable_and_addresses(api, echo_server):
     created = api.json("POST", "/proxies", {"name": "p", "upstream": echo_server.addr}, expect=201)
     address = host_port(created["listen"])
-    live = connect(address)
-    live.sendall(b"abc")
-    assert recv_exact(live, 3) == b"abc"
-    # Disabled: refused, its connections closed; the listen address kept.
-    updated = api.json("POST", "/proxies/p", {"enabled": False})
-    assert updated == dict(created, enabled=False)
-    assert live.recv(16) == b""
-    live.close()
+    with connect(address) as live:
+        live.sendall(b"abc")
+        assert recv_exact(live, 3) == b"abc"
+        # Disabled: refused, its connections closed; the listen address kept.
+        updated = api.json("POST", "/proxies/p", {"enabled": False})
+        assert updated == dict(created, enabled=False)
+        assert live.recv(16) == b""
     with pytest.raises(ConnectionRefusedError):
         connect(address, timeout=2).close()
     assert api.json("PATCH", "/proxies/p", {"enabled": True}) == created
