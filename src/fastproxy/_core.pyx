@@ -311,6 +311,16 @@ cdef class ListenerHandle:
             fp_atomic_set(&self.c.closing, 1)
             plane._publish()
 
+    def resume_accepting(self):
+        """Undo stop_accepting() (a listener set down at run time, whose
+        socket listens again): returns once every running worker has it
+        back in its set. Never for a block a reload replaced or removed."""
+        plane = self._plane
+        with plane._lock:
+            self._check()
+            fp_atomic_set(&self.c.closing, 0)
+            plane._publish()
+
     def stats(self):
         cdef Counters total
         cdef UpstreamCounters routed

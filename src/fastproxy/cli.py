@@ -28,7 +28,8 @@ EXIT_USAGE = 2
 USAGE = ("fastproxy [check] --listen ADDR --upstream SPEC [--upstream SPEC ...] [options]\n"
          "       fastproxy [check] --config FILE [options]\n"
          "       fastproxy top [ADDR] [--interval D] [--count N]\n"
-         "       fastproxy demo [--duration D] [--forever]")
+         "       fastproxy demo [--duration D] [--forever]\n"
+         "       fastproxy toxiproxy [--host H] [--port P] [--engine E] [--config FILE]")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +48,8 @@ def build_parser(*, command_defaults: bool = True) -> argparse.ArgumentParser:
         description="A TCP proxy that forwards at native speed (epoll + splice, no GIL). "
                     "`fastproxy check ...` validates the same arguments, binds nothing, prints what "
                     "would run and exits; `fastproxy top ADDR` shows a running proxy's stats endpoint "
-                    "live; `fastproxy demo` runs one on loopback with traffic (each has -h).",
+                    "live; `fastproxy demo` runs one on loopback with traffic; `fastproxy toxiproxy` serves "
+                    "toxiproxy's HTTP API (each has -h).",
         epilog="Durations (D) accept 5, 5s, 500ms, 2m, 1h; sizes 65536, 256k, 1m. "
                "Every option: docs/reference.md; the config file: docs/configuration.md.",
     )
@@ -81,6 +83,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] == "demo":
         from . import demo
         return demo.main(argv[1:])
+    if argv and argv[0] == "toxiproxy":
+        from . import toxiproxy
+        return toxiproxy.main(argv[1:])
     check = bool(argv) and argv[0] == "check"
     if check:
         argv = argv[1:]

@@ -19,7 +19,7 @@ from .discovery import build_group as build_resolved_group
 from .dispatch import HookRunner, ListenerHooks
 from .hooks import Hooks, access_log_fields, load_hooks
 from .routes import Route
-from .sockets import (UnixFile, adopt_socket, check_listening, close_listening, listen_socket, listen_unix,
+from .sockets import (LISTEN_BACKLOG, UnixFile, adopt_socket, check_listening, close_listening, listen_socket, listen_unix,
                       remove_unix_file, unix_file_of)
 from .timewindows import Clock, TimeWindows
 from .toxics import KINDS, STREAMS, Toxic
@@ -136,6 +136,26 @@ def build_routes(config: Config, resolutions: Sequence[Sequence[Resolution]],
     return out
 
 
+def relisten(sock: socket.socket, address: Tuple[str, int]) -> None:
+    """Listen again on a socket that stopped listening (shutdown SHUT_RD),
+    at `address`. A socket bound to port 0 lost its port when it stopped
+    listening (the kernel keeps only an explicitly bound one): it is bound
+    to the same port again, which fails only if another socket took it
+    meanwhile (ConfigError)."""
+    try:
+        sock.bind(address[:2])
+    except OSError:
+        pass   # EINVAL: still bound (an explicit port): nothing to redo
+    try:
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        raise ConfigError("listen", format_address(*address[:2]),
+                          f"cannot listen again: {exc.strerror or exc}") from None
+    if bound_address(sock)[1] != address[1]:
+        raise ConfigError("listen", format_address(*address[:2]),
+                          f"the port was taken while the listener was down (now {bound_address(sock)[1]})")
+
+
 class Listener:
     """A listener of a Proxy. prepare() does everything that can fail
     (resolving, binding, opening the access log) and nothing visible;
@@ -193,6 +213,7 @@ class Listener:
         self.toxic_names: Dict[int, str] = {}   # every id given -> its name
         self._next_toxic_id = 0
         self._lock = threading.Lock()   # draining and carried: the reaper against stats()
+        self.down = False   # set down at run time (Proxy.set_down): refuses clients
 
     @property
     def group(self) -> Optional["_core.UpstreamGroup"]:
@@ -312,6 +333,12 @@ class Listener:
         self.handle = plane.add_listener(self.sock.fileno(), self._group, cfg,
                                          hooks=self.hooks.flags(logged), replaces=old,
                                          routes=list(self._routes))
+        if replaces is not None and replaces.down:
+            # A reload keeps a down listener down: its socket does not
+            # listen, so the new block leaves it at once (until then a
+            # worker's accept on it fails with EINVAL and takes nobody).
+            self.down = True
+            self.handle.stop_accepting()
         # From now on the handle holds the current groups (a swap replaces
         # them): holding the first here would keep a retired group alive.
         self._group = None
@@ -341,6 +368,36 @@ class Listener:
             self.handle.set_toxics([toxic_spec(self.toxic_ids[t.name], t) for t in self.toxics])
         self.watchers = Watchers(cfg, self.windows, self.handle, self.health_check)
         self.watchers.start()
+
+    # ---- down (Proxy.set_down)
+
+    def set_down(self, down: bool, cut: bool) -> None:
+        """Down: no worker accepts, and the socket stops listening, so the
+        kernel refuses new clients (RST to a SYN, as for a closed port) and
+        resets those left in the backlog; with `cut`, every bridge of the
+        listener (draining blocks' too) closes with FIN both ways. Up: the
+        same socket listens again on the same address, then the workers
+        accept. Raises ConfigError for a Unix listener (a Unix socket
+        cannot stop listening and keep its name)."""
+        handle, sock = self.handle, self.sock
+        if handle is None or sock is None:
+            raise RuntimeError(f"listener {self.name} is not serving")
+        if isinstance(self.address, str):
+            raise ConfigError("listener", self.name, "a Unix listener cannot be set down (only TCP ones)")
+        if down and not self.down:
+            handle.stop_accepting()
+            # Linux: shutdown(SHUT_RD) of a listening socket is
+            # listen-stop: pending clients get RST, new SYNs get RST.
+            sock.shutdown(socket.SHUT_RD)
+            self.down = True
+        elif not down and self.down:
+            relisten(sock, self.address)
+            handle.resume_accepting()
+            self.down = False
+        if down and cut:
+            handle.close_all(_core.CloseReason.ADMIN_CLOSED)
+            for h, _ in list(self.draining):
+                h.close_all(_core.CloseReason.ADMIN_CLOSED)
 
     # ---- toxics
 

@@ -1007,6 +1007,44 @@ class Proxy:
             log.info("bridge %d closed at run time", bridge_id)
         return bool(closed)
 
+    # ---- down (listener.py: Listener.set_down)
+
+    def _named_listener(self, listener: Optional[str]) -> Listener:
+        # Imported here so that this block is all the down feature adds.
+        from .control import UnknownNameError
+        if listener is None:
+            if len(self._listeners) > 1:
+                raise ConfigError("listener", None, "this proxy has several listeners: name one ("
+                                  + ", ".join(lst.name for lst in self._listeners) + ")")
+            return self._listeners[0]
+        for lst in self._listeners:
+            if lst.name == listener:
+                return lst
+        raise UnknownNameError("listener", listener, "no such listener")
+
+    def set_down(self, down: bool, *, cut: bool = True, listener: Optional[str] = None) -> None:
+        """Set a listener down (True) or up again (False), as if its service
+        went away: while down, new clients are refused (connection refused,
+        as for a closed port) and, with `cut`, its live bridges close (FIN
+        both ways, close reason ADMIN_CLOSED, as toxiproxy's disable closes
+        its connections); cut=False leaves them flowing. Up again, the same
+        socket listens on the same address. `listener`: a listener's name,
+        needed only when the proxy has several. A reload keeps a down
+        listener down; a restart does not. Returns once every worker
+        applied it. TCP listeners only."""
+        with self._lock:
+            self._serving()
+            lst = self._named_listener(listener)
+            was = lst.down
+            lst.set_down(bool(down), cut)
+        if was != bool(down):
+            log.info("listener %s %s", lst.name,
+                     "up again" if not down else "down (bridges " + ("cut)" if cut else "kept)"))
+
+    def is_down(self, listener: Optional[str] = None) -> bool:
+        """Whether the listener is down (set_down)."""
+        return self._named_listener(listener).down
+
     # ---- toxics (toxics.py; the data plane applies them: toxics.pxi)
 
     def _toxic_listener(self, listener: Optional[str]) -> Listener:
