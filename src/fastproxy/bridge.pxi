@@ -412,4 +412,9 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
                     return
             if not bridge_connected(w, b, now):
                 return
+            if w.epfd < 0:
+                # The poll engine did not watch the client while it
+                # connected: what it sent meanwhile is read now, not
+                # after one more wait over every socket.
+                b.c_rd = 1
     bridge_pump(w, b, now)
