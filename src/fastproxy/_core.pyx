@@ -700,15 +700,22 @@ cdef class DataPlane:
 
     def stats(self):
         """The process's own figures; each listener's are its handle's.
-        "workers": one dict per worker of its loop's counters."""
+        "workers": one dict per worker of its loop's counters; "hook_queue":
+        hook calls waiting for a hook thread."""
         cdef int i
+        cdef int queued
         cdef LoopCounters *c
         workers = []
         for i in range(self.nworkers):
             c = &self.workers[i].loop
             workers.append({"iterations": fp_load(&c.iterations), "events": fp_load(&c.events),
                             "wakeups": fp_load(&c.wakeups), "accept_calls": fp_load(&c.accept_calls)})
+        with nogil:
+            pthread_mutex_lock(&self.sh.events.mu)
+            queued = self.sh.events.count
+            pthread_mutex_unlock(&self.sh.events.mu)
         return {"stale_answers": fp_atomic_get(&self.sh.gauges.stale_answers),
+                "hook_queue": queued,
                 "listeners": len(self._listeners), "workers": workers}
 
     # ---- hooks: called from the control plane's hook threads
