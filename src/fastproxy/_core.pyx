@@ -996,3 +996,24 @@ cdef class DataPlane:
 
     def __dealloc__(self):
         self._free()
+
+
+# ---- the FASTPROXY_FAULTS build only (setup.py, compat.h)
+
+def _fail_allocs(int count, int every=0, int size=0):
+    """Fail the next `count` allocations made without the GIL (the worker
+    path), only each `every`th of them, only those of exactly `size` bytes
+    (0: any); `count` 0 disarms. A test build's hook: other builds have none."""
+    if count < 0 or every < 0 or size < 0:
+        raise ValueError("count, every and size are not negative")
+    fp_fault_arm(count, every, size)
+
+
+def _failed_allocs():
+    """How many allocations _fail_allocs made fail so far."""
+    return fp_fault_count()
+
+
+if not FP_FAULTS:
+    del globals()["_fail_allocs"], globals()["_failed_allocs"]
+
