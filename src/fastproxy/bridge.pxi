@@ -12,6 +12,7 @@ cdef enum FlowResult:
     FLOW_DST_RESET = 2      # writing dst failed: its peer is gone
     FLOW_HOOK_FAILED = 3    # on_data could not be asked, held too much, or said CLOSE
     FLOW_HOOK_ERROR = 4     # on_data raised (what it answered before is sent first)
+    FLOW_NO_MEMORY = 5      # no buffer for the flow: the bridge ends (SHUTDOWN)
 
 
 cdef inline void flow_release(Worker *w, Flow *f) noexcept nogil:
@@ -148,7 +149,8 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
                   uint8_t *src_rd, uint8_t *dst_wr, int direction,
                   uint64_t *total, uint64_t *per_upstream) noexcept nogil:
     # Moves what src and dst allow. Returns FLOW_OK, or why the bridge must
-    # end (FLOW_SRC_RESET, FLOW_DST_RESET, FLOW_HOOK_FAILED, FLOW_HOOK_ERROR).
+    # end (FLOW_SRC_RESET, FLOW_DST_RESET, FLOW_HOOK_FAILED, FLOW_HOOK_ERROR,
+    # FLOW_NO_MEMORY).
     cdef ssize_t r
     cdef uint32_t end
     if f.waiting:
@@ -189,7 +191,9 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
         if f.bulk and f.buf != NULL and f.len == 0 and not f.hook and not b.copy:
             flow_release(w, f)   # turning to splice: give the buffer back
         if f.cap == 0 and flow_acquire(w, b, f) < 0:
-            break
+            # Waiting would stall it for good: nothing wakes a flow when
+            # memory comes back.
+            return FLOW_NO_MEMORY
         # Past max_hold and out of memory both end the bridge as HOOK_CLOSED:
         # on_data cannot be given more, as when flow_lend cannot ask it.
         if flow_make_room(w, b, f) < 0:
@@ -305,6 +309,8 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
             bridge_close(w, b, CLIENT_RESET, 0, 1)
         elif r == FLOW_DST_RESET:
             bridge_close(w, b, UPSTREAM_RESET, 1, 0)
+        elif r == FLOW_NO_MEMORY:
+            bridge_close(w, b, SHUTDOWN, 0, 0)
         else:
             bridge_close(w, b, HOOK_ERROR if r == FLOW_HOOK_ERROR else HOOK_CLOSED, 0, 0)
         return
@@ -315,6 +321,8 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
             bridge_close(w, b, UPSTREAM_RESET, 1, 0)
         elif r == FLOW_DST_RESET:
             bridge_close(w, b, CLIENT_RESET, 0, 1)
+        elif r == FLOW_NO_MEMORY:
+            bridge_close(w, b, SHUTDOWN, 0, 0)
         else:
             bridge_close(w, b, HOOK_ERROR if r == FLOW_HOOK_ERROR else HOOK_CLOSED, 0, 0)
         return
