@@ -9,6 +9,8 @@ Environment switches (also through `pip install .`):
   FASTPROXY_SANITIZE=LIST     builds with -fsanitize=LIST (e.g. address,undefined),
                               -O1 -g, frame pointers kept; .ci/sanitize runs the
                               suite on such a build (docs/building.md).
+  FASTPROXY_FAULTS=1          allocations made without the GIL fail on demand
+                              (_core._fail_allocs): a test build (docs/building.md).
 """
 import os
 import sys
@@ -27,6 +29,7 @@ def env_flag(name):
 
 PORTABLE = env_flag("FASTPROXY_FORCE_PORTABLE")
 DEBUG = env_flag("FASTPROXY_DEBUG_BUILD")
+FAULTS = env_flag("FASTPROXY_FAULTS")
 SANITIZE = os.environ.get("FASTPROXY_SANITIZE", "").strip()
 if SANITIZE and not all(s in ("address", "undefined", "leak") for s in SANITIZE.split(",")):
     sys.exit("FASTPROXY_SANITIZE: %r is not a list of address, undefined, leak" % SANITIZE)
@@ -40,6 +43,10 @@ compile_args = ["-O2"]
 link_args = ["-Wl,--strip-debug"] if sys.platform.startswith("linux") else []
 if PORTABLE:
     macros.append(("FASTPROXY_FORCE_PORTABLE", "1"))
+if FAULTS:
+    # Allocations without the GIL fail on demand (_core._fail_allocs): a
+    # test build, never shipped.
+    macros.append(("FASTPROXY_FAULTS", "1"))
 if DEBUG:
     compile_args = ["-O0", "-g"]
     link_args = []
@@ -61,7 +68,7 @@ if SANITIZE:
 # Neither cythonize nor build_ext sees a switch change (the sources are not
 # newer than their outputs), so a build of another flavour than the last one
 # here starts over; the stamp is written once a build succeeded.
-FLAVOUR = "portable=%d debug=%d sanitize=%s" % (PORTABLE, DEBUG, SANITIZE)
+FLAVOUR = "portable=%d debug=%d sanitize=%s faults=%d" % (PORTABLE, DEBUG, SANITIZE, FAULTS)
 STAMP = os.path.join(HERE, "build", "fastproxy-flavour")
 try:
     with open(STAMP) as f:

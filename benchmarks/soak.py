@@ -409,11 +409,18 @@ def run(args):
             flapping.flap()
         alive = proc.poll() is None
         idle = end = None
+        leaked = []
         if alive:
             stats = wait_idle(ports["stats"])
+            # --inject-leak: connections the proxy still holds when the
+            # end figures are taken, which --check must report (its test).
+            leaked = [socket.create_connection(("127.0.0.1", ports["stats"]), timeout=5)
+                      for _ in range(args.inject_leak)]
             time.sleep(1.0)
             end = proc_sample(proc.pid)
             idle = stats
+        for c in leaked:
+            c.close()
         errors = Counter()
         for name, c in finals.items():
             for k in ("refused", "reset", "timeout", "wrong", "other"):
@@ -600,6 +607,9 @@ def main(argv=None):
     p.add_argument("--plot", help="PNG written (default docs/soak-ENGINE.png; '' for none)")
     p.add_argument("--json", help="also write the raw result here")
     p.add_argument("--check", action="store_true", help="exit 1 on a problem (errors on healthy listeners, drift)")
+    p.add_argument("--inject-leak", type=int, default=0, metavar="N",
+                   help="for tests of --check: hold N connections to the proxy while its end figures are taken "
+                        "(a socket drift --check must report)")
     args = p.parse_args(argv)
     engine = resolved_engine(args.engine)
     if args.plot is None:

@@ -16,6 +16,9 @@ import mmap
 import os
 import re
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -426,3 +429,23 @@ def test_client_hello_arbitrary(guarded, data):
     finally:
         view.release()
     assert again == got
+
+
+def test_a_failing_hypothesis_test_fails_cleanly(tmp_path):
+    # Under the suite's warning filters ("error"), hypothesis' patch writer
+    # (it imports libcst on a failure) once turned a failure into an
+    # INTERNALERROR: the suite's own configuration, on a test that fails.
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "test_fails.py").write_text(
+        "from hypothesis import given, settings, strategies as st\n"
+        "@settings(max_examples=50, deadline=None, database=None)\n"
+        "@given(st.integers())\n"
+        "def test_small(n):\n"
+        "    assert n < 10\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "-c", str(root / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path)],
+                       cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out   # tests failed; 3 is an internal error
+    assert "INTERNALERROR" not in out, out
+    assert "Falsifying example" in out and "1 failed" in out, out

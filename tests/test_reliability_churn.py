@@ -3,7 +3,8 @@ process, mixing clean closes, client resets, upstream resets, refused
 upstreams and connect timeouts, some through an on_connect hook. Afterwards
 the proxy's fds, threads and bridges are back to their baseline, its RSS
 within a stated margin, and no socket of its ports is left in CLOSE_WAIT or
-FIN_WAIT2."""
+FIN_WAIT2, and no hook call is left queued (stats' hook_queue)."""
+import json
 import os
 import socket
 import textwrap
@@ -43,6 +44,21 @@ def _lingering(ports):
             and (s["local_port"] in ports["listen"] or s["remote_port"] in ports["upstream"])]
 
 
+def _hook_queue(path):
+    """stats()["hook_queue"], read from the proxy's stats endpoint."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(path)
+        s.sendall(b"GET /stats HTTP/1.0\r\nHost: churn\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])["hook_queue"]
+
+
 def _config(tmp_path, engine, echo, resetter, refused, hole):
     hooks = tmp_path / "connect_hook.py"
     hooks.write_text("def on_connect(conn):\n    return None\n")
@@ -50,6 +66,7 @@ def _config(tmp_path, engine, echo, resetter, refused, hole):
     path.write_text(textwrap.dedent("""\
         workers = 2
         engine = "{engine}"
+        stats = "unix:{stats}"
         [defaults]
         connect_timeout = "200ms"
         max_fails = 0
@@ -74,7 +91,7 @@ def _config(tmp_path, engine, echo, resetter, refused, hole):
         name = "timeout"
         listen = "127.0.0.1:0"
         upstreams = ["{hole}"]
-        """).format(engine=engine, echo=echo, hooks=hooks, resetter=resetter, refused=refused, hole=hole))
+        """).format(engine=engine, stats=tmp_path / "stats.sock", echo=echo, hooks=hooks, resetter=resetter, refused=refused, hole=hole))
     return str(path)
 
 
@@ -103,6 +120,10 @@ def test_100000_short_connections_leave_nothing_behind(engine, tmp_path):
             warm.run(30)
             assert not warm.failures, warm.failures[:5]
             time.sleep(0.5)
+            # The stats endpoint's first request starts its thread: before the baseline.
+            stats_path = str(tmp_path / "stats.sock")
+            assert _hook_queue(stats_path) == 0
+            time.sleep(0.2)
             base = {"fds": proc_fd_count(cp.pid), "threads": _threads(cp.pid), "rss": _rss_kib(cp.pid)}
             churn = Churn({
                 "clean": (found["echo"], "echo", 45),
@@ -118,6 +139,7 @@ def test_100000_short_connections_leave_nothing_behind(engine, tmp_path):
             assert not churn.failures, "%d failures, first: %s" % (len(churn.failures), churn.failures[:5])
             assert wait_for(lambda: proc_fd_count(cp.pid) <= base["fds"], 10), (proc_fd_count(cp.pid), base)
             assert _threads(cp.pid) == base["threads"]
+            assert wait_for(lambda: _hook_queue(stats_path) == 0, 10), _hook_queue(stats_path)
             assert wait_for(lambda: not _lingering(ports), 10), _lingering(ports)[:5]
             rss = _rss_kib(cp.pid)
             print("churn: fds %d -> %d, threads %d, RSS %d -> %d KiB" % (

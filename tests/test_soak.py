@@ -31,3 +31,17 @@ def test_short_soak(tmp_path, engine):
     assert result["faults"]["reload"] >= 1 and result["faults"]["upstream flap"] >= 3
     assert result["bytes_checked"] > 0 and len(result["samples"]) >= 4
     assert result["end"]["sockets"] == result["baseline"]["sockets"]
+
+
+@pytest.mark.slow
+def test_check_fails_naming_the_failed_check(tmp_path, any_engine):
+    # --inject-leak holds connections to the proxy while the end figures
+    # are taken: --check must exit non-zero and say which check failed.
+    out = tmp_path / "soak.md"
+    done = subprocess.run([sys.executable, SOAK, "--duration", "3", "--interval", "1", "--reload-every", "60",
+                           "--flap-every", "1", "--bridges", "4", "--rate", "20", "--reset-rate", "5",
+                           "--engine", any_engine, "--check", "--inject-leak", "3", "--out", str(out), "--plot", ""],
+                          capture_output=True, text=True, timeout=90, cwd=str(tmp_path))
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "PROBLEMS: " in done.stdout and "sockets drift: " in done.stdout, done.stdout[-2000:]
+    assert "sockets drift: " in out.read_text()

@@ -272,6 +272,7 @@ cdef struct Bridge:
     uint8_t routed       # counts in ListenerC.routed.active (a route outside the group)
     uint8_t in_queue     # on the wait queue (guarded by WaitQueue.mu)
     uint8_t kicked       # a retry is on its way (guarded by WaitQueue.mu)
+    uint8_t poll_dirty   # poll engine: on Worker.poll_dirty, its entries to be synced
     int tries            # upstreams tried so far
     uint8_t *tried       # bitmap of failed upstreams, allocated on the first failure
     Bridge *wprev
@@ -286,6 +287,8 @@ cdef struct Bridge:
     UpstreamAddr *route  # on_connect chose an address outside the group
     int nroute
     int slot             # index in Worker.bridges
+    int poll_at[2]       # poll engine: 1 + index of the client's / upstream's entry in Worker.pfds' bridge part; 0: none
+    Bridge *poll_next    # poll engine: next on Worker.poll_dirty
     int64_t accepted_ns
     # Timings (timings.pxi), from the worker's loop clock: 16 bytes, since
     # an idle bridge's size is the proxy's memory per connection.
@@ -691,10 +694,17 @@ cdef struct Worker:
     char **hook_pool      # idle buffers of hook_read bytes
     int nhooks
     epoll_event *events
+    # The poll engine's array, kept between waits: pfds[0] the wake pipe,
+    # then poll_head - 1 listener entries, then npfds bridge entries
+    # (pbridges: the owner of each, its address | 1 for an upstream socket).
     pollfd *pfds
     Bridge **pbridges
     ListenerC **plisteners  # poll: the listener of each listening pfd
     int cap_pfds
+    int poll_head
+    int npfds
+    Bridge *poll_dirty    # bridges whose entries are synced after this wake
+    uint8_t poll_refresh  # every bridge's entries are synced before the next wait
 
 
 cdef class UpstreamGroup:

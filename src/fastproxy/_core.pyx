@@ -794,15 +794,22 @@ cdef class DataPlane:
 
     def stats(self):
         """The process's own figures; each listener's are its handle's.
-        "workers": one dict per worker of its loop's counters."""
+        "workers": one dict per worker of its loop's counters; "hook_queue":
+        hook calls waiting for a hook thread."""
         cdef int i
+        cdef int queued
         cdef LoopCounters *c
         workers = []
         for i in range(self.nworkers):
             c = &self.workers[i].loop
             workers.append({"iterations": fp_load(&c.iterations), "events": fp_load(&c.events),
                             "wakeups": fp_load(&c.wakeups), "accept_calls": fp_load(&c.accept_calls)})
+        with nogil:
+            pthread_mutex_lock(&self.sh.events.mu)
+            queued = self.sh.events.count
+            pthread_mutex_unlock(&self.sh.events.mu)
         return {"stale_answers": fp_atomic_get(&self.sh.gauges.stale_answers),
+                "hook_queue": queued,
                 "listeners": len(self._listeners), "workers": workers}
 
     # ---- hooks: called from the control plane's hook threads
@@ -1084,3 +1091,24 @@ cdef class DataPlane:
 
     def __dealloc__(self):
         self._free()
+
+
+# ---- the FASTPROXY_FAULTS build only (setup.py, compat.h)
+
+def _fail_allocs(int count, int every=0, int size=0):
+    """Fail the next `count` allocations made without the GIL (the worker
+    path), only each `every`th of them, only those of exactly `size` bytes
+    (0: any); `count` 0 disarms. A test build's hook: other builds have none."""
+    if count < 0 or every < 0 or size < 0:
+        raise ValueError("count, every and size are not negative")
+    fp_fault_arm(count, every, size)
+
+
+def _failed_allocs():
+    """How many allocations _fail_allocs made fail so far."""
+    return fp_fault_count()
+
+
+if not FP_FAULTS:
+    del globals()["_fail_allocs"], globals()["_failed_allocs"]
+

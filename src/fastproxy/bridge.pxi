@@ -13,6 +13,7 @@ cdef enum FlowResult:
     FLOW_HOOK_FAILED = 3    # on_data could not be asked, held too much, or said CLOSE
     FLOW_HOOK_ERROR = 4     # on_data raised (what it answered before is sent first)
     FLOW_TOXIC = 5          # a limit_data toxic's count is reached
+    FLOW_NO_MEMORY = 6      # no buffer for the flow: the bridge ends (SHUTDOWN)
 
 
 cdef inline void flow_release(Worker *w, Flow *f) noexcept nogil:
@@ -151,7 +152,8 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
     # Moves what src and dst allow (and the stream's toxics, tf, when the
     # bridge has any: NULL otherwise, the one test the fast path pays per
     # step). Returns FLOW_OK, or why the bridge must end (FLOW_SRC_RESET,
-    # FLOW_DST_RESET, FLOW_HOOK_FAILED, FLOW_HOOK_ERROR, FLOW_TOXIC).
+    # FLOW_DST_RESET, FLOW_HOOK_FAILED, FLOW_HOOK_ERROR, FLOW_TOXIC,
+    # FLOW_NO_MEMORY).
     cdef ssize_t r
     cdef uint32_t end
     cdef int64_t want
@@ -201,7 +203,9 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
         if f.bulk and f.buf != NULL and f.len == 0 and not f.hook and not b.copy:
             flow_release(w, f)   # turning to splice: give the buffer back
         if f.cap == 0 and flow_acquire(w, b, f) < 0:
-            break
+            # Waiting would stall it for good: nothing wakes a flow when
+            # memory comes back.
+            return FLOW_NO_MEMORY
         if tf != NULL and not toxic_may_read(w, f, tf):
             break
         # Past max_hold and out of memory both end the bridge as HOOK_CLOSED:
@@ -333,6 +337,8 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
             bridge_close(w, b, CLIENT_RESET, 0, 1)
         elif r == FLOW_DST_RESET:
             bridge_close(w, b, UPSTREAM_RESET, 1, 0)
+        elif r == FLOW_NO_MEMORY:
+            bridge_close(w, b, SHUTDOWN, 0, 0)
         else:
             bridge_close(w, b, HOOK_ERROR if r == FLOW_HOOK_ERROR else HOOK_CLOSED, 0, 0)
         return
@@ -345,6 +351,8 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
             bridge_close(w, b, UPSTREAM_RESET, 1, 0)
         elif r == FLOW_DST_RESET:
             bridge_close(w, b, CLIENT_RESET, 0, 1)
+        elif r == FLOW_NO_MEMORY:
+            bridge_close(w, b, SHUTDOWN, 0, 0)
         else:
             bridge_close(w, b, HOOK_ERROR if r == FLOW_HOOK_ERROR else HOOK_CLOSED, 0, 0)
         return
@@ -447,4 +455,9 @@ cdef void bridge_event(Worker *w, Bridge *b, int side, int ev,
                     return
             if not bridge_connected(w, b, now):
                 return
+            if w.epfd < 0:
+                # The poll engine did not watch the client while it
+                # connected: what it sent meanwhile is read now, not
+                # after one more wait over every socket.
+                b.c_rd = 1
     bridge_pump(w, b, now)

@@ -125,6 +125,8 @@ class ProxyCollector(Collector):
                                   value=stats.get("stale_answers", 0))
         yield CounterMetricFamily("fastproxy_hook_errors", "Hook calls that raised or answered wrongly",
                                   value=stats.get("hook_errors", 0))
+        yield GaugeMetricFamily("fastproxy_hook_queue", "Hook calls waiting for a hook thread",
+                                value=stats.get("hook_queue", 0))
         yield GaugeMetricFamily("fastproxy_listeners", "Listeners configured", value=len(listeners))
         workers = stats.get("workers", [])
         yield GaugeMetricFamily("fastproxy_workers", "Worker threads", value=len(workers))

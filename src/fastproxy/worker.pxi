@@ -134,6 +134,8 @@ cdef int bridges_add(Worker *w, Bridge *b) noexcept nogil:
     b.slot = w.nbridges
     w.bridges[w.nbridges] = b
     w.nbridges += 1
+    if w.epfd < 0:
+        poll_mark(w, b)   # its client entry is made after this wake's events
     return 0
 
 
@@ -142,6 +144,130 @@ cdef inline void bridges_remove(Worker *w, Bridge *b) noexcept nogil:
     w.bridges[b.slot] = last
     last.slot = b.slot
     w.nbridges -= 1
+    if w.epfd < 0:
+        poll_remove(w, b, 0)
+        poll_remove(w, b, 1)
+
+
+# ---- the poll engine's array, kept between waits
+#
+# A bridge's entries change only after its own events (synced at the end
+# of that wake, from the poll_dirty list) or when it is closed (removed at
+# once); anything else that can change a bridge (timers, hook answers and
+# retries through the wake pipe, control-plane generations) sets
+# poll_refresh, which syncs every bridge before the next wait. Bridges are
+# only marked inside worker_wait_poll, before grave_free can free them.
+
+cdef inline Bridge *poll_owner(Worker *w, int i, int *side) noexcept nogil:
+    cdef uintptr_t t = <uintptr_t>w.pbridges[i]
+    side[0] = <int>(t & 1)
+    return <Bridge *>(t & ~(<uintptr_t>1))
+
+
+cdef inline void poll_mark(Worker *w, Bridge *b) noexcept nogil:
+    if not b.poll_dirty:
+        b.poll_dirty = 1
+        b.poll_next = w.poll_dirty
+        w.poll_dirty = b
+
+
+cdef int poll_reserve(Worker *w, int head, int n) noexcept nogil:
+    # Room for `head` head entries (wake pipe, listeners) and n bridge
+    # entries; a larger head moves the bridge part up (their indexes are
+    # relative to it). Returns: 0, or -ENOMEM with nothing changed.
+    cdef int need = head + n
+    cdef int cap
+    cdef void *grown
+    if need > w.cap_pfds:
+        cap = need * 2 if need >= 32 else 64
+        grown = realloc(w.pfds, cap * sizeof(pollfd))
+        if grown == NULL:
+            return -ENOMEM
+        w.pfds = <pollfd *>grown
+        grown = realloc(w.pbridges, cap * sizeof(Bridge *))
+        if grown == NULL:
+            return -ENOMEM
+        w.pbridges = <Bridge **>grown
+        grown = realloc(w.plisteners, cap * sizeof(ListenerC *))
+        if grown == NULL:
+            return -ENOMEM
+        w.plisteners = <ListenerC **>grown
+        w.cap_pfds = cap
+    if head > w.poll_head:
+        memmove(w.pfds + head, w.pfds + w.poll_head, <size_t>w.npfds * sizeof(pollfd))
+        w.poll_head = head
+    return 0
+
+
+cdef void poll_remove(Worker *w, Bridge *b, int side) noexcept nogil:
+    # Swap-remove: the last entry takes the hole. worker_wait_poll scans
+    # downwards and clears what it handled, so a moved entry is neither
+    # skipped nor handled twice.
+    cdef int i = b.poll_at[side] - 1
+    cdef int last = w.npfds - 1
+    cdef int s
+    if i < 0:
+        return
+    b.poll_at[side] = 0
+    if i != last:
+        w.pfds[w.poll_head + i] = w.pfds[w.poll_head + last]
+        w.pbridges[i] = w.pbridges[last]
+        poll_owner(w, i, &s).poll_at[s] = i + 1
+    w.npfds = last
+
+
+cdef int poll_set(Worker *w, Bridge *b, int side, int fd, short events) noexcept nogil:
+    # Returns: 0, or -ENOMEM adding an entry.
+    cdef int i = b.poll_at[side] - 1
+    cdef pollfd *p
+    if fd < 0:
+        poll_remove(w, b, side)
+        return 0
+    if i < 0:
+        if poll_reserve(w, w.poll_head, w.npfds + 1) < 0:
+            return -ENOMEM
+        i = w.npfds
+        w.npfds += 1
+        w.pbridges[i] = <Bridge *>(<uintptr_t>b | <uintptr_t>side)
+        b.poll_at[side] = i + 1
+        w.pfds[w.poll_head + i].revents = 0
+    p = &w.pfds[w.poll_head + i]
+    p.fd = fd
+    p.events = events
+    return 0
+
+
+cdef int poll_sync(Worker *w, Bridge *b) noexcept nogil:
+    # Returns: 0, or -ENOMEM (the bridge is not fully in the array).
+    # Only open fds get an entry: poll() refuses (EINVAL) more entries than
+    # RLIMIT_NOFILE, and a bridge not yet connected has no upstream fd.
+    if poll_set(w, b, 0, b.cfd, poll_client_interest(b)) < 0:
+        return -ENOMEM
+    return poll_set(w, b, 1, b.ufd, poll_upstream_interest(b) if b.ufd >= 0 else 0)
+
+
+cdef int poll_sync_all(Worker *w) noexcept nogil:
+    # Returns: 0, or -ENOMEM.
+    cdef int i
+    for i in range(w.nbridges):
+        if poll_sync(w, w.bridges[i]) < 0:
+            return -ENOMEM
+    return 0
+
+
+cdef bint timers_due(Worker *w, int64_t now) noexcept nogil:
+    cdef int t, i
+    cdef ListenerC *ls
+    cdef ListenerSlot *s
+    for i in range(worker_nlisteners(w)):
+        ls = worker_listener(w, i)
+        if ls == NULL:
+            continue
+        s = lslot(w, ls)
+        for t in range(1, T_LISTS):
+            if s.thead[t] != NULL and tlink(s.thead[t], SLOT_OF[t]).deadline_ns <= now:
+                return 1
+    return 0
 
 
 cdef void bridge_free(Bridge *b) noexcept nogil:
@@ -366,6 +492,7 @@ cdef void worker_sync(Worker *w) noexcept nogil:
             worker_close_listener(w, ls, <int>fp_atomic_get(&ls.close_reason))
     worker_listen(w)
     worker_commands(w)
+    w.poll_refresh = 1   # the poll engine: whatever that changed, before its next wait
     # Out of an event batch: what closed here is freed now, not after the
     # next wake-up (a drained listener waits for its last bridge's free).
     grave_free(w)
@@ -509,31 +636,21 @@ cdef inline short poll_upstream_interest(Bridge *b) noexcept nogil:
 
 cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
     # Returns: the number of ready fds, or -errno (-ENOMEM growing the poll
-    # array).
-    # Only open fds get an entry: poll() refuses (EINVAL) more entries than
-    # RLIMIT_NOFILE, and a bridge not yet connected has no upstream fd.
+    # array: the bridges keep their state and the array is synced again).
+    # poll() itself is O(fds) in the kernel: what is left to save is the
+    # user-space side, so the array is kept between waits (see poll_mark).
     cdef int nls = worker_nlisteners(w)
-    cdef int need = 1 + nls + 2 * w.nbridges
-    cdef int i, k, r, cap, first
+    cdef int i, k, r, left, side
+    cdef short ev
     cdef Bridge *b
     cdef ListenerC *ls
     cdef pollfd *p
-    cdef void *grown
-    if need > w.cap_pfds:
-        cap = need * 2
-        grown = realloc(w.pfds, cap * sizeof(pollfd))
-        if grown == NULL:
+    if w.poll_head < 1 + nls and poll_reserve(w, 1 + nls, w.npfds) < 0:
+        return -ENOMEM
+    if w.poll_refresh:
+        if poll_sync_all(w) < 0:
             return -ENOMEM
-        w.pfds = <pollfd *>grown
-        grown = realloc(w.pbridges, cap * sizeof(Bridge *))
-        if grown == NULL:
-            return -ENOMEM
-        w.pbridges = <Bridge **>grown
-        grown = realloc(w.plisteners, cap * sizeof(ListenerC *))
-        if grown == NULL:
-            return -ENOMEM
-        w.plisteners = <ListenerC **>grown
-        w.cap_pfds = cap
+        w.poll_refresh = 0
     w.pfds[0].fd = w.wake_r
     w.pfds[0].events = POLLIN
     k = 1
@@ -544,41 +661,56 @@ cdef int worker_wait_poll(Worker *w, int timeout, int64_t *now) noexcept nogil:
             w.pfds[k].fd = ls.listen_fd
             w.pfds[k].events = POLLIN
             k += 1
-    first = k
-    for i in range(w.nbridges):
-        b = w.bridges[i]
-        w.pbridges[k] = b
-        w.pfds[k].fd = b.cfd
-        w.pfds[k].events = poll_client_interest(b)
-        k += 1
-        if b.ufd >= 0:
-            w.pbridges[k] = b
-            w.pfds[k].fd = b.ufd
-            w.pfds[k].events = poll_upstream_interest(b)
-            k += 1
-    r = fp_poll(w.pfds, <nfds_t>k, timeout)
+    for i in range(k, w.poll_head):
+        w.pfds[i].fd = -1   # poll() skips it
+        w.pfds[i].events = 0
+    r = fp_poll(w.pfds, <nfds_t>(w.poll_head + w.npfds), timeout)
     if r < 0:
         return r
     now[0] = w.now_ns = fp_now_ns()
+    left = r
     if w.pfds[0].revents:
+        left -= 1
         fp_bump(&w.loop.wakeups, 1)
         drain_wake(w)
         worker_take_results(w, now[0])
-    for i in range(1, first):
-        ls = w.plisteners[i]
-        if w.pfds[i].revents and lslot(w, ls).listening:
-            worker_accept(w, ls, now[0])
-    for i in range(first, k):
-        p = &w.pfds[i]
-        b = w.pbridges[i]
-        # Closed, or (a retried connect) no longer this fd: skip; the
-        # bridge's state already moved on.
-        if p.revents == 0 or b.state == B_CLOSED:
-            continue
-        if p.fd == b.cfd:
-            bridge_event(w, b, 0, translate_poll(p.revents), now[0])
-        elif p.fd == b.ufd:
-            bridge_event(w, b, 1, translate_poll(p.revents), now[0])
+        # Hook answers and retries changed bridges outside their events.
+        w.poll_refresh = 1
+    for i in range(1, k):
+        if w.pfds[i].revents:
+            left -= 1
+            ls = w.plisteners[i]
+            if lslot(w, ls).listening:
+                worker_accept(w, ls, now[0])
+    # Downwards, each entry cleared before it is handled: a close
+    # swap-removes entries (poll_remove), moving only ones already handled
+    # or still below. Done once every ready entry was seen.
+    i = w.npfds - 1
+    while left > 0:
+        if i >= w.npfds:
+            i = w.npfds - 1
+        if i < 0:
+            break
+        p = &w.pfds[w.poll_head + i]
+        ev = p.revents
+        if ev:
+            p.revents = 0
+            left -= 1
+            b = poll_owner(w, i, &side)
+            # Closed, or (a retried connect) no longer this fd: skip; the
+            # bridge's state already moved on.
+            if b.state != B_CLOSED and p.fd == (b.ufd if side else b.cfd):
+                bridge_event(w, b, side, translate_poll(ev), now[0])
+            if b.state != B_CLOSED:
+                poll_mark(w, b)
+        i -= 1
+    while w.poll_dirty != NULL:
+        b = w.poll_dirty
+        w.poll_dirty = b.poll_next
+        b.poll_next = NULL
+        b.poll_dirty = 0
+        if b.state != B_CLOSED and poll_sync(w, b) < 0:
+            w.poll_refresh = 1   # the next wait tries again, or says -ENOMEM
     return r
 
 
@@ -632,6 +764,8 @@ cdef int worker_run(Worker *w) noexcept nogil:
             r = 0
         elif r < 0:
             break
+        if w.epfd < 0 and timers_due(w, now):
+            w.poll_refresh = 1   # a timer may change any bridge
         timers_run(w, now)
         if w.sh.hooks:
             hook_nudge(w.sh, now)

@@ -451,4 +451,54 @@ static inline int fp_atomic_cas(int64_t *p, int64_t *expected, int64_t v)
     return __atomic_compare_exchange_n(p, expected, v, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
+/* Allocation failures on demand (setup.py: FASTPROXY_FAULTS=1, a test
+ * build only). Every malloc/calloc/realloc compiled after this header goes
+ * through fp_fault_alloc_fails(), which fails those made without the GIL
+ * (the worker path; the control plane keeps its memory) as armed from
+ * Python by _core._fail_allocs(count, every, size):
+ *   count  allocations to fail, then none (0 disarms);
+ *   every  fail only each Nth of those that match (0 or 1: each);
+ *   size   match only allocations of exactly this many bytes (0: any).
+ * fp_fault_failed counts the failures made. Other builds compile none of
+ * it: FP_FAULTS is 0 and the arming entry points return -ENOSYS. */
+#include <stdlib.h>
+#ifdef FASTPROXY_FAULTS
+#define FP_FAULTS 1
+static int64_t fp_fault_left, fp_fault_every, fp_fault_size, fp_fault_seen, fp_fault_failed;
+
+static inline int fp_fault_arm(int64_t count, int64_t every, int64_t size)
+{
+    __atomic_store_n(&fp_fault_every, every > 1 ? every : 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&fp_fault_size, size, __ATOMIC_RELAXED);
+    __atomic_store_n(&fp_fault_seen, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&fp_fault_left, count, __ATOMIC_RELEASE);
+    return 0;
+}
+static inline int64_t fp_fault_count(void) { return __atomic_load_n(&fp_fault_failed, __ATOMIC_RELAXED); }
+
+static inline int fp_fault_alloc_fails(size_t n)
+{
+    if (__atomic_load_n(&fp_fault_left, __ATOMIC_ACQUIRE) <= 0 || PyGILState_Check())
+        return 0;
+    if (fp_fault_size && (int64_t)n != fp_fault_size)
+        return 0;
+    if (__atomic_add_fetch(&fp_fault_seen, 1, __ATOMIC_RELAXED) % fp_fault_every != 0)
+        return 0;
+    if (__atomic_sub_fetch(&fp_fault_left, 1, __ATOMIC_ACQ_REL) < 0)
+        return 0;   /* another thread took the last one */
+    __atomic_add_fetch(&fp_fault_failed, 1, __ATOMIC_RELAXED);
+    return 1;
+}
+static inline void *fp_fault_malloc(size_t n) { return fp_fault_alloc_fails(n) ? NULL : malloc(n); }
+static inline void *fp_fault_calloc(size_t k, size_t n) { return fp_fault_alloc_fails(k * n) ? NULL : calloc(k, n); }
+static inline void *fp_fault_realloc(void *p, size_t n) { return fp_fault_alloc_fails(n) ? NULL : realloc(p, n); }
+#define malloc(n) fp_fault_malloc(n)
+#define calloc(k, n) fp_fault_calloc(k, n)
+#define realloc(p, n) fp_fault_realloc(p, n)
+#else
+#define FP_FAULTS 0
+static inline int fp_fault_arm(int64_t count, int64_t every, int64_t size) { return -ENOSYS; }
+static inline int64_t fp_fault_count(void) { return 0; }
+#endif
+
 #endif

@@ -130,5 +130,11 @@ cdef extern from "compat.h" nogil:
     void fp_sem_post(fp_sem_t *s)
     int fp_sem_wait_ms(fp_sem_t *s, int ms)
 
+cdef extern from "compat.h" nogil:
+    # The FASTPROXY_FAULTS build's allocation failures (compat.h).
+    int FP_FAULTS
+    int fp_fault_arm(int64_t count, int64_t every, int64_t size)
+    int64_t fp_fault_count()
+
 cdef extern from "<sched.h>" nogil:
     int sched_yield()

@@ -1,0 +1,199 @@
+"""True half-open clients: 2,000 clients bridged through a proxy, then
+their network vanishes without a FIN or an RST. The proxy, its upstream
+and the clients run in two network namespaces the test makes (a veth pair
+with link-local addresses between them; the host's interfaces are never
+touched). New clients are still served promptly, and the half-open bridges
+are reaped by idle_timeout: the proxy sets no TCP keepalive of its own
+(docs/reliability.md, Half-open clients), so without idle_timeout they
+would stay until the proxy stops. Needs root and iproute2's `ip`."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from support.cli import subprocess_env
+from support.waits import wait_for
+
+N = 2000
+IDLE_TIMEOUT = 6.0
+PORT = 8080   # inside the test's own namespace: nothing else listens there
+PROXY_IP, CLIENT_IP = "169.254.77.1", "169.254.77.2"
+
+pytestmark = [pytest.mark.linux_only, pytest.mark.slow,
+              pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root (netns)"),
+              pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's ip")]
+
+ECHO = r"""
+import os, selectors, socket, sys
+lsock = socket.socket()
+lsock.bind(("127.0.0.1", 0))
+lsock.listen(4096)
+lsock.setblocking(False)
+print(lsock.getsockname()[1], flush=True)
+sel = selectors.DefaultSelector()
+sel.register(lsock, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is lsock:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                continue
+            conn.setblocking(False)
+            sel.register(conn, selectors.EVENT_READ)
+        else:
+            try:
+                data = key.fileobj.recv(65536)
+            except OSError:
+                data = b""
+            if data:
+                key.fileobj.send(data)
+            else:
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+"""
+
+CLIENTS = r"""
+import resource, socket, sys
+n, host, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 256, max(n + 256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])))
+held = []
+for i in range(n):
+    s = socket.create_connection((host, port), timeout=10)
+    s.sendall(b"h")
+    assert s.recv(1) == b"h"
+    held.append(s)
+# Once more on all of them at once: their idle timers start together.
+for s in held:
+    s.sendall(b"t")
+for s in held:
+    assert s.recv(1) == b"t"
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+PROBE = r"""
+import socket, sys, time
+worst = 0.0
+for i in range(int(sys.argv[1])):
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=5) as s:
+        s.sendall(b"new")
+        got = b""
+        while len(got) < 3:
+            chunk = s.recv(3)
+            assert chunk, "closed"
+            got += chunk
+        assert got == b"new"
+    worst = max(worst, time.monotonic() - t0)
+print("%.4f" % worst, flush=True)
+"""
+
+
+def _ip(*args):
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+def _stats(path):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(path)
+        s.sendall(b"GET /stats HTTP/1.0\r\nHost: halfopen\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.fixture
+def namespaces():
+    tag = "fp%d" % os.getpid()
+    proxy_ns, client_ns = tag + "p", tag + "c"
+    try:
+        _ip("netns", "add", proxy_ns)
+    except subprocess.CalledProcessError as e:
+        pytest.skip("cannot make a network namespace: %s" % e.stderr.decode(errors="replace").strip())
+    try:
+        _ip("netns", "add", client_ns)
+        for ns in (proxy_ns, client_ns):
+            _ip("-n", ns, "link", "set", "lo", "up")
+        # Made inside the proxy's namespace, its peer moved straight to
+        # the clients': no end of it is ever on the host.
+        _ip("-n", proxy_ns, "link", "add", "vp", "type", "veth", "peer", "name", "vc", "netns", client_ns)
+        _ip("-n", proxy_ns, "addr", "add", PROXY_IP + "/30", "dev", "vp")
+        _ip("-n", client_ns, "addr", "add", CLIENT_IP + "/30", "dev", "vc")
+        _ip("-n", proxy_ns, "link", "set", "vp", "up")
+        _ip("-n", client_ns, "link", "set", "vc", "up")
+        yield proxy_ns, client_ns
+    finally:
+        for ns in (client_ns, proxy_ns):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+def _in(ns, argv, **kw):
+    return subprocess.Popen(["ip", "netns", "exec", ns, *argv], env=subprocess_env(), **kw)
+
+
+def test_half_open_clients_do_not_stop_new_ones_and_are_reaped(namespaces, engine, tmp_path):
+    proxy_ns, client_ns = namespaces
+    stats_sock = str(tmp_path / "stats.sock")
+    procs = []
+    try:
+        echo = _in(proxy_ns, [sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+        procs.append(echo)
+        echo_port = int(echo.stdout.readline())
+        proxy = _in(proxy_ns, [sys.executable, "-m", "fastproxy", "--listen", "0.0.0.0:%d" % PORT,
+                               "--upstream", "127.0.0.1:%d" % echo_port, "--engine", engine, "--workers", "2",
+                               "--idle-timeout", "%gs" % IDLE_TIMEOUT, "--stats", "unix:" + stats_sock,
+                               "--log-level", "warning"])
+        procs.append(proxy)
+        assert wait_for(lambda: os.path.exists(stats_sock), 15), "the proxy did not start"
+        clients = _in(client_ns, [sys.executable, "-c", CLIENTS, str(N), PROXY_IP, str(PORT)],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(clients)
+        assert clients.stdout.readline().strip() == "ready"
+        assert wait_for(lambda: _stats(stats_sock)["active"] == N, 10), _stats(stats_sock)["active"]
+
+        # Their network vanishes (the veth pair goes with its end), then
+        # the clients themselves: nothing they send reaches the proxy.
+        _ip("-n", client_ns, "link", "del", "vc")
+        vanished = time.monotonic()
+        clients.send_signal(signal.SIGKILL)
+        clients.wait(10)
+        assert _stats(stats_sock)["active"] == N, "the bridges should be half-open, not closed"
+
+        probe = _in(proxy_ns, [sys.executable, "-c", PROBE, "200", str(PORT)], stdout=subprocess.PIPE, text=True)
+        out, _ = probe.communicate(timeout=60)
+        assert probe.returncode == 0
+        worst = float(out)
+        assert worst < 0.5, "a new client waited %.3f s among %d half-open bridges" % (worst, N)
+        assert time.monotonic() - vanished < IDLE_TIMEOUT, "the probe ran past idle_timeout: nothing shown"
+        assert _stats(stats_sock)["active"] == N
+
+        assert wait_for(lambda: _stats(stats_sock)["active"] == 0, IDLE_TIMEOUT + 10), _stats(stats_sock)["active"]
+        reaped = time.monotonic() - vanished
+        st = _stats(stats_sock)
+        assert st["accepted"] >= N + 200
+        print("half-open: %d bridges reaped %.1f s after their clients vanished (idle_timeout %g s); "
+              "slowest of 200 new clients meanwhile: %.1f ms" % (N, reaped, IDLE_TIMEOUT, worst * 1e3))
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+            for f in (p.stdin, p.stdout):
+                if f is not None:
+                    f.close()
