@@ -138,6 +138,9 @@ def _static(name: str) -> bytes:
 
 # ---- the server
 
+# Loop rounds a stop lets run before it cuts connections (see _finish).
+FINISH_ROUNDS = 8
+
 class StatsServer:
     """Serves `sock` (bound and listening) on its own thread until stop().
     `stats` gives the figures (Proxy.stats); `admin` answers /admin/
@@ -209,6 +212,18 @@ class StatsServer:
             loop.close()
 
     async def _finish(self) -> None:
+        # Clients accepted before the stop are a few callbacks away from
+        # _serve (the accept's task, connection_made, its task's first
+        # step): let them get there, so that each is cut with the others
+        # rather than its task cancelled before it started (asyncio logs
+        # that, and nothing would close its transport). Only then is the
+        # server closed: a transport made after Server.close() fails to
+        # attach, and asyncio drops it with its socket still open, which a
+        # client then waits on until the garbage collector runs.
+        for _ in range(FINISH_ROUNDS):
+            await asyncio.sleep(0)
+        if self._server is not None:
+            self._server.close()
         for writer in list(self._writers):
             writer.transport.abort()
         tasks = asyncio.all_tasks() - {asyncio.current_task()}
@@ -217,6 +232,10 @@ class StatsServer:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+        # An aborted transport closes its socket in a callback of a later
+        # round: let those run before the loop closes.
+        for _ in range(FINISH_ROUNDS):
+            await asyncio.sleep(0)
 
     async def _open(self) -> None:
         if self.sock.family == socket.AF_UNIX:
@@ -225,9 +244,10 @@ class StatsServer:
             self._server = await asyncio.start_server(self._serve, sock=self.sock, limit=MAX_HEAD)
 
     def _shutdown(self) -> None:
+        # Accept no more (an accept already queued for this round is
+        # cancelled with the reader); _finish closes the server.
         assert self._loop is not None
-        if self._server is not None:
-            self._server.close()
+        self._loop.remove_reader(self.sock.fileno())
         self._loop.stop()
 
     # ---- one connection
