@@ -14,13 +14,17 @@ ini option (auto by default) or the FASTPROXY_ENGINE environment variable.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, List, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Tuple, Union
 
 import pytest
 
-from .testing import ToxicProxy
+if TYPE_CHECKING:
+    from .testing import ToxicProxy
 
-Factory = Callable[..., ToxicProxy]
+# pytest loads this module in every session of an environment where the
+# package is installed: the extension is imported only by a test that asks
+# for the fixture.
+Factory = Callable[..., "ToxicProxy"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -33,6 +37,8 @@ def fastproxy_factory(request: pytest.FixtureRequest) -> Iterator[Factory]:
     """Call with an upstream ("host:port" or (host, port)) and any
     ToxicProxy options: returns a started ToxicProxy (`.address` is where
     to connect), stopped at the end of the test."""
+    from .testing import ToxicProxy
+
     made: List[ToxicProxy] = []
     engine = str(request.config.getini("fastproxy_engine") or "auto")
 
