@@ -335,7 +335,9 @@ class Listener:
         # draws), so no client slips through in between.
         carried = replaces if replaces is not None and replaces.handle is not None else None
         toxics = [toxic_spec(carried.toxic_ids[t.name], t) for t in carried.toxics] if carried else []
-        down = replaces is not None and replaces.down
+        # Down stays down: across a reload, and across a takeover (the proxy
+        # set self.down when the socket it took was not listening).
+        down = self.down or (replaces is not None and replaces.down)
         self.handle = plane.add_listener(self.sock.fileno(), self._group, cfg,
                                          hooks=self.hooks.flags(logged), replaces=old,
                                          routes=list(self._routes), toxics=toxics,
