@@ -90,6 +90,7 @@ cdef dict counters_dict(Counters *c):
         "route_refused": c.route_refused,
         "route_timeouts": c.route_timeouts,
         "route_aborted": c.route_aborted,
+        "no_memory": c.no_memory,
     }
 
 
@@ -110,6 +111,7 @@ cdef void counters_add(Counters *total, Counters *c) noexcept nogil:
     total.route_refused += fp_load(&c.route_refused)
     total.route_timeouts += fp_load(&c.route_timeouts)
     total.route_aborted += fp_load(&c.route_aborted)
+    total.no_memory += fp_load(&c.no_memory)
 
 
 # What bridges() calls each B_* state.
@@ -1137,6 +1139,14 @@ def _failed_allocs():
     return fp_fault_count()
 
 
+def _fault_sizes():
+    """Sizes of the worker's allocations a test may aim _fail_allocs at
+    (size=): a bridge's block, its toxic state, one toxic's pick, a
+    latency ring, the toxic heap's first block."""
+    return {"bridge": sizeof(Bridge), "toxic_state": sizeof(ToxicState), "toxic_pick": sizeof(ToxicPick),
+            "latency_ring": TOXIC_RING * sizeof(ToxicStamp), "toxic_heap": 64 * sizeof(Bridge *)}
+
+
 if not FP_FAULTS:
-    del globals()["_fail_allocs"], globals()["_failed_allocs"]
+    del globals()["_fail_allocs"], globals()["_failed_allocs"], globals()["_fault_sizes"]
 
