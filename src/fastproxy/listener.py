@@ -333,8 +333,9 @@ class Listener:
         # Run-time faults and down stay across a reload: the new block has
         # them before any worker sees it (same toxic ids: bridges keep their
         # draws), so no client slips through in between.
-        carried = replaces if replaces is not None and replaces.handle is not None else None
-        toxics = [toxic_spec(carried.toxic_ids[t.name], t) for t in carried.toxics] if carried else []
+        # (Toxics set before attach, on a listener that replaces none, too.)
+        carried = replaces if replaces is not None and replaces.handle is not None else self
+        toxics = [toxic_spec(carried.toxic_ids[t.name], t) for t in carried.toxics]
         # Down stays down: across a reload, and across a takeover (the proxy
         # set self.down when the socket it took was not listening).
         down = self.down or (replaces is not None and replaces.down)
