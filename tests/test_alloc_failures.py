@@ -112,6 +112,7 @@ def test_every_third_allocation_failing_under_load_spares_the_process(make_proxy
         result = load.wait(timeout=60)
         assert not result.timed_out, "a bridge hit by a failure was left hanging"
         assert failed > 0, "nothing was allocated under the load: the test shows nothing"
+        assert p.stats()["no_memory"] > 0, p.stats()
         assert wait_for(lambda: p.stats()["active"] == 0, 20), p.stats()["active"]
         # Memory is back: the same proxy moves every byte again.
         again = StreamLoad(p.address, n=10, up_len=(0, 64 * 1024), down_len=(0, 64 * 1024), seed=17).start()

@@ -218,7 +218,10 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
             break
         # Past max_hold and out of memory both end the bridge as HOOK_CLOSED:
         # on_data cannot be given more, as when flow_lend cannot ask it.
-        if flow_make_room(w, b, f) < 0:
+        r = flow_make_room(w, b, f)
+        if r < 0:
+            if r == -ENOMEM:
+                fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
             return FLOW_HOOK_FAILED
         if f.len >= f.cap:
             break
@@ -233,6 +236,7 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
             if f.hook:
                 f.held = 0
                 if flow_lend(w, b, f, direction, f.len - <uint32_t>r) < 0:
+                    fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
                     return FLOW_HOOK_FAILED
                 return FLOW_OK
             if f.pipe_r >= 0:

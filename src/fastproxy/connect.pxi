@@ -448,6 +448,7 @@ cdef void bridge_ask_connect(Worker *w, Bridge *b) noexcept nogil:
     ev.len = 0
     ev.held = 0
     if hook_call(w, b, CALL_CONNECT, &ev) < 0:
+        fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
         bridge_close(w, b, HOOK_ERROR, 0, 0)
         return
     b.state = B_HOOK
@@ -493,6 +494,7 @@ cdef void bridge_connect_answer(Worker *w, Bridge *b, HookResult *res,
         else:
             i = route_to_current(w, b, res)
             if i == -ENOMEM:
+                fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
                 bridge_close(w, b, HOOK_ERROR, 0, 0)
             else:
                 bridge_start_upstream(w, b, i, now)
