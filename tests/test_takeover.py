@@ -343,6 +343,24 @@ def test_in_process_proxies_hand_over(make_proxy_any, echo_server, sock_dir):
     assert first.stats()["accepted"] >= 1
 
 
+
+def test_a_down_listener_stays_down_across_a_takeover(make_proxy_any, echo_server, sock_dir):
+    """The new process finds the handed socket not listening: the listener
+    is down there too (clients refused, is_down() True) until set up."""
+    path = os.path.join(sock_dir, "down.sock")
+    first = make_proxy_any(echo_server.addr, takeover=path)
+    addr = first.address
+    first.set_down(True)
+    second = make_proxy_any(echo_server.addr, takeover=path)
+    assert wait_for(lambda: first._plane is None, 10), "the first proxy did not stop after the handover"
+    assert second.is_down()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(addr, timeout=2).close()
+    assert second.stats()["accepted"] == 0
+    second.set_down(False)
+    assert not second.is_down() and second.address == addr
+    assert echo_roundtrip(addr, b"up again") == b"up again"
+
 def test_every_listener_is_handed_over_by_name(any_engine, echo_server, sock_dir):
     """A process of two named listeners (one on port 0) hands both sockets
     to its successor, which matches them by name and binds a listener of

@@ -321,6 +321,7 @@ cdef struct Counters:
     uint64_t route_refused    # no route and no default group (or not TLS, with route_non_tls reject)
     uint64_t route_timeouts   # no whole ClientHello within route_timeout
     uint64_t route_aborted    # FIN or reset before the whole ClientHello
+    uint64_t no_memory        # bridges ended (or clients refused) for want of memory
 
 
 # A worker's own loop, written by that worker only (DataPlane.stats()
@@ -460,6 +461,10 @@ cdef struct ResultQueue:
     HookResult *items
     int count
     int cap
+    # Waiters a freed slot was handed to (limits.pxi queue_kick), linked
+    # by their wnext (free once off the wait queue), newest first: a kick
+    # allocates nothing, so no waiter is lost for want of memory.
+    Bridge *retries
 
 
 # A histogram over fixed bounds (timings.pxi): counts per bucket (the last

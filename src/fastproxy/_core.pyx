@@ -90,6 +90,7 @@ cdef dict counters_dict(Counters *c):
         "route_refused": c.route_refused,
         "route_timeouts": c.route_timeouts,
         "route_aborted": c.route_aborted,
+        "no_memory": c.no_memory,
     }
 
 
@@ -110,6 +111,7 @@ cdef void counters_add(Counters *total, Counters *c) noexcept nogil:
     total.route_refused += fp_load(&c.route_refused)
     total.route_timeouts += fp_load(&c.route_timeouts)
     total.route_aborted += fp_load(&c.route_aborted)
+    total.no_memory += fp_load(&c.no_memory)
 
 
 # What bridges() calls each B_* state.
@@ -162,6 +164,41 @@ cdef void listener_free(ListenerC *ls, int nworkers) noexcept nogil:
     route_table_free(ls.routes)
     free(ls)
 
+
+
+cdef int toxic_set_build(list toxics, ToxicSet **out) except -1:
+    # ListenerHandle.set_toxics' list as a ToxicSet with one reference in
+    # *out (NULL for an empty list).
+    cdef ToxicSet *new
+    cdef ToxicC *t
+    cdef int i
+    out[0] = NULL
+    if not toxics:
+        return 0
+    new = <ToxicSet *>calloc(1, sizeof(ToxicSet))
+    if new == NULL:
+        raise MemoryError()
+    new.refs = 1
+    new.t = <ToxicC *>calloc(len(toxics), sizeof(ToxicC))
+    if new.t == NULL:
+        free(new)
+        raise MemoryError()
+    for i, (tid, kind, stream, toxicity, a, b, c) in enumerate(toxics):
+        t = &new.t[i]
+        if not (0 <= kind <= TX_LIMIT_DATA and stream in (0, 1) and 0.0 <= toxicity <= 1.0
+                and min(a, b, c) >= 0):
+            toxic_set_unref(new)
+            raise ValueError(f"toxic {i}: {(tid, kind, stream, toxicity, a, b, c)!r} is not a toxic")
+        t.id = tid
+        t.kind = kind
+        t.stream = stream
+        t.threshold = <uint64_t>(toxicity * 4294967296.0)
+        t.a = a
+        t.b = b
+        t.c = c
+    new.n = len(toxics)
+    out[0] = new
+    return 0
 
 cdef class ListenerHandle:
     """One listener of a DataPlane (DataPlane.add_listener): its upstream
@@ -263,32 +300,8 @@ cdef class ListenerHandle:
         once every running worker has."""
         cdef ToxicSet *new = NULL
         cdef ToxicSet *old
-        cdef ToxicC *t
-        cdef int i
         plane = self._plane
-        if toxics:
-            new = <ToxicSet *>calloc(1, sizeof(ToxicSet))
-            if new == NULL:
-                raise MemoryError()
-            new.refs = 1
-            new.t = <ToxicC *>calloc(len(toxics), sizeof(ToxicC))
-            if new.t == NULL:
-                free(new)
-                raise MemoryError()
-            for i, (tid, kind, stream, toxicity, a, b, c) in enumerate(toxics):
-                t = &new.t[i]
-                if not (0 <= kind <= TX_LIMIT_DATA and stream in (0, 1) and 0.0 <= toxicity <= 1.0
-                        and min(a, b, c) >= 0):
-                    toxic_set_unref(new)
-                    raise ValueError(f"toxic {i}: {(tid, kind, stream, toxicity, a, b, c)!r} is not a toxic")
-                t.id = tid
-                t.kind = kind
-                t.stream = stream
-                t.threshold = <uint64_t>(toxicity * 4294967296.0)
-                t.a = a
-                t.b = b
-                t.c = c
-            new.n = len(toxics)
+        toxic_set_build(toxics, &new)
         with plane._lock:
             if self.c == NULL:
                 toxic_set_unref(new)
@@ -402,7 +415,8 @@ cdef class DataPlane:
             self._init_worker(&self.workers[i], i)
 
     def add_listener(self, int listen_fd, UpstreamGroup group, config, *, int hooks=0,
-                     ListenerHandle replaces=None, list routes=None):
+                     ListenerHandle replaces=None, list routes=None, list toxics=None,
+                     bint accepting=True):
         """Serve `listen_fd` (bound, listening, non-blocking) with the
         listener options of `config` (a resolved fastproxy Config, read by
         option name) and upstream `group`. Running workers take it up
@@ -415,13 +429,19 @@ cdef class DataPlane:
 
         `replaces`: a listener on the same socket (a reload changed its
         options) that stops accepting in the same step, so that there is no
-        moment when neither accepts; its bridges go on."""
+        moment when neither accepts; its bridges go on.
+
+        `toxics` (as set_toxics takes them): the set the listener has from
+        its first client on, so a reload that replaces a listener under
+        toxics lets no client through without them. `accepting` False: the
+        listener starts as after stop_accepting() (a down one's reload)."""
         cdef ListenerC *ls
         cdef ListenerHandle h
         cdef AccessList acl = None, accept_proxy_from = None
         cdef RateLimiter rate = None
         cdef int i, j, k, err, lid
         cdef UpstreamGroup rg
+        cdef ToxicSet *tset = NULL
         limits, access = config.limits, config.access
         timeouts, proxy_protocol = config.timeouts, config.proxy_protocol
         routing = getattr(config, "routing", None)
@@ -540,6 +560,16 @@ cdef class DataPlane:
                 ls.hooks = hooks
                 ls.max_hold = config.hooks.max_hold
                 ls.hook_timeout_ns = seconds_to_ns(config.hooks.hook_timeout or 0)
+                ls.closing = 0 if accepting else 1
+                toxic_set_build(toxics or [], &tset)
+                if tset != NULL:
+                    # In every worker's slot before any worker sees the
+                    # block: its first client already gets the set.
+                    ls.toxics = tset
+                    ls.toxic_gen = 1
+                    for i in range(self.nworkers):
+                        ls.slots[i].toxics = tset
+                        ls.slots[i].toxic_gen = 1
             except BaseException:
                 listener_free(ls, self.nworkers)
                 raise
@@ -1109,6 +1139,14 @@ def _failed_allocs():
     return fp_fault_count()
 
 
+def _fault_sizes():
+    """Sizes of the worker's allocations a test may aim _fail_allocs at
+    (size=): a bridge's block, its toxic state, one toxic's pick, a
+    latency ring, the toxic heap's first block."""
+    return {"bridge": sizeof(Bridge), "toxic_state": sizeof(ToxicState), "toxic_pick": sizeof(ToxicPick),
+            "latency_ring": TOXIC_RING * sizeof(ToxicStamp), "toxic_heap": 64 * sizeof(Bridge *)}
+
+
 if not FP_FAULTS:
-    del globals()["_fail_allocs"], globals()["_failed_allocs"]
+    del globals()["_fail_allocs"], globals()["_failed_allocs"], globals()["_fault_sizes"]
 

@@ -48,6 +48,14 @@ cdef inline void flow_release(Worker *w, Flow *f) noexcept nogil:
     f.hold_at = 0
 
 
+cdef void bridge_no_memory(Worker *w, Bridge *b) noexcept nogil:
+    # Something the bridge cannot go on without could not be allocated: it
+    # ends (SHUTDOWN, FIN both ways), counted in no_memory. Waiting instead
+    # could stall it for good: nothing wakes a bridge when memory comes back.
+    fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
+    bridge_close(w, b, SHUTDOWN, 0, 0)
+
+
 cdef int flow_acquire(Worker *w, Bridge *b, Flow *f) noexcept nogil:
     # Returns: 0 with a pipe or buffer held; -ENOMEM.
     # Out of fds for a pipe, the bridge falls back to copying: it keeps
@@ -210,7 +218,10 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
             break
         # Past max_hold and out of memory both end the bridge as HOOK_CLOSED:
         # on_data cannot be given more, as when flow_lend cannot ask it.
-        if flow_make_room(w, b, f) < 0:
+        r = flow_make_room(w, b, f)
+        if r < 0:
+            if r == -ENOMEM:
+                fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
             return FLOW_HOOK_FAILED
         if f.len >= f.cap:
             break
@@ -225,6 +236,7 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
             if f.hook:
                 f.held = 0
                 if flow_lend(w, b, f, direction, f.len - <uint32_t>r) < 0:
+                    fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
                     return FLOW_HOOK_FAILED
                 return FLOW_OK
             if f.pipe_r >= 0:
@@ -338,7 +350,7 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         elif r == FLOW_DST_RESET:
             bridge_close(w, b, UPSTREAM_RESET, 1, 0)
         elif r == FLOW_NO_MEMORY:
-            bridge_close(w, b, SHUTDOWN, 0, 0)
+            bridge_no_memory(w, b)
         else:
             bridge_close(w, b, HOOK_ERROR if r == FLOW_HOOK_ERROR else HOOK_CLOSED, 0, 0)
         return
@@ -352,7 +364,7 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         elif r == FLOW_DST_RESET:
             bridge_close(w, b, CLIENT_RESET, 0, 1)
         elif r == FLOW_NO_MEMORY:
-            bridge_close(w, b, SHUTDOWN, 0, 0)
+            bridge_no_memory(w, b)
         else:
             bridge_close(w, b, HOOK_ERROR if r == FLOW_HOOK_ERROR else HOOK_CLOSED, 0, 0)
         return
@@ -364,8 +376,8 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         # The side that sent FIN first names the reason the bridge ends.
         b.reason = CLIENT_CLOSED if b.up.eof else UPSTREAM_CLOSED
         timer_add(w, b, T_HALF_CLOSE, now + b.ls.half_close_timeout_ns)
-    if b.tx != NULL and b.state != B_CLOSED:
-        toxic_rearm(w, b)
+    if b.tx != NULL and b.state != B_CLOSED and toxic_rearm(w, b) < 0:
+        bridge_no_memory(w, b)
 
 
 cdef void bridge_data_answer(Worker *w, Bridge *b, HookResult *res,

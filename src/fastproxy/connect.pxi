@@ -17,6 +17,7 @@ cdef void bridge_open(Worker *w, ListenerC *ls, int fd, sockaddr_storage *peer,
     if b == NULL or bridges_add(w, b) < 0:
         free(b)
         close(fd)
+        fp_bump(&lslot(w, ls).ctr.no_memory, 1)
         return
     b.ls = ls
     fp_atomic_add(&ls.refs, 1)   # dropped by bridge_free
@@ -81,6 +82,7 @@ cdef void bridge_read_header(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         if b.hdr == NULL:
             b.hdr = <uint8_t *>malloc(cap)
             if b.hdr == NULL:
+                fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
                 bridge_header_failed(w, b, REFUSED)
                 return
             memcpy(b.hdr, lslot(w, b.ls).scratch, <size_t>n)
@@ -339,7 +341,8 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
 
 
 cdef bint bridge_connected(Worker *w, Bridge *b, int64_t now) noexcept nogil:
-    # Returns: 0 when the bridge had to close (the PROXY header failed).
+    # Returns: 0 when the bridge had to close (the PROXY header failed, or
+    # no memory for its toxics).
     cdef ToxicSet *toxics = lslot(w, b.ls).toxics
     timer_del(w, b, SLOT_PHASE)
     b.state = B_ACTIVE
@@ -351,10 +354,11 @@ cdef bint bridge_connected(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         return 0
     if toxics != NULL or b.tx != NULL:
         # The listener's toxics apply from here (toxiproxy's: from the
-        # upstream connection); short of memory, the next sync tries again.
-        toxic_move(w, b, toxics, now)
-        if b.tx != NULL:
-            toxic_rearm(w, b)
+        # upstream connection). Short of memory for them, the bridge ends
+        # rather than flow without its faults (no sync may come to retry).
+        if toxic_move(w, b, toxics, now) < 0 or (b.tx != NULL and toxic_rearm(w, b) < 0):
+            bridge_no_memory(w, b)
+            return 0
     return 1
 
 
@@ -444,6 +448,7 @@ cdef void bridge_ask_connect(Worker *w, Bridge *b) noexcept nogil:
     ev.len = 0
     ev.held = 0
     if hook_call(w, b, CALL_CONNECT, &ev) < 0:
+        fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
         bridge_close(w, b, HOOK_ERROR, 0, 0)
         return
     b.state = B_HOOK
@@ -489,6 +494,7 @@ cdef void bridge_connect_answer(Worker *w, Bridge *b, HookResult *res,
         else:
             i = route_to_current(w, b, res)
             if i == -ENOMEM:
+                fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
                 bridge_close(w, b, HOOK_ERROR, 0, 0)
             else:
                 bridge_start_upstream(w, b, i, now)

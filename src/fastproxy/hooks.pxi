@@ -407,7 +407,20 @@ cdef int result_push(Worker *w, HookResult *res) noexcept nogil:
         q.cap = cap
     q.items[q.count] = res[0]
     q.count += 1
-    was_empty = q.count == 1
+    was_empty = q.count == 1 and q.retries == NULL
+    pthread_mutex_unlock(&q.mu)
+    return was_empty
+
+
+cdef bint retry_push(Worker *w, Bridge *b) noexcept nogil:
+    # Hands waiter b (off its wait queue) a retry on its worker w.
+    # Returns: 1 when w must be woken (nothing was on its way to it).
+    cdef ResultQueue *q = &w.results
+    cdef bint was_empty
+    pthread_mutex_lock(&q.mu)
+    was_empty = q.count == 0 and q.retries == NULL
+    b.wnext = q.retries
+    q.retries = b
     pthread_mutex_unlock(&q.mu)
     return was_empty
 
@@ -472,13 +485,27 @@ cdef void worker_take_results(Worker *w, int64_t now) noexcept nogil:
     cdef HookResult *items
     cdef int n, i
     cdef Bridge *b
+    cdef Bridge *retries
+    cdef Bridge *oldest = NULL
     pthread_mutex_lock(&q.mu)
     items = q.items
     n = q.count
     q.items = NULL
     q.count = 0
     q.cap = 0
+    retries = q.retries
+    q.retries = NULL
     pthread_mutex_unlock(&q.mu)
+    while retries != NULL:   # oldest first, as they were kicked
+        b = retries
+        retries = b.wnext
+        b.wnext = oldest
+        oldest = b
+    while oldest != NULL:
+        b = oldest
+        oldest = b.wnext   # before the retry: waiting again relinks b
+        b.wnext = NULL
+        bridge_queue_retry(w, b, now)
     for i in range(n):
         if items[i].kind == EVT_RETRY:
             bridge_queue_retry(w, items[i].bridge, now)

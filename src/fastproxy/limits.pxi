@@ -161,7 +161,6 @@ cdef void queue_kick(ListenerC *ls) noexcept nogil:
     # A slot was freed: the oldest waiter tries again, on its own worker.
     cdef WaitQueue *q = &ls.wait
     cdef Bridge *b
-    cdef HookResult res
     if fp_atomic_get(&q.count) == 0:
         return
     pthread_mutex_lock(&q.mu)
@@ -170,10 +169,7 @@ cdef void queue_kick(ListenerC *ls) noexcept nogil:
         queue_unlink(q, b)
         b.kicked = 1
         fp_atomic_add(&q.kicked, 1)
-        memset(&res, 0, sizeof(HookResult))
-        res.bridge = b
-        res.kind = EVT_RETRY
-        if result_push(&ls.sh.workers[b.worker], &res) == 1:
+        if retry_push(&ls.sh.workers[b.worker], b):
             write(ls.sh.workers[b.worker].wake_w, b"x", 1)
     pthread_mutex_unlock(&q.mu)
 

@@ -330,15 +330,21 @@ class Listener:
             for name, _, group, _ in self._routes:
                 if name in before:
                     group.carry_admin(before[name])
+        # Run-time faults and down stay across a reload: the new block has
+        # them before any worker sees it (same toxic ids: bridges keep their
+        # draws), so no client slips through in between.
+        # (Toxics set before attach, on a listener that replaces none, too.)
+        carried = replaces if replaces is not None and replaces.handle is not None else self
+        toxics = [toxic_spec(carried.toxic_ids[t.name], t) for t in carried.toxics]
+        # Down stays down: across a reload, and across a takeover (the proxy
+        # set self.down when the socket it took was not listening).
+        down = self.down or (replaces is not None and replaces.down)
         self.handle = plane.add_listener(self.sock.fileno(), self._group, cfg,
                                          hooks=self.hooks.flags(logged), replaces=old,
-                                         routes=list(self._routes))
-        if replaces is not None and replaces.down:
-            # A reload keeps a down listener down: its socket does not
-            # listen, so the new block leaves it at once (until then a
-            # worker's accept on it fails with EINVAL and takes nobody).
+                                         routes=list(self._routes), toxics=toxics,
+                                         accepting=not down)
+        if down:
             self.down = True
-            self.handle.stop_accepting()
         # From now on the handle holds the current groups (a swap replaces
         # them): holding the first here would keep a retired group alive.
         self._group = None
@@ -362,10 +368,6 @@ class Listener:
             # whoever holds the socket last removes.
             self.unix_file, replaces.unix_file = replaces.unix_file, None
             replaces.stop_watchers()
-        if self.toxics:
-            # Run-time faults stay across a reload: the new block takes them
-            # right after it is published (same ids: bridges keep draws).
-            self.handle.set_toxics([toxic_spec(self.toxic_ids[t.name], t) for t in self.toxics])
         self.watchers = Watchers(cfg, self.windows, self.handle, self.health_check)
         self.watchers.start()
 

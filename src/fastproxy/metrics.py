@@ -97,6 +97,8 @@ class ProxyCollector(Collector):
                            "Failed connects to upstreams (each try)", "connect_failures")
         yield per_listener(CounterMetricFamily, "fastproxy_fd_exhausted",
                            "Clients closed for want of file descriptors", "fd_exhausted")
+        yield per_listener(CounterMetricFamily, "fastproxy_no_memory",
+                           "Bridges ended (or clients refused) for want of memory", "no_memory")
         yield per_listener(CounterMetricFamily, "fastproxy_dropped_records",
                            "Close records dropped (on_close and access log behind)", "dropped_records")
         yield per_listener(CounterMetricFamily, "fastproxy_hook_calls", "Hook calls made", "hook_calls")

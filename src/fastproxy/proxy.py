@@ -34,7 +34,7 @@ from .timewindows import Clock
 from .toxics import STREAMS, Toxic, ToxicError, check_toxics
 from .upstreams import Upstream
 from .values import Duration, format_address
-from .sockets import check_listening, close_listening, fd_budget, unix_file_of
+from .sockets import accepts_connections, check_listening, close_listening, fd_budget, unix_file_of
 from .takeover import Handover, TakeoverServer, take_over
 
 if TYPE_CHECKING:
@@ -622,6 +622,11 @@ class Proxy:
             return None
         name, address = lst.name, lst.listen
         sock = self._handover.take(name, address) if self._handover is not None else None
+        if sock is not None and sock.family != socket.AF_UNIX and not accepts_connections(sock):
+            # The old process had set this listener down (its socket stopped
+            # listening, still bound): it stays down here until set_down(False).
+            lst.down = True
+            return sock
         if sock is None:
             sock = activation.take(name, address)
         if sock is not None:

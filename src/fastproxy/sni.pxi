@@ -356,10 +356,12 @@ cdef void bridge_read_hello(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         n = hello_normalize(info.name, <size_t>info.name_len, name)
         route = route_lookup(b.ls.routes, name, n)
         if bridge_keep_hello(b, name, n, &info) < 0:
+            fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
             bridge_close(w, b, REFUSED, 0, 0)
             return
     elif r == 0 and info.alpn_len:
         if bridge_keep_hello(b, NULL, 0, &info) < 0:
+            fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
             bridge_close(w, b, REFUSED, 0, 0)
             return
     if route == 0:

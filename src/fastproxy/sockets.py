@@ -238,6 +238,14 @@ def listen_socket(addr: Address) -> socket.socket:
     return sock
 
 
+def accepts_connections(sock: socket.socket) -> bool:
+    """Whether the socket listens (SO_ACCEPTCONN; True where unknown)."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:  # pragma: no cover - platforms without SO_ACCEPTCONN
+        return True
+
+
 def check_listening(sock: object, field: str = "sock") -> Address:
     """The address of an application's socket, once it is known to be a
     bound, listening TCP or Unix stream socket (a Unix one as ('unix:PATH', 0))."""
@@ -247,11 +255,7 @@ def check_listening(sock: object, field: str = "sock") -> Address:
         raise ConfigError(field, sock, "is closed")
     if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX) or sock.type != socket.SOCK_STREAM:
         raise ConfigError(field, sock, "must be a stream socket (AF_INET, AF_INET6 or AF_UNIX, SOCK_STREAM)")
-    try:
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    except OSError:  # pragma: no cover - platforms without SO_ACCEPTCONN
-        listening = 1
-    if not listening:
+    if not accepts_connections(sock):
         raise ConfigError(field, sock, "must be bound and listening (call listen() first)")
     if sock.family == socket.AF_UNIX:
         name = sock.getsockname()

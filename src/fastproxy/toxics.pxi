@@ -148,12 +148,13 @@ cdef void toxic_free(Worker *w, Bridge *b) noexcept nogil:
     b.tx = NULL
 
 
-cdef void toxic_derive(Worker *w, ToxicState *x, int64_t now) noexcept nogil:
+cdef int toxic_derive(Worker *w, ToxicState *x, int64_t now) noexcept nogil:
     # What the applied toxics add up to per stream: latencies add, the
     # lowest rate and the longest slow_close win, the first slicer counts,
     # any timeout holds the stream. Running state (tokens, stamps, counts)
-    # is kept.
-    cdef int i, s
+    # is kept. Returns: 0, or -ENOMEM (no latency ring: the stream is left
+    # without latency, and the caller ends the bridge).
+    cdef int i, s, r = 0
     cdef ToxicC *t
     cdef ToxicFlow *tf
     cdef int64_t rate[2]
@@ -207,8 +208,9 @@ cdef void toxic_derive(Worker *w, ToxicState *x, int64_t now) noexcept nogil:
             tf.rcount = 0
             tf.released = tf.rd   # bytes read before it applied are not delayed
             if tf.ring == NULL:
-                tf.latency_ns = 0   # short of memory: no latency rather than no bridge
+                tf.latency_ns = 0
                 tf.jitter_ns = 0
+                r = -ENOMEM
         if rate[s] != tf.rate:
             if tf.rate == 0:
                 tf.refill_ns = now
@@ -222,12 +224,13 @@ cdef void toxic_derive(Worker *w, ToxicState *x, int64_t now) noexcept nogil:
                 tf.tokens = tf.burst
         if tf.fin_delay_ns < 0:
             tf.fin_due_ns = 0
+    return r
 
 
 cdef int toxic_move(Worker *w, Bridge *b, ToxicSet *set, int64_t now) noexcept nogil:
     # Moves b to `set` (NULL or empty: none): a toxic it had (same id) keeps
     # its draw and start, a new one is drawn now. Returns: 0, or -ENOMEM
-    # (b keeps its old set; the next sync tries again).
+    # (b cannot have the set as it is: the caller ends b).
     cdef ToxicState *x = b.tx
     cdef ToxicPick *picks = NULL
     cdef ToxicC *t
@@ -266,7 +269,8 @@ cdef int toxic_move(Worker *w, Bridge *b, ToxicSet *set, int64_t now) noexcept n
     free(x.picks)
     x.set = set
     x.picks = picks
-    toxic_derive(w, x, now)
+    if toxic_derive(w, x, now) < 0:
+        return -ENOMEM   # the set is b's; only a latency went without a ring
     if set == NULL and not (x.flow[0].paused or x.flow[1].paused):
         toxic_free(w, b)
     return 0
@@ -421,9 +425,11 @@ cdef bint toxic_fin_ok(ToxicFlow *tf, int64_t now) noexcept nogil:
     return 0
 
 
-cdef void toxic_rearm(Worker *w, Bridge *b) noexcept nogil:
+cdef int toxic_rearm(Worker *w, Bridge *b) noexcept nogil:
     # After a pump: the bridge's next wake-up, the earliest of what held
-    # its streams and of its timeout and reset_peer deadlines.
+    # its streams and of its timeout and reset_peer deadlines. Returns: 0,
+    # or -ENOMEM (no room on the heap: the caller ends the bridge, which
+    # would otherwise wait for a wake-up that never comes).
     cdef ToxicState *x = b.tx
     cdef int64_t due = 0, at
     cdef int i, s
@@ -440,7 +446,7 @@ cdef void toxic_rearm(Worker *w, Bridge *b) noexcept nogil:
             at = x.picks[i].since_ns + t.a
             if due == 0 or at < due:
                 due = at
-    theap_set(w, b, due)
+    return theap_set(w, b, due)
 
 
 cdef void toxic_wake(Worker *w, Bridge *b, int64_t now) noexcept nogil:
@@ -488,7 +494,11 @@ cdef void worker_sync_toxics(Worker *w, ListenerC *ls, ListenerSlot *s, int64_t 
             b = w.bridges[i]
             if b.ls == ls and b.state == B_ACTIVE:
                 had = b.tx != NULL
-                if toxic_move(w, b, s.toxics, now) == 0 and (had or b.tx != NULL):
+                if toxic_move(w, b, s.toxics, now) < 0:
+                    # It would keep the old set until the next change:
+                    # no bridge flows without the listener's faults.
+                    bridge_no_memory(w, b)
+                elif had or b.tx != NULL:
                     bridge_pump(w, b, now)
         i -= 1
 
@@ -518,7 +528,9 @@ cdef int bridge_command(Worker *w, Bridge *b, int action, int stream, int64_t no
     if x == NULL:
         return 0
     x.flow[stream].paused = action == BA_PAUSE
-    toxic_derive(w, x, now)
+    if toxic_derive(w, x, now) < 0:
+        bridge_no_memory(w, b)
+        return 1
     if x.set == NULL and not (x.flow[0].paused or x.flow[1].paused):
         toxic_free(w, b)
     bridge_pump(w, b, now)
