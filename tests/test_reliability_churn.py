@@ -4,9 +4,7 @@ upstreams and connect timeouts, some through an on_connect hook. Afterwards
 the proxy's fds, threads and bridges are back to their baseline, its RSS
 within a stated margin, and no socket of its ports is left in CLOSE_WAIT or
 FIN_WAIT2, and no hook call is left queued (stats' hook_queue)."""
-import json
 import os
-import socket
 import textwrap
 import time
 
@@ -16,7 +14,7 @@ from support.churn import Churn, ResetServer
 from support.cli import CliProxy
 from support.procfs import proc_fd_count, tcp_sockets
 from support.servers import EchoServer
-from support.sockets import blackhole_listener, echo_roundtrip, reserve_refusing_port
+from support.sockets import blackhole_listener, echo_roundtrip, reserve_refusing_port, stats_over_unix
 from support.waits import wait_for
 
 TOTAL = int(os.environ.get("FASTPROXY_CHURN_TOTAL", "100000"))
@@ -42,21 +40,6 @@ def _lingering(ports):
     its upstreams, in CLOSE_WAIT or FIN_WAIT2."""
     return [s for s in tcp_sockets() if s["state"] in (CLOSE_WAIT, FIN_WAIT2)
             and (s["local_port"] in ports["listen"] or s["remote_port"] in ports["upstream"])]
-
-
-def _hook_queue(path):
-    """stats()["hook_queue"], read from the proxy's stats endpoint."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(path)
-        s.sendall(b"GET /stats HTTP/1.0\r\nHost: churn\r\n\r\n")
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data.split(b"\r\n\r\n", 1)[1])["hook_queue"]
 
 
 def _config(tmp_path, engine, echo, resetter, refused, hole):
@@ -122,7 +105,7 @@ def test_100000_short_connections_leave_nothing_behind(engine, tmp_path):
             time.sleep(0.5)
             # The stats endpoint's first request starts its thread: before the baseline.
             stats_path = str(tmp_path / "stats.sock")
-            assert _hook_queue(stats_path) == 0
+            assert stats_over_unix(stats_path)["hook_queue"] == 0
             time.sleep(0.2)
             base = {"fds": proc_fd_count(cp.pid), "threads": _threads(cp.pid), "rss": _rss_kib(cp.pid)}
             churn = Churn({
@@ -139,7 +122,7 @@ def test_100000_short_connections_leave_nothing_behind(engine, tmp_path):
             assert not churn.failures, "%d failures, first: %s" % (len(churn.failures), churn.failures[:5])
             assert wait_for(lambda: proc_fd_count(cp.pid) <= base["fds"], 10), (proc_fd_count(cp.pid), base)
             assert _threads(cp.pid) == base["threads"]
-            assert wait_for(lambda: _hook_queue(stats_path) == 0, 10), _hook_queue(stats_path)
+            assert wait_for(lambda: stats_over_unix(stats_path)["hook_queue"] == 0, 10), stats_over_unix(stats_path)["hook_queue"]
             assert wait_for(lambda: not _lingering(ports), 10), _lingering(ports)[:5]
             rss = _rss_kib(cp.pid)
             print("churn: fds %d -> %d, threads %d, RSS %d -> %d KiB" % (

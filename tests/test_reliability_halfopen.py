@@ -6,7 +6,6 @@ touched). New clients are still served promptly, and the half-open bridges
 are reaped by idle_timeout: the proxy sets no TCP keepalive of its own
 (docs/reliability.md, Half-open clients), so without idle_timeout they
 would stay until the proxy stops. Needs root and iproute2's `ip`."""
-import json
 import os
 import shutil
 import signal
@@ -18,6 +17,7 @@ import time
 import pytest
 
 from support.cli import subprocess_env
+from support.sockets import stats_over_unix
 from support.waits import wait_for
 
 N = 2000
@@ -100,20 +100,6 @@ def _ip(*args):
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
 
-def _stats(path):
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(path)
-        s.sendall(b"GET /stats HTTP/1.0\r\nHost: halfopen\r\n\r\n")
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data.split(b"\r\n\r\n", 1)[1])
-
-
 @pytest.fixture
 def namespaces():
     tag = "fp%d" % os.getpid()
@@ -161,7 +147,7 @@ def test_half_open_clients_do_not_stop_new_ones_and_are_reaped(namespaces, engin
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs.append(clients)
         assert clients.stdout.readline().strip() == "ready"
-        assert wait_for(lambda: _stats(stats_sock)["active"] == N, 10), _stats(stats_sock)["active"]
+        assert wait_for(lambda: stats_over_unix(stats_sock)["active"] == N, 10), stats_over_unix(stats_sock)["active"]
 
         # Their network vanishes (the veth pair goes with its end), then
         # the clients themselves: nothing they send reaches the proxy.
@@ -169,7 +155,7 @@ def test_half_open_clients_do_not_stop_new_ones_and_are_reaped(namespaces, engin
         vanished = time.monotonic()
         clients.send_signal(signal.SIGKILL)
         clients.wait(10)
-        assert _stats(stats_sock)["active"] == N, "the bridges should be half-open, not closed"
+        assert stats_over_unix(stats_sock)["active"] == N, "the bridges should be half-open, not closed"
 
         probe = _in(proxy_ns, [sys.executable, "-c", PROBE, "200", str(PORT)], stdout=subprocess.PIPE, text=True)
         out, _ = probe.communicate(timeout=60)
@@ -177,11 +163,11 @@ def test_half_open_clients_do_not_stop_new_ones_and_are_reaped(namespaces, engin
         worst = float(out)
         assert worst < 0.5, "a new client waited %.3f s among %d half-open bridges" % (worst, N)
         assert time.monotonic() - vanished < IDLE_TIMEOUT, "the probe ran past idle_timeout: nothing shown"
-        assert _stats(stats_sock)["active"] == N
+        assert stats_over_unix(stats_sock)["active"] == N
 
-        assert wait_for(lambda: _stats(stats_sock)["active"] == 0, IDLE_TIMEOUT + 10), _stats(stats_sock)["active"]
+        assert wait_for(lambda: stats_over_unix(stats_sock)["active"] == 0, IDLE_TIMEOUT + 10), stats_over_unix(stats_sock)["active"]
         reaped = time.monotonic() - vanished
-        st = _stats(stats_sock)
+        st = stats_over_unix(stats_sock)
         assert st["accepted"] >= N + 200
         print("half-open: %d bridges reaped %.1f s after their clients vanished (idle_timeout %g s); "
               "slowest of 200 new clients meanwhile: %.1f ms" % (N, reaped, IDLE_TIMEOUT, worst * 1e3))

@@ -3,7 +3,6 @@ the plugin run in a pytest subprocess (pytester), as a user's suite runs it."""
 import importlib.metadata
 import os
 import socket
-import time
 
 import pytest
 
@@ -11,7 +10,7 @@ import fastproxy
 
 from fastproxy import ConfigError, ToxicError, UnknownNameError, toxic
 from fastproxy.testing import Bridge, ToxicProxy
-from support.sockets import closed_by_peer, connect, echo_roundtrip, recv_exact
+from support.sockets import closed_by_peer, connect, echo_roundtrip, recv_exact, round_trip_ms
 from support.waits import wait_for
 
 pytest_plugins = ["pytester"]
@@ -175,23 +174,15 @@ def test_plugin_ini_engine_and_bad_upstream(pytester, echo_server):
     result.assert_outcomes(passed=2)
 
 
-def _round_trip_ms(address, payload=b"ping"):
-    with connect(address) as s:
-        start = time.perf_counter()
-        s.sendall(payload)
-        assert recv_exact(s, len(payload)) == payload
-        return (time.perf_counter() - start) * 1000
-
-
 def test_toxics_through_a_toxic_proxy(echo_server, engine):
     with ToxicProxy(echo_server.addr, engine=engine) as p:
-        before = min(_round_trip_ms(p.address) for _ in range(5))
+        before = min(round_trip_ms(p.address) for _ in range(5))
         made = p.add_toxic("latency", latency=80)
         assert made.name == "latency_downstream" and p.toxics == [made]
-        assert min(_round_trip_ms(p.address) for _ in range(3)) - before >= 75
+        assert min(round_trip_ms(p.address) for _ in range(3)) - before >= 75
         changed = p.update_toxic("latency_downstream", latency=10)
         assert changed.attributes["latency"] == 10 and p.toxics == [changed]
-        assert min(_round_trip_ms(p.address) for _ in range(3)) < before + 60
+        assert min(round_trip_ms(p.address) for _ in range(3)) < before + 60
         p.remove_toxic("latency_downstream")
         assert p.toxics == []
         with pytest.raises(UnknownNameError):
@@ -199,10 +190,10 @@ def test_toxics_through_a_toxic_proxy(echo_server, engine):
         # A whole set at once, then reset() clears it.
         p.set_toxics([toxic("latency", "upstream", latency=40), toxic("latency", latency=40)])
         assert [t.name for t in p.toxics] == ["latency_upstream", "latency_downstream"]
-        assert min(_round_trip_ms(p.address) for _ in range(3)) - before >= 75
+        assert min(round_trip_ms(p.address) for _ in range(3)) - before >= 75
         p.add_toxic(toxic("limit_data", name="cap", bytes=3))
         p.reset()
-        assert p.toxics == [] and min(_round_trip_ms(p.address) for _ in range(3)) < before + 60
+        assert p.toxics == [] and min(round_trip_ms(p.address) for _ in range(3)) < before + 60
 
 
 def test_bridge_commands(echo_server, engine):

@@ -6,14 +6,13 @@ import json
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 
 from fastproxy import Proxy, toxic
 from fastproxy.toxiproxy import VERSION, ToxiproxyServer
 from support.cli import LineReader, cli_command, subprocess_env
-from support.sockets import connect, echo_roundtrip, recv_exact
+from support.sockets import connect, echo_roundtrip, recv_exact, round_trip_ms
 
 ERROR_TYPE = "text/plain; charset=utf-8"
 
@@ -328,33 +327,25 @@ def test_unreachable_upstream_resets_the_client_as_documented(api):
         assert how_closed(host_port(created["listen"]), b"hello") == "reset"
 
 
-def _round_trip_ms(address, payload=b"ping"):
-    with connect(address) as s:
-        start = time.perf_counter()
-        s.sendall(payload)
-        assert recv_exact(s, len(payload)) == payload
-        return (time.perf_counter() - start) * 1000
-
-
 def test_toxics_apply_and_survive_disable_and_moves(api, echo_server):
     created = api.json("POST", "/proxies", {"name": "lat", "upstream": echo_server.addr}, expect=201)
     address = host_port(created["listen"])
-    before = min(_round_trip_ms(address) for _ in range(5))
+    before = min(round_trip_ms(address) for _ in range(5))
     api.json("POST", "/proxies/lat/toxics", {"type": "latency", "stream": "upstream",
                                              "attributes": {"latency": 80}})
-    assert min(_round_trip_ms(address) for _ in range(3)) - before >= 75
+    assert min(round_trip_ms(address) for _ in range(3)) - before >= 75
     api.json("POST", "/proxies/lat", {"enabled": False})
     api.json("POST", "/proxies/lat", {"enabled": True})
-    assert min(_round_trip_ms(address) for _ in range(3)) - before >= 75
+    assert min(round_trip_ms(address) for _ in range(3)) - before >= 75
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         new_port = s.getsockname()[1]
     moved = api.json("PATCH", "/proxies/lat", {"listen": "127.0.0.1:%d" % new_port})
     assert [t["name"] for t in moved["toxics"]] == ["latency_upstream"]
-    assert min(_round_trip_ms(("127.0.0.1", new_port)) for _ in range(3)) - before >= 75
+    assert min(round_trip_ms(("127.0.0.1", new_port)) for _ in range(3)) - before >= 75
     api.json("POST", "/proxies/lat/toxics/latency_upstream", {"attributes": {"latency": 0}})
-    assert min(_round_trip_ms(("127.0.0.1", new_port)) for _ in range(3)) < before + 60
+    assert min(round_trip_ms(("127.0.0.1", new_port)) for _ in range(3)) < before + 60
     api.json("POST", "/proxies/lat/toxics", {"type": "limit_data", "attributes": {"bytes": 2}})
     status, _, _ = api.call("POST", "/reset")
     assert status == 204 and api.json("GET", "/proxies/lat/toxics") == []
-    assert _round_trip_ms(("127.0.0.1", new_port), b"longer than two bytes") < 1000
+    assert round_trip_ms(("127.0.0.1", new_port), b"longer than two bytes") < 1000

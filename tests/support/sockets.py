@@ -4,6 +4,7 @@ Everything here is bounded in time: sockets carry timeouts, reads take limits.
 A socket that fails to connect is closed here, not left to the collector.
 """
 import errno
+import json
 import os
 import select
 import selectors
@@ -270,3 +271,22 @@ def echo_roundtrip(addr, payload, timeout=5.0):
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         return recv_until_eof(s)
+
+
+def round_trip_ms(addr, payload=b"ping"):
+    """One request and its echo on a new connection, in milliseconds."""
+    with connect(addr) as s:
+        start = time.perf_counter()
+        s.sendall(payload)
+        assert recv_exact(s, len(payload)) == payload
+        return (time.perf_counter() - start) * 1000
+
+
+def stats_over_unix(path):
+    """GET /stats from a stats endpoint on Unix socket `path`, parsed."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(path)
+        s.sendall(b"GET /stats HTTP/1.0\r\nHost: tests\r\n\r\n")
+        data = recv_until_eof(s)
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])
