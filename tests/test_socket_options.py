@@ -144,3 +144,95 @@ def test_a_reload_changes_socket_buffer_for_new_clients_even_back_to_the_kernels
                         assert (rcvbuf == 2 * size) if size else (rcvbuf != 2 * 48 * 1024), (size, rcvbuf)
     finally:
         stop_bounded(p)
+
+
+@pytest.mark.linux_only
+@pytest.mark.skipif(not _core.HAVE_KEEPALIVE_TIMERS, reason="this build has no TCP_KEEPIDLE/TCP_KEEPINTVL/TCP_KEEPCNT")
+def test_tcp_keepalive_is_set_on_both_bridge_sockets(make_proxy, echo_server, engine):
+    """The client side, set per accepted client, and the upstream side, set
+    before connect(): each asked of the kernel from outside the data plane."""
+    p = make_proxy(echo_server.addr, workers=1, tcp_keepalive="7s:3s:4")
+    with connect(p.address) as c:
+        for side in _bridge_sockets(p, echo_server, c):
+            with side:
+                assert side.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert side.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
+                assert side.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 3
+                assert side.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+
+
+@pytest.mark.linux_only
+def test_tcp_keepalive_on_keeps_the_kernels_timers(make_proxy, echo_server):
+    with open("/proc/sys/net/ipv4/tcp_keepalive_time") as f:
+        kernel_idle = int(f.read())
+    p = make_proxy(echo_server.addr, workers=1, tcp_keepalive="on")
+    with connect(p.address) as c:
+        for side in _bridge_sockets(p, echo_server, c):
+            with side:
+                assert side.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                if hasattr(socket, "TCP_KEEPIDLE"):
+                    assert side.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == kernel_idle
+
+
+@pytest.mark.linux_only
+def test_tcp_keepalive_is_off_by_default(make_proxy, echo_server):
+    p = make_proxy(echo_server.addr, workers=1)
+    with connect(p.address) as c:
+        for side in _bridge_sockets(p, echo_server, c):
+            with side:
+                assert side.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+
+
+@pytest.mark.linux_only
+@pytest.mark.skipif(not _core.HAVE_KEEPALIVE_TIMERS, reason="this build has no TCP_KEEPIDLE/TCP_KEEPINTVL/TCP_KEEPCNT")
+def test_a_reload_turns_tcp_keepalive_off_for_new_clients(engine, echo_server):
+    """Set per client, not on the shared listening socket (which Linux
+    would pass on): after a reload to off, new clients have none."""
+    from fastproxy import Config, Proxy
+    from support.waits import stop_bounded
+
+    def config(keepalive, port=0):
+        return [Config.build(listen="127.0.0.1:%d" % port, upstreams=[echo_server.addr], engine=engine,
+                             workers=1, tcp_keepalive=keepalive)]
+
+    p = Proxy.from_config(config("5s:2s:3")).start()
+    try:
+        for keepalive, expect in (("5s:2s:3", 1), ("off", 0)):
+            if keepalive == "off":
+                p.reload(config(keepalive, p.address[1]))
+            with connect(p.address) as c:
+                for side in _bridge_sockets(p, echo_server, c):
+                    with side:
+                        assert side.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == expect, keepalive
+    finally:
+        stop_bounded(p)
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("60s:10s:6", (60, 10, 6)), ("1m", (60, 0, 0)), (" 2m:5 ", (120, 5, 0)), ("30s::3", (30, 0, 3)),
+    (45, (45, 0, 0)), ("on", (0, 0, 0)), (True, (0, 0, 0)), ("off", None), ("0", None), (0, None),
+    (False, None), (None, None), ("1h:1s:127", (3600, 1, 127))])
+def test_tcp_keepalive_values(text, expect):
+    from fastproxy.values import parse_tcp_keepalive
+    if any(expect or ()) and not _core.HAVE_KEEPALIVE_TIMERS:
+        pytest.skip("this build has no keepalive timers")
+    got = parse_tcp_keepalive(text, "tcp_keepalive")
+    assert (tuple(got) if got is not None else None) == expect
+    if got is not None:   # shown as it is written, and read back the same
+        assert parse_tcp_keepalive(str(got), "tcp_keepalive") == got
+
+
+@pytest.mark.parametrize("value", ["1500ms", "0s:1s", "10s:0", "10s:1s:0", "10s:1s:128", "10h", "1s:2s:3:4",
+                                   "lots", "10s:x", "-5", 1.5, [60], "60s:10s:\uff16"])
+def test_tcp_keepalive_refuses(value):
+    from fastproxy import ConfigError, Proxy
+    with pytest.raises(ConfigError) as info:
+        Proxy("127.0.0.1:0", "127.0.0.1:9", tcp_keepalive=value)
+    text = str(info.value)
+    assert text.startswith("tcp_keepalive: ") and "\n" not in text and repr(value)[:20] in text
+
+
+def test_cli_refuses_a_bad_tcp_keepalive_in_one_line():
+    from support.cli import assert_one_line_error, run_cli
+    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--tcp-keepalive", "10s:1s:500"])
+    assert_one_line_error(rc, out, err, "--tcp-keepalive", "10s:1s:500")

@@ -6,6 +6,7 @@ from typing_extensions import disjoint_base
 ENGINES: Tuple[str, ...]
 PORTABLE: bool
 HAVE_NOTSENT_LOWAT: bool
+HAVE_KEEPALIVE_TIMERS: bool
 UNIX_PATH_MAX: int
 BALANCE_ALGORITHMS: Tuple[str, ...]
 ADMIN_STATES: Tuple[str, ...]

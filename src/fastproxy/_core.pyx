@@ -41,6 +41,8 @@ ENGINES = ("epoll", "poll") if FP_HAVE_EPOLL else ("poll",)
 # Linux has neither, though the socket module there has TCP_NOTSENT_LOWAT.
 PORTABLE = bool(FP_PORTABLE)
 HAVE_NOTSENT_LOWAT = bool(FP_HAVE_NOTSENT_LOWAT)
+# tcp_keepalive's IDLE, INTERVAL and COUNT (SO_KEEPALIVE alone is everywhere).
+HAVE_KEEPALIVE_TIMERS = bool(FP_HAVE_KEEPALIVE_TIMERS)
 # CloseReason, Verdict, HookBit and EventKind (cpdef enums in _core.pxd)
 # are the control plane's names for the data plane's numbers.
 
@@ -549,6 +551,10 @@ cdef class DataPlane:
                 if not unix_listener:
                     fp_set_nodelay(listen_fd)
                 ls.nodelay_inherited = FP_NODELAY_INHERITED or unix_listener
+                if config.listener.tcp_keepalive is not None:
+                    ls.keepalive = True
+                    ls.keepalive_clients = not unix_listener
+                    ls.keepalive_idle, ls.keepalive_interval, ls.keepalive_count = config.listener.tcp_keepalive
                 if ls.notsent_lowat and not unix_listener:
                     err = fp_set_notsent_lowat(listen_fd, ls.notsent_lowat)
                     if err < 0:

@@ -42,6 +42,10 @@ cdef void bridge_open(Worker *w, ListenerC *ls, int fd, sockaddr_storage *peer,
         # Per client, not on the listening socket: a reload that turns it
         # off could not undo a size the shared socket passes on.
         fp_set_buffers(fd, b.ls.socket_buffer)
+    if b.ls.keepalive_clients:
+        # Per client too: Linux would pass it on from the listening socket,
+        # but then a reload could not turn it off for new clients.
+        fp_set_keepalive(fd, b.ls.keepalive_idle, b.ls.keepalive_interval, b.ls.keepalive_count)
     fp_bump(&lslot(w, b.ls).ctr.accepted, 1)
     if w.epfd >= 0 and fp_epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, EV_BRIDGE,
                                     <uint64_t>b) < 0:
@@ -316,6 +320,8 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
             fp_set_nodelay(fd)
             if b.ls.notsent_lowat:
                 fp_set_notsent_lowat(fd, b.ls.notsent_lowat)
+            if b.ls.keepalive:
+                fp_set_keepalive(fd, b.ls.keepalive_idle, b.ls.keepalive_interval, b.ls.keepalive_count)
         if b.ls.socket_buffer:   # before connect(): the window scale is chosen from it
             fp_set_buffers(fd, b.ls.socket_buffer)
         r = fp_connect(fd, <sockaddr *>&a.sa, a.salen)

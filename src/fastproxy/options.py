@@ -36,6 +36,7 @@ from .values import (
     parse_duration,
     parse_notsent_lowat,
     parse_socket_buffer,
+    parse_tcp_keepalive,
     parse_size,
 )
 
@@ -302,6 +303,13 @@ OPTIONS: Tuple[Option, ...] = (
            "about 2 x SIZE each way per socket (capped by net.core.wmem_max and rmem_max) instead of "
            "autotuning up to tcp_wmem and tcp_rmem's maxima; bounds the memory a client that never "
            "reads can pin; 0: the kernel's autotuning", "listener", metavar="SIZE"),
+    Option("tcp_keepalive", parse_tcp_keepalive, None,
+           "SO_KEEPALIVE on both sockets of each bridge (HAProxy's clitcpka and srvtcpka, nginx's "
+           "so_keepalive): after IDLE without a packet the kernel probes the peer every INTERVAL and, "
+           "after COUNT unanswered probes, ends the bridge (a client or upstream that vanished without "
+           "FIN or RST); whole seconds; a part left out keeps the kernel's (net.ipv4.tcp_keepalive_time, "
+           "_intvl, _probes); on: all the kernel's; off or 0: none", "listener",
+           metavar="IDLE[:INTERVAL[:COUNT]]", shown_default="off"),
     # ---- upstream group
     Option("upstreams", parse_upstreams, None,
            "a server to forward to: HOST:PORT[@WEIGHT][,max-connections=N][,backup] (HOST:PORT may "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import List, Optional, Sequence, Set, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 from . import _core
 
@@ -20,6 +20,7 @@ __all__ = [
     "MAX_CONNECTIONS",
     "MAX_COUNT",
     "MAX_DURATION",
+    "Keepalive",
     "is_digits",
     "parse_count",
     "parse_choice",
@@ -27,6 +28,7 @@ __all__ = [
     "parse_duration",
     "parse_address",
     "parse_size",
+    "parse_tcp_keepalive",
     "parse_unix",
     "quote",
     "format_address",
@@ -316,6 +318,79 @@ def parse_socket_buffer(value: object, field: str) -> int:
     if 0 < size < 4096:
         raise ConfigError(field, value, "must be 0 (the kernel's autotuning) or at least 4k")
     return size
+
+
+# The kernel's bounds (net/ipv4/tcp.c): MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL, MAX_TCP_KEEPCNT.
+MAX_KEEPALIVE_SECONDS = 32767
+MAX_KEEPALIVE_COUNT = 127
+
+
+class Keepalive(NamedTuple):
+    """tcp_keepalive: SO_KEEPALIVE with TCP_KEEPIDLE and TCP_KEEPINTVL in
+    seconds and TCP_KEEPCNT; 0 leaves that one to the kernel."""
+    idle: int
+    interval: int
+    count: int
+
+    def __str__(self) -> str:
+        if not any(self):
+            return "on"
+        parts = [f"{self.idle}s" if self.idle else "", f"{self.interval}s" if self.interval else "",
+                 str(self.count) if self.count else ""]
+        return ":".join(parts).rstrip(":")
+
+
+_KEEPALIVE_USAGE = "is not IDLE[:INTERVAL[:COUNT]] (use 60s:10s:6, 2m, on or off)"
+
+
+def parse_tcp_keepalive(value: object, field: str) -> Optional[Keepalive]:
+    """'off' (None), 'on' (the kernel's timers) or IDLE[:INTERVAL[:COUNT]]:
+    whole-second durations and a probe count, as nginx's so_keepalive; an
+    empty part leaves that one to the kernel."""
+    if isinstance(value, Keepalive):
+        return value
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Keepalive(0, 0, 0)
+    if isinstance(value, (int, float)):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ConfigError(field, value, _KEEPALIVE_USAGE)
+    text = value.strip().lower()
+    if text in ("off", "none", "0", ""):
+        return None
+    if text == "on":
+        return Keepalive(0, 0, 0)
+    parts = text.split(":")
+    if len(parts) > 3:
+        raise ConfigError(field, value, _KEEPALIVE_USAGE)
+    parts += [""] * (3 - len(parts))
+    numbers = []
+    for i, part in enumerate(parts):
+        part = part.strip()
+        if not part:
+            numbers.append(0)
+            continue
+        if i == 2:
+            if not is_digits(part) or len(part.lstrip("0")) > 3 or not 1 <= int(part) <= MAX_KEEPALIVE_COUNT:
+                raise ConfigError(field, value, f"COUNT must be a number of probes from 1 to {MAX_KEEPALIVE_COUNT}")
+            numbers.append(int(part))
+            continue
+        what = "IDLE" if i == 0 else "INTERVAL"
+        try:
+            seconds = parse_duration(part, field)
+        except ConfigError:
+            raise ConfigError(field, value, _KEEPALIVE_USAGE) from None
+        # The kernel counts these in whole seconds: 1500ms would silently be 1s.
+        if seconds != int(seconds) or not 1 <= seconds <= MAX_KEEPALIVE_SECONDS:
+            raise ConfigError(field, value, f"{what} must be whole seconds from 1s to {MAX_KEEPALIVE_SECONDS}s")
+        numbers.append(int(seconds))
+    keepalive = Keepalive(*numbers)
+    if any(keepalive) and not _core.HAVE_KEEPALIVE_TIMERS:
+        raise ConfigError(field, value, "cannot be used here: this build has no TCP_KEEPIDLE, TCP_KEEPINTVL "
+                          "and TCP_KEEPCNT (use on: SO_KEEPALIVE with the system's timers)")
+    return keepalive
 
 
 def parse_notsent_lowat(value: object, field: str) -> Optional[int]:

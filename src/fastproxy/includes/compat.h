@@ -301,6 +301,32 @@ static inline int fp_set_buffers(int fd, int nbytes)
     return 0;
 }
 
+/* SO_KEEPALIVE, and its timers where given (0: the kernel's, the
+ * net.ipv4.tcp_keepalive_* sysctls): a peer that vanished without a FIN or
+ * RST (power loss, a NAT or firewall that forgot the flow) is found by the
+ * probes it does not answer, and the socket then fails with ETIMEDOUT. The
+ * portable build stands for a platform with SO_KEEPALIVE alone.
+ * Returns: 0, or the -errno of the first that failed (-ENOPROTOOPT for a
+ * timer the platform lacks). */
+#if defined(TCP_KEEPIDLE) && defined(TCP_KEEPINTVL) && defined(TCP_KEEPCNT) && !FP_PORTABLE
+#define FP_HAVE_KEEPALIVE_TIMERS 1
+#else
+#define FP_HAVE_KEEPALIVE_TIMERS 0
+#endif
+static inline int fp_set_keepalive(int fd, int idle, int interval, int count)
+{
+    int one = 1;
+    if (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one) < 0) return -errno;
+#if FP_HAVE_KEEPALIVE_TIMERS
+    if (idle > 0 && setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle) < 0) return -errno;
+    if (interval > 0 && setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval) < 0) return -errno;
+    if (count > 0 && setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count) < 0) return -errno;
+    return 0;
+#else
+    return (idle > 0 || interval > 0 || count > 0) ? -ENOPROTOOPT : 0;
+#endif
+}
+
 /* A close with linger 0 sends RST instead of FIN: how a reset is passed on. */
 static inline void fp_set_reset_on_close(int fd)
 {
