@@ -6,6 +6,7 @@ touched). New clients are still served promptly, and the half-open bridges
 are reaped by idle_timeout: the proxy sets no TCP keepalive of its own
 (docs/reliability.md, Half-open clients), so without idle_timeout they
 would stay until the proxy stops. Needs root and iproute2's `ip`."""
+import json
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ from support.cli import subprocess_env
 from support.sockets import stats_over_unix
 from support.waits import wait_for
 
-N = 2000
+N = 5000
 IDLE_TIMEOUT = 6.0
 PORT = 8080   # inside the test's own namespace: nothing else listens there
 PROXY_IP, CLIENT_IP = "169.254.77.1", "169.254.77.2"
@@ -72,8 +73,9 @@ for i in range(n):
 # Once more on all of them at once: their idle timers start together.
 for s in held:
     s.sendall(b"t")
-for s in held:
-    assert s.recv(1) == b"t"
+for i, s in enumerate(held):
+    got = s.recv(1)
+    assert got == b"t", (i, got)
 print("ready", flush=True)
 sys.stdin.read()
 """
@@ -171,6 +173,84 @@ def test_half_open_clients_do_not_stop_new_ones_and_are_reaped(namespaces, engin
         assert st["accepted"] >= N + 200
         print("half-open: %d bridges reaped %.1f s after their clients vanished (idle_timeout %g s); "
               "slowest of 200 new clients meanwhile: %.1f ms" % (N, reaped, IDLE_TIMEOUT, worst * 1e3))
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+            for f in (p.stdin, p.stdout):
+                if f is not None:
+                    f.close()
+
+
+def _unacked(ns):
+    """How many of the proxy's sockets to the clients have bytes in Send-Q."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Htn", "state", "established", "dst", CLIENT_IP],
+                         check=True, capture_output=True, text=True, timeout=10).stdout
+    return sum(1 for line in out.splitlines() if line.split()[1] != "0")
+
+
+KA_CLIENTS = 200
+KA_IDLE, KA_INTERVAL, KA_COUNT = 1, 1, 2
+
+
+def test_tcp_keepalive_reaps_half_open_clients_without_idle_timeout(namespaces, engine, tmp_path):
+    """No idle_timeout: only the kernel's keepalive probes, unanswered by
+    the vanished clients, end the bridges. The kernel fails each client
+    socket with ETIMEDOUT after IDLE + COUNT x INTERVAL (3 s here); the
+    bridge ends with CLIENT_RESET (the client's end is gone; its upstream
+    gets an RST) and is counted like any other close."""
+    proxy_ns, client_ns = namespaces
+    stats_sock = str(tmp_path / "stats.sock")
+    access_log = tmp_path / "access.log"
+    procs = []
+    try:
+        echo = _in(proxy_ns, [sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+        procs.append(echo)
+        echo_port = int(echo.stdout.readline())
+        proxy = _in(proxy_ns, [sys.executable, "-m", "fastproxy", "--listen", "0.0.0.0:%d" % PORT,
+                               "--upstream", "127.0.0.1:%d" % echo_port, "--engine", engine, "--workers", "2",
+                               "--tcp-keepalive", "%ds:%ds:%d" % (KA_IDLE, KA_INTERVAL, KA_COUNT),
+                               "--access-log", str(access_log), "--access-log-format", "reason",
+                               "--stats", "unix:" + stats_sock, "--log-level", "warning"])
+        procs.append(proxy)
+        assert wait_for(lambda: os.path.exists(stats_sock), 15), "the proxy did not start"
+        clients = _in(client_ns, [sys.executable, "-c", CLIENTS, str(KA_CLIENTS), PROXY_IP, str(PORT)],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(clients)
+        assert clients.stdout.readline().strip() == "ready"
+        assert wait_for(lambda: stats_over_unix(stats_sock)["active"] == KA_CLIENTS, 10)
+
+        # Keepalive probes only a socket with nothing in flight: one whose
+        # last bytes await an ACK (the clients' ACKs of "t" may still be
+        # delayed) is in retransmission instead, which tcp_keepalive does
+        # not shorten (net.ipv4.tcp_retries2: about 15 minutes).
+        assert wait_for(lambda: _unacked(proxy_ns) == 0, 5), "the proxy's sends were not all acknowledged"
+        # Their address goes, the link stays: the proxy's probes still
+        # leave (with the link gone they would fail to send, and the kernel
+        # retries a probe that could not be sent without counting it), and
+        # reach a namespace that drops them.
+        _ip("-n", client_ns, "addr", "flush", "dev", "vc")
+        vanished = time.monotonic()
+        clients.send_signal(signal.SIGKILL)
+        clients.wait(10)
+        assert stats_over_unix(stats_sock)["active"] == KA_CLIENTS, "the bridges should be half-open, not closed"
+
+        expected = KA_IDLE + KA_COUNT * KA_INTERVAL
+        assert wait_for(lambda: stats_over_unix(stats_sock)["active"] == 0, expected + 10), \
+            stats_over_unix(stats_sock)["active"]
+        reaped = time.monotonic() - vanished
+        # Not before the probes could have failed: keepalive did it, not something else.
+        assert reaped >= expected - 1.0, reaped
+        assert wait_for(lambda: access_log.exists() and len(access_log.read_text().splitlines()) == KA_CLIENTS, 10)
+        reasons = {json.loads(line)["reason"] for line in access_log.read_text().splitlines()}
+        assert reasons == {"CLIENT_RESET"}, reasons
+        print("keepalive: %d half-open bridges reaped %.1f s after their clients vanished (tcp_keepalive "
+              "%ds:%ds:%d, no idle_timeout)" % (KA_CLIENTS, reaped, KA_IDLE, KA_INTERVAL, KA_COUNT))
     finally:
         for p in reversed(procs):
             if p.poll() is None:
