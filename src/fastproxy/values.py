@@ -327,16 +327,16 @@ MAX_KEEPALIVE_COUNT = 127
 
 class Keepalive(NamedTuple):
     """tcp_keepalive: SO_KEEPALIVE with TCP_KEEPIDLE and TCP_KEEPINTVL in
-    seconds and TCP_KEEPCNT; 0 leaves that one to the kernel."""
+    seconds and TCP_KEEPCNT (COUNT); 0 leaves that one to the kernel."""
     idle: int
     interval: int
-    count: int
+    probes: int   # not `count`: tuple.count
 
     def __str__(self) -> str:
         if not any(self):
             return "on"
         parts = [f"{self.idle}s" if self.idle else "", f"{self.interval}s" if self.interval else "",
-                 str(self.count) if self.count else ""]
+                 str(self.probes) if self.probes else ""]
         return ":".join(parts).rstrip(":")
 
 
