@@ -236,3 +236,12 @@ def test_cli_refuses_a_bad_tcp_keepalive_in_one_line():
     from support.cli import assert_one_line_error, run_cli
     rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--tcp-keepalive", "10s:1s:500"])
     assert_one_line_error(rc, out, err, "--tcp-keepalive", "10s:1s:500")
+
+
+@pytest.mark.skipif(_core.HAVE_KEEPALIVE_TIMERS, reason="this build has the keepalive timers")
+def test_tcp_keepalive_timers_are_refused_by_a_build_without_them():
+    from fastproxy import ConfigError, Proxy
+    with pytest.raises(ConfigError) as info:
+        Proxy("127.0.0.1:0", "127.0.0.1:9", tcp_keepalive="60s:10s:6")
+    assert str(info.value).startswith("tcp_keepalive: '60s:10s:6': cannot be used here")
+    Proxy("127.0.0.1:0", "127.0.0.1:9", tcp_keepalive="on")   # SO_KEEPALIVE alone is everywhere
