@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from fastproxy import _core
 from support.cli import assert_one_line_error, run_cli, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,3 +267,34 @@ upstreams = ["127.0.0.1:9"]
     assert "stats unix:/run/fastproxy/stats.sock," in process
     assert "resolver [::1]:5353," in process
     assert "resolve_interval 2s-1m," in process
+
+
+@pytest.mark.skipif(not _core.HAVE_KEEPALIVE_TIMERS, reason="this build has no keepalive timers")
+def test_check_shows_tcp_keepalive_as_written(tmp_path):
+    path = write(tmp_path, """
+[[listeners]]
+listen = "127.0.0.1:0"
+upstreams = ["127.0.0.1:9"]
+tcp_keepalive = "1m:10s:6"
+[[listeners]]
+listen = "127.0.0.1:0"
+name = "b"
+upstreams = ["127.0.0.1:9"]
+tcp_keepalive = "30s::3"
+""")
+    rc, out, err = run_cli(["check", "--config", str(path)])
+    assert rc == 0, err
+    assert "tcp_keepalive 60s:10s:6" in out and "tcp_keepalive 30s::3" in out, out
+    rc, out, err = run_cli(["check", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9"])
+    assert rc == 0 and "tcp_keepalive off" in out, out
+
+
+def test_a_bad_tcp_keepalive_in_the_file_is_one_line(tmp_path):
+    path = write(tmp_path, """
+[[listeners]]
+listen = "127.0.0.1:0"
+upstreams = ["127.0.0.1:9"]
+tcp_keepalive = 20000000
+""")
+    rc, out, err = run_cli(["check", "--config", str(path)])
+    assert_one_line_error(rc, out, err, "listeners[0].tcp_keepalive", "20000000", "IDLE")

@@ -9,7 +9,7 @@ from .config import Config
 from .configfile import ProxyConfig
 from .options import OPTIONS, SECTIONS, Option, format_duration, format_value
 from .upstreams import Upstream
-from .values import format_address
+from .values import Keepalive, format_address
 
 __all__ = ["describe"]
 
@@ -86,6 +86,8 @@ def _show(o: Option, value: Any) -> str:
         text = "-".join(format_duration(v) for v in value) if value[0] != value[1] else format_duration(value[0])
     elif o.metavar == "D" and isinstance(value, (int, float)) and not isinstance(value, bool):
         text = format_duration(value)   # optional durations too, which format_value cannot tell
+    elif isinstance(value, Keepalive):
+        text = str(value)   # as written: 60s:10s:6
     elif isinstance(value, tuple):
         text = ", ".join(str(item) for item in value) or "none"
     else:

@@ -353,11 +353,9 @@ def parse_tcp_keepalive(value: object, field: str) -> Optional[Keepalive]:
         return None
     if value is True:
         return Keepalive(0, 0, 0)
-    if isinstance(value, (int, float)):
-        value = str(value)
-    if not isinstance(value, str):
+    if not isinstance(value, (str, int, float)):
         raise ConfigError(field, value, _KEEPALIVE_USAGE)
-    text = value.strip().lower()
+    text = str(value).strip().lower()   # a number: IDLE in seconds
     if text in ("off", "none", "0", ""):
         return None
     if text == "on":
