@@ -13,6 +13,7 @@ from fastproxy import ConfigError, Proxy, _core
 def test_portable_build_has_only_the_poll_engine():
     assert _core.ENGINES == ("poll",)
     assert not _core.HAVE_NOTSENT_LOWAT
+    assert not _core.HAVE_KEEPALIVE_TIMERS   # tcp_keepalive = on only
 
 
 @pytest.mark.skipif(not _core.PORTABLE, reason="not a portable build")
@@ -35,6 +36,7 @@ def test_portable_build_refuses_the_epoll_engine():
 def test_linux_build_has_epoll_and_notsent_lowat():
     assert _core.ENGINES == ("epoll", "poll")
     assert _core.HAVE_NOTSENT_LOWAT
+    assert _core.HAVE_KEEPALIVE_TIMERS
     assert Proxy("127.0.0.1:0", "127.0.0.1:9", notsent_lowat="64k").config.listener.notsent_lowat == 65536
 
 

@@ -31,7 +31,7 @@ from fastproxy.options import OPTIONS, parse_resolve_interval
 from fastproxy.ratelimit import parse_rate
 from fastproxy.timewindows import parse_time_windows
 from fastproxy.upstreams import parse_upstream
-from fastproxy.values import ConfigError, parse_address, parse_duration, parse_size
+from fastproxy.values import ConfigError, parse_address, parse_duration, parse_size, parse_tcp_keepalive
 
 # FASTPROXY_FUZZ_SCALE=20 for a longer run than the suite's.
 SCALE = float(os.environ.get("FASTPROXY_FUZZ_SCALE", "1"))
@@ -119,6 +119,17 @@ def test_parse_size(value):
     got = result_or_config_error(parse_size, value, "notsent_lowat")
     if got is not None:
         assert 0 <= got <= 1 << 30
+
+
+@FUZZ
+@given(values)
+@example("9" * 5000 + ":1s:2")
+@example("1s:1s:" + "9" * 5000)
+def test_parse_tcp_keepalive(value):
+    got = result_or_config_error(parse_tcp_keepalive, value, "tcp_keepalive")
+    if got is not None:
+        assert 0 <= got.idle <= 32767 and 0 <= got.interval <= 32767 and 0 <= got.probes <= 127
+        assert parse_tcp_keepalive(str(got), "tcp_keepalive") == got   # shown as it is read
 
 
 @FUZZ

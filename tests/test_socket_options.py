@@ -211,7 +211,7 @@ def test_a_reload_turns_tcp_keepalive_off_for_new_clients(engine, echo_server):
 @pytest.mark.parametrize("text,expect", [
     ("60s:10s:6", (60, 10, 6)), ("1m", (60, 0, 0)), (" 2m:5 ", (120, 5, 0)), ("30s::3", (30, 0, 3)),
     (45, (45, 0, 0)), ("on", (0, 0, 0)), (True, (0, 0, 0)), ("off", None), ("0", None), (0, None),
-    (False, None), (None, None), ("1h:1s:127", (3600, 1, 127))])
+    (False, None), (None, None), ("1h:1s:127", (3600, 1, 127)), ("9h:32767s", (32400, 32767, 0))])
 def test_tcp_keepalive_values(text, expect):
     from fastproxy.values import parse_tcp_keepalive
     if any(expect or ()) and not _core.HAVE_KEEPALIVE_TIMERS:
@@ -223,7 +223,7 @@ def test_tcp_keepalive_values(text, expect):
 
 
 @pytest.mark.parametrize("value", ["1500ms", "0s:1s", "10s:0", "10s:1s:0", "10s:1s:128", "10h", "1s:2s:3:4",
-                                   "lots", "10s:x", "-5", 1.5, [60], "60s:10s:\uff16"])
+                                   "lots", "10s:x", "-5", 1.5, [60], "60s:10s:\uff16", "400d", "32768", 1 << 80])
 def test_tcp_keepalive_refuses(value):
     from fastproxy import ConfigError, Proxy
     with pytest.raises(ConfigError) as info:

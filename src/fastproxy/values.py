@@ -379,9 +379,12 @@ def parse_tcp_keepalive(value: object, field: str) -> Optional[Keepalive]:
         try:
             seconds = parse_duration(part, field)
         except ConfigError:
-            raise ConfigError(field, value, _KEEPALIVE_USAGE) from None
+            if _DURATION.fullmatch(part):   # a duration, but too long for one
+                seconds = float("inf")
+            else:
+                raise ConfigError(field, value, _KEEPALIVE_USAGE) from None
         # The kernel counts these in whole seconds: 1500ms would silently be 1s.
-        if seconds != int(seconds) or not 1 <= seconds <= MAX_KEEPALIVE_SECONDS:
+        if not 1 <= seconds <= MAX_KEEPALIVE_SECONDS or seconds != int(seconds):
             raise ConfigError(field, value, f"{what} must be whole seconds from 1s to {MAX_KEEPALIVE_SECONDS}s")
         numbers.append(int(seconds))
     keepalive = Keepalive(*numbers)
