@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from fastproxy import _core
 from support.cli import subprocess_env
 from support.sockets import stats_over_unix
 from support.waits import wait_for
@@ -204,6 +205,7 @@ KA_CLIENTS = 200
 KA_IDLE, KA_INTERVAL, KA_COUNT = 1, 1, 2
 
 
+@pytest.mark.skipif(not _core.HAVE_KEEPALIVE_TIMERS, reason="this build has no TCP_KEEPIDLE/TCP_KEEPINTVL/TCP_KEEPCNT")
 def test_tcp_keepalive_reaps_half_open_clients_without_idle_timeout(namespaces, engine, tmp_path):
     """No idle_timeout: only the kernel's keepalive probes, unanswered by
     the vanished clients, end the bridges. The kernel fails each client
