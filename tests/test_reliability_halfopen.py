@@ -201,6 +201,13 @@ def _unacked(ns):
     return sum(1 for line in out.splitlines() if line.split()[1] != "0")
 
 
+def _timers(ns, dst):
+    """The timer `ss -o` shows on each established socket to dst."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Htno", "state", "established", "dst", dst],
+                         check=True, capture_output=True, text=True, timeout=10).stdout
+    return [line.split("timer:(")[1].split(",")[0] if "timer:(" in line else "none" for line in out.splitlines()]
+
+
 KA_CLIENTS = 200
 KA_IDLE, KA_INTERVAL, KA_COUNT = 1, 1, 2
 
@@ -238,6 +245,11 @@ def test_tcp_keepalive_reaps_half_open_clients_without_idle_timeout(namespaces, 
         # delayed) is in retransmission instead, which tcp_keepalive does
         # not shorten (net.ipv4.tcp_retries2: about 15 minutes).
         assert wait_for(lambda: _unacked(proxy_ns) == 0, 5), "the proxy's sends were not all acknowledged"
+        # Seen from outside the proxy: the kernel's keepalive timer runs on
+        # both sockets of every bridge (the echo server's own sockets have none).
+        for dst in (CLIENT_IP, "127.0.0.1:%d" % echo_port):
+            timers = _timers(proxy_ns, dst)
+            assert len(timers) == KA_CLIENTS and set(timers) == {"keepalive"}, (dst, timers[:5])
         # Their address goes, the link stays: the proxy's probes still
         # leave (with the link gone they would fail to send, and the kernel
         # retries a probe that could not be sent without counting it), and
