@@ -1013,20 +1013,23 @@ class Proxy:
             log.info("bridge %d closed at run time", bridge_id)
         return bool(closed)
 
-    # ---- down (listener.py: Listener.set_down)
+    # ---- run-time faults: down, then toxics
 
     def _named_listener(self, listener: Optional[str]) -> Listener:
-        # Imported here so that this block is all the down feature adds.
-        from .control import UnknownNameError
+        # The listener a run-time call (down, toxics) names; None when the
+        # proxy has one.
+        listeners = list(self._listeners)
         if listener is None:
-            if len(self._listeners) > 1:
-                raise ConfigError("listener", None, "this proxy has several listeners: name one ("
-                                  + ", ".join(lst.name for lst in self._listeners) + ")")
-            return self._listeners[0]
-        for lst in self._listeners:
+            if len(listeners) > 1:
+                raise ConfigError("listener", None, "this proxy has listeners "
+                                  f"{', '.join(lst.name for lst in listeners)}: name one (listener=)")
+            return listeners[0]
+        for lst in listeners:
             if lst.name == listener:
                 return lst
         raise UnknownNameError("listener", listener, "no such listener")
+
+    # ---- down (listener.py: Listener.set_down)
 
     def set_down(self, down: bool, *, cut: bool = True, listener: Optional[str] = None) -> None:
         """Set a listener down (True) or up again (False), as if its service
@@ -1053,23 +1056,11 @@ class Proxy:
 
     # ---- toxics (toxics.py; the data plane applies them: toxics.pxi)
 
-    def _toxic_listener(self, listener: Optional[str]) -> Listener:
-        listeners = list(self._listeners)
-        if listener is None:
-            if len(listeners) > 1:
-                raise ConfigError("listener", None, "this proxy has listeners "
-                                  f"{', '.join(lst.name for lst in listeners)}: name one (listener=)")
-            return listeners[0]
-        for lst in listeners:
-            if lst.name == listener:
-                return lst
-        raise UnknownNameError("listener", listener, "no such listener")
-
     def toxics(self, listener: Optional[str] = None) -> List[Toxic]:
         """The toxics of `listener` (its name; needed only when the proxy
         has several), in the order added."""
         with self._lock:
-            return list(self._toxic_listener(listener).toxics)
+            return list(self._named_listener(listener).toxics)
 
     def set_toxics(self, toxics: Iterable[Toxic], listener: Optional[str] = None) -> None:
         """Replace the toxics of `listener` with `toxics`, atomically: no
@@ -1080,14 +1071,14 @@ class Proxy:
         restart."""
         wanted = check_toxics(toxics)
         with self._lock:
-            self._toxic_listener(listener).set_toxics(wanted)
+            self._named_listener(listener).set_toxics(wanted)
 
     def add_toxic(self, toxic: Toxic, listener: Optional[str] = None) -> Toxic:
         """Add `toxic` to `listener`'s; ToxicError if one has its name."""
         if not isinstance(toxic, Toxic):
             raise ToxicError("toxic", toxic, "expected a Toxic (fastproxy.toxic(...))")
         with self._lock:
-            lst = self._toxic_listener(listener)
+            lst = self._named_listener(listener)
             if any(t.name == toxic.name for t in lst.toxics):
                 raise ToxicError("name", toxic.name, f"a toxic of that name is already set on listener {lst.name}")
             lst.set_toxics(lst.toxics + [toxic])
@@ -1099,7 +1090,7 @@ class Proxy:
         kept). A bridge it applied to keeps it (its toxicity is not drawn
         again). UnknownNameError if `listener` has no toxic `name`."""
         with self._lock:
-            lst = self._toxic_listener(listener)
+            lst = self._named_listener(listener)
             current = list(lst.toxics)
             for i, t in enumerate(current):
                 if t.name == name:
@@ -1111,7 +1102,7 @@ class Proxy:
     def remove_toxic(self, name: str, listener: Optional[str] = None) -> None:
         """Remove toxic `name`; UnknownNameError if `listener` has none."""
         with self._lock:
-            lst = self._toxic_listener(listener)
+            lst = self._named_listener(listener)
             kept = [t for t in lst.toxics if t.name != name]
             if len(kept) == len(lst.toxics):
                 raise UnknownNameError("toxic", name, f"not a toxic of listener {lst.name}")
