@@ -183,17 +183,22 @@ def test_half_open_clients_do_not_stop_new_ones_and_are_reaped(namespaces, engin
         print("half-open: %d bridges reaped %.1f s after their clients vanished (idle_timeout %g s); "
               "slowest of 200 new clients meanwhile: %.1f ms" % (N, reaped, IDLE_TIMEOUT, worst * 1e3))
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
-            for f in (p.stdin, p.stdout):
-                if f is not None:
-                    f.close()
+        _stop_all(procs)
+
+
+def _stop_all(procs):
+    """Stops the test's processes, the last started first, and closes their pipes."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        for f in (p.stdin, p.stdout):
+            if f is not None:
+                f.close()
 
 
 def _unacked(ns):
@@ -274,14 +279,4 @@ def test_tcp_keepalive_reaps_half_open_clients_without_idle_timeout(namespaces, 
         print("keepalive: %d half-open bridges reaped %.1f s after their clients vanished (tcp_keepalive "
               "%ds:%ds:%d, no idle_timeout)" % (KA_CLIENTS, reaped, KA_IDLE, KA_INTERVAL, KA_COUNT))
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
-            for f in (p.stdin, p.stdout):
-                if f is not None:
-                    f.close()
+        _stop_all(procs)
