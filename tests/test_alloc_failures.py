@@ -9,7 +9,7 @@ import time
 import pytest
 
 from fastproxy import _core
-from support.sockets import echo_roundtrip
+from support.sockets import connect, echo_roundtrip, recv_exact
 from support.traffic import StreamLoad, VerifyingServer
 from support.waits import stop_bounded, wait_for
 
@@ -27,14 +27,10 @@ def disarmed():
 
 
 def _open(addr, payload=b"live"):
-    s = socket.create_connection(addr, timeout=5)
+    """A bridge that has echoed `payload` once."""
+    s = connect(addr)
     s.sendall(payload)
-    got = b""
-    while len(got) < len(payload):
-        chunk = s.recv(65536)
-        assert chunk, "closed"
-        got += chunk
-    assert got == payload
+    assert recv_exact(s, len(payload)) == payload
     return s
 
 

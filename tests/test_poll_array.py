@@ -9,6 +9,7 @@ import pytest
 
 from fastproxy import ENGINES
 from support.servers import EchoServer
+from support.sockets import recv_exact
 from support.waits import stop_bounded, wait_for
 
 pytestmark = pytest.mark.skipif("poll" not in ENGINES, reason="poll engine not compiled in")
@@ -16,12 +17,7 @@ pytestmark = pytest.mark.skipif("poll" not in ENGINES, reason="poll engine not c
 
 def _echo(s, payload):
     s.sendall(payload)
-    got = b""
-    while len(got) < len(payload):
-        chunk = s.recv(65536)
-        assert chunk, "the bridge closed"
-        got += chunk
-    assert got == payload
+    assert recv_exact(s, len(payload)) == payload
 
 
 def test_bridges_keep_flowing_while_others_close_in_any_order():
