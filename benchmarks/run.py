@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional, Set
+from typing import Any, List, Optional, Set
 
 from bench.common import (
     BENCH_DIR,
@@ -236,19 +236,25 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _report(args: argparse.Namespace, name: str, module: Any, result: dict) -> dict:
+    """A single-test run's result: stamped, saved as JSON next to the
+    others (or to --out), its table printed."""
+    result["command"] = " ".join(["python"] + [shlex.quote(a) for a in sys.argv])
+    result["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
+    out = args.out or unused_path(RESULTS_DIR, name + "-" + time.strftime("%Y%m%d-%H%M%S"))
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(module.render(result), end="")
+    log(f"{name}: {out}")
+    return result
+
+
 def run_unixbulk(args: argparse.Namespace) -> dict:
     """The unixbulk test: printed as a table and saved next to the other results."""
     proxy_cpus, _ = pinning(args)
     log("unixbulk: one stream through a Unix upstream vs a TCP upstream, and direct")
     result = unixbulk.run(args.fastproxy_cmd, args.workers, args.duration, args.reps, proxy_cpus)
-    result["command"] = " ".join(["python"] + [shlex.quote(a) for a in sys.argv])
-    result["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
-    out = args.out or unused_path(RESULTS_DIR, "unixbulk-" + time.strftime("%Y%m%d-%H%M%S"))
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(unixbulk.render(result), end="")
-    log(f"unixbulk: {out}")
-    return result
+    return _report(args, "unixbulk", unixbulk, result)
 
 
 def run_sniconn(args: argparse.Namespace) -> dict:
@@ -257,14 +263,7 @@ def run_sniconn(args: argparse.Namespace) -> dict:
     log(f"sniconn: connections carrying a TLS ClientHello, route = sni over {sniconn.ROUTES} names vs plain")
     result = sniconn.run(args.fastproxy_cmd, args.workers, args.conn_duration, args.concurrency, args.reps,
                          proxy_cpus, load_cpus)
-    result["command"] = " ".join(["python"] + [shlex.quote(a) for a in sys.argv])
-    result["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
-    out = args.out or unused_path(RESULTS_DIR, "sniconn-" + time.strftime("%Y%m%d-%H%M%S"))
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(sniconn.render(result), end="")
-    log(f"sniconn: {out}")
-    return result
+    return _report(args, "sniconn", sniconn, result)
 
 
 def run_toxicbulk(args: argparse.Namespace) -> dict:
@@ -272,14 +271,7 @@ def run_toxicbulk(args: argparse.Namespace) -> dict:
     proxy_cpus, _ = pinning(args)
     log("toxicbulk: one stream with a latency / bandwidth fault, data-plane toxic vs on_data hook")
     result = toxicbulk.run(args.duration, args.reps, proxy_cpus)
-    result["command"] = " ".join(["python"] + [shlex.quote(a) for a in sys.argv])
-    result["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
-    out = args.out or unused_path(RESULTS_DIR, "toxicbulk-" + time.strftime("%Y%m%d-%H%M%S"))
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(toxicbulk.render(result), end="")
-    log(f"toxicbulk: {out}")
-    return result
+    return _report(args, "toxicbulk", toxicbulk, result)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
