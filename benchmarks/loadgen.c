@@ -4,6 +4,7 @@
  *   loadgen echo-server PORT
  *   loadgen connrate HOST PORT SECONDS CONCURRENCY [PAYLOAD_FILE]
  *   loadgen pingpong HOST PORT COUNT
+ *   loadgen mpingpong HOST PORT CONNS SECONDS
  *   loadgen hold HOST PORT COUNT SECONDS [BATCH]
  *
  * Clients print one JSON object on stdout (hold prints two, see cmd_hold).
@@ -16,6 +17,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -38,6 +40,8 @@
 #define MAX_CONCURRENCY 4096
 #define MAX_SAMPLES (16u * 1024u * 1024u)
 #define MAX_PINGS 10000000L
+#define MPING_MAX_CONNS 1024
+#define MPING_TIMEOUT_NS (5LL * 1000000000LL)  /* one round trip, at most */
 #define HOLD_MAX 100000
 #define HOLD_MAX_BATCH 64
 #define HOLD_STEP_TIMEOUT_NS (3LL * 1000000000LL)  /* per batch / check window */
@@ -518,6 +522,186 @@ static int cmd_pingpong(char **argv)
     return 0;
 }
 
+/* -------------------------------------------------------------- mpingpong */
+
+/*
+ * Request/response traffic over many connections: CONNS TCP_NODELAY
+ * connections, each with one 64-byte request outstanding at a time (send it,
+ * read the 64-byte echo, check it, send the next), all driven by one epoll
+ * thread for SECONDS. The proxy sees CONNS independent clients, as a server
+ * behind it would from a connection pool; the rate is bound by whichever of
+ * client, proxy and server runs out of CPU first.
+ *
+ * Every round trip is timed; the samples stop growing at MAX_SAMPLES. A
+ * connection whose echo is wrong, ends early, fails or takes longer than
+ * 5 s is closed, counted as an error and not replaced. Round trips still in
+ * flight at the deadline are not counted.
+ */
+struct mping_conn {
+    int fd, got;
+    uint64_t seq;
+    int64_t t0;
+    char msg[MSG_SIZE], buf[MSG_SIZE];
+};
+
+struct mping {
+    int ep, live;
+    long done, err_connect, err_io, err_eof, err_mismatch, err_timeout;
+    uint32_t *lat_us;
+    size_t nlat, caplat;
+};
+
+static void mping_close(struct mping *mp, struct mping_conn *c)
+{
+    epoll_ctl(mp->ep, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->fd = -1;
+    mp->live--;
+}
+
+/* Each request names its connection and sequence number, so an echo that
+ * went to the wrong client or came back stale does not match. */
+static int mping_send(struct mping *mp, struct mping_conn *c, int idx)
+{
+    memset(c->msg, '.', MSG_SIZE);
+    int n = snprintf(c->msg, MSG_SIZE, "loadgen mping %d %llu ", idx,
+                     (unsigned long long)c->seq++);
+    if (n > 0 && n < MSG_SIZE)
+        c->msg[n] = '.';
+    c->got = 0;
+    c->t0 = now_ns();
+    if (send(c->fd, c->msg, MSG_SIZE, MSG_NOSIGNAL) != MSG_SIZE) {
+        mp->err_io++;  /* 64 B into an empty send buffer: all or an error */
+        mping_close(mp, c);
+        return -1;
+    }
+    return 0;
+}
+
+static void mping_record(struct mping *mp, int64_t ns)
+{
+    if (mp->nlat == mp->caplat) {
+        if (mp->caplat >= MAX_SAMPLES)
+            return;
+        size_t cap = mp->caplat ? mp->caplat * 2 : 65536;
+        uint32_t *p = realloc(mp->lat_us, cap * sizeof(*p));
+        if (!p)
+            return;
+        mp->lat_us = p;
+        mp->caplat = cap;
+    }
+    mp->lat_us[mp->nlat++] = (uint32_t)(ns / 1000);
+}
+
+static void mping_readable(struct mping *mp, struct mping_conn *c, int idx)
+{
+    ssize_t n = recv(c->fd, c->buf + c->got, (size_t)(MSG_SIZE - c->got), 0);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    if (n <= 0) {
+        if (n == 0)
+            mp->err_eof++;
+        else
+            mp->err_io++;
+        mping_close(mp, c);
+        return;
+    }
+    c->got += (int)n;
+    if (c->got < MSG_SIZE)
+        return;
+    if (memcmp(c->buf, c->msg, MSG_SIZE)) {
+        mp->err_mismatch++;
+        mping_close(mp, c);
+        return;
+    }
+    mping_record(mp, now_ns() - c->t0);
+    mp->done++;
+    mping_send(mp, c, idx);
+}
+
+static int cmd_mpingpong(char **argv)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = loopback_addr(argv[0], argv[1], &ss);
+    int nconns = (int)parse_long(argv[2], 1, MPING_MAX_CONNS, "conns");
+    long seconds = parse_long(argv[3], 1, 3600, "seconds");
+    static struct mping_conn slots[MPING_MAX_CONNS];
+    struct mping mp = { 0 };
+
+    install_stop_handlers();
+    alarm((unsigned)seconds + 60);
+    mp.ep = epoll_create1(EPOLL_CLOEXEC);
+    if (mp.ep < 0)
+        die("epoll_create1");
+
+    /* Connect them all first (blocking, bounded by alarm()), so the
+     * measured seconds are request/response traffic only. */
+    for (int i = 0; i < nconns; i++) {
+        struct mping_conn *c = &slots[i];
+        int one = 1;
+        c->fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (c->fd < 0 || connect(c->fd, (struct sockaddr *)&ss, sl) < 0) {
+            mp.err_connect++;
+            if (c->fd >= 0)
+                close(c->fd);
+            c->fd = -1;
+            continue;
+        }
+        setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        if (fcntl(c->fd, F_SETFL, O_NONBLOCK) < 0)
+            die("fcntl");
+        struct epoll_event ev = { .events = EPOLLIN, .data.u32 = (uint32_t)i };
+        if (epoll_ctl(mp.ep, EPOLL_CTL_ADD, c->fd, &ev) < 0)
+            die("epoll_ctl");
+        mp.live++;
+    }
+
+    int64_t start = now_ns(), deadline = start + seconds * 1000000000LL;
+    int64_t now = start, next_expiry = start + 100000000LL;
+    for (int i = 0; i < nconns; i++)
+        if (slots[i].fd >= 0)
+            mping_send(&mp, &slots[i], i);
+
+    struct epoll_event evs[MPING_MAX_CONNS];
+    while (!stop_requested && mp.live > 0 && (now = now_ns()) < deadline) {
+        if (now >= next_expiry) {
+            for (int i = 0; i < nconns; i++) {
+                if (slots[i].fd >= 0 && now - slots[i].t0 > MPING_TIMEOUT_NS) {
+                    mp.err_timeout++;
+                    mping_close(&mp, &slots[i]);
+                }
+            }
+            next_expiry = now + 100000000LL;
+        }
+        int n = epoll_wait(mp.ep, evs, nconns, 50);
+        if (n < 0 && errno != EINTR)
+            die("epoll_wait");
+        for (int i = 0; i < n; i++) {
+            int idx = (int)evs[i].data.u32;
+            if (slots[idx].fd >= 0)
+                mping_readable(&mp, &slots[idx], idx);
+        }
+    }
+    double elapsed = (double)(now - start) / 1e9;
+    int alive = mp.live;
+    for (int i = 0; i < nconns; i++)
+        if (slots[i].fd >= 0)
+            mping_close(&mp, &slots[i]);
+
+    qsort(mp.lat_us, mp.nlat, sizeof(*mp.lat_us), cmp_u32);
+    printf("{\"test\": \"mpingpong\", \"seconds\": %.3f, \"conns\": %d, "
+           "\"alive\": %d, \"round_trips\": %ld, \"req_per_s\": %.1f, "
+           "\"errors\": %ld, \"errors_connect\": %ld, \"errors_io\": %ld, "
+           "\"errors_eof\": %ld, \"errors_mismatch\": %ld, \"errors_timeout\": %ld, "
+           "\"samples\": %zu, \"p50_us\": %u, \"p99_us\": %u}\n",
+           elapsed, nconns, alive, mp.done, elapsed > 0 ? mp.done / elapsed : 0.0,
+           mp.err_connect + mp.err_io + mp.err_eof + mp.err_mismatch + mp.err_timeout,
+           mp.err_connect, mp.err_io, mp.err_eof, mp.err_mismatch, mp.err_timeout,
+           mp.nlat, pct(mp.lat_us, mp.nlat, 50), pct(mp.lat_us, mp.nlat, 99));
+    free(mp.lat_us);
+    return 0;
+}
+
 /* ------------------------------------------------------------------- hold */
 
 /*
@@ -726,6 +910,7 @@ static void usage(void)
             "usage: loadgen echo-server PORT\n"
             "       loadgen connrate HOST PORT SECONDS CONCURRENCY [PAYLOAD_FILE]\n"
             "       loadgen pingpong HOST PORT COUNT\n"
+            "       loadgen mpingpong HOST PORT CONNS SECONDS\n"
             "       loadgen hold HOST PORT COUNT SECONDS [BATCH]\n"
             "HOST must be 127.0.0.1 or ::1\n");
     exit(2);
@@ -754,6 +939,8 @@ int main(int argc, char **argv)
         return cmd_connrate(argv + 2, argc - 2);
     if (!strcmp(cmd, "pingpong") && argc == 5)
         return cmd_pingpong(argv + 2);
+    if (!strcmp(cmd, "mpingpong") && argc == 6)
+        return cmd_mpingpong(argv + 2);
     if (!strcmp(cmd, "hold") && (argc == 6 || argc == 7))
         return cmd_hold(argv + 2, argc - 2);
     usage();
