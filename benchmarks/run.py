@@ -13,6 +13,7 @@ spends on each. See docs/benchmarks.md for the method.
     python benchmarks/run.py --quick --tests unixbulk   # Unix vs TCP upstream
     python benchmarks/run.py --tests sniconn   # connection CPU, route = sni over 1,000 names vs plain
     python benchmarks/run.py --tests toxicbulk # a latency / bandwidth toxic vs the same in an on_data hook
+    python benchmarks/run.py --tests mping,redis # small requests on 50 connections: loadgen, redis-benchmark
 
 Stdlib only (matplotlib, if importable, draws the PNG), Python 3.9+, Linux
 only (epoll, /proc, sched_setaffinity). The parts are in bench/ (see
@@ -187,7 +188,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "(e.g. hooks=\'--hooks {bench}/hooks.py\'); same placeholders. "
                         "Repeatable")
     p.add_argument("--tests", default="bulk,connrate,ping,ping1,idle",
-                   help="which measurements (also: unixbulk, sniconn, toxicbulk)")
+                   help="which measurements (also: mping, redis, unixbulk, sniconn, toxicbulk)")
     p.add_argument("--scrape-interval", type=float, default=0.1, metavar="SECONDS",
                    help="how often fastproxy-scraped's /metrics is fetched during bulk and connrate "
                         "(0: not at all)")
@@ -196,6 +197,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--conn-duration", type=int, default=4, help="connrate seconds")
     p.add_argument("--concurrency", type=int, default=64, help="connrate connections in flight")
     p.add_argument("--pings", type=int, default=10000, help="round trips (+10%% warm-up)")
+    p.add_argument("--mping-conns", type=int, default=50, help="mping connections")
+    p.add_argument("--mping-seconds", type=int, default=5, help="mping seconds")
+    p.add_argument("--redis-requests", type=int, default=200000,
+                   help="redis-benchmark -n, per command (GET and SET)")
     p.add_argument("--idle-count", type=int, default=9900,
                    help="idle bridges to hold (capped by the fd limit)")
     p.add_argument("--idle-reps", type=int, default=1,
@@ -229,6 +234,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.quick:
         args.reps, args.duration, args.conn_duration, args.pings = 1, 2, 1, 2000
         args.idle_count, args.fd_drain_wait = min(args.idle_count, 500), 5
+        args.mping_seconds, args.redis_requests = 2, 50000
     if args.wait_idle is None:
         args.wait_idle = 5 if args.quick else 60
     if args.noise_retries is None:
@@ -290,7 +296,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     tests = {t.strip() for t in args.tests.split(",") if t.strip()}
-    unknown = tests - {"bulk", "connrate", "ping", "ping1", "idle", "unixbulk", "sniconn", "toxicbulk"}
+    unknown = tests - {"bulk", "connrate", "ping", "ping1", "mping", "redis", "idle", "unixbulk",
+                       "sniconn", "toxicbulk"}
     if unknown:
         sys.exit(f"unknown test(s) {', '.join(sorted(unknown))}")
     if "unixbulk" in tests:
@@ -316,6 +323,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "bulk" in tests and not shutil.which("iperf3"):
         log("iperf3 not found: skipping the bulk tests (apt-get install iperf3)")
         tests.discard("bulk")
+    if "redis" in tests and not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
+        log("redis-server or redis-benchmark not found: skipping the redis test "
+            "(apt-get install redis-server)")
+        tests.discard("redis")
     build_loadgen()
     contenders = pick_contenders(args)
     proxy_cpus, load_cpus = pinning(args)
@@ -352,7 +363,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             "load_cpus": sorted(load_cpus or []), "one_cpu": sorted(single),
             "reps": args.reps, "duration": args.duration,
             "conn_duration": args.conn_duration, "concurrency": args.concurrency,
-            "pings": args.pings, "idle_count": idle_count, "wait_idle": args.wait_idle,
+            "pings": args.pings, "mping_conns": args.mping_conns,
+            "mping_seconds": args.mping_seconds, "redis_requests": args.redis_requests,
+            "idle_count": idle_count, "wait_idle": args.wait_idle,
             "noise_retries": args.noise_retries,
             "idle_reps": min(args.idle_reps, args.reps), "workers": args.workers,
             "tests": sorted(tests), "fastproxy_cmd": args.fastproxy_cmd,
@@ -365,6 +378,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             "haproxy": tool_version(["haproxy", "-v"]) if shutil.which("haproxy") else None,
             "nginx": tool_version(["nginx", "-v"]) if shutil.which("nginx") else None,
             "iperf3": tool_version(["iperf3", "--version"]) if shutil.which("iperf3") else None,
+            "redis": (tool_version(["redis-server", "--version"])
+                      if shutil.which("redis-server") else None),
             "uvloop": module_version("uvloop"),
             "fastproxy": module_version("fastproxy"), "fastproxy_git": fastproxy_revision(),
         },

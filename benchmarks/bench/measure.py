@@ -1,9 +1,10 @@
-"""The tests (bulk, connection rate, pings, idle bridges) and the
-interleaved repetitions that run them."""
+"""The tests (bulk, connection rate, pings, many-connection pings, redis,
+idle bridges) and the interleaved repetitions that run them."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import os
 import select
@@ -231,6 +232,67 @@ def echo_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
             notes["ping"] = dict(cpu.summary(), loadgen=r)
             noise_check(c, cpu, notes)
             log(f"    ping: p50 {r['p50_us']:.1f} µs, p99 {r['p99_us']:.1f} µs  {cpu_note(cpu)}")
+        if "mping" in env.tests:
+            mping(env, c, port, proxy, out, notes)
+
+
+def mping(env: Env, c: Contender, port: int, proxy: Optional[Service], out: dict,
+          notes: dict) -> None:
+    """Many-connection ping-pong: small requests on --mping-conns
+    connections at once, the traffic of a pooled client and a cache
+    server, where the proxy's per-request cost is the limit."""
+    a = env.args
+    with CpuMeter(env, proxy) as cpu:
+        r = run_json([str(LOADGEN_BIN), "mpingpong", HOST, str(port), str(a.mping_conns),
+                      str(a.mping_seconds)], timeout=a.mping_seconds + 30)
+    if r["errors"]:
+        notes["mping"] = dict(cpu.summary(), loadgen=r)
+        raise BenchError(f"mpingpong: {r['errors']} of {r['conns']} connections failed")
+    out["mping_per_s"] = r["req_per_s"]
+    out["mping_cpu_us_per_req"] = cpu.per(r["round_trips"], 1e6)
+    out["mping_all_cpu_us_per_req"] = cpu.per_all(r["round_trips"], 1e6)
+    notes["mping"] = dict(cpu.summary(), loadgen=r)
+    noise_check(c, cpu, notes)
+    log(f"    mping: {r['req_per_s']:,.0f} req/s over {r['conns']} connections, "
+        f"p50 {r['p50_us']} µs, p99 {r['p99_us']} µs  {cpu_note(cpu)}")
+
+
+def redis_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
+    """redis-benchmark's GET and SET, 50 connections, against a redis-server
+    with no persistence on the load CPUs: a real client and server, where
+    mping is a model of them."""
+    a = env.args
+    port, wd = free_port(), workdir(env, "redis")
+    server = Service("redis-server", ["redis-server", "--port", str(port), "--bind", HOST,
+                                      "--save", "", "--appendonly", "no", "--dir", str(wd)], wd)
+    with running(server, port, notes), proxied(env, c, port, notes) as (pport, proxy):
+        argv = ["redis-benchmark", "-h", HOST, "-p", str(pport), "-c", "50",
+                "-n", str(a.redis_requests), "-t", "get,set", "-q", "--csv"]
+        with CpuMeter(env, proxy) as cpu:
+            try:
+                p = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                                   stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                raise BenchError("redis-benchmark timed out after 120 s")
+    rps = redis_csv(p.stdout)
+    if p.returncode or set(rps) != {"GET", "SET"}:
+        raise BenchError(f"redis-benchmark exit {p.returncode}: "
+                         f"{(p.stderr or p.stdout).strip()[-300:]}")
+    out["redis_get_per_s"], out["redis_set_per_s"] = rps["GET"], rps["SET"]
+    out["redis_cpu_us_per_req"] = cpu.per(2 * a.redis_requests, 1e6)
+    notes["redis"] = dict(cpu.summary(), csv=p.stdout)
+    noise_check(c, cpu, notes)
+    log(f"    redis: GET {rps['GET']:,.0f}/s, SET {rps['SET']:,.0f}/s  {cpu_note(cpu)}")
+
+
+def redis_csv(text: str) -> Dict[str, float]:
+    """{"GET": requests/s, ...} from redis-benchmark --csv."""
+    rps = {}
+    for row in csv.reader(text.splitlines()):
+        if len(row) >= 2 and row[0] != "test":
+            with contextlib.suppress(ValueError):
+                rps[row[0]] = float(row[1])
+    return rps
 
 
 def ping1_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
@@ -391,10 +453,12 @@ def run_contender(env: Env, c: Contender, rep: int, idle: bool = True) -> dict:
     groups = []
     if "bulk" in env.tests:
         groups.append(("bulk", bulk_group))
-    if env.tests & {"connrate", "ping"}:
+    if env.tests & {"connrate", "ping", "mping"}:
         groups.append(("echo", echo_group))
     if "ping1" in env.tests:
         groups.append(("ping1", ping1_group))
+    if "redis" in env.tests:
+        groups.append(("redis", redis_group))
     if idle and "idle" in env.tests and rep <= env.args.idle_reps:
         groups.append(("idle", idle_group))
     for name, group in groups:

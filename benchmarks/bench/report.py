@@ -105,14 +105,18 @@ def saturation_table(result: dict, names: List[str]) -> Optional[str]:
 def render(result: dict) -> str:
     summary, names = result["summary"], list(result["summary"])
     cfg = result["config"]
-    idle = (f", {cfg['idle_count']} idle bridges in {cfg.get('idle_reps', cfg['reps'])} rep(s)"
+    extra = (f", {cfg['idle_count']} idle bridges in {cfg.get('idle_reps', cfg['reps'])} rep(s)"
             if cfg.get("idle_count") else "")
+    extra += (f", mping {cfg['mping_conns']} connections × {cfg['mping_seconds']} s"
+             if "mping" in cfg.get("tests", ()) else "")
+    extra += (f", redis-benchmark -c 50 -n {cfg['redis_requests']}"
+             if "redis" in cfg.get("tests", ()) else "")
     parts = [
         f"## fastproxy benchmarks — {result['started']}",
         "",
         f"pin={cfg['pin']} (proxy CPUs {cfg['proxy_cpus']}, load CPUs {cfg['load_cpus']}), "
         f"reps={cfg['reps']}, iperf3 -t {cfg['duration']}, connrate {cfg['conn_duration']} s "
-        f"× {cfg['concurrency']}, {cfg['pings']} pings{idle}, workers/nbthread "
+        f"× {cfg['concurrency']}, {cfg['pings']} pings{extra}, workers/nbthread "
         f"{cfg['workers']}. Medians over reps (clean ones first); CPU = proxy CPU "
         f"({'busy time of its CPUs' if cfg['pin'] == 'split' else 'process tree utime+stime'}; "
         "1-CPU ping: on-CPU time of the proxy's threads).",
