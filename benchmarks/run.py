@@ -327,6 +327,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         log("redis-server or redis-benchmark not found: skipping the redis test "
             "(apt-get install redis-server)")
         tests.discard("redis")
+    if not tests:
+        return 0
     build_loadgen()
     contenders = pick_contenders(args)
     proxy_cpus, load_cpus = pinning(args)

@@ -65,6 +65,7 @@ METRICS = [
     Metric("mping_cpu_us_per_req", "CPU µs/mping req", 2, cpu=True, table="cost"),
     Metric("mping_all_cpu_us_per_req", "all CPU µs/mping req", 2, table="cost"),
     Metric("redis_cpu_us_per_req", "CPU µs/redis req", 2, cpu=True, table="cost"),
+    Metric("redis_all_cpu_us_per_req", "all CPU µs/redis req", 2, table="cost"),
     Metric("rss_kib_per_bridge", "RSS KiB/idle bridge", 2, cpu=True, table="cost"),
     Metric("idle_alive", "idle alive", 0, ratio=False, table="cost", of="idle_requested"),
     Metric("idle_open_s", "idle open s", 1, ratio=False, table="cost"),

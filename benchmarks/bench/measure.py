@@ -280,6 +280,7 @@ def redis_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
                          f"{(p.stderr or p.stdout).strip()[-300:]}")
     out["redis_get_per_s"], out["redis_set_per_s"] = rps["GET"], rps["SET"]
     out["redis_cpu_us_per_req"] = cpu.per(2 * a.redis_requests, 1e6)
+    out["redis_all_cpu_us_per_req"] = cpu.per_all(2 * a.redis_requests, 1e6)
     notes["redis"] = dict(cpu.summary(), csv=p.stdout)
     noise_check(c, cpu, notes)
     log(f"    redis: GET {rps['GET']:,.0f}/s, SET {rps['SET']:,.0f}/s  {cpu_note(cpu)}")
