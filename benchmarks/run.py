@@ -51,7 +51,7 @@ from bench.measure import Env, run_all
 from bench.procs import stop_everything
 from bench.contenders import all_contenders, pick_contenders
 from bench.report import plot, render, summarize
-from bench import sniconn, toxicbulk, unixbulk
+from bench import congestion, sniconn, toxicbulk, unixbulk
 
 
 # ----------------------------------------------------------------- setup
@@ -224,6 +224,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--load-cpus", default="0", help="CPU list for clients and backends")
     p.add_argument("--one-cpu", type=int, default=None,
                    help="CPU for the 1-CPU ping test (default: the first proxy CPU)")
+    p.add_argument("--congestion-control", metavar="LIST", default=None,
+                   help="run everything once under each of these TCP congestion controls "
+                        "(e.g. bbr,cubic), set system-wide (needs root) and the old one put "
+                        "back afterwards; default: the host's as it is")
+    p.add_argument("--tcp-stats", action="store_true",
+                   help="record TCP's counters (retransmits, out-of-order packets, segment "
+                        "sizes, context switches) during each bulk test, and print them")
     p.add_argument("--out", type=Path, help="JSON path instead of results/<timestamp>.json")
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG path (default: next to the JSON, same name)")
@@ -242,12 +249,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def result_path(args: argparse.Namespace, stem: str) -> Path:
+    """--out, or a fresh name in results/; under --congestion-control each
+    algorithm's results get its name as a suffix."""
+    suffix = getattr(args, "cc_suffix", "")
+    if args.out:
+        return args.out.with_name(args.out.stem + suffix + args.out.suffix) if suffix else args.out
+    return unused_path(RESULTS_DIR, stem + suffix)
+
+
 def _report(args: argparse.Namespace, name: str, module: Any, result: dict) -> dict:
     """A single-test run's result: stamped, saved as JSON next to the
     others (or to --out), its table printed."""
     result["command"] = " ".join(["python"] + [shlex.quote(a) for a in sys.argv])
     result["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
-    out = args.out or unused_path(RESULTS_DIR, name + "-" + time.strftime("%Y%m%d-%H%M%S"))
+    result["congestion_control"] = congestion.active()
+    out = result_path(args, name + "-" + time.strftime("%Y%m%d-%H%M%S"))
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(module.render(result), end="")
@@ -300,6 +317,38 @@ def main(argv: Optional[List[str]] = None) -> int:
                        "sniconn", "toxicbulk"}
     if unknown:
         sys.exit(f"unknown test(s) {', '.join(sorted(unknown))}")
+    try:
+        algorithms = congestion.parse_list(args.congestion_control) if args.congestion_control else []
+    except congestion.CongestionError as e:
+        log(str(e))
+        return 2
+    # SIGTERM/SIGHUP take the same path as Ctrl-C, so that the finally
+    # blocks below run: proxies stopped, the congestion control put back.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
+    if not algorithms:
+        return run_tests(args, set(tests))
+    try:
+        for name in algorithms:
+            log(f"congestion control: {name} (system-wide for this part of the run)")
+            with congestion.switched(name):
+                args.cc_suffix = f"-{name}"
+                rc = run_tests(args, set(tests))
+            if rc:
+                return rc
+    except congestion.CongestionError as e:
+        log(str(e))
+        return 2
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        log(f"congestion control back to {congestion.active()}")
+    return 0
+
+
+def run_tests(args: argparse.Namespace, tests: Set[str]) -> int:
+    """Every test asked for, under the congestion control active now."""
     if "unixbulk" in tests:
         # fastproxy alone (no other contender has Unix upstreams here), with
         # its own sender and sink: bench/unixbulk.py.
@@ -335,15 +384,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     single = one_cpu(args, proxy_cpus)
     idle_count = idle_budget(args.idle_count) if "idle" in tests else 0
     started = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out or unused_path(RESULTS_DIR, started)
+    out = result_path(args, started)
+    algorithm = congestion.active()
+    log(f"congestion control: {algorithm or 'unknown'}")
     png = None if args.no_plot else (args.plot or out.with_suffix(".png"))
     idle = background_busy()
     if max(idle.values()) > 10:
         log(f"warning: the machine is not idle (busy % per CPU: {idle}); expect noise")
 
-    # SIGTERM/SIGHUP take the same path as Ctrl-C so the finally below runs.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.default_int_handler)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fastproxy-bench-") as tmp:
         try:
@@ -371,6 +419,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "noise_retries": args.noise_retries,
             "idle_reps": min(args.idle_reps, args.reps), "workers": args.workers,
             "tests": sorted(tests), "fastproxy_cmd": args.fastproxy_cmd,
+            "congestion_control": algorithm, "tcp_stats": args.tcp_stats,
         },
         "background_busy_pct": idle,
         "system": {

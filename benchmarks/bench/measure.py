@@ -33,6 +33,7 @@ from .procfs import (
 )
 from .procs import Service, free_port, run_json, wait_accepting
 from .contenders import Contender
+from .tcpstats import TcpStats
 
 
 @dataclass
@@ -174,10 +175,13 @@ def bulk_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
                      workdir(env, "iperf3"))
     with running(server, backend_port, notes), \
             proxied(env, c, backend_port, notes) as (port, proxy):
+        legs = ({"client_proxy": port, "proxy_server": backend_port} if proxy
+                else {"client_server": port})
         for streams in (1, 8):
             for attempt in range(1, IPERF_ATTEMPTS + 1):
                 try:
-                    with scraping(env, c, proxy, notes, f"bulk{streams}"), CpuMeter(env, proxy) as cpu:
+                    with scraping(env, c, proxy, notes, f"bulk{streams}"), CpuMeter(env, proxy) as cpu, \
+                            tcp_stats(env, legs, proxy) as tcp:
                         data = iperf3_once(env, port, streams)
                     break
                 except BenchError as e:
@@ -194,8 +198,29 @@ def bulk_group(env: Env, c: Contender, out: dict, notes: dict) -> None:
             out[f"bulk{streams}_cpu_s_per_gb"] = cpu.per(received["bytes"], 1e9)
             out[f"bulk{streams}_all_cpu_s_per_gb"] = cpu.per_all(received["bytes"], 1e9)
             notes[f"bulk{streams}"] = dict(cpu.summary(), attempts=attempt)
+            if tcp:
+                notes[f"bulk{streams}"]["tcp"] = tcp.summary(received["bytes"] / 1e9)
             noise_check(c, cpu, notes)
-            log(f"    bulk {streams}: {gbps:.2f} Gbit/s  {cpu_note(cpu)}")
+            log(f"    bulk {streams}: {gbps:.2f} Gbit/s  {cpu_note(cpu)}{tcp_note(tcp, received['bytes'])}")
+
+
+@contextlib.contextmanager
+def tcp_stats(env: Env, legs: Dict[str, int], proxy: Optional[Service]) -> Iterator[Optional[TcpStats]]:
+    """With --tcp-stats, TCP's counters around the block, and its legs'
+    sockets sampled 80 % of the way through the transfer."""
+    if not env.args.tcp_stats:
+        yield None
+        return
+    with TcpStats(legs, 0.8 * env.args.duration, proxy and proxy.proc.pid) as tcp:
+        yield tcp
+
+
+def tcp_note(tcp: Optional[TcpStats], received: int) -> str:
+    if tcp is None:
+        return ""
+    s = tcp.summary(received / 1e9)
+    sw = f", proxy {s['proxy_switches_per_gb']:.0f} cs/GB" if "proxy_switches_per_gb" in s else ""
+    return f"  [{s['retrans_per_gb']:.0f} retrans/GB, {s['ofo_per_gb']:.0f} ofo/GB{sw}]"
 
 
 def echo_backend(env: Env, name: str) -> Tuple["Service", int]:

@@ -164,13 +164,20 @@ class CpuMeter:
         # Other work during the test, in % of one CPU.
         self.foreign_pct = 100 * foreign_delta(self.foreign0, foreign_ticks()) / HZ / self.wall
         d = {c: [b - a for a, b in zip(self.stat0[c], stat1[c])] for c in stat1}
-        self.all_s = None
+        self.all_s = self.proxy_split = None
         if self.env.proxy_cpus:
             self.proxy_s = self._busy(d, self.env.proxy_cpus)
             self.all_s = self._busy(d, self.env.proxy_cpus | self.env.load_cpus)
             self.proxy_pct = 100 * self.proxy_s / self.wall / len(self.env.proxy_cpus)
             self.load_pct = (100 * self._busy(d, self.env.load_cpus)
                              / self.wall / len(self.env.load_cpus))
+            # Where the proxy CPU's time went: a copying proxy shows in
+            # user, the kernel's TCP work (its own and the ACK-clocked
+            # sending) in system and softirq.
+            self.proxy_split = {
+                part: round(100 * sum(d[c][i] for c in self.env.proxy_cpus) / HZ / self.wall
+                            / len(self.env.proxy_cpus), 1)
+                for part, i in (("user", 0), ("system", 2), ("softirq", 6))}
         else:
             self.proxy_s = None if self.ticks0 is None else (ticks1 - self.ticks0) / HZ
             self.proxy_pct = None if self.proxy_s is None else 100 * self.proxy_s / self.wall
@@ -203,7 +210,8 @@ class CpuMeter:
         r = lambda v: None if v is None else round(v, 2)
         return {"proxy_cpu_s": r(self.proxy_s), "proxy_cpu_pct": r(self.proxy_pct),
                 "load_cpu_pct": r(self.load_pct), "steal_pct": r(self.steal_pct),
-                "foreign_cpu_pct": r(self.foreign_pct), "wall_s": r(self.wall)}
+                "foreign_cpu_pct": r(self.foreign_pct), "wall_s": r(self.wall),
+                "proxy_cpu_split_pct": self.proxy_split}
 
 
 def background_busy(seconds: float = 1.0) -> Dict[int, float]:

@@ -102,6 +102,56 @@ def saturation_table(result: dict, names: List[str]) -> Optional[str]:
                      "8 streams: proxy", "8 streams: load"], rows)
 
 
+def _bulk_median(result: dict, name: str, test: str, pick) -> Optional[float]:
+    vals = []
+    for rep in result["runs"][name]:
+        note = rep["notes"].get("bulk", {}).get(test, {})
+        try:
+            v = pick(note)
+        except (KeyError, TypeError, ZeroDivisionError):
+            v = None
+        if v is not None:
+            vals.append(v)
+    return statistics.median(vals) if vals else None
+
+
+def _server_leg(note: dict) -> dict:
+    legs = note["tcp"]["legs"]
+    return legs.get("proxy_server") or legs["client_server"]
+
+
+TCP_COLUMNS = [
+    ("retrans/GB", 0, lambda n: n["tcp"]["retrans_per_gb"]),
+    ("ofo/GB", 0, lambda n: n["tcp"]["ofo_per_gb"]),
+    ("ctxt/GB", 0, lambda n: n["tcp"]["ctxt_per_gb"]),
+    ("proxy cs/GB", 0, lambda n: n["tcp"]["proxy_switches_per_gb"]),
+    ("seg KiB", 1, lambda n: _server_leg(n)["data_seg_kib"]),
+    ("usr/sys/si %", None, lambda n: n["proxy_cpu_split_pct"]),
+]
+
+
+def tcp_table(result: dict, names: List[str]) -> Optional[str]:
+    """--tcp-stats' figures (notes.bulk.bulkN.tcp), if the run has them."""
+    if not any(rep["notes"].get("bulk", {}).get("bulk1", {}).get("tcp")
+               for n in names for rep in result["runs"][n]):
+        return None
+    rows = []
+    for n in names:
+        row = [n]
+        for header, digits, pick in TCP_COLUMNS:
+            cells = []
+            for test in ("bulk1", "bulk8"):
+                if digits is None:  # a dict of parts: each part's median
+                    parts = [_bulk_median(result, n, test, lambda note, k=k: pick(note)[k])
+                             for k in ("user", "system", "softirq")]
+                    cells.append("—" if None in parts else "/".join(f"{v:.0f}" for v in parts))
+                else:
+                    cells.append(fmt(_bulk_median(result, n, test, pick), digits))
+            row.append(" · ".join(cells))
+        rows.append(row)
+    return md_table(["contender"] + [h for h, _, _ in TCP_COLUMNS], rows)
+
+
 def render(result: dict) -> str:
     summary, names = result["summary"], list(result["summary"])
     cfg = result["config"]
@@ -117,7 +167,8 @@ def render(result: dict) -> str:
         f"pin={cfg['pin']} (proxy CPUs {cfg['proxy_cpus']}, load CPUs {cfg['load_cpus']}), "
         f"reps={cfg['reps']}, iperf3 -t {cfg['duration']}, connrate {cfg['conn_duration']} s "
         f"× {cfg['concurrency']}, {cfg['pings']} pings{extra}, workers/nbthread "
-        f"{cfg['workers']}. Medians over reps (clean ones first); CPU = proxy CPU "
+        f"{cfg['workers']}, TCP congestion control {cfg.get('congestion_control') or 'not recorded'}. "
+        "Medians over reps (clean ones first); CPU = proxy CPU "
         f"({'busy time of its CPUs' if cfg['pin'] == 'split' else 'process tree utime+stime'}; "
         "1-CPU ping: on-CPU time of the proxy's threads).",
     ]
@@ -139,6 +190,13 @@ def render(result: dict) -> str:
     sat = saturation_table(result, names)
     if sat:
         parts += ["", "### Which side was saturated in the bulk tests", "", sat]
+    tcp = tcp_table(result, names)
+    if tcp:
+        parts += ["", "### TCP during the bulk tests (--tcp-stats)", "",
+                  "Per GB delivered: retransmitted segments, packets queued out of order, "
+                  "context switches (machine) and the proxy's own; bytes per data segment "
+                  "on the leg into the server; the proxy CPU's user / system / softirq %. "
+                  "Medians over reps; 1 stream · 8 streams.", "", tcp]
     errors = [f"- {n} rep {i + 1}, {group} tests: {gn['error']}"
               for n, reps in result["runs"].items() for i, rep in enumerate(reps)
               for group, gn in rep["notes"].items() if "error" in gn]
