@@ -6,6 +6,7 @@ the transfer (cumulative per socket: retransmitted bytes, out-of-order
 packets at the receiver, bytes per data segment, the algorithm)."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import threading
@@ -82,14 +83,19 @@ def group_switches(pgid: int) -> Dict[str, int]:
     vol = invol = 0
     for pid in group_pids(pgid):
         try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        vol += int(line.split()[1])
-                    elif line.startswith("nonvoluntary_ctxt_switches:"):
-                        invol += int(line.split()[1])
+            tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
-            pass
+            continue
+        for tid in tids:   # a process's own status counts its main thread only
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            vol += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches:"):
+                            invol += int(line.split()[1])
+            except OSError:
+                pass
     return {"voluntary": vol, "involuntary": invol}
 
 
