@@ -124,7 +124,7 @@ def parse_ss(text: str) -> List[dict]:
         if not line[0].isspace():
             f = line.split()
             if len(f) >= 5:
-                socks.append({"local": f[3], "peer": f[4]})
+                socks.append({"local": f[3], "peer": f[4], "recv_q": f[1], "send_q": f[2]})
             continue
         if not socks:
             continue
@@ -167,6 +167,10 @@ def leg(socks: List[dict], port: int) -> dict:
         "data_seg_kib": round(sent / segs / 1024, 1) if segs else None,
         "reordering": max((_num(s.get("reordering")) for s in send), default=0),
         "rcv_ooopack": sum(_num(s.get("rcv_ooopack")) for s in recv),
+        # Bytes queued at that moment: unread at the receivers, unsent or
+        # unacknowledged at the senders (what the leg holds in memory).
+        "recv_q": sum(_num(s.get("recv_q")) for s in recv),
+        "send_q": sum(_num(s.get("send_q")) for s in send),
     }
 
 
