@@ -109,6 +109,8 @@ SAMPLES = {
     "unix_group": None,
     "notsent_lowat": ("64k", 65536) if _core.HAVE_NOTSENT_LOWAT else ("0", 0),
     "socket_buffer": ("64k", 65536),
+    # reno is always built in; a build without TCP_CONGESTION refuses any name.
+    "congestion_control": ("reno", "reno") if _core.HAVE_TCP_CONGESTION else None,
     # A build without the timers takes on (SO_KEEPALIVE alone) only.
     "tcp_keepalive": ("60s:10s:6", "1m:10:6") if _core.HAVE_KEEPALIVE_TIMERS else ("on", True),
     "upstreams": (["127.0.0.1:9@2", "127.0.0.1:10,backup"], ["127.0.0.1:9@2", "127.0.0.1:10,backup"]),

@@ -245,3 +245,62 @@ def test_tcp_keepalive_timers_are_refused_by_a_build_without_them():
         Proxy("127.0.0.1:0", "127.0.0.1:9", tcp_keepalive="60s:10s:6")
     assert str(info.value).startswith("tcp_keepalive: '60s:10s:6': cannot be used here")
     Proxy("127.0.0.1:0", "127.0.0.1:9", tcp_keepalive="on")   # SO_KEEPALIVE alone is everywhere
+
+
+HOST_CONGESTION = "/proc/sys/net/ipv4/tcp_congestion_control"
+
+
+def _congestion(sock):
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0")[0].decode()
+
+
+def _host_congestion():
+    with open(HOST_CONGESTION) as f:
+        return f.read().strip()
+
+
+def _settable(name):
+    """Whether this process may set `name` (root may set any loaded one)."""
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+        return True
+    except OSError:
+        return False
+
+
+needs_congestion = pytest.mark.skipif(not _core.HAVE_TCP_CONGESTION or not os.path.exists(HOST_CONGESTION),
+                                      reason="this build or platform has no TCP_CONGESTION")
+
+
+@pytest.mark.linux_only
+@needs_congestion
+def test_congestion_control_is_set_on_both_bridge_sockets(make_proxy, echo_server, engine):
+    # One that is not the host's, so the host's default cannot pass for it.
+    name = "reno" if _host_congestion() != "reno" else "cubic"
+    if not _settable(name):
+        pytest.skip(f"this process may not set {name} (tcp_allowed_congestion_control)")
+    p = make_proxy(echo_server.addr, workers=1, congestion_control=name)
+    with connect(p.address) as c:
+        for side in _bridge_sockets(p, echo_server, c):
+            with side:
+                assert _congestion(side) == name
+
+
+@pytest.mark.linux_only
+@needs_congestion
+def test_congestion_control_unset_keeps_the_hosts(make_proxy, echo_server):
+    p = make_proxy(echo_server.addr, workers=1)
+    with connect(p.address) as c:
+        for side in _bridge_sockets(p, echo_server, c):
+            with side:
+                assert _congestion(side) == _host_congestion()
+
+
+@pytest.mark.parametrize("value", ["", "no such", "x" * 16, "tcp-x", 5, "nosuchalgorithm"])
+def test_congestion_control_refuses(value):
+    from fastproxy import ConfigError, Proxy
+    with pytest.raises(ConfigError) as info:
+        Proxy("127.0.0.1:0", "127.0.0.1:9", congestion_control=value)
+    assert "congestion_control" in str(info.value) and str(value) in str(info.value)
+    assert "\n" not in str(info.value)

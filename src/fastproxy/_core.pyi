@@ -7,6 +7,7 @@ ENGINES: Tuple[str, ...]
 PORTABLE: bool
 HAVE_NOTSENT_LOWAT: bool
 HAVE_KEEPALIVE_TIMERS: bool
+HAVE_TCP_CONGESTION: bool
 UNIX_PATH_MAX: int
 BALANCE_ALGORITHMS: Tuple[str, ...]
 ADMIN_STATES: Tuple[str, ...]

@@ -43,6 +43,7 @@ PORTABLE = bool(FP_PORTABLE)
 HAVE_NOTSENT_LOWAT = bool(FP_HAVE_NOTSENT_LOWAT)
 # tcp_keepalive's IDLE, INTERVAL and COUNT (SO_KEEPALIVE alone is everywhere).
 HAVE_KEEPALIVE_TIMERS = bool(FP_HAVE_KEEPALIVE_TIMERS)
+HAVE_TCP_CONGESTION = bool(FP_HAVE_TCP_CONGESTION)
 # CloseReason, Verdict, HookBit and EventKind (cpdef enums in _core.pxd)
 # are the control plane's names for the data plane's numbers.
 
@@ -369,6 +370,26 @@ cdef class ListenerHandle:
         return result
 
 
+cdef congestion_set(ListenerC *ls, name):
+    # Tried on a socket of its own first, so that a name this process may
+    # not use (not loaded; not in tcp_allowed_congestion_control without
+    # CAP_NET_ADMIN) fails the start, not every bridge after it silently.
+    cdef bytes raw = (name or "").encode()
+    cdef int fd, err
+    ls.congestion[0] = 0
+    if not raw:
+        return
+    memcpy(ls.congestion, <char *>raw, len(raw))   # parse_congestion_control: under 16 bytes
+    ls.congestion[len(raw)] = 0
+    fd = fp_socket(AF_INET)
+    if fd < 0:
+        raise OSError(-fd, f"congestion_control {name}: " + strerror(-fd).decode())
+    err = fp_set_congestion(fd, ls.congestion)
+    close(fd)
+    if err < 0:
+        raise OSError(-err, f"congestion_control {name}: " + strerror(-err).decode())
+
+
 cdef class DataPlane:
     """The data plane of a process: its workers, and the listeners they
     serve (add_listener). Durations are in seconds."""
@@ -544,6 +565,7 @@ cdef class DataPlane:
                 ls.listen_fd = listen_fd
                 ls.notsent_lowat = config.listener.notsent_lowat
                 ls.socket_buffer = config.listener.socket_buffer
+                congestion_set(ls, config.listener.congestion_control)
                 unix_listener = listen_family(listen_fd) == AF_UNIX
                 # A Unix listener's clients take no TCP options: none to set,
                 # on it or per client ("inherited" skips the latter);

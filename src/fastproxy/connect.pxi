@@ -42,6 +42,8 @@ cdef void bridge_open(Worker *w, ListenerC *ls, int fd, sockaddr_storage *peer,
         # Per client, not on the listening socket: a reload that turns it
         # off could not undo a size the shared socket passes on.
         fp_set_buffers(fd, b.ls.socket_buffer)
+    if b.ls.congestion[0] and b.client_v4 != CLIENT_UNIX:
+        fp_set_congestion(fd, b.ls.congestion)   # per client too, for the same reason
     if b.ls.keepalive_clients:
         # Per client too: Linux would pass it on from the listening socket,
         # but then a reload could not turn it off for new clients.
@@ -322,6 +324,8 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
                 fp_set_notsent_lowat(fd, b.ls.notsent_lowat)
             if b.ls.keepalive:
                 fp_set_keepalive(fd, b.ls.keepalive_idle, b.ls.keepalive_interval, b.ls.keepalive_count)
+            if b.ls.congestion[0]:   # before connect(): the handshake already runs it
+                fp_set_congestion(fd, b.ls.congestion)
         if b.ls.socket_buffer:   # before connect(): the window scale is chosen from it
             fp_set_buffers(fd, b.ls.socket_buffer)
         r = fp_connect(fd, <sockaddr *>&a.sa, a.salen)

@@ -31,6 +31,7 @@ from .values import (
     is_digits,
     parse_address,
     parse_choice,
+    parse_congestion_control,
     parse_count,
     parse_cpus,
     parse_duration,
@@ -303,6 +304,12 @@ OPTIONS: Tuple[Option, ...] = (
            "about 2 x SIZE each way per socket (capped by net.core.wmem_max and rmem_max) instead of "
            "autotuning up to tcp_wmem and tcp_rmem's maxima; bounds the memory a client that never "
            "reads can pin; 0: the kernel's autotuning", "listener", metavar="SIZE"),
+    Option("congestion_control", parse_congestion_control, None,
+           "TCP_CONGESTION on both sockets of each bridge: the algorithm (cubic, bbr, reno...) that paces "
+           "what the proxy sends, instead of the host's net.ipv4.tcp_congestion_control; it must be "
+           "loaded (tcp_available_congestion_control), and without CAP_NET_ADMIN allowed "
+           "(tcp_allowed_congestion_control)", "listener", metavar="NAME",
+           shown_default="the host's"),
     Option("tcp_keepalive", parse_tcp_keepalive, None,
            "SO_KEEPALIVE on both sockets of each bridge (HAProxy's clitcpka and srvtcpka, nginx's "
            "so_keepalive): after IDLE without a packet the kernel probes the peer every INTERVAL and, "

@@ -184,6 +184,7 @@ class Proxy:
         route_non_tls: str = "default",
         notsent_lowat: Optional[Union[int, str]] = None,
         socket_buffer: Union[int, str] = 0,
+        congestion_control: Optional[str] = None,
         tcp_keepalive: Optional[Union[str, int, bool]] = None,
         unix_mode: Optional[Union[int, str]] = None,
         unix_user: Optional[Union[int, str]] = None,

@@ -320,6 +320,35 @@ def parse_socket_buffer(value: object, field: str) -> int:
     return size
 
 
+# TCP_CA_NAME_MAX (include/net/tcp.h), with its NUL.
+CONGESTION_NAME_MAX = 15
+AVAILABLE_CONGESTION = "/proc/sys/net/ipv4/tcp_available_congestion_control"
+
+
+def parse_congestion_control(value: object, field: str) -> Optional[str]:
+    """TCP_CONGESTION for both sockets of a bridge: an algorithm this
+    kernel has loaded; None keeps the host's."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(field, value, "is not an algorithm name")
+    name = value.strip()
+    if not name or len(name) > CONGESTION_NAME_MAX or not name.replace("_", "").isalnum():
+        raise ConfigError(field, value, f"is not an algorithm name (letters, digits, _; at most "
+                          f"{CONGESTION_NAME_MAX})")
+    if not _core.HAVE_TCP_CONGESTION:
+        raise ConfigError(field, value, "cannot be used here: this build has no TCP_CONGESTION")
+    try:
+        with open(AVAILABLE_CONGESTION) as f:
+            available = f.read().split()
+    except OSError:
+        available = None   # no /proc to ask: the start-up probe decides
+    if available is not None and name not in available:
+        raise ConfigError(field, value, f"is not available here (tcp_available_congestion_control: "
+                          f"{' '.join(available)}; modprobe tcp_{name} may load it)")
+    return name
+
+
 # The kernel's bounds (net/ipv4/tcp.c): MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL, MAX_TCP_KEEPCNT.
 MAX_KEEPALIVE_SECONDS = 32767
 MAX_KEEPALIVE_COUNT = 127

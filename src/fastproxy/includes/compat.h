@@ -290,6 +290,28 @@ static inline int fp_set_notsent_lowat(int fd, int nbytes)
 #endif
 }
 
+/* TCP_CONGESTION: the congestion control of one socket instead of the
+ * host's (net.ipv4.tcp_congestion_control). It governs what that socket
+ * sends, so on a bridge it decides the proxy's own sending legs only.
+ * Returns: 0, or -errno (-ENOENT: not available; -EPERM: not in
+ * tcp_allowed_congestion_control for an unprivileged process;
+ * -ENOPROTOOPT where the platform has no such option). */
+#if defined(TCP_CONGESTION) && FP_LINUX && !FP_PORTABLE
+#define FP_HAVE_TCP_CONGESTION 1
+#else
+#define FP_HAVE_TCP_CONGESTION 0
+#endif
+static inline int fp_set_congestion(int fd, const char *name)
+{
+#if FP_HAVE_TCP_CONGESTION
+    if (setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, name, (socklen_t)strlen(name)) < 0) return -errno;
+    return 0;
+#else
+    (void)fd; (void)name;
+    return -ENOPROTOOPT;
+#endif
+}
+
 /* SO_SNDBUF and SO_RCVBUF: a bound on what the kernel holds for one socket
  * each way (it doubles the value for its bookkeeping, and caps it at
  * net.core.wmem_max / rmem_max), and an end to its autotuning of them.
