@@ -304,3 +304,34 @@ def test_congestion_control_refuses(value):
         Proxy("127.0.0.1:0", "127.0.0.1:9", congestion_control=value)
     assert "congestion_control" in str(info.value) and str(value) in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.linux_only
+@needs_congestion
+def test_a_reload_back_to_the_hosts_congestion_control_reaches_new_clients(engine, echo_server):
+    """Set per client, not on the shared listening socket (whose setting
+    Linux passes on to the sockets it accepts): a reload that drops it
+    leaves new clients with the host's algorithm."""
+    from fastproxy import Config, Proxy
+    from support.waits import stop_bounded
+
+    name = "reno" if _host_congestion() != "reno" else "cubic"
+    if not _settable(name):
+        pytest.skip(f"this process may not set {name} (tcp_allowed_congestion_control)")
+
+    def config(cc, port=0):
+        return [Config.build(listen="127.0.0.1:%d" % port, upstreams=[echo_server.addr], engine=engine,
+                             workers=1, congestion_control=cc)]
+
+    p = Proxy.from_config(config(name)).start()
+    try:
+        for i, cc in enumerate((name, None, name)):
+            if i:
+                p.reload(config(cc, p.address[1]))
+            with connect(p.address) as c:
+                client_side, upstream_side = _bridge_sockets(p, echo_server, c)
+                with client_side, upstream_side:
+                    for side in (client_side, upstream_side):
+                        assert _congestion(side) == (cc or _host_congestion()), cc
+    finally:
+        stop_bounded(p)
