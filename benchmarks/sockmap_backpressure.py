@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import fcntl
+import json
 import os
 import select
 import socket
@@ -209,7 +210,7 @@ def stall(args, lib):
         port = lp.getsockname()[1]
         lp.close()
         env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
-        proc = subprocess.Popen([sys.executable, "-m", "fastproxy", "--listen", f"127.0.0.1:{port}",
+        proc = subprocess.Popen([sys.executable, "-m", "fastproxy", "--engine", args.engine, "--listen", f"127.0.0.1:{port}",
                                  "--upstream", f"127.0.0.1:{srv.getsockname()[1]}"], env=env)
         for _ in range(100):
             try:
@@ -237,6 +238,18 @@ def stall(args, lib):
         except BlockingIOError:
             select.select([], [c], [], 0.05)
     mem1 = tcp_mem_pages()
+    if proc is not None and args.engine == "kernel":
+        # The engine's state array: each offloaded socket's counters.
+        dump = subprocess.run(["bpftool", "-j", "map", "show"], capture_output=True, text=True).stdout
+        arrays = [m["id"] for m in json.loads(dump or "[]") if m["type"] == "array" and m.get("bytes_value") == 48]
+        if arrays:
+            rows = json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "id", str(arrays[-1])],
+                                             capture_output=True, text=True).stdout or "[]")
+            for row in rows:
+                v = bytes(int(x, 16) for x in row["value"])
+                fields = struct.unpack("IIQQQQQ", v)
+                if any(fields[2:5]):
+                    print("slot", row["key"], dict(zip(("peer", "flags", "forwarded", "passed", "drained", "budget", "adj"), fields)))
     out = {"accepted_MiB": round(sent / 2**20, 2), "tcp_mem_pages": [mem0, mem1],
            "client_outq": ioctl_int(c, SIOCOUTQ), "server_inq": ioctl_int(held[0], SIOCINQ) if held else None}
     if proxy is not None and proxy.bridges:
@@ -261,7 +274,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--listen", type=int, default=5202)
     ap.add_argument("--upstream", type=int, default=5201)
-    ap.add_argument("--fastproxy", action="store_true", help="stall: measure the epoll engine instead")
+    ap.add_argument("--fastproxy", action="store_true", help="stall: measure fastproxy (--engine) instead")
+    ap.add_argument("--engine", default="epoll", help="with --fastproxy: its engine (epoll, kernel)")
     args = ap.parse_args()
     lib = None
     if not args.fastproxy:

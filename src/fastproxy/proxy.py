@@ -393,6 +393,8 @@ class Proxy:
                             "workers", workers, f"too many for the fd budget of {budget} ({exc.strerror})"
                         ) from None
                     raise
+                if plane.kernel_fallback is not None:
+                    log.warning("engine kernel cannot run here (%s): running epoll", plane.kernel_fallback)
                 runner = HookRunner(plane, self.config.hooks.hook_threads, self._loop)
                 for lst in self._listeners:
                     lst.attach(plane, runner)
