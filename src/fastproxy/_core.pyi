@@ -4,6 +4,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 from typing_extensions import disjoint_base
 
 ENGINES: Tuple[str, ...]
+def kernel_engine_check() -> Optional[str]: ...
 PORTABLE: bool
 HAVE_NOTSENT_LOWAT: bool
 HAVE_KEEPALIVE_TIMERS: bool

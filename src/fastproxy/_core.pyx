@@ -42,6 +42,21 @@ include "connect.pxi"
 # (DataPlane.kernel_fallback says why it runs epoll instead).
 ENGINES = ("epoll", "kernel", "poll") if FP_HAVE_EPOLL else ("poll",)
 KSLOTS = 16384   # sockmap slots per worker: 8192 bridges offloaded at once
+
+
+def kernel_engine_check():
+    """None where engine "kernel" can run, else why not (the line the
+    proxy logs when it falls back to epoll)."""
+    cdef fp_sm sm
+    cdef char log[4096]
+    cdef int r
+    if not FP_HAVE_EPOLL:
+        return "no epoll on this platform"
+    r = fp_sm_open(&sm, 2, FP_SM_BUDGET_ACKED, log, sizeof(log))
+    if r == 0:
+        fp_sm_close(&sm)
+        return None
+    return strerror(-r).decode()
 # What this build has, for the control plane to ask instead of the
 # interpreter's platform: a portable build (FASTPROXY_FORCE_PORTABLE) on
 # Linux has neither, though the socket module there has TCP_NOTSENT_LOWAT.
@@ -675,7 +690,7 @@ cdef class DataPlane:
             r = fp_sm_open(&self.sh.sm, <uint32_t>(workers * KSLOTS), FP_SM_BUDGET_ACKED, log, 65536)
             if r == 0:
                 return None
-            text = log[:65535].decode("utf-8", "replace").strip().splitlines()
+            text = (<bytes>log).decode("utf-8", "replace").strip().splitlines()
             # The verifier's last lines say what it refused.
             why = [t for t in text if t and not t.startswith("processed ")][-1:] if text else []
             return strerror(-r).decode() + ((": " + why[0]) if why else "")

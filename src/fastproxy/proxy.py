@@ -447,7 +447,7 @@ class Proxy:
                      "" if lst.name == format_address(*cfg.listener.listen) else f" (listener {lst.name})",
                      ", ".join(name for _, group in lst.groups() for name in group.names),
                      cfg.balancing.balance,
-                     f"engine {process.engine}, {workers} worker{'' if workers == 1 else 's'}, "
+                     f"engine {self.engine}, {workers} worker{'' if workers == 1 else 's'}, "
                      f"fd budget {budget}, " if lst is self._listeners[0] else "",
                      cfg.limits.max_connections)
         return self

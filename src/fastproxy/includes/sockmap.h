@@ -399,6 +399,16 @@ static inline int fp_sm_nodelay(int fd)
     return setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0 ? -errno : 0;
 }
 
+/* Fixes the receive buffer at `bytes` (the kernel doubles what it is
+ * given). Its autotuning would otherwise grow it up to tcp_rmem's maximum
+ * as the verdict consumes (32 MiB here): that is where passed bytes wait,
+ * so it is part of the bound. Returns 0 or -errno. */
+static inline int fp_sm_rcvbuf(int fd, int bytes)
+{
+    int half = bytes / 2;
+    return setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &half, sizeof(half)) < 0 ? -errno : 0;
+}
+
 /* Bytes socket fd has taken into its send queue, ever: bytes_acked read
  * before SIOCOUTQ, so an ACK between the two reads makes it smaller, never
  * larger. Returns 0 or -errno. */
@@ -471,6 +481,7 @@ static inline int fp_sm_join(struct fp_sm *sm, int fd, uint32_t slot) { (void)sm
 static inline int fp_sm_leave(struct fp_sm *sm, int fd, uint32_t slot) { (void)sm; (void)fd; (void)slot; return -ENOSYS; }
 static inline long fp_sm_taken(int fd, uint64_t *out) { (void)fd; *out = 0; return -ENOSYS; }
 static inline int fp_sm_nodelay(int fd) { (void)fd; return -ENOSYS; }
+static inline int fp_sm_rcvbuf(int fd, int bytes) { (void)fd; (void)bytes; return -ENOSYS; }
 
 #endif
 #endif

@@ -27,5 +27,6 @@ cdef extern from "sockmap.h" nogil:
     int fp_sm_leave(fp_sm *sm, int fd, uint32_t slot)
     long fp_sm_taken(int fd, uint64_t *out)
     int fp_sm_nodelay(int fd)
+    int fp_sm_rcvbuf(int fd, int bytes)
     uint64_t fp_sm_get(const uint64_t *p)
     void fp_sm_put(uint64_t *p, uint64_t v)
