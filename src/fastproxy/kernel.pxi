@@ -122,6 +122,18 @@ cdef void kwait_run(Worker *w, int64_t now) noexcept nogil:
         b = nxt
 
 
+cdef void kern_check_eof(Worker *w, Bridge *b, Flow *f, fp_sm_state *st, uint64_t before,
+                         uint8_t *src_rd) noexcept nogil:
+    # recv said EOF, but bytes the verdict passed may still be on their
+    # way: a PASS queues behind the socket's psock backlog (what its peer
+    # redirected to it) and reaches recv from a kworker later. EOF counts
+    # once every passed byte was received.
+    if f.eof and not f.shut and fp_sm_get(&st.passed) != st.drained + (f.bytes - before) + (f.len - f.off):
+        f.eof = 0
+        src_rd[0] = 1
+        kwait_add(w, b)
+
+
 cdef int kern_flow(Worker *w, Bridge *b, Flow *f, int src, int dst, uint8_t *src_rd,
                    uint8_t *dst_wr, int direction, uint64_t *total,
                    uint64_t *per_upstream) noexcept nogil:
@@ -136,17 +148,12 @@ cdef int kern_flow(Worker *w, Bridge *b, Flow *f, int src, int dst, uint8_t *src
     cdef int r = FLOW_OK
     if f.len == f.off:
         r = flow_run(w, b, f, src, dst, src_rd, &no, direction, total, per_upstream, NULL)
-        if r == FLOW_OK and f.eof and fp_sm_get(&st.passed) != st.drained + (f.bytes - before) + (f.len - f.off):
-            # recv said EOF, but bytes the verdict passed are still on their
-            # way: a PASS queues behind the socket's psock backlog (what its
-            # peer redirected to it) and reaches recv from a kworker later.
-            f.eof = 0
-            src_rd[0] = 1
-            kwait_add(w, b)
+        kern_check_eof(w, b, f, st, before, src_rd)
     if r == FLOW_OK and (f.len > f.off or (f.eof and not f.shut)):
         if kern_caught_up(w, b, direction):
             if f.len > f.off:
                 r = flow_run(w, b, f, src, dst, src_rd, dst_wr, direction, total, per_upstream, NULL)
+                kern_check_eof(w, b, f, st, before, src_rd)
             if r == FLOW_OK and f.eof and f.len == 0 and not f.shut:
                 if not (b.up.shut if f == &b.down else b.down.shut):
                     shutdown(dst, SHUT_WR)
