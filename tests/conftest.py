@@ -11,7 +11,7 @@ from support.cli import CliProxy  # noqa: E402
 from support.servers import EchoServer  # noqa: E402
 from support.waits import stop_bounded  # noqa: E402
 
-ALL_ENGINES = ("epoll", "poll")
+ALL_ENGINES = ("epoll", "kernel", "poll")
 # Hard ceiling per test when pytest-timeout is not installed: a hang dumps every
 # thread's traceback and ends the run instead of blocking CI forever. Individual
 # tests use much shorter deadlines.
@@ -52,8 +52,23 @@ def engine(request, monkeypatch):
     """The engine under test; the whole suite runs once per engine."""
     if request.param not in compiled_engines():
         pytest.skip("engine %r not compiled in" % request.param)
+    if request.param == "kernel":
+        why = kernel_unavailable()
+        if why:
+            pytest.skip("engine 'kernel' falls back to epoll here: BPF sockmap not permitted (%s)" % why)
     monkeypatch.delenv("FASTPROXY_ENGINE", raising=False)
     return request.param
+
+
+_KERNEL_WHY = []
+
+
+def kernel_unavailable():
+    """None where the kernel engine runs (CAP_BPF + CAP_NET_ADMIN, a kernel
+    with sockmap and BTF), else why not. Asked once per run."""
+    if not _KERNEL_WHY:
+        _KERNEL_WHY.append(importlib.import_module("fastproxy._core").kernel_engine_check())
+    return _KERNEL_WHY[0]
 
 
 @pytest.fixture

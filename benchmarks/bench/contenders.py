@@ -211,6 +211,8 @@ def all_contenders(args: argparse.Namespace) -> List[Contender]:
         Contender("direct", None, "clients connect to the backend itself"),
         fp("fastproxy", "epoll"),
         fp("fastproxy-poll", "poll"),
+        # Established bridges forwarded in the kernel (BPF sockmap; issue 18).
+        fp("fastproxy-kernel", "kernel"),
         fp("fastproxy-busypoll", "epoll", f"--busy-poll {BUSY_POLL}"),
         fp("fastproxy-nolowat", "epoll", "--notsent-lowat 0"),
         # The stats endpoint's cost: the same proxy, scraped while it works.

@@ -4,6 +4,7 @@
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from .includes.access cimport AclTable, RateTable
 from .includes.balance cimport BalanceCursor, GroupC, UpstreamAddr, UpstreamCounters, UpstreamState
+from .includes.sockmap cimport fp_sm
 from .includes.system cimport (epoll_event, fp_sem_t, pollfd, pthread_cond_t, pthread_mutex_t,
                                sockaddr_storage, socklen_t)
 
@@ -11,6 +12,7 @@ from .includes.system cimport (epoll_event, fp_sem_t, pollfd, pthread_cond_t, pt
 cdef enum:
     ENGINE_EPOLL = 0
     ENGINE_POLL = 1
+    ENGINE_KERNEL = 2    # epoll, plus established bridges forwarded in the kernel
 
 # Why a bridge ended. Cython exposes the named enums below to Python as
 # IntEnum classes (_core.CloseReason is fastproxy.CloseReason): the one
@@ -297,6 +299,18 @@ cdef struct Bridge:
     uint32_t connect_us   # established - connect_start_ns (once B_ACTIVE)
     TimerLink tl[4]      # T_SLOTS; SLOT_HOOK's link is in hk
     int64_t last_active_ns
+    # Kernel engine: kern, its sockets are in the sockmap at slots kslot
+    # (client) and kslot + 1 (upstream); knever, it cannot join (stays on
+    # the splice path); on Worker.kwait (kprev/knext) while user space
+    # waits for the kernel to pass bytes on; kseen, bytes forwarded at the
+    # last idle check.
+    uint8_t kern
+    uint8_t knever
+    uint8_t kwaiting
+    uint32_t kslot
+    Bridge *kprev
+    Bridge *knext
+    uint64_t kseen
     Bridge *grave_next
     Flow up              # client -> upstream
     Flow down            # upstream -> client
@@ -624,6 +638,8 @@ cdef struct BridgeInfo:
 # Read-only after start, except the gauges, the queues and the table.
 cdef struct Shared:
     int engine
+    fp_sm sm             # kernel engine: the program and its maps
+    uint64_t kbudget     # kernel engine: bytes a peer may hold unacked
     int hooks            # HOOK_* bits of every listener ever added (the loop's "any hooks")
     int pipe_size
     int buf_size
@@ -658,6 +674,9 @@ cdef struct Shared:
 cdef struct Worker:
     int id
     Shared *sh
+    Bridge *kwait         # kernel engine: bridges re-checked every 1 ms
+    uint32_t *kfree       # kernel engine: free slot pairs of this worker (their first slot)
+    int nkfree
     int epfd
     int wake_r
     int wake_w
@@ -753,9 +772,11 @@ cdef class DataPlane:
     cdef int nworkers
     cdef int queues_ready
     cdef readonly str engine
+    cdef readonly object kernel_fallback   # engine "kernel" asked, epoll runs: why (one line)
     cdef dict _listeners    # id -> ListenerHandle, until freed
     cdef int next_lid
     cdef object _lock       # one control-plane change at a time
+    cdef object _open_sockmap(self, int workers)
     cdef int _init_worker(self, Worker *w, int i) except -1
     cdef ListenerHandle _handle(self, int listener)
     cdef int _publish(self) except -1

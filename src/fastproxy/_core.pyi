@@ -4,6 +4,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 from typing_extensions import disjoint_base
 
 ENGINES: Tuple[str, ...]
+KSLOTS: int
+def kernel_engine_check() -> Optional[str]: ...
 PORTABLE: bool
 HAVE_NOTSENT_LOWAT: bool
 HAVE_KEEPALIVE_TIMERS: bool
@@ -137,6 +139,7 @@ class ListenerHandle:
 @disjoint_base
 class DataPlane:
     engine: str
+    kernel_fallback: Optional[str]
     @property
     def workers(self) -> int: ...
     def __init__(
@@ -148,6 +151,7 @@ class DataPlane:
         pipe_size: int = ...,
         buf_size: int = ...,
         hook_read: int = ...,
+        kernel_budget: int = ...,
     ) -> None: ...
     def add_listener(self, listen_fd: int, group: Optional[UpstreamGroup], config: Any, *, hooks: int = ...,
                      replaces: Optional[ListenerHandle] = ...,

@@ -17,6 +17,7 @@ import threading
 from .includes.system cimport *
 from .includes.balance cimport *
 from .includes.access cimport *
+from .includes.sockmap cimport *
 
 include "hashing.pxi"
 include "addresses.pxi"
@@ -32,10 +33,30 @@ include "timers.pxi"
 include "worker.pxi"
 include "timings.pxi"
 include "bridge.pxi"
+include "kernel.pxi"
 include "toxics.pxi"
 include "connect.pxi"
 
-ENGINES = ("epoll", "poll") if FP_HAVE_EPOLL else ("poll",)
+# "kernel" is epoll with established bridges forwarded by a BPF sockmap
+# program; whether the kernel allows it is decided when a data plane starts
+# (DataPlane.kernel_fallback says why it runs epoll instead).
+ENGINES = ("epoll", "kernel", "poll") if FP_HAVE_EPOLL else ("poll",)
+KSLOTS = 16384   # sockmap slots per worker: 8192 bridges offloaded at once
+
+
+def kernel_engine_check():
+    """None where engine "kernel" can run, else why not (the line the
+    proxy logs when it falls back to epoll)."""
+    cdef fp_sm sm
+    cdef char log[4096]
+    cdef int r
+    if not FP_HAVE_EPOLL:
+        return "no epoll on this platform"
+    r = fp_sm_open(&sm, 2, FP_SM_BUDGET_ACKED, log, sizeof(log))
+    if r == 0:
+        fp_sm_close(&sm)
+        return None
+    return strerror(-r).decode()
 # What this build has, for the control plane to ask instead of the
 # interpreter's platform: a portable build (FASTPROXY_FORCE_PORTABLE) on
 # Linux has neither, though the socket module there has TCP_NOTSENT_LOWAT.
@@ -401,7 +422,7 @@ cdef class DataPlane:
         self._listeners = {}
 
     def __init__(self, process, *, int hook_slots=16, int pool_max=64, int pipe_size=262144,
-                 int buf_size=65536, int hook_read=262144):
+                 int buf_size=65536, int hook_read=262144, uint64_t kernel_budget=4194304):
         """process: the process section of a resolved fastproxy Config
         (engine, workers, busy_poll). hook_slots: how many hook threads may
         wait for calls at once; the rest are sizes of the data plane's own."""
@@ -416,7 +437,14 @@ cdef class DataPlane:
             raise ValueError("a hook call's handle names its worker in 16 bits")
         self._lock = threading.Lock()
         self.engine = engine
-        self.sh.engine = ENGINE_EPOLL if engine == "epoll" else ENGINE_POLL
+        self.sh.engine = ENGINE_EPOLL if engine == "epoll" else (ENGINE_KERNEL if engine == "kernel" else ENGINE_POLL)
+        self.kernel_fallback = None
+        if engine == "kernel":
+            self.sh.kbudget = kernel_budget
+            self.kernel_fallback = self._open_sockmap(workers)
+            if self.kernel_fallback is not None:
+                self.sh.engine = ENGINE_EPOLL
+                self.engine = engine = "epoll"
         self.sh.pipe_size = pipe_size
         self.sh.buf_size = buf_size
         self.sh.hook_read = max(hook_read, buf_size)
@@ -674,6 +702,23 @@ cdef class DataPlane:
             n += <int>fp_atomic_get(&self.workers[i].in_loop)
         return n
 
+    cdef object _open_sockmap(self, int workers):
+        # Returns None, or why the kernel engine cannot run here (one line).
+        cdef char *log = <char *>malloc(65536)
+        cdef int r
+        if log == NULL:
+            raise MemoryError()
+        try:
+            r = fp_sm_open(&self.sh.sm, <uint32_t>(workers * KSLOTS), FP_SM_BUDGET_ACKED, log, 65536)
+            if r == 0:
+                return None
+            text = (<bytes>log).decode("utf-8", "replace").strip().splitlines()
+            # The verifier's last lines say what it refused.
+            why = [t for t in text if t and not t.startswith("processed ")][-1:] if text else []
+            return strerror(-r).decode() + ((": " + why[0]) if why else "")
+        finally:
+            free(log)
+
     cdef int _init_worker(self, Worker *w, int i) except -1:
         cdef int fds[2]
         cdef int r
@@ -696,7 +741,14 @@ cdef class DataPlane:
         w.hello_buf = <uint8_t *>malloc(2 * HELLO_MAX)
         if not (w.pipe_pool and w.buf_pool and w.hook_pool and w.events and w.hello_buf):
             raise MemoryError()
-        if self.sh.engine == ENGINE_EPOLL:
+        if self.sh.engine == ENGINE_KERNEL:
+            w.kfree = <uint32_t *>malloc((KSLOTS // 2) * sizeof(uint32_t))
+            if w.kfree == NULL:
+                raise MemoryError()
+            for r in range(KSLOTS // 2):
+                w.kfree[r] = <uint32_t>(i * KSLOTS + KSLOTS - 2 - 2 * r)
+            w.nkfree = KSLOTS // 2
+        if self.sh.engine != ENGINE_POLL:
             r = fp_epoll_create()
             if r < 0:
                 raise OSError(-r, strerror(-r).decode())
@@ -1129,8 +1181,12 @@ cdef class DataPlane:
                 free(w.pfds)
                 free(w.pbridges)
                 free(w.plisteners)
+                free(w.kfree)
             free(self.workers)
             self.workers = NULL
+        if self.sh.engine == ENGINE_KERNEL:
+            fp_sm_close(&self.sh.sm)
+            self.sh.engine = ENGINE_EPOLL
         if self.queues_ready:
             queue_destroy(&self.sh)
             self.queues_ready = 0

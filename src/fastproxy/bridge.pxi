@@ -275,7 +275,7 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
         return FLOW_SRC_RESET
     if f.len == 0 and f.cap != 0:
         flow_release(w, f)   # an idle bridge holds no pipe
-    if f.eof and f.len == 0 and not f.shut and (tf == NULL or toxic_fin_ok(tf, w.now_ns)):
+    if f.eof and f.len == 0 and not f.shut and not b.kern and (tf == NULL or toxic_fin_ok(tf, w.now_ns)):
         # With the other direction already done the bridge closes next, and
         # close() sends the FIN itself (nothing is left unread on either
         # socket, so it is a FIN, not a reset).
@@ -298,6 +298,8 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
     # close and connects again finds them free, and stats() read then does
     # not count this bridge.
     slots_release(w, b)
+    if b.kern:
+        kern_leave(w, b)
     if reset_client:
         fp_set_reset_on_close(b.cfd)
     close(b.cfd)
@@ -340,8 +342,12 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         tdown = &b.tx.flow[1]
         tup.wake_ns = 0
         tdown.wake_ns = 0
-    r = flow_run(w, b, &b.up, b.cfd, b.ufd, &b.c_rd, &b.u_wr, 0,
-                 &lslot(w, b.ls).ctr.bytes_upstream, &uc.bytes_upstream, tup)
+    if b.kern:
+        r = kern_flow(w, b, &b.up, b.cfd, b.ufd, &b.c_rd, &b.u_wr, 0,
+                      &lslot(w, b.ls).ctr.bytes_upstream, &uc.bytes_upstream)
+    else:
+        r = flow_run(w, b, &b.up, b.cfd, b.ufd, &b.c_rd, &b.u_wr, 0,
+                     &lslot(w, b.ls).ctr.bytes_upstream, &uc.bytes_upstream, tup)
     if r != FLOW_OK:
         if r == FLOW_TOXIC:
             bridge_close(w, b, TOXIC_CLOSED, 0, 0)
@@ -354,8 +360,12 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         else:
             bridge_close(w, b, HOOK_ERROR if r == FLOW_HOOK_ERROR else HOOK_CLOSED, 0, 0)
         return
-    r = flow_run(w, b, &b.down, b.ufd, b.cfd, &b.u_rd, &b.c_wr, 1,
-                 &lslot(w, b.ls).ctr.bytes_downstream, &uc.bytes_downstream, tdown)
+    if b.kern:
+        r = kern_flow(w, b, &b.down, b.ufd, b.cfd, &b.u_rd, &b.c_wr, 1,
+                      &lslot(w, b.ls).ctr.bytes_downstream, &uc.bytes_downstream)
+    else:
+        r = flow_run(w, b, &b.down, b.ufd, b.cfd, &b.u_rd, &b.c_wr, 1,
+                     &lslot(w, b.ls).ctr.bytes_downstream, &uc.bytes_downstream, tdown)
     if r != FLOW_OK:
         if r == FLOW_TOXIC:
             bridge_close(w, b, TOXIC_CLOSED, 0, 0)
@@ -378,6 +388,8 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         timer_add(w, b, T_HALF_CLOSE, now + b.ls.half_close_timeout_ns)
     if b.tx != NULL and b.state != B_CLOSED and toxic_rearm(w, b) < 0:
         bridge_no_memory(w, b)
+    elif w.sh.engine == ENGINE_KERNEL and kern_may_join(b):
+        kern_join(w, b)
 
 
 cdef void bridge_data_answer(Worker *w, Bridge *b, HookResult *res,

@@ -266,7 +266,7 @@ def parse_resolve_interval(value: Any, field: str) -> Tuple[float, float]:
     return low, high
 
 
-ENGINE_CHOICES = ("auto", "epoll", "poll")
+ENGINE_CHOICES = ("auto", "epoll", "kernel", "poll")
 
 # Bounds of counts, named in their errors. Threads: each worker has its own
 # poll set and pipes, and a hook call's handle names its worker in 16 bits.
@@ -426,7 +426,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("workers", _optional(_count(1, MAX_THREADS)), None, "worker threads", "process", scope="process", metavar="N",
            shown_default="one per CPU this process may use"),
     Option("engine", _choice(*ENGINE_CHOICES), "auto", "data plane event loop: auto takes epoll where the "
-           "platform has it (env FASTPROXY_ENGINE overrides auto)", "process", scope="process",
+           "platform has it (env FASTPROXY_ENGINE overrides auto); kernel (opt-in, Linux) is epoll with "
+           "established bridges forwarded inside the kernel by a BPF sockmap program, and runs epoll "
+           "(one log line says why) where BPF is not permitted", "process", scope="process",
            choices=ENGINE_CHOICES),
     Option("busy_poll", _duration, 0.0, "workers keep polling without sleeping for D after their last "
            "event: more throughput and less latency for a CPU spent spinning (0: off)", "process",

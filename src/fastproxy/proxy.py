@@ -394,6 +394,8 @@ class Proxy:
                             "workers", workers, f"too many for the fd budget of {budget} ({exc.strerror})"
                         ) from None
                     raise
+                if plane.kernel_fallback is not None:
+                    log.warning("engine kernel cannot run here (%s): running epoll", plane.kernel_fallback)
                 runner = HookRunner(plane, self.config.hooks.hook_threads, self._loop)
                 for lst in self._listeners:
                     lst.attach(plane, runner)
@@ -446,7 +448,7 @@ class Proxy:
                      "" if lst.name == format_address(*cfg.listener.listen) else f" (listener {lst.name})",
                      ", ".join(name for _, group in lst.groups() for name in group.names),
                      cfg.balancing.balance,
-                     f"engine {process.engine}, {workers} worker{'' if workers == 1 else 's'}, "
+                     f"engine {self.engine}, {workers} worker{'' if workers == 1 else 's'}, "
                      f"fd budget {budget}, " if lst is self._listeners[0] else "",
                      cfg.limits.max_connections)
         return self

@@ -72,7 +72,10 @@ cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
 cdef void idle_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     # Activity only stamps last_active_ns (no list work per transfer); the
     # timer checks it when due and re-arms for what is left.
-    cdef int64_t due = b.last_active_ns + b.ls.idle_timeout_ns
+    cdef int64_t due
+    if b.kern and kern_active(w, b):
+        b.last_active_ns = now
+    due = b.last_active_ns + b.ls.idle_timeout_ns
     if due <= now:
         bridge_close(w, b, TIMEOUT, 0, 0)
     else:
@@ -738,6 +741,8 @@ cdef int worker_run(Worker *w) noexcept nogil:
             w.accept_resume_ns = 0
             worker_listen(w)
         timeout = worker_timeout_ms(w, now)
+        if w.kwait != NULL and (timeout < 0 or timeout > 1):
+            timeout = 1
         if w.sh.busy_poll_ns and now - w.last_event_ns < w.sh.busy_poll_ns:
             # Busy polling (an option): a running thread is woken by its
             # peers without an inter-processor interrupt, which on a VM
@@ -767,6 +772,8 @@ cdef int worker_run(Worker *w) noexcept nogil:
         if w.epfd < 0 and timers_due(w, now):
             w.poll_refresh = 1   # a timer may change any bridge
         timers_run(w, now)
+        if w.kwait != NULL:
+            kwait_run(w, now)
         if w.sh.hooks:
             hook_nudge(w.sh, now)
         grave_free(w)
