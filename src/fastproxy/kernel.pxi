@@ -38,8 +38,11 @@ cdef void kern_join(Worker *w, Bridge *b) noexcept nogil:
         return
     fp_sm_nodelay(b.cfd)
     fp_sm_nodelay(b.ufd)
-    fp_sm_rcvbuf(b.cfd, <int>w.sh.kbudget)
-    fp_sm_rcvbuf(b.ufd, <int>w.sh.kbudget)
+    # Autotuning would grow the receive buffer (what passed bytes may pin)
+    # far past the budget; a socket_buffer the user set is already a bound.
+    if not b.ls.socket_buffer:
+        fp_sm_rcvbuf(b.cfd, <int>w.sh.kbudget)
+        fp_sm_rcvbuf(b.ufd, <int>w.sh.kbudget)
     if fp_sm_join(&w.sh.sm, b.cfd, slot) < 0 or fp_sm_join(&w.sh.sm, b.ufd, slot + 1) < 0:
         # (EOPNOTSUPP: a FIN came in meanwhile.) Nothing was forwarded yet:
         # what either socket received is still in its own queue.
