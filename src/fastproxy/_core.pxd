@@ -131,6 +131,7 @@ cdef struct Flow:
     uint32_t hold_at     # buf[hold_at:len] waits for more once buf[off:hold_at] is sent
     uint8_t bulk         # a read filled the buffer: splice from now on
     uint8_t src_hup      # src sent FIN (an event said so): read until EOF
+    uint8_t cut          # the last read from src may have stopped inside an skb
     char *lent           # the buffer on_data is looking at
     uint64_t bytes
 

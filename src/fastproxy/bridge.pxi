@@ -230,6 +230,9 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
         else:
             r = fp_recv(src, f.buf + f.len, f.cap - f.len)
         if r > 0:
+            # Only a short recv surely ended on an skb's end (it took all
+            # that was queued); a splice may stop where the pipe filled.
+            f.cut = f.pipe_r >= 0 or <uint32_t>r == f.cap - f.len
             f.len += <uint32_t>r
             if tf != NULL and not f.hook:
                 toxic_read(w, tf, r, w.now_ns)
@@ -264,6 +267,7 @@ cdef int flow_run(Worker *w, Bridge *b, Flow *f, int src, int dst,
             # With an empty pipe (or a buffer) the socket really is empty.
             if f.pipe_r < 0 or f.len == 0:
                 src_rd[0] = 0
+                f.cut = 0
             break
         if (r == -EINVAL or r == -ENOSYS) and f.pipe_r >= 0:
             # This socket cannot splice: copy from now on.

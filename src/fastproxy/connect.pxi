@@ -105,6 +105,7 @@ cdef void bridge_read_header(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     free(b.hdr)
     b.hdr = NULL
     b.hdr_len = 0
+    b.up.cut = 1   # the header and the stream's first bytes may share an skb
     if not info.is_local:
         memcpy(b.client_ip, info.src, 16)
         b.client_port = info.src_port

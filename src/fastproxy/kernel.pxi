@@ -12,8 +12,13 @@ cdef inline fp_sm_state *kstate(Worker *w, Bridge *b, int direction) noexcept no
 
 cdef bint kern_may_join(Bridge *b) noexcept nogil:
     # Established, nothing that user space must see. Bytes a flow holds
-    # (a fast sender's) join as owed: see fp_sm_prepare.
+    # (a fast sender's) join as owed: see fp_sm_prepare. And no skb at the
+    # head of either receive queue was read in part: the verdict gets whole
+    # skbs (tcp_read_skb ignores copied_seq), so it would forward that
+    # skb's head again, and advance copied_seq past rcv_nxt, after which no
+    # arrival wakes the socket (the bridge hangs).
     return (b.state == B_ACTIVE and not b.kern and not b.knever and b.tx == NULL
+            and not b.up.cut and not b.down.cut
             and not b.up.hook and not b.down.hook and not b.up.waiting and not b.down.waiting
             and not b.up.held and not b.down.held
             and not b.up.eof and not b.down.eof and not b.up.src_hup and not b.down.src_hup
@@ -199,3 +204,4 @@ cdef bint kern_active(Worker *w, Bridge *b) noexcept nogil:
         return 0
     b.kseen = seen
     return 1
+
