@@ -590,13 +590,14 @@ def write_markdown(path, block, engine):
 
 
 def main(argv=None):
+    from fastproxy.options import ENGINE_CHOICES
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=600.0, help="seconds of traffic (default 600)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--reload-every", type=float, default=30.0, help="seconds between reloads (SIGHUP)")
     p.add_argument("--flap-every", type=float, default=3.0, help="seconds between the flapping upstream's toggles")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--engine", default="auto", choices=("auto", "epoll", "poll"))
+    p.add_argument("--engine", default="auto", choices=ENGINE_CHOICES)
     p.add_argument("--bridges", type=int, default=50, help="bridges per stream round")
     p.add_argument("--max-len", type=int, default=512 * KiB, help="bytes per direction per bridge, at most")
     p.add_argument("--rate", type=float, default=100.0, help="short connections a second per listener")

@@ -34,7 +34,7 @@ def test_portable_build_refuses_the_epoll_engine():
 @pytest.mark.skipif(_core.PORTABLE or not sys.platform.startswith("linux"),
                     reason="a normal build on Linux only")
 def test_linux_build_has_epoll_and_notsent_lowat():
-    assert _core.ENGINES == ("epoll", "poll")
+    assert _core.ENGINES == ("epoll", "kernel", "poll")
     assert _core.HAVE_NOTSENT_LOWAT
     assert _core.HAVE_KEEPALIVE_TIMERS
     assert Proxy("127.0.0.1:0", "127.0.0.1:9", notsent_lowat="64k").config.listener.notsent_lowat == 65536

@@ -312,7 +312,7 @@ def test_upstream_errors(tmp_path, text, message):
 
 @pytest.mark.parametrize("text,message", [
     ('workers = 0\n' + ONE, "workers: 0: is out of range (1-1024)"),
-    ('engine = "turbo"\n' + ONE, "engine: 'turbo': must be one of auto, epoll, poll"),
+    ('engine = "turbo"\n' + ONE, "engine: 'turbo': must be one of auto, epoll, kernel, poll"),
     ('drain_timeout = "soon"\n' + ONE, "drain_timeout: 'soon': is not a duration (use 5, 5s, 500ms, 2m, 1h)"),
     ('log_level = "loud"\n' + ONE, "log_level: 'loud': must be one of debug, info, warning, error"),
     ('[defaults]\nconnect_timeout = "5x"\n' + ONE,

@@ -312,6 +312,7 @@ cdef struct Bridge:
     Bridge *kprev
     Bridge *knext
     uint64_t kseen
+    uint64_t kfolded[2]  # forwarded bytes already in the byte counters (kern_fold)
     Bridge *grave_next
     Flow up              # client -> upstream
     Flow down            # upstream -> client
@@ -678,6 +679,8 @@ cdef struct Worker:
     Bridge *kwait         # kernel engine: bridges re-checked every 1 ms
     uint32_t *kfree       # kernel engine: free slot pairs of this worker (their first slot)
     int nkfree
+    int nkern             # kernel engine: bridges offloaded now
+    int64_t kfold_ns      # kernel engine: next kern_fold_all, while nkern
     int epfd
     int wake_r
     int wake_w

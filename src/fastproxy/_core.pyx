@@ -422,7 +422,7 @@ cdef class DataPlane:
         self._listeners = {}
 
     def __init__(self, process, *, int hook_slots=16, int pool_max=64, int pipe_size=262144,
-                 int buf_size=65536, int hook_read=262144, uint64_t kernel_budget=4194304):
+                 int buf_size=65536, int hook_read=262144, uint64_t kernel_budget=1048576):
         """process: the process section of a resolved fastproxy Config
         (engine, workers, busy_poll). hook_slots: how many hook threads may
         wait for calls at once; the rest are sizes of the data plane's own."""

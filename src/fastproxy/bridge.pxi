@@ -348,7 +348,7 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         tdown.wake_ns = 0
     if b.kern:
         r = kern_flow(w, b, &b.up, b.cfd, b.ufd, &b.c_rd, &b.u_wr, 0,
-                      &lslot(w, b.ls).ctr.bytes_upstream, &uc.bytes_upstream)
+                      &lslot(w, b.ls).ctr.bytes_upstream, &uc.bytes_upstream, tup)
     else:
         r = flow_run(w, b, &b.up, b.cfd, b.ufd, &b.c_rd, &b.u_wr, 0,
                      &lslot(w, b.ls).ctr.bytes_upstream, &uc.bytes_upstream, tup)
@@ -366,7 +366,7 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         return
     if b.kern:
         r = kern_flow(w, b, &b.down, b.ufd, b.cfd, &b.u_rd, &b.c_wr, 1,
-                      &lslot(w, b.ls).ctr.bytes_downstream, &uc.bytes_downstream)
+                      &lslot(w, b.ls).ctr.bytes_downstream, &uc.bytes_downstream, tdown)
     else:
         r = flow_run(w, b, &b.down, b.ufd, b.cfd, &b.u_rd, &b.c_wr, 1,
                      &lslot(w, b.ls).ctr.bytes_downstream, &uc.bytes_downstream, tdown)

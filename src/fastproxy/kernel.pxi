@@ -6,6 +6,10 @@
 # Direction 0 is client -> upstream (the client socket's slot, kslot),
 # 1 upstream -> client (kslot + 1).
 
+cdef enum:
+    KFOLD_MS = 100   # how stale an offloaded bridge's bytes may be in stats
+
+
 cdef inline fp_sm_state *kstate(Worker *w, Bridge *b, int direction) noexcept nogil:
     return &w.sh.sm.st[b.kslot + <uint32_t>direction]
 
@@ -56,9 +60,12 @@ cdef void kern_join(Worker *w, Bridge *b) noexcept nogil:
         b.knever = 1
         return
     w.nkfree -= 1
+    w.nkern += 1
     b.kern = 1
     b.kslot = slot
     b.kseen = 0
+    b.kfolded[0] = 0
+    b.kfolded[1] = 0
     # recv reads the verdict's queue; splice would read the socket's own.
     # A pipe that holds bytes still empties into dst, then goes back.
     b.copy = 1
@@ -144,7 +151,7 @@ cdef void kern_check_eof(Worker *w, Bridge *b, Flow *f, fp_sm_state *st, uint64_
 
 cdef int kern_flow(Worker *w, Bridge *b, Flow *f, int src, int dst, uint8_t *src_rd,
                    uint8_t *dst_wr, int direction, uint64_t *total,
-                   uint64_t *per_upstream) noexcept nogil:
+                   uint64_t *per_upstream, ToxicFlow *tf) noexcept nogil:
     # flow_run for an offloaded bridge. Returns what flow_run returns.
     # Bytes received are sent only once the peer caught up; while user
     # space holds any, passed != drained and the verdict redirects
@@ -152,15 +159,22 @@ cdef int kern_flow(Worker *w, Bridge *b, Flow *f, int src, int dst, uint8_t *src
     cdef fp_sm_state *st = kstate(w, b, direction)
     cdef uint64_t before = f.bytes
     cdef uint64_t delta
+    cdef uint64_t budget = 0 if tf != NULL else w.sh.kbudget
     cdef uint8_t no = 0
     cdef int r = FLOW_OK
+    if st.budget != budget:
+        # Toxics or a pause on an offloaded bridge: a zero budget has the
+        # verdict pass every new skb to user space, where flow_run applies
+        # them; the bridge never leaves the sockmap (leaving would drop
+        # what the kernel queued), and redirecting resumes when they go.
+        fp_sm_put(&st.budget, budget)
     if f.len == f.off:
-        r = flow_run(w, b, f, src, dst, src_rd, &no, direction, total, per_upstream, NULL)
+        r = flow_run(w, b, f, src, dst, src_rd, &no, direction, total, per_upstream, tf)
         kern_check_eof(w, b, f, st, before, src_rd)
     if r == FLOW_OK and (f.len > f.off or (f.eof and not f.shut)):
         if kern_caught_up(w, b, direction):
             if f.len > f.off:
-                r = flow_run(w, b, f, src, dst, src_rd, dst_wr, direction, total, per_upstream, NULL)
+                r = flow_run(w, b, f, src, dst, src_rd, dst_wr, direction, total, per_upstream, tf)
                 kern_check_eof(w, b, f, st, before, src_rd)
             if r == FLOW_OK and f.eof and f.len == 0 and not f.shut:
                 if not (b.up.shut if f == &b.down else b.down.shut):
@@ -176,23 +190,44 @@ cdef int kern_flow(Worker *w, Bridge *b, Flow *f, int src, int dst, uint8_t *src
     return r
 
 
-cdef void kern_leave(Worker *w, Bridge *b) noexcept nogil:
-    # At close, before the sockets: the bytes the kernel forwarded count in
-    # the stats and the access log like those the worker moved.
+cdef void kern_fold(Worker *w, Bridge *b) noexcept nogil:
+    # What the kernel forwarded since the last fold into the listener's and
+    # the upstream's byte counters, so that stats and metrics move while an
+    # offloaded bridge flows, not only when it closes.
     cdef UpstreamCounters *uc = b.uc if b.uc != NULL else &lslot(w, b.ls).routed
-    cdef uint64_t up = kern_forwarded(w, b, 0)
-    cdef uint64_t down = kern_forwarded(w, b, 1)
-    kwait_del(w, b)
-    b.up.bytes += up
-    b.down.bytes += down
+    cdef uint64_t up = kern_forwarded(w, b, 0) - b.kfolded[0]
+    cdef uint64_t down = kern_forwarded(w, b, 1) - b.kfolded[1]
+    b.kfolded[0] += up
+    b.kfolded[1] += down
     fp_bump(&lslot(w, b.ls).ctr.bytes_upstream, up)
     fp_bump(&uc.bytes_upstream, up)
     fp_bump(&lslot(w, b.ls).ctr.bytes_downstream, down)
     fp_bump(&uc.bytes_downstream, down)
+
+
+cdef void kern_fold_all(Worker *w, int64_t now) noexcept nogil:
+    # Every KFOLD_MS while any bridge of this worker is offloaded.
+    cdef int i
+    cdef Bridge *b
+    for i in range(w.nbridges):
+        b = w.bridges[i]
+        if b.kern:
+            kern_fold(w, b)
+    w.kfold_ns = now + KFOLD_MS * 1000000
+
+
+cdef void kern_leave(Worker *w, Bridge *b) noexcept nogil:
+    # At close, before the sockets: the bytes the kernel forwarded count in
+    # the stats and the access log like those the worker moved.
+    kwait_del(w, b)
+    kern_fold(w, b)
+    b.up.bytes += b.kfolded[0]
+    b.down.bytes += b.kfolded[1]
     fp_sm_leave(&w.sh.sm, b.cfd, b.kslot)
     fp_sm_leave(&w.sh.sm, b.ufd, b.kslot + 1)
     w.kfree[w.nkfree] = b.kslot
     w.nkfree += 1
+    w.nkern -= 1
     b.kern = 0
 
 

@@ -436,6 +436,9 @@ cdef void worker_snapshot(Worker *w) noexcept nogil:
             e.route = b.route[b.addr]
         e.bytes_upstream = b.up.bytes
         e.bytes_downstream = b.down.bytes
+        if b.kern:   # what the kernel forwarded joins b.up/b.down.bytes at close
+            e.bytes_upstream += kern_forwarded(w, b, 0)
+            e.bytes_downstream += kern_forwarded(w, b, 1)
         e.accepted_ns = b.accepted_ns
         if b.tx != NULL:
             toxic_snapshot(b.tx, e)
@@ -743,6 +746,8 @@ cdef int worker_run(Worker *w) noexcept nogil:
         timeout = worker_timeout_ms(w, now)
         if w.kwait != NULL and (timeout < 0 or timeout > 1):
             timeout = 1
+        elif w.nkern and (timeout < 0 or timeout > KFOLD_MS):
+            timeout = KFOLD_MS
         if w.sh.busy_poll_ns and now - w.last_event_ns < w.sh.busy_poll_ns:
             # Busy polling (an option): a running thread is woken by its
             # peers without an inter-processor interrupt, which on a VM
@@ -774,6 +779,8 @@ cdef int worker_run(Worker *w) noexcept nogil:
         timers_run(w, now)
         if w.kwait != NULL:
             kwait_run(w, now)
+        if w.nkern and now >= w.kfold_ns:
+            kern_fold_all(w, now)
         if w.sh.hooks:
             hook_nudge(w.sh, now)
         grave_free(w)
