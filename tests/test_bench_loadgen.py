@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from support.sockets import recv_exact
+from support.sockets import free_port, recv_exact
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADGEN_SRC = os.path.join(ROOT, "benchmarks", "loadgen.c")
@@ -31,12 +31,6 @@ def loadgen(tmp_path_factory):
     binary = str(tmp_path_factory.mktemp("loadgen") / "loadgen")
     subprocess.run(["cc", "-O2", "-Wall", "-o", binary, LOADGEN_SRC], check=True, timeout=120)
     return binary
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mpingpong(loadgen, port, conns, seconds):

@@ -17,16 +17,10 @@ from fastproxy.httpapi import Request
 from support.balance import ping_pong
 from support.servers import Servers, open_tagged, which
 from support.traffic import StreamLoad, VerifyingServer
-from support.sockets import read_line, recv_exact, recv_until_eof
+from support.sockets import free_port, read_line, recv_exact, recv_until_eof
 from support.waits import stop_bounded, wait_for, wait_idle
 
 T0 = 10**12
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def echo(sock, payload):

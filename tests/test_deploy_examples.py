@@ -22,7 +22,7 @@ from fastproxy.proxy import default_max_connections, pipe_pool_size
 from support.cli import LISTEN_RX, LineReader, run_cli, subprocess_env
 from support.dns import DnsServer
 from support.servers import EchoServer
-from support.sockets import connect_from, echo_roundtrip, read_all
+from support.sockets import connect_from, echo_roundtrip, free_port, read_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "examples", "deploy")
@@ -372,12 +372,6 @@ def test_the_kubernetes_config_serves_through_its_srv_records(tmp_path):
                     proc.wait(10)
                 stderr.join(2)
                 stdout.join(2)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- behind an L4 balancer

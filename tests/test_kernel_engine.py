@@ -17,7 +17,7 @@ import pytest
 
 from conftest import kernel_unavailable
 from support.servers import Listener
-from support.sockets import MiB, connect
+from support.sockets import MiB, connect, free_port
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
@@ -26,14 +26,6 @@ needs_bpf = pytest.mark.skipif(
     sys.platform != "linux" or bool(kernel_unavailable()),
     reason="BPF sockmap not permitted here (needs CAP_BPF + CAP_NET_ADMIN and a kernel with BTF): %s"
     % (kernel_unavailable() if sys.platform == "linux" else sys.platform))
-
-
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _wait_listening(port, seconds=10):
@@ -53,7 +45,7 @@ def _wait_listening(port, seconds=10):
 
 
 def _start(upstream):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=SRC)
     cmd = [sys.executable, "-m", "fastproxy", "--engine", "kernel", "--workers", "1",
                         "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}"]
@@ -79,7 +71,7 @@ def test_falls_back_to_epoll_with_one_line_without_bpf_capabilities():
     with Listener() as srv:
         caps = "cap_bpf,cap_net_admin,cap_sys_admin,cap_perfmon"
         # capsh runs its program through a shell: "-c CMD" with the command line.
-        port = _free_port()
+        port = free_port()
         cmd = (f"PYTHONPATH={SRC} exec {sys.executable} -m fastproxy --engine kernel --workers 1 "
                f"--listen 127.0.0.1:{port} --upstream 127.0.0.1:{srv.port}")
         proc = subprocess.Popen(["capsh", "--drop=" + caps, "--", "-c", cmd], stderr=subprocess.PIPE, text=True)

@@ -9,18 +9,11 @@ import pytest
 
 from fastproxy import Config, ConfigError, Proxy, _core
 from support.servers import EchoServer, Servers, open_tagged, which
-from support.sockets import connect, echo_roundtrip, fmt_addr, recv_exact
+from support.sockets import connect, echo_roundtrip, fmt_addr, free_port, recv_exact
 from support.traffic import ConnectLoop, StreamLoad, VerifyingServer
 from support.waits import stop_bounded, wait_for
 
 KiB = 1024
-
-
-def free_port():
-    # Bound then closed: free for the moment, which on loopback in a test is enough.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listener(port, upstreams, engine, **options):

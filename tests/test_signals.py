@@ -6,7 +6,7 @@ import signal
 import socket
 
 from fastproxy import Proxy
-from support.sockets import connect, echo_roundtrip, recv_exact, recv_until_eof
+from support.sockets import connect, echo_roundtrip, free_port, recv_exact, recv_until_eof
 from support.waits import wait_for
 
 
@@ -35,13 +35,6 @@ def records(path):
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigusr1_reopens_the_access_log(cli_proxy, echo_server, tmp_path):

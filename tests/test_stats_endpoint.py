@@ -17,17 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastproxy import Config, ConfigError, Proxy, metrics, statsserver
 from support.cli import assert_one_line_error, run_cli
 from support.servers import EchoServer, Servers
-from support.sockets import connect, echo_roundtrip, recv_until_eof
+from support.sockets import connect, echo_roundtrip, free_port, recv_until_eof
 from support.traffic import StreamLoad, VerifyingServer
 from support.waits import stop_bounded, wait_for
 
 KiB = 1024
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(proxy, path, timeout=5.0):

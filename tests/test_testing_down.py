@@ -2,14 +2,13 @@
 closed port, cuts or keeps its live bridges, comes back on the same
 address, and stays down across a reload."""
 import errno
-import socket
 
 import pytest
 
 from fastproxy import Config, ConfigError, Proxy
 from fastproxy.control import UnknownNameError
 from support.servers import Servers, which
-from support.sockets import closed_by_peer, connect, echo_roundtrip, recv_exact
+from support.sockets import closed_by_peer, connect, echo_roundtrip, free_port, recv_exact
 from support.waits import stop_bounded, wait_for
 
 
@@ -21,12 +20,6 @@ def refused(addr):
         return True
     s.close()
     return False
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_down_refuses_then_up_serves_on_the_same_address(make_proxy, echo_server):

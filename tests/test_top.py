@@ -7,7 +7,6 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import termios
 import threading
@@ -19,7 +18,7 @@ from fastproxy import Proxy
 from fastproxy.view import build_view, render_rich, render_text
 from support.cli import assert_one_line_error, cli_command, run_cli, subprocess_env
 from support.servers import EchoServer
-from support.sockets import echo_roundtrip
+from support.sockets import echo_roundtrip, free_port
 from support.statsserver import StatsServer
 from support.terminal import Pty, env_path_first, no_rich
 from support.waits import stop_bounded
@@ -193,16 +192,8 @@ def test_unix_address(engine, tmp_path):
     assert _row(out, a.addr)[:4] == [a.addr, "up", "0", "1"]
 
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_unreachable_address_is_one_line_exit_2():
-    addr = "127.0.0.1:%d" % _free_port()
+    addr = "127.0.0.1:%d" % free_port()
     rc, out, err = run_cli(["top", addr], timeout=30)
     assert_one_line_error(rc, out, err, addr, "cannot reach", "--stats")
     assert out == ""

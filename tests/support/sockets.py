@@ -17,6 +17,14 @@ import pytest
 MiB = 1024 * 1024
 
 
+def free_port():
+    """A loopback TCP port free for the moment (bound, then closed): on
+    loopback, in a test, that is enough."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def bind(sock, host, port=0):
     """sock.bind((host, port)); where host is a loopback address this machine
     does not answer for, the test is skipped: Linux answers for all of 127/8,
