@@ -5,6 +5,7 @@ reader behind a fast writer, where the bytes queued stay bounded."""
 import fcntl
 import os
 import random
+import shlex
 import shutil
 import socket
 import struct
@@ -16,10 +17,10 @@ import time
 import pytest
 
 from conftest import kernel_unavailable
+from support.cli import cli_command, subprocess_env
 from support.servers import Listener
 from support.sockets import MiB, connect, free_port
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
 
 needs_bpf = pytest.mark.skipif(
@@ -46,14 +47,12 @@ def _wait_listening(port, seconds=10):
 
 def _start(upstream):
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=SRC)
-    cmd = [sys.executable, "-m", "fastproxy", "--engine", "kernel", "--workers", "1",
-                        "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    cmd = cli_command(["--engine", "kernel", "--workers", "1",
+                       "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}"])
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
     if _wait_listening(port):
         return proc, port
-    proc.kill()
-    raise AssertionError("proxy did not start: %s" % proc.stderr.read())
+    raise AssertionError("proxy did not start: %s" % _stop(proc))
 
 
 def _stop(proc):
@@ -72,9 +71,11 @@ def test_falls_back_to_epoll_with_one_line_without_bpf_capabilities():
         caps = "cap_bpf,cap_net_admin,cap_sys_admin,cap_perfmon"
         # capsh runs its program through a shell: "-c CMD" with the command line.
         port = free_port()
-        cmd = (f"PYTHONPATH={SRC} exec {sys.executable} -m fastproxy --engine kernel --workers 1 "
-               f"--listen 127.0.0.1:{port} --upstream 127.0.0.1:{srv.port}")
-        proc = subprocess.Popen(["capsh", "--drop=" + caps, "--", "-c", cmd], stderr=subprocess.PIPE, text=True)
+        # The same fastproxy as this process: an in-place build or the installed one.
+        cmd = shlex.join(["exec"] + cli_command(["--engine", "kernel", "--workers", "1", "--listen",
+                                                 f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{srv.port}"]))
+        proc = subprocess.Popen(["capsh", "--drop=" + caps, "--", "-c", cmd], env=subprocess_env(),
+                                stderr=subprocess.PIPE, text=True)
         try:
             assert _wait_listening(port), "proxy did not start"
             c = socket.create_connection(("127.0.0.1", port), timeout=5)
