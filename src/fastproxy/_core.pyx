@@ -714,8 +714,9 @@ cdef class DataPlane:
                 return None
             text = (<bytes>log).decode("utf-8", "replace").strip().splitlines()
             # The verifier's last lines say what it refused.
-            why = [t for t in text if t and not t.startswith("processed ")][-1:] if text else []
-            return strerror(-r).decode() + ((": " + why[0]) if why else "")
+            # (No negative index: this module is compiled with wraparound off.)
+            why = [t for t in text if t and not t.startswith("processed ")]
+            return strerror(-r).decode() + ((": " + why[len(why) - 1]) if why else "")
         finally:
             free(log)
 
