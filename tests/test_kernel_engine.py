@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from fastproxy import ENGINES
 from conftest import kernel_unavailable
 from support.cli import cli_command, subprocess_env
 from support.servers import Listener
@@ -64,6 +65,7 @@ def _stop(proc):
         return proc.communicate()[1]
 
 
+@pytest.mark.skipif("kernel" not in ENGINES, reason="engine 'kernel' not compiled in (a portable build)")
 @pytest.mark.skipif(shutil.which("capsh") is None or os.geteuid() != 0,
                     reason="needs root and capsh to run the proxy without CAP_BPF/CAP_NET_ADMIN")
 def test_falls_back_to_epoll_with_one_line_without_bpf_capabilities():
