@@ -113,6 +113,16 @@ static inline int fp_ld_map_fd(struct bpf_insn *p, int n, int reg, int fd)
     p[n + 1] = FP_I(0, 0, 0, 0, 0);
     return n + 2;
 }
+/* r0 = bpf_map_lookup_elem(map fd, key at r10 + key_off): the key is on
+ * the program's stack already. */
+static inline int fp_lookup(struct bpf_insn *p, int n, int fd, int key_off)
+{
+    n = fp_ld_map_fd(p, n, BPF_REG_1, fd);
+    p[n++] = FP_MOV64_REG(BPF_REG_2, BPF_REG_10);
+    p[n++] = FP_ADD64_IMM(BPF_REG_2, key_off);
+    p[n++] = FP_CALL(BPF_FUNC_map_lookup_elem);
+    return n;
+}
 
 
 /* The byte offset of member `field` in kernel struct `name`, from the
@@ -220,17 +230,11 @@ static inline int fp_sm_program(struct bpf_insn *p, const struct fp_sm *sm, int 
     j_drop = n; p[n++] = FP_JEQ_IMM(BPF_REG_7, 0, 0);
     p[n++] = FP_CALL(BPF_FUNC_get_socket_cookie);           /* r1 = skb still */
     p[n++] = FP_STX(BPF_DW, BPF_REG_10, BPF_REG_0, -8);
-    n = fp_ld_map_fd(p, n, BPF_REG_1, sm->slots);
-    p[n++] = FP_MOV64_REG(BPF_REG_2, BPF_REG_10);
-    p[n++] = FP_ADD64_IMM(BPF_REG_2, -8);
-    p[n++] = FP_CALL(BPF_FUNC_map_lookup_elem);
+    n = fp_lookup(p, n, sm->slots, -8);
     j_pass_plain[nj++] = n; p[n++] = FP_JEQ_IMM(BPF_REG_0, 0, 0);
     p[n++] = FP_LDX(BPF_W, BPF_REG_1, BPF_REG_0, 0);
     p[n++] = FP_STX(BPF_W, BPF_REG_10, BPF_REG_1, -12);
-    n = fp_ld_map_fd(p, n, BPF_REG_1, sm->state);
-    p[n++] = FP_MOV64_REG(BPF_REG_2, BPF_REG_10);
-    p[n++] = FP_ADD64_IMM(BPF_REG_2, -12);
-    p[n++] = FP_CALL(BPF_FUNC_map_lookup_elem);
+    n = fp_lookup(p, n, sm->state, -12);
     j_pass_plain[nj++] = n; p[n++] = FP_JEQ_IMM(BPF_REG_0, 0, 0);
     p[n++] = FP_MOV64_REG(BPF_REG_9, BPF_REG_0);
     /* Bytes user space owes the peer go first. */
@@ -240,10 +244,7 @@ static inline int fp_sm_program(struct bpf_insn *p, const struct fp_sm *sm, int 
     if (mode == FP_SM_BUDGET_ACKED) {
         p[n++] = FP_LDX(BPF_W, BPF_REG_1, BPF_REG_9, FP_SM_PEER);
         p[n++] = FP_STX(BPF_W, BPF_REG_10, BPF_REG_1, -16);
-        n = fp_ld_map_fd(p, n, BPF_REG_1, sm->socks);
-        p[n++] = FP_MOV64_REG(BPF_REG_2, BPF_REG_10);
-        p[n++] = FP_ADD64_IMM(BPF_REG_2, -16);
-        p[n++] = FP_CALL(BPF_FUNC_map_lookup_elem);     /* takes a reference */
+        n = fp_lookup(p, n, sm->socks, -16);            /* takes a reference */
         j_pass[np++] = n; p[n++] = FP_JEQ_IMM(BPF_REG_0, 0, 0);
         p[n++] = FP_MOV64_REG(BPF_REG_8, BPF_REG_0);
         p[n++] = FP_ST(BPF_DW, BPF_REG_10, -24, 0);
