@@ -206,13 +206,21 @@ cdef void kern_fold(Worker *w, Bridge *b) noexcept nogil:
 
 
 cdef void kern_fold_all(Worker *w, int64_t now) noexcept nogil:
-    # Every KFOLD_MS while any bridge of this worker is offloaded.
-    cdef int i
+    # Every KFOLD_MS while any bridge of this worker is offloaded. Also where
+    # a broken bridge ends: the verdict dropped an skb it could not cut
+    # (sockmap.h) and everything after it, so the peer must not see a FIN.
+    # Downwards: closing moves the last bridge into slot i.
+    cdef int i = w.nbridges - 1
     cdef Bridge *b
-    for i in range(w.nbridges):
+    while i >= 0:
         b = w.bridges[i]
         if b.kern:
-            kern_fold(w, b)
+            if (kstate(w, b, 0).flags | kstate(w, b, 1).flags) & FP_SM_BROKEN:
+                fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
+                bridge_close(w, b, SHUTDOWN, 1, 1)
+            else:
+                kern_fold(w, b)
+        i -= 1
     w.kfold_ns = now + KFOLD_MS * 1000000
 
 

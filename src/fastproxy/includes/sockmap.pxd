@@ -10,6 +10,11 @@ cdef extern from "sockmap.h" nogil:
         uint64_t drained
         uint64_t budget
         uint64_t adj
+        uint64_t trimmed
+        uint32_t next
+        uint32_t dbg_r0
+        uint32_t dbg_len
+        uint32_t dbg_ov
 
     struct fp_sm:
         int prog
@@ -18,6 +23,7 @@ cdef extern from "sockmap.h" nogil:
 
     enum:
         FP_SM_BUDGET_ACKED
+        FP_SM_BROKEN
 
     int fp_sm_open(fp_sm *sm, uint32_t nslots, int mode, char *log, uint32_t log_size)
     void fp_sm_close(fp_sm *sm)
