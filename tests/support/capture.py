@@ -58,14 +58,15 @@ def _parse(frame):
     if ethertype == 0x0800:
         ihl = (ip[0] & 0x0F) * 4
         end = struct.unpack_from("!H", ip, 2)[0]
-        src, dst, tcp = socket.inet_ntop(socket.AF_INET, ip[12:16]), socket.inet_ntop(socket.AF_INET, ip[16:20]), ip[ihl:end]
+        family, src, dst, tcp = socket.AF_INET, ip[12:16], ip[16:20], ip[ihl:end]
     elif ethertype == 0x86DD:
         end = 40 + struct.unpack_from("!H", ip, 4)[0]
-        src, dst, tcp = socket.inet_ntop(socket.AF_INET6, ip[8:24]), socket.inet_ntop(socket.AF_INET6, ip[24:40]), ip[40:end]
+        family, src, dst, tcp = socket.AF_INET6, ip[8:24], ip[24:40], ip[40:end]
     else:
         return None
     sport, dport, seq, ack, off, flags = struct.unpack_from("!HHIIBB", tcp)
-    return Segment(src, dst, sport, dport, seq, ack, flags, bytes(tcp[(off >> 4) * 4:]))
+    return Segment(socket.inet_ntop(family, src), socket.inet_ntop(family, dst), sport, dport, seq, ack, flags,
+                   bytes(tcp[(off >> 4) * 4:]))
 
 
 class LoCapture:
