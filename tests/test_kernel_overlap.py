@@ -26,9 +26,14 @@ pytestmark = [
     pytest.mark.skipif(bool(repair_unavailable()), reason=str(repair_unavailable())),
 ]
 
-FIRST = bytes(range(256)) * 4          # 1024 bytes: a duplicate shows where it came from
-REST = b"R" * 700
-OVERLAP = 300
+# (len(first), overlap, len(rest)): a small one; a byte; as big as one
+# segment goes (support.overlap's limit: 32755 on lo).
+SIZES = {"small": (1024, 300, 700), "byte": (1024, 1, 1), "big": (40000, 20000, 12000)}
+
+
+def _data(n, overlap, rest):
+    first = (bytes(range(251)) * (n // 251 + 1))[:n]   # a duplicate shows where it came from
+    return first, first[-overlap:], b"R" * rest
 
 
 def _rmem_max():
@@ -66,24 +71,26 @@ def _joined(client, server):
     return all(_rcvbuf_of_socket_with_peer(e) == JOINED_RCVBUF for e in ends)
 
 
-def _what_came(got):
-    if got == FIRST[-OVERLAP:] + REST:
-        return "the overlap came twice: FIRST's last %d bytes again, then REST (%d bytes, not %d)" % (
-            OVERLAP, len(got), len(REST))
-    return "after FIRST: %d bytes, not REST's %d: %r..." % (len(got), len(REST), got[:32])
+def _what_came(got, old, rest):
+    if got == old + rest:
+        return "the overlap came twice: first's last %d bytes again, then rest (%d bytes, not %d)" % (
+            len(old), len(got), len(rest))
+    return "after first: %d bytes, not rest's %d: %r..." % (len(got), len(rest), got[:32])
 
 
+@pytest.mark.parametrize("sizes", SIZES)
 @pytest.mark.parametrize("verdict", ["redirect", "pass"])
 @pytest.mark.parametrize("direction", ["upstream", "downstream"])
-def test_overlapping_segment_reaches_the_other_side_once(make_proxy, engine, direction, verdict):
+def test_overlapping_segment_reaches_the_other_side_once(make_proxy, engine, direction, verdict, sizes):
+    first, old, rest = _data(*SIZES[sizes])
     with Listener() as srv:
         p = make_proxy(srv.addr)
         c = connect(p.address)
         s = srv.accept()
         sender, receiver = (c, s) if direction == "upstream" else (s, c)
         try:
-            sender.sendall(FIRST)
-            assert recv_exact(receiver, len(FIRST)) == FIRST
+            sender.sendall(first)
+            assert recv_exact(receiver, len(first)) == first
             if engine == "kernel":
                 assert wait_for(lambda: _joined(c, s), 5), (
                     "the bridge did not join the sockmap: the proxy's sockets never had SO_RCVBUF %d"
@@ -94,7 +101,7 @@ def test_overlapping_segment_reaches_the_other_side_once(make_proxy, engine, dir
                 # worker (its budget is 0 once pause_bridge returns).
                 assert p.pause_bridge(bridge["id"], direction)
             wait_acked(sender)
-            sender = resend_overlapping(sender, FIRST[-OVERLAP:], REST)
+            sender = resend_overlapping(sender, old, rest)
             if direction == "upstream":
                 c = sender
             else:
@@ -104,9 +111,9 @@ def test_overlapping_segment_reaches_the_other_side_once(make_proxy, engine, dir
                 assert not wait_for(lambda: readable(receiver), 0.2), "the paused stream forwarded"
                 assert p.resume_bridge(bridge["id"], direction)
             sender.shutdown(socket.SHUT_WR)
-            got, end = read_all(receiver)   # after FIRST, read above
+            got, end = read_all(receiver)   # after first, read above
             assert end == "eof", "no EOF after %d bytes" % len(got)
-            assert got == REST, _what_came(got)
+            assert got == rest, _what_came(got, old, rest)
             # The other direction still works, then both ends close.
             receiver.sendall(b"reply")
             assert recv_exact(sender, 5) == b"reply"

@@ -88,33 +88,46 @@ def _capture(port):
         pytest.skip("a packet socket on lo needs CAP_NET_RAW")
 
 
-@pytest.mark.parametrize("host", HOSTS)
-def test_the_overlapping_segment_is_on_the_wire(host):
+@pytest.mark.parametrize("host, sizes", [
+    ("127.0.0.1", (len(FIRST), OVERLAP, len(REST))),
+    pytest.param("::1", (len(FIRST), OVERLAP, len(REST)), marks=HOSTS[1].marks),
+    # As big as one segment goes, after a first that took two.
+    ("127.0.0.1", (40000, 20000, 12000)),
+], ids=["v4", "v6", "v4-big"])
+def test_the_overlapping_segment_is_on_the_wire(host, sizes):
+    first = (FIRST * (sizes[0] // len(FIRST) + 1))[:sizes[0]]
+    old, rest = first[-sizes[1]:], b"R" * sizes[2]
     with Listener(host) as srv, _capture(srv.port) as cap:
         got = []
-        t = threading.Thread(target=_accept_reading, args=(srv, len(FIRST), got), daemon=True)
+        t = threading.Thread(target=_accept_reading, args=(srv, len(first), got), daemon=True)
         t.start()
-        c = overlapping_send((host, srv.port), FIRST, OVERLAP, REST)
+        c = overlapping_send((host, srv.port), first, len(old), rest)
         t.join(10)
         s = got[0]
         with c, s:
-            assert recv_exact(s, len(REST)) == REST
+            assert recv_exact(s, len(rest)) == rest
             port = c.getsockname()[1]
 
-            def data_from_client():
-                return [g for g in cap.segments if g.sport == port and g.payload]
+            def overlap_and_its_ack():
+                wire = list(cap.segments)
+                at = [i for i, g in enumerate(wire) if g.payload == old + rest]
+                return at and any(g.dport == port for g in wire[at[0]:]) and wire
 
-            assert wait_for(lambda: len(data_from_client()) >= 2, 5), cap.segments
-            segs = data_from_client()
-    # FIRST then the overlap, each one segment.
-    assert [g.payload for g in segs] == [FIRST, FIRST[-OVERLAP:] + REST], segs
-    start = segs[0].seq
-    assert segs[1].seq == (start + len(FIRST) - OVERLAP) & 0xFFFFFFFF
-    # The server had acked all of FIRST before the overlap was sent.
-    acks = [g.ack for g in cap.segments if g.dport == port]
-    assert (start + len(FIRST)) & 0xFFFFFFFF in acks
-    # It then acks the lot, once.
-    assert (start + len(FIRST) + len(REST)) & 0xFFFFFFFF in acks
+            wire = wait_for(overlap_and_its_ack, 5)
+            assert wire, cap.segments
+    at = [i for i, g in enumerate(wire) if g.payload == old + rest]
+    assert len(at) == 1, wire
+    overlap = wire[at[0]]
+    before = wire[:at[0]]
+    sent = [g for g in before if g.sport == port and g.payload]
+    assert b"".join(g.payload for g in sent) == first, sent
+    start = sent[0].seq
+    # One segment, starting len(old) bytes before the end of first...
+    assert overlap.seq == (start + len(first) - len(old)) & 0xFFFFFFFF
+    # ...which the server had acked by then.
+    assert (start + len(first)) & 0xFFFFFFFF in [g.ack for g in before if g.dport == port]
+    # It then acks the lot.
+    assert (start + len(first) + len(rest)) & 0xFFFFFFFF in [g.ack for g in wire[at[0]:] if g.dport == port]
 
 
 def test_from_the_accepting_side():

@@ -41,6 +41,7 @@ TCP_NO_QUEUE, TCP_RECV_QUEUE, TCP_SEND_QUEUE = 0, 1, 2
 TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
+MAX_USER_MSS = 32767   # TCP_MAXSEG's ceiling (MAX_TCP_WINDOW)
 # struct tcp_repair_window: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
 REPAIR_WINDOW = struct.Struct("5I")
 
@@ -103,9 +104,31 @@ class _Connection:
         self.window = sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.size)
         self.tsval = _getint(sock, TCP_TIMESTAMP) & 0xFFFFFFFF
         self.mss = _getint(sock, socket.TCP_MAXSEG)    # in repair mode: the mss clamp
+        self.nodelay = _getint(sock, socket.TCP_NODELAY)
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
         self.options, wscales = info[5], info[6]
         self.snd_wscale, self.rcv_wscale = wscales & 0x0F, wscales >> 4
+        # The new socket's segments: its mss, less the timestamp option.
+        self.segment = min(self.mss, MAX_USER_MSS) - (12 if self.options & TCPI_OPT_TIMESTAMPS else 0)
+
+    def too_big(self, old, new):
+        """Why old + new bytes would not go out as one segment, or None.
+        Sent in parts, the first could end before what the peer acked: its
+        ack would then be for bytes not sent yet, which the sender ignores,
+        and the connection would stall."""
+        if old + new > self.segment:
+            return "%d bytes do not fit one segment (%d)" % (old + new, self.segment)
+        snd_wnd = REPAIR_WINDOW.unpack(self.window)[1]
+        if new > snd_wnd:
+            return "%d new bytes do not fit the peer's window (%d)" % (new, snd_wnd)
+        return None
+
+    def window_from(self, back):
+        """TCP_REPAIR_WINDOW's argument for a socket whose send sequence is
+        `back` bytes behind: the peer's window ends where it did."""
+        snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = REPAIR_WINDOW.unpack(self.window)
+        snd_wnd += back
+        return REPAIR_WINDOW.pack(snd_wl1, snd_wnd, max(max_window, snd_wnd), rcv_wnd, rcv_wup)
 
     def repair_options(self):
         """TCP_REPAIR_OPTIONS' argument: what the handshake agreed."""
@@ -119,7 +142,7 @@ class _Connection:
         return b"".join(struct.pack("II", code, val) for code, val in opts)
 
 
-def resend_overlapping(sock, old, new, nodelay=True):
+def resend_overlapping(sock, old, new):
     """Close `sock` without a word to its peer and return a new socket on the
     same connection whose first segment carries `old + new`, starting
     len(old) bytes before what the peer has acked: the peer gets `old` a
@@ -127,8 +150,8 @@ def resend_overlapping(sock, old, new, nodelay=True):
     sent (the peer keeps what it had and drops the copy, whatever it holds).
 
     sock must have everything it sent acked (see wait_acked) and nothing
-    unread; the peer must send nothing until this returns. len(old + new)
-    must fit one segment (the mss), so that it goes out whole."""
+    unread; the peer must send nothing until this returns. old + new must
+    fit one segment (about 32 KiB on lo; a ValueError says if not)."""
     if not old:
         raise ValueError("overlap: old must not be empty (nothing would overlap)")
     if _ioctl_int(sock, SIOCOUTQ):
@@ -138,12 +161,25 @@ def resend_overlapping(sock, old, new, nodelay=True):
     _setint(sock, TCP_REPAIR, TCP_REPAIR_ON)
     try:
         conn = _Connection(sock)
+        why = conn.too_big(len(old), len(new))
+        if why:
+            raise ValueError("overlap: " + why)
+        fresh = _take_over(sock, conn, len(old))
     except BaseException:
-        _setint(sock, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+        if sock.fileno() >= 0:
+            _setint(sock, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
         raise
-    if len(old) + len(new) > conn.mss:
-        _setint(sock, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
-        raise ValueError("overlap: %d bytes do not fit one segment (mss %d)" % (len(old) + len(new), conn.mss))
+    try:
+        fresh.sendall(old + new)
+    except BaseException:
+        fresh.close()
+        raise
+    return fresh
+
+
+def _take_over(sock, conn, back):
+    """A socket on sock's connection, its send sequence `back` bytes behind;
+    sock closed without a segment sent."""
     fresh = socket.socket(sock.family, socket.SOCK_STREAM)
     try:
         # Repair mode first: it lets the bind share the port with sock (and
@@ -152,26 +188,32 @@ def resend_overlapping(sock, old, new, nodelay=True):
         _setint(fresh, TCP_REPAIR, TCP_REPAIR_ON)
         fresh.bind(conn.local)
         _setint(fresh, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-        _setint(fresh, TCP_QUEUE_SEQ, _signed((conn.write_seq - len(old)) & 0xFFFFFFFF))
+        _setint(fresh, TCP_QUEUE_SEQ, _signed((conn.write_seq - back) & 0xFFFFFFFF))
         _setint(fresh, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
         _setint(fresh, TCP_QUEUE_SEQ, _signed(conn.rcv_nxt))
         _setint(fresh, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        # connect() sizes the segments from the mss clamp, which without a
+        # SYN-ACK stays at 536; TCP_REPAIR_OPTIONS' mss comes too late for
+        # that. (With 536, a large overlap goes out in pieces that end
+        # before what the peer has: see too_big.)
+        _setint(fresh, socket.TCP_MAXSEG, min(conn.mss, MAX_USER_MSS))
+        _setint(fresh, socket.TCP_NODELAY, conn.nodelay)
+        fresh.settimeout(sock.gettimeout())
         # In repair mode, close sends neither FIN nor RST; the connection
         # is unowned here until the connect below.
         sock.close()
         fresh.connect(conn.remote)
         fresh.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS, conn.repair_options())
-        fresh.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, conn.window)
+        fresh.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, conn.window_from(back))
         # Timestamps go on from sock's: the peer's PAWS check drops a
         # segment whose timestamp is older than the last it saw.
         _setint(fresh, TCP_TIMESTAMP, _signed(conn.tsval))
-        if nodelay:
-            _setint(fresh, socket.TCP_NODELAY, 1)
+        mss = struct.unpack_from("I", fresh.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 20), 16)[0]
+        if mss < conn.segment:
+            raise AssertionError("overlap: the new socket's mss is %d, not the %d expected" % (mss, conn.segment))
         # Without the window probe a plain TCP_REPAIR_OFF sends: its ack
         # would come back for bytes this socket has yet to send.
         _setint(fresh, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
-        fresh.settimeout(sock.gettimeout())
-        fresh.sendall(old + new)
     except BaseException:
         fresh.close()
         raise
