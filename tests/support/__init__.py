@@ -11,4 +11,7 @@ balance  which upstream clients reach, health checks, per-upstream stats
 traffic  verified load: VerifyingServer, StreamLoad (bridges streaming seeded
          data both ways, every byte checked), ConnectLoop (short connections,
          counted by outcome)
+overlap  a segment that partially overlaps what the peer already acked
+         (TCP_REPAIR; Linux, CAP_NET_ADMIN)
+capture  the segments of one port on lo, as sent (a packet socket)
 """
