@@ -65,10 +65,16 @@ def build_loadgen() -> None:
     subprocess.run(["cc", "-O2", "-Wall", "-o", str(LOADGEN_BIN), str(LOADGEN_SRC)], check=True)
 
 
+# The CPUs this run may use, read once: pinning() narrows this process to
+# the load CPUs, and a later part of the run (--congestion-control LIST)
+# must still see the proxy's.
+START_AFFINITY = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+
+
 def pinning(args: argparse.Namespace) -> tuple:
     if args.pin == "none":
         return None, None
-    avail = os.sched_getaffinity(0)
+    avail = START_AFFINITY
     proxy = {int(c) for c in args.proxy_cpus.split(",")}
     load = {int(c) for c in args.load_cpus.split(",")}
     if not (proxy | load) <= avail or proxy & load:

@@ -70,6 +70,19 @@ def test_unknown_algorithm_exits_2_before_running(sysctl, tmp_path):
     assert not (tmp_path / "r-bbr.json").exists()
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--pin split needs 2 CPUs")
+def test_every_part_of_a_split_pinned_run_gets_the_proxy_cpu(sysctl, tmp_path):
+    """The first part narrows run.py to the load CPUs; the second must
+    still pin its proxy to the proxy CPU (it exited 1 there before)."""
+    done = subprocess.run([sys.executable, RUN, "--congestion-control", "bbr,cubic", "--tests", "ping",
+                           "--only", "direct", "--reps", "1", "--pings", "200", "--wait-idle", "0",
+                           "--noise-retries", "0", "--pin", "split", "--no-plot",
+                           "--out", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "r-bbr.json").exists() and (tmp_path / "r-cubic.json").exists()
+
+
 def test_sigterm_mid_run_puts_the_old_algorithm_back(sysctl, tmp_path):
     # A ping test far longer than the test waits: SIGTERM arrives while it
     # runs under cubic, and run.py must restore bbr on its way out.
