@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from support import netns as _netns  # noqa: E402
 from support.cli import CliProxy  # noqa: E402
 from support.servers import EchoServer  # noqa: E402
 from support.waits import stop_bounded  # noqa: E402
@@ -135,3 +136,21 @@ def cli_proxy(engine):
     yield start
     for cp in procs:
         cp.kill()
+
+
+@pytest.fixture
+def netns():
+    """A network namespace joined to this one by a veth pair (support.netns):
+    yields its name; a peer that is not loopback without leaving the host."""
+    why = _netns.unavailable()
+    if why:
+        pytest.skip(why)
+    try:
+        cm = _netns.veth_namespace()
+        name = cm.__enter__()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield name
+    finally:
+        cm.__exit__(None, None, None)

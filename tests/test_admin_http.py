@@ -2,9 +2,6 @@
 loopback, and from a peer that is not loopback (a network namespace the
 test makes, joined by a veth pair), with and without the token."""
 import json
-import os
-import shutil
-import subprocess
 import sys
 import urllib.parse
 import urllib.request
@@ -13,43 +10,11 @@ import uuid
 import pytest
 
 from fastproxy import Proxy
+from support.netns import HOST_SIDE, ip
 from support.servers import Servers, open_tagged, which
 from support.waits import stop_bounded, wait_for
 
 pytestmark = pytest.mark.linux_only
-
-# A private range no host route uses: it exists only on the veth pair below.
-HOST_SIDE, NS_SIDE = "10.211.0.1", "10.211.0.2"
-
-
-def _ip(*args, check=True):
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=check)
-
-
-@pytest.fixture
-def netns():
-    """A network namespace joined to this one by a veth pair: NS_SIDE in
-    it, HOST_SIDE here. Needs root and iproute2."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("a network namespace needs root and iproute2")
-    name = "fp" + uuid.uuid4().hex[:8]
-    host_if, ns_if = name + "a", name + "b"
-    try:
-        _ip("netns", "add", name)
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot make a network namespace here: {exc.stderr.strip()}")
-    try:
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        _ip("link", "set", ns_if, "netns", name)
-        _ip("addr", "add", HOST_SIDE + "/30", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("netns", "exec", name, "ip", "addr", "add", NS_SIDE + "/30", "dev", ns_if)
-        _ip("netns", "exec", name, "ip", "link", "set", ns_if, "up")
-        yield name
-    finally:
-        _ip("link", "del", host_if, check=False)
-        _ip("netns", "del", name, check=False)
-
 
 REQUEST = """
 import json, sys, urllib.request, urllib.error
@@ -66,7 +31,7 @@ except urllib.error.HTTPError as e:
 
 
 def from_namespace(ns, url, body="", token=""):
-    out = _ip("netns", "exec", ns, sys.executable, "-c", REQUEST, url, body, token).stdout
+    out = ip("netns", "exec", ns, sys.executable, "-c", REQUEST, url, body, token).stdout
     status, _, text = out.partition(" ")
     return int(status), json.loads(text)
 

@@ -6,11 +6,14 @@ this reads the options of the proxy's own sockets, found by address in
 /proc/self/fd."""
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
 from fastproxy import _core
-from fastproxy.values import parse_size
+from fastproxy.values import LOOPBACK_SOCKET_BUFFER, parse_size
+from support.netns import HOST_SIDE, NS_SIDE
 from support.procfs import proc_fds
 from support.sockets import connect, recv_exact
 
@@ -104,12 +107,68 @@ def test_socket_buffer_is_set_on_both_bridge_sockets(make_proxy, echo_server):
 
 
 @pytest.mark.linux_only
-def test_socket_buffer_off_leaves_the_kernels_sizes(make_proxy, echo_server):
+def test_socket_buffer_0_leaves_the_kernels_sizes(make_proxy, echo_server):
+    p = make_proxy(echo_server.addr, workers=1, socket_buffer=0)
+    with connect(p.address) as c:
+        for side in _bridge_sockets(p, echo_server, c):
+            with side:
+                assert side.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) != 2 * LOOPBACK_SOCKET_BUFFER
+
+
+def _buffers_of_auto(side, engine):
+    """What socket_buffer "auto" set, or None where it left the kernel's."""
+    snd = side.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    rcv = side.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if snd != 2 * LOOPBACK_SOCKET_BUFFER:
+        return None
+    # The kernel engine fixes an offloaded bridge's receive buffer at its
+    # budget when the bridge joins the sockmap (docs/architecture.md).
+    assert rcv == snd or (engine == "kernel" and rcv == 1 << 20), rcv   # the 1 MiB budget
+    return snd
+
+
+@pytest.mark.linux_only
+def test_socket_buffer_auto_bounds_sockets_whose_peer_is_loopback(make_proxy, echo_server, engine):
+    """The default: 256k on both sockets when client and upstream are on
+    loopback (where it lifts throughput: docs/benchmarks.md)."""
     p = make_proxy(echo_server.addr, workers=1)
     with connect(p.address) as c:
         for side in _bridge_sockets(p, echo_server, c):
             with side:
-                assert side.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) != 2 * 48 * 1024
+                assert _buffers_of_auto(side, engine) == 2 * LOOPBACK_SOCKET_BUFFER
+
+
+NS_CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+c.sendall(b"ping")
+assert c.recv(4) == b"ping"
+print(c.getsockname()[1], flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.linux_only
+def test_socket_buffer_auto_leaves_a_peer_that_is_not_loopback_to_the_kernel(make_proxy, echo_server, engine,
+                                                                             netns):
+    """A client from another network namespace (over a veth pair): its
+    socket keeps the kernel's autotuning, while the upstream socket of the
+    same bridge, on loopback, is bounded."""
+    p = make_proxy(echo_server.addr, listen=f"{HOST_SIDE}:0", workers=1)
+    client = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", NS_CLIENT, *map(str, p.address)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(client.stdout.readline())
+        client_side = _find((NS_SIDE, port), p.address)
+        upstream_side = _find((echo_server.host, echo_server.port))
+        assert client_side is not None and upstream_side is not None
+        with client_side, upstream_side:
+            assert _buffers_of_auto(client_side, engine) is None
+            assert _buffers_of_auto(upstream_side, engine) == 2 * LOOPBACK_SOCKET_BUFFER
+    finally:
+        client.stdin.close()
+        client.wait(timeout=10)
+        client.stdout.close()
 
 
 @pytest.mark.parametrize("value", ["1k", 4095, "lots", -1, "2g", True])

@@ -549,7 +549,8 @@ cdef struct ListenerC:
     int64_t close_reason # atomic: the CloseReason they close with
     bint nodelay_inherited   # accepted sockets got TCP_NODELAY (and TCP_NOTSENT_LOWAT) from the listener
     int notsent_lowat        # TCP_NOTSENT_LOWAT for both sockets of a bridge; 0: off
-    int socket_buffer        # SO_SNDBUF and SO_RCVBUF for both sockets of a bridge; 0: the kernel's
+    int socket_buffer        # SO_SNDBUF and SO_RCVBUF for both sockets of a bridge; 0: the kernel's;
+                             # -N: N on a socket whose peer is a loopback address ("auto")
     char congestion[16]      # TCP_CONGESTION for both sockets of a bridge (TCP_CA_NAME_MAX); "": the host's
     bint keepalive           # SO_KEEPALIVE on both TCP sockets of a bridge (tcp_keepalive)
     bint keepalive_clients   # ... and its clients are TCP (not a Unix listener's)

@@ -486,6 +486,7 @@ cdef class DataPlane:
         its first client on, so a reload that replaces a listener under
         toxics lets no client through without them. `accepting` False: the
         listener starts as after stop_accepting() (a down one's reload)."""
+        from .values import LOOPBACK_SOCKET_BUFFER   # (values imports this module)
         cdef ListenerC *ls
         cdef ListenerHandle h
         cdef AccessList acl = None, accept_proxy_from = None
@@ -592,7 +593,10 @@ cdef class DataPlane:
                     raise MemoryError()
                 ls.listen_fd = listen_fd
                 ls.notsent_lowat = config.listener.notsent_lowat
-                ls.socket_buffer = config.listener.socket_buffer
+                # Negative: "auto", that size on a socket whose peer is a
+                # loopback address (decided per socket), none elsewhere.
+                sb = config.listener.socket_buffer
+                ls.socket_buffer = -LOOPBACK_SOCKET_BUFFER if sb == "auto" else sb
                 congestion_set(ls, config.listener.congestion_control)
                 unix_listener = listen_family(listen_fd) == AF_UNIX
                 # A Unix listener's clients take no TCP options: none to set,

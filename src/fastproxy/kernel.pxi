@@ -49,7 +49,7 @@ cdef void kern_join(Worker *w, Bridge *b) noexcept nogil:
     fp_sm_nodelay(b.ufd)
     # Autotuning would grow the receive buffer (what passed bytes may pin)
     # far past the budget; a socket_buffer the user set is already a bound.
-    if not b.ls.socket_buffer:
+    if b.ls.socket_buffer <= 0:
         fp_sm_rcvbuf(b.cfd, <int>w.sh.kbudget)
         fp_sm_rcvbuf(b.ufd, <int>w.sh.kbudget)
     if fp_sm_join(&w.sh.sm, b.cfd, slot) < 0 or fp_sm_join(&w.sh.sm, b.ufd, slot + 1) < 0:

@@ -299,11 +299,13 @@ OPTIONS: Tuple[Option, ...] = (
            "TCP_NOTSENT_LOWAT on both sockets of each bridge: keep at most about SIZE unsent bytes in a "
            "socket, the rest in the proxy, so the proxy's CPU sends them; 0 turns it off",
            "listener", metavar="SIZE", shown_default="1m (off where the build lacks TCP_NOTSENT_LOWAT)"),
-    Option("socket_buffer", parse_socket_buffer, 0,
+    Option("socket_buffer", parse_socket_buffer, "auto",
            "SO_SNDBUF and SO_RCVBUF on both sockets of each bridge: the kernel then holds at most "
            "about 2 x SIZE each way per socket (capped by net.core.wmem_max and rmem_max) instead of "
            "autotuning up to tcp_wmem and tcp_rmem's maxima; bounds the memory a client that never "
-           "reads can pin; 0: the kernel's autotuning", "listener", metavar="SIZE"),
+           "reads can pin; 0: the kernel's autotuning; auto: 256k on a socket whose peer is a loopback "
+           "address (127.0.0.0/8, ::1), the kernel's autotuning on the others", "listener",
+           metavar="SIZE"),
     Option("congestion_control", parse_congestion_control, None,
            "TCP_CONGESTION on both sockets of each bridge: the algorithm (cubic, bbr, reno...) that paces "
            "what the proxy sends, instead of the host's net.ipv4.tcp_congestion_control; it must be "

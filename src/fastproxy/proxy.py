@@ -183,7 +183,7 @@ class Proxy:
         route_timeout: Duration = 5.0,
         route_non_tls: str = "default",
         notsent_lowat: Optional[Union[int, str]] = None,
-        socket_buffer: Union[int, str] = 0,
+        socket_buffer: Union[int, str] = "auto",
         congestion_control: Optional[str] = None,
         tcp_keepalive: Optional[Union[str, int, bool]] = None,
         unix_mode: Optional[Union[int, str]] = None,

@@ -310,9 +310,18 @@ def default_notsent_lowat(engine: str) -> int:
     return DEFAULT_NOTSENT_LOWAT if _core.HAVE_NOTSENT_LOWAT else 0
 
 
-def parse_socket_buffer(value: object, field: str) -> int:
+# socket_buffer="auto" on a loopback leg: enough for any rate a loopback
+# path moves (the round trip is tens of microseconds), small enough that
+# the bytes in flight stay in the CPU's caches (docs/benchmarks.md).
+LOOPBACK_SOCKET_BUFFER = 262144
+
+
+def parse_socket_buffer(value: object, field: str) -> Union[int, str]:
     """SO_SNDBUF/SO_RCVBUF for both sockets of a bridge; 0 leaves them to the
-    kernel's autotuning."""
+    kernel's autotuning; "auto" sets LOOPBACK_SOCKET_BUFFER on a socket
+    whose peer is a loopback address and leaves the others to the kernel."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
     size = parse_size(value, field)
     # Below a page the kernel raises it to its own minimum anyway: a typo.
     if 0 < size < 4096:

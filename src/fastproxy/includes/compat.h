@@ -323,6 +323,23 @@ static inline int fp_set_buffers(int fd, int nbytes)
     return 0;
 }
 
+/* Whether sa is a loopback address (127.0.0.0/8, ::1, ::ffff:127.0.0.0/104):
+ * socket_buffer "auto" bounds such a socket's buffers, since a loopback
+ * path's round trip is tens of microseconds. Returns 1 or 0. */
+static inline int fp_is_loopback(const struct sockaddr *sa)
+{
+    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    const uint8_t *a6;
+    if (sa->sa_family == AF_INET)
+        return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+    if (sa->sa_family != AF_INET6)
+        return 0;
+    a6 = ((const struct sockaddr_in6 *)sa)->sin6_addr.s6_addr;
+    if (memcmp(a6, mapped, 12) == 0)
+        return a6[12] == 127;
+    return memcmp(a6, &in6addr_loopback, 16) == 0;
+}
+
 /* SO_KEEPALIVE, and its timers where given (0: the kernel's, the
  * net.ipv4.tcp_keepalive_* sysctls): a peer that vanished without a FIN or
  * RST (power loss, a NAT or firewall that forgot the flow) is found by the

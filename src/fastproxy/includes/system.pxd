@@ -91,6 +91,7 @@ cdef extern from "compat.h" nogil:
     void fp_set_reset_on_close(int fd)
     int fp_set_notsent_lowat(int fd, int nbytes)
     int fp_set_buffers(int fd, int nbytes)
+    int fp_is_loopback(const sockaddr *sa)
     int FP_HAVE_TCP_CONGESTION
     int fp_set_congestion(int fd, const char *name)
     int FP_HAVE_KEEPALIVE_TIMERS
