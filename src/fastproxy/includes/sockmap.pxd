@@ -12,9 +12,7 @@ cdef extern from "sockmap.h" nogil:
         uint64_t adj
         uint64_t trimmed
         uint32_t next
-        uint32_t dbg_r0
-        uint32_t dbg_len
-        uint32_t dbg_ov
+        uint32_t pad
 
     struct fp_sm:
         int prog
