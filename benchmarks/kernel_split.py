@@ -119,7 +119,8 @@ def main() -> None:
         wait_listening(backend)
         proxy = subprocess.Popen(["taskset", "-c", str(a.proxy_cpu), sys.executable, "-m", "fastproxy",
                                   "--listen", f"127.0.0.1:{listen}", "--upstream", f"127.0.0.1:{backend}",
-                                  "--workers", str(a.workers), "--engine", "kernel"] + shlex.split(a.flags),
+                                  "--workers", str(a.workers), "--engine", "kernel", "--log-level", "warning"]
+                                 + shlex.split(a.flags),
                                  env=env, stdout=subprocess.DEVNULL)
         wait_listening(listen)
         t0, s0 = time.monotonic(), cpu_ticks()
