@@ -12,6 +12,7 @@ cdef extern from "sockmap.h" nogil:
         uint64_t adj
         uint64_t trimmed
         uint32_t next
+        uint32_t pad
 
     struct fp_sm:
         int prog
