@@ -497,13 +497,24 @@ def run_contender(env: Env, c: Contender, rep: int, idle: bool = True) -> dict:
     return {"metrics": out, "notes": notes}
 
 
+def rotated(items: list, rep: int, reps: int) -> list:
+    """items in rep `rep`'s order (1-based): rotated so that over `reps`
+    reps each starts at evenly spaced places."""
+    shift = ((rep - 1) * len(items)) // max(reps, 1) % max(len(items), 1)
+    return items[shift:] + items[:shift]
+
+
 def run_all(env: Env, contenders: List[Contender]) -> Dict[str, List[dict]]:
     # Interleaved: rep 1 of everyone, then rep 2..., so slow drifts of the
     # machine (thermal, neighbours, page cache) hit all contenders alike.
+    # Each rep also starts at another place in the list: a contender's
+    # place within a rep moved its figures by 4-14 % (two identical
+    # fastproxy configurations, one right after haproxy-splice, one last:
+    # docs/benchmarks.md), which a fixed order pins on the same contender.
     runs: Dict[str, List[dict]] = {c.name: [] for c in contenders}
     reps = env.args.reps
     for rep in range(1, reps + 1):
-        for c in contenders:
+        for c in rotated(contenders, rep, reps):
             runs[c.name].append(attempt_rep(env, c, rep, reps, 1))
     # Other load comes in bursts (a test suite, a build): a rep it spoiled is
     # made up at the end, when the burst is likely over, at most
