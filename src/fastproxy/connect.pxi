@@ -11,6 +11,15 @@ cdef void client_address(sockaddr_storage *peer, Bridge *b) noexcept nogil:
         b.client_v4 = CLIENT_UNIX
 
 
+cdef inline void set_socket_buffer(ListenerC *ls, int fd, sockaddr *peer) noexcept nogil:
+    # socket_buffer for one of a bridge's sockets: a size; or, negative
+    # ("auto"), that size where the peer is a loopback address.
+    if ls.socket_buffer > 0:
+        fp_set_buffers(fd, ls.socket_buffer)
+    elif ls.socket_buffer < 0 and fp_is_loopback(peer):
+        fp_set_buffers(fd, -ls.socket_buffer)
+
+
 cdef void bridge_open(Worker *w, ListenerC *ls, int fd, sockaddr_storage *peer,
                       int64_t now) noexcept nogil:
     cdef Bridge *b = <Bridge *>calloc(1, sizeof(Bridge))
@@ -38,12 +47,9 @@ cdef void bridge_open(Worker *w, ListenerC *ls, int fd, sockaddr_storage *peer,
         fp_set_nodelay(fd)
         if b.ls.notsent_lowat:
             fp_set_notsent_lowat(fd, b.ls.notsent_lowat)
-    if b.ls.socket_buffer > 0:
-        # Per client, not on the listening socket: a reload that turns it
-        # off could not undo a size the shared socket passes on.
-        fp_set_buffers(fd, b.ls.socket_buffer)
-    elif b.ls.socket_buffer < 0 and fp_is_loopback(<sockaddr *>peer):
-        fp_set_buffers(fd, -b.ls.socket_buffer)
+    # Per client, not on the listening socket: a reload that turns it off
+    # could not undo a size the shared socket passes on.
+    set_socket_buffer(b.ls, fd, <sockaddr *>peer)
     if b.ls.congestion[0] and b.client_v4 != CLIENT_UNIX:
         fp_set_congestion(fd, b.ls.congestion)   # per client too, for the same reason
     if b.ls.keepalive_clients:
@@ -329,10 +335,8 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
                 fp_set_keepalive(fd, b.ls.keepalive_idle, b.ls.keepalive_interval, b.ls.keepalive_count)
             if b.ls.congestion[0]:   # before connect(): the handshake already runs it
                 fp_set_congestion(fd, b.ls.congestion)
-        if b.ls.socket_buffer > 0:   # before connect(): the window scale is chosen from it
-            fp_set_buffers(fd, b.ls.socket_buffer)
-        elif b.ls.socket_buffer < 0 and fp_is_loopback(<sockaddr *>&a.sa):
-            fp_set_buffers(fd, -b.ls.socket_buffer)
+        # Before connect(): the window scale is chosen from it.
+        set_socket_buffer(b.ls, fd, <sockaddr *>&a.sa)
         r = fp_connect(fd, <sockaddr *>&a.sa, a.salen)
         if r == 0 or r == -EINPROGRESS:
             # Even an immediate success is finished by the writable event.
