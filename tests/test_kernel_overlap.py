@@ -177,12 +177,13 @@ def _assert_reset(p, no_memory_before, sender, receiver, sent_after_first):
 
 
 @pytest.mark.parametrize("engine", ["kernel"], indirect=True)
-@pytest.mark.parametrize("then", ["nothing", "more"])
+@pytest.mark.parametrize("then", ["nothing", "more", "fin"])
 @pytest.mark.parametrize("direction", ["upstream", "downstream"])
 def test_uncuttable_overlap_resets_the_bridge_both_ways(make_proxy, engine, cut_calls, direction, then):
     # No call: any overlap is uncuttable. After the dropped skb, nothing
-    # more (only the worker's fold can notice), or more bytes, which the
-    # verdict drops too.
+    # more (only the worker's fold can notice), more bytes, which the
+    # verdict drops too, or a FIN, which the worker sees at once and must
+    # not pass on: the receiver would take the hole for a clean end.
     cut_calls(0)
     first, old, rest = _data(*SIZES["small"])
     more = b"M" * (5000 if then == "more" else 0)
@@ -197,6 +198,8 @@ def test_uncuttable_overlap_resets_the_bridge_both_ways(make_proxy, engine, cut_
                 s = sender
             if more:
                 sender.sendall(more)
+            if then == "fin":
+                sender.shutdown(socket.SHUT_WR)
             _assert_reset(p, no_memory, sender, receiver, rest + more)
         finally:
             c.close()
