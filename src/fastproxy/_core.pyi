@@ -6,6 +6,7 @@ from typing_extensions import disjoint_base
 ENGINES: Tuple[str, ...]
 KSLOTS: int
 def kernel_engine_check() -> Optional[str]: ...
+def _kernel_trim_calls(calls: int) -> int: ...
 PORTABLE: bool
 HAVE_NOTSENT_LOWAT: bool
 HAVE_KEEPALIVE_TIMERS: bool

@@ -42,6 +42,20 @@ include "connect.pxi"
 # (DataPlane.kernel_fallback says why it runs epoll instead).
 ENGINES = ("epoll", "kernel", "poll") if FP_HAVE_EPOLL else ("poll",)
 KSLOTS = 16384   # sockmap slots per worker: 8192 bridges offloaded at once
+cdef int kernel_trim_calls = FP_SM_TRIM_CALLS
+
+
+def _kernel_trim_calls(int calls):
+    """Build later engines' verdict with `calls` cut calls (0..256; 256 is
+    the default) and return the previous number. Private, for tests only:
+    fewer calls make an overlap uncuttable, the one way to reach the broken
+    path (drop, reset both ways) on purpose."""
+    global kernel_trim_calls
+    cdef int previous = kernel_trim_calls
+    if not 0 <= calls <= FP_SM_TRIM_CALLS:
+        raise ValueError("calls: %d is not within 0..%d" % (calls, FP_SM_TRIM_CALLS))
+    kernel_trim_calls = calls
+    return previous
 
 
 def kernel_engine_check():
@@ -52,6 +66,7 @@ def kernel_engine_check():
     cdef int r
     if not FP_HAVE_EPOLL:
         return "no epoll on this platform"
+    sm.trim_calls = FP_SM_TRIM_CALLS
     r = fp_sm_open(&sm, 2, FP_SM_BUDGET_ACKED, log, sizeof(log))
     if r == 0:
         fp_sm_close(&sm)
@@ -713,6 +728,7 @@ cdef class DataPlane:
         if log == NULL:
             raise MemoryError()
         try:
+            self.sh.sm.trim_calls = kernel_trim_calls
             r = fp_sm_open(&self.sh.sm, <uint32_t>(workers * KSLOTS), FP_SM_BUDGET_ACKED, log, 65536)
             if r == 0:
                 return None

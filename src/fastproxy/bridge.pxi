@@ -14,6 +14,7 @@ cdef enum FlowResult:
     FLOW_HOOK_ERROR = 4     # on_data raised (what it answered before is sent first)
     FLOW_TOXIC = 5          # a limit_data toxic's count is reached
     FLOW_NO_MEMORY = 6      # no buffer for the flow: the bridge ends (SHUTDOWN)
+    FLOW_BROKEN = 7         # kernel engine: a FIN after bytes the verdict dropped (kern_broken)
 
 
 cdef inline void flow_release(Worker *w, Flow *f) noexcept nogil:
@@ -361,6 +362,8 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
             bridge_close(w, b, UPSTREAM_RESET, 1, 0)
         elif r == FLOW_NO_MEMORY:
             bridge_no_memory(w, b)
+        elif r == FLOW_BROKEN:
+            kern_reset_broken(w, b)
         else:
             bridge_close(w, b, HOOK_ERROR if r == FLOW_HOOK_ERROR else HOOK_CLOSED, 0, 0)
         return
@@ -379,6 +382,8 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
             bridge_close(w, b, CLIENT_RESET, 0, 1)
         elif r == FLOW_NO_MEMORY:
             bridge_no_memory(w, b)
+        elif r == FLOW_BROKEN:
+            kern_reset_broken(w, b)
         else:
             bridge_close(w, b, HOOK_ERROR if r == FLOW_HOOK_ERROR else HOOK_CLOSED, 0, 0)
         return

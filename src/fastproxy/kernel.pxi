@@ -177,9 +177,14 @@ cdef int kern_flow(Worker *w, Bridge *b, Flow *f, int src, int dst, uint8_t *src
                 r = flow_run(w, b, f, src, dst, src_rd, dst_wr, direction, total, per_upstream, tf)
                 kern_check_eof(w, b, f, st, before, src_rd)
             if r == FLOW_OK and f.eof and f.len == 0 and not f.shut:
-                if not (b.up.shut if f == &b.down else b.down.shut):
-                    shutdown(dst, SHUT_WR)
-                f.shut = 1
+                if kern_broken(w, b):
+                    # The FIN came before the next fold: passed on, it would
+                    # have the peer take what it got for the whole stream.
+                    r = FLOW_BROKEN
+                else:
+                    if not (b.up.shut if f == &b.down else b.down.shut):
+                        shutdown(dst, SHUT_WR)
+                    f.shut = 1
         else:
             kwait_add(w, b)
     delta = f.bytes - before
@@ -205,19 +210,28 @@ cdef void kern_fold(Worker *w, Bridge *b) noexcept nogil:
     fp_bump(&uc.bytes_downstream, down)
 
 
+cdef bint kern_broken(Worker *w, Bridge *b) noexcept nogil:
+    # The verdict dropped an skb it could not cut (sockmap.h) and drops
+    # everything after it: the bridge must end in a reset, never a FIN.
+    return ((kstate(w, b, 0).flags | kstate(w, b, 1).flags) & FP_SM_BROKEN) != 0
+
+
+cdef void kern_reset_broken(Worker *w, Bridge *b) noexcept nogil:
+    fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
+    bridge_close(w, b, SHUTDOWN, 1, 1)
+
+
 cdef void kern_fold_all(Worker *w, int64_t now) noexcept nogil:
     # Every KFOLD_MS while any bridge of this worker is offloaded. Also where
-    # a broken bridge ends: the verdict dropped an skb it could not cut
-    # (sockmap.h) and everything after it, so the peer must not see a FIN.
-    # Downwards: closing moves the last bridge into slot i.
+    # a broken bridge ends when no FIN brings the worker to it first
+    # (kern_flow). Downwards: closing moves the last bridge into slot i.
     cdef int i = w.nbridges - 1
     cdef Bridge *b
     while i >= 0:
         b = w.bridges[i]
         if b.kern:
-            if (kstate(w, b, 0).flags | kstate(w, b, 1).flags) & FP_SM_BROKEN:
-                fp_bump(&lslot(w, b.ls).ctr.no_memory, 1)
-                bridge_close(w, b, SHUTDOWN, 1, 1)
+            if kern_broken(w, b):
+                kern_reset_broken(w, b)
             else:
                 kern_fold(w, b)
         i -= 1

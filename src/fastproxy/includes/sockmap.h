@@ -73,6 +73,7 @@ struct fp_sm {
     int copied_off;          /* struct tcp_sock's copied_seq */
     int cb_off;              /* struct sk_buff's cb (tcp_skb_cb: seq first) */
     int kctx_id;             /* the kfunc bpf_cast_to_kern_ctx's BTF id */
+    int trim_calls;          /* set before fp_sm_open: see FP_SM_TRIM_CALLS */
     struct fp_sm_state *st;  /* the state array, mapped */
     size_t st_len;
 };
@@ -288,7 +289,9 @@ _Static_assert(offsetof(struct fp_sm_state, flags) == FP_SM_FLAGS
                && offsetof(struct fp_sm_state, next) == FP_SM_NEXT, "the program's offsets");
 /* Up to 256 x 4095 bytes (1 MiB) of overlap: a retransmission that fills
  * a hole moves coalesced out-of-order skbs, which may start far before
- * rcv_nxt, into the receive queue. More than that resets the bridge. */
+ * rcv_nxt, into the receive queue. More than that resets the bridge.
+ * The program is built with sm->trim_calls of them (out of 0..256: 256);
+ * only tests ask for fewer, to make a cut fail on purpose. */
 #define FP_SM_TRIM_CALLS 256
 
 /* Emits the cut of old bytes (see the top of this file), with r6 skb,
@@ -298,6 +301,7 @@ _Static_assert(offsetof(struct fp_sm_state, flags) == FP_SM_FLAGS
 static inline int fp_sm_trim(struct bpf_insn *p, int n, const struct fp_sm *sm, int *jb, int *nb)
 {
     int j_known, j_mark[2], j_fresh, j_done[FP_SM_TRIM_CALLS], j_cont, i;
+    int calls = sm->trim_calls >= 0 && sm->trim_calls <= FP_SM_TRIM_CALLS ? sm->trim_calls : FP_SM_TRIM_CALLS;
     /* Once one skb was dropped, nothing after it may reach the peer. */
     p[n++] = FP_LDX(BPF_W, BPF_REG_1, BPF_REG_9, FP_SM_FLAGS);
     p[n++] = FP_AND64_IMM(BPF_REG_1, FP_SM_BROKEN);
@@ -338,7 +342,7 @@ static inline int fp_sm_trim(struct bpf_insn *p, int n, const struct fp_sm *sm, 
     jb[(*nb)++] = n; p[n++] = FP_JGE32_REG(BPF_REG_1, BPF_REG_7, 0);
     p[n++] = FP_STX(BPF_W, BPF_REG_10, BPF_REG_1, -32);
     p[n++] = FP_XADD64(BPF_REG_9, BPF_REG_1, FP_SM_TRIMMED);
-    for (i = 0; i < FP_SM_TRIM_CALLS; i++) {
+    for (i = 0; i < calls; i++) {
         p[n++] = FP_LDX(BPF_W, BPF_REG_3, BPF_REG_10, -32);
         j_done[i] = n; p[n++] = FP_JEQ_IMM(BPF_REG_3, 0, 0);
         p[n++] = FP_JLE_IMM(BPF_REG_3, 4095, 1);
@@ -356,7 +360,7 @@ static inline int fp_sm_trim(struct bpf_insn *p, int n, const struct fp_sm *sm, 
     }
     p[n++] = FP_LDX(BPF_W, BPF_REG_3, BPF_REG_10, -32);
     jb[(*nb)++] = n; p[n++] = FP_JNE_IMM(BPF_REG_3, 0, 0);
-    for (i = 0; i < FP_SM_TRIM_CALLS; i++)
+    for (i = 0; i < calls; i++)
         p[j_done[i]].off = (int16_t)(n - j_done[i] - 1);
     p[n++] = FP_LDX(BPF_W, BPF_REG_7, BPF_REG_6, offsetof(struct __sk_buff, len));
     j_cont = n; p[n++] = FP_JA(0);

@@ -17,11 +17,13 @@ cdef extern from "sockmap.h" nogil:
     struct fp_sm:
         int prog
         uint32_t nslots
+        int trim_calls
         fp_sm_state *st
 
     enum:
         FP_SM_BUDGET_ACKED
         FP_SM_BROKEN
+        FP_SM_TRIM_CALLS
 
     int fp_sm_open(fp_sm *sm, uint32_t nslots, int mode, char *log, uint32_t log_size)
     void fp_sm_close(fp_sm *sm)
