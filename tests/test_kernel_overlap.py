@@ -85,6 +85,13 @@ def _what_came(got, old, rest):
     return "after first: %d bytes, not rest's %d: %r..." % (len(got), len(rest), got[:32])
 
 
+def _resend(direction, c, s, sender, old, rest):
+    """resend_overlapping on the sender, which replaces its socket:
+    (client, server, sender) with the new one in its place."""
+    sender = resend_overlapping(sender, old, rest)
+    return (sender, s, sender) if direction == "upstream" else (c, sender, sender)
+
+
 @pytest.mark.parametrize("sizes", SIZES)
 @pytest.mark.parametrize("verdict", ["redirect", "pass"])
 @pytest.mark.parametrize("direction", ["upstream", "downstream"])
@@ -108,11 +115,7 @@ def test_overlapping_segment_reaches_the_other_side_once(make_proxy, engine, dir
                 # worker (its budget is 0 once pause_bridge returns).
                 assert p.pause_bridge(bridge["id"], direction)
             wait_acked(sender)
-            sender = resend_overlapping(sender, old, rest)
-            if direction == "upstream":
-                c = sender
-            else:
-                s = sender
+            c, s, sender = _resend(direction, c, s, sender, old, rest)
             if verdict == "pass":
                 # Passed, not redirected: the paused worker holds it.
                 assert not wait_for(lambda: readable(receiver), 0.2), "the paused stream forwarded"
@@ -191,11 +194,7 @@ def test_uncuttable_overlap_resets_the_bridge_both_ways(make_proxy, engine, cut_
         p, c, s, sender, receiver = _joined_bridge(make_proxy, srv, direction, first)
         try:
             no_memory = p.stats()["no_memory"]
-            sender = resend_overlapping(sender, old, rest)
-            if direction == "upstream":
-                c = sender
-            else:
-                s = sender
+            c, s, sender = _resend(direction, c, s, sender, old, rest)
             if more:
                 sender.sendall(more)
             if then == "fin":
@@ -229,11 +228,7 @@ def test_the_number_of_cut_calls_decides_between_cut_and_reset(make_proxy, engin
         p, c, s, sender, receiver = _joined_bridge(make_proxy, srv, direction, first)
         try:
             no_memory = p.stats()["no_memory"]
-            sender = resend_overlapping(sender, old, rest)
-            if direction == "upstream":
-                c = sender
-            else:
-                s = sender
+            c, s, sender = _resend(direction, c, s, sender, old, rest)
             if outcome == "reset":
                 _assert_reset(p, no_memory, sender, receiver, rest)
                 return
