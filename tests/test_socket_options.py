@@ -4,6 +4,7 @@ by default 1 MiB with either engine. On Linux the
 client side inherits both from the listener (no setsockopt per client), so
 this reads the options of the proxy's own sockets, found by address in
 /proc/self/fd."""
+import json
 import os
 import socket
 import subprocess
@@ -348,12 +349,131 @@ def test_congestion_control_is_set_on_both_bridge_sockets(make_proxy, echo_serve
 
 @pytest.mark.linux_only
 @needs_congestion
-def test_congestion_control_unset_keeps_the_hosts(make_proxy, echo_server):
-    p = make_proxy(echo_server.addr, workers=1)
+def test_congestion_control_host_keeps_the_hosts(make_proxy, echo_server):
+    p = make_proxy(echo_server.addr, workers=1, congestion_control="host")
     with connect(p.address) as c:
         for side in _bridge_sockets(p, echo_server, c):
             with side:
                 assert _congestion(side) == _host_congestion()
+
+
+# Runs in a network namespace whose own default is reno (the sysctl is per
+# namespace), so that "auto"'s cubic cannot be the host's passing for it:
+# a proxy from the API, an echo upstream on the namespace's loopback, and a
+# client on loopback too, or (argv[3] "outside") the test's, over the veth
+# pair. Prints the proxy's port, then, once a line comes on stdin (the
+# client's bridge is up), the algorithm of the proxy's two sockets of it,
+# found among this process's own: the one on the proxy's port ("client
+# side"), the one connected to the echo server ("upstream side").
+NS_CONGESTION = """
+import json, os, socket, sys, threading
+from fastproxy import Proxy
+
+echo = socket.create_server(("127.0.0.1", 0))
+def serve():
+    while True:
+        s, _ = echo.accept()
+        threading.Thread(target=lambda s=s: [s.sendall(d) for d in iter(lambda: s.recv(65536), b"")],
+                         daemon=True).start()
+threading.Thread(target=serve, daemon=True).start()
+p = Proxy("0.0.0.0:0", "127.0.0.1:%d" % echo.getsockname()[1], engine=sys.argv[1], workers=1,
+          **json.loads(sys.argv[2])).start()
+print(p.address[1], flush=True)
+if sys.argv[3] == "loopback":
+    c = socket.create_connection(("127.0.0.1", p.address[1]), timeout=5)
+    c.sendall(b"ping")
+    assert c.recv(4) == b"ping"
+sys.stdin.readline()
+sides = {}
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        s = socket.socket(fileno=os.dup(int(fd)))
+    except OSError:
+        continue
+    try:
+        if s.type == socket.SOCK_STREAM and s.family == socket.AF_INET:
+            cc = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\\0")[0].decode()
+            if s.getsockname()[1] == p.address[1] and s.getpeername():
+                sides["client side"] = cc
+            elif s.getpeername()[1] == echo.getsockname()[1]:
+                sides["upstream side"] = cc
+    except OSError:
+        pass   # a listening socket has no peer
+    s.close()
+print(json.dumps(sides), flush=True)
+sys.stdin.read()
+os._exit(0)   # what is checked is read: no graceful stop to wait for
+"""
+
+
+def _congestion_in_namespace(netns, engine, client, **options):
+    """{"client side": algorithm, "upstream side": algorithm} of the proxy's
+    two sockets of one bridge, in `netns` with reno as its default."""
+    ip = ["ip", "netns", "exec", netns]
+    subprocess.run(ip + ["ip", "link", "set", "lo", "up"], check=True, timeout=10)
+    subprocess.run(ip + ["sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno"], check=True, timeout=10)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(ip + [sys.executable, "-c", NS_CONGESTION, engine, json.dumps(options), client],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    outside = None
+    try:
+        port = int(proc.stdout.readline())
+        if client == "outside":
+            outside = connect((NS_SIDE, port))
+            outside.sendall(b"ping")
+            assert recv_exact(outside, 4) == b"ping"
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        return json.loads(proc.stdout.readline())
+    finally:
+        if outside is not None:
+            outside.close()
+        proc.stdin.close()
+        proc.wait(timeout=15)
+        proc.stdout.close()
+
+
+def _available_congestion():
+    try:
+        with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+needs_namespace_congestion = pytest.mark.skipif(
+    not _core.HAVE_TCP_CONGESTION or not {"reno", "cubic"} <= _available_congestion(),
+    reason="this build or kernel has no TCP_CONGESTION with reno and cubic")
+
+
+@pytest.mark.linux_only
+@needs_namespace_congestion
+def test_congestion_control_auto_is_cubic_on_loopback_sockets(netns, engine):
+    """The default: a bridge whose client and upstream are both on loopback
+    runs cubic on both of the proxy's sockets, whatever the host's default
+    (reno in this namespace): BBR, a common default, reorders the proxy's
+    own sending on loopback (docs/benchmarks.md)."""
+    sides = _congestion_in_namespace(netns, engine, "loopback")
+    assert sides == {"client side": "cubic", "upstream side": "cubic"}
+
+
+@pytest.mark.linux_only
+@needs_namespace_congestion
+def test_congestion_control_auto_leaves_a_peer_that_is_not_loopback_to_the_host(netns, engine):
+    """A client over the veth pair keeps the namespace's default on its
+    socket; the same bridge's loopback upstream runs cubic."""
+    sides = _congestion_in_namespace(netns, engine, "outside")
+    assert sides == {"client side": "reno", "upstream side": "cubic"}
+
+
+@pytest.mark.linux_only
+@needs_namespace_congestion
+@pytest.mark.parametrize("value, expect", [("host", "reno"), ("cubic", "cubic")])
+def test_congestion_control_set_applies_to_every_socket(netns, engine, value, expect):
+    """"host" keeps the host's on loopback too; a name is set on a socket
+    whose peer is not loopback too."""
+    sides = _congestion_in_namespace(netns, engine, "outside", congestion_control=value)
+    assert sides == {"client side": expect, "upstream side": expect}
 
 
 @pytest.mark.parametrize("value", ["", "no such", "x" * 16, "tcp-x", 5, "nosuchalgorithm"])
@@ -394,3 +514,10 @@ def test_a_reload_back_to_the_hosts_congestion_control_reaches_new_clients(engin
                         assert _congestion(side) == (cc or _host_congestion()), cc
     finally:
         stop_bounded(p)
+
+
+@pytest.mark.parametrize("text, expect", [("auto", "auto"), (" AUTO ", "auto"), ("host", None), ("Host", None),
+                                          (None, None)])
+def test_congestion_control_words(text, expect):
+    from fastproxy.values import parse_congestion_control
+    assert parse_congestion_control(text, "congestion_control") == expect

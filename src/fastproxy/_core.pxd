@@ -552,6 +552,7 @@ cdef struct ListenerC:
     int socket_buffer        # SO_SNDBUF and SO_RCVBUF for both sockets of a bridge; 0: the kernel's;
                              # -N: N on a socket whose peer is a loopback address ("auto")
     char congestion[16]      # TCP_CONGESTION for both sockets of a bridge (TCP_CA_NAME_MAX); "": the host's
+    bint congestion_loopback # ... only on a socket whose peer is a loopback address ("auto")
     bint keepalive           # SO_KEEPALIVE on both TCP sockets of a bridge (tcp_keepalive)
     bint keepalive_clients   # ... and its clients are TCP (not a Unix listener's)
     int keepalive_idle       # TCP_KEEPIDLE, TCP_KEEPINTVL (seconds), TCP_KEEPCNT; 0: the kernel's

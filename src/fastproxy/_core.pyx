@@ -406,14 +406,18 @@ cdef class ListenerHandle:
         return result
 
 
-cdef congestion_set(ListenerC *ls, name):
+cdef congestion_set(ListenerC *ls, name, loopback_name):
     # Tried on a socket of its own first, so that a name this process may
     # not use (not loaded; not in tcp_allowed_congestion_control without
     # CAP_NET_ADMIN) fails the start, not every bridge after it silently.
-    cdef bytes raw = (name or "").encode()
+    # "auto" never fails it: where its algorithm cannot be set, the host's
+    # stays on every socket.
+    cdef bint auto = name == "auto"
+    cdef bytes raw = (loopback_name if auto else name or "").encode()
     cdef int fd, err
     ls.congestion[0] = 0
-    if not raw:
+    ls.congestion_loopback = auto
+    if not raw or (auto and not FP_HAVE_TCP_CONGESTION):
         return
     memcpy(ls.congestion, <char *>raw, len(raw))   # parse_congestion_control: under 16 bytes
     ls.congestion[len(raw)] = 0
@@ -422,7 +426,9 @@ cdef congestion_set(ListenerC *ls, name):
         raise OSError(-fd, f"congestion_control {name}: " + strerror(-fd).decode())
     err = fp_set_congestion(fd, ls.congestion)
     close(fd)
-    if err < 0:
+    if err < 0 and auto:
+        ls.congestion[0] = 0
+    elif err < 0:
         raise OSError(-err, f"congestion_control {name}: " + strerror(-err).decode())
 
 
@@ -501,7 +507,7 @@ cdef class DataPlane:
         its first client on, so a reload that replaces a listener under
         toxics lets no client through without them. `accepting` False: the
         listener starts as after stop_accepting() (a down one's reload)."""
-        from .values import LOOPBACK_SOCKET_BUFFER   # (values imports this module)
+        from .values import LOOPBACK_CONGESTION, LOOPBACK_SOCKET_BUFFER   # (values imports this module)
         cdef ListenerC *ls
         cdef ListenerHandle h
         cdef AccessList acl = None, accept_proxy_from = None
@@ -612,7 +618,7 @@ cdef class DataPlane:
                 # loopback address (decided per socket), none elsewhere.
                 sb = config.listener.socket_buffer
                 ls.socket_buffer = -LOOPBACK_SOCKET_BUFFER if sb == "auto" else sb
-                congestion_set(ls, config.listener.congestion_control)
+                congestion_set(ls, config.listener.congestion_control, LOOPBACK_CONGESTION)
                 unix_listener = listen_family(listen_fd) == AF_UNIX
                 # A Unix listener's clients take no TCP options: none to set,
                 # on it or per client ("inherited" skips the latter);

@@ -20,6 +20,13 @@ cdef inline void set_socket_buffer(ListenerC *ls, int fd, sockaddr *peer) noexce
         fp_set_buffers(fd, -ls.socket_buffer)
 
 
+cdef inline void set_congestion(ListenerC *ls, int fd, sockaddr *peer) noexcept nogil:
+    # congestion_control for one of a bridge's TCP sockets: on every one;
+    # or ("auto") where the peer is a loopback address.
+    if ls.congestion[0] and (not ls.congestion_loopback or fp_is_loopback(peer)):
+        fp_set_congestion(fd, ls.congestion)
+
+
 cdef void bridge_open(Worker *w, ListenerC *ls, int fd, sockaddr_storage *peer,
                       int64_t now) noexcept nogil:
     cdef Bridge *b = <Bridge *>calloc(1, sizeof(Bridge))
@@ -50,8 +57,8 @@ cdef void bridge_open(Worker *w, ListenerC *ls, int fd, sockaddr_storage *peer,
     # Per client, not on the listening socket: a reload that turns it off
     # could not undo a size the shared socket passes on.
     set_socket_buffer(b.ls, fd, <sockaddr *>peer)
-    if b.ls.congestion[0] and b.client_v4 != CLIENT_UNIX:
-        fp_set_congestion(fd, b.ls.congestion)   # per client too, for the same reason
+    if b.client_v4 != CLIENT_UNIX:
+        set_congestion(b.ls, fd, <sockaddr *>peer)   # per client too, for the same reason
     if b.ls.keepalive_clients:
         # Per client too: Linux would pass it on from the listening socket,
         # but then a reload could not turn it off for new clients.
@@ -333,8 +340,8 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
                 fp_set_notsent_lowat(fd, b.ls.notsent_lowat)
             if b.ls.keepalive:
                 fp_set_keepalive(fd, b.ls.keepalive_idle, b.ls.keepalive_interval, b.ls.keepalive_count)
-            if b.ls.congestion[0]:   # before connect(): the handshake already runs it
-                fp_set_congestion(fd, b.ls.congestion)
+            # Before connect(): the handshake already runs it.
+            set_congestion(b.ls, fd, <sockaddr *>&a.sa)
         # Before connect(): the window scale is chosen from it.
         set_socket_buffer(b.ls, fd, <sockaddr *>&a.sa)
         r = fp_connect(fd, <sockaddr *>&a.sa, a.salen)

@@ -306,12 +306,13 @@ OPTIONS: Tuple[Option, ...] = (
            "reads can pin; 0: the kernel's autotuning; auto: 256k on a socket whose peer is a loopback "
            "address (127.0.0.0/8, ::1), the kernel's autotuning on the others", "listener",
            metavar="SIZE"),
-    Option("congestion_control", parse_congestion_control, None,
+    Option("congestion_control", parse_congestion_control, "auto",
            "TCP_CONGESTION on both sockets of each bridge: the algorithm (cubic, bbr, reno...) that paces "
            "what the proxy sends, instead of the host's net.ipv4.tcp_congestion_control; it must be "
            "loaded (tcp_available_congestion_control), and without CAP_NET_ADMIN allowed "
-           "(tcp_allowed_congestion_control)", "listener", metavar="NAME",
-           shown_default="the host's"),
+           "(tcp_allowed_congestion_control); auto: cubic on a socket whose peer is a loopback address "
+           "(127.0.0.0/8, ::1), where BBR's pacing reorders the proxy's own sending, the host's on the "
+           "others; host: the host's on every socket", "listener", metavar="NAME"),
     Option("tcp_keepalive", parse_tcp_keepalive, None,
            "SO_KEEPALIVE on both sockets of each bridge (HAProxy's clitcpka and srvtcpka, nginx's "
            "so_keepalive): after IDLE without a packet the kernel probes the peer every INTERVAL and, "

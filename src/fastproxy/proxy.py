@@ -184,7 +184,7 @@ class Proxy:
         route_non_tls: str = "default",
         notsent_lowat: Optional[Union[int, str]] = None,
         socket_buffer: Union[int, str] = "auto",
-        congestion_control: Optional[str] = None,
+        congestion_control: Optional[str] = "auto",
         tcp_keepalive: Optional[Union[str, int, bool]] = None,
         unix_mode: Optional[Union[int, str]] = None,
         unix_user: Optional[Union[int, str]] = None,

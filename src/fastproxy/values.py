@@ -332,16 +332,23 @@ def parse_socket_buffer(value: object, field: str) -> Union[int, str]:
 # TCP_CA_NAME_MAX (include/net/tcp.h), with its NUL.
 CONGESTION_NAME_MAX = 15
 AVAILABLE_CONGESTION = "/proc/sys/net/ipv4/tcp_available_congestion_control"
+# What "auto" sets on a socket whose peer is a loopback address: BBR's
+# pacing there reorders the proxy's own sending (docs/benchmarks.md).
+LOOPBACK_CONGESTION = "cubic"
 
 
 def parse_congestion_control(value: object, field: str) -> Optional[str]:
     """TCP_CONGESTION for both sockets of a bridge: an algorithm this
-    kernel has loaded; None keeps the host's."""
+    kernel has loaded; "auto" (LOOPBACK_CONGESTION where the peer is a
+    loopback address, the host's elsewhere); None ("host") keeps the
+    host's everywhere."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise ConfigError(field, value, "is not an algorithm name")
     name = value.strip()
+    if name.lower() in ("auto", "host"):
+        return None if name.lower() == "host" else "auto"
     if not name or len(name) > CONGESTION_NAME_MAX or not name.replace("_", "").isalnum():
         raise ConfigError(field, value, f"is not an algorithm name (letters, digits, _; at most "
                           f"{CONGESTION_NAME_MAX})")
