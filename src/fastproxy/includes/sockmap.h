@@ -63,6 +63,13 @@ struct fp_sm_state {
 #define FP_SM_SEQ 1u       /* next is known (set at the first skb after joining) */
 #define FP_SM_BROKEN 2u    /* an skb could not be trimmed and was dropped: reset the bridge */
 
+/* Up to 256 x 4095 bytes (1 MiB) of overlap: a retransmission that fills
+ * a hole moves coalesced out-of-order skbs, which may start far before
+ * rcv_nxt, into the receive queue. More than that resets the bridge.
+ * The program is built with sm->trim_calls of them (out of 0..256: 256);
+ * only tests ask for fewer, to make a cut fail on purpose. */
+#define FP_SM_TRIM_CALLS 256   /* (every platform: _core's private setter names it) */
+
 struct fp_sm {
     int slots;
     int state;
@@ -287,12 +294,6 @@ _Static_assert(offsetof(struct fp_sm_state, flags) == FP_SM_FLAGS
                && offsetof(struct fp_sm_state, adj) == FP_SM_ADJ
                && offsetof(struct fp_sm_state, trimmed) == FP_SM_TRIMMED
                && offsetof(struct fp_sm_state, next) == FP_SM_NEXT, "the program's offsets");
-/* Up to 256 x 4095 bytes (1 MiB) of overlap: a retransmission that fills
- * a hole moves coalesced out-of-order skbs, which may start far before
- * rcv_nxt, into the receive queue. More than that resets the bridge.
- * The program is built with sm->trim_calls of them (out of 0..256: 256);
- * only tests ask for fewer, to make a cut fail on purpose. */
-#define FP_SM_TRIM_CALLS 256
 
 /* Emits the cut of old bytes (see the top of this file), with r6 skb,
  * r7 len, r9 state; leaves r7 the new length. Jumps that must reach the
