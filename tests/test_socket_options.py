@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from fastproxy import _core
-from fastproxy.values import LOOPBACK_SOCKET_BUFFER, parse_size
+from fastproxy.values import AVAILABLE_CONGESTION, LOOPBACK_SOCKET_BUFFER, parse_size
 from support.netns import HOST_SIDE, NS_SIDE
 from support.procfs import proc_fds
 from support.sockets import connect, recv_exact
@@ -435,7 +435,7 @@ def _congestion_in_namespace(netns, engine, client, **options):
 
 def _available_congestion():
     try:
-        with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+        with open(AVAILABLE_CONGESTION) as f:
             return set(f.read().split())
     except OSError:
         return set()

@@ -347,8 +347,10 @@ def parse_congestion_control(value: object, field: str) -> Optional[str]:
     if not isinstance(value, str):
         raise ConfigError(field, value, "is not an algorithm name")
     name = value.strip()
-    if name.lower() in ("auto", "host"):
-        return None if name.lower() == "host" else "auto"
+    if name.lower() == "host":
+        return None
+    if name.lower() == "auto":
+        return "auto"
     if not name or len(name) > CONGESTION_NAME_MAX or not name.replace("_", "").isalnum():
         raise ConfigError(field, value, f"is not an algorithm name (letters, digits, _; at most "
                           f"{CONGESTION_NAME_MAX})")
