@@ -217,6 +217,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--wait-idle", type=float, default=None,
                    help="before each contender's rep, wait up to this many seconds for "
                         "the machine to go idle (0: only sample it; default 60, --quick 5)")
+    p.add_argument("--settle", type=float, default=None, metavar="SECONDS",
+                   help="before each contender's rep but the first, wait this long after the "
+                        "previous one stopped (default 25, --quick 0): a splicing proxy run "
+                        "right after haproxy moved about 30 %% less for some 20 s "
+                        "(docs/benchmarks.md, Position effect)")
     p.add_argument("--noise-retries", type=int, default=None,
                    help="run a contender's rep again (up to N times) when other processes "
                         "used CPU during it (default 2, --quick 0)")
@@ -250,6 +255,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.mping_seconds, args.redis_requests = 2, 50000
     if args.wait_idle is None:
         args.wait_idle = 5 if args.quick else 60
+    if args.settle is None:
+        args.settle = 0 if args.quick else 25
     if args.noise_retries is None:
         args.noise_retries = 0 if args.quick else 2
     return args

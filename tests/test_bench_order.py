@@ -49,3 +49,35 @@ def test_rotated_is_a_permutation(measure, n, reps):
     items = list(range(n))
     for rep in range(1, reps + 1):
         assert sorted(measure.rotated(items, rep, reps)) == items
+
+
+def test_a_rep_waits_out_the_settle_time_after_the_previous_one_stopped(measure, monkeypatch):
+    # A splicing proxy run right after haproxy moved about 30 % less for
+    # some 20 s (docs/benchmarks.md, Position effect): every rep but the
+    # first waits --settle seconds after the previous contender stopped.
+    clock = [100.0]
+    slept = []
+
+    def sleep(s):
+        slept.append(round(s, 3))
+        clock[0] += s
+
+    def run_contender(env, c, rep, idle):
+        clock[0] += 7.0   # the rep itself
+        return {"notes": {}, "metrics": {}}
+
+    # measure's own name for the module, not the time module itself.
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
+    monkeypatch.setattr(measure, "wait_quiet", lambda max_wait: (0.0, {0: 0.0}))
+    monkeypatch.setattr(measure, "run_contender", run_contender)
+    monkeypatch.setattr(measure, "_last_stop", [0.0])
+    env = types.SimpleNamespace(args=types.SimpleNamespace(settle=25.0, wait_idle=0))
+    c = types.SimpleNamespace(name="fastproxy")
+    measure.attempt_rep(env, c, 1, 3, 1)
+    assert slept == []                       # nothing ran before the first
+    clock[0] += 5.0                          # the runner's own work in between
+    measure.attempt_rep(env, c, 2, 3, 1)
+    assert slept == [20.0]                   # 25 s after the stop, not after the start
+    env.args.settle = 0
+    measure.attempt_rep(env, c, 3, 3, 1)
+    assert slept == [20.0]                   # --settle 0: no wait

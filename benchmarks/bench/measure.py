@@ -540,6 +540,7 @@ def run_all(env: Env, contenders: List[Contender]) -> Dict[str, List[dict]]:
 def attempt_rep(env: Env, c: Contender, rep: int, reps: int, attempt: int,
                 idle: bool = True) -> dict:
     log(f"[rep {rep}/{reps}] {c.name}" + (f" (attempt {attempt})" if attempt > 1 else ""))
+    settle(env.args.settle)
     waited, busy = wait_quiet(env.args.wait_idle)
     if max(busy.values()) > QUIET_PCT:
         log(f"    warning: the machine is still busy after {waited:.0f} s "
@@ -547,9 +548,24 @@ def attempt_rep(env: Env, c: Contender, rep: int, reps: int, attempt: int,
     elif waited >= 1:
         log(f"    waited {waited:.0f} s for the machine to go idle")
     result = run_contender(env, c, rep, idle)
+    _last_stop[0] = time.monotonic()
     result["notes"]["before"] = {"waited_s": waited, "busy_pct": busy}
     result["attempt"] = attempt
     return result
+
+
+_last_stop = [0.0]
+
+
+def settle(seconds: float) -> None:
+    """The previous contender leaves the kernel in a state that lingers
+    after its process exits: a splicing proxy right after haproxy moved
+    about 30 % less in bulk for some 20 s, whatever ran it (measured and
+    described in docs/benchmarks.md, Position effect). Wait it out."""
+    if _last_stop[0]:
+        left = seconds - (time.monotonic() - _last_stop[0])
+        if left > 0:
+            time.sleep(left)
 
 
 def noisy(result: dict) -> bool:
