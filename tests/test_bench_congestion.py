@@ -2,6 +2,7 @@
 switch is checked before anything runs, and the host's algorithm comes
 back whatever ends the run. The sysctl is a file of the test's own
 (FASTPROXY_BENCH_SYSCTL), so the host's setting is never touched."""
+import importlib
 import os
 import signal
 import subprocess
@@ -32,7 +33,9 @@ def sysctl(tmp_path, monkeypatch):
 def congestion(sysctl, monkeypatch):
     monkeypatch.syspath_prepend(BENCH)
     sys.modules.pop("bench.congestion", None)
-    from bench import congestion
+    # Not "from bench import congestion": that returns the package's attribute,
+    # the module an earlier test imported, read from the environment then.
+    congestion = importlib.import_module("bench.congestion")
     yield congestion
     sys.modules.pop("bench.congestion", None)
 

@@ -1,6 +1,7 @@
 """benchmarks/: the interleaved reps also move each contender's place in
 the order, so that an effect of the place (seen: 4-14 % between two
 identical configurations) does not fall on the same contender every rep."""
+import importlib
 import os
 import sys
 import types
@@ -18,7 +19,9 @@ pytestmark = [pytest.mark.skipif(not os.path.isdir(os.path.join(BENCH, "bench"))
 def measure(monkeypatch):
     monkeypatch.syspath_prepend(BENCH)
     sys.modules.pop("bench.measure", None)
-    from bench import measure
+    # Not "from bench import measure": that returns the package's attribute,
+    # the module an earlier test imported, read from the environment then.
+    measure = importlib.import_module("bench.measure")
     yield measure
     sys.modules.pop("bench.measure", None)
 
