@@ -496,6 +496,33 @@ def test_a_client_waiting_for_its_client_hello_is_listed_as_hello(make_proxy, tl
     c.close()
 
 
+def test_status_page_shows_route_groups_and_route_refusals(make_proxy, cert, tls_servers):
+    """The stats endpoint's page of a routing listener: a row per route
+    upstream (ROUTE/UPSTREAM, as `top` names them) and the refused name
+    counted in the summary, as /metrics counts it."""
+    import re
+    import urllib.request
+    srv = tls_servers
+    p = make_proxy(route="sni", routes=routes(srv), name="tls", stats="127.0.0.1:0")
+    assert who(cert, p.address, "a.example") == "A"
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        tls_connect(cert, p.address, "other.example")
+    assert wait_for(lambda: listener_stats(p)["route_refused"] == 1 and listener_stats(p)["active"] == 0, 3)
+    base = "http://%s:%d" % p.stats_address
+    with urllib.request.urlopen(base + "/", timeout=5) as r:
+        page = r.read().decode()
+    rows = dict(re.findall(r'<td class="name">([^<]*)</td><td class="state[^"]*">[^<]*</td><td class="health">'
+                           r'[^<]*</td><td class="weight">[^<]*</td><td class="num active">\d+</td>'
+                           r'<td class="num total">(\d+)</td>', page))
+    assert rows == {f"a.example/{srv['A'].addr}": "1", f"bees/{srv['B'].addr}": "0",
+                    f"bees/{srv['C'].addr}": "0"}, page
+    assert f'data-route="bees" data-upstream="{srv["C"].addr}"' in page
+    assert re.search(r'<span class="refused" title="route_refused 1"[^>]*>1</span>', page), page
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        metrics_text = r.read().decode()
+    assert 'fastproxy_refused_total{listener="tls",reason="route"} 1.0' in metrics_text
+
+
 def test_top_shows_route_upstreams_and_route_refusals(make_proxy, cert, tls_servers):
     from fastproxy.view import build_view, render_text
     srv = tls_servers

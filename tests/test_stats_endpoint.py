@@ -2,10 +2,14 @@
 guards (slow clients, big bodies, bad requests) and that scraping never
 disturbs the bridges."""
 import gc
+import html
 import http.client
 import json
 import os
+import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -14,7 +18,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastproxy import Config, ConfigError, Proxy, metrics, statsserver
+from fastproxy import Config, ConfigError, Proxy, metrics, reasons, statsserver
+from fastproxy.statuspage import status_page
+from fastproxy.view import build_view
 from support.cli import assert_one_line_error, run_cli
 from support.servers import EchoServer, Servers
 from support.sockets import connect, echo_roundtrip, free_port, recv_until_eof
@@ -201,11 +207,97 @@ def test_status_page_has_a_row_per_upstream(engine):
             assert page.count('class="listener"') == 1
             assert '<script src="/static/status.js">' in page
             status, headers, js = get(p, "/static/status.js")
-            assert status == 200 and b'fetch("/stats"' in js and headers["content-type"].startswith("text/javascript")
+            # The script refreshes by fetching the page itself and swapping in
+            # its listeners: one renderer, so a refresh shows what a reload shows.
+            assert status == 200 and headers["content-type"].startswith("text/javascript")
+            assert b"fetch(window.location.pathname" in js and b'getElementById("listeners")' in js
+            assert '<main id="listeners">' in page
             status, _, css = get(p, "/static/status.css")
             assert status == 200 and b"state-up" in css
         finally:
             stop_bounded(p, timeout=2.0, limit=20.0)
+
+
+def _tally(page, cls):
+    """(sum, title) of the summary's refused or lost span."""
+    m = re.search(r'<span class="%s" title="([^"]*)"[^>]*>(\d+)</span>' % cls, page)
+    assert m, page
+    return int(m.group(2)), html.unescape(m.group(1))
+
+
+@pytest.mark.parametrize("key", [k for _, k in reasons.REFUSAL_REASONS] + list(reasons.LOSSES))
+def test_every_view_counts_a_reason_the_same_way(key):
+    """One counter set to 3 on a routing listener: the status page, `top`'s
+    view and /metrics agree on whether it is a refusal or a loss."""
+    fig = {"upstreams": {}, "routes": {"r": {"upstreams": {}}}, key: 3}
+    page = status_page({"listeners": {"web": fig}}).decode()
+    refused, lost = _tally(page, "refused"), _tally(page, "lost")
+    lv = build_view({"listeners": {"web": fig}}).listeners[0]
+    found = samples(metrics.render(metrics.make_registry(lambda: {"listeners": {"web": fig}},
+                                                        process=False)).decode())
+    by_metrics = sum(v for (name, labels), v in found.items() if name == "fastproxy_refused_total")
+    if key in reasons.LOSSES:
+        assert lost == (3, f"{key} 3") and refused == (0, "")
+        assert dict(lv.losses)[key] == 3 and sum(v for _, v in lv.refusals) == 0
+        assert by_metrics == 0
+    else:
+        assert refused == (3, f"{key} 3") and lost == (0, "")
+        assert dict(lv.refusals)[key] == 3 and sum(v for _, v in lv.losses) == 0
+        assert by_metrics == 3
+
+
+def test_route_counters_show_only_on_a_routing_listener():
+    fig = {"upstreams": {}, "route_refused": 2, "route_aborted": 1, "denied": 1}
+    page = status_page({"listeners": {"web": fig}}).decode()
+    assert _tally(page, "refused") == (1, "denied 1") and _tally(page, "lost") == (0, "")
+    assert "data-route-refused" not in page
+    lv = build_view({"listeners": {"web": fig}}).listeners[0]
+    assert "route_refused" not in dict(lv.refusals) and "route_aborted" not in dict(lv.losses)
+
+
+def test_status_page_rows_for_route_groups_and_routed_bridges():
+    up = {"state": "up", "health": "up", "active": 1, "accepted": 4, "bytes_upstream": 2048,
+          "bytes_downstream": 0, "connect_failures": 0}
+    fig = {"upstreams": {"d:1": dict(up, accepted=1)}, "accepted": 7, "no_memory": 2, "fd_exhausted": 1,
+           "routes": {"a.example": {"upstreams": {"a:1": up}}, "bees": {"upstreams": {"b:1": dict(up, state="down")}}},
+           "routed": dict(up, accepted=2)}
+    page = status_page({"listeners": {"tls": fig}}).decode()
+    names = re.findall(r'<td class="name">([^<]*)</td>', page)
+    assert names == ["d:1", "a.example/a:1", "bees/b:1", "(routed)", "listener total"]
+    assert '<tr class="upstream" data-route="bees" data-upstream="b:1"' in page
+    assert 'state-down">down<' in page
+    assert _tally(page, "lost") == (3, "fd_exhausted 1, no_memory 2")
+    # No routed row when on_connect routed nothing.
+    fig["routed"] = dict(up, accepted=0, active=0)
+    assert "(routed)" not in status_page({"listeners": {"tls": fig}}).decode()
+
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no headless Chromium here (apt-get install chromium)")
+def test_the_page_refreshes_itself_in_a_real_browser(stats_proxy, echo_server, monkeypatch):
+    """status.js in Chromium: the second render of the page (where the
+    figures have moved) replaces the first in the DOM, and the page says
+    it was updated."""
+    renders = []
+
+    def render(stats):
+        renders.append(1)
+        if len(renders) > 1:
+            for fig in stats["listeners"].values():
+                fig["denied"], fig["no_memory"] = 7, 2
+        return status_page(stats)
+
+    monkeypatch.setattr(statsserver, "status_page", render)
+    p = stats_proxy(echo_server.addr)
+    url = "http://%s:%d/" % p.stats_address
+    # Virtual time: the page's 1.5 s timer fires without waiting for it.
+    out = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=2500",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=60).stdout
+    assert len(renders) >= 2
+    assert re.search(r'<span id="updated">updated [^<]+</span>', out), out
+    assert _tally(out, "refused") == (7, "denied 7") and _tally(out, "lost") == (2, "no_memory 2")
 
 
 def test_unix_socket_stats_address(stats_proxy, echo_server, tmp_path):

@@ -58,7 +58,9 @@ def test_view_rates_come_from_the_previous_snapshot():
     assert dict(later.errors)["hook_errors"] == 6
     assert dict(later.listeners[0].refusals) == {"rejected": 4, "denied": 5, "rate_limited": 0,
                                                  "outside_window": 0, "queue_timeouts": 0,
-                                                 "proxy_header_errors": 0, "fd_exhausted": 0}
+                                                 "proxy_header_errors": 0, "hook_refused": 0}
+    # Not a routing listener: no route counters; fd_exhausted is a loss, not a refusal.
+    assert dict(later.listeners[0].losses) == {"fd_exhausted": 0, "no_memory": 0}
     # A counter that went back (another process): no rate rather than a negative one.
     assert build_view(_stats(), _stats(a_accepted=50), 1.0).listeners[0].upstreams[0].rate is None
 
@@ -72,7 +74,9 @@ def test_plain_text_has_every_figure():
     assert header[:7] == ["upstream", "state", "active", "total", "new/s", "up/s", "down/s"]
     assert re.search(r"10\.0\.0\.1:80\s+up\s+1\s+11\s+5\.0/s\s+1\.0 KiB/s\s+2\.0 KiB/s\s+0$", lines[2]), lines[2]
     assert re.search(r"10\.0\.0\.2:80\s+down\s+1\s+2\s+0\.0/s\s+0 B/s\s+0 B/s\s+3$", lines[3]), lines[3]
-    assert "rejected 4  denied 5" in lines[4]
+    assert lines[4] == "  refused: rejected 4  queue_timeouts 0  denied 5  rate_limited 0  outside_window 0  " \
+                       "proxy_header_errors 0  hook_refused 0"
+    assert lines[5] == "  lost: fd_exhausted 0  no_memory 0"
     assert lines[-1].startswith("process errors: hook_errors 6")
     # No routed row unless on_connect routed a bridge.
     assert "(routed)" not in text
@@ -90,7 +94,8 @@ def test_rich_renderer_draws_the_cells():
     assert cells == ["10.0.0.1:80", "up", "1", "11", "5.0/s", "1.0 KiB/s", "2.0 KiB/s", "0"], cells
     row_b = next(line for line in text.splitlines() if "10.0.0.2:80" in line)
     assert [c.strip() for c in re.split(r"[│┃|]", row_b) if c.strip()][1] == "down"
-    assert "refused: rejected 4  denied 5" in text
+    assert "refused: rejected 4  queue_timeouts 0  denied 5" in text
+    assert "lost: fd_exhausted 0  no_memory 0" in text
     assert "process errors: hook_errors 6" in text
 
 

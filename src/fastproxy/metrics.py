@@ -12,21 +12,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from .reasons import REFUSAL_REASONS
+
 __all__ = ["CONTENT_TYPE_LATEST", "REFUSAL_REASONS", "UPSTREAM_STATES", "ProxyCollector", "histogram_family",
            "make_registry", "render"]
-
-# fastproxy_refused_total's reasons, each from a listener's counter.
-REFUSAL_REASONS: Tuple[Tuple[str, str], ...] = (
-    ("limit", "rejected"),
-    ("queue_timeout", "queue_timeouts"),
-    ("deny", "denied"),
-    ("rate_limit", "rate_limited"),
-    ("time_window", "outside_window"),
-    ("proxy_header", "proxy_header_errors"),
-    ("hook", "hook_refused"),
-    ("route", "route_refused"),
-    ("route_timeout", "route_timeouts"),
-)
 
 # The states an upstream's entry names; a state not listed here (one a
 # newer control plane adds) still gets its series when an upstream is in it.

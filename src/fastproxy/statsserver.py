@@ -12,24 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import html
 import importlib
 import importlib.resources
 import json
 import logging
 import socket
 import threading
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 from . import metrics
 from .httpapi import Request, Response
 from .sockets import UnixFile, close_listening, listen_socket, listen_unix
+from .statuspage import status_page
 from .values import ConfigError, format_address, is_digits, unix_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StatsServer", "admin_handler", "bind_stats", "status_page"]
+__all__ = ["StatsServer", "admin_handler", "bind_stats"]
 
 # Deadlines and caps. Module attributes so that tests can shorten them.
 HEAD_TIMEOUT = 10.0       # the request line and headers, from their first byte
@@ -71,65 +71,6 @@ def bind_stats(addr: Tuple[str, int]) -> Tuple[socket.socket, Optional[UnixFile]
         return listen_socket(addr), None
     except ConfigError as exc:
         raise ConfigError("stats", shown, exc.problem) from None
-
-
-# ---- the status page
-
-def _fmt_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
-def status_page(stats: Dict[str, Any]) -> bytes:
-    """The page a person reads: one table per listener, one row per
-    upstream. Rendered here so that it shows without JavaScript;
-    static/status.js refreshes it from /stats."""
-    esc = html.escape
-    parts: List[str] = []
-    for lname, fig in stats.get("listeners", {}).items():
-        rows = []
-        for uname, up in fig.get("upstreams", {}).items():
-            weight = up.get("weight")   # the run-time one
-            rows.append(
-                f'<tr class="upstream" data-upstream="{esc(uname)}" data-weight="{"" if weight is None else weight}">'
-                f'<td class="name">{esc(uname)}</td>'
-                f'<td class="state state-{esc(up.get("state", "?"))}">{esc(up.get("state", "?"))}</td>'
-                f'<td class="health">{esc(up.get("health", "?"))}</td>'
-                f'<td class="weight">{"" if weight is None else weight}</td>'
-                f'<td class="num active">{up.get("active", 0)}</td>'
-                f'<td class="num total">{up.get("accepted", 0)}</td>'
-                f'<td class="num up">{_fmt_bytes(up.get("bytes_upstream", 0))}</td>'
-                f'<td class="num down">{_fmt_bytes(up.get("bytes_downstream", 0))}</td>'
-                f'<td class="num failures">{up.get("connect_failures", 0)}</td></tr>')
-        refused = sum(int(fig.get(k, 0)) for _, k in metrics.REFUSAL_REASONS)
-        rows.append(
-            '<tr class="total"><td class="name">listener total</td><td></td><td></td><td></td>'
-            f'<td class="num active">{fig.get("active", 0)}</td>'
-            f'<td class="num total">{fig.get("accepted", 0)}</td>'
-            f'<td class="num up">{_fmt_bytes(fig.get("bytes_upstream", 0))}</td>'
-            f'<td class="num down">{_fmt_bytes(fig.get("bytes_downstream", 0))}</td>'
-            f'<td class="num failures">{fig.get("connect_failures", 0)}</td></tr>')
-        parts.append(
-            f'<section class="listener" data-listener="{esc(lname)}"><h2>{esc(lname)}</h2>'
-            f'<p class="summary">queued <span class="queued">{fig.get("queued", 0)}</span> &middot; '
-            f'peak <span class="peak">{fig.get("peak_active", 0)}</span> &middot; '
-            f'refused <span class="refused">{refused}</span></p>'
-            '<table><thead><tr><th>upstream</th><th>state</th><th>health</th><th>weight</th><th>active</th>'
-            '<th>total</th><th>bytes up</th><th>bytes down</th><th>failures</th></tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></section>')
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>fastproxy status</title>'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<link rel="stylesheet" href="/static/status.css"></head><body>'
-        '<header><h1>fastproxy</h1><span id="updated">as served</span></header>'
-        f'<main id="listeners">{"".join(parts)}</main>'
-        '<footer><a href="/stats">/stats</a> &middot; <a href="/metrics">/metrics</a></footer>'
-        '<script src="/static/status.js"></script></body></html>\n')
-    return page.encode()
 
 
 def _static(name: str) -> bytes:

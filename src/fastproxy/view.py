@@ -15,14 +15,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import RenderableType
 
-__all__ = ["UpstreamRow", "ListenerView", "View", "build_view", "render_text", "render_rich",
-           "format_bytes", "format_rate", "REFUSALS", "PROCESS_ERRORS"]
+from .reasons import losses, refusals
 
-# Why a client was turned away or lost before reaching an upstream.
-REFUSALS = ("rejected", "denied", "rate_limited", "outside_window", "queue_timeouts",
-            "proxy_header_errors", "fd_exhausted")
-# A listener routing by TLS server name (route = "sni") adds these.
-ROUTE_REFUSALS = ("route_refused", "route_timeouts", "route_aborted")
+__all__ = ["UpstreamRow", "ListenerView", "View", "build_view", "render_text", "render_rich",
+           "format_bytes", "format_rate", "PROCESS_ERRORS"]
+
 # Trouble with the process's hooks and records, not with traffic.
 PROCESS_ERRORS = ("hook_errors", "hook_timeouts", "stale_answers", "dropped_records")
 ROUTED = "(routed)"
@@ -52,7 +49,8 @@ class ListenerView:
     up: Optional[float]
     down: Optional[float]
     connect_failures: int
-    refusals: Tuple[Tuple[str, int], ...]
+    refusals: Tuple[Tuple[str, int], ...]     # reasons.refusals: by a policy or limit
+    losses: Tuple[Tuple[str, int], ...]       # reasons.losses: for want of resources
 
 
 @dataclass(frozen=True)
@@ -121,8 +119,7 @@ def _listener(name: str, now: Mapping[str, Any], before: Optional[Mapping[str, A
                         up=_per_second(now, before, "bytes_upstream", elapsed),
                         down=_per_second(now, before, "bytes_downstream", elapsed),
                         connect_failures=_int(now, "connect_failures"),
-                        refusals=tuple((k, _int(now, k)) for k in
-                                       REFUSALS + (ROUTE_REFUSALS if "routes" in now else ())))
+                        refusals=refusals(now), losses=losses(now))
 
 
 def build_view(stats: Mapping[str, Any], previous: Optional[Mapping[str, Any]] = None,
@@ -189,6 +186,7 @@ def render_text(view: View) -> str:
             cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
             out.append("  " + "  ".join(cells).rstrip())
         out.append("  refused: " + _pairs(lv.refusals))
+        out.append("  lost: " + _pairs(lv.losses))
     out.append("process errors: " + _pairs(view.errors))
     return "\n".join(out) + "\n"
 
@@ -219,6 +217,7 @@ def render_rich(view: View, title: str = "fastproxy") -> "RenderableType":
             table.add_row(cells[0], state, *cells[2:7], failures)
         parts.append(table)
         parts.append(Text("refused: " + _pairs(lv.refusals)))
+        parts.append(Text("lost: " + _pairs(lv.losses), style="red" if any(v for _, v in lv.losses) else ""))
     bad = any(v for _, v in view.errors)
     parts.append(Text("process errors: " + _pairs(view.errors), style="red" if bad else "dim"))
     return Group(*parts)
