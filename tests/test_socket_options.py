@@ -14,6 +14,7 @@ import pytest
 
 from fastproxy import _core
 from fastproxy.values import AVAILABLE_CONGESTION, LOOPBACK_SOCKET_BUFFER, parse_size
+from support.cli import assert_one_line_error, run_cli
 from support.netns import HOST_SIDE, NS_SIDE
 from support.procfs import proc_fds
 from support.sockets import connect, recv_exact
@@ -406,13 +407,16 @@ os._exit(0)   # what is checked is read: no graceful stop to wait for
 """
 
 
-def _congestion_in_namespace(netns, engine, client, **options):
+def _congestion_in_namespace(netns, engine, client, preload=None, **options):
     """{"client side": algorithm, "upstream side": algorithm} of the proxy's
-    two sockets of one bridge, in `netns` with reno as its default."""
+    two sockets of one bridge, in `netns` with reno as its default; the
+    proxy's process with `preload` as LD_PRELOAD."""
     ip = ["ip", "netns", "exec", netns]
     subprocess.run(ip + ["ip", "link", "set", "lo", "up"], check=True, timeout=10)
     subprocess.run(ip + ["sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno"], check=True, timeout=10)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    if preload is not None:
+        env["LD_PRELOAD"] = preload
     proc = subprocess.Popen(ip + [sys.executable, "-c", NS_CONGESTION, engine, json.dumps(options), client],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     outside = None
@@ -474,6 +478,41 @@ def test_congestion_control_set_applies_to_every_socket(netns, engine, value, ex
     whose peer is not loopback too."""
     sides = _congestion_in_namespace(netns, engine, "outside", congestion_control=value)
     assert sides == {"client side": expect, "upstream side": expect}
+
+
+@pytest.fixture(scope="module")
+def no_cubic(tmp_path_factory):
+    """A shared object that, preloaded, makes setting cubic fail with EPERM
+    (tests/support/no_cubic.c): this process, as root, may set any loaded
+    algorithm, and the allowed list is host-wide."""
+    source = os.path.join(os.path.dirname(__file__), "support", "no_cubic.c")
+    out = str(tmp_path_factory.mktemp("preload") / "no_cubic.so")
+    try:
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", out, source, "-ldl"], check=True, timeout=60,
+                       capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"no C compiler to build the preload shim: {exc}")
+    return out
+
+
+@pytest.mark.linux_only
+@needs_namespace_congestion
+def test_congestion_control_auto_keeps_the_hosts_where_cubic_may_not_be_set(netns, engine, no_cubic):
+    """auto never fails the start: where this process may not set cubic
+    (no CAP_NET_ADMIN, not allowed), the bridge runs on the host's
+    algorithm (reno in this namespace) and flows."""
+    sides = _congestion_in_namespace(netns, engine, "loopback", preload=no_cubic)
+    assert sides == {"client side": "reno", "upstream side": "reno"}
+
+
+@pytest.mark.linux_only
+@needs_congestion
+def test_cli_names_a_congestion_control_it_may_not_set_in_one_line(no_cubic, echo_server):
+    """A name given outright that this process may not set fails the
+    start: one line naming the option and the value, exit 2."""
+    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", echo_server.addr,
+                            "--congestion-control", "cubic"], env={"LD_PRELOAD": no_cubic})
+    assert_one_line_error(rc, out, err, "--congestion-control", "'cubic'", "tcp_allowed_congestion_control")
 
 
 @pytest.mark.parametrize("value", ["", "no such", "x" * 16, "tcp-x", 5, "nosuchalgorithm"])

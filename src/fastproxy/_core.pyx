@@ -429,7 +429,11 @@ cdef congestion_set(ListenerC *ls, name, loopback_name):
     if err < 0 and auto:
         ls.congestion[0] = 0
     elif err < 0:
-        raise OSError(-err, f"congestion_control {name}: " + strerror(-err).decode())
+        from .values import ConfigError   # (values imports this module)
+        ls.congestion[0] = 0
+        raise ConfigError("congestion_control", name, "this process may not set it (not in "
+                          "tcp_allowed_congestion_control, and no CAP_NET_ADMIN)" if err == -EPERM
+                          else "cannot be set: " + strerror(-err).decode())
 
 
 cdef class DataPlane:
