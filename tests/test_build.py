@@ -14,6 +14,7 @@ def test_portable_build_has_only_the_poll_engine():
     assert _core.ENGINES == ("poll",)
     assert not _core.HAVE_NOTSENT_LOWAT
     assert not _core.HAVE_KEEPALIVE_TIMERS   # tcp_keepalive = on only
+    assert not _core.HAVE_TCP_USER_TIMEOUT
 
 
 @pytest.mark.skipif(not _core.PORTABLE, reason="not a portable build")
@@ -22,6 +23,14 @@ def test_portable_build_refuses_notsent_lowat(value):
     with pytest.raises(ConfigError) as info:
         Proxy("127.0.0.1:0", "127.0.0.1:9", notsent_lowat=value)
     assert "notsent_lowat" in str(info.value) and "TCP_NOTSENT_LOWAT" in str(info.value)
+
+
+@pytest.mark.skipif(not _core.PORTABLE, reason="not a portable build")
+def test_portable_build_refuses_tcp_user_timeout():
+    with pytest.raises(ConfigError) as info:
+        Proxy("127.0.0.1:0", "127.0.0.1:9", tcp_user_timeout="30s")
+    assert str(info.value).startswith("tcp_user_timeout: '30s': ") and "TCP_USER_TIMEOUT" in str(info.value)
+    Proxy("127.0.0.1:0", "127.0.0.1:9", tcp_user_timeout="off")
 
 
 @pytest.mark.skipif(not _core.PORTABLE, reason="not a portable build")

@@ -113,6 +113,7 @@ SAMPLES = {
     "congestion_control": ("reno", "reno") if _core.HAVE_TCP_CONGESTION else None,
     # A build without the timers takes on (SO_KEEPALIVE alone) only.
     "tcp_keepalive": ("60s:10s:6", "1m:10:6") if _core.HAVE_KEEPALIVE_TIMERS else ("on", True),
+    "tcp_user_timeout": ("2500ms", 2.5) if _core.HAVE_TCP_USER_TIMEOUT else None,
     "upstreams": (["127.0.0.1:9@2", "127.0.0.1:10,backup"], ["127.0.0.1:9@2", "127.0.0.1:10,backup"]),
     "route": ("sni", "sni"),
     "routes": (["a.example=127.0.0.1:11", "*.b.example=127.0.0.1:12", "a.example=127.0.0.1:13"],

@@ -280,3 +280,89 @@ def test_tcp_keepalive_reaps_half_open_clients_without_idle_timeout(namespaces, 
               "%ds:%ds:%d, no idle_timeout)" % (KA_CLIENTS, reaped, KA_IDLE, KA_INTERVAL, KA_COUNT))
     finally:
         _stop_all(procs)
+
+
+# The echo server, and on each line on its stdin it sends "late" on every
+# connection: bytes the proxy then forwards to clients that are gone.
+PUSH = ECHO.replace("sel.register(lsock, selectors.EVENT_READ)\n", """sel.register(lsock, selectors.EVENT_READ)
+sel.register(sys.stdin, selectors.EVENT_READ)
+conns = []
+""").replace("        if key.fileobj is lsock:", """        if key.fileobj is sys.stdin:
+            sys.stdin.readline()
+            for c in conns:
+                c.send(b"late")
+            print(len(conns), flush=True)
+        elif key.fileobj is lsock:""").replace("            sel.register(conn, selectors.EVENT_READ)\n", """            sel.register(conn, selectors.EVENT_READ)
+            conns.append(conn)
+""")
+
+UT_CLIENTS = 100
+USER_TIMEOUT = 2.0
+
+
+@pytest.mark.skipif(not _core.HAVE_TCP_USER_TIMEOUT, reason="this build has no TCP_USER_TIMEOUT")
+def test_tcp_user_timeout_reaps_half_open_clients_with_bytes_in_flight(namespaces, engine, tmp_path):
+    """Bytes on their way to clients that vanished: keepalive cannot probe
+    such a socket (it is retransmitting), so without tcp_user_timeout the
+    bridges stay for net.ipv4.tcp_retries2 (about 15 minutes). Two proxies
+    side by side, one with tcp_user_timeout = 2s: its bridges end about 2 s
+    after the bytes were sent, as CLIENT_RESET; the other's are still there
+    then, retransmitting."""
+    proxy_ns, client_ns = namespaces
+    procs = []
+    socks = {k: str(tmp_path / (k + ".sock")) for k in ("ut", "plain")}
+    access_log = tmp_path / "access.log"
+    try:
+        push = _in(proxy_ns, [sys.executable, "-c", PUSH], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(push)
+        push_port = int(push.stdout.readline())
+        for i, (kind, extra) in enumerate((("ut", ["--tcp-user-timeout", "%gs" % USER_TIMEOUT, "--access-log",
+                                                   str(access_log), "--access-log-format", "reason"]),
+                                           ("plain", []))):
+            procs.append(_in(proxy_ns, [sys.executable, "-m", "fastproxy", "--listen", "0.0.0.0:%d" % (PORT + i),
+                                        "--upstream", "127.0.0.1:%d" % push_port, "--engine", engine,
+                                        "--workers", "2", "--stats", "unix:" + socks[kind], "--log-level", "warning",
+                                        *extra]))
+        for kind in socks:
+            assert wait_for(lambda: os.path.exists(socks[kind]), 15), "proxy %s did not start" % kind
+        clients = []
+        for i in range(2):
+            clients.append(_in(client_ns, [sys.executable, "-c", CLIENTS, str(UT_CLIENTS), PROXY_IP, str(PORT + i)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            procs.append(clients[-1])
+        for c in clients:
+            assert c.stdout.readline().strip() == "ready"
+
+        def active(kind):
+            return stats_over_unix(socks[kind])["active"]
+
+        assert wait_for(lambda: active("ut") == UT_CLIENTS and active("plain") == UT_CLIENTS, 10)
+        assert wait_for(lambda: _unacked(proxy_ns) == 0, 5), "the proxy's sends were not all acknowledged"
+        # The clients' address goes (the link stays, so segments still
+        # leave and are dropped there), then the clients themselves.
+        _ip("-n", client_ns, "addr", "flush", "dev", "vc")
+        for c in clients:
+            c.send_signal(signal.SIGKILL)
+            c.wait(10)
+        push.stdin.write("\n")
+        push.stdin.flush()
+        assert int(push.stdout.readline()) == 2 * UT_CLIENTS
+        sent = time.monotonic()
+        # Every bridge now has bytes the vanished client will never ack.
+        assert wait_for(lambda: _unacked(proxy_ns) == 2 * UT_CLIENTS, 5), _unacked(proxy_ns)
+
+        assert wait_for(lambda: active("ut") == 0, USER_TIMEOUT + 10), active("ut")
+        reaped = time.monotonic() - sent
+        assert reaped >= USER_TIMEOUT - 0.5, reaped
+        # The control: the same bridges without it, still there, retransmitting.
+        assert active("plain") == UT_CLIENTS
+        timers = _timers(proxy_ns, CLIENT_IP)
+        assert len(timers) == UT_CLIENTS and set(timers) == {"on"}, timers[:5]
+        assert wait_for(lambda: access_log.exists() and len(access_log.read_text().splitlines()) == UT_CLIENTS, 10)
+        reasons = {json.loads(line)["reason"] for line in access_log.read_text().splitlines()}
+        assert reasons == {"CLIENT_RESET"}, reasons
+        print("tcp_user_timeout: %d bridges with unacked bytes to vanished clients reaped %.1f s after the bytes "
+              "were sent (tcp_user_timeout %gs); without it all %d still there" % (UT_CLIENTS, reaped, USER_TIMEOUT,
+                                                                                  UT_CLIENTS))
+    finally:
+        _stop_all(procs)

@@ -64,6 +64,31 @@ def _bridge_sockets(p, echo_server, c):
     return client_side, upstream_side
 
 
+def _across_reloads(engine, echo_server, steps):
+    """For each of `steps` (listener options: the first at start, each next
+    by a reload of the same listener), (options, socket) for both of the
+    proxy's sockets of a new client's bridge."""
+    from fastproxy import Config, Proxy
+    from support.waits import stop_bounded
+
+    def config(options, port=0):
+        return [Config.build(listen="127.0.0.1:%d" % port, upstreams=[echo_server.addr], engine=engine,
+                             workers=1, **options)]
+
+    p = Proxy.from_config(config(steps[0])).start()
+    try:
+        for i, options in enumerate(steps):
+            if i:
+                p.reload(config(options, p.address[1]))
+            with connect(p.address) as c:
+                client_side, upstream_side = _bridge_sockets(p, echo_server, c)
+                with client_side, upstream_side:
+                    for side in (client_side, upstream_side):
+                        yield options, side
+    finally:
+        stop_bounded(p)
+
+
 @pytest.mark.linux_only
 def test_bridge_sockets_have_nodelay(make_proxy, echo_server, engine):
     p = make_proxy(echo_server.addr, workers=1)
@@ -185,26 +210,11 @@ def test_socket_buffer_refuses(value):
 def test_a_reload_changes_socket_buffer_for_new_clients_even_back_to_the_kernels(engine, echo_server):
     """Set per client, not on the shared listening socket: a reload that
     turns it off leaves new clients with the kernel's sizes."""
-    from fastproxy import Config, Proxy
-    from support.waits import stop_bounded
-
-    def config(size, port=0):
-        return [Config.build(listen="127.0.0.1:%d" % port, upstreams=[echo_server.addr], engine=engine,
-                             workers=1, socket_buffer=size, max_connections=100 + size // 1024)]
-
-    p = Proxy.from_config(config(48 * 1024)).start()
-    try:
-        for size in (48 * 1024, 0, 32 * 1024):
-            if size != 48 * 1024:
-                p.reload(config(size, p.address[1]))
-            with connect(p.address) as c:
-                client_side, upstream_side = _bridge_sockets(p, echo_server, c)
-                with client_side, upstream_side:
-                    for side in (client_side, upstream_side):
-                        rcvbuf = side.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-                        assert (rcvbuf == 2 * size) if size else (rcvbuf != 2 * 48 * 1024), (size, rcvbuf)
-    finally:
-        stop_bounded(p)
+    steps = [{"socket_buffer": size} for size in (48 * 1024, 0, 32 * 1024)]
+    for options, side in _across_reloads(engine, echo_server, steps):
+        size = options["socket_buffer"]
+        rcvbuf = side.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        assert (rcvbuf == 2 * size) if size else (rcvbuf != 2 * 48 * 1024), (size, rcvbuf)
 
 
 @pytest.mark.linux_only
@@ -249,24 +259,10 @@ def test_tcp_keepalive_is_off_by_default(make_proxy, echo_server):
 def test_a_reload_turns_tcp_keepalive_off_for_new_clients(engine, echo_server):
     """Set per client, not on the shared listening socket (which Linux
     would pass on): after a reload to off, new clients have none."""
-    from fastproxy import Config, Proxy
-    from support.waits import stop_bounded
-
-    def config(keepalive, port=0):
-        return [Config.build(listen="127.0.0.1:%d" % port, upstreams=[echo_server.addr], engine=engine,
-                             workers=1, tcp_keepalive=keepalive)]
-
-    p = Proxy.from_config(config("5s:2s:3")).start()
-    try:
-        for keepalive, expect in (("5s:2s:3", 1), ("off", 0)):
-            if keepalive == "off":
-                p.reload(config(keepalive, p.address[1]))
-            with connect(p.address) as c:
-                for side in _bridge_sockets(p, echo_server, c):
-                    with side:
-                        assert side.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == expect, keepalive
-    finally:
-        stop_bounded(p)
+    steps = [{"tcp_keepalive": "5s:2s:3"}, {"tcp_keepalive": "off"}]
+    for options, side in _across_reloads(engine, echo_server, steps):
+        expect = 0 if options["tcp_keepalive"] == "off" else 1
+        assert side.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == expect, options
 
 
 @pytest.mark.parametrize("text,expect", [
@@ -306,6 +302,51 @@ def test_tcp_keepalive_timers_are_refused_by_a_build_without_them():
         Proxy("127.0.0.1:0", "127.0.0.1:9", tcp_keepalive="60s:10s:6")
     assert str(info.value).startswith("tcp_keepalive: '60s:10s:6': cannot be used here")
     Proxy("127.0.0.1:0", "127.0.0.1:9", tcp_keepalive="on")   # SO_KEEPALIVE alone is everywhere
+
+
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)   # Linux's number; Python 3.11 lacks the name
+needs_user_timeout = pytest.mark.skipif(not _core.HAVE_TCP_USER_TIMEOUT, reason="this build has no TCP_USER_TIMEOUT")
+
+
+@pytest.mark.linux_only
+@needs_user_timeout
+def test_tcp_user_timeout_is_set_on_both_bridge_sockets(make_proxy, echo_server, engine):
+    p = make_proxy(echo_server.addr, workers=1, tcp_user_timeout="2500ms")
+    with connect(p.address) as c:
+        for side in _bridge_sockets(p, echo_server, c):
+            with side:
+                assert side.getsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT) == 2500
+
+
+@pytest.mark.linux_only
+@needs_user_timeout
+def test_tcp_user_timeout_is_off_by_default_and_a_reload_turns_it_off_for_new_clients(engine, echo_server):
+    steps = [{}, {"tcp_user_timeout": "3s"}, {"tcp_user_timeout": "off"}]
+    for options, side in _across_reloads(engine, echo_server, steps):
+        expect = 3000 if options.get("tcp_user_timeout") == "3s" else 0
+        assert side.getsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT) == expect, options
+
+
+@pytest.mark.parametrize("text, expect", [("2s", 2.0), ("1500ms", 1.5), (3, 3.0), ("1ms", 0.001), ("off", None),
+                                          ("0", None), (0, None), (None, None)])
+def test_tcp_user_timeout_values(text, expect):
+    from fastproxy.values import parse_tcp_user_timeout
+    if expect is not None and not _core.HAVE_TCP_USER_TIMEOUT:
+        pytest.skip("this build has no TCP_USER_TIMEOUT")
+    assert parse_tcp_user_timeout(text, "tcp_user_timeout") == expect
+
+
+@pytest.mark.parametrize("value", ["1.5ms", "0.0001", "600h", "-1s", "24d", "soon", True])
+def test_tcp_user_timeout_refuses(value):
+    from fastproxy import ConfigError, Proxy
+    with pytest.raises(ConfigError) as info:
+        Proxy("127.0.0.1:0", "127.0.0.1:9", tcp_user_timeout=value)
+    assert str(info.value).startswith("tcp_user_timeout: ") and "\n" not in str(info.value)
+
+
+def test_cli_refuses_a_bad_tcp_user_timeout_in_one_line():
+    rc, out, err = run_cli(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--tcp-user-timeout", "1.5ms"])
+    assert_one_line_error(rc, out, err, "--tcp-user-timeout", "1.5ms", "whole milliseconds")
 
 
 HOST_CONGESTION = "/proc/sys/net/ipv4/tcp_congestion_control"
@@ -530,29 +571,12 @@ def test_a_reload_back_to_the_hosts_congestion_control_reaches_new_clients(engin
     """Set per client, not on the shared listening socket (whose setting
     Linux passes on to the sockets it accepts): a reload that drops it
     leaves new clients with the host's algorithm."""
-    from fastproxy import Config, Proxy
-    from support.waits import stop_bounded
-
     name = "reno" if _host_congestion() != "reno" else "cubic"
     if not _settable(name):
         pytest.skip(f"this process may not set {name} (tcp_allowed_congestion_control)")
-
-    def config(cc, port=0):
-        return [Config.build(listen="127.0.0.1:%d" % port, upstreams=[echo_server.addr], engine=engine,
-                             workers=1, congestion_control=cc)]
-
-    p = Proxy.from_config(config(name)).start()
-    try:
-        for i, cc in enumerate((name, None, name)):
-            if i:
-                p.reload(config(cc, p.address[1]))
-            with connect(p.address) as c:
-                client_side, upstream_side = _bridge_sockets(p, echo_server, c)
-                with client_side, upstream_side:
-                    for side in (client_side, upstream_side):
-                        assert _congestion(side) == (cc or _host_congestion()), cc
-    finally:
-        stop_bounded(p)
+    steps = [{"congestion_control": cc} for cc in (name, None, name)]
+    for options, side in _across_reloads(engine, echo_server, steps):
+        assert _congestion(side) == (options["congestion_control"] or _host_congestion()), options
 
 
 @pytest.mark.parametrize("text, expect", [("auto", "auto"), (" AUTO ", "auto"), ("host", None), ("Host", None),

@@ -558,6 +558,7 @@ cdef struct ListenerC:
     int keepalive_idle       # TCP_KEEPIDLE, TCP_KEEPINTVL (seconds), TCP_KEEPCNT; 0: the kernel's
     int keepalive_interval
     int keepalive_count
+    unsigned int user_timeout_ms   # TCP_USER_TIMEOUT on both TCP sockets of a bridge; 0: none
     int64_t connect_timeout_ns
     int64_t half_close_timeout_ns
     int64_t idle_timeout_ns       # 0: none

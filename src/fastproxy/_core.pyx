@@ -80,6 +80,7 @@ HAVE_NOTSENT_LOWAT = bool(FP_HAVE_NOTSENT_LOWAT)
 # tcp_keepalive's IDLE, INTERVAL and COUNT (SO_KEEPALIVE alone is everywhere).
 HAVE_KEEPALIVE_TIMERS = bool(FP_HAVE_KEEPALIVE_TIMERS)
 HAVE_TCP_CONGESTION = bool(FP_HAVE_TCP_CONGESTION)
+HAVE_TCP_USER_TIMEOUT = bool(FP_HAVE_TCP_USER_TIMEOUT)
 # CloseReason, Verdict, HookBit and EventKind (cpdef enums in _core.pxd)
 # are the control plane's names for the data plane's numbers.
 
@@ -634,6 +635,8 @@ cdef class DataPlane:
                     ls.keepalive = True
                     ls.keepalive_clients = not unix_listener
                     ls.keepalive_idle, ls.keepalive_interval, ls.keepalive_count = config.listener.tcp_keepalive
+                # parse_tcp_user_timeout: whole milliseconds, under 2^31.
+                ls.user_timeout_ms = round((config.listener.tcp_user_timeout or 0) * 1000)
                 if ls.notsent_lowat and not unix_listener:
                     err = fp_set_notsent_lowat(listen_fd, ls.notsent_lowat)
                     if err < 0:

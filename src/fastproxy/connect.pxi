@@ -63,6 +63,8 @@ cdef void bridge_open(Worker *w, ListenerC *ls, int fd, sockaddr_storage *peer,
         # Per client too: Linux would pass it on from the listening socket,
         # but then a reload could not turn it off for new clients.
         fp_set_keepalive(fd, b.ls.keepalive_idle, b.ls.keepalive_interval, b.ls.keepalive_count)
+    if b.ls.user_timeout_ms and b.client_v4 != CLIENT_UNIX:
+        fp_set_user_timeout(fd, b.ls.user_timeout_ms)   # per client, as keepalive
     fp_bump(&lslot(w, b.ls).ctr.accepted, 1)
     if w.epfd >= 0 and fp_epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, EV_BRIDGE,
                                     <uint64_t>b) < 0:
@@ -340,6 +342,10 @@ cdef int bridge_connect(Worker *w, Bridge *b, int err, int64_t now) noexcept nog
                 fp_set_notsent_lowat(fd, b.ls.notsent_lowat)
             if b.ls.keepalive:
                 fp_set_keepalive(fd, b.ls.keepalive_idle, b.ls.keepalive_interval, b.ls.keepalive_count)
+            if b.ls.user_timeout_ms:
+                # Before connect(): it bounds the handshake's retries too,
+                # though connect_timeout is what ends a slow connect.
+                fp_set_user_timeout(fd, b.ls.user_timeout_ms)
             # Before connect(): the handshake already runs it.
             set_congestion(b.ls, fd, <sockaddr *>&a.sa)
         # Before connect(): the window scale is chosen from it.

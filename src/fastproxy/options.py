@@ -38,6 +38,7 @@ from .values import (
     parse_notsent_lowat,
     parse_socket_buffer,
     parse_tcp_keepalive,
+    parse_tcp_user_timeout,
     parse_size,
 )
 
@@ -320,6 +321,13 @@ OPTIONS: Tuple[Option, ...] = (
            "FIN or RST); whole seconds; a part left out keeps the kernel's (net.ipv4.tcp_keepalive_time, "
            "_intvl, _probes); on: all the kernel's; off or 0: none", "listener",
            metavar="IDLE[:INTERVAL[:COUNT]]", shown_default="off"),
+    Option("tcp_user_timeout", parse_tcp_user_timeout, None,
+           "TCP_USER_TIMEOUT on both sockets of each bridge (HAProxy's tcp-ut): a bridge whose client or "
+           "upstream leaves bytes sent to it unacknowledged for D ends (a peer that vanished "
+           "while data was on its way, which keepalive does not probe: without it the kernel retries "
+           "for net.ipv4.tcp_retries2, about 15 minutes); with tcp_keepalive it also bounds the probes; "
+           "whole milliseconds; off or 0: the kernel's", "listener", metavar=D,
+           shown_default="off"),
     # ---- upstream group
     Option("upstreams", parse_upstreams, None,
            "a server to forward to: HOST:PORT[@WEIGHT][,max-connections=N][,backup] (HOST:PORT may "

@@ -186,6 +186,7 @@ class Proxy:
         socket_buffer: Union[int, str] = "auto",
         congestion_control: Optional[str] = "auto",
         tcp_keepalive: Optional[Union[str, int, bool]] = None,
+        tcp_user_timeout: Optional[Duration] = None,
         unix_mode: Optional[Union[int, str]] = None,
         unix_user: Optional[Union[int, str]] = None,
         unix_group: Optional[Union[int, str]] = None,

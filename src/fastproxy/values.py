@@ -29,6 +29,7 @@ __all__ = [
     "parse_address",
     "parse_size",
     "parse_tcp_keepalive",
+    "parse_tcp_user_timeout",
     "parse_unix",
     "quote",
     "format_address",
@@ -439,6 +440,31 @@ def parse_tcp_keepalive(value: object, field: str) -> Optional[Keepalive]:
         raise ConfigError(field, value, "cannot be used here: this build has no TCP_KEEPIDLE, TCP_KEEPINTVL "
                           "and TCP_KEEPCNT (use on: SO_KEEPALIVE with the system's timers)")
     return keepalive
+
+
+# TCP_USER_TIMEOUT is an int of milliseconds in the kernel (a negative one
+# is refused): about 24.8 days.
+MAX_USER_TIMEOUT_MS = (1 << 31) - 1
+
+
+def parse_tcp_user_timeout(value: object, field: str) -> Optional[float]:
+    """tcp_user_timeout: 'off' or 0 (None), or a duration in whole
+    milliseconds up to MAX_USER_TIMEOUT_MS -> seconds."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("off", "none", ""):
+        return None
+    seconds = parse_duration(value, field)
+    if seconds == 0:
+        return None
+    ms = seconds * 1000
+    # The kernel counts milliseconds: 1.5ms would silently be 1ms.
+    if ms != round(ms) or ms > MAX_USER_TIMEOUT_MS:
+        raise ConfigError(field, value, f"must be whole milliseconds from 1ms to {MAX_USER_TIMEOUT_MS}ms "
+                          "(about 24 days), or off")
+    if not _core.HAVE_TCP_USER_TIMEOUT:
+        raise ConfigError(field, value, "cannot be used here: this build has no TCP_USER_TIMEOUT")
+    return seconds
 
 
 def parse_notsent_lowat(value: object, field: str) -> Optional[int]:

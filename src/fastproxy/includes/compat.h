@@ -366,6 +366,30 @@ static inline int fp_set_keepalive(int fd, int idle, int interval, int count)
 #endif
 }
 
+/* TCP_USER_TIMEOUT (RFC 5482), in milliseconds: how long sent bytes may
+ * stay unacknowledged before the kernel fails the socket with ETIMEDOUT.
+ * Keepalive probes only a socket with nothing in flight; a peer that
+ * vanished with bytes on their way to it is otherwise retransmitted to for
+ * net.ipv4.tcp_retries2 (about 15 minutes). With keepalive on, it also
+ * bounds how long unanswered probes may go on.
+ * Returns: 0, or -errno (-ENOPROTOOPT where the platform lacks it). */
+#if defined(TCP_USER_TIMEOUT) && !FP_PORTABLE
+#define FP_HAVE_TCP_USER_TIMEOUT 1
+#else
+#define FP_HAVE_TCP_USER_TIMEOUT 0
+#endif
+static inline int fp_set_user_timeout(int fd, unsigned int ms)
+{
+#if FP_HAVE_TCP_USER_TIMEOUT
+    if (setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof ms) < 0) return -errno;
+    return 0;
+#else
+    (void)fd;
+    (void)ms;
+    return -ENOPROTOOPT;
+#endif
+}
+
 /* A close with linger 0 sends RST instead of FIN: how a reset is passed on. */
 static inline void fp_set_reset_on_close(int fd)
 {

@@ -96,6 +96,8 @@ cdef extern from "compat.h" nogil:
     int fp_set_congestion(int fd, const char *name)
     int FP_HAVE_KEEPALIVE_TIMERS
     int fp_set_keepalive(int fd, int idle, int interval, int count)
+    int FP_HAVE_TCP_USER_TIMEOUT
+    int fp_set_user_timeout(int fd, unsigned int ms)
     int fp_pipe_size(int wfd, int want)
     int64_t fp_now_ns()
     void fp_block_signals()
