@@ -336,7 +336,18 @@ def test_tcp_user_timeout_values(text, expect):
     assert parse_tcp_user_timeout(text, "tcp_user_timeout") == expect
 
 
-@pytest.mark.parametrize("value", ["1.5ms", "0.0001", "600h", "-1s", "24d", "soon", True])
+@pytest.mark.skipif(not _core.HAVE_TCP_USER_TIMEOUT, reason="this build has no TCP_USER_TIMEOUT")
+def test_tcp_user_timeout_takes_every_whole_millisecond():
+    """Written in ms or in s: a float's error (0.036 * 1000 is not 36) must
+    not refuse a whole number of milliseconds, nor move it."""
+    from fastproxy.values import parse_tcp_user_timeout
+    for ms in list(range(1, 5000)) + [86_400_000, 2_147_483_647]:
+        for text in ("%dms" % ms, "%.3fs" % (ms / 1000)):
+            assert round(parse_tcp_user_timeout(text, "tcp_user_timeout") * 1000) == ms, text
+            assert parse_tcp_user_timeout(text, "tcp_user_timeout") == ms / 1000, text
+
+
+@pytest.mark.parametrize("value", ["1.5ms", "0.0001", "600h", "2147483648ms", "-1s", "24d", "soon", True])
 def test_tcp_user_timeout_refuses(value):
     from fastproxy import ConfigError, Proxy
     with pytest.raises(ConfigError) as info:

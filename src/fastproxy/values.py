@@ -458,13 +458,14 @@ def parse_tcp_user_timeout(value: object, field: str) -> Optional[float]:
     if seconds == 0:
         return None
     ms = seconds * 1000
-    # The kernel counts milliseconds: 1.5ms would silently be 1ms.
-    if ms != round(ms) or ms > MAX_USER_TIMEOUT_MS:
+    # The kernel counts milliseconds: 1.5ms would silently be 1ms. (Within
+    # a float's error of whole: 36ms is 0.036 s, and 0.036 * 1000 is not 36.)
+    if abs(ms - round(ms)) > 1e-6 or round(ms) > MAX_USER_TIMEOUT_MS:
         raise ConfigError(field, value, f"must be whole milliseconds from 1ms to {MAX_USER_TIMEOUT_MS}ms "
                           "(about 24 days), or off")
     if not _core.HAVE_TCP_USER_TIMEOUT:
         raise ConfigError(field, value, "cannot be used here: this build has no TCP_USER_TIMEOUT")
-    return seconds
+    return round(ms) / 1000
 
 
 def parse_notsent_lowat(value: object, field: str) -> Optional[int]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
+from .reasons import losses, refusals
+
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import RenderableType
-
-from .reasons import losses, refusals
 
 __all__ = ["UpstreamRow", "ListenerView", "View", "build_view", "render_text", "render_rich",
            "format_bytes", "format_rate", "PROCESS_ERRORS"]
@@ -50,7 +50,7 @@ class ListenerView:
     down: Optional[float]
     connect_failures: int
     refusals: Tuple[Tuple[str, int], ...]     # reasons.refusals: by a policy or limit
-    losses: Tuple[Tuple[str, int], ...]       # reasons.losses: for want of resources
+    losses: Tuple[Tuple[str, int], ...]       # reasons.losses: with no policy behind them
 
 
 @dataclass(frozen=True)
