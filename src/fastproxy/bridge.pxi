@@ -389,11 +389,12 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         return
     if b.up.bytes + b.down.bytes != moved:
         b.last_active_ns = now
+    if b.reason == CLOSE_NONE and (b.up.eof or b.down.eof):
+        # The side that sent FIN first names the reason the bridge ends.
+        b.reason = CLIENT_CLOSED if b.up.eof else UPSTREAM_CLOSED
     if b.up.shut and b.down.shut:
         bridge_close(w, b, b.reason, 0, 0)
     elif (b.up.eof or b.down.eof) and b.tl[SLOT_HALF_CLOSE].list == T_NONE:
-        # The side that sent FIN first names the reason the bridge ends.
-        b.reason = CLIENT_CLOSED if b.up.eof else UPSTREAM_CLOSED
         timer_add(w, b, T_HALF_CLOSE, now + b.ls.half_close_timeout_ns)
     if b.tx != NULL and b.state != B_CLOSED and toxic_rearm(w, b) < 0:
         bridge_no_memory(w, b)
