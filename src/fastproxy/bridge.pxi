@@ -390,7 +390,9 @@ cdef void bridge_pump(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     if b.up.bytes + b.down.bytes != moved:
         b.last_active_ns = now
     if b.reason == CLOSE_NONE and (b.up.eof or b.down.eof):
-        # The side that sent FIN first names the reason the bridge ends.
+        # The side that sent FIN first names the reason the bridge ends:
+        # named here, before the check below, since one pass may read both
+        # FINs (the upstream answering the one just passed on).
         b.reason = CLIENT_CLOSED if b.up.eof else UPSTREAM_CLOSED
     if b.up.shut and b.down.shut:
         bridge_close(w, b, b.reason, 0, 0)
