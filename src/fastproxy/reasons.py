@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Tuple
 
-__all__ = ["REFUSAL_REASONS", "LOSSES", "ROUTE_ONLY", "refusals", "losses"]
+__all__ = ["REFUSAL_REASONS", "LOSSES", "ROUTE_ONLY", "count", "refusals", "losses"]
 
 # Turned away by a policy or a limit the user set: (fastproxy_refused_total's
 # reason label, the listener's stats key).
@@ -34,14 +34,16 @@ LOSSES: Tuple[str, ...] = ("fd_exhausted", "no_memory", "route_aborted")
 ROUTE_ONLY = frozenset(("route_refused", "route_timeouts", "route_aborted"))
 
 
-def _count(figures: Mapping[str, Any], key: str) -> int:
+def count(figures: Mapping[str, Any], key: str) -> int:
+    """A counter of a stats dict; 0 where it is missing or not a number
+    (a snapshot from another version)."""
     value = figures.get(key, 0)
     return int(value) if isinstance(value, (int, float)) else 0
 
 
 def _shown(figures: Mapping[str, Any], keys: Tuple[str, ...]) -> Tuple[Tuple[str, int], ...]:
     routes = "routes" in figures
-    return tuple((k, _count(figures, k)) for k in keys if routes or k not in ROUTE_ONLY)
+    return tuple((k, count(figures, k)) for k in keys if routes or k not in ROUTE_ONLY)
 
 
 def refusals(figures: Mapping[str, Any]) -> Tuple[Tuple[str, int], ...]:

@@ -9,7 +9,7 @@ import html
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .reasons import losses, refusals
-from .view import ROUTED, format_bytes
+from .view import ROUTED, format_bytes, routed_figures, upstream_groups
 
 __all__ = ["status_page"]
 
@@ -41,14 +41,9 @@ def _upstream_row(name: str, up: Mapping[str, Any], route: Optional[str]) -> str
 
 
 def _rows(fig: Mapping[str, Any]) -> List[str]:
-    rows = [_upstream_row(str(n), up, None) for n, up in fig.get("upstreams", {}).items()]
-    # A route's upstream group (route = "sni") after the listener's own,
-    # named ROUTE/UPSTREAM as `fastproxy top` names them.
-    for rname, route in fig.get("routes", {}).items():
-        rows += [_upstream_row(str(n), up, str(rname)) for n, up in route.get("upstreams", {}).items()]
-    routed = fig.get("routed")
-    # Only when on_connect routed somewhere: otherwise a row of zeros.
-    if routed and (routed.get("accepted") or routed.get("active")):
+    rows = [_upstream_row(name, up, route) for route, name, up in upstream_groups(fig)]
+    routed = routed_figures(fig)
+    if routed is not None:
         rows.append(f'<tr class="routed"><td class="name">{ROUTED}</td><td></td><td></td><td></td>'
                     f'{_figures(routed)}</tr>')
     rows.append(f'<tr class="total"><td class="name">listener total</td><td></td><td></td><td></td>'

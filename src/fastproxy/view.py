@@ -10,15 +10,15 @@ the `top` extra, imported only there).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from .reasons import losses, refusals
+from .reasons import count, losses, refusals
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import RenderableType
 
 __all__ = ["UpstreamRow", "ListenerView", "View", "build_view", "render_text", "render_rich",
-           "format_bytes", "format_rate", "PROCESS_ERRORS"]
+           "format_bytes", "format_rate", "PROCESS_ERRORS", "upstream_groups", "routed_figures"]
 
 # Trouble with the process's hooks and records, not with traffic.
 PROCESS_ERRORS = ("hook_errors", "hook_timeouts", "stale_answers", "dropped_records")
@@ -60,16 +60,11 @@ class View:
     elapsed: Optional[float]        # seconds since the previous snapshot
 
 
-def _int(d: Mapping[str, Any], key: str) -> int:
-    value = d.get(key, 0)
-    return int(value) if isinstance(value, (int, float)) else 0
-
-
 def _per_second(now: Mapping[str, Any], before: Optional[Mapping[str, Any]], key: str,
                 elapsed: Optional[float]) -> Optional[float]:
     if before is None or not elapsed or elapsed <= 0 or key not in before:
         return None
-    delta = _int(now, key) - _int(before, key)
+    delta = count(now, key) - count(before, key)
     # A counter that went back belongs to a restarted process: no rate.
     return delta / elapsed if delta >= 0 else None
 
@@ -83,42 +78,50 @@ def _mapping(d: Optional[Mapping[str, Any]], key: str) -> Optional[Mapping[str, 
 
 def _upstream_row(name: str, now: Mapping[str, Any], before: Optional[Mapping[str, Any]],
                   elapsed: Optional[float]) -> UpstreamRow:
-    return UpstreamRow(name=name, state=str(now.get("state", "?")), active=_int(now, "active"),
-                       total=_int(now, "accepted"), rate=_per_second(now, before, "accepted", elapsed),
+    return UpstreamRow(name=name, state=str(now.get("state", "?")), active=count(now, "active"),
+                       total=count(now, "accepted"), rate=_per_second(now, before, "accepted", elapsed),
                        up=_per_second(now, before, "bytes_upstream", elapsed),
                        down=_per_second(now, before, "bytes_downstream", elapsed),
-                       connect_failures=_int(now, "connect_failures"))
+                       connect_failures=count(now, "connect_failures"))
+
+
+def upstream_groups(fig: Mapping[str, Any]) -> Iterator[Tuple[Optional[str], str, Mapping[str, Any]]]:
+    """(route, upstream, its figures) for each upstream of a listener's
+    stats: its own group first (route None), then each route's (route =
+    "sni"), shown as ROUTE/UPSTREAM by `top` and the status page."""
+    for up_name, figures in (_mapping(fig, "upstreams") or {}).items():
+        if isinstance(figures, Mapping):
+            yield None, str(up_name), figures
+    for route_name, route in (_mapping(fig, "routes") or {}).items():
+        route_ups = _mapping(route, "upstreams") if isinstance(route, Mapping) else None
+        for up_name, figures in (route_ups or {}).items():
+            if isinstance(figures, Mapping):
+                yield str(route_name), str(up_name), figures
+
+
+def routed_figures(fig: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    """The figures of the bridges on_connect routed, shown as ROUTED; None
+    when it routed none (otherwise a row of zeros)."""
+    routed = _mapping(fig, "routed")
+    return routed if routed is not None and (count(routed, "accepted") or count(routed, "active")) else None
 
 
 def _listener(name: str, now: Mapping[str, Any], before: Optional[Mapping[str, Any]],
               elapsed: Optional[float]) -> ListenerView:
     rows: List[UpstreamRow] = []
-    ups = _mapping(now, "upstreams") or {}
-    before_ups = _mapping(before, "upstreams")
-    for up_name, figures in ups.items():
-        if isinstance(figures, Mapping):
-            rows.append(_upstream_row(str(up_name), figures, _mapping(before_ups, str(up_name)), elapsed))
-    # A route's upstreams (route = "sni"), named ROUTE/UPSTREAM, after the
-    # listener's own.
-    routes = _mapping(now, "routes") or {}
-    before_routes = _mapping(before, "routes")
-    for route_name, route in routes.items():
-        route_ups = _mapping(route, "upstreams") if isinstance(route, Mapping) else None
-        before_route_ups = _mapping(_mapping(before_routes, str(route_name)), "upstreams")
-        for up_name, figures in (route_ups or {}).items():
-            if isinstance(figures, Mapping):
-                rows.append(_upstream_row(f"{route_name}/{up_name}", figures,
-                                          _mapping(before_route_ups, str(up_name)), elapsed))
-    routed = _mapping(now, "routed")
-    # Only when on_connect routed somewhere: otherwise a row of zeros.
-    if routed is not None and (_int(routed, "accepted") or _int(routed, "active")):
+    for route, up_name, figures in upstream_groups(now):
+        group = before if route is None else _mapping(_mapping(before, "routes"), route)
+        shown = up_name if route is None else f"{route}/{up_name}"
+        rows.append(_upstream_row(shown, figures, _mapping(_mapping(group, "upstreams"), up_name), elapsed))
+    routed = routed_figures(now)
+    if routed is not None:
         rows.append(_upstream_row(ROUTED, routed, _mapping(before, "routed"), elapsed))
-    return ListenerView(name=name, upstreams=tuple(rows), active=_int(now, "active"),
-                        peak_active=_int(now, "peak_active"), queued=_int(now, "queued"),
-                        accepted=_int(now, "accepted"), rate=_per_second(now, before, "accepted", elapsed),
+    return ListenerView(name=name, upstreams=tuple(rows), active=count(now, "active"),
+                        peak_active=count(now, "peak_active"), queued=count(now, "queued"),
+                        accepted=count(now, "accepted"), rate=_per_second(now, before, "accepted", elapsed),
                         up=_per_second(now, before, "bytes_upstream", elapsed),
                         down=_per_second(now, before, "bytes_downstream", elapsed),
-                        connect_failures=_int(now, "connect_failures"),
+                        connect_failures=count(now, "connect_failures"),
                         refusals=refusals(now), losses=losses(now))
 
 
@@ -138,7 +141,7 @@ def build_view(stats: Mapping[str, Any], previous: Optional[Mapping[str, Any]] =
     else:
         # A stats dict from before listeners had names: the top level is the one listener.
         views.append(_listener("", stats, previous, elapsed))
-    return View(listeners=tuple(views), errors=tuple((k, _int(stats, k)) for k in PROCESS_ERRORS),
+    return View(listeners=tuple(views), errors=tuple((k, count(stats, k)) for k in PROCESS_ERRORS),
                 elapsed=elapsed)
 
 
