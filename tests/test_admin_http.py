@@ -1,7 +1,9 @@
 """Run-time control over the stats endpoint, end to end: real HTTP from
 loopback, and from a peer that is not loopback (a network namespace the
 test makes, joined by a veth pair), with and without the token."""
+import http.client
 import json
+import socket
 import sys
 import urllib.parse
 import urllib.request
@@ -12,6 +14,7 @@ import pytest
 from fastproxy import Proxy
 from support.netns import HOST_SIDE, ip
 from support.servers import Servers, open_tagged, which
+from support.sockets import recv_exact
 from support.waits import stop_bounded, wait_for
 
 pytestmark = pytest.mark.linux_only
@@ -104,3 +107,98 @@ def test_admin_from_a_peer_that_is_not_loopback_needs_the_token(netns, echo_serv
             assert status == 200 and stats["accepted"] == p.stats()["accepted"]
         finally:
             stop_bounded(p)
+
+
+def raw_request(p, method, path, headers, body=b""):
+    # http.client, so the test sets Host, Origin and Sec-Fetch-* as a browser would.
+    host, port = p.stats_address
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36"
+
+
+def test_a_web_page_cannot_drive_admin_from_a_browser_on_the_host(echo_server):
+    # What fetch(url, {method: "POST", mode: "no-cors", body: '{"state":"maint"}'})
+    # sends from a page of another site: a CORS simple request, which the
+    # browser sends without asking, from loopback.
+    p = Proxy(listen="127.0.0.1:0", upstream=echo_server.addr, stats="127.0.0.1:0", stats_admin=True).start()
+    try:
+        host, port = p.stats_address
+        here = f"{host}:{port}"
+        path = urllib.parse.urlsplit(upstream_url(p, p._listeners[0].name, echo_server.addr)).path
+        body = b'{"state":"maint"}'
+        forged = [
+            # a page of another site (Chrome, Firefox, Safari send both)
+            {"Host": here, "Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+            # an older browser: Origin alone
+            {"Host": here, "Origin": "https://evil.example"},
+            # another port on localhost is another site too
+            {"Host": here, "Origin": "http://127.0.0.1:1", "Sec-Fetch-Site": "same-site"},
+            # a sandboxed frame
+            {"Host": here, "Origin": "null"},
+            # DNS rebinding: evil.example now resolves to 127.0.0.1, so the
+            # page is same-origin; only Host tells
+            {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}",
+             "Sec-Fetch-Site": "same-origin"},
+        ]
+        for headers in forged:
+            headers = dict(headers, **{"User-Agent": BROWSER, "Content-Type": "text/plain;charset=UTF-8"})
+            status, answer = raw_request(p, "POST", path, headers, body)
+            assert status == 403, (headers, answer)
+            assert "refused" in answer["error"] or "Host" in answer["error"], answer
+            assert p.stats()["upstreams"][echo_server.addr]["admin"] == "ready"
+        with socket.create_connection(p.address, timeout=5) as c:   # still serving
+            c.sendall(b"ping")
+            assert recv_exact(c, 4) == b"ping"
+        # Reading (GET) from a rebinding page would leak the bridges' clients.
+        status, _ = raw_request(p, "GET", "/admin/bridges", {"Host": f"evil.example:{port}"})
+        assert status == 403
+        # The endpoint's own page (same origin), the address bar, curl and
+        # localhost by name still may.
+        allowed = [
+            {"Host": here, "Origin": f"http://{here}", "Sec-Fetch-Site": "same-origin", "User-Agent": BROWSER},
+            {"Host": here, "Sec-Fetch-Site": "none", "User-Agent": BROWSER},
+            {"Host": here, "User-Agent": "curl/8.5.0"},
+            {"Host": f"localhost:{port}"},
+            {},   # HTTP/1.0 style: no Host at all
+        ]
+        for state, headers in zip(("drain", "ready", "maint", "ready", "drain"), allowed):
+            status, answer = raw_request(p, "POST", path, dict(headers, **{"Content-Type": "application/json"}),
+                                         json.dumps({"state": state}).encode())
+            assert status == 200, (headers, answer)
+            assert p.stats()["upstreams"][echo_server.addr]["admin"] == state
+    finally:
+        stop_bounded(p)
+
+
+def test_with_a_token_the_host_may_be_any_name_but_browsers_stay_out(echo_server):
+    # The token is the rule once set: a rebinding page cannot know it, so
+    # any Host is fine; a cross-site page is still refused before the token
+    # is even looked at.
+    token = "t-" + uuid.uuid4().hex
+    p = Proxy(listen="127.0.0.1:0", upstream=echo_server.addr, stats="127.0.0.1:0", stats_admin=True,
+              stats_token=token).start()
+    try:
+        port = p.stats_address[1]
+        path = urllib.parse.urlsplit(upstream_url(p, p._listeners[0].name, echo_server.addr)).path
+        auth = {"Authorization": "Bearer " + token, "Content-Type": "application/json"}
+        status, answer = raw_request(p, "POST", path, dict(auth, Host=f"proxy.internal:{port}"),
+                                     b'{"state": "drain"}')
+        assert status == 200, answer
+        status, answer = raw_request(p, "POST", path, dict(auth, Host=f"proxy.internal:{port}",
+                                                           Origin="https://evil.example"), b'{"state": "ready"}')
+        assert status == 403, answer
+        assert p.stats()["upstreams"][echo_server.addr]["admin"] == "drain"
+    finally:
+        stop_bounded(p)

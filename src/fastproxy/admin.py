@@ -19,7 +19,10 @@ Who may: with `stats_token` set, every request must carry
 too (401 otherwise): a token that local processes could skip would not
 protect against the local ones (another user, a request forgery through a
 local service). Without a token, only loopback peers (127.0.0.0/8, ::1) and
-the Unix socket may (403 otherwise). docs/operations.md, "Run-time control".
+the Unix socket may (403 otherwise). Either way a browser's request from a
+page of another origin, or (without a token) one whose Host is not a
+loopback address or localhost, is 403: docs/operations.md, "Run-time
+control".
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import ipaddress
 import json
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from .control import UnknownNameError, check_state, check_weight
 from .httpapi import Request, Response
@@ -79,7 +82,41 @@ def peer_is_local(peer: Any) -> bool:
     return ip.is_loopback
 
 
+def _refuse_browsers(request: Request, token: Optional[str]) -> None:
+    # "Loopback only" does not keep out a web page open in a browser on the
+    # same host: a cross-site POST with a text/plain body is a CORS "simple
+    # request" the browser sends without asking, and a page whose name
+    # resolves to 127.0.0.1 (DNS rebinding) is even same-origin. Browsers
+    # say where a request comes from; command-line clients say nothing.
+    site = request.headers.get("sec-fetch-site", "").strip().lower()
+    if site and site not in ("same-origin", "none"):
+        raise _Refusal(403, f"admin requests from a web page of another site are refused (Sec-Fetch-Site: {site})")
+    origin = request.headers.get("origin")
+    host = request.headers.get("host", "").strip().lower()
+    if origin is not None:
+        parsed = urlsplit(origin.strip().lower())
+        if parsed.scheme not in ("http", "https") or parsed.netloc != host:
+            raise _Refusal(403, f"admin requests from a web page of another origin are refused (Origin: {origin.strip()!r})")
+    if not token and host and request.peer != "unix" and not _host_is_local(host):
+        raise _Refusal(403, f"admin requests without stats_token must name a loopback address or localhost "
+                            f"as Host, not {host!r} (a web page's name that resolves to loopback)")
+
+
+def _host_is_local(host: str) -> bool:
+    name = urlsplit("//" + host).hostname or ""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
 def _authorize(request: Request, token: Optional[str]) -> None:
+    _refuse_browsers(request, token)
     if token:
         given = ""
         for name, value in request.headers.items():
