@@ -16,6 +16,7 @@ import importlib
 import importlib.resources
 import json
 import logging
+import math
 import socket
 import threading
 from typing import Any, Callable, Dict, Optional, Set, Tuple
@@ -47,6 +48,19 @@ REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 4
 
 STATIC = {"status.js": "text/javascript; charset=utf-8", "status.css": "text/css; charset=utf-8"}
 
+
+
+def json_safe(value: Any) -> Any:
+    """stats() with every non-finite float as None: RFC 8259 has no
+    Infinity, and a histogram's last bound is +Inf (`null` in /stats, "no
+    upper bound"); strict parsers (JavaScript's, Go's) refuse the bare word."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 class BadRequest(Exception):
     def __init__(self, status: int, message: str) -> None:
@@ -339,7 +353,7 @@ class StatsServer:
         return Response(200, metrics.render(self.registry), metrics.CONTENT_TYPE_LATEST)
 
     def _json(self, request: Request) -> Response:
-        body = json.dumps(self._stats(), indent=None, sort_keys=False).encode() + b"\n"
+        body = json.dumps(json_safe(self._stats()), indent=None, sort_keys=False, allow_nan=False).encode() + b"\n"
         return Response(200, body, "application/json", (("Cache-Control", "no-store"),))
 
     def _page(self, request: Request) -> Response:
