@@ -132,3 +132,39 @@ def test_active_health_callable_is_honoured(make_proxy):
         srv["B"].healthy = True
         assert wait_for(lambda: ustats(p, srv["B"])["state"] == "up", 3, 0.002), p.stats()
         assert "B" in ask_many(p.address, 4)
+
+
+def test_consecutive_failures_reads_zero_after_a_reload_and_a_success(engine):
+    # A gauge, not a count: the block a reload replaced still holds its 3
+    # failures in a row, but the upstream's figure is the current block's.
+    from fastproxy import Proxy
+
+    with Servers(1, names=["R"]) as srv:
+        srv["R"].stop_listening()
+
+        def config(connect_timeout, port=0):
+            return {"engine": engine, "workers": 1,
+                    "listeners": [{"name": "web", "listen": f"127.0.0.1:{port}", "upstreams": [srv["R"].addr],
+                                   "max_fails": 3, "fail_timeout": "0.3s", "retries": 0,
+                                   "connect_timeout": connect_timeout}]}
+
+        p = Proxy.from_config(config("2s")).start()
+        try:
+            assert served(p.address, 3) == [None] * 3
+            r = p.stats()["listeners"]["web"]["upstreams"][srv["R"].addr]
+            assert (r["state"], r["consecutive_failures"]) == ("down", 3), r
+            p.reload(config("3s", port=p.address[1]))
+            srv["R"].listen_again()
+            assert wait_for(lambda: which(p.address, timeout=3) == "R", 5)
+
+            def settled():
+                r = p.stats()["listeners"]["web"]["upstreams"][srv["R"].addr]
+                return r["state"] == "up" and r["consecutive_failures"] == 0
+
+            # Both while the old block drains and once it is carried.
+            assert wait_for(settled, 5), p.stats()["listeners"]["web"]["upstreams"]
+            time.sleep(1.2)
+            assert settled(), p.stats()["listeners"]["web"]["upstreams"]
+            assert p.stats()["listeners"]["web"]["upstreams"][srv["R"].addr]["connect_failures"] == 3
+        finally:
+            p.stop()

@@ -4,6 +4,7 @@ and the command's log_format."""
 import json
 import logging
 import math
+import random
 import signal
 import socket
 import threading
@@ -329,6 +330,47 @@ def test_add_figures_adds_histograms_bucket_by_bucket():
     assert into["histograms"]["connect_seconds"] == {"bounds": [0.1, math.inf], "counts": [4, 6],
                                                      "sum": 1.75, "count": 10}
     assert first["histograms"]["connect_seconds"]["counts"] == [1, 2]   # not aliased
+
+
+def test_add_figures_sum_does_not_depend_on_the_order_blocks_are_added():
+    # A reload moves a drained block into the listener's `carried` figures,
+    # so the same blocks are added in another grouping from one scrape to the
+    # next: a float sum then moved by an ulp, down as often as up, and a
+    # Prometheus _sum that steps back reads as a counter reset.
+    rng = random.Random(18)
+
+    def h(ns):
+        return {"histograms": {"duration_seconds": {"bounds": [1.0, math.inf], "counts": [1, 0],
+                                                    "sum": ns / 1e9, "count": 1}}}
+
+    differ = 0
+    for _ in range(2000):
+        ns = [rng.randrange(1, 10**13) for _ in range(3)]
+        left = {}
+        for n in ns:
+            add_figures(left, h(n))
+        carried = {}
+        add_figures(carried, h(ns[1]))
+        add_figures(carried, h(ns[2]))
+        right = {}
+        add_figures(right, h(ns[0]))
+        add_figures(right, carried)
+        total = left["histograms"]["duration_seconds"]["sum"]
+        assert total == right["histograms"]["duration_seconds"]["sum"] == sum(ns) / 1e9, ns
+        differ += (ns[0] / 1e9 + ns[1] / 1e9) + ns[2] / 1e9 != ns[0] / 1e9 + (ns[1] / 1e9 + ns[2] / 1e9)
+    assert differ > 100   # plain float addition would have disagreed this often
+
+
+def test_add_figures_keeps_the_current_blocks_gauges():
+    # consecutive_failures is reset by a success: the current block's (the
+    # first added) is the figure; peak_active stays the highest of all.
+    into = {}
+    add_figures(into, {"upstreams": {"a": {"consecutive_failures": 0, "weight": 2, "peak_active": 1,
+                                           "connect_failures": 1}}})
+    add_figures(into, {"upstreams": {"a": {"consecutive_failures": 3, "weight": 1, "peak_active": 5,
+                                           "connect_failures": 3}}})
+    assert into["upstreams"]["a"] == {"consecutive_failures": 0, "weight": 2, "peak_active": 5,
+                                      "connect_failures": 4}
 
 
 def test_histograms_across_listeners_and_reload(engine):

@@ -30,14 +30,16 @@ from .watch import Watchers
 log = logging.getLogger(__name__)
 
 # Figures that are highs, not sums, when blocks of one listener are added up.
-_HIGHS = ("peak_active", "consecutive_failures")
-# Numbers that are settings, not counts: the first block's (the current one) stands.
-_SETTINGS = ("weight",)
+_HIGHS = ("peak_active",)
+# Numbers that say how things are now, not counts (a setting; a gauge that a
+# success resets): the first block's (the current one) stands.
+_CURRENT = ("weight", "consecutive_failures")
 
 
 def add_figures(into: Dict[str, Any], more: Dict[str, Any]) -> None:
     """Adds `more` (a listener's or upstream's figures) into `into`: counts
-    add up, highs take the larger, words (state) keep `into`'s; a
+    add up, highs take the larger, words (state) and current figures keep
+    `into`'s; a
     histogram's counts add bucket by bucket and its sum adds (its bounds are
     fixed: the same in every block)."""
     for key, value in more.items():
@@ -47,8 +49,13 @@ def add_figures(into: Dict[str, Any], more: Dict[str, Any]) -> None:
             have = into.get(key)
             into[key] = list(value) if have is None else [a + b for a, b in zip(have, value)]
         elif key == "sum" and isinstance(value, float):
-            into[key] = into.get(key, 0.0) + value
-        elif isinstance(value, bool) or not isinstance(value, int) or key in _SETTINGS:
+            # Each block's sum is whole nanoseconds / 1e9 (timings.pxi):
+            # added as integers, so the result does not depend on the order
+            # blocks are added in (a reload moves a drained block into
+            # `carried`), which float addition would, and a Prometheus
+            # _sum never steps back.
+            into[key] = (round(into.get(key, 0.0) * 1e9) + round(value * 1e9)) / 1e9
+        elif isinstance(value, bool) or not isinstance(value, int) or key in _CURRENT:
             into.setdefault(key, value)
         elif key in _HIGHS:
             into[key] = max(into.get(key, 0), value)
