@@ -73,7 +73,9 @@ def stats_proxy(engine):
 
     def make(upstream, **kw):
         kw.setdefault("stats", "127.0.0.1:0")
-        p = Proxy(listen="127.0.0.1:0", upstream=upstream, engine=engine, **kw).start()
+        if upstream is not None:
+            kw["upstream"] = upstream
+        p = Proxy(listen="127.0.0.1:0", engine=engine, **kw).start()
         made.append(p)
         return p
 
@@ -281,6 +283,38 @@ def test_status_page_rows_for_route_groups_and_routed_bridges():
     # No routed row when on_connect routed nothing.
     fig["routed"] = dict(up, accepted=0, active=0)
     assert "(routed)" not in status_page({"listeners": {"tls": fig}}).decode()
+
+
+def test_connect_failures_count_tries_per_upstream_and_clients_per_listener(stats_proxy, echo_server):
+    # The listener's figure is the clients no upstream took (CONNECT_FAILED);
+    # each failed try counts on its upstream: a retry that the other
+    # upstream served is in the second and not the first.
+    dead = f"127.0.0.1:{free_port()}"
+    p = stats_proxy(None, upstreams=[echo_server.addr, dead], workers=1, max_fails=0)
+    for i in range(4):
+        assert echo_roundtrip(p.address, b"hi %d" % i) == b"hi %d" % i
+    name = p.config.name
+    found = samples(get(p, "/metrics")[2].decode())
+    assert value(found, "fastproxy_connect_failures_total", listener=name) == 0
+    assert value(found, "fastproxy_upstream_connect_failures_total", listener=name, route="", upstream=dead) == 2
+    page = get(p, "/")[2].decode()
+    total = re.search(r'<tr class="total">.*?</tr>', page).group(0)
+    assert re.search(r'<td class="num failures" title="clients no upstream took[^"]*">0</td>', total), total
+    row = re.search(rf'<tr class="upstream" data-upstream="{re.escape(dead)}".*?</tr>', page).group(0)
+    assert '<td class="num failures">2</td>' in row, row
+    # With no upstream to take them, each client counts once on the listener.
+    q = stats_proxy(dead, retries=0, max_fails=0)
+    for _ in range(3):
+        # CONNECT_FAILED resets the client: on loopback even before its
+        # connect() returns, at times.
+        with pytest.raises(ConnectionResetError):
+            with connect(q.address) as c:
+                recv_until_eof(c)
+    assert wait_for(lambda: q.stats()["connect_failures"] == 3, 5), q.stats()
+    found = samples(get(q, "/metrics")[2].decode())
+    assert value(found, "fastproxy_connect_failures_total", listener=q.config.name) == 3
+    assert value(found, "fastproxy_upstream_connect_failures_total", listener=q.config.name, route="",
+                 upstream=dead) == 3
 
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

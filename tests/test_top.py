@@ -69,7 +69,7 @@ def test_plain_text_has_every_figure():
     text = render_text(build_view(_stats(a_accepted=11, a_up=2148, state_b="down"), _stats(), 2.0))
     lines = text.splitlines()
     assert lines[0].startswith("listener web  active 2 (peak 7)  queued 0  accepted 13 (5.0/s)")
-    assert "connect failures 3" in lines[0]
+    assert "connect failed 3" in lines[0]   # clients, not tries: CONNECT_FAILED
     header = lines[1].split()
     assert header[:7] == ["upstream", "state", "active", "total", "new/s", "up/s", "down/s"]
     assert re.search(r"10\.0\.0\.1:80\s+up\s+1\s+11\s+5\.0/s\s+1\.0 KiB/s\s+2\.0 KiB/s\s+0$", lines[2]), lines[2]

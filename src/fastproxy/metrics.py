@@ -83,7 +83,8 @@ class ProxyCollector(Collector):
         yield per_listener(CounterMetricFamily, "fastproxy_bridges", "Clients accepted", "accepted")
         yield per_listener(GaugeMetricFamily, "fastproxy_queued", "Clients in the wait queue", "queued")
         yield per_listener(CounterMetricFamily, "fastproxy_connect_failures",
-                           "Failed connects to upstreams (each try)", "connect_failures")
+                           "Clients no upstream took: every connect try failed (each try counts per upstream)",
+                           "connect_failures")
         yield per_listener(CounterMetricFamily, "fastproxy_fd_exhausted",
                            "Clients closed for want of file descriptors", "fd_exhausted")
         yield per_listener(CounterMetricFamily, "fastproxy_no_memory",

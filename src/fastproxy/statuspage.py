@@ -13,6 +13,11 @@ from .view import ROUTED, format_bytes, routed_figures, upstream_groups
 
 __all__ = ["status_page"]
 
+# An upstream row's failures are its failed tries; the total row's are the
+# clients whose every try failed, so a retry another upstream served is in
+# the first and not the second.
+_CLIENTS_FAILED = "clients no upstream took (every try failed); the rows above count each failed try"
+
 _HEADERS = ("upstream", "state", "health", "weight", "active", "total", "bytes up", "bytes down", "failures")
 
 
@@ -46,8 +51,8 @@ def _rows(fig: Mapping[str, Any]) -> List[str]:
     if routed is not None:
         rows.append(f'<tr class="routed"><td class="name">{ROUTED}</td><td></td><td></td><td></td>'
                     f'{_figures(routed)}</tr>')
-    rows.append(f'<tr class="total"><td class="name">listener total</td><td></td><td></td><td></td>'
-                f'{_figures(fig)}</tr>')
+    total = _figures(fig).replace('<td class="num failures">', f'<td class="num failures" title="{_CLIENTS_FAILED}">')
+    rows.append(f'<tr class="total"><td class="name">listener total</td><td></td><td></td><td></td>{total}</tr>')
     return rows
 
 

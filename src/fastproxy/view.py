@@ -171,7 +171,7 @@ def upstream_cells(row: UpstreamRow) -> Tuple[str, ...]:
 def listener_line(lv: ListenerView) -> str:
     return (f"active {lv.active} (peak {lv.peak_active})  queued {lv.queued}  accepted {lv.accepted} "
             f"({format_rate(lv.rate)})  up {format_rate(lv.up, per_bytes=True)}  "
-            f"down {format_rate(lv.down, per_bytes=True)}  connect failures {lv.connect_failures}")
+            f"down {format_rate(lv.down, per_bytes=True)}  connect failed {lv.connect_failures}")
 
 
 def _pairs(pairs: Tuple[Tuple[str, int], ...]) -> str:
