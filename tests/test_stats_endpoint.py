@@ -170,10 +170,26 @@ def test_histograms_render_cumulative_buckets():
 
 
 def test_unknown_upstream_state_gets_its_series():
-    stats = {"listeners": {"web": {"upstreams": {"a:1": {"state": "maint", "health": "up"}}}}}
+    stats = {"listeners": {"web": {"upstreams": {"a:1": {"state": "stuck", "health": "up"}}}}}
     found = samples(metrics.render(metrics.make_registry(lambda: stats, process=False)).decode())
-    assert value(found, "fastproxy_upstream_state", listener="web", route="", upstream="a:1", state="maint") == 1
+    assert value(found, "fastproxy_upstream_state", listener="web", route="", upstream="a:1", state="stuck") == 1
     assert value(found, "fastproxy_upstream_state", listener="web", route="", upstream="a:1", state="up") == 0
+
+
+def test_every_upstream_state_has_its_series_always(stats_proxy, echo_server):
+    # One series per known state, 1 for the current one, whatever it is: an
+    # alert on state="maint" must not see its series come and go.
+    p = stats_proxy(echo_server.addr, stats_admin=True)
+    name = p.config.name
+    for state in (None, "maint", "drain", "ready"):
+        if state is not None:
+            getattr(p.upstream(echo_server.addr, listener=name), state)()
+        found = samples(get(p, "/metrics")[2].decode())
+        series = {dict(k[1])["state"]: v for k, v in found.items()
+                  if k[0] == "fastproxy_upstream_state" and ("upstream", echo_server.addr) in k[1]}
+        now = p.stats()["upstreams"][echo_server.addr]["state"]
+        assert set(series) == {"up", "down", "drained", "maint"}, series
+        assert series == {s: float(s == now) for s in series}, (state, series)
 
 
 def test_stats_json_equals_proxy_stats(stats_proxy, echo_server):

@@ -19,7 +19,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "REFUSAL_REASONS", "UPSTREAM_STATES", "ProxyCo
 
 # The states an upstream's entry names; a state not listed here (one a
 # newer control plane adds) still gets its series when an upstream is in it.
-UPSTREAM_STATES = ("up", "down", "drained")
+UPSTREAM_STATES = ("up", "down", "drained", "maint")
 
 # Histograms ListenerHandle.stats()["histograms"] may carry.
 HISTOGRAMS = (
