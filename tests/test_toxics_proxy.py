@@ -382,19 +382,57 @@ def test_timeout_zero_holds_until_removed_and_loses_nothing(make_proxy, echo_ser
         assert ping(c) < 0.5
 
 
-def test_reset_peer_resets_both_sides(make_proxy, echo_server):
+def test_reset_peer_resets_both_sides_timeout_after_its_streams_first_bytes(make_proxy, echo_server):
+    # toxiproxy's reset_peer: its stream forwards nothing from when it
+    # applies; the first bytes that come on it start the clock, and
+    # `timeout` later both sides are reset. An idle connection is not reset.
     records, on_close = recorder()
     p = make_proxy(echo_server.addr, on_close=on_close)
     p.add_toxic(toxic("reset_peer", "downstream", timeout=200))
     with connect(p.address) as c:
+        c.settimeout(0.5)
+        with pytest.raises(socket.timeout):   # idle: no reset
+            c.recv(100)
         t = time.monotonic()
-        ping(c)
+        c.sendall(b"ping")   # goes up; the echo's answer is the downstream's first bytes
         c.settimeout(3)
         with pytest.raises(ConnectionResetError):
-            while c.recv(100):
-                pass
+            assert c.recv(100) == b"", "the answer must not arrive"
         assert 0.200 <= time.monotonic() - t <= 0.200 + SLACK + 0.1
     assert wait_for(lambda: records == [CloseReason.TOXIC_CLOSED], 5), records
+
+
+def test_reset_peer_upstream_holds_the_bytes_and_an_end_starts_it_too(make_proxy):
+    # On the upstream stream the server never sees the client's bytes; a
+    # stream that ends (FIN) without bytes starts the clock as well.
+    records, on_close = recorder()
+    with Listener() as srv:
+        p = make_proxy(srv.addr, on_close=on_close)
+        p.add_toxic(toxic("reset_peer", "upstream", timeout=0))
+        with connect(p.address) as c:
+            up = srv.accept(5)
+            t = time.monotonic()
+            c.sendall(b"never seen")
+            c.settimeout(3)
+            with pytest.raises(ConnectionResetError):
+                c.recv(100)
+            assert time.monotonic() - t <= SLACK + 0.1
+        up.settimeout(3)
+        with pytest.raises(ConnectionResetError):
+            assert up.recv(100) == b"", "the server must not get the bytes"
+        up.close()
+        p.remove_toxic("reset_peer_upstream")
+        p.add_toxic(toxic("reset_peer", "upstream", timeout=150))
+        with connect(p.address) as c:
+            up = srv.accept(5)
+            t = time.monotonic()
+            c.shutdown(socket.SHUT_WR)
+            c.settimeout(3)
+            with pytest.raises(ConnectionResetError):
+                c.recv(100)
+            assert 0.150 <= time.monotonic() - t <= 0.150 + SLACK + 0.1
+            up.close()
+    assert wait_for(lambda: records == [CloseReason.TOXIC_CLOSED] * 2, 5), records
 
 
 def test_slow_close_delays_the_fin(make_proxy, echo_server):

@@ -193,8 +193,8 @@ cdef struct ToxicSet:
 cdef struct ToxicPick:
     uint32_t id
     uint8_t on            # the draw said it applies
-    int64_t since_ns      # when it first applied (timeout, reset_peer)
-    uint64_t base         # limit_data: the flow's written bytes then
+    int64_t since_ns      # when it first applied (timeout); reset_peer: when its stream's first bytes came (0: not yet)
+    uint64_t base         # limit_data: the flow's written bytes then; reset_peer: its read bytes
 
 
 # Latency stamps: bytes read up to `end` (a flow's running count) may be

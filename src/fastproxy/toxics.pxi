@@ -185,7 +185,7 @@ cdef int toxic_derive(Worker *w, ToxicState *x, int64_t now) noexcept nogil:
             elif t.kind == TX_SLOW_CLOSE:
                 if t.a > tf.fin_delay_ns:
                     tf.fin_delay_ns = t.a
-            elif t.kind == TX_TIMEOUT:
+            elif t.kind == TX_TIMEOUT or t.kind == TX_RESET_PEER:
                 tf.hold = 1
             elif t.kind == TX_SLICER:
                 if tf.slice_avg == 0 and t.a > 0:
@@ -264,6 +264,11 @@ cdef int toxic_move(Worker *w, Bridge *b, ToxicSet *set, int64_t now) noexcept n
                 picks[i].on = (worker_rand(w) >> 32) < t.threshold
                 picks[i].since_ns = now
                 picks[i].base = x.flow[t.stream].wr
+                if t.kind == TX_RESET_PEER:
+                    # As toxiproxy's: its clock starts at the stream's first
+                    # bytes (or its end) after this (toxic_rearm).
+                    picks[i].since_ns = 0
+                    picks[i].base = x.flow[t.stream].rd
         toxic_set_ref(set)
     toxic_set_unref(x.set)
     free(x.picks)
@@ -427,7 +432,9 @@ cdef bint toxic_fin_ok(ToxicFlow *tf, int64_t now) noexcept nogil:
 
 cdef int toxic_rearm(Worker *w, Bridge *b) noexcept nogil:
     # After a pump: the bridge's next wake-up, the earliest of what held
-    # its streams and of its timeout and reset_peer deadlines. Returns: 0,
+    # its streams and of its timeout and reset_peer deadlines (a reset_peer
+    # whose stream brought its first bytes or its end since the last pump
+    # starts its clock here). Returns: 0,
     # or -ENOMEM (no room on the heap: the caller ends the bridge, which
     # would otherwise wait for a wake-up that never comes).
     cdef ToxicState *x = b.tx
@@ -442,6 +449,10 @@ cdef int toxic_rearm(Worker *w, Bridge *b) noexcept nogil:
         t = &x.set.t[i]
         if not x.picks[i].on:
             continue
+        if t.kind == TX_RESET_PEER and x.picks[i].since_ns == 0:
+            if x.flow[t.stream].rd == x.picks[i].base and not (b.up.eof if t.stream == 0 else b.down.eof):
+                continue   # nothing came on its stream yet
+            x.picks[i].since_ns = w.now_ns
         if t.kind == TX_RESET_PEER or (t.kind == TX_TIMEOUT and t.a > 0):
             at = x.picks[i].since_ns + t.a
             if due == 0 or at < due:
@@ -457,7 +468,7 @@ cdef void toxic_wake(Worker *w, Bridge *b, int64_t now) noexcept nogil:
     cdef ToxicC *t
     for i in range(x.set.n if x.set != NULL else 0):
         t = &x.set.t[i]
-        if not x.picks[i].on or x.picks[i].since_ns + t.a > now:
+        if not x.picks[i].on or x.picks[i].since_ns == 0 or x.picks[i].since_ns + t.a > now:
             continue
         if t.kind == TX_RESET_PEER:
             bridge_close(w, b, TOXIC_CLOSED, 1, 1)
