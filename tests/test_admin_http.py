@@ -202,3 +202,41 @@ def test_with_a_token_the_host_may_be_any_name_but_browsers_stay_out(echo_server
         assert p.stats()["upstreams"][echo_server.addr]["admin"] == "drain"
     finally:
         stop_bounded(p)
+
+
+def test_a_reload_rotates_the_token_and_refuses_to_move_the_endpoint(echo_server):
+    from fastproxy import ConfigError
+
+    def config(token, stats="127.0.0.1:0", admin=True):
+        return {"workers": 1, "stats": stats, "stats_admin": admin, "stats_token": token,
+                "listeners": [{"name": "web", "listen": "127.0.0.1:0", "upstreams": [echo_server.addr]}]}
+
+    p = Proxy.from_config(config("old")).start()
+    try:
+        url = base_url(p) + "/admin/upstreams"
+        assert request(url, token="old")[0] == 200
+        cfg = config("new")
+        cfg["listeners"][0]["listen"] = f"127.0.0.1:{p.address[1]}"
+        p.reload(cfg)
+        assert request(url, token="old")[0] == 401   # revoked
+        assert request(url, token="new")[0] == 200
+        # Moving the endpoint, or turning admin on, is a restart: refused
+        # whole, and the running one answers on.
+        with pytest.raises(ConfigError, match="^stats: .*cannot change on reload"):
+            p.reload(dict(cfg, stats="127.0.0.1:1"))
+        assert request(url, token="new")[0] == 200
+        p.reload(dict(cfg, stats_admin=False))   # off applies at once
+        assert request(url, token="new")[0] == 403
+        p.reload(cfg)   # and on again: it was on at start
+        assert request(url, token="new")[0] == 200
+    finally:
+        stop_bounded(p)
+    q = Proxy.from_config(config(None, admin=False)).start()
+    try:
+        cfg = config(None)
+        cfg["listeners"][0]["listen"] = f"127.0.0.1:{q.address[1]}"
+        cfg["stats"] = "%s:%d" % q.stats_address
+        with pytest.raises(ConfigError, match="^stats_admin: .*restart"):
+            q.reload(cfg)
+    finally:
+        stop_bounded(q)

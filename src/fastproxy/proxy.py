@@ -433,7 +433,7 @@ class Proxy:
             self._start_resolver()
             if stats_bound is not None:
                 from .statsserver import StatsServer, admin_handler
-                admin, admin_off = admin_handler(weakref.proxy(self), process.stats_admin, process.stats_token)
+                admin, admin_off = admin_handler(weakref.proxy(self), process.stats_admin)
                 self._stats_server = StatsServer(stats_bound[0], unix_file=stats_bound[1],
                                                  stats=_weak(self.stats, gone={}),
                                                  admin=admin, admin_off=admin_off)
@@ -490,6 +490,20 @@ class Proxy:
                 continue
             if before != after:
                 raise ConfigError(name, after, f"cannot change on reload (running with {before!r}): restart")
+        # The stats endpoint is bound once, at start, and its admin handler
+        # made only when stats_admin was on then: moving it, or turning
+        # admin on, takes a restart. The token and turning admin off are
+        # read per request, so they apply.
+        server = self._stats_server
+        # As for listeners: the same address as configured or as bound
+        # (127.0.0.1:0, then the port it got).
+        bound = server.address if server is not None and isinstance(server.address, tuple) else None
+        if new.process.stats not in (old.process.stats, bound):
+            shown = format_address(*new.process.stats) if new.process.stats else None
+            running = format_address(*old.process.stats) if old.process.stats else "none"
+            raise ConfigError("stats", shown, f"cannot change on reload (running with {running}): restart")
+        if new.process.stats_admin and server is not None and not server.has_admin:
+            raise ConfigError("stats_admin", True, "cannot turn on by reload (started without it): restart")
 
     def _apply(self, plane: "_core.DataPlane", runner: HookRunner, configs: List[Config]) -> None:
         # A listener is the same one when its address is: as configured,

@@ -121,6 +121,10 @@ class StatsServer:
         self._thread = threading.Thread(target=self._run, name="fastproxy-stats", daemon=True)
 
     @property
+    def has_admin(self) -> bool:
+        return self._admin is not None
+
+    @property
     def address(self) -> Any:
         if self.sock.family == socket.AF_UNIX:
             name = self.sock.getsockname()
@@ -376,8 +380,7 @@ class StatsServer:
 AdminHandler = Callable[[Request], Response]
 
 
-def admin_handler(proxy: Any, enabled: bool,
-                  token: Optional[str]) -> Tuple[Optional[AdminHandler], Tuple[int, str]]:
+def admin_handler(proxy: Any, enabled: bool) -> Tuple[Optional[AdminHandler], Tuple[int, str]]:
     """The /admin/ handler: fastproxy.admin's handle_admin when run-time
     control is on and that module is there; else None, with the status and
     message /admin/ answers."""
@@ -390,5 +393,6 @@ def admin_handler(proxy: Any, enabled: bool,
         return None, (404, "run-time control is off: this build of fastproxy has no admin handler")
 
     def admin(request: Request) -> Response:
-        return handle(proxy, request, token=token)  # type: ignore[no-any-return]
+        # Read per request: a reload that changes the token revokes the old one.
+        return handle(proxy, request, token=proxy.config.process.stats_token)  # type: ignore[no-any-return]
     return admin, (0, "")
