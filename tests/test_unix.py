@@ -292,6 +292,27 @@ def test_unknown_user_and_group_are_refused(any_engine):
         Proxy("unix:/tmp/fpu-x.sock", "127.0.0.1:1", unix_mode="rw-rw----", engine=any_engine)
 
 
+def test_a_config_files_mode_is_octal_text_and_check_shows_it_in_octal(sockdir, tmp_path):
+    # TOML reads `unix_mode = 660` as decimal 660 (0o1224: sticky, no read
+    # for the owner) and has no way to write 0660: a number is refused with
+    # the way to write it; text is octal, and `check` shows the mode as ls.
+    from support.cli import assert_one_line_error, run_cli
+
+    conf = tmp_path / "u.toml"
+    path = os.path.join(sockdir, "m.sock")
+    for written in ("660", "0o660"):
+        conf.write_text(f'[[listeners]]\nlisten = "unix:{path}"\nunix_mode = {written}\nupstreams = ["127.0.0.1:1"]\n')
+        rc, out, err = run_cli(["check", "--config", str(conf)])
+        assert_one_line_error(rc, out, err, "listeners[0].unix_mode", "a TOML number is decimal", '"0660"')
+    for written in ('"660"', '"0660"'):
+        conf.write_text(f'[[listeners]]\nlisten = "unix:{path}"\nunix_mode = {written}\nupstreams = ["127.0.0.1:1"]\n')
+        rc, out, err = run_cli(["check", "--config", str(conf)])
+        assert rc == 0, err
+        assert "unix_mode 0660" in out, out
+    rc, out, err = run_cli(["check", "--listen", "unix:" + path, "--upstream", "127.0.0.1:1", "--unix-mode", "640"])
+    assert rc == 0 and "unix_mode 0640" in out, (out, err)
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="chown to another user is refused without root, and tested with it")
 def test_chown_not_permitted_is_a_config_error(make_proxy_any, sockdir, monkeypatch):
     def refuse(*args):

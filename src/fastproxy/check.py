@@ -78,6 +78,8 @@ def _show(o: Option, value: Any) -> str:
     elif o.name == "rate_limit_per_ip":
         count, seconds = value
         text = f"{count}/{format_duration(seconds)}"
+    elif o.name == "unix_mode":
+        text = f"{value:04o}"   # as chmod and ls show it
     elif o.name == "worker_cpus":
         text = ",".join(str(cpu) for cpu in value)
     elif o.metavar == "ADDR" and isinstance(value, tuple):

@@ -256,6 +256,12 @@ class _Reader:
             values["upstreams"] = parse_upstreams(values["upstreams"])
         else:
             values["upstreams"] = self.upstreams(values["upstreams"], origin["upstreams"] + ".upstreams")
+        mode = values.get("unix_mode")
+        if isinstance(mode, int) and not isinstance(mode, bool) and origin["unix_mode"] != _OVERRIDE:
+            # TOML reads 660 as decimal (0o1224, sticky and no read), and
+            # cannot write 0660: a mode is octal text here, as for chmod.
+            raise self.error(f"{origin['unix_mode']}.unix_mode", mode,
+                             'a TOML number is decimal: write the octal mode as text, "660" or "0660"')
         if isinstance(values.get("routes"), list) and origin["routes"] != _OVERRIDE:
             values["routes"] = self.route_tables(values["routes"], origin["routes"] + ".routes")
         try:
