@@ -364,6 +364,48 @@ def test_two_listeners_may_not_share(tmp_path, second, message):
     assert got == f"{path}: {message}"
 
 
+@pytest.mark.parametrize("first,second,clash", [
+    ("[::1]:{P}", "[0:0::1]:{P}", "is also the listen address of listeners[0]"),
+    ("127.0.0.1:{P}", "[::ffff:127.0.0.1]:{P}", "is also the listen address of listeners[0]"),
+    ("0.0.0.0:{P}", "127.0.0.1:{P}", "overlaps listeners[0].listen '0.0.0.0:{P}': 0.0.0.0 is that port on every IPv4 address"),
+    ("127.0.0.1:{P}", "[::]:{P}", "overlaps listeners[0].listen '127.0.0.1:{P}': :: is that port on every address"),
+    ("[::]:{P}", "0.0.0.0:{P}", "overlaps listeners[0].listen '[::]:{P}': :: is that port on every address"),
+    ("unix:{SOCK}", "unix:{SOCK}", "is also the listen address of listeners[0]"),
+    ("unix:@fp-dup-{ABSTRACT}", "unix:@fp-dup-{ABSTRACT}", "is also the listen address of listeners[0]"),
+    ("0.0.0.0:{P}", "[::1]:{P}", None),
+    ("127.0.0.1:{P}", "127.0.0.2:{P}", None),
+    ("unix:{SOCK}", "unix:{SOCK2}", None),
+])
+def test_check_refuses_what_cannot_bind_together_and_passes_what_can(tmp_path, first, second, clash):
+    # `check` must agree with the run: a pair it passes binds, a pair it
+    # refuses would fail against itself. Real sockets decide.
+    from support.sockets import free_port
+
+    port = str(free_port())
+    sock = str(tmp_path / "s.sock")
+    fill = {"P": port, "SOCK2": sock + "2", "SOCK": sock, "ABSTRACT": port}
+
+    def spelled(text):
+        return text.format(**fill)
+
+    text = "".join(f'[[listeners]]\nname = "l{i}"\nlisten = "{spelled(a)}"\nupstreams = ["127.0.0.1:9"]\n'
+                   for i, a in enumerate((first, second)))
+    path = write(tmp_path, text)
+    if clash is not None:
+        with pytest.raises(ConfigFileError) as info:
+            load_config(path)
+        assert str(info.value) == f"{path}: listeners[1].listen: {spelled(second)!r}: {spelled(clash)}"
+        # The run would fail on its own second bind: the refusal is real.
+        p = fastproxy.Proxy(listen=spelled(first), upstream="127.0.0.1:9", workers=1).start()
+        try:
+            with pytest.raises(ConfigError, match="address already in use"):
+                fastproxy.Proxy(listen=spelled(second), upstream="127.0.0.1:9", workers=1).start().stop()
+        finally:
+            p.stop()
+    else:
+        fastproxy.Proxy.from_config(path).start().stop()
+
+
 def test_two_listeners_may_not_share_a_name(tmp_path):
     text = ('[[listeners]]\nname = "web"\nlisten = "127.0.0.1:7001"\nupstreams = ["127.0.0.1:9"]\n'
             '[[listeners]]\nname = "web"\nlisten = "127.0.0.1:7002"\nupstreams = ["127.0.0.1:9"]\n')

@@ -12,6 +12,7 @@ described in docs/configuration.md.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import sys
@@ -26,7 +27,8 @@ else:  # pragma: no cover - the package needs 3.11; tomli is the same parser
 from .config import Config
 from .options import OPTIONS
 from .upstreams import MAX_WEIGHT, SPEC_FORM, Upstream, parse_upstream, parse_upstreams
-from .values import MAX_CONNECTIONS, ConfigError, format_address, parse_address, parse_choice, parse_count, quote
+from .values import (MAX_CONNECTIONS, UNIX_PREFIX, ConfigError, format_address, parse_address, parse_choice, parse_count,
+                     quote)
 
 __all__ = [
     "ConfigFileError",
@@ -169,6 +171,33 @@ def config_from_mapping(mapping: Mapping[str, Any], source: Optional[str] = None
     naming the option, not the file."""
     return _Reader(source).proxy_config(mapping, dict(overrides or {}))
 
+
+def _clash(a: Tuple[str, int], b: Tuple[str, int]) -> str:
+    """Why two listen addresses cannot both be bound: "same" (one address,
+    however spelled), the overlap (a wildcard takes the other's port), or
+    "" when both can."""
+    (host, port), (other, other_port) = a, b
+    if host.startswith(UNIX_PREFIX) or other.startswith(UNIX_PREFIX):
+        return "same" if host == other else ""   # a path or an abstract name
+    # Port 0: the kernel picks a free port for each.
+    if port == 0 or port != other_port:
+        return ""
+    if "" in (host, other):
+        return ":PORT is that port on every address"
+    ips = []
+    for h in (host, other):
+        try:
+            ip = ipaddress.ip_address(h.split("%", 1)[0])
+        except ValueError:
+            return "same" if host == other else ""   # names: as written
+        ips.append(ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip)
+    if ips[0] == ips[1] and host.partition("%")[2] == other.partition("%")[2]:
+        return "same"
+    for ip, spelled in zip(ips, (host, other)):
+        # "::" takes IPv4 too (dual stack, the kernel's default); 0.0.0.0 every IPv4 address.
+        if ip.is_unspecified and (ip.version == 6 or ips[0].version == ips[1].version):
+            return f"{spelled} is that port on every {'address' if ip.version == 6 else 'IPv4 address'}"
+    return ""
 
 class _Reader:
     """Validation of one document; every error names `source`."""
@@ -365,19 +394,14 @@ class _Reader:
             return value if value is not None else configs[i].name
 
         for i, config in enumerate(configs):
-            host, port = config.listener.listen
             for j in range(i):
-                other_host, other_port = configs[j].listener.listen
-                # Port 0: the kernel picks a free port for each.
-                if port == 0 or port != other_port:
-                    continue
-                if host == other_host:
+                clash = _clash(config.listener.listen, configs[j].listener.listen)
+                if clash == "same":
                     raise self.error(f"listeners[{i}].listen", written(i, "listen"),
                                      f"is also the listen address of listeners[{j}]")
-                if "" in (host, other_host):
+                if clash:
                     raise self.error(f"listeners[{i}].listen", written(i, "listen"),
-                                     f"overlaps listeners[{j}].listen {written(j, 'listen')!r}: "
-                                     f":PORT is that port on every address")
+                                     f"overlaps listeners[{j}].listen {written(j, 'listen')!r}: {clash}")
         names: Dict[str, int] = {}
         for i, config in enumerate(configs):
             name = config.name
