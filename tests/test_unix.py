@@ -493,3 +493,37 @@ def test_reload_keeps_a_unix_listener_and_its_file(any_engine, sockdir, echo_ser
     finally:
         p.stop()
     assert not os.path.exists(path)
+
+
+def test_reload_gives_a_kept_socket_file_its_new_mode_or_puts_it_back(any_engine, sockdir, echo_server):
+    # The socket stays (same inode), so the mode a reload asks for is set
+    # on it; a reload refused for another listener leaves it as it was; an
+    # option left out keeps what the file has.
+    from fastproxy import Config
+
+    path = os.path.join(sockdir, "mode.sock")
+
+    def cfg(**kw):
+        return Config.build(listen=f"unix:{path}", upstreams=[echo_server.addr], engine=any_engine, **kw)
+
+    p = Proxy.from_config([cfg(unix_mode="660")]).start()
+    try:
+        inode = os.stat(path).st_ino
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        p.reload([cfg(unix_mode="600")])
+        assert (os.stat(path).st_ino, stat.S_IMODE(os.stat(path).st_mode)) == (inode, 0o600)
+        with socket.create_server(("127.0.0.1", 0)) as taken:   # a port another listener cannot get
+            bad = Config.build(listen=f"127.0.0.1:{taken.getsockname()[1]}", upstreams=[echo_server.addr],
+                               engine=any_engine)
+            with pytest.raises(ConfigError, match="address already in use"):
+                p.reload([cfg(unix_mode="640"), bad])
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600   # the refused reload changed nothing
+        p.reload([cfg()])
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX) as c:
+            c.settimeout(5)
+            c.connect(path)
+            c.sendall(b"still")
+            assert recv_exact(c, 5) == b"still"
+    finally:
+        p.stop()

@@ -20,7 +20,7 @@ from .dispatch import HookRunner, ListenerHooks
 from .hooks import Hooks, access_log_fields, load_hooks
 from .routes import Route
 from .sockets import (LISTEN_BACKLOG, UnixFile, adopt_socket, check_listening, close_listening, listen_socket, listen_unix,
-                      remove_unix_file, unix_file_of)
+                      remove_unix_file, restore_unix_file, reown_unix_file, unix_file_of)
 from .timewindows import Clock, TimeWindows
 from .toxics import KINDS, STREAMS, Toxic
 from .upstreams import Upstream
@@ -188,6 +188,8 @@ class Listener:
             "unix_user": config.listener.unix_user, "unix_group": config.listener.unix_group}
         self.sock: Optional[socket.socket] = None
         self.unix_file: Optional[UnixFile] = None   # a socket file this listener bound
+        # A kept socket file whose mode or owner prepare() changed, and what it had.
+        self._reowned: Optional[Tuple[str, Optional[Tuple[int, int, int]]]] = None
         self.address: Any = None   # bound, once prepared
         self._group: Optional["_core.UpstreamGroup"] = None   # prepared, until attached
         self._routes: List[Tuple[str, Tuple[str, ...], "_core.UpstreamGroup", int]] = []
@@ -280,6 +282,10 @@ class Listener:
             # file, if it has one, is this listener's to remove at stop.
             self.sock = sock
             self.unix_file = unix_file_of(sock)
+            path = unix_path(listener.listen[0])
+            if self.unix_file is not None and path is not None and not path.startswith("@"):
+                self._reowned = (path, reown_unix_file(path, listener.unix_mode, listener.unix_user,
+                                                       listener.unix_group, self.given_unix))
         elif self.app_sock is not None:
             self.sock = adopt_socket(self.app_sock)
         elif unix_path(listener.listen[0]) is not None:
@@ -296,6 +302,9 @@ class Listener:
         if self.access_log is not None:
             self.access_log.close()
             self.access_log = None
+        if self._reowned is not None and self._reowned[1] is not None:
+            restore_unix_file(*self._reowned)   # a reload given up: the file as it was
+        self._reowned = None
         if not keep_socket:
             self.close_socket()
         self.sock = None
@@ -324,6 +333,7 @@ class Listener:
         `replaces` stops accepting on it), hook threads learn the listener,
         watchers start."""
         assert self.sock is not None and self._prepared
+        self._reowned = None   # committed: the file keeps what this configuration gave it
         cfg = self.config
         logged = cfg.hooks.access_log is not None
         old = replaces.handle if replaces is not None else None

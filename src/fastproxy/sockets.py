@@ -143,6 +143,34 @@ def _set_owner(path: str, mode: Optional[int], user: Optional[int], group: Optio
             raise ConfigError(name, given[name], f"chown not permitted ({exc.strerror or exc})") from None
 
 
+def reown_unix_file(path: str, mode: Optional[int], user: Optional[int], group: Optional[int],
+                    given: Dict[str, object]) -> Optional[Tuple[int, int, int]]:
+    """Gives a kept listener's socket file (a reload, a takeover) the mode
+    and owner its configuration asks for now. Returns what the file had, to
+    put back if the reload is abandoned, or None when nothing changed; an
+    option left out keeps what the file has."""
+    st = os.stat(path)
+    before = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    want = (before[0] if mode is None else mode, before[1] if user is None else user,
+            before[2] if group is None else group)
+    if want == before:
+        return None
+    try:
+        _set_owner(path, mode, user, group, given)
+    except BaseException:
+        restore_unix_file(path, before)
+        raise
+    return before
+
+
+def restore_unix_file(path: str, before: Tuple[int, int, int]) -> None:
+    try:
+        os.chmod(path, before[0])
+        os.chown(path, before[1], before[2])
+    except OSError:
+        pass   # best effort: the reload is being refused for another reason
+
+
 def listen_unix(addr: Address, *, mode: Optional[int] = None, user: Optional[int] = None,
                 group: Optional[int] = None,
                 given: Optional[Dict[str, object]] = None) -> Tuple[socket.socket, Optional[UnixFile]]:
