@@ -334,3 +334,45 @@ def test_a_hooked_listener_added_by_reload_serves_its_first_client(engine, echo_
         assert p.stats()["hook_errors"] == 0
     finally:
         stop_bounded(p)
+
+
+def test_port_zero_listeners_keep_their_ports_by_name_across_a_reload(any_engine):
+    # Several listeners on 127.0.0.1:0: a reload that adds one in front must
+    # not hand a's port to the newcomer (its clients would reach c's
+    # upstreams); each keeps its port, the new one gets a new port.
+    with Servers(names=["A", "B", "C"]) as srv:
+        def table(name):
+            return {"name": name, "listen": "127.0.0.1:0", "upstreams": [srv[name.upper()].addr]}
+
+        p = Proxy.from_config({"engine": any_engine, "workers": 1, "listeners": [table("a"), table("b")]}).start()
+        try:
+            before = dict(p.addresses)
+            p.reload({"engine": any_engine, "workers": 1, "listeners": [table("c"), table("a"), table("b")]})
+            after = dict(p.addresses)
+            assert (after["a"], after["b"]) == (before["a"], before["b"]), (before, after)
+            assert after["c"] not in before.values()
+            for name in "abc":
+                assert which(after[name]) == name.upper()
+        finally:
+            stop_bounded(p)
+
+
+def test_a_listen_address_spelled_otherwise_keeps_its_socket(any_engine, echo_server):
+    # localhost:P for 127.0.0.1:P, [0::1]:P for [::1]:P: the same address,
+    # so the same socket; binding it again would fail against itself.
+    for first, second in (("127.0.0.1", "localhost"), ("[::1]", "[0:0::1]")):
+        port = free_port()
+        p = Proxy(listen=f"{first}:{port}", upstream=echo_server.addr, engine=any_engine, workers=1).start()
+        try:
+            sock = p._listeners[0].sock
+            with connect(p.address) as live:
+                assert echo_through(live, b"before") == b"before"
+                p.reload({"engine": any_engine, "workers": 1,
+                          "listeners": [{"listen": f"{second}:{port}", "upstreams": [echo_server.addr],
+                                         "max_connections": 7}]})
+                assert p._listeners[0].sock is sock
+                assert p._listeners[0].config.limits.max_connections == 7
+                assert echo_through(live, b"after") == b"after"
+            assert echo_roundtrip(p.address, b"new") == b"new"
+        finally:
+            stop_bounded(p)

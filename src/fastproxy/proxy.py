@@ -33,8 +33,8 @@ from .options import OPTIONS, option
 from .timewindows import Clock
 from .toxics import STREAMS, Toxic, ToxicError, check_toxics
 from .upstreams import Upstream
-from .values import Duration, format_address
-from .sockets import accepts_connections, check_listening, close_listening, fd_budget, unix_file_of
+from .values import Duration, format_address, unix_path
+from .sockets import accepts_connections, bound_as, check_listening, close_listening, fd_budget, unix_file_of
 from .takeover import Handover, TakeoverServer, take_over
 
 if TYPE_CHECKING:
@@ -507,12 +507,18 @@ class Proxy:
 
     def _apply(self, plane: "_core.DataPlane", runner: HookRunner, configs: List[Config]) -> None:
         # A listener is the same one when its address is: as configured,
-        # or as bound (127.0.0.1:0 then 127.0.0.1:PORT it got).
+        # as bound (127.0.0.1:0 then 127.0.0.1:PORT it got), or spelled
+        # otherwise (localhost:80 for 127.0.0.1:80, [0::1] for [::1]). Port
+        # 0 is the kernel's pick each time: there only the name tells.
         unmatched = list(self._listeners)
 
         def same_address(cfg: Config) -> Optional[Listener]:
+            listen = cfg.listener.listen
+            anywhere = listen[1] == 0 and unix_path(listen[0]) is None
             for lst in unmatched:
-                if cfg.listener.listen in (lst.listen, lst.address):
+                if anywhere and lst.config.name != cfg.name:
+                    continue
+                if listen in (lst.listen, lst.address) or bound_as(listen, lst.address):
                     unmatched.remove(lst)
                     return lst
             return None

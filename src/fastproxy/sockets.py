@@ -4,6 +4,7 @@ the listening socket, resolved upstream addresses, the fd budget."""
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import stat
@@ -141,6 +142,32 @@ def _set_owner(path: str, mode: Optional[int], user: Optional[int], group: Optio
             os.chown(path, uid, gid)
         except OSError as exc:
             raise ConfigError(name, given[name], f"chown not permitted ({exc.strerror or exc})") from None
+
+
+def bound_as(listen: Address, bound: object) -> bool:
+    """Whether a listen address, however spelled (a name, another form of
+    an IP), is the (host, port) a socket is bound to: a reload keeps that
+    socket rather than fail to bind it again."""
+    host, port = listen
+    if not isinstance(bound, tuple) or port == 0 or port != bound[1] or not host or unix_path(host) is not None:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV)
+    except (OSError, UnicodeError):
+        return False
+    return any(_same_ip(info[4][0], bound[0]) for info in infos)
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        x, y = ipaddress.ip_address(a.split("%", 1)[0]), ipaddress.ip_address(b.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped is not None:
+        x = x.ipv4_mapped
+    if isinstance(y, ipaddress.IPv6Address) and y.ipv4_mapped is not None:
+        y = y.ipv4_mapped
+    return x == y
 
 
 def reown_unix_file(path: str, mode: Optional[int], user: Optional[int], group: Optional[int],
