@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import socket
+import time
 
 from fastproxy import Proxy
 from support.sockets import connect, echo_roundtrip, free_port, recv_exact, recv_until_eof
@@ -119,5 +120,30 @@ def test_sighup_reads_the_config_file_again(cli_proxy, echo_server, tmp_path):
     assert echo_roundtrip(("127.0.0.1", second), b"still") == b"still"
     live.exchange()
     live.finish()
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait(15) == 0
+
+
+def test_sighup_applies_a_changed_log_level(cli_proxy, echo_server, tmp_path):
+    port = free_port()
+    path = tmp_path / "fp.toml"
+    body = f'[[listeners]]\nlisten = "127.0.0.1:{port}"\nupstreams = ["{echo_server.addr}"]\n'
+    path.write_text(body)
+    proxy = cli_proxy("--config", str(path))
+
+    def count(text):
+        return sum(text in ln for ln in list(proxy.stderr.lines))
+
+    path.write_text('log_level = "error"\n' + body)
+    proxy.signal(signal.SIGHUP)   # logged at info; its "reloaded" comes after the file said error
+    assert proxy.stderr.wait_line(r"SIGHUP: reloading", 5)
+    time.sleep(1.0)
+    proxy.signal(signal.SIGHUP)   # neither line at error
+    time.sleep(1.0)
+    assert echo_roundtrip(("127.0.0.1", port), b"x") == b"x"
+    path.write_text('log_level = "info"\n' + body)
+    proxy.signal(signal.SIGHUP)
+    assert proxy.stderr.wait_line(r"reloaded: 1 listener", 5)
+    assert (count("SIGHUP: reloading"), count("reloaded: 1 listener")) == (1, 1), proxy.stderr.text()
     proxy.signal(signal.SIGTERM)
     assert proxy.wait(15) == 0

@@ -124,8 +124,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         def source() -> ProxyConfig:
             # The file as read above; then, at each reload (SIGHUP), read
-            # again under the same flags.
-            return next(first, None) or config_from_file(file_path, args, log_level)
+            # again under the same flags. Its log_level applies once the
+            # file is read and checked (log_format stays: the handler is
+            # the process's).
+            pc = next(first, None)
+            if pc is None:
+                pc = config_from_file(file_path, args, log_level)
+                logging.getLogger().setLevel((pc.log_level or "info").upper())
+            return pc
 
         Proxy.from_config(source).serve_forever()
     except ConfigError as exc:
