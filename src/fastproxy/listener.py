@@ -303,7 +303,7 @@ class Listener:
             self.access_log.close()
             self.access_log = None
         if self._reowned is not None and self._reowned[1] is not None:
-            restore_unix_file(*self._reowned)   # a reload given up: the file as it was
+            restore_unix_file(self._reowned[0], self._reowned[1])   # a reload given up: the file as it was
         self._reowned = None
         if not keep_socket:
             self.close_socket()

@@ -155,7 +155,7 @@ def bound_as(listen: Address, bound: object) -> bool:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV)
     except (OSError, UnicodeError):
         return False
-    return any(_same_ip(info[4][0], bound[0]) for info in infos)
+    return any(_same_ip(str(info[4][0]), str(bound[0])) for info in infos)
 
 
 def _same_ip(a: str, b: str) -> bool:
