@@ -6,6 +6,7 @@ import time
 
 from support.servers import Listener
 from support.sockets import MiB, closed_by_peer, connect, recv_exact, recv_until_eof
+from support.waits import wait_for
 
 
 def test_client_shuts_first_reply_still_arrives(make_proxy):
@@ -82,6 +83,29 @@ def test_half_close_timeout_closes_bridge(make_proxy):
                 assert how is not None, "bridge still open 6 s after EOF with half_close_timeout=1s"
                 assert 0.5 <= took <= 4.0, took
                 assert closed_by_peer(s, timeout=3) is not None
+
+
+def test_half_close_timeout_is_silence_not_a_deadline(make_proxy):
+    # As HAProxy's client-fin: a client that sent its request and FIN gets
+    # the whole of a slow answer; the bridge ends only after a second of
+    # silence once it stops.
+    with Listener() as srv:
+        p = make_proxy(srv.addr, half_close_timeout="1s")
+        with connect(p.address) as c:
+            c.sendall(b"GET")
+            c.shutdown(socket.SHUT_WR)
+            with srv.accept() as s:
+                assert recv_exact(s, 3) == b"GET"
+                assert recv_until_eof(s) == b""
+                for i in range(12):   # 2.75 s in all, well past the timeout
+                    s.sendall(b"%d," % i)
+                    time.sleep(0.25)
+                assert recv_exact(c, len(b"".join(b"%d," % i for i in range(12)))) == \
+                    b"".join(b"%d," % i for i in range(12))
+                t0 = time.monotonic()
+                assert closed_by_peer(c, timeout=6) is not None
+                assert 0.5 <= time.monotonic() - t0 <= 3.0
+        assert p.stats()["active"] == 0 or wait_for(lambda: p.stats()["active"] == 0, 5)
 
 
 def test_server_speaks_first(make_proxy):

@@ -403,7 +403,7 @@ OPTIONS: Tuple[Option, ...] = (
            "for D", "timeouts", metavar=D, shown_default="never"),
     Option("max_lifetime", _optional(_positive_duration), None, "close a bridge D after it was accepted",
            "timeouts", metavar=D, shown_default="never"),
-    Option("half_close_timeout", _positive_duration, 300.0, "how long a bridge may stay half-closed",
+    Option("half_close_timeout", _positive_duration, 300.0, "how long a half-closed bridge (one side sent FIN) may go without a byte either way",
            "timeouts", metavar=D),
     Option("drain_timeout", _duration, 10.0, "on stop, how long live bridges may finish", "timeouts",
            scope="process", metavar=D),

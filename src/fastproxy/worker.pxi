@@ -50,7 +50,7 @@ cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
         while timer_due(s, T_CONNECT, now):
             bridge_retry(w, s.thead[T_CONNECT], -ETIMEDOUT, now)
         while timer_due(s, T_HALF_CLOSE, now):
-            bridge_close(w, s.thead[T_HALF_CLOSE], TIMEOUT, 0, 0)
+            half_close_expire(w, s.thead[T_HALF_CLOSE], now)
         while timer_due(s, T_LIFETIME, now):
             bridge_close(w, s.thead[T_LIFETIME], TIMEOUT, 0, 0)
         while timer_due(s, T_IDLE, now):
@@ -80,6 +80,22 @@ cdef void idle_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
         bridge_close(w, b, TIMEOUT, 0, 0)
     else:
         timer_add(w, b, T_IDLE, due)
+
+
+cdef void half_close_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
+    # As HAProxy's client-fin / server-fin: a half-closed bridge ends after
+    # half_close_timeout without a byte either way, not while the side
+    # still open is answering (an upload, then its long response). The
+    # timer is armed at the first EOF and, like idle_expire's, re-armed for
+    # what is left.
+    cdef int64_t due
+    if b.kern and kern_active(w, b):
+        b.last_active_ns = now
+    due = b.last_active_ns + b.ls.half_close_timeout_ns
+    if due <= now:
+        bridge_close(w, b, TIMEOUT, 0, 0)
+    else:
+        timer_add(w, b, T_HALF_CLOSE, due)
 
 
 cdef int worker_timeout_ms(Worker *w, int64_t now) noexcept nogil:
