@@ -197,6 +197,32 @@ def test_queue_time_and_total_time(make_proxy, echo_server, tmp_path):
         assert e["total_time"] >= e["queue_time"] + e["connect_time"] - 1e-5
 
 
+def test_queue_time_of_waiters_that_never_got_a_slot(make_proxy, echo_server, tmp_path):
+    # A waiter that timed out in the queue, or gave up (FIN), waited: its
+    # queue_time is that wait, as HAProxy's Tw on a queue timeout or abort.
+    log = tmp_path / "access.jsonl"
+    p = make_proxy(echo_server.addr, max_connections=1, queue_timeout=0.6, access_log=str(log))
+    a = connect(p.address)
+    a.sendall(b"first")
+    assert recv_exact(a, 5) == b"first"
+    timed_out = connect(p.address)
+    gave_up = connect(p.address)
+    assert wait_for(lambda: p.stats()["queued"] == 2, 3)
+    time.sleep(0.3)
+    gave_up.close()
+    timed_out.settimeout(5)
+    assert timed_out.recv(1) == b""
+    timed_out.close()
+    assert wait_for(lambda: len(read_lines(log)) == 2, 5), read_lines(log)
+    by_reason = {e["reason"]: e for e in read_lines(log)}
+    assert set(by_reason) == {"TIMEOUT", "CLIENT_CLOSED"}, by_reason
+    assert 0.6 <= by_reason["TIMEOUT"]["queue_time"] <= by_reason["TIMEOUT"]["total_time"]
+    assert 0.3 <= by_reason["CLIENT_CLOSED"]["queue_time"] <= by_reason["CLIENT_CLOSED"]["total_time"]
+    for e in by_reason.values():
+        assert e["connect_time"] is None
+    a.close()
+
+
 def test_never_connected_has_no_connect_time(make_proxy, echo_server):
     rec = Recorder()
     p = make_proxy(echo_server.addr, on_connect=lambda conn: False, on_close=rec)

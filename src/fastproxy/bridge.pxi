@@ -295,6 +295,10 @@ cdef void bridge_close(Worker *w, Bridge *b, int reason,
     cdef int64_t now
     if b.state == B_CLOSED:
         return
+    if b.state == B_QUEUED:
+        # It leaves the queue by closing (queue_timeout, the client gave
+        # up): its queue_time is that wait, not 0 (HAProxy's Tw with sQ/CQ).
+        timing_left_queue(b, w.now_ns)
     timing_closed(w, b)
     # Off the wait queue before the client can see the close, so a stats()
     # read after it never counts this bridge as queued.
