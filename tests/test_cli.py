@@ -137,3 +137,34 @@ def test_console_script_installed():
     cp = subprocess.run([exe, "--version"], capture_output=True, timeout=30, env=subprocess_env())
     assert cp.returncode == 0
     assert re.search(rb"\d+\.\d+", cp.stdout + cp.stderr)
+
+
+@pytest.mark.parametrize("bad,line", [
+    ('hooks = "/nonexistent/fp-hooks.py"', "{path}: listeners[1].hooks: '/nonexistent/fp-hooks.py': no such file"),
+    ('access_log = "/nonexistent/fp-dir/a.log"', "{path}: listeners[1].access_log: '/nonexistent/fp-dir/a.log': "),
+    ('listen_taken = true', "{path}: listeners[1].listen: '127.0.0.1:{taken}': address already in use"),
+])
+def test_a_files_mistake_found_at_start_names_the_file_and_listener(tmp_path, any_engine, bad, line):
+    # Found only once the proxy starts (a hooks file, a log's directory, a
+    # port in use), still a file's mistake: the file and the key path, not a
+    # flag the user never typed.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        second = f'listen = "127.0.0.1:{port}"' if bad == "listen_taken = true" else f'listen = "127.0.0.1:0"\n{bad}'
+        path = tmp_path / "two.toml"
+        path.write_text(f'engine = "{any_engine}"\nworkers = 1\n'
+                        '[[listeners]]\nname = "a"\nlisten = "127.0.0.1:0"\nupstreams = ["127.0.0.1:9"]\n'
+                        f'[[listeners]]\nname = "b"\n{second}\nupstreams = ["127.0.0.1:9"]\n')
+        rc, out, err = run_cli(["--config", str(path)])
+    want = line.format(path=path, taken=port)
+    assert_one_line_error(rc, out, err, want)
+    assert "--" not in err.split(want)[0], err   # no flag named
+
+
+def test_a_flags_mistake_with_a_config_file_still_names_the_flag(tmp_path, any_engine):
+    path = tmp_path / "one.toml"
+    path.write_text(f'engine = "{any_engine}"\n[[listeners]]\nlisten = "127.0.0.1:0"\nupstreams = ["127.0.0.1:9"]\n')
+    rc, out, err = run_cli(["--config", str(path), "--hooks", "/nonexistent/fp-hooks.py"])
+    assert_one_line_error(rc, out, err, "--hooks: '/nonexistent/fp-hooks.py': no such file")

@@ -376,3 +376,22 @@ def test_a_listen_address_spelled_otherwise_keeps_its_socket(any_engine, echo_se
             assert echo_roundtrip(p.address, b"new") == b"new"
         finally:
             stop_bounded(p)
+
+
+def test_a_refused_reload_names_the_listener_whose_option_failed(any_engine, echo_server, caplog):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = taken.getsockname()[1]
+        p = Proxy.from_config({"engine": any_engine, "workers": 1, "listeners": [
+            {"name": "a", "listen": "127.0.0.1:0", "upstreams": [echo_server.addr]}]}).start()
+        try:
+            with caplog.at_level(logging.ERROR, logger="fastproxy.proxy"):
+                with pytest.raises(ConfigError) as err:
+                    p.reload({"engine": any_engine, "workers": 1, "listeners": [
+                        {"name": "a", "listen": f"127.0.0.1:{p.address[1]}", "upstreams": [echo_server.addr]},
+                        {"name": "b", "listen": f"127.0.0.1:{busy}", "upstreams": [echo_server.addr]}]})
+            assert err.value.listener == "b" and err.value.field == "listen"
+            assert any("reload refused, the running configuration stays: listener 'b': listen:" in r.getMessage()
+                       for r in caplog.records), caplog.text
+            assert echo_roundtrip(p.address, b"still") == b"still"
+        finally:
+            stop_bounded(p)

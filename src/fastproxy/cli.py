@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 from datetime import datetime, timezone
-from typing import Any, Dict, List, NoReturn, Optional
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence
 
 from . import __version__
 from .check import describe
@@ -102,6 +102,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)}")
     log_level: Optional[str] = args.pop("log_level")
+    names: List[str] = []   # the file's listeners, for an error that names one
     try:
         if path is None and not check:
             _log_to_stderr(log_level or "info", args.get("log_format", "text"))
@@ -112,6 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             pc = ProxyConfig(one.process, one.listeners, log_level=log_level)
         else:
             pc = config_from_file(path, args, log_level)
+            names = [c.name for c in pc.listeners]
         if check:
             sys.stdout.write(describe(pc))
             return 0
@@ -135,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         Proxy.from_config(source).serve_forever()
     except ConfigError as exc:
-        print(f"fastproxy: error: {error_line(exc, from_file=path is not None)}", file=sys.stderr)
+        print(f"fastproxy: error: {error_line(exc, from_file=path, flags=args, names=names)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 
@@ -186,11 +188,22 @@ def config_from_file(path: str, flags: Dict[str, Any], log_level: Optional[str])
     return config_from_mapping(mapping, path, overrides=overrides)
 
 
-def error_line(exc: ConfigError, *, from_file: bool) -> str:
-    """A flag's mistake names the flag; a file's names the file and key."""
-    if isinstance(exc, ConfigFileError) or (from_file and not is_option_field(exc.field)):
+def error_line(exc: ConfigError, *, from_file: Optional[str] = None, flags: Mapping[str, Any] = {},
+               names: Sequence[str] = ()) -> str:
+    """A flag's mistake names the flag; a file's names the file and key
+    (`listeners[i].key` for a listener's, by its name among `names`, the
+    file's listeners in order), also when it shows only once the proxy
+    starts (a hooks file, a port in use, a name that does not resolve)."""
+    if isinstance(exc, ConfigFileError):
         return str(exc)
-    return f"{flag_of(exc.field)}: {quote(exc.value)}: {exc.problem}"
+    if from_file is None or (is_option_field(exc.field) and exc.field in flags):
+        if is_option_field(exc.field):
+            return f"{flag_of(exc.field)}: {quote(exc.value)}: {exc.problem}"
+        return str(exc)
+    key = exc.field
+    if exc.listener is not None and exc.listener in names:
+        key = f"listeners[{list(names).index(exc.listener)}].{exc.field}"
+    return f"{from_file}: {key}: {quote(exc.value)}: {exc.problem}"
 
 
 def is_option_field(field: str) -> bool:

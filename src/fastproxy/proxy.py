@@ -33,7 +33,7 @@ from .options import OPTIONS, option
 from .timewindows import Clock
 from .toxics import STREAMS, Toxic, ToxicError, check_toxics
 from .upstreams import Upstream
-from .values import Duration, format_address, unix_path
+from .values import Duration, format_address, naming_listener, unix_path
 from .sockets import accepts_connections, bound_as, check_listening, close_listening, fd_budget, unix_file_of
 from .takeover import Handover, TakeoverServer, take_over
 
@@ -282,7 +282,11 @@ class Proxy:
         argument reads a file again, or calls the callable again."""
         configs = _load_configs(source)
         self = cls.__new__(cls)
-        self._setup([Listener(c, health_check=health_check, clock=clock) for c in configs])
+        made = []
+        for c in configs:
+            with naming_listener(c.name):
+                made.append(Listener(c, health_check=health_check, clock=clock))
+        self._setup(made)
         if callable(source) or isinstance(source, (str, os.PathLike)):
             self._rebuild = lambda: _load_configs(source)
         else:
@@ -380,9 +384,10 @@ class Proxy:
                     stats_bound = (taken, unix_file_of(taken)) if taken is not None else bind_stats(process.stats)
                 self._dns = DnsClient(process.resolver)
                 for lst in self._listeners:
-                    lst.prepare(engine=engine, max_connections=default_max_connections(budget),
-                                on_log_error=_weak(self._access_log_error), dns=self._dns,
-                                sock=self._inherited_socket(lst))
+                    with naming_listener(lst.name):
+                        lst.prepare(engine=engine, max_connections=default_max_connections(budget),
+                                    on_log_error=_weak(self._access_log_error), dns=self._dns,
+                                    sock=self._inherited_socket(lst))
                     prepared.append(lst)
                 self.config = self._listeners[0].config
                 workers = self.config.process.workers
@@ -473,7 +478,8 @@ class Proxy:
                 self._check_process(configs[0])
                 self._apply(plane, runner, configs)
             except ConfigError as exc:
-                log.error("reload refused, the running configuration stays: %s", exc)
+                where = f"listener {exc.listener!r}: " if exc.listener is not None else ""
+                log.error("reload refused, the running configuration stays: %s%s", where, exc)
                 raise
 
     def _check_process(self, config: Config) -> None:
@@ -539,11 +545,14 @@ class Proxy:
                 # Hooks registered in Python carry over; a hooks option
                 # is loaded again (the file may have changed).
                 hooks = old.hooks if old is not None and cfg.hooks.hooks is None else None
-                lst = Listener(cfg, hooks=hooks, health_check=self._health_check, clock=self._clock)
-                lst.prepare(engine=engine, max_connections=default_max_connections(self._budget),
-                            on_log_error=_weak(self._access_log_error), dns=dns,
-                            sock=old.sock if old is not None else None)
-                fresh.append((lst, old))
+                with naming_listener(cfg.name):
+                    lst = Listener(cfg, hooks=hooks, health_check=self._health_check, clock=self._clock)
+                    try:
+                        lst.prepare(engine=engine, max_connections=default_max_connections(self._budget),
+                                    on_log_error=_weak(self._access_log_error), dns=dns,
+                                    sock=old.sock if old is not None else None)
+                    finally:
+                        fresh.append((lst, old))   # discarded below if anything failed
         except BaseException:
             for lst, old in fresh:
                 if lst not in kept:

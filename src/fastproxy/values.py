@@ -8,10 +8,11 @@ declared in options.py, each with one of these parsers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
-from typing import List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 from . import _core
 
@@ -42,13 +43,29 @@ Address = Tuple[str, int]
 
 
 class ConfigError(ValueError):
-    """A user mistake in the configuration: `field` names where it is."""
+    """A user mistake in the configuration: `field` names where it is;
+    `listener`, when set, the name of the listener whose option it is (a
+    process of several listeners tells them apart by it)."""
+
+    listener: Optional[str] = None
 
     def __init__(self, field: str, value: object, problem: str) -> None:
         self.field = field
         self.value = value
         self.problem = problem
         super().__init__(f"{field}: {quote(value)}: {problem}")
+
+
+@contextlib.contextmanager
+def naming_listener(name: str) -> Iterator[None]:
+    """A ConfigError raised within is about listener `name` (unless it
+    already names one)."""
+    try:
+        yield
+    except ConfigError as exc:
+        if exc.listener is None:
+            exc.listener = name
+        raise
 
 
 MAX_QUOTE = 120
