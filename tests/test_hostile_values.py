@@ -104,6 +104,12 @@ def test_an_endless_rule_file_is_refused_at_once(tmp_path, path):
     assert time.monotonic() - began < 15
 
 
+@pytest.mark.parametrize("command", [["check"], []])
+def test_a_directory_as_a_rule_file_is_one_line(tmp_path, command):
+    rc, out, err = run_cli(command + BASE + ["--allow-file", str(tmp_path)], timeout=20)
+    assert_one_line_error(rc, out, err, "--allow-file", str(tmp_path), "is a directory, not a rule file")
+
+
 def test_a_rule_file_too_large_is_refused_before_it_is_read(tmp_path):
     path = tmp_path / "big.txt"
     with open(path, "wb") as f:

@@ -59,16 +59,23 @@ def read_rule_file(path: Union[str, os.PathLike], field: str) -> List[Network]:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise ConfigError(field, shown, f"cannot be read: {e.strerror}") from None
-    with open(fd, "rb") as f:
+    # Closed here whatever happens: open() of a directory's fd raises
+    # without closing it, and a refused file must not cost an fd.
+    try:
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(field, shown, "is a directory, not a rule file")
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(field, shown, "is not a regular file (a rule file must be one)")
         if st.st_size > MAX_RULE_FILE:
             raise ConfigError(field, shown, f"is {st.st_size} bytes: a rule file has at most {MAX_RULE_FILE}")
         try:
-            data = f.read(MAX_RULE_FILE + 1)   # a file that grew meanwhile stops here
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read(MAX_RULE_FILE + 1)   # a file that grew meanwhile stops here
         except OSError as e:
             raise ConfigError(field, shown, f"cannot be read: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_RULE_FILE:
         raise ConfigError(field, shown, f"is larger than {MAX_RULE_FILE} bytes: a rule file has at most that")
     try:
