@@ -341,6 +341,13 @@ def test_a_bad_value_from_defaults_is_named_where_it_is_written(tmp_path):
     assert got == f"{path}: defaults.queue_size: 0: is out of range (1-16777216)"
 
 
+@pytest.mark.parametrize("key", ["allow_file", "deny_file"])
+@pytest.mark.parametrize("entry,shown", [("5", "5"), ("true", "True"), ("[]", "[]"), ("{}", "{}")])
+def test_a_rule_file_entry_that_is_no_string_is_named(tmp_path, key, entry, shown):
+    path, got = error_of(tmp_path, f"[defaults]\n{key} = [{entry}]\n" + ONE)
+    assert got == f"{path}: defaults.{key}: {shown}: expected a file path"
+
+
 def test_rule_file_errors_name_the_key(tmp_path):
     rules = tmp_path / "allow.txt"
     rules.write_text("10.0.0.0/8\nnonsense\n")

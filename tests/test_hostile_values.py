@@ -110,6 +110,14 @@ def test_a_directory_as_a_rule_file_is_one_line(tmp_path, command):
     assert_one_line_error(rc, out, err, "--allow-file", str(tmp_path), "is a directory, not a rule file")
 
 
+@pytest.mark.parametrize("name", ["allow_file", "deny_file"])
+@pytest.mark.parametrize("value", [[5], [True], [[]], 5, [None]])
+def test_a_rule_file_that_is_no_path_is_a_config_error(name, value):
+    with pytest.raises(ConfigError) as info:
+        Proxy(listen="127.0.0.1:0", upstream="127.0.0.1:9", **{name: value})
+    assert info.value.field == name and "expected a file path" in str(info.value)
+
+
 def test_a_rule_file_too_large_is_refused_before_it_is_read(tmp_path):
     path = tmp_path / "big.txt"
     with open(path, "wb") as f:

@@ -52,6 +52,8 @@ def read_rule_file(path: Union[str, os.PathLike], field: str) -> List[Network]:
     A bad line is reported as FILE:LINE. Only a regular file of at most
     MAX_RULE_FILE bytes, lines of at most MAX_RULE_LINE: a device or a FIFO
     could be endless, or block the start (or a reload) until written to."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise ConfigError(field, path, "expected a file path")
     shown = os.fspath(path)
     try:
         # O_NONBLOCK: opening a FIFO with no writer returns at once, so
@@ -112,7 +114,7 @@ def parse_rule_files(paths: object, field: str) -> Tuple[Network, ...]:
     """Rule files (one path is a list of one) -> the rules they hold."""
     if paths is None:
         return ()
-    if isinstance(paths, (str, os.PathLike)):
+    if isinstance(paths, (str, bytes, os.PathLike)):
         paths = [paths]
     if not isinstance(paths, Iterable):
         raise ConfigError(field, paths, "expected a file path or a list of them")
