@@ -213,6 +213,17 @@ def test_a_bad_value_in_the_file_stops_the_run_too(tmp_path):
     assert err == f"fastproxy: error: {path}: workers: 0: is out of range (1-1024)\n"
 
 
+@pytest.mark.parametrize("command", [["check"], []])
+@pytest.mark.parametrize("key", ["access_log", "allow_file", "unix_user"])
+def test_a_nul_in_a_path_is_one_line_in_check_and_at_run(tmp_path, command, key):
+    text = ONE + f'{key} = "{tmp_path}/a\\u0000b"\n'
+    if key == "unix_user":
+        text = text.replace("127.0.0.1:7101", f"unix:{tmp_path}/s.sock")
+    path = write(tmp_path, text)
+    rc, out, err = run_cli(command + ["--config", path])
+    assert_one_line_error(rc, out, err, f"listeners[0].{key}", "cannot hold a NUL byte")
+
+
 # The CLI's main() with root's privileges dropped after the imports: root
 # reads any file whatever its mode, nobody does not.
 AS_NOBODY = """

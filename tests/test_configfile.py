@@ -348,6 +348,27 @@ def test_a_rule_file_entry_that_is_no_string_is_named(tmp_path, key, entry, show
     assert got == f"{path}: defaults.{key}: {shown}: expected a file path"
 
 
+@pytest.mark.parametrize("key,value,what", [
+    ("allow_file", '["a\\u0000b"]', "path"),
+    ("deny_file", '["a\\u0000b"]', "path"),
+    ("access_log", '"a\\u0000b"', "path"),
+    ("hooks", '"a\\u0000b"', "path"),
+    ("unix_user", '"a\\u0000b"', "name"),
+    ("unix_group", '"a\\u0000b"', "name"),
+])
+def test_a_nul_in_a_path_or_name_is_named(tmp_path, key, value, what):
+    listen = "unix:" + str(tmp_path / "s.sock") if key.startswith("unix_") else "127.0.0.1:0"
+    path, got = error_of(tmp_path, f'[[listeners]]\nlisten = "{listen}"\nupstreams = ["127.0.0.1:9"]\n'
+                                   f"{key} = {value}\n")
+    assert got == f"{path}: listeners[0].{key}: 'a\\x00b': a {what} cannot hold a NUL byte"
+
+
+def test_a_config_path_with_a_nul_is_a_config_file_error():
+    with pytest.raises(ConfigFileError) as info:
+        load_config("a\0b.toml")
+    assert str(info.value) == "'a\\x00b.toml': a path cannot hold a NUL byte"
+
+
 def test_rule_file_errors_name_the_key(tmp_path):
     rules = tmp_path / "allow.txt"
     rules.write_text("10.0.0.0/8\nnonsense\n")

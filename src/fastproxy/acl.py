@@ -9,7 +9,7 @@ import os
 import stat
 from typing import Iterable, List, Tuple, Union
 
-from .values import ConfigError, quote
+from .values import ConfigError, quote, refuse_nul
 
 __all__ = ["Network", "parse_cidr", "parse_cidrs", "parse_rule_files", "read_rule_file"]
 
@@ -55,6 +55,7 @@ def read_rule_file(path: Union[str, os.PathLike], field: str) -> List[Network]:
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise ConfigError(field, path, "expected a file path")
     shown = os.fspath(path)
+    refuse_nul(shown, field)
     try:
         # O_NONBLOCK: opening a FIFO with no writer returns at once, so
         # fstat can refuse it.

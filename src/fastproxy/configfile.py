@@ -26,7 +26,16 @@ else:  # pragma: no cover - the package needs 3.11; tomli is the same parser
 from .config import Config
 from .options import OPTIONS
 from .upstreams import MAX_WEIGHT, SPEC_FORM, Upstream, parse_upstream, parse_upstreams
-from .values import MAX_CONNECTIONS, ConfigError, format_address, parse_address, parse_choice, parse_count, quote
+from .values import (
+    MAX_CONNECTIONS,
+    ConfigError,
+    format_address,
+    parse_address,
+    parse_choice,
+    parse_count,
+    quote,
+    refuse_nul,
+)
 
 __all__ = [
     "ConfigFileError",
@@ -63,7 +72,10 @@ class ConfigFileError(ConfigError):
         self.line = line
         parts: List[str] = []
         if source is not None:
-            where = source if line is None else f"{source}:{line}"
+            # A file name may hold a line break, a NUL or bytes that are not
+            # UTF-8 (surrogates): shown escaped, as a key is.
+            where = source if isinstance(source, str) and source.isprintable() else repr(source)
+            where = where if line is None else f"{where}:{line}"
             parts.append(where if column is None else f"{where}:{column}")
         if key:
             # A key is any string in TOML ("\n" = 1) or a mapping: one with
@@ -123,6 +135,10 @@ def read_config(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
     def fail(problem: str, line: Optional[int] = None, column: Optional[int] = None) -> ConfigFileError:
         return ConfigFileError(source, "", None, problem, line=line, column=column, show_value=False)
 
+    try:
+        refuse_nul(source, "config")
+    except ConfigError as exc:
+        raise fail(exc.problem) from None
     try:
         with open(source, "rb") as f:
             # A pipe (--config <(...)) is read as a file is, up to the bound.

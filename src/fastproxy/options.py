@@ -40,6 +40,7 @@ from .values import (
     parse_tcp_keepalive,
     parse_tcp_user_timeout,
     parse_size,
+    refuse_nul,
 )
 
 __all__ = ["Option", "OPTIONS", "SECTIONS", "COMMAND_FLAGS", "format_duration", "format_value", "option"]
@@ -186,6 +187,13 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
+def _path(value: Any, field: str) -> str:
+    # A file (or a module) the proxy opens: the system takes it as a C string.
+    text = _text(value, field)
+    refuse_nul(text, field)
+    return text
+
+
 def _name(value: Any, field: str) -> str:
     # A name appears in logs, labels and the status page: printable text.
     text = _text(value, field)
@@ -215,6 +223,7 @@ def _id_of(value: Any, field: str, lookup: Callable[[str], Any], what: str) -> i
     text = value.strip() if isinstance(value, str) else None
     if not text:
         raise ConfigError(field, value, f"must be a {what} name or a numeric id")
+    refuse_nul(value, field, "name")
     if is_digits(text):
         if len(text) > 10 or int(text) > MAX_ID:
             raise ConfigError(field, value, f"is out of range (0-{MAX_ID})")
@@ -419,7 +428,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("proxy_header_max", _count(16, 65535), 1024, "longest v2 PROXY header payload accepted, in bytes",
            "proxy_protocol", metavar="N"),
     # ---- hooks
-    Option("hooks", _optional(_text), None, "Python hooks: FILE.py[:OBJECT] or MODULE[:OBJECT] defining "
+    Option("hooks", _optional(_path), None, "Python hooks: FILE.py[:OBJECT] or MODULE[:OBJECT] defining "
            "on_connect, on_data, on_close", "hooks", metavar="SPEC"),
     Option("hook_threads", _count(1, MAX_THREADS), 16, "threads that run on_connect and on_data hooks (shared by the "
            "process's listeners)", "hooks", scope="process", metavar="N"),
@@ -428,7 +437,7 @@ OPTIONS: Tuple[Option, ...] = (
            "hooks", metavar=D, shown_default="never"),
     Option("max_hold", _size, 1 << 20, "most bytes on_data may hold with WAIT before the bridge is closed",
            "hooks", metavar="SIZE"),
-    Option("access_log", _optional(_text), None, "one JSON line per closed bridge, appended to FILE "
+    Option("access_log", _optional(_path), None, "one JSON line per closed bridge, appended to FILE "
            "(- is standard output)", "hooks", metavar="FILE"),
     Option("access_log_format", _optional(parse_access_log_format), None, "the fields an access log line "
            "holds, comma-separated, in that order; any of " + ", ".join(ACCESS_LOG_FIELDS), "hooks",

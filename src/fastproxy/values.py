@@ -32,6 +32,7 @@ __all__ = [
     "parse_tcp_user_timeout",
     "parse_unix",
     "quote",
+    "refuse_nul",
     "format_address",
     "unix_path",
     "unix_sockaddr",
@@ -62,6 +63,14 @@ def quote(value: object) -> str:
         return text
     size = len(value) if isinstance(value, str) else len(text)
     return f"{text[:MAX_QUOTE - 20]}... ({size} characters)"
+
+
+def refuse_nul(value: Union[str, bytes], field: str, what: str = "path") -> None:
+    """A path or a name goes to the system as a C string, which a NUL would
+    end early; Python refuses it with a bare ValueError (a traceback), so
+    it is refused here first, as the user's mistake."""
+    if ("\0" if isinstance(value, str) else b"\0") in value:
+        raise ConfigError(field, value, f"a {what} cannot hold a NUL byte")
 
 
 # The longest duration any option takes: a year (366 days). Longer is a
