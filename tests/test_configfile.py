@@ -220,6 +220,14 @@ def test_toml_syntax_error_names_line(tmp_path, text, where, problem):
     assert message == f"{path}{where}: {problem}"
 
 
+@pytest.mark.parametrize("text", ["a = " + "[" * 100000 + "]" * 100000 + "\n",
+                                  ONE + "allow = " + "[" * 500 + "]" * 500 + "\n",
+                                  ONE + "allow = " + "{a = " * 500 + "1" + "}" * 500 + "\n"])
+def test_toml_nested_too_deeply_is_one_error_naming_the_file(tmp_path, text):
+    path, message = error_of(tmp_path, text)
+    assert message == f"{path}: invalid TOML: arrays or tables nested too deeply"
+
+
 # ---- the document's shape
 
 @pytest.mark.parametrize("text,message", [

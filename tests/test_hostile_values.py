@@ -150,3 +150,10 @@ def test_an_endless_config_file_is_refused_after_its_bound():
     from fastproxy.configfile import MAX_CONFIG_FILE
     rc, out, err = run_cli(["--config", "/dev/zero"], timeout=20)
     assert_one_line_error(rc, out, err, "/dev/zero", f"larger than {MAX_CONFIG_FILE} bytes")
+
+
+def test_a_config_file_nested_too_deeply_is_one_line(tmp_path):
+    path = tmp_path / "deep.toml"
+    path.write_text("a = " + "[" * 100000 + "]" * 100000 + "\n")
+    rc, out, err = run_cli(["check", "--config", str(path)], timeout=20)
+    assert_one_line_error(rc, out, err, str(path), "nested too deeply")

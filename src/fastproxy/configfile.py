@@ -160,6 +160,10 @@ def read_config(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
         raise fail(f"is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}", line) from None
     try:
         return tomllib.loads(text)
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively: a few
+        # hundred levels exhaust Python's stack. No configuration nests so.
+        raise fail("invalid TOML: arrays or tables nested too deeply") from None
     except tomllib.TOMLDecodeError as exc:
         # tomllib ends its message with the place: "(at line 3, column 9)"
         # or "(at end of document)"; the place goes first, as FILE:LINE:COL.
