@@ -224,6 +224,23 @@ def test_a_nul_in_a_path_is_one_line_in_check_and_at_run(tmp_path, command, key)
     assert_one_line_error(rc, out, err, f"listeners[0].{key}", "cannot hold a NUL byte")
 
 
+@pytest.mark.parametrize("encoding,flag,value,shown", [
+    ("utf-8", "--hooks", os.fsdecode(b"\xff.py"), "hooks \\udcff.py"),   # bytes that are not UTF-8
+    ("ascii", "--name", "caf\u00e9", "listener caf\\xe9:"),
+])
+def test_check_prints_values_its_output_cannot_encode_escaped(encoding, flag, value, shown):
+    rc, out, err = run_cli(["check", "--listen", "127.0.0.1:7101", "--upstream", "127.0.0.1:9", flag, value],
+                           env={"PYTHONIOENCODING": encoding})
+    assert rc == 0 and err == "", err
+    assert shown in out
+
+
+def test_an_error_line_with_bytes_that_are_not_utf8_is_one_line():
+    rc, out, err = run_cli(["check", "--listen", "127.0.0.1:7101", "--upstream", "127.0.0.1:9",
+                            "--workers", os.fsdecode(b"\xff")], env={"PYTHONIOENCODING": "utf-8"})
+    assert_one_line_error(rc, out, err, "--workers", "'\\udcff'", "is not a whole number")
+
+
 # The CLI's main() with root's privileges dropped after the imports: root
 # reads any file whatever its mode, nobody does not.
 AS_NOBODY = """

@@ -113,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             pc = config_from_file(path, args, log_level)
         if check:
-            sys.stdout.write(describe(pc))
+            _write_out(describe(pc))
             return 0
         _log_to_stderr(pc.log_level or "info", pc.process.log_format)
         if path is None:
@@ -132,6 +132,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fastproxy: error: {error_line(exc, from_file=path is not None)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _write_out(text: str) -> None:
+    # What the user typed may not encode on standard output (a file name's
+    # bytes that are not UTF-8 are surrogates, 'é' in ASCII): it is then
+    # escaped, as Python writes standard error, rather than a traceback.
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:
+        encoding = sys.stdout.encoding or "utf-8"
+        sys.stdout.write(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
 def _log_to_stderr(level: str, log_format: str = "text") -> None:
