@@ -58,6 +58,27 @@ def test_a_huge_count_in_the_api_is_a_config_error(name):
     assert info.value.field == name and "out of range" in str(info.value)
 
 
+@pytest.mark.parametrize("options,field,problem", [
+    ({"upstreams": 5}, "upstreams", "expected a list of upstreams"),
+    ({"upstreams": None, "upstream": "127.0.0.1:9", "stats": ("127.0.0.1", 83767)}, "stats",
+     "port 83767 is out of range"),
+    ({"upstreams": None, "upstream": "127.0.0.1:9", "stats": ("127.0.0.1\0junk", 18232)}, "stats",
+     "control characters"),
+    ({"upstreams": None, "upstream": "127.0.0.1:9", "stats": ("127.0.0.1", True)}, "stats", "HOST:PORT"),
+    ({"upstreams": None, "upstream": "127.0.0.1:9", "resolver": ("127.0.0.1", 65536)}, "resolver",
+     "port 65536 is out of range"),
+])
+def test_api_values_of_the_wrong_shape_or_range_are_config_errors(options, field, problem):
+    with pytest.raises(ConfigError) as info:
+        Proxy(listen="127.0.0.1:0", **options)
+    assert info.value.field == field and problem in str(info.value)
+
+
+def test_a_stats_pair_in_range_is_taken_as_its_text_is():
+    config = Proxy(listen="127.0.0.1:0", upstream="127.0.0.1:9", stats=("::1", 8080)).config
+    assert config.process.stats == ("::1", 8080)
+
+
 def test_a_huge_int_duration_in_the_api_is_a_config_error_not_an_overflow():
     with pytest.raises(ConfigError, match="366 days"):
         Proxy(listen="127.0.0.1:0", upstreams=["127.0.0.1:9"], connect_timeout=10**400)

@@ -28,6 +28,7 @@ from .values import (
     MAX_CONNECTIONS,
     MAX_COUNT,
     ConfigError,
+    format_address,
     is_digits,
     parse_address,
     parse_choice,
@@ -166,9 +167,15 @@ def _listen(value: Any, field: str) -> Tuple[str, int]:
 
 
 def _endpoint(value: Any, field: str) -> Tuple[str, int]:
-    # An address parsed already (a Config's options fed back) stays as it is.
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
-        return (str(value[0]), value[1])
+    # An address parsed already (a Config's options fed back, or a (host,
+    # port) pair from the API) is checked as its text would be: a port out
+    # of range or a host with a NUL is the same mistake either way.
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) \
+            and isinstance(value[1], int) and not isinstance(value[1], bool):
+        try:
+            return _listen(format_address(*value), field)
+        except ConfigError as exc:
+            raise ConfigError(field, value, exc.problem) from None
     return _listen(value, field)
 
 

@@ -136,7 +136,7 @@ def parse_upstream(spec: Union[str, Upstream], fld: str = "upstream") -> Upstrea
 
 def parse_upstreams(specs: Iterable[Union[str, Upstream]], fld: str = "upstreams") -> Tuple[Upstream, ...]:
     """A non-empty group; an address may appear once (stats are keyed by it)."""
-    if isinstance(specs, (str, Upstream)):
+    if isinstance(specs, (str, Upstream)) or not isinstance(specs, Iterable):
         raise ConfigError(fld, specs, "expected a list of upstreams")
     group = tuple(parse_upstream(s, fld) for s in specs)
     if not group:
