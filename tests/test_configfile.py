@@ -109,6 +109,23 @@ upstreams = [
         Upstream("127.0.0.1:9001", 2), Upstream("127.0.0.1:9002"), Upstream("127.0.0.1:9003", 0, 5, True))
 
 
+def test_an_upstream_table_takes_srv_as_the_string_form_does(tmp_path):
+    pc = load_config(write(tmp_path, """
+[[listeners]]
+listen = ":0"
+upstreams = [
+  "srv:_a._tcp.example,max-connections=5",
+  { address = "srv:_B._tcp.example.", max_connections = 5, backup = true },
+  { address = "unix:/run/app.sock" },
+]
+"""))
+    assert pc.listeners[0].upstream_group.upstreams == (
+        Upstream("srv:_a._tcp.example", 1, 5), Upstream("srv:_b._tcp.example", 1, 5, True),
+        Upstream("unix:/run/app.sock"))
+    assert [(u.host, u.port) for u in pc.listeners[0].upstream_group.upstreams[:2]] == [
+        ("srv:_a._tcp.example", 0), ("srv:_b._tcp.example", 0)]
+
+
 def test_upstreams_may_come_from_defaults(tmp_path):
     pc = load_config(write(tmp_path, """
 [defaults]
@@ -297,6 +314,11 @@ def _listener(lines):
      "listeners[0].upstreams[0].address: '127.0.0.1': expected HOST:PORT"),
     (_listener("upstreams = [{ address = 9 }]\n"),
      "listeners[0].upstreams[0].address: 9: expected a string like HOST:PORT"),
+    (_listener('upstreams = [{ address = "srv:" }]\n'),
+     "listeners[0].upstreams[0].address: 'srv:': needs a DNS name after srv: (srv:_service._proto.name)"),
+    (_listener('upstreams = [{ address = "srv:_x._tcp.example", weight = 2 }]\n'),
+     "listeners[0].upstreams[0]: 'srv:_x._tcp.example': an SRV upstream takes its weights from the records "
+     "(no weight)"),
     (_listener('upstreams = [{ address = "127.0.0.1:9", weight = 300 }]\n'),
      "listeners[0].upstreams[0].weight: 300: is out of range (0-256)"),
     (_listener('upstreams = [{ address = "127.0.0.1:9", weight = true }]\n'),

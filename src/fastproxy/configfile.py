@@ -25,12 +25,11 @@ else:  # pragma: no cover - the package needs 3.11; tomli is the same parser
 
 from .config import Config
 from .options import OPTIONS
-from .upstreams import MAX_WEIGHT, SPEC_FORM, Upstream, parse_upstream, parse_upstreams
+from .upstreams import MAX_WEIGHT, SPEC_FORM, Upstream, parse_upstream, parse_upstream_address, parse_upstreams
 from .values import (
     MAX_CONNECTIONS,
     ConfigError,
     format_address,
-    parse_address,
     parse_choice,
     parse_count,
     quote,
@@ -325,7 +324,7 @@ class _Reader:
             raise self.missing(path, "has no address (required)")
         address = table["address"]
         try:
-            parse_address(address, "address")
+            parse_upstream_address(address, "address")
         except ConfigError as exc:
             raise self.error(f"{path}.address", address, exc.problem) from None
         counts: Dict[str, Optional[int]] = {"weight": 1, "max_connections": None}
@@ -338,7 +337,10 @@ class _Reader:
         backup = table.get("backup", False)
         if not isinstance(backup, bool):
             raise self.error(f"{path}.backup", backup, "must be true or false")
-        return Upstream(address, counts["weight"] or 0, counts["max_connections"], backup)
+        try:
+            return Upstream(address, counts["weight"] or 0, counts["max_connections"], backup)
+        except ConfigError as exc:   # what only the whole upstream decides (srv: with a weight)
+            raise self.error(path, exc.value, exc.problem) from None
 
     # ---- keys and uniqueness
 
