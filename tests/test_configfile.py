@@ -290,6 +290,14 @@ def test_unknown_and_misplaced_keys(tmp_path, text, message):
     assert got == f"{path}: {message}"
 
 
+def test_a_long_or_unprintable_key_is_capped_and_escaped(tmp_path):
+    path, got = error_of(tmp_path, f"{'k' * 5000} = 1\n" + ONE)
+    assert got == f"{path}: {'k' * 100}... (5000 characters): 1: is not a top-level key"
+    path, got = error_of(tmp_path, ONE + f'"a\\n{"b" * 5000}" = 1\n')
+    assert got.startswith(f"{path}: 'listeners[0].a\\nbbb") and "... (5015 characters): 1: is not a listener" in got
+    assert len(got) < 300
+
+
 def _listener(lines):
     return '[[listeners]]\nlisten = "127.0.0.1:0"\n' + lines
 

@@ -178,3 +178,14 @@ def test_a_config_file_nested_too_deeply_is_one_line(tmp_path):
     path.write_text("a = " + "[" * 100000 + "]" * 100000 + "\n")
     rc, out, err = run_cli(["check", "--config", str(path)], timeout=20)
     assert_one_line_error(rc, out, err, str(path), "nested too deeply")
+
+
+@pytest.mark.parametrize("where", ["top", "listener"])
+def test_a_huge_unknown_key_is_quoted_capped_in_the_error(tmp_path, where):
+    key = "k" * 100000
+    one = '[[listeners]]\nlisten = "127.0.0.1:0"\nupstreams = ["127.0.0.1:9"]\n'
+    path = tmp_path / "keys.toml"
+    path.write_text(f"{key} = 1\n{one}" if where == "top" else f"{one}{key} = 1\n")
+    rc, out, err = run_cli(["check", "--config", str(path)], timeout=20)
+    assert_one_line_error(rc, out, err, str(path), "characters)", "is not a")
+    assert len(err) < 400

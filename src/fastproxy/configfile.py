@@ -29,6 +29,7 @@ from .upstreams import MAX_WEIGHT, SPEC_FORM, Upstream, parse_upstream, parse_up
 from .values import (
     MAX_CONNECTIONS,
     ConfigError,
+    clip,
     format_address,
     parse_choice,
     parse_count,
@@ -79,8 +80,8 @@ class ConfigFileError(ConfigError):
         if key:
             # A key is any string in TOML ("\n" = 1) or a mapping: one with
             # a line break or a control character is shown escaped, so the
-            # error stays one line.
-            parts.append(key if key.isprintable() else repr(key))
+            # error stays one line, and a long one capped, as values are.
+            parts.append(clip(key) if key.isprintable() else quote(key))
         if show_value:
             parts.append(quote(value))
         parts.append(problem)

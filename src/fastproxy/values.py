@@ -21,6 +21,7 @@ __all__ = [
     "MAX_COUNT",
     "MAX_DURATION",
     "Keepalive",
+    "clip",
     "is_digits",
     "parse_count",
     "parse_choice",
@@ -49,7 +50,7 @@ class ConfigError(ValueError):
         self.field = field
         self.value = value
         self.problem = problem
-        super().__init__(f"{field}: {quote(value)}: {problem}")
+        super().__init__(f"{clip(field)}: {quote(value)}: {problem}")
 
 
 MAX_QUOTE = 120
@@ -58,11 +59,16 @@ MAX_QUOTE = 120
 def quote(value: object) -> str:
     """repr(value), cut to about MAX_QUOTE characters: an error line quotes
     what the user gave, not a megabyte of it."""
-    text = repr(value)
+    return clip(repr(value), len(value) if isinstance(value, str) else None)
+
+
+def clip(text: str, size: Optional[int] = None) -> str:
+    """text cut to about MAX_QUOTE characters, saying how long it was
+    (`size`, else its own length): what quote() does for a value, for what
+    an error line shows as it is (a key path)."""
     if len(text) <= MAX_QUOTE:
         return text
-    size = len(value) if isinstance(value, str) else len(text)
-    return f"{text[:MAX_QUOTE - 20]}... ({size} characters)"
+    return f"{text[:MAX_QUOTE - 20]}... ({len(text) if size is None else size} characters)"
 
 
 def refuse_nul(value: Union[str, bytes], field: str, what: str = "path") -> None:
