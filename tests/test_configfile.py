@@ -275,6 +275,8 @@ def test_shape_errors(tmp_path, text, message):
      "defaults.workers: 2: is a process option: set it at the top of the file, before the first [table]"),
     ("[defaults]\nlog_level = \"info\"\n" + ONE,
      "defaults.log_level: 'info': is a process option: set it at the top of the file, before the first [table]"),
+    ('listen = ":1"\n' + ONE, "listen: ':1': is each listener's own: set it in the [[listeners]] tables"),
+    ('name = "x"\n' + ONE, "name: 'x': is each listener's own: set it in the [[listeners]] tables"),
     ('[defaults]\nlisten = ":1"\n' + ONE,
      "defaults.listen: ':1': is each listener's own: set it in the [[listeners]] tables"),
     ('[defaults]\nname = "x"\n' + ONE, "defaults.name: 'x': is each listener's own: set it in the [[listeners]] tables"),

@@ -361,6 +361,9 @@ class _Reader:
         if where != "upstream":
             if where != "top" and (spelled in PROCESS_KEYS or spelled == "log_level"):
                 return "is a process option: set it at the top of the file, before the first [table]"
+            if where == "top" and spelled in OWN_KEYS:
+                # Not [defaults]: that refuses it too.
+                return "is each listener's own: set it in the [[listeners]] tables"
             if where == "top" and spelled in LISTENER_KEYS:
                 return "is a listener option: set it in [defaults] or in a [[listeners]] table"
             if where == "defaults" and spelled in OWN_KEYS:
