@@ -241,6 +241,22 @@ def test_an_error_line_with_bytes_that_are_not_utf8_is_one_line():
     assert_one_line_error(rc, out, err, "--workers", "'\\udcff'", "is not a whole number")
 
 
+@pytest.mark.parametrize("command", [["check"], []])
+def test_a_bad_fastproxy_engine_is_refused_by_check_as_by_the_run(command):
+    rc, out, err = run_cli(command + ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9"],
+                           env={"FASTPROXY_ENGINE": "bogus"})
+    assert_one_line_error(rc, out, err)
+    assert err == "fastproxy: error: FASTPROXY_ENGINE: 'bogus': must be one of auto, epoll, kernel, poll\n"
+
+
+def test_fastproxy_engine_does_not_matter_to_check_when_the_engine_is_given():
+    out = check("--listen", "127.0.0.1:7101", "--upstream", "127.0.0.1:9", "--engine", "poll")
+    assert "engine poll" in out
+    rc, out, err = run_cli(["check", "--listen", "127.0.0.1:7101", "--upstream", "127.0.0.1:9", "--engine", "poll"],
+                           env={"FASTPROXY_ENGINE": "bogus"})
+    assert rc == 0, err
+
+
 # The CLI's main() with root's privileges dropped after the imports: root
 # reads any file whatever its mode, nobody does not.
 AS_NOBODY = """

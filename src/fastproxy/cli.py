@@ -21,7 +21,7 @@ from . import __version__
 from .check import describe
 from .configfile import LOG_LEVELS, ConfigFileError, ProxyConfig, config_from_mapping, read_config
 from .options import OPTIONS, SECTIONS
-from .proxy import Proxy
+from .proxy import Proxy, choose_engine
 from .values import ConfigError, quote
 
 EXIT_USAGE = 2
@@ -132,6 +132,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             pc = config_from_file(path, args, log_level)
         if check:
+            # The engine is chosen at start, FASTPROXY_ENGINE included:
+            # check refuses what the run would.
+            choose_engine(pc.process.engine)
             _write_out(describe(pc))
             return 0
         _log_to_stderr(pc.log_level or "info", pc.process.log_format)
