@@ -93,7 +93,7 @@ class Upstream:
             raise ConfigError("upstream", shown, f"backup must be True or False, not {self.backup!r}")
 
 
-def parse_upstream_address(value: object, fld: str) -> Tuple[str, int]:
+def parse_upstream_address(value: str, fld: str) -> Tuple[str, int]:
     """An upstream's address: what parse_address takes, or srv:NAME
     (('srv:NAME', 0), as a Unix address is carried)."""
     if isinstance(value, str) and value.strip().startswith(SRV_PREFIX):

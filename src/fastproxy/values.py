@@ -75,7 +75,7 @@ def refuse_nul(value: Union[str, bytes], field: str, what: str = "path") -> None
     """A path or a name goes to the system as a C string, which a NUL would
     end early; Python refuses it with a bare ValueError (a traceback), so
     it is refused here first, as the user's mistake."""
-    if ("\0" if isinstance(value, str) else b"\0") in value:
+    if "\0" in value if isinstance(value, str) else b"\0" in value:
         raise ConfigError(field, value, f"a {what} cannot hold a NUL byte")
 
 
