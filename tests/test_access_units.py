@@ -6,6 +6,7 @@ No sockets, no proxy and no waiting: the rate limiter takes a fake now_ns,
 time windows a fake clock.
 """
 import ipaddress
+import os
 import struct
 import threading
 from datetime import datetime, timedelta, timezone
@@ -19,6 +20,7 @@ from fastproxy.acl import parse_cidr, read_rule_file
 from fastproxy.ratelimit import parse_rate
 from fastproxy.timewindows import TimeWindow, TimeWindows, load_time_zone, parse_time_window
 from fastproxy.values import ConfigError
+from support.procfs import proc_fd_count
 
 AccessList = _core.AccessList
 RateLimiter = _core.RateLimiter
@@ -201,6 +203,19 @@ class TestRuleFiles:
     def test_missing_file(self, tmp_path):
         with pytest.raises(ConfigError, match="cannot be read"):
             read_rule_file(tmp_path / "nope.txt", "deny_file")
+
+    @pytest.mark.linux_only   # counts fds in /proc
+    @pytest.mark.parametrize("special", ["directory", "/dev/null", "fifo"])
+    def test_a_directory_or_special_file_is_refused_without_leaking_its_fd(self, tmp_path, special):
+        path = {"directory": str(tmp_path), "fifo": str(tmp_path / "rules.fifo")}.get(special, special)
+        if special == "fifo":
+            os.mkfifo(path)
+        before = proc_fd_count(os.getpid())
+        for _ in range(50):
+            error = config_error(read_rule_file, path, "allow_file", field="allow_file")
+        assert proc_fd_count(os.getpid()) == before
+        assert error.value == path
+        assert ("is a directory, not a rule file" if special == "directory" else "not a regular file") in str(error)
 
     def test_file_feeds_an_access_list(self, tmp_path):
         path = tmp_path / "deny.txt"

@@ -89,6 +89,29 @@ def test_cli_user_errors(any_engine, args, needle):
     assert_one_line_error(rc, out, err, needle)
 
 
+@pytest.mark.parametrize("command", [["check"], []])
+@pytest.mark.parametrize("args,needles", [
+    (["--listen", "127.0.0.1:0", "--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:9"],
+     ["--listen", "'127.0.0.1:1'", "is given twice", "several need a config file"]),
+    (["--config", "a.toml", "--config", "b.toml"], ["--config", "'b.toml'", "is given twice"]),
+    (["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--engine", "poll", "--engine=epoll"],
+     ["--engine", "'epoll'", "is given twice"]),
+    (["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--log-level", "info", "--log-level", "debug"],
+     ["--log-level", "'debug'", "is given twice"]),
+])
+def test_cli_a_flag_of_one_value_given_twice_is_an_error(command, args, needles):
+    rc, out, err = run_cli(command + args)
+    assert_one_line_error(rc, out, err, *needles)
+
+
+def test_cli_repeatable_flags_and_switches_may_repeat():
+    rc, out, err = run_cli(["check", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--upstream",
+                            "127.0.0.1:10", "--allow", "127.0.0.1", "--allow", "::1", "--accept-proxy",
+                            "--accept-proxy"])
+    assert rc == 0, err
+    assert "2 upstreams" in out
+
+
 def test_cli_port_in_use(any_engine):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

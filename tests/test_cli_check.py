@@ -213,6 +213,50 @@ def test_a_bad_value_in_the_file_stops_the_run_too(tmp_path):
     assert err == f"fastproxy: error: {path}: workers: 0: is out of range (1-1024)\n"
 
 
+@pytest.mark.parametrize("command", [["check"], []])
+@pytest.mark.parametrize("key", ["access_log", "allow_file", "unix_user"])
+def test_a_nul_in_a_path_is_one_line_in_check_and_at_run(tmp_path, command, key):
+    text = ONE + f'{key} = "{tmp_path}/a\\u0000b"\n'
+    if key == "unix_user":
+        text = text.replace("127.0.0.1:7101", f"unix:{tmp_path}/s.sock")
+    path = write(tmp_path, text)
+    rc, out, err = run_cli(command + ["--config", path])
+    assert_one_line_error(rc, out, err, f"listeners[0].{key}", "cannot hold a NUL byte")
+
+
+@pytest.mark.parametrize("encoding,flag,value,shown", [
+    ("utf-8", "--hooks", os.fsdecode(b"\xff.py"), "hooks \\udcff.py"),   # bytes that are not UTF-8
+    ("ascii", "--name", "caf\u00e9", "listener caf\\xe9:"),
+])
+def test_check_prints_values_its_output_cannot_encode_escaped(encoding, flag, value, shown):
+    rc, out, err = run_cli(["check", "--listen", "127.0.0.1:7101", "--upstream", "127.0.0.1:9", flag, value],
+                           env={"PYTHONIOENCODING": encoding})
+    assert rc == 0 and err == "", err
+    assert shown in out
+
+
+def test_an_error_line_with_bytes_that_are_not_utf8_is_one_line():
+    rc, out, err = run_cli(["check", "--listen", "127.0.0.1:7101", "--upstream", "127.0.0.1:9",
+                            "--workers", os.fsdecode(b"\xff")], env={"PYTHONIOENCODING": "utf-8"})
+    assert_one_line_error(rc, out, err, "--workers", "'\\udcff'", "is not a whole number")
+
+
+@pytest.mark.parametrize("command", [["check"], []])
+def test_a_bad_fastproxy_engine_is_refused_by_check_as_by_the_run(command):
+    rc, out, err = run_cli(command + ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9"],
+                           env={"FASTPROXY_ENGINE": "bogus"})
+    assert_one_line_error(rc, out, err)
+    assert err == "fastproxy: error: FASTPROXY_ENGINE: 'bogus': must be one of auto, epoll, kernel, poll\n"
+
+
+def test_fastproxy_engine_does_not_matter_to_check_when_the_engine_is_given():
+    out = check("--listen", "127.0.0.1:7101", "--upstream", "127.0.0.1:9", "--engine", "poll")
+    assert "engine poll" in out
+    rc, out, err = run_cli(["check", "--listen", "127.0.0.1:7101", "--upstream", "127.0.0.1:9", "--engine", "poll"],
+                           env={"FASTPROXY_ENGINE": "bogus"})
+    assert rc == 0, err
+
+
 # The CLI's main() with root's privileges dropped after the imports: root
 # reads any file whatever its mode, nobody does not.
 AS_NOBODY = """

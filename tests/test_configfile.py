@@ -109,6 +109,23 @@ upstreams = [
         Upstream("127.0.0.1:9001", 2), Upstream("127.0.0.1:9002"), Upstream("127.0.0.1:9003", 0, 5, True))
 
 
+def test_an_upstream_table_takes_srv_as_the_string_form_does(tmp_path):
+    pc = load_config(write(tmp_path, """
+[[listeners]]
+listen = ":0"
+upstreams = [
+  "srv:_a._tcp.example,max-connections=5",
+  { address = "srv:_B._tcp.example.", max_connections = 5, backup = true },
+  { address = "unix:/run/app.sock" },
+]
+"""))
+    assert pc.listeners[0].upstream_group.upstreams == (
+        Upstream("srv:_a._tcp.example", 1, 5), Upstream("srv:_b._tcp.example", 1, 5, True),
+        Upstream("unix:/run/app.sock"))
+    assert [(u.host, u.port) for u in pc.listeners[0].upstream_group.upstreams[:2]] == [
+        ("srv:_a._tcp.example", 0), ("srv:_b._tcp.example", 0)]
+
+
 def test_upstreams_may_come_from_defaults(tmp_path):
     pc = load_config(write(tmp_path, """
 [defaults]
@@ -220,6 +237,14 @@ def test_toml_syntax_error_names_line(tmp_path, text, where, problem):
     assert message == f"{path}{where}: {problem}"
 
 
+@pytest.mark.parametrize("text", ["a = " + "[" * 100000 + "]" * 100000 + "\n",
+                                  ONE + "allow = " + "[" * 500 + "]" * 500 + "\n",
+                                  ONE + "allow = " + "{a = " * 500 + "1" + "}" * 500 + "\n"])
+def test_toml_nested_too_deeply_is_one_error_naming_the_file(tmp_path, text):
+    path, message = error_of(tmp_path, text)
+    assert message == f"{path}: invalid TOML: arrays or tables nested too deeply"
+
+
 # ---- the document's shape
 
 @pytest.mark.parametrize("text,message", [
@@ -250,6 +275,8 @@ def test_shape_errors(tmp_path, text, message):
      "defaults.workers: 2: is a process option: set it at the top of the file, before the first [table]"),
     ("[defaults]\nlog_level = \"info\"\n" + ONE,
      "defaults.log_level: 'info': is a process option: set it at the top of the file, before the first [table]"),
+    ('listen = ":1"\n' + ONE, "listen: ':1': is each listener's own: set it in the [[listeners]] tables"),
+    ('name = "x"\n' + ONE, "name: 'x': is each listener's own: set it in the [[listeners]] tables"),
     ('[defaults]\nlisten = ":1"\n' + ONE,
      "defaults.listen: ':1': is each listener's own: set it in the [[listeners]] tables"),
     ('[defaults]\nname = "x"\n' + ONE, "defaults.name: 'x': is each listener's own: set it in the [[listeners]] tables"),
@@ -263,6 +290,14 @@ def test_shape_errors(tmp_path, text, message):
 def test_unknown_and_misplaced_keys(tmp_path, text, message):
     path, got = error_of(tmp_path, text)
     assert got == f"{path}: {message}"
+
+
+def test_a_long_or_unprintable_key_is_capped_and_escaped(tmp_path):
+    path, got = error_of(tmp_path, f"{'k' * 5000} = 1\n" + ONE)
+    assert got == f"{path}: {'k' * 100}... (5000 characters): 1: is not a top-level key"
+    path, got = error_of(tmp_path, ONE + f'"a\\n{"b" * 5000}" = 1\n')
+    assert got.startswith(f"{path}: 'listeners[0].a\\nbbb") and "... (5015 characters): 1: is not a listener" in got
+    assert len(got) < 300
 
 
 def _listener(lines):
@@ -289,6 +324,11 @@ def _listener(lines):
      "listeners[0].upstreams[0].address: '127.0.0.1': expected HOST:PORT"),
     (_listener("upstreams = [{ address = 9 }]\n"),
      "listeners[0].upstreams[0].address: 9: expected a string like HOST:PORT"),
+    (_listener('upstreams = [{ address = "srv:" }]\n'),
+     "listeners[0].upstreams[0].address: 'srv:': needs a DNS name after srv: (srv:_service._proto.name)"),
+    (_listener('upstreams = [{ address = "srv:_x._tcp.example", weight = 2 }]\n'),
+     "listeners[0].upstreams[0]: 'srv:_x._tcp.example': an SRV upstream takes its weights from the records "
+     "(no weight)"),
     (_listener('upstreams = [{ address = "127.0.0.1:9", weight = 300 }]\n'),
      "listeners[0].upstreams[0].weight: 300: is out of range (0-256)"),
     (_listener('upstreams = [{ address = "127.0.0.1:9", weight = true }]\n'),
@@ -339,6 +379,34 @@ def test_a_bad_value_from_defaults_is_named_where_it_is_written(tmp_path):
     path, got = error_of(tmp_path, '[defaults]\nqueue_size = 0\n'
                          + _listener('upstreams = ["127.0.0.1:9"]\nqueue_size = 4\n') + ONE)
     assert got == f"{path}: defaults.queue_size: 0: is out of range (1-16777216)"
+
+
+@pytest.mark.parametrize("key", ["allow_file", "deny_file"])
+@pytest.mark.parametrize("entry,shown", [("5", "5"), ("true", "True"), ("[]", "[]"), ("{}", "{}")])
+def test_a_rule_file_entry_that_is_no_string_is_named(tmp_path, key, entry, shown):
+    path, got = error_of(tmp_path, f"[defaults]\n{key} = [{entry}]\n" + ONE)
+    assert got == f"{path}: defaults.{key}: {shown}: expected a file path"
+
+
+@pytest.mark.parametrize("key,value,what", [
+    ("allow_file", '["a\\u0000b"]', "path"),
+    ("deny_file", '["a\\u0000b"]', "path"),
+    ("access_log", '"a\\u0000b"', "path"),
+    ("hooks", '"a\\u0000b"', "path"),
+    ("unix_user", '"a\\u0000b"', "name"),
+    ("unix_group", '"a\\u0000b"', "name"),
+])
+def test_a_nul_in_a_path_or_name_is_named(tmp_path, key, value, what):
+    listen = "unix:" + str(tmp_path / "s.sock") if key.startswith("unix_") else "127.0.0.1:0"
+    path, got = error_of(tmp_path, f'[[listeners]]\nlisten = "{listen}"\nupstreams = ["127.0.0.1:9"]\n'
+                                   f"{key} = {value}\n")
+    assert got == f"{path}: listeners[0].{key}: 'a\\x00b': a {what} cannot hold a NUL byte"
+
+
+def test_a_config_path_with_a_nul_is_a_config_file_error():
+    with pytest.raises(ConfigFileError) as info:
+        load_config("a\0b.toml")
+    assert str(info.value) == "'a\\x00b.toml': a path cannot hold a NUL byte"
 
 
 def test_rule_file_errors_name_the_key(tmp_path):

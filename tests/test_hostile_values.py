@@ -58,6 +58,27 @@ def test_a_huge_count_in_the_api_is_a_config_error(name):
     assert info.value.field == name and "out of range" in str(info.value)
 
 
+@pytest.mark.parametrize("options,field,problem", [
+    ({"upstreams": 5}, "upstreams", "expected a list of upstreams"),
+    ({"upstreams": None, "upstream": "127.0.0.1:9", "stats": ("127.0.0.1", 83767)}, "stats",
+     "port 83767 is out of range"),
+    ({"upstreams": None, "upstream": "127.0.0.1:9", "stats": ("127.0.0.1\0junk", 18232)}, "stats",
+     "control characters"),
+    ({"upstreams": None, "upstream": "127.0.0.1:9", "stats": ("127.0.0.1", True)}, "stats", "HOST:PORT"),
+    ({"upstreams": None, "upstream": "127.0.0.1:9", "resolver": ("127.0.0.1", 65536)}, "resolver",
+     "port 65536 is out of range"),
+])
+def test_api_values_of_the_wrong_shape_or_range_are_config_errors(options, field, problem):
+    with pytest.raises(ConfigError) as info:
+        Proxy(listen="127.0.0.1:0", **options)
+    assert info.value.field == field and problem in str(info.value)
+
+
+def test_a_stats_pair_in_range_is_taken_as_its_text_is():
+    config = Proxy(listen="127.0.0.1:0", upstream="127.0.0.1:9", stats=("::1", 8080)).config
+    assert config.process.stats == ("::1", 8080)
+
+
 def test_a_huge_int_duration_in_the_api_is_a_config_error_not_an_overflow():
     with pytest.raises(ConfigError, match="366 days"):
         Proxy(listen="127.0.0.1:0", upstreams=["127.0.0.1:9"], connect_timeout=10**400)
@@ -104,6 +125,20 @@ def test_an_endless_rule_file_is_refused_at_once(tmp_path, path):
     assert time.monotonic() - began < 15
 
 
+@pytest.mark.parametrize("command", [["check"], []])
+def test_a_directory_as_a_rule_file_is_one_line(tmp_path, command):
+    rc, out, err = run_cli(command + BASE + ["--allow-file", str(tmp_path)], timeout=20)
+    assert_one_line_error(rc, out, err, "--allow-file", str(tmp_path), "is a directory, not a rule file")
+
+
+@pytest.mark.parametrize("name", ["allow_file", "deny_file"])
+@pytest.mark.parametrize("value", [[5], [True], [[]], 5, [None]])
+def test_a_rule_file_that_is_no_path_is_a_config_error(name, value):
+    with pytest.raises(ConfigError) as info:
+        Proxy(listen="127.0.0.1:0", upstream="127.0.0.1:9", **{name: value})
+    assert info.value.field == name and "expected a file path" in str(info.value)
+
+
 def test_a_rule_file_too_large_is_refused_before_it_is_read(tmp_path):
     path = tmp_path / "big.txt"
     with open(path, "wb") as f:
@@ -136,3 +171,21 @@ def test_an_endless_config_file_is_refused_after_its_bound():
     from fastproxy.configfile import MAX_CONFIG_FILE
     rc, out, err = run_cli(["--config", "/dev/zero"], timeout=20)
     assert_one_line_error(rc, out, err, "/dev/zero", f"larger than {MAX_CONFIG_FILE} bytes")
+
+
+def test_a_config_file_nested_too_deeply_is_one_line(tmp_path):
+    path = tmp_path / "deep.toml"
+    path.write_text("a = " + "[" * 100000 + "]" * 100000 + "\n")
+    rc, out, err = run_cli(["check", "--config", str(path)], timeout=20)
+    assert_one_line_error(rc, out, err, str(path), "nested too deeply")
+
+
+@pytest.mark.parametrize("where", ["top", "listener"])
+def test_a_huge_unknown_key_is_quoted_capped_in_the_error(tmp_path, where):
+    key = "k" * 100000
+    one = '[[listeners]]\nlisten = "127.0.0.1:0"\nupstreams = ["127.0.0.1:9"]\n'
+    path = tmp_path / "keys.toml"
+    path.write_text(f"{key} = 1\n{one}" if where == "top" else f"{one}{key} = 1\n")
+    rc, out, err = run_cli(["check", "--config", str(path)], timeout=20)
+    assert_one_line_error(rc, out, err, str(path), "characters)", "is not a")
+    assert len(err) < 400

@@ -165,6 +165,18 @@ def test_invalid_reload_is_refused_and_logged_the_old_configuration_stays(engine
         stop_bounded(p)
 
 
+def test_a_reload_naming_a_directory_as_rule_file_is_a_config_error(engine, echo_server, tmp_path):
+    port = free_port()
+    p = Proxy.from_config([listener(port, [echo_server.addr], engine)]).start()
+    try:
+        with pytest.raises(ConfigError, match="is a directory, not a rule file"):
+            p.reload({"listeners": [{"listen": f"127.0.0.1:{port}", "upstreams": [echo_server.addr],
+                                     "allow_file": [str(tmp_path)]}]})
+        assert echo_roundtrip(("127.0.0.1", port), b"old") == b"old"
+    finally:
+        stop_bounded(p)
+
+
 def test_reload_that_cannot_bind_is_refused_whole(engine, echo_server):
     port, fresh = free_port(), free_port()
     taken = socket.socket()

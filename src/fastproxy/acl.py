@@ -9,7 +9,7 @@ import os
 import stat
 from typing import Iterable, List, Tuple, Union
 
-from .values import ConfigError, quote
+from .values import ConfigError, quote, refuse_nul
 
 __all__ = ["Network", "parse_cidr", "parse_cidrs", "parse_rule_files", "read_rule_file"]
 
@@ -52,23 +52,33 @@ def read_rule_file(path: Union[str, os.PathLike], field: str) -> List[Network]:
     A bad line is reported as FILE:LINE. Only a regular file of at most
     MAX_RULE_FILE bytes, lines of at most MAX_RULE_LINE: a device or a FIFO
     could be endless, or block the start (or a reload) until written to."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise ConfigError(field, path, "expected a file path")
     shown = os.fspath(path)
+    refuse_nul(shown, field)
     try:
         # O_NONBLOCK: opening a FIFO with no writer returns at once, so
         # fstat can refuse it.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise ConfigError(field, shown, f"cannot be read: {e.strerror}") from None
-    with open(fd, "rb") as f:
+    # Closed here whatever happens: open() of a directory's fd raises
+    # without closing it, and a refused file must not cost an fd.
+    try:
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(field, shown, "is a directory, not a rule file")
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(field, shown, "is not a regular file (a rule file must be one)")
         if st.st_size > MAX_RULE_FILE:
             raise ConfigError(field, shown, f"is {st.st_size} bytes: a rule file has at most {MAX_RULE_FILE}")
         try:
-            data = f.read(MAX_RULE_FILE + 1)   # a file that grew meanwhile stops here
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read(MAX_RULE_FILE + 1)   # a file that grew meanwhile stops here
         except OSError as e:
             raise ConfigError(field, shown, f"cannot be read: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_RULE_FILE:
         raise ConfigError(field, shown, f"is larger than {MAX_RULE_FILE} bytes: a rule file has at most that")
     try:
@@ -105,7 +115,7 @@ def parse_rule_files(paths: object, field: str) -> Tuple[Network, ...]:
     """Rule files (one path is a list of one) -> the rules they hold."""
     if paths is None:
         return ()
-    if isinstance(paths, (str, os.PathLike)):
+    if isinstance(paths, (str, bytes, os.PathLike)):
         paths = [paths]
     if not isinstance(paths, Iterable):
         raise ConfigError(field, paths, "expected a file path or a list of them")

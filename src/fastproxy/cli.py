@@ -15,13 +15,13 @@ import json
 import logging
 import sys
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Set
 
 from . import __version__
 from .check import describe
 from .configfile import LOG_LEVELS, ConfigFileError, ProxyConfig, config_from_mapping, read_config
 from .options import OPTIONS, SECTIONS
-from .proxy import Proxy
+from .proxy import Proxy, choose_engine
 from .values import ConfigError, quote
 
 EXIT_USAGE = 2
@@ -36,6 +36,26 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: the value is in the message.
         self.exit(EXIT_USAGE, f"fastproxy: error: {message} (see fastproxy -h)\n")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.given: Set[str] = set()   # the _Once flags seen in these arguments
+        return super().parse_known_args(args, namespace)
+
+
+class _Once(argparse.Action):
+    """A flag of one value. argparse keeps the last of a flag given twice,
+    which silently drops the first (a second --listen is no second
+    listener): a mistake, said as one."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        given: Set[str] = getattr(parser, "given", set())
+        if self.dest in given:
+            why = ("a command line has one listener; several need a config file (--config)"
+                   if self.dest == "listen" else "give it once")
+            parser.error(f"{option_string}: {quote(values)}: is given twice: {why}")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
 
 
 def build_parser(*, command_defaults: bool = True) -> argparse.ArgumentParser:
@@ -63,14 +83,13 @@ def build_parser(*, command_defaults: bool = True) -> argparse.ArgumentParser:
         else:
             kw["metavar"] = o.metavar
             kw["choices"] = o.choices
-            if o.repeat:
-                kw["action"] = "append"
+            kw["action"] = "append" if o.repeat else _Once
         # Required ones are checked in main(): a config file may give them.
         groups[o.section].add_argument(o.cli_flag, **kw)
-    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, action=_Once,
                    help="run the listeners of a TOML config file (docs/configuration.md); process flags "
                         "override its top level, listener flags its one listener")
-    p.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="(default: info)")
+    p.add_argument("--log-level", default=None, choices=LOG_LEVELS, action=_Once, help="(default: info)")
     p.add_argument("--version", action="version", version=f"fastproxy {__version__}")
     return p
 
@@ -115,7 +134,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             pc = config_from_file(path, args, log_level)
             names = [c.name for c in pc.listeners]
         if check:
-            sys.stdout.write(describe(pc))
+            # The engine is chosen at start, FASTPROXY_ENGINE included:
+            # check refuses what the run would.
+            choose_engine(pc.process.engine)
+            _write_out(describe(pc))
             return 0
         _log_to_stderr(pc.log_level or "info", pc.process.log_format)
         if path is None:
@@ -140,6 +162,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fastproxy: error: {error_line(exc, from_file=path, flags=args, names=names)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _write_out(text: str) -> None:
+    # What the user typed may not encode on standard output (a file name's
+    # bytes that are not UTF-8 are surrogates, 'é' in ASCII): it is then
+    # escaped, as Python writes standard error, rather than a traceback.
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:
+        encoding = sys.stdout.encoding or "utf-8"
+        sys.stdout.write(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
 def _log_to_stderr(level: str, log_format: str = "text") -> None:

@@ -26,9 +26,18 @@ else:  # pragma: no cover - the package needs 3.11; tomli is the same parser
 
 from .config import Config
 from .options import OPTIONS
-from .upstreams import MAX_WEIGHT, SPEC_FORM, Upstream, parse_upstream, parse_upstreams
-from .values import (MAX_CONNECTIONS, UNIX_PREFIX, ConfigError, format_address, parse_address, parse_choice, parse_count,
-                     quote)
+from .upstreams import MAX_WEIGHT, SPEC_FORM, Upstream, parse_upstream, parse_upstream_address, parse_upstreams
+from .values import (
+    MAX_CONNECTIONS,
+    UNIX_PREFIX,
+    ConfigError,
+    clip,
+    format_address,
+    parse_choice,
+    parse_count,
+    quote,
+    refuse_nul,
+)
 
 __all__ = [
     "ConfigFileError",
@@ -65,13 +74,16 @@ class ConfigFileError(ConfigError):
         self.line = line
         parts: List[str] = []
         if source is not None:
-            where = source if line is None else f"{source}:{line}"
+            # A file name may hold a line break, a NUL or bytes that are not
+            # UTF-8 (surrogates): shown escaped, as a key is.
+            where = source if isinstance(source, str) and source.isprintable() else repr(source)
+            where = where if line is None else f"{where}:{line}"
             parts.append(where if column is None else f"{where}:{column}")
         if key:
             # A key is any string in TOML ("\n" = 1) or a mapping: one with
             # a line break or a control character is shown escaped, so the
-            # error stays one line.
-            parts.append(key if key.isprintable() else repr(key))
+            # error stays one line, and a long one capped, as values are.
+            parts.append(clip(key) if key.isprintable() else quote(key))
         if show_value:
             parts.append(quote(value))
         parts.append(problem)
@@ -126,6 +138,10 @@ def read_config(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
         return ConfigFileError(source, "", None, problem, line=line, column=column, show_value=False)
 
     try:
+        refuse_nul(source, "config")
+    except ConfigError as exc:
+        raise fail(exc.problem) from None
+    try:
         with open(source, "rb") as f:
             # A pipe (--config <(...)) is read as a file is, up to the bound.
             data = f.read(MAX_CONFIG_FILE + 1)
@@ -146,6 +162,10 @@ def read_config(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
         raise fail(f"is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}", line) from None
     try:
         return tomllib.loads(text)
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively: a few
+        # hundred levels exhaust Python's stack. No configuration nests so.
+        raise fail("invalid TOML: arrays or tables nested too deeply") from None
     except tomllib.TOMLDecodeError as exc:
         # tomllib ends its message with the place: "(at line 3, column 9)"
         # or "(at end of document)"; the place goes first, as FILE:LINE:COL.
@@ -340,7 +360,7 @@ class _Reader:
             raise self.missing(path, "has no address (required)")
         address = table["address"]
         try:
-            parse_address(address, "address")
+            parse_upstream_address(address, "address")
         except ConfigError as exc:
             raise self.error(f"{path}.address", address, exc.problem) from None
         counts: Dict[str, Optional[int]] = {"weight": 1, "max_connections": None}
@@ -353,7 +373,10 @@ class _Reader:
         backup = table.get("backup", False)
         if not isinstance(backup, bool):
             raise self.error(f"{path}.backup", backup, "must be true or false")
-        return Upstream(address, counts["weight"] or 0, counts["max_connections"], backup)
+        try:
+            return Upstream(address, counts["weight"] or 0, counts["max_connections"], backup)
+        except ConfigError as exc:   # what only the whole upstream decides (srv: with a weight)
+            raise self.error(path, exc.value, exc.problem) from None
 
     # ---- keys and uniqueness
 
@@ -373,6 +396,9 @@ class _Reader:
         if where != "upstream":
             if where != "top" and (spelled in PROCESS_KEYS or spelled == "log_level"):
                 return "is a process option: set it at the top of the file, before the first [table]"
+            if where == "top" and spelled in OWN_KEYS:
+                # Not [defaults]: that refuses it too.
+                return "is each listener's own: set it in the [[listeners]] tables"
             if where == "top" and spelled in LISTENER_KEYS:
                 return "is a listener option: set it in [defaults] or in a [[listeners]] table"
             if where == "defaults" and spelled in OWN_KEYS:

@@ -28,6 +28,7 @@ from .values import (
     MAX_CONNECTIONS,
     MAX_COUNT,
     ConfigError,
+    format_address,
     is_digits,
     parse_address,
     parse_choice,
@@ -40,6 +41,7 @@ from .values import (
     parse_tcp_keepalive,
     parse_tcp_user_timeout,
     parse_size,
+    refuse_nul,
 )
 
 __all__ = ["Option", "OPTIONS", "SECTIONS", "COMMAND_FLAGS", "format_duration", "format_value", "option"]
@@ -165,9 +167,15 @@ def _listen(value: Any, field: str) -> Tuple[str, int]:
 
 
 def _endpoint(value: Any, field: str) -> Tuple[str, int]:
-    # An address parsed already (a Config's options fed back) stays as it is.
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
-        return (str(value[0]), value[1])
+    # An address parsed already (a Config's options fed back, or a (host,
+    # port) pair from the API) is checked as its text would be: a port out
+    # of range or a host with a NUL is the same mistake either way.
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) \
+            and isinstance(value[1], int) and not isinstance(value[1], bool):
+        try:
+            return _listen(format_address(*value), field)
+        except ConfigError as exc:
+            raise ConfigError(field, value, exc.problem) from None
     return _listen(value, field)
 
 
@@ -184,6 +192,13 @@ def _text(value: Any, field: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(field, value, "expected a non-empty string")
     return value
+
+
+def _path(value: Any, field: str) -> str:
+    # A file (or a module) the proxy opens: the system takes it as a C string.
+    text = _text(value, field)
+    refuse_nul(text, field)
+    return text
 
 
 def _name(value: Any, field: str) -> str:
@@ -215,6 +230,7 @@ def _id_of(value: Any, field: str, lookup: Callable[[str], Any], what: str) -> i
     text = value.strip() if isinstance(value, str) else None
     if not text:
         raise ConfigError(field, value, f"must be a {what} name or a numeric id")
+    refuse_nul(value, field, "name")
     if is_digits(text):
         if len(text) > 10 or int(text) > MAX_ID:
             raise ConfigError(field, value, f"is out of range (0-{MAX_ID})")
@@ -419,7 +435,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("proxy_header_max", _count(16, 65535), 1024, "longest v2 PROXY header payload accepted, in bytes",
            "proxy_protocol", metavar="N"),
     # ---- hooks
-    Option("hooks", _optional(_text), None, "Python hooks: FILE.py[:OBJECT] or MODULE[:OBJECT] defining "
+    Option("hooks", _optional(_path), None, "Python hooks: FILE.py[:OBJECT] or MODULE[:OBJECT] defining "
            "on_connect, on_data, on_close", "hooks", metavar="SPEC"),
     Option("hook_threads", _count(1, MAX_THREADS), 16, "threads that run on_connect and on_data hooks (shared by the "
            "process's listeners)", "hooks", scope="process", metavar="N"),
@@ -428,7 +444,7 @@ OPTIONS: Tuple[Option, ...] = (
            "hooks", metavar=D, shown_default="never"),
     Option("max_hold", _size, 1 << 20, "most bytes on_data may hold with WAIT before the bridge is closed",
            "hooks", metavar="SIZE"),
-    Option("access_log", _optional(_text), None, "one JSON line per closed bridge, appended to FILE "
+    Option("access_log", _optional(_path), None, "one JSON line per closed bridge, appended to FILE "
            "(- is standard output)", "hooks", metavar="FILE"),
     Option("access_log_format", _optional(parse_access_log_format), None, "the fields an access log line "
            "holds, comma-separated, in that order; any of " + ", ".join(ACCESS_LOG_FIELDS), "hooks",

@@ -18,7 +18,8 @@ def reference_markdown() -> str:
         "Generated from `src/fastproxy/options.py` by `python -m fastproxy.reference > docs/reference.md`;",
         "a test fails when this page and the table differ. Each option has one name: the `Proxy`",
         "keyword and config key as written here, the flag with dashes. Durations (D) accept `5`, `5s`,",
-        "`500ms`, `2m`, `1h`; sizes accept `65536`, `256k`, `1m`. Repeatable flags are lists in Python.",
+        "`500ms`, `2m`, `1h`; sizes accept `65536`, `256k`, `1m`. Repeatable flags are lists in Python;",
+        "any other flag is given at most once (several listeners take a config file, docs/configuration.md).",
         "Scope `process`: one value for the whole process; `listener`: per listener.",
         "",
     ]

@@ -39,7 +39,7 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .activation import ListenerSockets
-from .values import Address, ConfigError, format_address
+from .values import Address, ConfigError, format_address, refuse_nul
 
 __all__ = ["PROTOCOL_VERSION", "Handover", "TakeoverServer", "take_over", "check_path"]
 
@@ -65,8 +65,7 @@ def check_path(value: Any, field: str = FIELD) -> str:
     """The option's parser: a path a Unix socket can be bound at."""
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(field, value, "expected the path of a Unix socket")
-    if "\0" in value:
-        raise ConfigError(field, value, "a path cannot hold a NUL byte")
+    refuse_nul(value, field)
     if len(os.fsencode(value)) > MAX_PATH:
         raise ConfigError(field, value, f"is longer than {MAX_PATH} bytes (a Unix socket path is at most 107)")
     return value

@@ -32,6 +32,7 @@ __all__ = [
     "Upstream",
     "parse_balance",
     "parse_upstream",
+    "parse_upstream_address",
     "parse_upstreams",
 ]
 
@@ -76,13 +77,10 @@ class Upstream:
 
     def __post_init__(self) -> None:
         shown = self.address
-        if isinstance(self.address, str) and self.address.strip().startswith(SRV_PREFIX):
-            host, port = parse_srv(self.address, "upstream"), 0
-            if self.weight != 1:
-                raise ConfigError("upstream", shown, "an SRV upstream takes its weights from the records "
-                                  "(no @WEIGHT)")
-        else:
-            host, port = parse_address(self.address, "upstream")
+        host, port = parse_upstream_address(self.address, "upstream")
+        if host.startswith(SRV_PREFIX) and self.weight != 1:
+            raise ConfigError("upstream", shown, "an SRV upstream takes its weights from the records "
+                              "(no weight)")
         fix = object.__setattr__  # frozen: normalise once, here
         fix(self, "host", host)
         fix(self, "port", port)
@@ -93,6 +91,14 @@ class Upstream:
                 _whole(self.max_connections, 1, MAX_CONNECTIONS, "max-connections", "upstream", shown))
         if not isinstance(self.backup, bool):
             raise ConfigError("upstream", shown, f"backup must be True or False, not {self.backup!r}")
+
+
+def parse_upstream_address(value: str, fld: str) -> Tuple[str, int]:
+    """An upstream's address: what parse_address takes, or srv:NAME
+    (('srv:NAME', 0), as a Unix address is carried)."""
+    if isinstance(value, str) and value.strip().startswith(SRV_PREFIX):
+        return parse_srv(value, fld), 0
+    return parse_address(value, fld)
 
 
 def parse_upstream(spec: Union[str, Upstream], fld: str = "upstream") -> Upstream:
@@ -136,7 +142,7 @@ def parse_upstream(spec: Union[str, Upstream], fld: str = "upstream") -> Upstrea
 
 def parse_upstreams(specs: Iterable[Union[str, Upstream]], fld: str = "upstreams") -> Tuple[Upstream, ...]:
     """A non-empty group; an address may appear once (stats are keyed by it)."""
-    if isinstance(specs, (str, Upstream)):
+    if isinstance(specs, (str, Upstream)) or not isinstance(specs, Iterable):
         raise ConfigError(fld, specs, "expected a list of upstreams")
     group = tuple(parse_upstream(s, fld) for s in specs)
     if not group:

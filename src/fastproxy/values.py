@@ -22,6 +22,7 @@ __all__ = [
     "MAX_COUNT",
     "MAX_DURATION",
     "Keepalive",
+    "clip",
     "is_digits",
     "parse_count",
     "parse_choice",
@@ -33,6 +34,7 @@ __all__ = [
     "parse_tcp_user_timeout",
     "parse_unix",
     "quote",
+    "refuse_nul",
     "format_address",
     "unix_path",
     "unix_sockaddr",
@@ -53,7 +55,7 @@ class ConfigError(ValueError):
         self.field = field
         self.value = value
         self.problem = problem
-        super().__init__(f"{field}: {quote(value)}: {problem}")
+        super().__init__(f"{clip(field)}: {quote(value)}: {problem}")
 
 
 @contextlib.contextmanager
@@ -74,11 +76,24 @@ MAX_QUOTE = 120
 def quote(value: object) -> str:
     """repr(value), cut to about MAX_QUOTE characters: an error line quotes
     what the user gave, not a megabyte of it."""
-    text = repr(value)
+    return clip(repr(value), len(value) if isinstance(value, str) else None)
+
+
+def clip(text: str, size: Optional[int] = None) -> str:
+    """text cut to about MAX_QUOTE characters, saying how long it was
+    (`size`, else its own length): what quote() does for a value, for what
+    an error line shows as it is (a key path)."""
     if len(text) <= MAX_QUOTE:
         return text
-    size = len(value) if isinstance(value, str) else len(text)
-    return f"{text[:MAX_QUOTE - 20]}... ({size} characters)"
+    return f"{text[:MAX_QUOTE - 20]}... ({len(text) if size is None else size} characters)"
+
+
+def refuse_nul(value: Union[str, bytes], field: str, what: str = "path") -> None:
+    """A path or a name goes to the system as a C string, which a NUL would
+    end early; Python refuses it with a bare ValueError (a traceback), so
+    it is refused here first, as the user's mistake."""
+    if "\0" in value if isinstance(value, str) else b"\0" in value:
+        raise ConfigError(field, value, f"a {what} cannot hold a NUL byte")
 
 
 # The longest duration any option takes: a year (366 days). Longer is a
