@@ -432,6 +432,14 @@ def test_malformed_request_line_is_400(stats_proxy, echo_server):
     assert out.startswith(b"HTTP/1.1 400 ") and b"malformed header line" in out
     out = raw(p.stats_address, b"GET /stats HTTP/2.0\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 505 "), out
+    # Two lengths that differ: which frames the body is ambiguous (smuggling).
+    out = raw(p.stats_address, b"POST /admin/bridges/1/close HTTP/1.1\r\nContent-Length: 0\r\n"
+                               b"Content-Length: 44\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400 ") and b"two Content-Length headers that differ" in out, out
+    # The same length twice is one length (RFC 9112 6.3).
+    out = raw(p.stats_address, b"GET /stats HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n"
+                               b"Connection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 "), out[:100]
     # The endpoint still serves.
     assert get(p, "/metrics")[0] == 200
 

@@ -298,7 +298,12 @@ class StatsServer:
             name, sep, value = line.partition(":")
             if not sep or not name or name != name.strip():
                 raise BadRequest(400, f"malformed header line: {line[:200]!r}")
-            headers[name.lower()] = value.strip()
+            key = name.lower()
+            if key == "content-length" and headers.get(key, value.strip()) != value.strip():
+                # Which one frames the body? A front that read the other
+                # would see the next request where this server sees body.
+                raise BadRequest(400, "two Content-Length headers that differ")
+            headers[key] = value.strip()
         if "transfer-encoding" in headers:
             raise BadRequest(501, "Transfer-Encoding is not accepted: send a Content-Length")
         length_text = headers.get("content-length", "0")
