@@ -240,3 +240,14 @@ def test_a_reload_rotates_the_token_and_refuses_to_move_the_endpoint(echo_server
             q.reload(cfg)
     finally:
         stop_bounded(q)
+
+
+@pytest.mark.parametrize("token", ["a\0b", "two words", "clé", "tab\there"])
+def test_a_token_no_client_could_send_is_refused(echo_server, token):
+    # Compared with an Authorization header's text: one with a NUL, a space
+    # or non-ASCII could never match, so admin would be locked for good.
+    from fastproxy import ConfigError
+
+    with pytest.raises(ConfigError, match="^stats_token: .*visible ASCII without spaces"):
+        Proxy(listen="127.0.0.1:0", upstream=echo_server.addr, stats="127.0.0.1:0", stats_admin=True,
+              stats_token=token)

@@ -209,6 +209,16 @@ def _name(value: Any, field: str) -> str:
     return text
 
 
+def _token(value: Any, field: str) -> str:
+    # Sent in an HTTP header: visible ASCII, no spaces. Anything else could
+    # never be matched (a NUL, a space inside), or reads differently once a
+    # client encodes it (non-ASCII).
+    text = _text(value, field).strip()
+    if not all("!" <= c <= "~" for c in text):
+        raise ConfigError(field, value, "must be visible ASCII without spaces (it is sent in an Authorization header)")
+    return text
+
+
 def _unix_mode(value: Any, field: str) -> int:
     # Octal text as chmod takes it ("660", "0660"); an int is taken as is (0o660).
     if isinstance(value, int) and not isinstance(value, bool):
@@ -487,7 +497,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("stats_admin", _switch, False, "allow run-time control on the stats endpoint (drain, maint or "
            "ready an upstream, change its weight, close a bridge): from loopback or a Unix socket only, "
            "unless stats_token is set", "process", scope="process", switch=True),
-    Option("stats_token", _optional(_text), None, "a bearer token the admin requests must carry "
+    Option("stats_token", _optional(_token), None, "a bearer token the admin requests must carry "
            "(Authorization: Bearer TOKEN); with it, admin requests may come from anywhere", "process",
            scope="process", metavar="TOKEN", shown_default="none"),
 )
