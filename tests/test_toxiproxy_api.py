@@ -242,9 +242,32 @@ def test_populate_creates_keeps_and_replaces(api, echo_server):
                                    "proxies": None}
     status, _, payload = api.call("POST", "/populate", [{"upstream": echo_server.addr}])
     assert json.loads(payload)["error"] == "missing required field: name at proxy 1"
-    status, message = api.error("POST", "/populate", raw=b"{}")
-    assert status == 400 and message.startswith("bad request body: ")
     assert sorted(api.json("GET", "/proxies")) == ["a", "b"]
+
+
+@pytest.mark.parametrize("raw", [b"{}", b'{"name": "x"}', b'[{"name": "x",', b"", b"[1]"])
+def test_populate_bad_body_is_its_json_answer(api, raw):
+    # toxiproxy's Populate answers every error, the body's too, with its
+    # own JSON (error, status, proxies), not http.Error's text/plain.
+    status, ctype, payload = api.call("POST", "/populate", raw=raw)
+    assert (status, ctype) == (400, "application/json")
+    body = json.loads(payload)
+    assert list(body) == ["error", "status", "proxies"] and body["error"].startswith("bad request body: ")
+    assert (body["status"], body["proxies"]) == (400, None)
+
+
+def test_populate_lists_the_proxies_done_before_a_failure(api, echo_server):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        status, ctype, payload = api.call("POST", "/populate", [
+            {"name": "first", "upstream": echo_server.addr},
+            {"name": "second", "upstream": echo_server.addr, "listen": "127.0.0.1:%d" % taken.getsockname()[1]}])
+    body = json.loads(payload)
+    assert (status, ctype, body["status"]) == (500, "application/json", 500) and "in use" in body["error"]
+    assert [p["name"] for p in body["proxies"]] == ["first"]
+    # Nothing to do: Go writes the empty list as null.
+    assert api.json("POST", "/populate", [], expect=201) == {"proxies": None}
 
 
 def test_reset_enables_every_proxy_and_removes_toxics(api, echo_server):
@@ -295,6 +318,18 @@ def test_cli_prints_its_address_populates_and_stops_on_sigterm(tmp_path, echo_se
             proc.wait(5)
         out.join(5)
         err.join(5)
+
+
+@pytest.mark.parametrize("text", ['{"name": "x"}', '[{"name": "x",'])
+def test_cli_config_that_is_not_a_json_array_is_one_line_exit_2(tmp_path, text):
+    config = tmp_path / "toxiproxy.json"
+    config.write_text(text)
+    cp = subprocess.run(cli_command(["toxiproxy", "--port", "0", "--config", str(config)]), capture_output=True,
+                        text=True, timeout=30, env=subprocess_env())
+    assert cp.returncode == 2, cp.stderr
+    lines = cp.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastproxy toxiproxy: error: --config: %s: bad request body: "
+                                                   % config), cp.stderr
 
 
 @pytest.mark.parametrize("args, flag", [(["--port", "70000"], "--port"), (["--port", "x"], "argument --port"),

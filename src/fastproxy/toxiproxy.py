@@ -308,10 +308,13 @@ class ToxiproxyServer:
         return 201, entry.to_json()
 
     def populate(self, body: bytes) -> Tuple[int, Any]:
-        items = _expect(_decode(body), list, "a JSON array of proxies")
+        # Every error, the body's own too, is toxiproxy's populate answer:
+        # application/json with "proxies" (null, or those done before a
+        # failure), not http.Error's text/plain.
         planned: List[Tuple[_Entry, bool]] = []
         seen = set()
         try:
+            items = _expect(_decode(body), list, "a JSON array of proxies")
             for i, obj in enumerate(items):
                 obj = _expect(obj, dict, f"proxy {i + 1}: a JSON object")
                 entry, enabled = self._new_entry(obj, f" at proxy {i + 1}")
@@ -337,8 +340,10 @@ class ToxiproxyServer:
                 self.proxies[entry.name] = entry
                 done.append(entry)
         except ApiError as exc:
-            return exc.status, {"error": exc.message, "status": exc.status, "proxies": None}
-        return 201, {"proxies": [e.to_json() for e in done]}
+            return exc.status, {"error": exc.message, "status": exc.status,
+                                "proxies": [e.to_json() for e in done] or None}
+        # Go writes an empty list of proxies as null, so `[]` gets null too.
+        return 201, {"proxies": [e.to_json() for e in done] or None}
 
     def proxy_show(self, body: bytes, name: str) -> Tuple[int, Any]:
         return 200, self._get(name).to_json()
