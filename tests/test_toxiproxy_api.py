@@ -270,6 +270,29 @@ def test_populate_lists_the_proxies_done_before_a_failure(api, echo_server):
     assert api.json("POST", "/populate", [], expect=201) == {"proxies": None}
 
 
+def test_same_listen_by_host_name_keeps_the_proxy(api, echo_server):
+    # toxiproxy 2.12 resolves the listen address before comparing
+    # (Differs): "localhost:PORT" again, by populate or by update, keeps
+    # the proxy, its connections and its toxics.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = [{"name": "named", "upstream": echo_server.addr, "listen": "localhost:%d" % port}]
+    first = api.json("POST", "/populate", config, expect=201)["proxies"][0]
+    address = host_port(first["listen"])
+    assert address[1] == port
+    api.json("POST", "/proxies/named/toxics", {"type": "latency", "attributes": {"latency": 1}})
+    with connect(address) as live:
+        live.sendall(b"a")
+        assert recv_exact(live, 1) == b"a"
+        again = api.json("POST", "/populate", config, expect=201)["proxies"][0]
+        assert again["listen"] == first["listen"] and [t["name"] for t in again["toxics"]] == ["latency_downstream"]
+        updated = api.json("PATCH", "/proxies/named", {"listen": "localhost:%d" % port})
+        assert updated == again
+        live.sendall(b"b")   # not cut: the same proxy
+        assert recv_exact(live, 1) == b"b"
+
+
 def test_reset_enables_every_proxy_and_removes_toxics(api, echo_server):
     api.json("POST", "/proxies", {"name": "r", "upstream": echo_server.addr, "enabled": False}, expect=201)
     api.json("POST", "/proxies/r/toxics", {"type": "timeout", "attributes": {"timeout": 10}})

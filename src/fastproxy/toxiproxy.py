@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 from ._version import __version__
 from .control import UnknownNameError
 from .proxy import Proxy
+from .sockets import bound_as
 from .toxics import ATTRIBUTES, KINDS, STREAMS, Toxic, ToxicError
 from .values import ConfigError, format_address, parse_address
 
@@ -154,6 +155,20 @@ class _Entry:
         if self.enabled:
             self.proxy.set_down(True, cut=True)
             self.enabled = False
+
+    def listens_at(self, listen: str) -> bool:
+        """Whether `listen`, however spelled ("localhost:PORT"), is where
+        this proxy listens: as toxiproxy's Differs, which resolves it, so
+        that an update or populate naming the same address by a host name
+        keeps the proxy, its connections and toxics."""
+        if listen == self.listen:
+            return True
+        try:
+            wanted = parse_address(listen, "listen", listen=True)
+            bound = parse_address(self.listen, "listen", listen=True)
+        except ConfigError:
+            return False
+        return bound_as(wanted, bound)
 
     def replace(self, listen: str, upstream: str) -> None:
         # As toxiproxy's Update: stop, take the new addresses, start again
@@ -328,7 +343,7 @@ class ToxiproxyServer:
         try:
             for entry, enabled in planned:
                 existing = self.proxies.get(entry.name)
-                if existing is not None and existing.listen == entry.listen \
+                if existing is not None and existing.listens_at(entry.listen) \
                         and existing.upstream == entry.upstream:
                     done.append(existing)
                     continue
@@ -354,7 +369,7 @@ class ToxiproxyServer:
         listen = _string_field(obj, "listen", entry.listen)
         upstream = _string_field(obj, "upstream", entry.upstream)
         enabled = _bool_field(obj, "enabled", entry.enabled)
-        if listen != entry.listen or upstream != entry.upstream:
+        if not entry.listens_at(listen) or upstream != entry.upstream:
             entry.replace(listen, upstream)
         if enabled:
             entry.enable()
