@@ -318,6 +318,54 @@ def test_hostile_requests_do_not_stop_the_server(api, echo_server):
     assert echo_roundtrip(host_port(created["listen"]), b"still") == b"still"
 
 
+def read_to_eof(sock):
+    out = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return out
+        out += data
+
+
+def test_chunked_body_is_decoded(api, echo_server):
+    # Go's net/http decodes a chunked body (curl -H 'Transfer-Encoding:
+    # chunked', a streaming client); the connection stays usable after it.
+    body = json.dumps({"name": "c", "upstream": echo_server.addr}).encode()
+    api.conn.request("POST", "/proxies", body=iter([body[:7], body[7:]]), encode_chunked=True)
+    r = api.conn.getresponse()
+    created = json.loads(r.read())
+    assert r.status == 201 and created["name"] == "c"
+    assert api.json("GET", "/proxies/c") == created   # the same connection: in step
+    # Extensions and trailers, as the grammar allows; Content-Length is ignored.
+    with socket.create_connection(api.address, timeout=5) as s:
+        s.sendall(b"POST /proxies/c/toxics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                  b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                  b"10;ext=1\r\n" + b'{"type":"latency' + b'\r\n2\r\n"}\r\n0\r\nX-Trailer: 1\r\n\r\n')
+        out = read_to_eof(s)
+    assert out.startswith(b"HTTP/1.1 200 ") and out.count(b"HTTP/1.1") == 1, out
+    assert [t["name"] for t in api.json("GET", "/proxies/c/toxics")] == ["latency_downstream"]
+
+
+@pytest.mark.parametrize("head, rest, answer", [
+    (b"Transfer-Encoding: chunked", b"zz\r\n{}\r\n0\r\n\r\n", b"HTTP/1.1 400 "),
+    (b"Transfer-Encoding: chunked", b"2\r\n{}XX0\r\n\r\n", b"HTTP/1.1 400 "),
+    (b"Transfer-Encoding: chunked", b"100001\r\n" + b"x" * 16, b"HTTP/1.1 400 "),
+    (b"Transfer-Encoding: gzip", b"{}", b"HTTP/1.1 501 "),
+    (b"Transfer-Encoding: gzip, chunked", b"2\r\n{}\r\n0\r\n\r\n", b"HTTP/1.1 501 "),
+    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked", b"2\r\n{}\r\n0\r\n\r\n", b"HTTP/1.1 501 "),
+])
+def test_a_body_that_cannot_be_read_is_answered_once_then_closed(api, head, rest, answer):
+    # What follows a body that cannot be read is not another request.
+    with socket.create_connection(api.address, timeout=5) as s:
+        s.sendall(b"POST /proxies HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n" + rest
+                  + b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = read_to_eof(s)
+    head, _, rest = out.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    assert head.startswith(answer) and len(rest) == length, out   # one answer, nothing after
+    assert api.json("GET", "/proxies") == {}
+
+
 def test_cli_prints_its_address_populates_and_stops_on_sigterm(tmp_path, echo_server):
     config = tmp_path / "toxiproxy.json"
     config.write_text(json.dumps([{"name": "svc", "upstream": echo_server.addr, "listen": "127.0.0.1:0"}]))

@@ -38,6 +38,8 @@ log = logging.getLogger("fastproxy.toxiproxy")
 # The toxiproxy release whose API this serves; the build metadata says who.
 VERSION = f"2.12.0+fastproxy.{__version__}"
 MAX_BODY = 1 << 20
+MAX_CHUNK_LINE = 4096
+MAX_TRAILERS = 100
 READ_TIMEOUT_S = 15.0
 
 
@@ -461,15 +463,9 @@ def _handler_for(server: ToxiproxyServer) -> type:
                 # As toxiproxy: no browsers, so a web page cannot drive it.
                 self._send(403, b"User agent not allowed\n", "text/plain; charset=utf-8")
                 return
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if not 0 <= length <= MAX_BODY:
-                self.close_connection = True
-                self._send_error(ApiError("bad request body: Content-Length missing, invalid or over 1 MiB", 400))
+            body = self._read_body()
+            if body is None:
                 return
-            body = self.rfile.read(length) if length else b""
             try:
                 status, result = server.route(self.command, urlsplit(self.path).path, body)
             except ApiError as exc:
@@ -489,6 +485,63 @@ def _handler_for(server: ToxiproxyServer) -> type:
                 self._send(200, ('{"version": "%s"}\n' % result[1]).encode(), "application/json;charset=utf-8")
             else:
                 self._send(status, json.dumps(result, separators=(",", ":")).encode(), "application/json")
+
+        def _read_body(self) -> Optional[bytes]:
+            """The request's body; None once an error about it is answered,
+            and the connection is then closed, since where the next request
+            starts is not known."""
+            codings = self.headers.get_all("Transfer-Encoding") or []
+            if codings:
+                # As Go's net/http: one coding, chunked, which overrides any
+                # Content-Length; anything else is 501 and the end.
+                if len(codings) != 1 or codings[0].strip().lower() != "chunked":
+                    self.close_connection = True
+                    self._send(501, b"Unsupported transfer encoding", "text/plain; charset=utf-8")
+                    return None
+                try:
+                    return self._read_chunked()
+                except ApiError as exc:
+                    self.close_connection = True
+                    self._send_error(exc)
+                    return None
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY:
+                self.close_connection = True
+                self._send_error(ApiError("bad request body: Content-Length missing, invalid or over 1 MiB", 400))
+                return None
+            return self.rfile.read(length) if length else b""
+
+        def _read_chunked(self) -> bytes:
+            # HTTP/1.1's chunked coding: HEX[;ext] CRLF, that many bytes, CRLF,
+            # ..., a 0 chunk, trailer lines (ignored), an empty line. The
+            # body has MAX_BODY's cap, and the lines Go's 4 KiB one.
+            malformed = bad_body("malformed chunked encoding")
+            body = bytearray()
+            while True:
+                line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+                size_text = line.split(b";", 1)[0].strip()
+                if not line.endswith(b"\n") or not size_text or len(size_text) > 16 \
+                        or size_text.strip(b"0123456789abcdefABCDEF"):
+                    raise malformed
+                size = int(size_text, 16)
+                if size == 0:
+                    break
+                if len(body) + size > MAX_BODY:
+                    raise bad_body("chunked body over 1 MiB")
+                chunk = self.rfile.read(size)
+                if len(chunk) < size or self.rfile.read(2) != b"\r\n":
+                    raise malformed
+                body += chunk
+            for _ in range(MAX_TRAILERS + 1):
+                line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+                if line in (b"\r\n", b"\n"):
+                    return bytes(body)
+                if not line.endswith(b"\n"):
+                    break
+            raise malformed
 
         def _send_error(self, exc: ApiError) -> None:
             # Go's http.Error: the JSON as text/plain, with a newline.
