@@ -114,6 +114,30 @@ def test_create_errors(api, echo_server):
                                                          "listen": "127.0.0.1:%d" % taken.getsockname()[1]})
         assert status == 500 and "in use" in message
     assert list(api.json("GET", "/proxies")) == ["x"]
+    # The name is checked before the addresses, as toxiproxy's Add does.
+    assert api.error("POST", "/proxies", {"name": "x", "upstream": "no-port"}) == (409, "proxy already exists")
+    assert api.error("POST", "/proxies", {"name": "x", "upstream": echo_server.addr, "listen": "bad"}) == \
+        (409, "proxy already exists")
+
+
+def test_toxic_checks_in_toxiproxys_order(api, echo_server):
+    api.json("POST", "/proxies", {"name": "o", "upstream": echo_server.addr, "enabled": False}, expect=201)
+    # The stream is lowercased to parse it (stream.ParseDirection); the
+    # default name keeps it as given, as toxiproxy's.
+    made = api.json("POST", "/proxies/o/toxics", {"type": "latency", "stream": "UpStream",
+                                                  "attributes": {"latency": 1}})
+    assert (made["name"], made["stream"]) == ("latency_UpStream", "upstream")
+    api.json("POST", "/proxies/o/toxics", {"type": "latency", "attributes": {"latency": 1}})
+    # A name taken is 409 before the attributes' values are looked at.
+    assert api.error("POST", "/proxies/o/toxics", {"type": "latency", "attributes": {"latency": -5}}) == \
+        (409, "toxic already exists")
+    assert api.error("POST", "/proxies/o/toxics", {"type": "latency", "toxicity": 7}) == \
+        (409, "toxic already exists")
+    # ... but after the stream and the type.
+    assert api.error("POST", "/proxies/o/toxics", {"type": "latency", "stream": "sideways"})[0] == 400
+    assert api.error("POST", "/proxies/o/toxics", {"type": "bogus", "name": "latency_downstream"}) == \
+        (400, "invalid toxic type")
+    assert [t["name"] for t in api.json("GET", "/proxies/o/toxics")] == ["latency_UpStream", "latency_downstream"]
 
 
 def test_unknown_proxy_is_404_everywhere(api):

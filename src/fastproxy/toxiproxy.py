@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Collection, Dict, List, NoReturn, Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
 from ._version import __version__
@@ -197,22 +197,28 @@ class _Entry:
                 "toxics": [toxic_json(t) for t in self.toxics()]}
 
 
-def parse_toxic(obj: Any) -> Toxic:
+def parse_toxic(obj: Any, taken: Collection[str] = ()) -> Toxic:
     """A new toxic from toxiproxy's JSON, checked in toxiproxy's order
-    (body, stream, type, then the attributes); unknown keys are ignored,
-    as Go's decoder does."""
+    (the body's shape, stream, type, a name in `taken`, then the values
+    of the attributes); unknown keys are ignored, as Go's decoder does."""
     obj = _expect(obj, dict, "a JSON object")
-    stream = _string_field(obj, "stream", "downstream")
+    given = _string_field(obj, "stream", "downstream")
+    name = _string_field(obj, "name", "")
+    attributes = _expect(obj.get("attributes") or {}, dict, "attributes: a JSON object")
+    # toxiproxy lowercases the stream to parse it (stream.ParseDirection),
+    # but names the toxic after it as given: "latency_Upstream".
+    stream = given.lower()
     if stream not in STREAMS:
         raise _error(INVALID_STREAM)
     kind = _string_field(obj, "type", "")
     if kind not in KINDS:
         raise _error(INVALID_TYPE)
-    attributes = obj.get("attributes") or {}
-    attributes = _expect(attributes, dict, "attributes: a JSON object")
+    name = name or f"{kind}_{given}"
+    if name in taken:
+        raise _error(TOXIC_EXISTS)
     known = {k: v for k, v in attributes.items() if k in ATTRIBUTES[kind]}
     try:
-        return Toxic(kind, stream, obj.get("toxicity", 1.0), _string_field(obj, "name", ""), known)
+        return Toxic(kind, stream, obj.get("toxicity", 1.0), name, known)
     except ToxicError as exc:
         raise bad_body(str(exc)) from None
 
@@ -302,7 +308,7 @@ class ToxiproxyServer:
     def proxy_index(self, body: bytes) -> Tuple[int, Any]:
         return 200, {name: self.proxies[name].to_json() for name in sorted(self.proxies)}
 
-    def _new_entry(self, obj: Dict[str, Any], where: str = "") -> Tuple[_Entry, bool]:
+    def _new_entry(self, obj: Dict[str, Any], where: str = "", *, unique: bool = False) -> Tuple[_Entry, bool]:
         name = _string_field(obj, "name", "")
         if not name:
             raise missing("name" + where)
@@ -311,13 +317,14 @@ class ToxiproxyServer:
             raise missing("upstream" + where)
         listen = _string_field(obj, "listen", "") or "127.0.0.1:0"
         enabled = _bool_field(obj, "enabled", True)
+        # toxiproxy checks the name before it looks at the addresses.
+        if unique and name in self.proxies:
+            raise _error(PROXY_EXISTS)
         return _Entry(name, listen, upstream, self.engine), enabled
 
     def proxy_create(self, body: bytes) -> Tuple[int, Any]:
         obj = _expect(_decode(body), dict, "a JSON object")
-        entry, enabled = self._new_entry(obj)
-        if entry.name in self.proxies:
-            raise _error(PROXY_EXISTS)
+        entry, enabled = self._new_entry(obj, unique=True)
         if enabled:
             entry.enable()
         self.proxies[entry.name] = entry
@@ -398,9 +405,7 @@ class ToxiproxyServer:
 
     def toxic_create(self, body: bytes, name: str) -> Tuple[int, Any]:
         entry = self._get(name)
-        made = parse_toxic(_decode(body))
-        if any(t.name == made.name for t in entry.proxy.toxics()):
-            raise _error(TOXIC_EXISTS)
+        made = parse_toxic(_decode(body), {t.name for t in entry.proxy.toxics()})
         entry.proxy.add_toxic(made)
         return 200, toxic_json(made)
 
