@@ -315,6 +315,12 @@ def test_same_listen_by_host_name_keeps_the_proxy(api, echo_server):
         assert updated == again
         live.sendall(b"b")   # not cut: the same proxy
         assert recv_exact(live, 1) == b"b"
+        # A name that does not resolve is an error before the proxy is touched.
+        status, message = api.error("PATCH", "/proxies/named", {"listen": "nonexistent.invalid:%d" % port})
+        assert status == 500 and "nonexistent.invalid" in message
+        assert api.json("GET", "/proxies/named") == again
+        live.sendall(b"c")
+        assert recv_exact(live, 1) == b"c"
 
 
 def test_reset_enables_every_proxy_and_removes_toxics(api, echo_server):

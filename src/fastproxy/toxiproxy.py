@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,7 +30,7 @@ from .control import UnknownNameError
 from .proxy import Proxy
 from .sockets import bound_as
 from .toxics import ATTRIBUTES, KINDS, STREAMS, Toxic, ToxicError
-from .values import ConfigError, format_address, parse_address
+from .values import ConfigError, format_address, parse_address, unix_path
 
 __all__ = ["ToxiproxyServer", "ApiError", "main"]
 
@@ -170,7 +171,17 @@ class _Entry:
             bound = parse_address(self.listen, "listen", listen=True)
         except ConfigError:
             return False
-        return bound_as(wanted, bound)
+        if bound_as(wanted, bound):
+            return True
+        host, port = wanted
+        if host and unix_path(host) is None:
+            try:
+                socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as exc:
+                # As Differs: a name that does not resolve is a 500 before
+                # the proxy is stopped, not after.
+                raise ApiError(f"listen: {listen!r}: does not resolve ({exc})", 500) from None
+        return False
 
     def replace(self, listen: str, upstream: str) -> None:
         # As toxiproxy's Update: stop, take the new addresses, start again
