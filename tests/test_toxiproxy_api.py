@@ -114,6 +114,30 @@ def test_create_errors(api, echo_server):
                                                          "listen": "127.0.0.1:%d" % taken.getsockname()[1]})
         assert status == 500 and "in use" in message
     assert list(api.json("GET", "/proxies")) == ["x"]
+    # The name is checked before the addresses, as toxiproxy's Add does.
+    assert api.error("POST", "/proxies", {"name": "x", "upstream": "no-port"}) == (409, "proxy already exists")
+    assert api.error("POST", "/proxies", {"name": "x", "upstream": echo_server.addr, "listen": "bad"}) == \
+        (409, "proxy already exists")
+
+
+def test_toxic_checks_in_toxiproxys_order(api, echo_server):
+    api.json("POST", "/proxies", {"name": "o", "upstream": echo_server.addr, "enabled": False}, expect=201)
+    # The stream is lowercased to parse it (stream.ParseDirection); the
+    # default name keeps it as given, as toxiproxy's.
+    made = api.json("POST", "/proxies/o/toxics", {"type": "latency", "stream": "UpStream",
+                                                  "attributes": {"latency": 1}})
+    assert (made["name"], made["stream"]) == ("latency_UpStream", "upstream")
+    api.json("POST", "/proxies/o/toxics", {"type": "latency", "attributes": {"latency": 1}})
+    # A name taken is 409 before the attributes' values are looked at.
+    assert api.error("POST", "/proxies/o/toxics", {"type": "latency", "attributes": {"latency": -5}}) == \
+        (409, "toxic already exists")
+    assert api.error("POST", "/proxies/o/toxics", {"type": "latency", "toxicity": 7}) == \
+        (409, "toxic already exists")
+    # ... but after the stream and the type.
+    assert api.error("POST", "/proxies/o/toxics", {"type": "latency", "stream": "sideways"})[0] == 400
+    assert api.error("POST", "/proxies/o/toxics", {"type": "bogus", "name": "latency_downstream"}) == \
+        (400, "invalid toxic type")
+    assert [t["name"] for t in api.json("GET", "/proxies/o/toxics")] == ["latency_UpStream", "latency_downstream"]
 
 
 def test_unknown_proxy_is_404_everywhere(api):
@@ -242,9 +266,61 @@ def test_populate_creates_keeps_and_replaces(api, echo_server):
                                    "proxies": None}
     status, _, payload = api.call("POST", "/populate", [{"upstream": echo_server.addr}])
     assert json.loads(payload)["error"] == "missing required field: name at proxy 1"
-    status, message = api.error("POST", "/populate", raw=b"{}")
-    assert status == 400 and message.startswith("bad request body: ")
     assert sorted(api.json("GET", "/proxies")) == ["a", "b"]
+
+
+@pytest.mark.parametrize("raw", [b"{}", b'{"name": "x"}', b'[{"name": "x",', b"", b"[1]"])
+def test_populate_bad_body_is_its_json_answer(api, raw):
+    # toxiproxy's Populate answers every error, the body's too, with its
+    # own JSON (error, status, proxies), not http.Error's text/plain.
+    status, ctype, payload = api.call("POST", "/populate", raw=raw)
+    assert (status, ctype) == (400, "application/json")
+    body = json.loads(payload)
+    assert list(body) == ["error", "status", "proxies"] and body["error"].startswith("bad request body: ")
+    assert (body["status"], body["proxies"]) == (400, None)
+
+
+def test_populate_lists_the_proxies_done_before_a_failure(api, echo_server):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        status, ctype, payload = api.call("POST", "/populate", [
+            {"name": "first", "upstream": echo_server.addr},
+            {"name": "second", "upstream": echo_server.addr, "listen": "127.0.0.1:%d" % taken.getsockname()[1]}])
+    body = json.loads(payload)
+    assert (status, ctype, body["status"]) == (500, "application/json", 500) and "in use" in body["error"]
+    assert [p["name"] for p in body["proxies"]] == ["first"]
+    # Nothing to do: Go writes the empty list as null.
+    assert api.json("POST", "/populate", [], expect=201) == {"proxies": None}
+
+
+def test_same_listen_by_host_name_keeps_the_proxy(api, echo_server):
+    # toxiproxy 2.12 resolves the listen address before comparing
+    # (Differs): "localhost:PORT" again, by populate or by update, keeps
+    # the proxy, its connections and its toxics.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = [{"name": "named", "upstream": echo_server.addr, "listen": "localhost:%d" % port}]
+    first = api.json("POST", "/populate", config, expect=201)["proxies"][0]
+    address = host_port(first["listen"])
+    assert address[1] == port
+    api.json("POST", "/proxies/named/toxics", {"type": "latency", "attributes": {"latency": 1}})
+    with connect(address) as live:
+        live.sendall(b"a")
+        assert recv_exact(live, 1) == b"a"
+        again = api.json("POST", "/populate", config, expect=201)["proxies"][0]
+        assert again["listen"] == first["listen"] and [t["name"] for t in again["toxics"]] == ["latency_downstream"]
+        updated = api.json("PATCH", "/proxies/named", {"listen": "localhost:%d" % port})
+        assert updated == again
+        live.sendall(b"b")   # not cut: the same proxy
+        assert recv_exact(live, 1) == b"b"
+        # A name that does not resolve is an error before the proxy is touched.
+        status, message = api.error("PATCH", "/proxies/named", {"listen": "nonexistent.invalid:%d" % port})
+        assert status == 500 and "nonexistent.invalid" in message
+        assert api.json("GET", "/proxies/named") == again
+        live.sendall(b"c")
+        assert recv_exact(live, 1) == b"c"
 
 
 def test_reset_enables_every_proxy_and_removes_toxics(api, echo_server):
@@ -272,6 +348,54 @@ def test_hostile_requests_do_not_stop_the_server(api, echo_server):
     assert echo_roundtrip(host_port(created["listen"]), b"still") == b"still"
 
 
+def read_to_eof(sock):
+    out = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return out
+        out += data
+
+
+def test_chunked_body_is_decoded(api, echo_server):
+    # Go's net/http decodes a chunked body (curl -H 'Transfer-Encoding:
+    # chunked', a streaming client); the connection stays usable after it.
+    body = json.dumps({"name": "c", "upstream": echo_server.addr}).encode()
+    api.conn.request("POST", "/proxies", body=iter([body[:7], body[7:]]), encode_chunked=True)
+    r = api.conn.getresponse()
+    created = json.loads(r.read())
+    assert r.status == 201 and created["name"] == "c"
+    assert api.json("GET", "/proxies/c") == created   # the same connection: in step
+    # Extensions and trailers, as the grammar allows; Content-Length is ignored.
+    with socket.create_connection(api.address, timeout=5) as s:
+        s.sendall(b"POST /proxies/c/toxics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                  b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                  b"10;ext=1\r\n" + b'{"type":"latency' + b'\r\n2\r\n"}\r\n0\r\nX-Trailer: 1\r\n\r\n')
+        out = read_to_eof(s)
+    assert out.startswith(b"HTTP/1.1 200 ") and out.count(b"HTTP/1.1") == 1, out
+    assert [t["name"] for t in api.json("GET", "/proxies/c/toxics")] == ["latency_downstream"]
+
+
+@pytest.mark.parametrize("head, rest, answer", [
+    (b"Transfer-Encoding: chunked", b"zz\r\n{}\r\n0\r\n\r\n", b"HTTP/1.1 400 "),
+    (b"Transfer-Encoding: chunked", b"2\r\n{}XX0\r\n\r\n", b"HTTP/1.1 400 "),
+    (b"Transfer-Encoding: chunked", b"100001\r\n" + b"x" * 16, b"HTTP/1.1 400 "),
+    (b"Transfer-Encoding: gzip", b"{}", b"HTTP/1.1 501 "),
+    (b"Transfer-Encoding: gzip, chunked", b"2\r\n{}\r\n0\r\n\r\n", b"HTTP/1.1 501 "),
+    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked", b"2\r\n{}\r\n0\r\n\r\n", b"HTTP/1.1 501 "),
+])
+def test_a_body_that_cannot_be_read_is_answered_once_then_closed(api, head, rest, answer):
+    # What follows a body that cannot be read is not another request.
+    with socket.create_connection(api.address, timeout=5) as s:
+        s.sendall(b"POST /proxies HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n" + rest
+                  + b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = read_to_eof(s)
+    head, _, rest = out.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    assert head.startswith(answer) and len(rest) == length, out   # one answer, nothing after
+    assert api.json("GET", "/proxies") == {}
+
+
 def test_cli_prints_its_address_populates_and_stops_on_sigterm(tmp_path, echo_server):
     config = tmp_path / "toxiproxy.json"
     config.write_text(json.dumps([{"name": "svc", "upstream": echo_server.addr, "listen": "127.0.0.1:0"}]))
@@ -295,6 +419,18 @@ def test_cli_prints_its_address_populates_and_stops_on_sigterm(tmp_path, echo_se
             proc.wait(5)
         out.join(5)
         err.join(5)
+
+
+@pytest.mark.parametrize("text", ['{"name": "x"}', '[{"name": "x",'])
+def test_cli_config_that_is_not_a_json_array_is_one_line_exit_2(tmp_path, text):
+    config = tmp_path / "toxiproxy.json"
+    config.write_text(text)
+    cp = subprocess.run(cli_command(["toxiproxy", "--port", "0", "--config", str(config)]), capture_output=True,
+                        text=True, timeout=30, env=subprocess_env())
+    assert cp.returncode == 2, cp.stderr
+    lines = cp.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastproxy toxiproxy: error: --config: %s: bad request body: "
+                                                   % config), cp.stderr
 
 
 @pytest.mark.parametrize("args, flag", [(["--port", "70000"], "--port"), (["--port", "x"], "argument --port"),

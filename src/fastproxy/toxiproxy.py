@@ -18,17 +18,19 @@ import argparse
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Collection, Dict, List, NoReturn, Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
 from ._version import __version__
 from .control import UnknownNameError
 from .proxy import Proxy
+from .sockets import bound_as
 from .toxics import ATTRIBUTES, KINDS, STREAMS, Toxic, ToxicError
-from .values import ConfigError, format_address, parse_address
+from .values import ConfigError, format_address, parse_address, unix_path
 
 __all__ = ["ToxiproxyServer", "ApiError", "main"]
 
@@ -37,6 +39,8 @@ log = logging.getLogger("fastproxy.toxiproxy")
 # The toxiproxy release whose API this serves; the build metadata says who.
 VERSION = f"2.12.0+fastproxy.{__version__}"
 MAX_BODY = 1 << 20
+MAX_CHUNK_LINE = 4096
+MAX_TRAILERS = 100
 READ_TIMEOUT_S = 15.0
 
 
@@ -155,6 +159,30 @@ class _Entry:
             self.proxy.set_down(True, cut=True)
             self.enabled = False
 
+    def listens_at(self, listen: str) -> bool:
+        """Whether `listen`, however spelled ("localhost:PORT"), is where
+        this proxy listens: as toxiproxy's Differs, which resolves it, so
+        that an update or populate naming the same address by a host name
+        keeps the proxy, its connections and toxics."""
+        if listen == self.listen:
+            return True
+        try:
+            wanted = parse_address(listen, "listen", listen=True)
+            bound = parse_address(self.listen, "listen", listen=True)
+        except ConfigError:
+            return False
+        if bound_as(wanted, bound):
+            return True
+        host, port = wanted
+        if host and unix_path(host) is None:
+            try:
+                socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as exc:
+                # As Differs: a name that does not resolve is a 500 before
+                # the proxy is stopped, not after.
+                raise ApiError(f"listen: {listen!r}: does not resolve ({exc})", 500) from None
+        return False
+
     def replace(self, listen: str, upstream: str) -> None:
         # As toxiproxy's Update: stop, take the new addresses, start again
         # if it was enabled; the toxics stay.
@@ -180,22 +208,28 @@ class _Entry:
                 "toxics": [toxic_json(t) for t in self.toxics()]}
 
 
-def parse_toxic(obj: Any) -> Toxic:
+def parse_toxic(obj: Any, taken: Collection[str] = ()) -> Toxic:
     """A new toxic from toxiproxy's JSON, checked in toxiproxy's order
-    (body, stream, type, then the attributes); unknown keys are ignored,
-    as Go's decoder does."""
+    (the body's shape, stream, type, a name in `taken`, then the values
+    of the attributes); unknown keys are ignored, as Go's decoder does."""
     obj = _expect(obj, dict, "a JSON object")
-    stream = _string_field(obj, "stream", "downstream")
+    given = _string_field(obj, "stream", "downstream")
+    name = _string_field(obj, "name", "")
+    attributes = _expect(obj.get("attributes") or {}, dict, "attributes: a JSON object")
+    # toxiproxy lowercases the stream to parse it (stream.ParseDirection),
+    # but names the toxic after it as given: "latency_Upstream".
+    stream = given.lower()
     if stream not in STREAMS:
         raise _error(INVALID_STREAM)
     kind = _string_field(obj, "type", "")
     if kind not in KINDS:
         raise _error(INVALID_TYPE)
-    attributes = obj.get("attributes") or {}
-    attributes = _expect(attributes, dict, "attributes: a JSON object")
+    name = name or f"{kind}_{given}"
+    if name in taken:
+        raise _error(TOXIC_EXISTS)
     known = {k: v for k, v in attributes.items() if k in ATTRIBUTES[kind]}
     try:
-        return Toxic(kind, stream, obj.get("toxicity", 1.0), _string_field(obj, "name", ""), known)
+        return Toxic(kind, stream, obj.get("toxicity", 1.0), name, known)
     except ToxicError as exc:
         raise bad_body(str(exc)) from None
 
@@ -285,7 +319,7 @@ class ToxiproxyServer:
     def proxy_index(self, body: bytes) -> Tuple[int, Any]:
         return 200, {name: self.proxies[name].to_json() for name in sorted(self.proxies)}
 
-    def _new_entry(self, obj: Dict[str, Any], where: str = "") -> Tuple[_Entry, bool]:
+    def _new_entry(self, obj: Dict[str, Any], where: str = "", *, unique: bool = False) -> Tuple[_Entry, bool]:
         name = _string_field(obj, "name", "")
         if not name:
             raise missing("name" + where)
@@ -294,13 +328,14 @@ class ToxiproxyServer:
             raise missing("upstream" + where)
         listen = _string_field(obj, "listen", "") or "127.0.0.1:0"
         enabled = _bool_field(obj, "enabled", True)
+        # toxiproxy checks the name before it looks at the addresses.
+        if unique and name in self.proxies:
+            raise _error(PROXY_EXISTS)
         return _Entry(name, listen, upstream, self.engine), enabled
 
     def proxy_create(self, body: bytes) -> Tuple[int, Any]:
         obj = _expect(_decode(body), dict, "a JSON object")
-        entry, enabled = self._new_entry(obj)
-        if entry.name in self.proxies:
-            raise _error(PROXY_EXISTS)
+        entry, enabled = self._new_entry(obj, unique=True)
         if enabled:
             entry.enable()
         self.proxies[entry.name] = entry
@@ -308,10 +343,13 @@ class ToxiproxyServer:
         return 201, entry.to_json()
 
     def populate(self, body: bytes) -> Tuple[int, Any]:
-        items = _expect(_decode(body), list, "a JSON array of proxies")
+        # Every error, the body's own too, is toxiproxy's populate answer:
+        # application/json with "proxies" (null, or those done before a
+        # failure), not http.Error's text/plain.
         planned: List[Tuple[_Entry, bool]] = []
         seen = set()
         try:
+            items = _expect(_decode(body), list, "a JSON array of proxies")
             for i, obj in enumerate(items):
                 obj = _expect(obj, dict, f"proxy {i + 1}: a JSON object")
                 entry, enabled = self._new_entry(obj, f" at proxy {i + 1}")
@@ -325,7 +363,7 @@ class ToxiproxyServer:
         try:
             for entry, enabled in planned:
                 existing = self.proxies.get(entry.name)
-                if existing is not None and existing.listen == entry.listen \
+                if existing is not None and existing.listens_at(entry.listen) \
                         and existing.upstream == entry.upstream:
                     done.append(existing)
                     continue
@@ -337,8 +375,10 @@ class ToxiproxyServer:
                 self.proxies[entry.name] = entry
                 done.append(entry)
         except ApiError as exc:
-            return exc.status, {"error": exc.message, "status": exc.status, "proxies": None}
-        return 201, {"proxies": [e.to_json() for e in done]}
+            return exc.status, {"error": exc.message, "status": exc.status,
+                                "proxies": [e.to_json() for e in done] or None}
+        # Go writes an empty list of proxies as null, so `[]` gets null too.
+        return 201, {"proxies": [e.to_json() for e in done] or None}
 
     def proxy_show(self, body: bytes, name: str) -> Tuple[int, Any]:
         return 200, self._get(name).to_json()
@@ -349,7 +389,7 @@ class ToxiproxyServer:
         listen = _string_field(obj, "listen", entry.listen)
         upstream = _string_field(obj, "upstream", entry.upstream)
         enabled = _bool_field(obj, "enabled", entry.enabled)
-        if listen != entry.listen or upstream != entry.upstream:
+        if not entry.listens_at(listen) or upstream != entry.upstream:
             entry.replace(listen, upstream)
         if enabled:
             entry.enable()
@@ -376,9 +416,7 @@ class ToxiproxyServer:
 
     def toxic_create(self, body: bytes, name: str) -> Tuple[int, Any]:
         entry = self._get(name)
-        made = parse_toxic(_decode(body))
-        if any(t.name == made.name for t in entry.proxy.toxics()):
-            raise _error(TOXIC_EXISTS)
+        made = parse_toxic(_decode(body), {t.name for t in entry.proxy.toxics()})
         entry.proxy.add_toxic(made)
         return 200, toxic_json(made)
 
@@ -441,15 +479,9 @@ def _handler_for(server: ToxiproxyServer) -> type:
                 # As toxiproxy: no browsers, so a web page cannot drive it.
                 self._send(403, b"User agent not allowed\n", "text/plain; charset=utf-8")
                 return
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if not 0 <= length <= MAX_BODY:
-                self.close_connection = True
-                self._send_error(ApiError("bad request body: Content-Length missing, invalid or over 1 MiB", 400))
+            body = self._read_body()
+            if body is None:
                 return
-            body = self.rfile.read(length) if length else b""
             try:
                 status, result = server.route(self.command, urlsplit(self.path).path, body)
             except ApiError as exc:
@@ -469,6 +501,63 @@ def _handler_for(server: ToxiproxyServer) -> type:
                 self._send(200, ('{"version": "%s"}\n' % result[1]).encode(), "application/json;charset=utf-8")
             else:
                 self._send(status, json.dumps(result, separators=(",", ":")).encode(), "application/json")
+
+        def _read_body(self) -> Optional[bytes]:
+            """The request's body; None once an error about it is answered,
+            and the connection is then closed, since where the next request
+            starts is not known."""
+            codings = self.headers.get_all("Transfer-Encoding") or []
+            if codings:
+                # As Go's net/http: one coding, chunked, which overrides any
+                # Content-Length; anything else is 501 and the end.
+                if len(codings) != 1 or codings[0].strip().lower() != "chunked":
+                    self.close_connection = True
+                    self._send(501, b"Unsupported transfer encoding", "text/plain; charset=utf-8")
+                    return None
+                try:
+                    return self._read_chunked()
+                except ApiError as exc:
+                    self.close_connection = True
+                    self._send_error(exc)
+                    return None
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY:
+                self.close_connection = True
+                self._send_error(ApiError("bad request body: Content-Length missing, invalid or over 1 MiB", 400))
+                return None
+            return self.rfile.read(length) if length else b""
+
+        def _read_chunked(self) -> bytes:
+            # HTTP/1.1's chunked coding: HEX[;ext] CRLF, that many bytes, CRLF,
+            # ..., a 0 chunk, trailer lines (ignored), an empty line. The
+            # body has MAX_BODY's cap, and the lines Go's 4 KiB one.
+            malformed = bad_body("malformed chunked encoding")
+            body = bytearray()
+            while True:
+                line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+                size_text = line.split(b";", 1)[0].strip()
+                if not line.endswith(b"\n") or not size_text or len(size_text) > 16 \
+                        or size_text.strip(b"0123456789abcdefABCDEF"):
+                    raise malformed
+                size = int(size_text, 16)
+                if size == 0:
+                    break
+                if len(body) + size > MAX_BODY:
+                    raise bad_body("chunked body over 1 MiB")
+                chunk = self.rfile.read(size)
+                if len(chunk) < size or self.rfile.read(2) != b"\r\n":
+                    raise malformed
+                body += chunk
+            for _ in range(MAX_TRAILERS + 1):
+                line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+                if line in (b"\r\n", b"\n"):
+                    return bytes(body)
+                if not line.endswith(b"\n"):
+                    break
+            raise malformed
 
         def _send_error(self, exc: ApiError) -> None:
             # Go's http.Error: the JSON as text/plain, with a newline.
