@@ -40,6 +40,7 @@ cdef inline int worker_nlisteners(Worker *w) noexcept nogil:
 
 cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
     cdef int i
+    cdef Bridge *b
     cdef ListenerC *ls
     cdef ListenerSlot *s
     for i in range(worker_nlisteners(w)):
@@ -50,11 +51,13 @@ cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
         while timer_due(s, T_CONNECT, now):
             bridge_retry(w, s.thead[T_CONNECT], -ETIMEDOUT, now)
         while timer_due(s, T_HALF_CLOSE, now):
-            half_close_expire(w, s.thead[T_HALF_CLOSE], now)
+            b = s.thead[T_HALF_CLOSE]
+            silence_expire(w, b, T_HALF_CLOSE, b.ls.half_close_timeout_ns, now)
         while timer_due(s, T_LIFETIME, now):
             bridge_close(w, s.thead[T_LIFETIME], TIMEOUT, 0, 0)
         while timer_due(s, T_IDLE, now):
-            idle_expire(w, s.thead[T_IDLE], now)
+            b = s.thead[T_IDLE]
+            silence_expire(w, b, T_IDLE, b.ls.idle_timeout_ns, now)
         while timer_due(s, T_QUEUE, now):
             bridge_queue_timeout(w, s.thead[T_QUEUE])
         while timer_due(s, T_HEADER, now):
@@ -69,33 +72,21 @@ cdef void timers_run(Worker *w, int64_t now) noexcept nogil:
         toxics_run(w, now)
 
 
-cdef void idle_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
-    # Activity only stamps last_active_ns (no list work per transfer); the
-    # timer checks it when due and re-arms for what is left.
+cdef void silence_expire(Worker *w, Bridge *b, int t, int64_t silence_ns, int64_t now) noexcept nogil:
+    # T_IDLE (idle_timeout) and T_HALF_CLOSE (half_close_timeout, armed at
+    # the first EOF: HAProxy's client-fin / server-fin, so a half-closed
+    # bridge whose other side still answers goes on) end a bridge after
+    # that long without a byte either way. Activity only stamps
+    # last_active_ns (no list work per transfer); the timer checks it when
+    # due and re-arms for what is left.
     cdef int64_t due
     if b.kern and kern_active(w, b):
         b.last_active_ns = now
-    due = b.last_active_ns + b.ls.idle_timeout_ns
+    due = b.last_active_ns + silence_ns
     if due <= now:
         bridge_close(w, b, TIMEOUT, 0, 0)
     else:
-        timer_add(w, b, T_IDLE, due)
-
-
-cdef void half_close_expire(Worker *w, Bridge *b, int64_t now) noexcept nogil:
-    # As HAProxy's client-fin / server-fin: a half-closed bridge ends after
-    # half_close_timeout without a byte either way, not while the side
-    # still open is answering (an upload, then its long response). The
-    # timer is armed at the first EOF and, like idle_expire's, re-armed for
-    # what is left.
-    cdef int64_t due
-    if b.kern and kern_active(w, b):
-        b.last_active_ns = now
-    due = b.last_active_ns + b.ls.half_close_timeout_ns
-    if due <= now:
-        bridge_close(w, b, TIMEOUT, 0, 0)
-    else:
-        timer_add(w, b, T_HALF_CLOSE, due)
+        timer_add(w, b, t, due)
 
 
 cdef int worker_timeout_ms(Worker *w, int64_t now) noexcept nogil:
