@@ -6,7 +6,7 @@ import pytest
 
 from support.servers import EchoServer
 from support.sockets import (blackhole_listener, echo_roundtrip, how_closed,
-                             ipv6_available, reserve_refusing_port)
+                             ipv6_available, refusing_port_on, reserve_refusing_port)
 from support.waits import wait_for
 
 needs_v6 = pytest.mark.skipif(not ipv6_available(), reason="no IPv6 on this host")
@@ -144,10 +144,8 @@ def test_name_with_silent_first_address_times_out_to_the_next(make_proxy, monkey
 
 
 def test_name_with_no_working_address_counts_one_failure(make_proxy, monkeypatch):
-    with reserve_refusing_port("127.0.0.1") as hole:
-        port = hole.getsockname()[1]
-        with reserve_refusing_port("127.0.0.2", port):
-            _fake_name(monkeypatch, "none.test", ["127.0.0.1", "127.0.0.2"])
-            p = make_proxy("none.test:%d" % port)
-            assert how_closed(p.address) == "reset"
-            assert wait_for(lambda: p.stats()["connect_failures"] == 1, 5), p.stats()
+    with refusing_port_on("127.0.0.1", "127.0.0.2") as port:
+        _fake_name(monkeypatch, "none.test", ["127.0.0.1", "127.0.0.2"])
+        p = make_proxy("none.test:%d" % port)
+        assert how_closed(p.address) == "reset"
+        assert wait_for(lambda: p.stats()["connect_failures"] == 1, 5), p.stats()

@@ -3,6 +3,7 @@
 Everything here is bounded in time: sockets carry timeouts, reads take limits.
 A socket that fails to connect is closed here, not left to the collector.
 """
+import contextlib
 import errno
 import json
 import os
@@ -204,6 +205,34 @@ def reserve_refusing_port(host="127.0.0.1", port=0):
         s.close()
         raise
     return s
+
+
+@contextlib.contextmanager
+def refusing_port_on(*hosts):
+    """One port, reserved (bound, not listening) on every host: connects to
+    any of them are refused. The port the kernel gives the first host may
+    be in use on another (a connection from there, in TIME_WAIT, used it as
+    its source port): then another port is tried."""
+    for _ in range(20):
+        held = []
+        try:
+            held.append(reserve_refusing_port(hosts[0]))
+            port = held[0].getsockname()[1]
+            for host in hosts[1:]:
+                held.append(reserve_refusing_port(host, port))
+        except OSError as e:
+            for s in held:
+                s.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            continue
+        try:
+            yield port
+        finally:
+            for s in held:
+                s.close()
+        return
+    raise RuntimeError("no port free on all of %r in 20 tries" % (hosts,))
 
 
 def blackhole_listener():
