@@ -12,7 +12,7 @@ import pytest
 from fastproxy import Proxy, toxic
 from fastproxy.toxiproxy import VERSION, ToxiproxyServer
 from support.cli import LineReader, cli_command, subprocess_env
-from support.sockets import connect, echo_roundtrip, recv_exact, round_trip_ms
+from support.sockets import connect, echo_roundtrip, recv_exact, recv_until_eof, round_trip_ms
 
 ERROR_TYPE = "text/plain; charset=utf-8"
 
@@ -348,15 +348,6 @@ def test_hostile_requests_do_not_stop_the_server(api, echo_server):
     assert echo_roundtrip(host_port(created["listen"]), b"still") == b"still"
 
 
-def read_to_eof(sock):
-    out = b""
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            return out
-        out += data
-
-
 def test_chunked_body_is_decoded(api, echo_server):
     # Go's net/http decodes a chunked body (curl -H 'Transfer-Encoding:
     # chunked', a streaming client); the connection stays usable after it.
@@ -371,7 +362,7 @@ def test_chunked_body_is_decoded(api, echo_server):
         s.sendall(b"POST /proxies/c/toxics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
                   b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                   b"10;ext=1\r\n" + b'{"type":"latency' + b'\r\n2\r\n"}\r\n0\r\nX-Trailer: 1\r\n\r\n')
-        out = read_to_eof(s)
+        out = recv_until_eof(s)
     assert out.startswith(b"HTTP/1.1 200 ") and out.count(b"HTTP/1.1") == 1, out
     assert [t["name"] for t in api.json("GET", "/proxies/c/toxics")] == ["latency_downstream"]
 
@@ -389,7 +380,7 @@ def test_a_body_that_cannot_be_read_is_answered_once_then_closed(api, head, rest
     with socket.create_connection(api.address, timeout=5) as s:
         s.sendall(b"POST /proxies HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n" + rest
                   + b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
-        out = read_to_eof(s)
+        out = recv_until_eof(s)
     head, _, rest = out.partition(b"\r\n\r\n")
     length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     assert head.startswith(answer) and len(rest) == length, out   # one answer, nothing after

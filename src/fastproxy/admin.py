@@ -28,7 +28,6 @@ control".
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
@@ -36,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 from .control import UnknownNameError, check_state, check_weight
 from .httpapi import Request, Response
-from .values import ConfigError, is_digits
+from .values import ConfigError, is_digits, plain_ip
 
 if TYPE_CHECKING:
     from .proxy import Proxy
@@ -73,13 +72,8 @@ def peer_is_local(peer: Any) -> bool:
         return True
     if not isinstance(peer, (tuple, list)) or not peer or not isinstance(peer[0], str):
         return False
-    try:
-        ip = ipaddress.ip_address(peer[0].split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
+    ip = plain_ip(peer[0])
+    return ip is not None and ip.is_loopback
 
 
 def _refuse_browsers(request: Request, token: Optional[str]) -> None:
@@ -106,13 +100,8 @@ def _host_is_local(host: str) -> bool:
     name = urlsplit("//" + host).hostname or ""
     if name == "localhost" or name.endswith(".localhost"):
         return True
-    try:
-        ip = ipaddress.ip_address(name.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
+    ip = plain_ip(name)
+    return ip is not None and ip.is_loopback
 
 
 def _authorize(request: Request, token: Optional[str]) -> None:

@@ -12,7 +12,6 @@ described in docs/configuration.md.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import re
 import sys
@@ -35,6 +34,7 @@ from .values import (
     format_address,
     parse_choice,
     parse_count,
+    plain_ip,
     quote,
     refuse_nul,
 )
@@ -204,14 +204,11 @@ def _clash(a: Tuple[str, int], b: Tuple[str, int]) -> str:
         return ""
     if "" in (host, other):
         return ":PORT is that port on every address"
-    ips = []
-    for h in (host, other):
-        try:
-            ip = ipaddress.ip_address(h.split("%", 1)[0])
-        except ValueError:
-            return "same" if host == other else ""   # names: as written
-        ips.append(ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip)
-    if ips[0] == ips[1] and host.partition("%")[2] == other.partition("%")[2]:
+    one, two = plain_ip(host), plain_ip(other)
+    if one is None or two is None:
+        return "same" if host == other else ""   # names: as written
+    ips = (one, two)
+    if one == two and host.partition("%")[2] == other.partition("%")[2]:
         return "same"
     for ip, spelled in zip(ips, (host, other)):
         # "::" takes IPv4 too (dual stack, the kernel's default); 0.0.0.0 every IPv4 address.

@@ -4,13 +4,12 @@ the listening socket, resolved upstream addresses, the fd budget."""
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 import stat
 from typing import Dict, List, Optional, Tuple
 
-from .values import UNIX_PREFIX, Address, ConfigError, format_address, unix_path, unix_sockaddr
+from .values import UNIX_PREFIX, Address, ConfigError, format_address, plain_ip, unix_path, unix_sockaddr
 
 try:
     import resource
@@ -155,19 +154,8 @@ def bound_as(listen: Address, bound: object) -> bool:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV)
     except (OSError, UnicodeError):
         return False
-    return any(_same_ip(str(info[4][0]), str(bound[0])) for info in infos)
-
-
-def _same_ip(a: str, b: str) -> bool:
-    try:
-        x, y = ipaddress.ip_address(a.split("%", 1)[0]), ipaddress.ip_address(b.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped is not None:
-        x = x.ipv4_mapped
-    if isinstance(y, ipaddress.IPv6Address) and y.ipv4_mapped is not None:
-        y = y.ipv4_mapped
-    return x == y
+    here = plain_ip(str(bound[0]))
+    return here is not None and any(plain_ip(str(info[4][0])) == here for info in infos)
 
 
 def reown_unix_file(path: str, mode: Optional[int], user: Optional[int], group: Optional[int],

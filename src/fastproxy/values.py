@@ -9,6 +9,7 @@ declared in options.py, each with one of these parsers.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import sys
@@ -33,6 +34,7 @@ __all__ = [
     "parse_tcp_keepalive",
     "parse_tcp_user_timeout",
     "parse_unix",
+    "plain_ip",
     "quote",
     "refuse_nul",
     "format_address",
@@ -68,6 +70,19 @@ def naming_listener(name: str) -> Iterator[None]:
         if exc.listener is None:
             exc.listener = name
         raise
+
+
+def plain_ip(text: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
+    """The IP address `text` is (a zone after "%" left out), an IPv4-mapped
+    IPv6 address as the IPv4 one it maps: what a dual-stack socket shows
+    for an IPv4 peer is that peer. None when `text` is no IP address."""
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 MAX_QUOTE = 120
