@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from support import netns as _netns  # noqa: E402
+from support import serial as _serial  # noqa: E402
 from support.cli import CliProxy  # noqa: E402
 from support.servers import EchoServer  # noqa: E402
 from support.waits import stop_bounded  # noqa: E402
@@ -24,7 +25,37 @@ def pytest_configure(config):
         "markers", "slow: heavy test (runs by default; deselect with -m 'not slow')")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """With pytest-xdist installed (the test extra has it) the suite runs in
+    parallel unless `-n` says otherwise (`-n 0`: one test at a time). Set
+    here rather than in pyproject's addopts so that a pytest without xdist
+    still runs it, and `pytest benchmarks/` (pytest-benchmark measures
+    nothing under xdist) stays serial."""
+    if getattr(config.option, "numprocesses", 0) is None and not hasattr(config, "workerinput"):
+        config.option.numprocesses = "auto"
+        if config.option.dist == "no":
+            # A few tests take half a minute or more (packaging builds
+            # wheels): an idle worker takes tests queued for a busy one.
+            config.option.dist = "worksteal"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """Two workers per CPU. Run one at a time, the suite keeps about a fifth
+    of two CPUs busy: most of its time is spent waiting (timeouts, peers,
+    processes starting)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(2, min(8, 2 * cpus))
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "netns" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.serial)  # the veth pair's addresses are fixed
     if sys.platform.startswith("linux"):
         return
     skip = pytest.mark.skip(reason="linux_only: /proc or sched_*affinity, which %s lacks" % sys.platform)
@@ -46,6 +77,18 @@ def _watchdog(request):
     faulthandler.dump_traceback_later(TEST_WATCHDOG_S, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(autouse=True)
+def _serial_turn(request, tmp_path_factory):
+    """Under pytest-xdist, a `serial` test runs with no other test running
+    (support.serial); one at a time, this does nothing."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # the workers' common root
+    with _serial.turn(shared, exclusive=request.node.get_closest_marker("serial") is not None):
+        yield
 
 
 @pytest.fixture(params=ALL_ENGINES)

@@ -31,6 +31,10 @@ MiB = 1024 * KiB
 PAGE = 4096
 SETTLE_S = 30.0
 
+# sockstat's TCP memory is the whole host's: other tests' traffic would
+# count against these bounds.
+pytestmark = pytest.mark.serial
+
 
 def _rss_kib(pid):
     with open("/proc/%d/status" % pid) as f:

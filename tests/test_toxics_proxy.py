@@ -359,8 +359,8 @@ def test_timeout_stops_forwarding_then_closes(make_proxy, echo_server):
     p = make_proxy(echo_server.addr, on_close=on_close)
     with connect(p.address) as c:
         ping(c)
+        t = time.monotonic()   # the clock starts when the toxic applies, within add_toxic
         p.add_toxic(toxic("timeout", "upstream", timeout=300))
-        t = time.monotonic()
         c.sendall(b"lost?")
         assert closed_by_peer(c, 3.0) == "eof"    # nothing came back first
         assert 0.300 <= time.monotonic() - t <= 0.300 + SLACK + 0.1

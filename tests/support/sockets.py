@@ -18,12 +18,48 @@ import pytest
 MiB = 1024 * 1024
 
 
+def _ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152  # IANA's dynamic range: macOS and the BSDs
+
+
+_SLICE = 1000
+_cursor = []
+
+
+def _next_offset():
+    """In turn through the slice from a random place: a port comes back
+    only after a thousand others (a test often asks for several)."""
+    if not _cursor:
+        _cursor.append(int.from_bytes(os.urandom(2), "big"))
+    _cursor[0] = (_cursor[0] + 1) % _SLICE
+    return _cursor[0]
+
+
 def free_port():
-    """A loopback TCP port free for the moment (bound, then closed): on
-    loopback, in a test, that is enough."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free for the moment on every IPv4 address (bound, then
+    closed), that nothing else in the run will take before the test binds
+    it: it is below the kernel's ephemeral range, so no connect() gets it as
+    a source port and no bind to port 0 is given it, and under pytest-xdist
+    each worker draws from a slice of its own."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    start = 10000 + _SLICE * index
+    if start + _SLICE > _ephemeral_low():
+        start = None  # an unusual range: the kernel's choice, as before
+    for _ in range(50):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", 0 if start is None else start + _next_offset()))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            return s.getsockname()[1]
+    raise RuntimeError("no free port in %d..%d in 50 tries" % (start, start + _SLICE - 1))
 
 
 def bind(sock, host, port=0):

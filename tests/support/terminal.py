@@ -22,9 +22,13 @@ class Pty:
         # Wide enough that a table row is one line.
         fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
         self.modes = termios.tcgetattr(self.slave)
+        env = subprocess_env(dict(env or {}, TERM="xterm-256color"))
+        # rich takes COLUMNS and LINES over the window size; pytest-xdist's
+        # workers have them (80 x 24), and so may a user's shell.
+        env.pop("COLUMNS", None)
+        env.pop("LINES", None)
         self.proc = subprocess.Popen(cli_command(args), stdin=self.slave, stdout=self.slave, stderr=self.slave,
-                                     env=subprocess_env(dict(env or {}, TERM="xterm-256color")),
-                                     start_new_session=True)
+                                     env=env, start_new_session=True)
         self.out = b""
 
     def read_until(self, pattern, timeout):
