@@ -59,7 +59,7 @@ def free_port():
                     continue
                 raise
             return s.getsockname()[1]
-    raise RuntimeError("no free port in %d..%d in 50 tries" % (start, start + _SLICE - 1))
+    raise RuntimeError(f"no free port in {start}..{start + _SLICE - 1} in 50 tries")
 
 
 def bind(sock, host, port=0):
