@@ -104,6 +104,23 @@ def test_cli_a_flag_of_one_value_given_twice_is_an_error(command, args, needles)
     assert_one_line_error(rc, out, err, *needles)
 
 
+@pytest.mark.parametrize("args,needles", [
+    (["top", ":1", "--interval", "1s", "--interval", "2s"], ["fastproxy top: error: --interval: '2s': is given twice"]),
+    (["top", ":1", "--count", "1", "--count=2"], ["fastproxy top: error: --count: 2: is given twice"]),
+    (["demo", "--duration", "1s", "--duration", "2s"], ["fastproxy demo: error: --duration: '2s': is given twice"]),
+    (["toxiproxy", "--port", "0", "--port", "0"], ["fastproxy toxiproxy: error: --port: 0: is given twice"]),
+    (["toxiproxy", "--host", "127.0.0.1", "--host", "::1"], ["--host: '::1': is given twice"]),
+    (["toxiproxy", "--config", "a.json", "--config", "b.json"], ["--config: 'b.json': is given twice"]),
+    (["toxiproxy", "--engine", "poll", "--engine", "epoll"], ["--engine: 'epoll': is given twice"]),
+    (["toxiproxy", "--log-level", "info", "--log-level", "debug"], ["--log-level: 'debug': is given twice"]),
+])
+def test_cli_subcommands_refuse_a_flag_of_one_value_given_twice(args, needles):
+    # Each would otherwise run with the last value (the demo for 2 s, the
+    # toxiproxy server on a port): refused before anything starts.
+    rc, out, err = run_cli(args, timeout=30)
+    assert_one_line_error(rc, out, err, *needles)
+
+
 def test_cli_repeatable_flags_and_switches_may_repeat():
     rc, out, err = run_cli(["check", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--upstream",
                             "127.0.0.1:10", "--allow", "127.0.0.1", "--allow", "::1", "--accept-proxy",

@@ -15,11 +15,12 @@ import json
 import logging
 import sys
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Set
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence
 
 from . import __version__
 from .check import describe
 from .configfile import LOG_LEVELS, ConfigFileError, ProxyConfig, config_from_mapping, read_config
+from .flags import Once, OnceParser
 from .options import OPTIONS, SECTIONS
 from .proxy import Proxy, choose_engine
 from .values import ConfigError, quote
@@ -32,30 +33,14 @@ USAGE = ("fastproxy [check] --listen ADDR --upstream SPEC [--upstream SPEC ...] 
          "       fastproxy toxiproxy [--host H] [--port P] [--engine E] [--config FILE]")
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(OnceParser):
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: the value is in the message.
         self.exit(EXIT_USAGE, f"fastproxy: error: {message} (see fastproxy -h)\n")
 
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        self.given: Set[str] = set()   # the _Once flags seen in these arguments
-        return super().parse_known_args(args, namespace)
 
-
-class _Once(argparse.Action):
-    """A flag of one value. argparse keeps the last of a flag given twice,
-    which silently drops the first (a second --listen is no second
-    listener): a mistake, said as one."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: Optional[str] = None) -> None:
-        given: Set[str] = getattr(parser, "given", set())
-        if self.dest in given:
-            why = ("a command line has one listener; several need a config file (--config)"
-                   if self.dest == "listen" else "give it once")
-            parser.error(f"{option_string}: {quote(values)}: is given twice: {why}")
-        given.add(self.dest)
-        setattr(namespace, self.dest, values)
+class _OnceListen(Once):
+    why = "a command line has one listener; several need a config file (--config)"
 
 
 def build_parser(*, command_defaults: bool = True) -> argparse.ArgumentParser:
@@ -83,13 +68,13 @@ def build_parser(*, command_defaults: bool = True) -> argparse.ArgumentParser:
         else:
             kw["metavar"] = o.metavar
             kw["choices"] = o.choices
-            kw["action"] = "append" if o.repeat else _Once
+            kw["action"] = "append" if o.repeat else _OnceListen if o.name == "listen" else Once
         # Required ones are checked in main(): a config file may give them.
         groups[o.section].add_argument(o.cli_flag, **kw)
-    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, action=_Once,
+    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, action=Once,
                    help="run the listeners of a TOML config file (docs/configuration.md); process flags "
                         "override its top level, listener flags its one listener")
-    p.add_argument("--log-level", default=None, choices=LOG_LEVELS, action=_Once, help="(default: info)")
+    p.add_argument("--log-level", default=None, choices=LOG_LEVELS, action=Once, help="(default: info)")
     p.add_argument("--version", action="version", version=f"fastproxy {__version__}")
     return p
 

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
+from .flags import Once, OnceParser
 from .proxy import Proxy
 from .values import ConfigError, format_address, parse_duration
 from .view import build_view, format_bytes, render_rich, render_text
@@ -190,7 +191,7 @@ def summary(stats: Dict[str, Any], names: List[str], seconds: float, tally: Tall
     return "\n".join(lines) + "\n"
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(OnceParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"fastproxy demo: error: {message} (see fastproxy demo -h)\n")
 
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastproxy demo", usage="fastproxy demo [--duration D] [--forever]",
                 description="Three echo upstreams (weights 1, 2, 3) behind a proxy on loopback, a few seconds "
                             "of client traffic shown live, then a summary.")
-    p.add_argument("--duration", metavar="D", default="5s", help="how long the clients run (default: 5s)")
+    p.add_argument("--duration", metavar="D", default="5s", action=Once, help="how long the clients run (default: 5s)")
     p.add_argument("--forever", action="store_true",
                    help="after the traffic, keep the proxy and upstreams serving until Ctrl-C or SIGTERM")
     return p

@@ -26,6 +26,7 @@ import time
 from types import TracebackType
 from typing import Any, Dict, List, NoReturn, Optional, TextIO, Type
 
+from .flags import Once, OnceParser
 from .values import ConfigError, parse_address, unix_path, unix_sockaddr
 from .view import build_view, render_rich, render_text
 
@@ -161,7 +162,7 @@ class Keys:
                     return True
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(OnceParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"fastproxy top: error: {message} (see fastproxy top -h)\n")
 
@@ -174,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("addr", nargs="?", metavar="ADDR",
                    help="the proxy's --stats address: HOST:PORT, :PORT, unix:PATH "
                         "(default: $FASTPROXY_STATS)")
-    p.add_argument("--interval", metavar="D", default="1s", help="between refreshes (default: 1s)")
-    p.add_argument("--count", metavar="N", type=int, default=None,
+    p.add_argument("--interval", metavar="D", default="1s", action=Once, help="between refreshes (default: 1s)")
+    p.add_argument("--count", metavar="N", type=int, default=None, action=Once,
                    help="without a terminal: how many snapshots (default: 1); on a terminal: stop after N")
     return p
 

@@ -14,7 +14,6 @@ gives the same address. docs/toxiproxy.md lists every difference.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import signal
@@ -27,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 
 from ._version import __version__
 from .control import UnknownNameError
+from .flags import Once, OnceParser
 from .proxy import Proxy
 from .sockets import bound_as
 from .toxics import ATTRIBUTES, KINDS, STREAMS, Toxic, ToxicError
@@ -569,7 +569,7 @@ def _handler_for(server: ToxiproxyServer) -> type:
     return Handler
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(OnceParser):
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block.
         self.exit(2, f"fastproxy toxiproxy: error: {message} (see fastproxy toxiproxy -h)\n")
@@ -582,13 +582,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         description="Serve toxiproxy's HTTP API (version 2) with fastproxy proxies behind it; "
                     "toxiproxy's clients work unchanged (docs/toxiproxy.md). The first line out is "
                     "'listening on HOST:PORT'.")
-    parser.add_argument("--host", default="127.0.0.1", help="address of the API (default: 127.0.0.1)")
-    parser.add_argument("--port", default=8474, type=int, help="port of the API; 0: any free one (default: 8474)")
-    parser.add_argument("--engine", default="auto", choices=("auto", "epoll", "poll"),
+    parser.add_argument("--host", default="127.0.0.1", action=Once, help="address of the API (default: 127.0.0.1)")
+    parser.add_argument("--port", default=8474, type=int, action=Once, help="port of the API; 0: any free one (default: 8474)")
+    parser.add_argument("--engine", default="auto", choices=("auto", "epoll", "poll"), action=Once,
                         help="the proxies' engine (default: auto)")
-    parser.add_argument("--config", metavar="FILE", default=None,
+    parser.add_argument("--config", metavar="FILE", default=None, action=Once,
                         help="a JSON array of proxies to create at start, as POST /populate")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), action=Once)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s fastproxy %(levelname)s %(message)s")
