@@ -7,6 +7,7 @@ import socket
 import time
 
 from fastproxy import Proxy
+from support.cli import CliProxy
 from support.sockets import connect, echo_roundtrip, free_port, recv_exact, recv_until_eof
 from support.waits import wait_for
 
@@ -122,6 +123,27 @@ def test_sighup_reads_the_config_file_again(cli_proxy, echo_server, tmp_path):
     live.finish()
     proxy.signal(signal.SIGTERM)
     assert proxy.wait(15) == 0
+
+
+def test_a_refused_reload_keeps_the_log_level(any_engine, echo_server, tmp_path):
+    # The file's new log_level comes with a change that needs a restart:
+    # the reload is refused, and the level stays what it was (info).
+    port = free_port()
+    path = tmp_path / "fp.toml"
+    body = f'[[listeners]]\nlisten = "127.0.0.1:{port}"\nupstreams = ["{echo_server.addr}"]\n'
+    path.write_text(body)
+    proxy = CliProxy(["--config", str(path), "--engine", any_engine])
+    try:
+        path.write_text('log_level = "error"\nbusy_poll = "1ms"\n' + body)
+        proxy.signal(signal.SIGHUP)
+        assert proxy.stderr.wait_line(r"ERROR reload refused, the running configuration stays: .*busy_poll", 5)
+        proxy.signal(signal.SIGUSR1)   # logged at info
+        assert proxy.stderr.wait_line(r"INFO SIGUSR1: reopening the access log", 5), proxy.stderr.text()
+        assert echo_roundtrip(("127.0.0.1", port), b"x") == b"x"
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0
+    finally:
+        proxy.kill()
 
 
 def test_sighup_applies_a_changed_log_level(cli_proxy, echo_server, tmp_path):

@@ -134,19 +134,33 @@ def main(argv: Optional[List[str]] = None) -> int:
         def source() -> ProxyConfig:
             # The file as read above; then, at each reload (SIGHUP), read
             # again under the same flags. Its log_level applies once the
-            # file is read and checked (log_format stays: the handler is
-            # the process's).
+            # file is read and checked, and is taken back if the reload is
+            # refused (log_format stays: the handler is the process's).
             pc = next(first, None)
             if pc is None:
                 pc = config_from_file(file_path, args, log_level)
                 logging.getLogger().setLevel((pc.log_level or "info").upper())
             return pc
 
-        Proxy.from_config(source).serve_forever()
+        _CommandProxy.from_config(source).serve_forever()
     except ConfigError as exc:
         print(f"fastproxy: error: {error_line(exc, from_file=path, flags=args, names=names)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+class _CommandProxy(Proxy):
+    """The command's Proxy: the log level is the command's, and a refused
+    reload changes nothing, that included."""
+
+    def reload(self, source: Any = None) -> None:
+        root = logging.getLogger()
+        level = root.level
+        try:
+            super().reload(source)
+        except BaseException:
+            root.setLevel(level)
+            raise
 
 
 def _write_out(text: str) -> None:
