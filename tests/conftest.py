@@ -46,10 +46,9 @@ def pytest_xdist_auto_num_workers(config):
     a fifth of two CPUs busy: most of its time is spent waiting (timeouts,
     peers, processes starting). Four workers on two CPUs kept them 89 %
     busy, where timed tests (a deadline, a CPU-time share) ran late."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
+    from fastproxy.values import default_workers   # the CPUs this process may run on
+
+    cpus = default_workers()
     return max(2, min(8, cpus + cpus // 2))
 
 
