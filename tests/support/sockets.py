@@ -5,6 +5,7 @@ A socket that fails to connect is closed here, not left to the collector.
 """
 import contextlib
 import errno
+import itertools
 import json
 import os
 import select
@@ -18,25 +19,27 @@ import pytest
 MiB = 1024 * 1024
 
 
-def _ephemeral_low():
+_SLICE = 1000
+
+
+def _slice_start():
+    """This worker's first port under pytest-xdist (gw0 one at a time), or
+    None where the ephemeral range starts too low for the slices."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
+            ephemeral = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
-        return 49152  # IANA's dynamic range: macOS and the BSDs
+        ephemeral = 49152  # IANA's dynamic range: macOS and the BSDs
+    start = 10000 + _SLICE * index
+    return start if start + _SLICE <= ephemeral else None
 
 
-_SLICE = 1000
-_cursor = []
-
-
-def _next_offset():
-    """In turn through the slice from a random place: a port comes back
-    only after a thousand others (a test often asks for several)."""
-    if not _cursor:
-        _cursor.append(int.from_bytes(os.urandom(2), "big"))
-    _cursor[0] = (_cursor[0] + 1) % _SLICE
-    return _cursor[0]
+_START = _slice_start()
+# In turn through the slice from a random place: a port comes back only
+# after a thousand others (a test often asks for several).
+_offsets = itertools.count(int.from_bytes(os.urandom(2), "big"))
 
 
 def free_port():
@@ -44,22 +47,18 @@ def free_port():
     closed), that nothing else in the run will take before the test binds
     it: it is below the kernel's ephemeral range, so no connect() gets it as
     a source port and no bind to port 0 is given it, and under pytest-xdist
-    each worker draws from a slice of its own."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    index = int(worker[2:]) if worker[2:].isdigit() else 0
-    start = 10000 + _SLICE * index
-    if start + _SLICE > _ephemeral_low():
-        start = None  # an unusual range: the kernel's choice, as before
+    each worker draws from a slice of its own. Where the range leaves no
+    room for slices, the kernel's choice."""
     for _ in range(50):
         with socket.socket() as s:
             try:
-                s.bind(("0.0.0.0", 0 if start is None else start + _next_offset()))
+                s.bind(("0.0.0.0", 0 if _START is None else _START + next(_offsets) % _SLICE))
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
                     continue
                 raise
             return s.getsockname()[1]
-    raise RuntimeError(f"no free port in {start}..{start + _SLICE - 1} in 50 tries")
+    raise RuntimeError(f"no free port in {_START}..{_START + _SLICE - 1} in 50 tries")
 
 
 def bind(sock, host, port=0):
